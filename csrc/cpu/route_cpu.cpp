@@ -1,0 +1,53 @@
+// CPU kernel of `deferredseg::route` (SPEC section 4), parallel over pixels.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../dispatch.h"
+#include "../route.h"
+#include "../route_pixel.h"
+
+namespace deferredseg {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cpu(
+    const at::Tensor& logits, int64_t num_classes, int64_t num_experts, double threshold_logit,
+    bool router_mode, const c10::optional<at::Tensor>& expert_labels) {
+  TORCH_CHECK(logits.device().is_cpu(), "deferredseg::route (CPU kernel): logits must be on the CPU");
+  RouteProblem pb = prepare_route(logits, num_classes, num_experts, expert_labels);
+  const at::ScalarType label_type = pb.labels.defined() ? pb.labels.scalar_type() : at::kLong;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "route_cpu", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    DS_DISPATCH_LABEL_TYPES(label_type, "deferredseg::route", [&] {
+      RouteStrides st{pb.x.stride(0), pb.x.stride(1), pb.x.stride(2), 0, 0, 0};
+      const label_t* labels = nullptr;
+      if (pb.labels.defined()) {
+        st.lb = pb.labels.stride(0);
+        st.le = pb.labels.stride(1);
+        st.lp = pb.labels.stride(2);
+        labels = pb.labels.data_ptr<label_t>();
+      }
+      const scalar_t* x = pb.x.data_ptr<scalar_t>();
+      int8_t* assignment = pb.assignment.data_ptr<int8_t>();
+      acc_t* defer_prob = pb.defer_prob.data_ptr<acc_t>();
+      int64_t* model_pred = pb.model_pred.data_ptr<int64_t>();
+      int64_t* final_pred = pb.final_pred.data_ptr<int64_t>();
+      const acc_t thr = static_cast<acc_t>(threshold_logit);
+      const int64_t P = pb.P, K = pb.K, E = pb.E;
+      at::parallel_for(0, pb.B * P, 4096, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t b = i / P;
+          route_pixel<scalar_t, acc_t, label_t>(x, labels, st, b, i - b * P, P, K, E, thr, router_mode,
+                                                assignment, defer_prob, model_pred, final_pred);
+        }
+      });
+    });
+  });
+  return route_outputs(pb);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(deferredseg, CPU, m) { m.impl("route", &route_cpu); }
+
+}  // namespace deferredseg

@@ -1,0 +1,69 @@
+// CUDA kernel of `deferredseg::route` (SPEC section 4): one thread a pixel, grid-stride,
+// int64 indexing, on the current stream.
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../dispatch.h"
+#include "../route.h"
+#include "../route_pixel.h"
+
+namespace deferredseg {
+namespace {
+
+constexpr int kRouteThreads = 256;
+
+template <typename scalar_t, typename acc_t, typename label_t>
+__global__ void __launch_bounds__(kRouteThreads)
+    route_kernel(const scalar_t* __restrict__ x, const label_t* __restrict__ labels, RouteStrides st,
+                 int64_t B, int64_t P, int64_t K, int64_t E, acc_t thr, bool router_mode,
+                 int8_t* __restrict__ assignment, acc_t* __restrict__ defer_prob,
+                 int64_t* __restrict__ model_pred, int64_t* __restrict__ final_pred) {
+  const int64_t n = B * P;
+  const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
+    const int64_t b = i / P;
+    route_pixel<scalar_t, acc_t, label_t>(x, labels, st, b, i - b * P, P, K, E, thr, router_mode,
+                                          assignment, defer_prob, model_pred, final_pred);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cuda(
+    const at::Tensor& logits, int64_t num_classes, int64_t num_experts, double threshold_logit,
+    bool router_mode, const c10::optional<at::Tensor>& expert_labels) {
+  TORCH_CHECK(logits.is_cuda(), "deferredseg::route (CUDA kernel): logits must be a CUDA tensor");
+  c10::cuda::CUDAGuard guard(logits.device());
+  RouteProblem pb = prepare_route(logits, num_classes, num_experts, expert_labels);
+  const int64_t n = pb.B * pb.P;
+  if (n == 0) return route_outputs(pb);
+  const at::ScalarType label_type = pb.labels.defined() ? pb.labels.scalar_type() : at::kLong;
+  const int64_t blocks = std::min<int64_t>((n + kRouteThreads - 1) / kRouteThreads, 65535LL * 32);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "route_cuda", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    DS_DISPATCH_LABEL_TYPES(label_type, "deferredseg::route", [&] {
+      RouteStrides st{pb.x.stride(0), pb.x.stride(1), pb.x.stride(2), 0, 0, 0};
+      const label_t* labels = nullptr;
+      if (pb.labels.defined()) {
+        st.lb = pb.labels.stride(0);
+        st.le = pb.labels.stride(1);
+        st.lp = pb.labels.stride(2);
+        labels = pb.labels.data_ptr<label_t>();
+      }
+      route_kernel<scalar_t, acc_t, label_t><<<blocks, kRouteThreads, 0, stream>>>(
+          pb.x.data_ptr<scalar_t>(), labels, st, pb.B, pb.P, pb.K, pb.E, static_cast<acc_t>(threshold_logit),
+          router_mode, pb.assignment.data_ptr<int8_t>(), pb.defer_prob.data_ptr<acc_t>(),
+          pb.model_pred.data_ptr<int64_t>(), pb.final_pred.data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return route_outputs(pb);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(deferredseg, CUDA, m) { m.impl("route", &route_cuda); }
+
+}  // namespace deferredseg

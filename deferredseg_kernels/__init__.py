@@ -1,0 +1,111 @@
+"""deferredseg_kernels: the DeferredSeg objective and routing as tensor ops.
+
+The low-level layer of the ``deferredseg`` distribution. It imports nothing
+beyond torch (triton optionally), so it can be dropped into any training repo::
+
+    from deferredseg_kernels import deferredseg_loss, route, split_logits, available_backends
+
+Backends: ``"reference"`` (plain PyTorch, the oracle), ``"cpu"`` and ``"cuda"``
+(the compiled C++ kernels), ``"triton"``; ``"auto"`` picks the fastest that can
+run on the inputs' device. The math is documented in ``docs/objective.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from . import _dispatch
+from ._checks import (LossOptions, check_choice, check_inputs, check_int, check_label_range,
+                      check_labels, check_logits, make_options, threshold_logit, ROUTE_MODES)
+from ._dispatch import available_backends, register
+from ._ext import EXT as _EXT
+from .reference import RouteResult, TERM_NAMES, deferredseg_loss_reference, route_reference, split_logits
+
+__all__ = ["deferredseg_loss", "route", "split_logits", "available_backends", "RouteResult",
+           "LossOptions", "make_options", "TERM_NAMES"]
+__version__ = "0.1.0"
+
+
+def _is_compiling() -> bool:
+    return bool(getattr(torch.compiler, "is_compiling", lambda: False)())
+
+
+def _reference_loss(logits, target, expert_labels, opts: LossOptions, return_terms: bool):
+    if not _is_compiling():  # reads values: a sync, and a graph break under torch.compile
+        check_label_range(target, expert_labels, opts.num_labels, opts.ignore_index)
+    return deferredseg_loss_reference(logits, target, expert_labels, opts, return_terms)
+
+
+def _reference_route(logits, num_classes, num_experts, thr, mode, expert_labels):
+    return route_reference(logits, num_classes, num_experts, thr, mode, expert_labels)
+
+
+register("reference", "loss", _reference_loss)
+register("reference", "route", _reference_route)
+if _EXT is not None:
+    from .ops import cpp as _cpp
+
+    register("cpu", "route", _cpp.route)
+    register("cuda", "route", _cpp.route)
+
+
+def deferredseg_loss(logits: torch.Tensor, target: torch.Tensor, expert_labels: torch.Tensor,
+                     num_classes: int, num_experts: int, backend: str = "auto",
+                     return_terms: bool = False, **options: Any):
+    """The DeferredSeg training objective (SPEC section 3) of packed ``logits``.
+
+    Args:
+        logits: (B, K + E + 2, *S) float32 / bfloat16 / float16 (float64 for checks):
+            K segmentation logits, E + 1 routing logits (experts, then the model),
+            1 gate logit.
+        target: (B, *S) or (B, 1, *S) uint8 / int32 / int64 labels in [0, max(K, 2))
+            or ``ignore_index``.
+        expert_labels: (B, E, *S) integer labels of each expert (``ignore_index``: no label).
+        num_classes: K (1 means binary with a sigmoid).
+        num_experts: E >= 1.
+        backend: "auto", "reference", "triton", "cpu" or "cuda".
+        return_terms: also return a dict of the detached terms
+            ``{"seg", "collab", "gate", "coherence", "balance", "pbar"}`` (unweighted).
+        **options: ``ignore_index``, ``class_weight``, ``lambda_seg``, ``lambda_collab``,
+            ``lambda_gate``, ``lambda_coherence``, ``lambda_balance``, ``surrogate``,
+            ``paper_eps``, ``gate_mse``, ``gate_sparsity``, ``coherence``,
+            ``coherence_maps``, ``balance``, ``balance_low``, ``balance_high``,
+            ``sync_balance``.
+
+    Returns:
+        The scalar loss (float32, or float64 for float64 logits), and the terms
+        when ``return_terms`` is true.
+    """
+    opts = make_options(num_classes, num_experts, **options)
+    target, expert_labels = check_inputs(logits, target, expert_labels, opts)
+    impl = _dispatch.select(backend, "loss", logits.device)
+    return impl(logits, target, expert_labels, opts, return_terms)
+
+
+def route(logits: torch.Tensor, num_classes: int, num_experts: int, threshold: float = 0.5,
+          mode: str = "gate", expert_labels: Optional[torch.Tensor] = None,
+          backend: str = "auto") -> RouteResult:
+    """Inference routing (SPEC section 4): who labels each pixel.
+
+    Mode ``"gate"`` defers where ``sigmoid(a) > threshold`` (decided as
+    ``a > logit(threshold)``, identical in exact arithmetic and the same bits on
+    every backend); mode ``"router"`` defers where the router's argmax is an expert.
+    A deferred pixel goes to ``argmax_{j<E} r_j``.
+
+    Returns a :class:`RouteResult` ``(assignment, defer_prob, model_pred, final)``:
+    assignment int8 (-1: the model keeps the pixel), defer_prob float32 (float64
+    for float64 logits), model_pred int64, final int64 (None without ``expert_labels``).
+    """
+    K = check_int("num_classes", num_classes, 1)
+    E = check_int("num_experts", num_experts, 1, 127)
+    check_logits(logits, K + E + 2, K, E)
+    check_choice("mode", mode, ROUTE_MODES)
+    thr = threshold_logit(threshold)
+    if expert_labels is not None:
+        B, S = logits.shape[0], tuple(logits.shape[2:])
+        check_labels("expert_labels", expert_labels, logits, (B, E) + S,
+                     allow_singleton_channel=False)
+    impl = _dispatch.select(backend, "route", logits.device)
+    return impl(logits, K, E, thr, mode, expert_labels)

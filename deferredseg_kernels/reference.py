@@ -1,0 +1,229 @@
+"""The plain-PyTorch reference of the DeferredSeg objective and routing.
+
+This module is the oracle every kernel is tested against, so it is written for
+clarity, not speed: each term of SPEC section 3 is one block, computed with
+ordinary tensor operations and differentiated by autograd. It runs on any
+device; float64 logits are computed in float64 (for ``gradcheck``), everything
+else in float32.
+
+Inputs are assumed validated (see ``_checks``); the public entry points in
+``deferredseg_kernels`` do that before calling in here.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import LossOptions
+
+TERM_NAMES = ("seg", "collab", "gate", "coherence", "balance")
+
+
+class RouteResult(NamedTuple):
+    """What :func:`deferredseg_kernels.route` returns (SPEC section 4)."""
+
+    assignment: torch.Tensor  # (B, *S) int8: -1 model keeps the pixel, j expert j takes it
+    defer_prob: torch.Tensor  # (B, *S) float: s (mode "gate") or D (mode "router")
+    model_pred: torch.Tensor  # (B, *S) int64: argmax z (K >= 2) or z > 0 (K = 1)
+    final: Optional[torch.Tensor]  # (B, *S) int64 when expert_labels is given, else None
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64 (gradcheck); every other dtype is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def split_logits(logits: torch.Tensor, num_classes: int, num_experts: int
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views ``(z, r, a)`` of the packed logits: (B, K, *S), (B, E + 1, *S), (B, *S)."""
+    K, E = num_classes, num_experts
+    if logits.dim() < 2 or logits.shape[1] != K + E + 2:
+        raise ValueError(f"logits must have num_classes + num_experts + 2 = {K + E + 2} channels "
+                         f"in dim 1, got shape {tuple(logits.shape)}")
+    return logits[:, :K], logits[:, K:K + E + 1], logits[:, K + E + 1]
+
+
+def _softplus(x: torch.Tensor) -> torch.Tensor:
+    # log(1 + exp(x)), stable for any x, with the exact derivative sigmoid(x).
+    return torch.logaddexp(x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over ``mask``; 0 (with zero gradient) when the mask is empty."""
+    total = torch.where(mask, values, torch.zeros_like(values)).sum()
+    count = mask.sum().clamp_min(1).to(values.dtype)
+    return total / count
+
+
+def _model_correct(z: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    if num_classes >= 2:
+        return z.argmax(dim=1) == y  # argmax ties go to the lowest index
+    return (z[:, 0] > 0) == (y == 1)  # z = 0 predicts 0
+
+
+def _seg_term(z, y, valid, opts: LossOptions) -> torch.Tensor:
+    if opts.num_classes >= 2:
+        logp = torch.log_softmax(z, dim=1)
+        l_seg = -logp.gather(1, y.unsqueeze(1)).squeeze(1)
+    else:
+        z0 = z[:, 0]
+        l_seg = _softplus(z0) - y.to(z0.dtype) * z0
+    if opts.class_weight is None:
+        return _masked_mean(l_seg, valid)
+    w = torch.tensor(opts.class_weight, dtype=z.dtype, device=z.device)[y]
+    w = torch.where(valid, w, torch.zeros_like(w))
+    num = torch.where(valid, w * l_seg, torch.zeros_like(l_seg)).sum()
+    den = w.sum()
+    # All valid pixels carrying weight 0: the term is 0, not 0/0.
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)),
+                       torch.zeros_like(num))
+
+
+def _collab_term(logpi, c0, cj, valid, opts: LossOptions) -> torch.Tensor:
+    E = opts.num_experts
+    c0 = c0.to(logpi.dtype)
+    cj = cj.to(logpi.dtype)
+    if opts.surrogate == "softmax":
+        l_collab = -c0 * logpi[:, E] - (cj * logpi[:, :E]).sum(dim=1)
+    else:  # "paper": the authors' released variant, on softmax probabilities plus eps
+        pi = logpi.exp()
+        eps = opts.paper_eps
+        l_collab = (-c0 * torch.log(pi[:, E] + eps)
+                    + ((1 - 2 * cj) * torch.log(pi[:, :E] + eps)).sum(dim=1))
+    return _masked_mean(l_collab, valid)
+
+
+def _gate_term(a, D, hard, valid, opts: LossOptions) -> torch.Tensor:
+    s = torch.sigmoid(a)
+    l_gate = (_softplus(a) - hard.to(a.dtype) * a
+              + opts.gate_mse * (s - D.detach()) ** 2
+              + opts.gate_sparsity * s)
+    return _masked_mean(l_gate, valid)
+
+
+def _coherence_term(maps: Dict[str, torch.Tensor], valid, opts: LossOptions) -> torch.Tensor:
+    total = torch.zeros((), dtype=next(iter(maps.values())).dtype, device=valid.device)
+    for name in opts.coherence_maps:
+        M = maps[name]
+        for dim in range(1, M.dim()):  # every spatial axis of (B, *S)
+            n = M.shape[dim]
+            if n < 2:
+                continue  # no pair along this axis: adds 0
+            diff = M.narrow(dim, 0, n - 1) - M.narrow(dim, 1, n - 1)
+            both = valid.narrow(dim, 0, n - 1) & valid.narrow(dim, 1, n - 1)
+            rho = diff.abs() if opts.coherence == "l1" else diff * diff
+            total = total + _masked_mean(rho, both)
+    return total
+
+
+def _sync_sums(sums: torch.Tensor, count: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """All-reduce the balance sums over the default process group, when one exists.
+
+    The value becomes the sum over every rank. The gradient that flows back into
+    this rank's own pixels is multiplied by the world size, because
+    DistributedDataParallel *averages* gradients over ranks: after that average
+    each parameter gets exactly the single-process gradient of the balance term
+    on the concatenated batch.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return sums, count
+    world = dist.get_world_size()
+    packed = torch.cat([sums.detach(), count.to(sums.dtype).reshape(1)])
+    dist.all_reduce(packed)
+    local = sums * world
+    return local - local.detach() + packed[:-1], packed[-1]
+
+
+def _balance_term(pi, valid, opts: LossOptions) -> Tuple[torch.Tensor, torch.Tensor]:
+    E = opts.num_experts
+    mask = valid.unsqueeze(1)
+    sums = torch.where(mask, pi, torch.zeros_like(pi)).transpose(0, 1).reshape(E + 1, -1).sum(1)
+    count = valid.sum().to(pi.dtype)
+    if opts.sync_balance:
+        sums, count = _sync_sums(sums, count)
+    has_pixels = count > 0
+    pbar = sums / torch.where(has_pixels, count, torch.ones_like(count))
+    zero = torch.zeros((), dtype=pi.dtype, device=pi.device)
+    if opts.balance == "cv2":
+        if E == 1:
+            bal = zero + 0 * pbar.sum()  # a single expert always has an even load
+        else:
+            P = pbar[:E]
+            tot = P.sum()
+            ok = tot > 0
+            safe = torch.where(ok, tot, torch.ones_like(tot))
+            bal = torch.where(ok, E * (P * P).sum() / (safe * safe) - 1, zero)
+    else:  # "band"
+        low = torch.tensor(opts.balance_low, dtype=pi.dtype, device=pi.device)
+        high = torch.tensor(opts.balance_high, dtype=pi.dtype, device=pi.device)
+        band = (F.relu(pbar - high) + F.relu(low - pbar)).sum()
+        bal = torch.where(has_pixels, band, zero)
+    return bal, pbar
+
+
+def deferredseg_loss_reference(logits: torch.Tensor, target: torch.Tensor,
+                               expert_labels: torch.Tensor, opts: LossOptions,
+                               return_terms: bool = False):
+    """SPEC section 3, term by term. ``target`` is (B, *S); inputs are validated."""
+    K, E = opts.num_classes, opts.num_experts
+    x = logits.to(compute_dtype(logits.dtype))
+    z, r, a = split_logits(x, K, E)
+
+    valid = target != opts.ignore_index
+    y = torch.where(valid, target.long(), torch.zeros_like(target, dtype=torch.long))
+    experts = expert_labels.long()
+
+    # Per-pixel quantities (SPEC section 2).
+    c0 = _model_correct(z, y, K)  # constant: no gradient
+    cj = (experts == y.unsqueeze(1)) & (experts != opts.ignore_index)
+    logpi = torch.log_softmax(r, dim=1)
+    pi = logpi.exp()
+    D = pi[:, :E].sum(dim=1)  # soft deferral mass
+    hard = r.argmax(dim=1) < E  # ties between an expert and the model go to the expert
+
+    seg = _seg_term(z, y, valid, opts)
+    collab = _collab_term(logpi, c0, cj, valid, opts)
+    gate = _gate_term(a, D, hard, valid, opts)
+    coherence = _coherence_term({"router": D, "gate": torch.sigmoid(a)}, valid, opts)
+    balance, pbar = _balance_term(pi, valid, opts)
+
+    loss = (opts.lambda_seg * seg + opts.lambda_collab * collab + opts.lambda_gate * gate
+            + opts.lambda_coherence * coherence + opts.lambda_balance * balance)
+    if not return_terms:
+        return loss
+    terms = {"seg": seg, "collab": collab, "gate": gate, "coherence": coherence,
+             "balance": balance}
+    terms = {k: v.detach() for k, v in terms.items()}
+    terms["pbar"] = pbar.detach()
+    return loss, terms
+
+
+def route_reference(logits: torch.Tensor, num_classes: int, num_experts: int,
+                    threshold_logit: float, mode: str,
+                    expert_labels: Optional[torch.Tensor]) -> RouteResult:
+    """SPEC section 4. ``threshold_logit`` is logit(threshold), see ``_checks.threshold_logit``."""
+    K, E = num_classes, num_experts
+    x = logits.detach().to(compute_dtype(logits.dtype))
+    z, r, a = split_logits(x, K, E)
+    if K >= 2:
+        model_pred = z.argmax(dim=1)
+    else:
+        model_pred = (z[:, 0] > 0).long()
+    chosen = r[:, :E].argmax(dim=1)  # the expert a deferred pixel goes to
+    if mode == "gate":
+        defer = a > threshold_logit  # == sigmoid(a) > threshold
+        defer_prob = torch.sigmoid(a)
+    else:
+        defer = r.argmax(dim=1) < E
+        defer_prob = torch.softmax(r, dim=1)[:, :E].sum(dim=1)
+    assignment = torch.where(defer, chosen, torch.full_like(chosen, -1)).to(torch.int8)
+    final = None
+    if expert_labels is not None:
+        expert_pred = expert_labels.long().gather(1, chosen.unsqueeze(1)).squeeze(1)
+        final = torch.where(defer, expert_pred, model_pred)
+    return RouteResult(assignment, defer_prob, model_pred, final)
