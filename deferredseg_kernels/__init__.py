@@ -24,7 +24,7 @@ from ._ext import EXT as _EXT
 from .reference import RouteResult, TERM_NAMES, deferredseg_loss_reference, route_reference, split_logits
 
 __all__ = ["deferredseg_loss", "route", "split_logits", "available_backends", "RouteResult",
-           "LossOptions", "make_options", "TERM_NAMES"]
+           "LossOptions", "make_options", "loss_with_options", "TERM_NAMES"]
 __version__ = "0.1.0"
 
 
@@ -79,6 +79,16 @@ def deferredseg_loss(logits: torch.Tensor, target: torch.Tensor, expert_labels: 
         when ``return_terms`` is true.
     """
     opts = make_options(num_classes, num_experts, **options)
+    return loss_with_options(logits, target, expert_labels, opts, backend, return_terms)
+
+
+def loss_with_options(logits: torch.Tensor, target: torch.Tensor, expert_labels: torch.Tensor,
+                      opts: LossOptions, backend: str = "auto", return_terms: bool = False):
+    """:func:`deferredseg_loss` with options already validated by :func:`make_options`.
+
+    For callers that evaluate the loss many times with the same options (the loss
+    modules), so the options are checked once, not on every step.
+    """
     target, expert_labels = check_inputs(logits, target, expert_labels, opts)
     impl = _dispatch.select(backend, "loss", logits.device)
     return impl(logits, target, expert_labels, opts, return_terms)

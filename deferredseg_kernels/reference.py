@@ -58,7 +58,7 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return total / count
 
 
-def _model_correct(z: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+def model_correct(z: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
     if num_classes >= 2:
         return z.argmax(dim=1) == y  # argmax ties go to the lowest index
     return (z[:, 0] > 0) == (y == 1)  # z = 0 predicts 0
@@ -82,18 +82,22 @@ def _seg_term(z, y, valid, opts: LossOptions) -> torch.Tensor:
                        torch.zeros_like(num))
 
 
-def _collab_term(logpi, c0, cj, valid, opts: LossOptions) -> torch.Tensor:
-    E = opts.num_experts
+def collab_pixelwise(logpi: torch.Tensor, c0: torch.Tensor, cj: torch.Tensor, surrogate: str,
+                     paper_eps: float) -> torch.Tensor:
+    """l_collab(p) of every pixel: (B, *S) from log pi (B, E + 1, *S), c0 (B, *S), cj (B, E, *S)."""
+    E = logpi.shape[1] - 1
     c0 = c0.to(logpi.dtype)
     cj = cj.to(logpi.dtype)
-    if opts.surrogate == "softmax":
-        l_collab = -c0 * logpi[:, E] - (cj * logpi[:, :E]).sum(dim=1)
-    else:  # "paper": the authors' released variant, on softmax probabilities plus eps
-        pi = logpi.exp()
-        eps = opts.paper_eps
-        l_collab = (-c0 * torch.log(pi[:, E] + eps)
-                    + ((1 - 2 * cj) * torch.log(pi[:, :E] + eps)).sum(dim=1))
-    return _masked_mean(l_collab, valid)
+    if surrogate == "softmax":
+        return -c0 * logpi[:, E] - (cj * logpi[:, :E]).sum(dim=1)
+    # "paper": the authors' released variant, on softmax probabilities plus eps
+    pi = logpi.exp()
+    return (-c0 * torch.log(pi[:, E] + paper_eps)
+            + ((1 - 2 * cj) * torch.log(pi[:, :E] + paper_eps)).sum(dim=1))
+
+
+def _collab_term(logpi, c0, cj, valid, opts: LossOptions) -> torch.Tensor:
+    return _masked_mean(collab_pixelwise(logpi, c0, cj, opts.surrogate, opts.paper_eps), valid)
 
 
 def _gate_term(a, D, hard, valid, opts: LossOptions) -> torch.Tensor:
@@ -104,18 +108,27 @@ def _gate_term(a, D, hard, valid, opts: LossOptions) -> torch.Tensor:
     return _masked_mean(l_gate, valid)
 
 
+def coherence_penalty(M: torch.Tensor, valid: torch.Tensor, coherence: str) -> torch.Tensor:
+    """sum over spatial axes of the mean rho(M_p - M_{p+e_d}) over pairs of valid pixels.
+
+    ``M`` and ``valid`` are (B, *S); an axis without a valid pair adds 0.
+    """
+    total = torch.zeros((), dtype=M.dtype, device=M.device)
+    for dim in range(1, M.dim()):  # every spatial axis of (B, *S)
+        n = M.shape[dim]
+        if n < 2:
+            continue  # no pair along this axis: adds 0
+        diff = M.narrow(dim, 0, n - 1) - M.narrow(dim, 1, n - 1)
+        both = valid.narrow(dim, 0, n - 1) & valid.narrow(dim, 1, n - 1)
+        rho = diff.abs() if coherence == "l1" else diff * diff
+        total = total + _masked_mean(rho, both)
+    return total
+
+
 def _coherence_term(maps: Dict[str, torch.Tensor], valid, opts: LossOptions) -> torch.Tensor:
-    total = torch.zeros((), dtype=next(iter(maps.values())).dtype, device=valid.device)
+    total = torch.zeros((), dtype=maps["router"].dtype, device=valid.device)
     for name in opts.coherence_maps:
-        M = maps[name]
-        for dim in range(1, M.dim()):  # every spatial axis of (B, *S)
-            n = M.shape[dim]
-            if n < 2:
-                continue  # no pair along this axis: adds 0
-            diff = M.narrow(dim, 0, n - 1) - M.narrow(dim, 1, n - 1)
-            both = valid.narrow(dim, 0, n - 1) & valid.narrow(dim, 1, n - 1)
-            rho = diff.abs() if opts.coherence == "l1" else diff * diff
-            total = total + _masked_mean(rho, both)
+        total = total + coherence_penalty(maps[name], valid, opts.coherence)
     return total
 
 
@@ -139,7 +152,9 @@ def _sync_sums(sums: torch.Tensor, count: torch.Tensor) -> Tuple[torch.Tensor, t
     return local - local.detach() + packed[:-1], packed[-1]
 
 
-def _balance_term(pi, valid, opts: LossOptions) -> Tuple[torch.Tensor, torch.Tensor]:
+def balance_penalty(pi: torch.Tensor, valid: torch.Tensor, opts: LossOptions
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """BAL and pbar from routing probabilities ``pi`` (B, E + 1, *S) and ``valid`` (B, *S)."""
     E = opts.num_experts
     mask = valid.unsqueeze(1)
     sums = torch.where(mask, pi, torch.zeros_like(pi)).transpose(0, 1).reshape(E + 1, -1).sum(1)
@@ -179,7 +194,7 @@ def deferredseg_loss_reference(logits: torch.Tensor, target: torch.Tensor,
     experts = expert_labels.long()
 
     # Per-pixel quantities (SPEC section 2).
-    c0 = _model_correct(z, y, K)  # constant: no gradient
+    c0 = model_correct(z, y, K)  # constant: no gradient
     cj = (experts == y.unsqueeze(1)) & (experts != opts.ignore_index)
     logpi = torch.log_softmax(r, dim=1)
     pi = logpi.exp()
@@ -190,7 +205,7 @@ def deferredseg_loss_reference(logits: torch.Tensor, target: torch.Tensor,
     collab = _collab_term(logpi, c0, cj, valid, opts)
     gate = _gate_term(a, D, hard, valid, opts)
     coherence = _coherence_term({"router": D, "gate": torch.sigmoid(a)}, valid, opts)
-    balance, pbar = _balance_term(pi, valid, opts)
+    balance, pbar = balance_penalty(pi, valid, opts)
 
     loss = (opts.lambda_seg * seg + opts.lambda_collab * collab + opts.lambda_gate * gate
             + opts.lambda_coherence * coherence + opts.lambda_balance * balance)

@@ -1,0 +1,160 @@
+"""The drop-in loss modules against the functional objective."""
+
+import pytest
+import torch
+from torch.nn.modules.loss import _Loss
+
+from deferredseg.losses import (DeferredSegLoss, LoadBalancingLoss, SpatialCoherenceLoss,
+                                SurrogateCollaborationLoss)
+from deferredseg_kernels import deferredseg_loss, split_logits
+
+from _inputs import make_inputs
+
+
+def terms_of(logits, target, experts, K, E, **kw):
+    return deferredseg_loss(logits, target, experts, K, E, backend="reference",
+                            return_terms=True, **kw)[1]
+
+
+def test_all_modules_are_monai_style_losses():
+    for cls in (DeferredSegLoss, SurrogateCollaborationLoss, SpatialCoherenceLoss,
+                LoadBalancingLoss):
+        assert issubclass(cls, _Loss)
+
+
+@pytest.mark.parametrize("K,E", [(1, 3), (3, 2)])
+def test_deferredseg_loss_module_matches_function_and_keeps_terms(K, E):
+    logits, target, experts = make_inputs(2, K, E, (6, 5))
+    logits.requires_grad_(True)
+    crit = DeferredSegLoss(K, E, backend="reference", lambda_coherence=0.3, surrogate="paper")
+    loss = crit(logits, target, experts)
+    want, terms = deferredseg_loss(logits, target, experts, K, E, backend="reference",
+                                   lambda_coherence=0.3, surrogate="paper", return_terms=True)
+    assert torch.equal(loss, want)
+    assert set(crit.last_terms) == set(terms)
+    for k in terms:
+        assert torch.equal(crit.last_terms[k], terms[k])
+    loss.backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+    assert "num_classes" in repr(crit)
+
+
+def test_deferredseg_loss_module_auto_backend_close_to_reference():
+    K, E = 1, 3
+    logits, target, experts = make_inputs(2, K, E, (8, 8))
+    got = DeferredSegLoss(K, E)(logits, target, experts)
+    want = DeferredSegLoss(K, E, backend="reference")(logits, target, experts)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("surrogate", ["softmax", "paper"])
+@pytest.mark.parametrize("K", [1, 3])
+def test_surrogate_collaboration_matches_collab_term(surrogate, K):
+    E = 3
+    logits, target, experts = make_inputs(2, K, E, (5, 7), dtype=torch.float64)
+    z, r, _ = split_logits(logits, K, E)
+    crit = SurrogateCollaborationLoss(E, surrogate=surrogate)
+    got = crit(r, target, experts, z)
+    want = terms_of(logits, target, experts, K, E, surrogate=surrogate)["collab"]
+    torch.testing.assert_close(got, want)
+    # model_prediction given as labels instead of logits
+    pred = z.argmax(1) if K >= 2 else (z[:, 0] > 0).long()
+    torch.testing.assert_close(crit(r, target, experts, pred), want)
+    # reductions agree with each other; "none" is zero at ignored pixels
+    none = SurrogateCollaborationLoss(E, surrogate=surrogate, reduction="none")(r, target, experts, z)
+    total = SurrogateCollaborationLoss(E, surrogate=surrogate, reduction="sum")(r, target, experts, z)
+    assert none.shape == target.shape
+    assert (none[target == -100] == 0).all()
+    torch.testing.assert_close(none.sum(), total)
+    torch.testing.assert_close(total / (target != -100).sum(), want)
+
+
+def test_surrogate_collaboration_none_reduction_gradient_is_per_pixel():
+    E = 2
+    logits, target, experts = make_inputs(1, 1, E, (4, 4), dtype=torch.float64)
+    r = logits[:, 1:1 + E + 1].clone().requires_grad_(True)
+    z = logits[:, :1]
+    none = SurrogateCollaborationLoss(E, reduction="none")(r, target, experts, z)
+    w = torch.rand_like(none)
+    (g,) = torch.autograd.grad((none * w).sum(), r)
+    # a pixel's loss depends only on its own routing logits
+    for idx in [(0, 0), (1, 2), (3, 3)]:
+        one = SurrogateCollaborationLoss(E, reduction="none")(r, target, experts, z)[(0,) + idx]
+        (gp,) = torch.autograd.grad(one, r)
+        torch.testing.assert_close(g[(0, slice(None)) + idx], w[(0,) + idx] * gp[(0, slice(None)) + idx])
+    ignored = target[0] == -100
+    assert (g[0][:, ignored] == 0).all()
+
+
+@pytest.mark.parametrize("coherence", ["l1", "l2"])
+def test_spatial_coherence_matches_router_map_term(coherence):
+    K, E = 2, 3
+    logits, target, experts = make_inputs(2, K, E, (5, 7), dtype=torch.float64)
+    _, r, _ = split_logits(logits, K, E)
+    D = torch.softmax(r, dim=1)[:, :E].sum(1)
+    want = terms_of(logits, target, experts, K, E, coherence=coherence,
+                    coherence_maps=("router",))["coherence"]
+    crit = SpatialCoherenceLoss(spatial_dims=2, coherence=coherence)
+    torch.testing.assert_close(crit(D, target), want)
+    torch.testing.assert_close(crit(D.unsqueeze(1), target.unsqueeze(1)), want)
+    assert crit(torch.full((2, 4, 4), 0.3)).item() == 0.0
+
+
+def test_spatial_coherence_3d_map_is_not_mistaken_for_a_channel():
+    M = torch.rand(2, 1, 4, 4)
+    as_3d = SpatialCoherenceLoss(spatial_dims=3)(M)
+    as_2d = SpatialCoherenceLoss(spatial_dims=2)(M)
+    # 3D: the length-1 depth axis adds nothing, the other two the same as 2D
+    torch.testing.assert_close(as_3d, as_2d)
+    with pytest.raises(ValueError, match="prob_map"):
+        SpatialCoherenceLoss(spatial_dims=3)(torch.rand(2, 4, 4))
+
+
+@pytest.mark.parametrize("balance", ["cv2", "band"])
+def test_load_balancing_matches_balance_term(balance):
+    K, E = 1, 3
+    logits, target, experts = make_inputs(2, K, E, (5, 7), dtype=torch.float64)
+    _, r, _ = split_logits(logits, K, E)
+    kw = dict(balance=balance, balance_low=[0.2] * 4, balance_high=[0.26] * 4)
+    t = terms_of(logits, target, experts, K, E, **kw)
+    crit = LoadBalancingLoss(E, **kw)
+    torch.testing.assert_close(crit(r, target), t["balance"])
+    torch.testing.assert_close(crit.last_pbar, t["pbar"])
+
+
+@pytest.mark.parametrize("make,words", [
+    (lambda: DeferredSegLoss(0, 3), ["num_classes", ">= 1", "0"]),
+    (lambda: DeferredSegLoss(1, 3, backend="gpu"), ["backend", "gpu"]),
+    (lambda: DeferredSegLoss(1, 3, coherence="huber"), ["coherence", "huber"]),
+    (lambda: DeferredSegLoss(1, 3, foo=1), ["foo"]),
+    (lambda: SurrogateCollaborationLoss(3, reduction="max"), ["reduction", "max"]),
+    (lambda: SurrogateCollaborationLoss(3, surrogate="hinge"), ["surrogate", "hinge"]),
+    (lambda: SpatialCoherenceLoss(spatial_dims=4), ["spatial_dims", "4"]),
+    (lambda: LoadBalancingLoss(3, balance="band"), ["balance_low"]),
+    (lambda: LoadBalancingLoss(3, balance="band", balance_low=[0] * 4, balance_high=[1] * 3),
+     ["balance_high", "length 4", "length 3"]),
+])
+def test_bad_arguments_fail_in_init(make, words):
+    with pytest.raises((ValueError, TypeError)) as info:
+        make()
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+
+
+def test_bad_forward_inputs_name_the_argument():
+    crit = SurrogateCollaborationLoss(2)
+    r = torch.randn(1, 3, 4, 4)
+    t = torch.zeros(1, 4, 4, dtype=torch.long)
+    m = torch.zeros(1, 2, 4, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="routing_logits"):
+        crit(torch.randn(1, 4, 4, 4), t, m, t)
+    with pytest.raises(ValueError, match="expert_labels"):
+        crit(r, t, m[:, :1], t)
+    with pytest.raises(TypeError, match="target"):
+        crit(r, t.float(), m, t)
+    with pytest.raises(ValueError, match="target"):
+        crit(r, t[:, :3], m, t)
+    with pytest.raises(ValueError, match="model_prediction"):
+        crit(r, t, m, t[:, :2])
+    with pytest.raises(TypeError, match="routing_logits"):
+        LoadBalancingLoss(2)(r.long())
