@@ -1,0 +1,45 @@
+"""Smoke test of an installed deferredseg, run from outside the source tree.
+
+Checks what a user gets from `pip install --no-build-isolation .`: both import
+packages, the compiled extension, and one loss + route call per backend.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+p = argparse.ArgumentParser()
+p.add_argument("--expect-backend", action="append", default=[])
+p.add_argument("--no-cuda", action="store_true", help="the build must not contain CUDA kernels")
+args = p.parse_args()
+
+import deferredseg  # noqa: E402
+import deferredseg_kernels as dk  # noqa: E402
+from deferredseg.losses import DeferredSegLoss  # noqa: E402
+
+here = os.path.dirname(os.path.abspath(dk.__file__))
+assert "site-packages" in here, f"imported from the source tree, not the install: {here}"
+print(f"deferredseg {deferredseg.__version__} from {here}; torch {torch.__version__}; "
+      f"backends {dk.available_backends()}")
+for name in args.expect_backend:
+    assert name in dk.available_backends(), f"backend {name!r} missing: {dk.available_backends()}"
+if args.no_cuda:
+    from deferredseg_kernels._ext import has_cuda_kernels
+    assert not has_cuda_kernels(), "a CPU-only torch build must not report CUDA kernels"
+
+K, E = 1, 3
+x = torch.randn(2, K + E + 2, 16, 16, requires_grad=True)
+y = torch.randint(0, 2, (2, 16, 16))
+m = torch.randint(0, 2, (2, E, 16, 16))
+ref = DeferredSegLoss(K, E, backend="reference")(x, y, m)
+for backend in dk.available_backends("loss"):
+    val = DeferredSegLoss(K, E, backend=backend)(x, y, m)
+    val.backward()
+    assert torch.allclose(val, ref, rtol=1e-5), (backend, val.item(), ref.item())
+for backend in dk.available_backends("route"):
+    out = dk.route(x, K, E, expert_labels=m, backend=backend)
+    assert torch.equal(out.assignment, dk.route(x, K, E, expert_labels=m, backend="reference").assignment)
+print("installed package OK")
+sys.exit(0)

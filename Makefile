@@ -1,0 +1,74 @@
+# deferredseg developer commands. `make test` and `make demo` work on a fresh machine:
+# they create the virtual environment, install the pinned dependencies, build the
+# extension and run; when nothing changed they only run.
+#
+#   make demo           the main job (see README)
+#   make test           the whole test suite (CUDA-enabled torch 2.14.1 stack)
+#   make test-cpu-only  build and test again with the CPU-only torch 2.13.0 stack
+#   make build          (re)build the C++/CUDA extension in place
+#   make bench-cpu      CPU benchmark of the fused loss
+#
+# Variables: PYTHON (interpreter that creates the venv), VENV, REQS (requirements
+# file), MAX_JOBS (parallel compile jobs), PYTEST_ARGS.
+
+PYTHON ?= python3
+VENV ?= .venv
+REQS ?= requirements/torch-cuda.txt
+MAX_JOBS ?= 2
+PYTEST_ARGS ?=
+PY := $(VENV)/bin/python
+SHELL := /bin/bash
+# pip here warns about every missing local index folder; keep its real errors.
+QUIET_PIP = 2>&1 | { grep -v "^WARNING: Location" || true; }; test $${PIPESTATUS[0]} -eq 0
+
+# nvcc lives here on our machines; torch finds it through CUDA_HOME.
+ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
+export CUDA_HOME ?= /usr/local/cuda
+endif
+export MAX_JOBS
+
+DEPS_STAMP := $(VENV)/.deps-stamp
+EXT_SOURCES := setup.py $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \))
+BUILD_STAMP := build/.ext-stamp-$(notdir $(abspath $(VENV)))
+
+.PHONY: all venv build test test-cpu-only demo bench-cpu clean
+
+all: test
+
+venv: $(DEPS_STAMP)
+
+$(DEPS_STAMP): $(REQS) requirements/dev.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r $(REQS) $(QUIET_PIP)
+	$(PY) -m pip check >/dev/null || $(PY) -m pip check
+	@touch $@
+
+build: $(BUILD_STAMP)
+
+$(BUILD_STAMP): $(DEPS_STAMP) $(EXT_SOURCES)
+	$(PY) setup.py -q build_ext --inplace
+	@mkdir -p build && touch $@
+
+test: $(BUILD_STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: $(BUILD_STAMP)
+	$(PY) -m deferredseg.demo
+
+bench-cpu: $(BUILD_STAMP)
+	$(PY) benchmarks/bench_loss_cpu.py
+
+# The CPU-only install path (what a laptop user gets): a copy of the tree built
+# against torch 2.13.0 CPU in its own venv, tested, then installed as a user would
+# (`pip install --no-build-isolation .`) and imported from outside the tree.
+CPU_TREE := build/cpu-only-tree
+CPU_VENV := $(abspath .venv-cpu)
+test-cpu-only:
+	@mkdir -p $(CPU_TREE)
+	git ls-files -z --cached --others --exclude-standard | xargs -0 cp -p --parents -t $(CPU_TREE)
+	$(MAKE) -C $(CPU_TREE) test VENV=$(CPU_VENV) REQS=requirements/torch-cpu.txt PYTHON=$(PYTHON)
+	$(CPU_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps $(CPU_TREE) $(QUIET_PIP)
+	cd /tmp && $(CPU_VENV)/bin/python $(abspath .ci/smoke_installed.py) --expect-backend cpu --no-cuda
+
+clean:
+	rm -rf build deferredseg_kernels/_C*.so
