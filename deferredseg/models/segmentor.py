@@ -1,0 +1,234 @@
+"""The model-agnostic DeferredSeg wrapper: any backbone plus routing and gate heads."""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from deferredseg_kernels import RouteResult, route, split_logits
+
+__all__ = ["DeferredSegmentor", "GateHead", "conv_nd"]
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_INTERP = {1: "linear", 2: "bilinear", 3: "trilinear"}
+
+
+def conv_nd(spatial_dims: int):
+    """``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` for 1, 2 or 3 spatial dims."""
+    if spatial_dims not in _CONV:
+        raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
+    return _CONV[spatial_dims]
+
+
+class GateHead(nn.Module):
+    """The aggregated deferral predictor: conv 3x3, ReLU, conv 1x1 -> one gate logit channel."""
+
+    def __init__(self, in_channels: int, hidden_channels: int, spatial_dims: int = 2):
+        super().__init__()
+        conv = conv_nd(spatial_dims)
+        self.conv1 = conv(in_channels, hidden_channels, kernel_size=3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.conv2 = conv(hidden_channels, 1, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.act(self.conv1(x)))
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or int(value) != value or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+class DeferredSegmentor(nn.Module):
+    """Wraps a segmentation backbone into a DeferredSeg network.
+
+    The forward pass returns the packed logits of SPEC section 1,
+    ``(B, K + E + 2, *S)``: K segmentation logits, E + 1 routing logits (experts
+    0..E-1, then the model, "keep"), 1 gate logit. :meth:`predict` turns them into
+    the routing of SPEC section 4.
+
+    Two ways to plug a backbone in:
+
+    1. **Features** (default, ``keep_backbone_seg=False``): ``backbone(x)`` returns a
+       feature map (B, F, *S) at input resolution, with F = ``feature_channels``.
+       Three heads are added: the segmentation head (1x1 conv, K channels), the
+       routing head (1x1 conv, E + 1 channels) and the gate (conv 3x3, ReLU,
+       conv 1x1 -> 1 channel).
+    2. **Pretrained segmentation kept** (``keep_backbone_seg=True``): the backbone's
+       own segmentation logits (B, K, *S) become the segmentation channels
+       unchanged; only the routing head and the gate are added, on features
+       taken either from the backbone's output, when it returns
+       ``(seg_logits, features)``, or, with ``feature_layer="name"``, from the
+       output of the submodule of that name (``backbone.get_submodule(name)``,
+       captured by a forward hook while the wrapper runs) while ``backbone(x)``
+       returns the segmentation logits alone. Features at another resolution
+       than the segmentation logits are resized to it (linear interpolation).
+       ``freeze_backbone=True`` keeps the pretrained weights fixed.
+
+    Args:
+        backbone: any ``nn.Module``.
+        feature_channels: F, the channel count of the features the heads read.
+        num_classes: K (1: binary with a sigmoid).
+        num_experts: E >= 1.
+        spatial_dims: 1, 2 or 3.
+        gate_channels: hidden channels of the gate (default F).
+        keep_backbone_seg: mode 2 above.
+        feature_layer: in mode 2, the name of the submodule whose output is the feature map.
+        freeze_backbone: set ``requires_grad=False`` on every backbone parameter
+            (and keep the backbone in eval mode).
+        resize_features: in mode 1, resize features that come at another spatial
+            size than the input to the input's size instead of raising an error.
+    """
+
+    def __init__(self, backbone: nn.Module, feature_channels: int, num_classes: int, num_experts: int,
+                 spatial_dims: int = 2, gate_channels: Optional[int] = None, keep_backbone_seg: bool = False,
+                 feature_layer: Optional[str] = None, freeze_backbone: bool = False,
+                 resize_features: bool = False):
+        super().__init__()
+        if not isinstance(backbone, nn.Module):
+            raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
+        self.feature_channels = _positive_int("feature_channels", feature_channels)
+        self.num_classes = _positive_int("num_classes", num_classes)
+        self.num_experts = _positive_int("num_experts", num_experts)
+        if self.num_experts > 127:
+            raise ValueError(f"num_experts must be <= 127 (route's int8 assignment), got {num_experts}")
+        conv = conv_nd(spatial_dims)
+        self.spatial_dims = int(spatial_dims)
+        if feature_layer is not None and not keep_backbone_seg:
+            raise ValueError("feature_layer is only used with keep_backbone_seg=True (the backbone's own "
+                             "segmentation output is kept and features are read from that layer)")
+        if feature_layer is not None:
+            try:
+                backbone.get_submodule(feature_layer)
+            except AttributeError:
+                names = [n for n, _ in backbone.named_modules() if n][:20]
+                raise ValueError(f"feature_layer={feature_layer!r} is not a submodule of the backbone; "
+                                 f"some of its submodules: {names}") from None
+        self.backbone = backbone
+        self.keep_backbone_seg = bool(keep_backbone_seg)
+        self.feature_layer = feature_layer
+        self.freeze_backbone = bool(freeze_backbone)
+        self.resize_features = bool(resize_features)
+        F_ = self.feature_channels
+        hidden = _positive_int("gate_channels", gate_channels) if gate_channels is not None else F_
+        self.seg_head = None if self.keep_backbone_seg else conv(F_, self.num_classes, kernel_size=1)
+        self.route_head = conv(F_, self.num_experts + 1, kernel_size=1)
+        self.gate_head = GateHead(F_, hidden, self.spatial_dims)
+        if self.freeze_backbone:
+            for p in self.backbone.parameters():
+                p.requires_grad_(False)
+            self.backbone.eval()
+
+    @property
+    def out_channels(self) -> int:
+        """K + E + 2, the channel count of the packed logits."""
+        return self.num_classes + self.num_experts + 2
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()  # a frozen backbone keeps its normalisation statistics
+        return self
+
+    # -- forward -----------------------------------------------------------------------------
+    def _check_map(self, name: str, t: Any, channels: int, batch: int) -> torch.Tensor:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"the backbone's {name} must be a tensor (B, C, *S), got {type(t).__name__}; "
+                            "a network returning a list (e.g. deep supervision) needs it switched off "
+                            "or a wrapper that returns one tensor")
+        if t.dim() != self.spatial_dims + 2 or t.shape[0] != batch or t.shape[1] != channels:
+            raise ValueError(f"the backbone's {name} must have shape (B={batch}, {channels}, *S) with "
+                             f"{self.spatial_dims} spatial dims, got {tuple(t.shape)}")
+        return t
+
+    def _resize(self, t: torch.Tensor, size) -> torch.Tensor:
+        if tuple(t.shape[2:]) == tuple(size):
+            return t
+        return F.interpolate(t, size=tuple(size), mode=_INTERP[self.spatial_dims], align_corners=False)
+
+    def _backbone_outputs(self, x: torch.Tensor) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+        B = x.shape[0]
+        if not self.keep_backbone_seg:
+            feats = self._check_map("output (features)", self.backbone(x), self.feature_channels, B)
+            if tuple(feats.shape[2:]) != tuple(x.shape[2:]):
+                if not self.resize_features:
+                    raise ValueError(f"the backbone's features have spatial shape {tuple(feats.shape[2:])}, "
+                                     f"the input {tuple(x.shape[2:])}; pass resize_features=True to "
+                                     "resize them to the input")
+                feats = self._resize(feats, x.shape[2:])
+            return None, feats
+        if self.feature_layer is None:
+            out = self.backbone(x)
+            if not isinstance(out, (tuple, list)) or len(out) != 2:
+                raise TypeError("with keep_backbone_seg=True and no feature_layer the backbone must return "
+                                f"(seg_logits, features), got {type(out).__name__}")
+            seg, feats = out
+        else:
+            captured: List[Any] = []
+            layer = self.backbone.get_submodule(self.feature_layer)
+            handle = layer.register_forward_hook(lambda _m, _i, o: captured.append(o))
+            try:
+                seg = self.backbone(x)
+            finally:
+                handle.remove()
+            if not captured:
+                raise RuntimeError(f"feature_layer {self.feature_layer!r} did not run during the backbone's forward")
+            feats = captured[-1]
+        seg = self._check_map("segmentation logits", seg, self.num_classes, B)
+        feats = self._check_map("features", feats, self.feature_channels, B)
+        return seg, self._resize(feats, seg.shape[2:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Packed logits (B, K + E + 2, *S): segmentation, routing (experts, model), gate."""
+        if x.dim() != self.spatial_dims + 2:
+            raise ValueError(f"input must be (B, C_in, *S) with {self.spatial_dims} spatial dims, "
+                             f"got shape {tuple(x.shape)}")
+        seg, feats = self._backbone_outputs(x)
+        if seg is None:
+            seg = self.seg_head(feats)
+        return torch.cat([seg.to(feats.dtype), self.route_head(feats), self.gate_head(feats)], dim=1)
+
+    # -- inference ---------------------------------------------------------------------------
+    def split(self, logits: torch.Tensor):
+        """``(z, r, a)``: segmentation (B, K, *S), routing (B, E + 1, *S), gate (B, *S) views."""
+        return split_logits(logits, self.num_classes, self.num_experts)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, threshold: float = 0.5, mode: str = "gate",
+                expert_labels: Optional[torch.Tensor] = None, backend: str = "auto") -> RouteResult:
+        """Who labels each pixel: :func:`deferredseg_kernels.route` of the forward pass.
+
+        Runs in eval mode (restoring the previous mode afterwards) without gradients.
+        ``mode="gate"`` defers where sigmoid(gate) > ``threshold``; ``mode="router"``
+        where the router's argmax is an expert. With ``expert_labels`` (B, E, *S)
+        the result's ``final`` holds the combined segmentation.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            logits = self(x)
+        finally:
+            self.train(was_training)
+        return route(logits, self.num_classes, self.num_experts, threshold=threshold, mode=mode,
+                     expert_labels=expert_labels, backend=backend)
+
+    # -- construction helpers ----------------------------------------------------------------
+    @classmethod
+    def from_monai(cls, name: str = "UNet", num_classes: int = 1, num_experts: int = 3, spatial_dims: int = 2,
+                   in_channels: int = 1, features: int = 32, gate_channels: Optional[int] = None,
+                   net_kwargs: Optional[dict] = None, **backbone_kwargs) -> "DeferredSegmentor":
+        """A DeferredSegmentor on ``build_backbone(name, spatial_dims, in_channels, features, ...)``.
+
+        ``features`` is F (the MONAI network's ``out_channels``); ``net_kwargs`` and
+        ``backbone_kwargs`` go to the MONAI constructor (see :func:`build_backbone`).
+        """
+        from .backbones import build_backbone
+
+        net = build_backbone(name, spatial_dims=spatial_dims, in_channels=in_channels, features=features,
+                             net_kwargs=net_kwargs, **backbone_kwargs)
+        return cls(net, feature_channels=features, num_classes=num_classes, num_experts=num_experts,
+                   spatial_dims=spatial_dims, gate_channels=gate_channels)
