@@ -2,7 +2,8 @@
 # they create the virtual environment, install the pinned dependencies, build the
 # extension and run; when nothing changed they only run.
 #
-#   make demo           the main job (see README)
+#   make demo           the main job (see README): train + evaluate on synthetic data
+#   make demo-backends  the objective and routing on every backend, with timings
 #   make test           the whole test suite (CUDA-enabled torch 2.14.1 stack)
 #   make test-cpu-only  build and test again with the CPU-only torch 2.13.0 stack
 #   make build          (re)build the C++/CUDA extension in place
@@ -16,6 +17,7 @@ VENV ?= .venv
 REQS ?= requirements/torch-cuda.txt
 MAX_JOBS ?= 2
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 PY := $(VENV)/bin/python
 SHELL := /bin/bash
 # pip here warns about every missing local index folder; keep its real errors.
@@ -31,7 +33,7 @@ DEPS_STAMP := $(VENV)/.deps-stamp
 EXT_SOURCES := setup.py $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \))
 BUILD_STAMP := build/.ext-stamp-$(notdir $(abspath $(VENV)))
 
-.PHONY: all venv build test test-cpu-only demo bench-cpu clean
+.PHONY: all venv build test test-cpu-only demo demo-backends bench-cpu clean
 
 all: test
 
@@ -53,7 +55,10 @@ test: $(BUILD_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(BUILD_STAMP)
-	$(PY) -m deferredseg.demo
+	$(PY) -m deferredseg demo $(DEMO_ARGS)
+
+demo-backends: $(BUILD_STAMP)
+	$(PY) -m deferredseg.backends_demo
 
 bench-cpu: $(BUILD_STAMP)
 	$(PY) benchmarks/bench_loss_cpu.py

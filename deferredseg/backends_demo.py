@@ -1,4 +1,4 @@
-"""`python -m deferredseg.demo`: the objective and the routing on every backend.
+"""`python -m deferredseg.backends_demo`: the objective and the routing on every backend.
 
 Builds a synthetic multi-rater batch (blobs as ground truth, simulated experts
 that disagree near boundaries, and the packed output a network would give),
@@ -127,7 +127,7 @@ def _dice(pred: torch.Tensor, target: torch.Tensor) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m deferredseg.demo", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m deferredseg.backends_demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--size", type=int, default=128)

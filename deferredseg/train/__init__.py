@@ -1,0 +1,19 @@
+"""Training and evaluation: the slim loop, checkpoints, configuration and figures."""
+
+from .config import METHODS, TrainConfig, load_config_file
+from .checkpoint import load_checkpoint, save_checkpoint
+
+__all__ = ["METHODS", "TrainConfig", "load_config_file", "load_checkpoint", "save_checkpoint",
+           "train", "evaluate"]
+
+
+def train(cfg):
+    from .loop import train as _train
+
+    return _train(cfg)
+
+
+def evaluate(checkpoint, **kw):
+    from .loop import evaluate as _evaluate
+
+    return _evaluate(checkpoint, **kw)

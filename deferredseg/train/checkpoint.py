@@ -1,0 +1,45 @@
+"""Checkpoints: written atomically, read with ``weights_only=True``."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Union
+
+import torch
+
+
+def save_checkpoint(path: Union[str, Path], state: Dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` through a temporary file and a rename.
+
+    A run killed while saving leaves the previous checkpoint intact, never a
+    truncated one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: Union[str, Path], map_location=None) -> Dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True`` (no arbitrary code from the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # a corrupt file or one holding more than tensors and containers
+        raise ValueError(f"checkpoint {str(path)!r} cannot be read safely: {exc}") from exc
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(f"checkpoint {str(path)!r} is not a deferredseg training checkpoint")
+    return state

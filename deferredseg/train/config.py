@@ -1,0 +1,131 @@
+"""The training configuration: one dataclass, settable from a YAML/JSON file and the CLI.
+
+Every field is a command-line option of the same name (``--batch-size`` for
+``batch_size``) and a key of the config file; the command line wins over the
+file, the file over the defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+METHODS = ("deferredseg", "no-coherence", "no-balance", "model-only", "confidence", "l2d-single")
+LAYOUTS = ("synthetic", "medsam-npy", "multirater")
+PROFILES = ("same-accuracy", "complementary", "structured")
+SCHEDULES = ("cosine", "step", "constant")
+
+
+@dataclass
+class TrainConfig:
+    # data
+    layout: str = "synthetic"
+    data: Optional[str] = None
+    target: Optional[str] = None  # label / majority / staple / a rater name
+    experts: Optional[int] = None  # use the first N experts of the profile (or raters)
+    expert_profile: Optional[str] = None  # simulated experts (synthetic, medsam-npy)
+    resample_experts: bool = False
+    num_classes: int = 1
+    spatial_dims: int = 2
+    image_size: int = 64
+    num_images: int = 48
+    spatial_size: Optional[List[int]] = None  # resize file data to this size
+    split_file: Optional[str] = None
+    # model
+    backbone: str = "UNet"
+    features: int = 16
+    # method and loss
+    method: str = "deferredseg"
+    backend: str = "auto"
+    lambda_seg: float = 1.0
+    lambda_collab: float = 1.0
+    lambda_gate: float = 1.0
+    lambda_coherence: float = 0.1
+    lambda_balance: float = 0.1
+    surrogate: str = "softmax"
+    coherence: str = "l1"
+    balance: str = "cv2"
+    # optimisation
+    epochs: int = 20
+    batch_size: int = 4
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    grad_accum: int = 1
+    schedule: str = "cosine"
+    step_size: int = 10
+    gamma: float = 0.5
+    amp: Optional[bool] = None  # default: bf16 autocast on CUDA, off on CPU
+    patience: int = 0  # early stopping after this many epochs without a better val Dice (0: off)
+    checkpoint_every: int = 0  # also write last.pt every N optimiser steps (0: once per epoch)
+    # evaluation
+    threshold: float = 0.5
+    val_hd95: bool = False
+    # run
+    device: str = "auto"
+    seed: int = 0
+    seeds: Optional[List[int]] = None
+    workers: int = 0
+    progress: bool = True
+    out: Optional[str] = None
+    resume: bool = False
+    max_steps: int = 0  # stop after this many optimiser steps in total (0: no limit)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any], source: str = "config") -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"{source}: unknown option(s) {unknown}; known: {sorted(names)}")
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        def choice(name, allowed):
+            v = getattr(self, name)
+            if v not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {v!r}")
+
+        choice("layout", LAYOUTS)
+        choice("method", METHODS)
+        choice("schedule", SCHEDULES)
+        if self.expert_profile is not None:
+            choice("expert_profile", PROFILES)
+        if self.layout != "synthetic" and not self.data:
+            raise ValueError(f"layout {self.layout!r} needs --data DIR")
+        for name in ("epochs", "batch_size", "grad_accum", "num_classes", "features", "image_size",
+                     "num_images"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
+        if self.experts is not None and self.experts < 1:
+            raise ValueError(f"experts must be >= 1, got {self.experts}")
+        if not (0.0 <= self.threshold <= 1.0):
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+def load_config_file(path: str) -> Dict[str, Any]:
+    """Read a YAML or JSON config file into a dict (keys with '-' or '_' both work)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {str(p)!r} does not exist")
+    text = p.read_text()
+    if p.suffix.lower() == ".json":
+        values = json.loads(text)
+    else:
+        import yaml
+
+        values = yaml.safe_load(text)
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {str(p)!r} must hold a mapping of option: value, "
+                         f"got {type(values).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in values.items()}

@@ -1,0 +1,545 @@
+"""The slim training and evaluation loop (no training framework).
+
+One function trains (:func:`train`), one evaluates a checkpoint
+(:func:`evaluate`); both work for every method of the comparison
+(``config.METHODS``), so baselines run through the very same loop:
+
+- ``deferredseg``: the full objective; ``no-coherence`` / ``no-balance``: without
+  that term;
+- ``model-only``: the base segmentor alone (segmentation loss only, never defers);
+- ``confidence``: the same base segmentor, deferring its least confident pixels
+  to the best single expert, at a deferral rate matched to another run;
+- ``l2d-single``: single-expert learning to defer (Mozannar and Sontag): a softmax
+  over the K' classes and one "defer" output, trained with their surrogate,
+  deferring to the best single expert.
+
+Under ``torchrun`` the loop uses DistributedDataParallel with
+``sync_balance=True``, a distributed sampler, and writes logs and checkpoints on
+rank 0 only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..losses import DeferredSegLoss
+from ..metrics import DeferralEvaluator
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig
+
+BIG = 1e4  # a logit that rules an option out
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+class DistInfo:
+    """Rank and world size; a process group is created when torchrun launched us."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.owns_group = False
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            self.owns_group = True
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for, but no CUDA device is available")
+    if name == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return torch.device(name)
+
+
+def _expert_spec(cfg: TrainConfig, num_labels: int, seed: int):
+    from ..experts import ExpertPanel, make_experts
+
+    profile = cfg.expert_profile or ("structured" if cfg.layout == "synthetic" else "same-accuracy")
+    panel = make_experts(profile, num_labels=num_labels, seed=seed, resample=cfg.resample_experts)
+    if cfg.experts is not None:
+        if cfg.experts > panel.num_experts:
+            raise ValueError(f"experts={cfg.experts} but the {profile!r} profile has "
+                             f"{panel.num_experts} experts")
+        panel = ExpertPanel(panel.experts[: cfg.experts], num_labels=num_labels, seed=seed,
+                            resample=cfg.resample_experts, names=panel.names[: cfg.experts])
+    return panel
+
+
+def build_data(cfg: TrainConfig, split: str):
+    """The dataset of ``split`` ("train", "val", "test") described by ``cfg``."""
+    from ..data import build_dataset, scan_multirater
+
+    num_labels = max(cfg.num_classes, 2)
+    kw: Dict[str, Any] = dict(num_classes=cfg.num_classes, seed=cfg.seed, split_file=cfg.split_file,
+                              spatial_size=cfg.spatial_size)
+    if cfg.target is not None:
+        kw["target"] = cfg.target
+    if cfg.layout == "multirater":
+        if cfg.experts is not None:
+            names = scan_multirater(cfg.data)[1]
+            if cfg.experts > len(names):
+                raise ValueError(f"experts={cfg.experts} but {cfg.data} has {len(names)} raters")
+            kw["raters"] = names[: cfg.experts]
+    else:
+        kw["experts"] = _expert_spec(cfg, num_labels, cfg.seed)
+        kw["resample_experts"] = cfg.resample_experts
+    if cfg.layout == "synthetic":
+        kw.update(num_images=cfg.num_images, spatial_dims=cfg.spatial_dims,
+                  image_size=cfg.image_size)
+    return build_dataset(cfg.layout, cfg.data, split, **kw)
+
+
+class L2DNet(nn.Module):
+    """Backbone + one 1x1 head with K' class logits and a final "defer" logit."""
+
+    def __init__(self, backbone: nn.Module, features: int, num_labels: int, spatial_dims: int):
+        super().__init__()
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
+        self.backbone = backbone
+        self.head = conv(features, num_labels + 1, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def build_model(cfg: TrainConfig, in_channels: int, num_experts: int) -> nn.Module:
+    from ..models import DeferredSegmentor
+    from ..models.backbones import build_backbone
+
+    if cfg.method == "l2d-single":
+        net = build_backbone(cfg.backbone, spatial_dims=cfg.spatial_dims, in_channels=in_channels,
+                             features=cfg.features)
+        return L2DNet(net, cfg.features, max(cfg.num_classes, 2), cfg.spatial_dims)
+    return DeferredSegmentor.from_monai(cfg.backbone, num_classes=cfg.num_classes,
+                                       num_experts=num_experts, spatial_dims=cfg.spatial_dims,
+                                       in_channels=in_channels, features=cfg.features)
+
+
+def build_criterion(cfg: TrainConfig, num_experts: int, sync: bool):
+    if cfg.method == "l2d-single":
+        return None  # the Mozannar-Sontag loss below
+    lambdas = dict(lambda_seg=cfg.lambda_seg, lambda_collab=cfg.lambda_collab,
+                   lambda_gate=cfg.lambda_gate, lambda_coherence=cfg.lambda_coherence,
+                   lambda_balance=cfg.lambda_balance)
+    if cfg.method == "no-coherence":
+        lambdas["lambda_coherence"] = 0.0
+    elif cfg.method == "no-balance":
+        lambdas["lambda_balance"] = 0.0
+    elif cfg.method in ("model-only", "confidence"):
+        lambdas.update(lambda_collab=0.0, lambda_gate=0.0, lambda_coherence=0.0,
+                       lambda_balance=0.0)
+    return DeferredSegLoss(cfg.num_classes, num_experts, backend=cfg.backend,
+                           surrogate=cfg.surrogate, coherence=cfg.coherence, balance=cfg.balance,
+                           sync_balance=sync, **lambdas)
+
+
+def l2d_loss(out: torch.Tensor, target: torch.Tensor, expert: torch.Tensor,
+             ignore_index: int = -100) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Mozannar and Sontag's surrogate: -log p_y - [m == y] log p_defer, over valid pixels."""
+    logp = torch.log_softmax(out.float(), dim=1)
+    valid = target != ignore_index
+    y = torch.where(valid, target, torch.zeros_like(target))
+    l = -logp.gather(1, y.unsqueeze(1)).squeeze(1) - (expert == y).float() * logp[:, -1]
+    loss = torch.where(valid, l, torch.zeros_like(l)).sum() / valid.sum().clamp_min(1)
+    defer = (logp[:, -1].exp() * valid).sum() / valid.sum().clamp_min(1)
+    return loss, {"l2d": loss.detach(), "deferral": defer.detach()}
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def uncertainty(z: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """1 - max class probability of segmentation logits (B, K, *S) -> (B, *S)."""
+    if num_classes == 1:
+        p = torch.sigmoid(z[:, 0].float())
+        return 1 - torch.maximum(p, 1 - p)
+    return 1 - torch.softmax(z.float(), dim=1).amax(dim=1)
+
+
+def packed_logits(cfg: TrainConfig, model_out: torch.Tensor, num_experts: int,
+                  best_expert: int) -> torch.Tensor:
+    """Every method's output as SPEC packed logits, so one evaluator serves them all."""
+    K, E = cfg.num_classes, num_experts
+    out = model_out.float()
+    if cfg.method == "l2d-single":
+        classes, defer = out[:, :-1], out[:, -1]
+        z = (classes[:, 1:2] - classes[:, :1]) if K == 1 else classes
+        top = classes.amax(dim=1)
+        r = torch.full((out.shape[0], E + 1) + tuple(out.shape[2:]), -BIG, device=out.device)
+        r[:, best_expert] = defer
+        r[:, E] = top
+        return torch.cat([z, r, (defer - top).unsqueeze(1)], dim=1)
+    if cfg.method in ("model-only", "confidence"):
+        z = out[:, :K]
+        r = torch.full((out.shape[0], E + 1) + tuple(out.shape[2:]), -BIG, device=out.device)
+        r[:, best_expert] = 0.0
+        if cfg.method == "model-only":
+            a = torch.full_like(z[:, 0], -BIG)  # never defers
+        else:
+            # defer where uncertainty > t: the gate's probability is the uncertainty itself
+            a = torch.logit(uncertainty(z, K).clamp(1e-6, 1 - 1e-6))
+        return torch.cat([z, r, a.unsqueeze(1)], dim=1)
+    return out
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def _schedule(cfg: TrainConfig, steps_per_epoch: int):
+    total = max(cfg.epochs * steps_per_epoch, 1)
+    if cfg.schedule == "cosine":
+        return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+    if cfg.schedule == "step":
+        return lambda step: cfg.gamma ** ((step // max(steps_per_epoch, 1)) // cfg.step_size)
+    return lambda step: 1.0
+
+
+def _batches(dataset, cfg: TrainConfig, epoch: int, info: DistInfo, skip: int):
+    """This rank's micro-batches of ``epoch``, after skipping the first ``skip``."""
+    from monai.data import DataLoader
+    from torch.utils.data import Subset
+    from torch.utils.data.distributed import DistributedSampler
+
+    sampler = DistributedSampler(dataset, num_replicas=info.world, rank=info.rank, shuffle=True,
+                                 seed=cfg.seed, drop_last=False)
+    sampler.set_epoch(epoch)
+    idx = list(sampler)[skip * cfg.batch_size:]
+    return DataLoader(Subset(dataset, idx), batch_size=cfg.batch_size, shuffle=False,
+                      num_workers=cfg.workers)
+
+
+def _micro_batches_per_epoch(n: int, cfg: TrainConfig, world: int) -> int:
+    per_rank = math.ceil(n / world)
+    return math.ceil(per_rank / cfg.batch_size)
+
+
+def best_single_expert(dataset, num_experts: int, ignore_index: int = -100) -> int:
+    """The expert that agrees most often with the target on ``dataset``."""
+    hits = torch.zeros(num_experts)
+    for i in range(len(dataset)):
+        item = dataset[i]
+        t, m = item["target"], item["expert_labels"]
+        valid = t != ignore_index
+        hits += ((m == t.unsqueeze(0)) & valid.unsqueeze(0)).flatten(1).sum(1).float()
+    return int(hits.argmax())
+
+
+class JsonLog:
+    def __init__(self, path: Optional[Path], enabled: bool) -> None:
+        self.path = path if enabled else None
+
+    def write(self, **record: Any) -> None:
+        if self.path is None:
+            return
+        record["time"] = time.time()
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _to_float(v):
+    return float(v.item()) if isinstance(v, torch.Tensor) and v.numel() == 1 else v
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, dataset, cfg: TrainConfig, num_experts: int,
+                   best_expert: int, device: torch.device, threshold: Optional[float] = None,
+                   with_hd95: bool = False,
+                   thresholds: Optional[Iterable[float]] = None,
+                   keep_examples: int = 0) -> Tuple[Dict[str, Any], List[Dict[str, torch.Tensor]]]:
+    """Metrics of ``model`` on ``dataset`` (and the first ``keep_examples`` images' outputs)."""
+    from monai.data import DataLoader
+
+    was_training = model.training
+    model.eval()
+    thr = cfg.threshold if threshold is None else threshold
+    kw = {} if thresholds is None else {"thresholds": tuple(thresholds)}
+    ev = DeferralEvaluator(cfg.num_classes, num_experts, threshold=thr, with_hd95=with_hd95,
+                           backend=cfg.backend, **kw)
+    examples: List[Dict[str, torch.Tensor]] = []
+    for batch in DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False,
+                            num_workers=cfg.workers):
+        x = batch["image"].to(device)
+        target = batch["target"].to(device)
+        experts = batch["expert_labels"].to(device)
+        logits = packed_logits(cfg, model(x), num_experts, best_expert)
+        ev.update(logits, target, experts)
+        if len(examples) < keep_examples:
+            from deferredseg_kernels import route
+
+            out = route(logits, cfg.num_classes, num_experts, thr, "gate", experts, backend=cfg.backend)
+            for b in range(x.shape[0]):
+                if len(examples) < keep_examples:
+                    examples.append({"image": x[b].cpu(), "target": target[b].cpu(),
+                                     "assignment": out.assignment[b].cpu(),
+                                     "final": out.final[b].cpu(),
+                                     "model_pred": out.model_pred[b].cpu(),
+                                     "defer_prob": out.defer_prob[b].cpu()})
+    model.train(was_training)
+    return ev.result(), examples
+
+
+@torch.no_grad()
+def threshold_for_budget(model: nn.Module, dataset, cfg: TrainConfig, num_experts: int,
+                         best_expert: int, device: torch.device, budget: float) -> float:
+    """The gate threshold at which ``model`` defers a ``budget`` fraction of ``dataset``'s pixels.
+
+    Works for every method through its packed gate (the confidence baseline's gate
+    is its uncertainty, L2D's the defer-vs-best-class margin), so methods can be
+    compared at the same deferral rate. Choose it on a validation split.
+    """
+    from monai.data import DataLoader
+
+    if not 0.0 <= budget <= 1.0:
+        raise ValueError(f"budget must be in [0, 1], got {budget}")
+    was_training = model.training
+    model.eval()
+    probs = []
+    for batch in DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False):
+        logits = packed_logits(cfg, model(batch["image"].to(device)), num_experts, best_expert)
+        valid = batch["target"].to(device) != -100
+        probs.append(torch.sigmoid(logits[:, -1].double())[valid].cpu())
+    model.train(was_training)
+    s = torch.cat(probs)
+    if budget <= 0 or s.numel() == 0:
+        return 1.0
+    return float(torch.quantile(s, 1.0 - budget).clamp(0.0, 1.0))
+
+
+def train(cfg: TrainConfig) -> Dict[str, Any]:
+    """Train one model as ``cfg`` says; returns the best validation metrics and paths."""
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    info = DistInfo(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    out_dir = Path(cfg.out) if cfg.out else None
+    if out_dir is not None and info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    log = JsonLog(out_dir / "log.jsonl" if out_dir else None, info.is_main)
+    try:
+        return _train(cfg, device, info, out_dir, log)
+    finally:
+        info.close()
+
+
+def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, out_dir: Optional[Path],
+           log: JsonLog) -> Dict[str, Any]:
+    torch.manual_seed(cfg.seed)
+    train_ds = build_data(cfg, "train")
+    val_ds = build_data(cfg, "val")
+    E = train_ds.info.num_experts
+    in_channels = int(train_ds[0]["image"].shape[0])
+    model = build_model(cfg, in_channels, E).to(device)
+    criterion = build_criterion(cfg, E, sync=info.world > 1)
+    best_expert = best_single_expert(val_ds, E) if cfg.method in (
+        "confidence", "l2d-single", "model-only") else 0
+    ddp_model = model
+    if info.world > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    micro = _micro_batches_per_epoch(len(train_ds), cfg, info.world)
+    steps_per_epoch = math.ceil(micro / cfg.grad_accum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, steps_per_epoch))
+    amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
+
+    start_epoch, skip, global_step, best, stale = 0, 0, 0, -1.0, 0
+    last_path = out_dir / "last.pt" if out_dir else None
+    if cfg.resume:
+        if last_path is None or not last_path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {last_path}")
+        ck = load_checkpoint(last_path, map_location=device)
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        start_epoch, skip = ck["epoch"], ck["step_in_epoch"] * cfg.grad_accum
+        global_step, best, stale = ck["global_step"], ck["best"], ck["stale"]
+        torch.set_rng_state(ck["rng"])
+        log.write(event="resume", epoch=start_epoch, step=global_step)
+
+    def checkpoint(path: Path, epoch: int, step_in_epoch: int, extra: Dict[str, Any]) -> None:
+        if info.is_main and path is not None:
+            save_checkpoint(path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch,
+                "step_in_epoch": step_in_epoch, "global_step": global_step, "best": best,
+                "stale": stale, "rng": torch.get_rng_state(), "config": cfg.to_dict(),
+                "num_experts": E, "in_channels": in_channels, "best_expert": best_expert,
+                "expert_names": list(train_ds.info.expert_names), **extra})
+
+    stopped_early = False
+    history: List[Dict[str, Any]] = []
+    for epoch in range(start_epoch, cfg.epochs):
+        loader = _batches(train_ds, cfg, epoch, info, skip)
+        step_in_epoch = skip // cfg.grad_accum
+        skip = 0
+        bar = _progress(loader, cfg, info, epoch)
+        ddp_model.train()
+        optimizer.zero_grad(set_to_none=True)
+        pending = 0
+        for i, batch in enumerate(bar):
+            x = batch["image"].to(device)
+            target = batch["target"].to(device)
+            experts = batch["expert_labels"].to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                out = ddp_model(x)
+            if criterion is None:
+                loss, terms = l2d_loss(out, target, experts[:, best_expert])
+            else:
+                loss = criterion(out, target, experts)
+                terms = dict(criterion.last_terms)
+                terms["deferral"] = terms["pbar"][:E].sum()
+            (loss / cfg.grad_accum).backward()
+            pending += 1
+            last_micro = (i == len(loader) - 1)
+            if pending == cfg.grad_accum or last_micro:
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                pending = 0
+                global_step += 1
+                step_in_epoch += 1
+                record = {k: _to_float(v) for k, v in terms.items() if k != "pbar"}
+                record.update(loss=float(loss.detach()), lr=scheduler.get_last_lr()[0])
+                log.write(event="step", epoch=epoch, step=global_step, **record)
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k != "lr"})
+                if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0:
+                    checkpoint(last_path, epoch, step_in_epoch, {})
+                if cfg.max_steps and global_step >= cfg.max_steps:
+                    checkpoint(last_path, epoch, step_in_epoch, {})
+                    log.write(event="stopped", reason="max_steps", step=global_step)
+                    return {"stopped": True, "global_step": global_step}
+        # validation on rank 0; the decision to stop is shared with the other ranks
+        metrics: Dict[str, Any] = {}
+        if info.is_main:
+            metrics, _ = evaluate_model(model, val_ds, cfg, E, best_expert, device,
+                                        with_hd95=cfg.val_hd95, thresholds=(cfg.threshold,))
+            score = metrics.get("system_dice") or 0.0
+            improved = score > best
+            if improved:
+                best, stale = score, 0
+            else:
+                stale += 1
+            log.write(event="epoch", epoch=epoch, step=global_step,
+                      **{f"val_{k}": v for k, v in metrics.items() if k != "risk_coverage"})
+            history.append({"epoch": epoch, **metrics})
+            if improved and out_dir is not None:
+                checkpoint(out_dir / "best.pt", epoch + 1, 0, {"val": _scalars(metrics)})
+            checkpoint(last_path, epoch + 1, 0, {})
+        stop = torch.tensor([1.0 if (cfg.patience and stale >= cfg.patience) else 0.0])
+        if info.world > 1:
+            stop = stop.to(device)
+            dist.broadcast(stop, 0)
+        if bool(stop.item()):
+            stopped_early = True
+            log.write(event="early_stop", epoch=epoch, best_val_system_dice=best)
+            break
+    info.barrier()
+    return {"stopped": False, "best_val_system_dice": best, "global_step": global_step,
+            "early_stopped": stopped_early, "out": str(out_dir) if out_dir else None}
+
+
+def _scalars(metrics: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None}
+
+
+def _progress(loader, cfg: TrainConfig, info: DistInfo, epoch: int):
+    if not (cfg.progress and info.is_main):
+        return loader
+    from tqdm import tqdm
+
+    return tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def load_trained(checkpoint_path, device: torch.device, overrides: Optional[Dict[str, Any]] = None):
+    """(model, config, checkpoint dict) of a checkpoint written by :func:`train`."""
+    ck = load_checkpoint(checkpoint_path, map_location=device)
+    values = dict(ck["config"])
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values["resume"] = False
+    cfg = TrainConfig.from_dict(values, source=str(checkpoint_path))
+    model = build_model(cfg, ck["in_channels"], ck["num_experts"]).to(device)
+    model.load_state_dict(ck["model"])
+    model.eval()
+    return model, cfg, ck
+
+
+def evaluate(checkpoint_path, out: Optional[str] = None, split: str = "test",
+             threshold: Optional[float] = None, budget: Optional[float] = None,
+             overrides: Optional[Dict[str, Any]] = None, figures: bool = True,
+             device: str = "auto", with_hd95: bool = True) -> Dict[str, Any]:
+    """Evaluate a checkpoint on ``split``; write metrics.json (and figures) to ``out``.
+
+    ``budget``: instead of a fixed ``threshold``, the one at which the model defers
+    that fraction of the pixels of the validation split (the deferral budget).
+    """
+    dev = resolve_device(device)
+    model, cfg, ck = load_trained(checkpoint_path, dev, overrides)
+    ds = build_data(cfg, split)
+    E = ck["num_experts"]
+    best_expert = ck.get("best_expert", 0)
+    if ds.info.num_experts != E:
+        raise ValueError(f"the checkpoint was trained with {E} experts, the {split} data has "
+                         f"{ds.info.num_experts}")
+    if cfg.method == "model-only":
+        threshold, budget = 1.0, None  # the base segmentor alone never defers
+    if budget is not None:
+        threshold = threshold_for_budget(model, build_data(cfg, "val"), cfg, E, best_expert, dev,
+                                         budget)
+    metrics, examples = evaluate_model(model, ds, cfg, E, best_expert, dev, threshold=threshold,
+                                       with_hd95=with_hd95, keep_examples=4 if figures else 0)
+    metrics.update(method=cfg.method, threshold=cfg.threshold if threshold is None else threshold,
+                   budget=budget, split=split, checkpoint=str(checkpoint_path),
+                   expert_names=ck.get("expert_names"))
+    if out:
+        out_dir = Path(out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(out_dir / "metrics.json", "w") as f:
+            json.dump(metrics, f, indent=2)
+        if figures:
+            from . import figures as figs
+
+            paths = figs.save_examples(examples, out_dir / "examples.png", cfg.num_classes)
+            paths += figs.plot_risk_coverage({cfg.method: metrics["risk_coverage"]},
+                                             out_dir / "risk_coverage.png",
+                                             {cfg.method: (metrics["deferral_rate"],
+                                                           metrics["system_dice"])})
+            log_path = Path(checkpoint_path).parent / "log.jsonl"
+            if log_path.exists():
+                paths += figs.plot_training_curves(log_path, out_dir / "training_curves.png")
+            metrics["figures"] = [str(p) for p in paths]
+            with open(out_dir / "metrics.json", "w") as f:
+                json.dump(metrics, f, indent=2)
+    return metrics

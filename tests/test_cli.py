@@ -1,0 +1,251 @@
+"""The `deferredseg` command end to end on tiny synthetic data, resume, and 2-rank DDP."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from deferredseg.cli import ci95, main
+from deferredseg.train.checkpoint import load_checkpoint, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--num-images", "12", "--image-size", "24", "--features", "4", "--batch-size", "4",
+        "--progress", "false", "--backend", "reference"]
+
+
+def run_cli(*args, expect=0):
+    proc = subprocess.run([sys.executable, "-m", "deferredseg", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == expect, proc.stdout + proc.stderr
+    return proc
+
+
+def test_train_then_evaluate_writes_checkpoints_log_metrics_and_figures(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--epochs", "2", *TINY]) == 0
+    for name in ("last.pt", "best.pt", "log.jsonl"):
+        assert (out / name).is_file(), name
+    events = [json.loads(l)["event"] for l in (out / "log.jsonl").read_text().splitlines()]
+    assert events.count("epoch") == 2 and "step" in events
+    ck = load_checkpoint(out / "best.pt")
+    assert ck["config"]["epochs"] == 2 and ck["num_experts"] == 5
+
+    ev = tmp_path / "eval"
+    assert main(["evaluate", "--checkpoint", str(out / "best.pt"), "--out", str(ev),
+                 "--budget", "0.2"]) == 0
+    m = json.loads((ev / "metrics.json").read_text())
+    for key in ("system_dice", "model_dice", "deferral_rate", "expert_share", "system_iou",
+                "system_sensitivity", "system_hd95", "model_hd95", "expert_region_dice",
+                "model_region_dice", "deferral_components_per_image", "risk_coverage",
+                "risk_coverage_auc"):
+        assert key in m, key
+    assert len(m["expert_share"]) == 5
+    if m["deferral_rate"] > 0:
+        assert sum(m["expert_share"]) == pytest.approx(1.0)
+    import matplotlib.image as mpimg
+
+    assert len(m["figures"]) == 3
+    for fig in m["figures"]:
+        img = mpimg.imread(fig)
+        assert img.ndim == 3 and img.shape[0] > 50 and img.shape[1] > 50
+
+
+def test_config_file_yaml_and_json_with_command_line_winning(tmp_path):
+    from deferredseg.cli import build_parser, config_from_args
+
+    (tmp_path / "c.yaml").write_text("epochs: 7\nbatch-size: 3\nlambda_coherence: 0.5\nmethod: no-balance\n")
+    (tmp_path / "c.json").write_text(json.dumps({"epochs": 5, "lr": 0.01}))
+    p = build_parser()
+    cfg = config_from_args(p.parse_args(["train", "--config", str(tmp_path / "c.yaml"),
+                                         "--epochs", "2"]))
+    assert (cfg.epochs, cfg.batch_size, cfg.lambda_coherence, cfg.method) == (2, 3, 0.5, "no-balance")
+    cfg = config_from_args(p.parse_args(["train", "--config", str(tmp_path / "c.json")]))
+    assert (cfg.epochs, cfg.lr) == (5, 0.01)
+
+
+@pytest.mark.parametrize("args,words", [
+    (["train", "--layout", "nifti"], "invalid choice"),
+    (["train", "--epochs", "zero"], "invalid int value"),
+    (["train", "--epochs", "0"], "epochs must be >= 1"),
+    (["train", "--layout", "multirater"], "needs --data"),
+    (["train", "--config", "/nonexistent.yaml"], "does not exist"),
+    (["train", "--seeds", "1,x"], "comma-separated"),
+    (["evaluate", "--out", "x"], "--checkpoint"),
+    (["fly"], "invalid choice"),
+])
+def test_bad_arguments_exit_2_with_a_message(args, words):
+    proc = run_cli(*args, expect=2)
+    assert words in proc.stderr, proc.stderr
+
+
+def test_bad_config_key_and_missing_checkpoint(tmp_path):
+    (tmp_path / "c.yaml").write_text("epochz: 3\n")
+    proc = run_cli("train", "--config", tmp_path / "c.yaml", expect=2)
+    assert "unknown option(s) ['epochz']" in proc.stderr
+    proc = run_cli("evaluate", "--checkpoint", tmp_path / "nope.pt", "--out", tmp_path, expect=2)
+    assert "nope.pt" in proc.stderr
+
+
+def test_help_is_there_for_every_command():
+    for cmd in ([], ["train"], ["evaluate"], ["demo"]):
+        proc = run_cli(*cmd, "--help")
+        assert "usage: deferredseg" in proc.stdout
+    assert "--expert-profile" in run_cli("train", "--help").stdout
+
+
+def test_demo_quick_prints_the_table(tmp_path):
+    proc = run_cli("demo", "--quick", "--out", tmp_path / "demo")
+    assert "| model alone |" in proc.stdout and "| DeferredSeg (model + experts) |" in proc.stdout
+    assert "workload per expert" in proc.stdout and "fragmentation" in proc.stdout
+    assert (tmp_path / "demo" / "eval" / "metrics.json").is_file()
+
+
+def _weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def test_resume_after_a_stop_mid_epoch_reaches_the_same_weights(tmp_path):
+    common = ["--epochs", "2", "--seed", "3", "--grad-accum", "2", "--batch-size", "2", *TINY[:6],
+              *TINY[8:]]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(["train", "--out", str(full), *common]) == 0
+    # 8 training images, batch 2, 2 micro-batches per step: 2 steps per epoch; stop inside epoch 2
+    assert main(["train", "--out", str(part), "--max-steps", "3", *common]) == 0
+    ck = load_checkpoint(part / "last.pt")
+    assert (ck["epoch"], ck["step_in_epoch"], ck["global_step"]) == (1, 1, 3)
+    assert main(["train", "--out", str(part), "--resume", *common]) == 0
+    a, b = _weights(full / "last.pt"), _weights(part / "last.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_checkpoints_are_atomic_and_safe_to_load(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(2)}})
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left behind
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle")
+
+    with pytest.raises(RuntimeError):
+        save_checkpoint(path, {"model": {"w": torch.zeros(2)}, "x": Boom()})
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(2))  # old one intact
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+    torch.save({"model": {}, "obj": object()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="cannot be read safely"):
+        load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_multi_seed_summary_with_confidence_intervals(tmp_path):
+    out = tmp_path / "seeds"
+    assert main(["train", "--out", str(out), "--epochs", "1", "--seeds", "1,2", *TINY]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["seeds"] == [1, 2] and s["system_dice"]["n"] == 2
+    assert (out / "seed_1" / "best.pt").is_file() and (out / "seed_2" / "eval" / "metrics.json").is_file()
+
+
+def test_ci95_by_hand():
+    s = ci95([1.0, 2.0, 3.0])
+    assert s["mean"] == 2.0 and s["std"] == 1.0
+    assert s["ci95"] == pytest.approx(4.302652729911275 / 3 ** 0.5)  # t_{0.975, 2}
+    assert ci95([]) == {"mean": None, "std": None, "ci95": None, "n": 0}
+
+
+@pytest.mark.parametrize("method", ["no-coherence", "no-balance", "model-only", "confidence",
+                                    "l2d-single"])
+def test_every_baseline_trains_and_evaluates(tmp_path, method):
+    out = tmp_path / method
+    assert main(["train", "--out", str(out), "--epochs", "1", "--method", method, *TINY]) == 0
+    m = __import__("deferredseg.train.loop", fromlist=["evaluate"]).evaluate(
+        out / "best.pt", budget=0.1, figures=False, with_hd95=False)
+    assert m["method"] == method
+    if method == "model-only":
+        assert m["deferral_rate"] == 0.0 and m["system_dice"] == m["model_dice"]
+    else:
+        assert 0.0 < m["deferral_rate"] < 0.5
+
+
+# ----------------------------------------------------------------------------- DDP
+
+
+def _ddp_worker(rank, init_file, out_dir):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from deferredseg.losses import DeferredSegLoss
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = _tiny_model()
+        ddp = DDP(model)
+        x, t, m = _global_batch()
+        sl = slice(2 * rank, 2 * rank + 2)
+        crit = DeferredSegLoss(1, 3, backend="reference", sync_balance=True)
+        loss = crit(ddp(x[sl]), t[sl], m[sl])
+        loss.backward()
+        torch.save({"loss": loss.detach(), "balance": crit.last_terms["balance"],
+                    "grads": {n: p.grad for n, p in model.named_parameters()}},
+                   os.path.join(out_dir, f"ddp{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _tiny_model():
+    from deferredseg.models import DeferredSegmentor
+
+    return DeferredSegmentor.from_monai("UNet", num_classes=1, num_experts=3, features=4,
+                                        net_kwargs={"channels": (4, 8), "strides": (2,)})
+
+
+def _global_batch():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 1, 16, 16, generator=g)
+    t = (torch.rand(4, 16, 16, generator=g) > 0.6).long()
+    m = torch.where(torch.rand(4, 3, 16, 16, generator=g) < 0.1, 1 - t[:, None], t[:, None])
+    return x, t, m
+
+
+def test_two_cpu_ranks_equal_one_process_on_the_global_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    from deferredseg.losses import DeferredSegLoss
+
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    model = _tiny_model()
+    x, t, m = _global_batch()
+    crit = DeferredSegLoss(1, 3, backend="reference")
+    loss = crit(model(x), t, m)
+    loss.backward()
+    r0 = torch.load(tmp_path / "ddp0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "ddp1.pt", weights_only=True)
+    # the balance term is the global one on every rank; the loss averaged over ranks is the global loss
+    torch.testing.assert_close(r0["balance"], crit.last_terms["balance"])
+    torch.testing.assert_close(r1["balance"], crit.last_terms["balance"])
+    torch.testing.assert_close((r0["loss"] + r1["loss"]) / 2, loss.detach())
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(r0["grads"][n], p.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(r1["grads"][n], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_torchrun_two_ranks_train_end_to_end(tmp_path):
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+         "-m", "deferredseg", "train", "--out", str(out), "--epochs", "1", "--device", "cpu", *TINY],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (out / "best.pt").is_file() and (out / "last.pt").is_file()
+    lines = (out / "log.jsonl").read_text().splitlines()
+    steps = [json.loads(l) for l in lines if json.loads(l)["event"] == "step"]
+    # 8 training images over 2 ranks with batch 4: one step per epoch, logged once (rank 0)
+    assert len(steps) == 1
