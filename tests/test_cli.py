@@ -67,6 +67,16 @@ def test_config_file_yaml_and_json_with_command_line_winning(tmp_path):
     assert (cfg.epochs, cfg.lr) == (5, 0.01)
 
 
+def run_main(args, capsys):
+    """main() in this process: (exit code, stdout, stderr)."""
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:  # argparse: --help exits 0, bad arguments exit 2
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 @pytest.mark.parametrize("args,words", [
     (["train", "--layout", "nifti"], "invalid choice"),
     (["train", "--epochs", "zero"], "invalid int value"),
@@ -77,24 +87,35 @@ def test_config_file_yaml_and_json_with_command_line_winning(tmp_path):
     (["evaluate", "--out", "x"], "--checkpoint"),
     (["fly"], "invalid choice"),
 ])
-def test_bad_arguments_exit_2_with_a_message(args, words):
-    proc = run_cli(*args, expect=2)
-    assert words in proc.stderr, proc.stderr
+def test_bad_arguments_exit_2_with_a_message(args, words, capsys):
+    code, _, err = run_main(args, capsys)
+    assert code == 2 and words in err, err
 
 
-def test_bad_config_key_and_missing_checkpoint(tmp_path):
+def test_bad_config_key_and_missing_checkpoint(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text("epochz: 3\n")
-    proc = run_cli("train", "--config", tmp_path / "c.yaml", expect=2)
-    assert "unknown option(s) ['epochz']" in proc.stderr
-    proc = run_cli("evaluate", "--checkpoint", tmp_path / "nope.pt", "--out", tmp_path, expect=2)
-    assert "nope.pt" in proc.stderr
+    code, _, err = run_main(["train", "--config", tmp_path / "c.yaml"], capsys)
+    assert code == 2 and "unknown option(s) ['epochz']" in err
+    code, _, err = run_main(["evaluate", "--checkpoint", tmp_path / "nope.pt", "--out", tmp_path],
+                            capsys)
+    assert code == 2 and "nope.pt" in err
 
 
-def test_help_is_there_for_every_command():
+def test_help_is_there_for_every_command(capsys):
     for cmd in ([], ["train"], ["evaluate"], ["demo"]):
-        proc = run_cli(*cmd, "--help")
-        assert "usage: deferredseg" in proc.stdout
-    assert "--expert-profile" in run_cli("train", "--help").stdout
+        code, out, _ = run_main(cmd + ["--help"], capsys)
+        assert code == 0 and "usage: deferredseg" in out
+    assert "--expert-profile" in run_main(["train", "--help"], capsys)[1]
+
+
+def test_module_entry_point_and_console_script():
+    proc = run_cli("--help")
+    assert "usage: deferredseg" in proc.stdout
+    assert run_cli("train", "--epochs", "0", expect=2).stderr.count("epochs must be >= 1") == 1
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["deferredseg"] == "deferredseg.cli:main"
 
 
 def test_demo_quick_prints_the_table(tmp_path):
