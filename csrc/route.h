@@ -9,6 +9,8 @@
 #include <tuple>
 #include <vector>
 
+#include "route_pixel.h"
+
 namespace deferredseg {
 
 // The tensors a route kernel reads and writes, with the spatial dims flattened.
@@ -19,6 +21,21 @@ struct RouteProblem {
   at::Tensor labels;  // undefined when no expert labels were given
   int64_t B = 0, P = 0, K = 0, E = 0;
   at::Tensor assignment, defer_prob, model_pred, final_pred;
+
+  RouteStrides strides() const {
+    RouteStrides st{x.stride(0), x.stride(1), x.stride(2), 0, 0, 0};
+    if (labels.defined()) {
+      st.lb = labels.stride(0);
+      st.le = labels.stride(1);
+      st.lp = labels.stride(2);
+    }
+    return st;
+  }
+  // The expert labels' data, or nullptr when none were given.
+  template <typename label_t>
+  const label_t* labels_ptr() const {
+    return labels.defined() ? labels.data_ptr<label_t>() : nullptr;
+  }
 };
 
 inline bool is_label_dtype(at::ScalarType t) {

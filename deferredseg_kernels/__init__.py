@@ -49,6 +49,23 @@ if _EXT is not None:
 
     register("cpu", "route", _cpp.route)
     register("cuda", "route", _cpp.route)
+    register("cpu", "loss", _cpp.loss)
+    register("cuda", "loss", _cpp.loss)
+
+
+def _register_triton() -> None:
+    """Register the Triton backend when triton is importable (it is optional)."""
+    from .ops import triton_support
+
+    if triton_support.why_unavailable() is not None:
+        return
+    from .ops import triton_loss, triton_route
+
+    register("triton", "loss", triton_loss.loss)
+    register("triton", "route", triton_route.route)
+
+
+_register_triton()
 
 
 def deferredseg_loss(logits: torch.Tensor, target: torch.Tensor, expert_labels: torch.Tensor,

@@ -19,14 +19,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "route_cpu", [&] {
     using acc_t = typename AccType<scalar_t>::type;
     DS_DISPATCH_LABEL_TYPES(label_type, "deferredseg::route", [&] {
-      RouteStrides st{pb.x.stride(0), pb.x.stride(1), pb.x.stride(2), 0, 0, 0};
-      const label_t* labels = nullptr;
-      if (pb.labels.defined()) {
-        st.lb = pb.labels.stride(0);
-        st.le = pb.labels.stride(1);
-        st.lp = pb.labels.stride(2);
-        labels = pb.labels.data_ptr<label_t>();
-      }
+      const RouteStrides st = pb.strides();
+      const label_t* labels = pb.labels_ptr<label_t>();
       const scalar_t* x = pb.x.data_ptr<scalar_t>();
       int8_t* assignment = pb.assignment.data_ptr<int8_t>();
       acc_t* defer_prob = pb.defer_prob.data_ptr<acc_t>();

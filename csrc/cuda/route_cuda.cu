@@ -44,14 +44,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "route_cuda", [&] {
     using acc_t = typename AccType<scalar_t>::type;
     DS_DISPATCH_LABEL_TYPES(label_type, "deferredseg::route", [&] {
-      RouteStrides st{pb.x.stride(0), pb.x.stride(1), pb.x.stride(2), 0, 0, 0};
-      const label_t* labels = nullptr;
-      if (pb.labels.defined()) {
-        st.lb = pb.labels.stride(0);
-        st.le = pb.labels.stride(1);
-        st.lp = pb.labels.stride(2);
-        labels = pb.labels.data_ptr<label_t>();
-      }
+      const RouteStrides st = pb.strides();
+      const label_t* labels = pb.labels_ptr<label_t>();
       route_kernel<scalar_t, acc_t, label_t><<<blocks, kRouteThreads, 0, stream>>>(
           pb.x.data_ptr<scalar_t>(), labels, st, pb.B, pb.P, pb.K, pb.E, static_cast<acc_t>(threshold_logit),
           router_mode, pb.assignment.data_ptr<int8_t>(), pb.defer_prob.data_ptr<acc_t>(),

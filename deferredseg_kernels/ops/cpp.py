@@ -11,24 +11,35 @@ from typing import Optional
 
 import torch
 
+from .._checks import LossOptions
 from .._ext import EXT
-from ..reference import RouteResult, compute_dtype
+from ..reference import RouteResult
+from . import fused
 
 if EXT is not None:
+    # The fused loss ops (contract: ops/fused.py): fake kernels for torch.compile,
+    # and autograd (the gradient is made in the forward pass; backward rescales it).
+    torch.library.register_fake("deferredseg::loss_stats")(fused.fake_stats)
+    torch.library.register_fake("deferredseg::loss_fused")(fused.fake_loss)
+    fused.register_loss_autograd("deferredseg::loss_fused")
 
-    @torch.library.register_fake("deferredseg::route")
-    def _route_fake(logits, num_classes, num_experts, threshold_logit, router_mode, expert_labels):
-        shape = (logits.shape[0],) + tuple(logits.shape[2:])
-        return (
-            logits.new_empty(shape, dtype=torch.int8),
-            logits.new_empty(shape, dtype=compute_dtype(logits.dtype)),
-            logits.new_empty(shape, dtype=torch.int64),
-            logits.new_empty(shape if expert_labels is not None else (0,), dtype=torch.int64),
-        )
+    torch.library.register_fake("deferredseg::route")(fused.fake_route)
 
 
 def route(logits: torch.Tensor, num_classes: int, num_experts: int, threshold_logit: float,
           mode: str, expert_labels: Optional[torch.Tensor]) -> RouteResult:
-    assignment, defer_prob, model_pred, final = torch.ops.deferredseg.route(
-        logits.detach(), num_classes, num_experts, threshold_logit, mode == "router", expert_labels)
-    return RouteResult(assignment, defer_prob, model_pred, final if expert_labels is not None else None)
+    """SPEC section 4 through the C++ kernels (CPU or CUDA, by the device of ``logits``)."""
+    return fused.route_with(torch.ops.deferredseg.route, logits, num_classes, num_experts,
+                            threshold_logit, mode, expert_labels)
+
+
+def loss(logits: torch.Tensor, target: torch.Tensor, expert_labels: torch.Tensor, opts: LossOptions,
+         return_terms: bool):
+    """SPEC section 3 through the C++ kernels (CPU or CUDA, by the device of ``logits``).
+
+    Labels are range-checked eagerly on the CPU (the stats pass counts them for
+    free); on CUDA a bad target makes the loss NaN instead of a device sync.
+    """
+    return fused.fused_loss(torch.ops.deferredseg.loss_stats, torch.ops.deferredseg.loss_fused,
+                            logits, target, expert_labels, opts, return_terms,
+                            check_labels_eagerly=(logits.device.type == "cpu"))

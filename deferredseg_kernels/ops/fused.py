@@ -16,12 +16,18 @@ A fused backend provides two ops with the same contract:
                        != ignore_index, plus (when check_expert_labels)
                        expert labels not in [0, K') and != ignore_index
 
+    The driver hands the loss op this vector with one more entry, ``E + 8`` values:
+    ``N_B`` at index E + 7, the denominator of pbar (pbar_k = S_k / N_B). Without
+    ``sync_balance`` N_B = N_V. Under ``sync_balance`` (a process group is
+    initialised) S_0 .. S_E and N_B are summed over every rank, while N_V and the
+    other entries stay this rank's (the seg, collab, gate and coherence terms are
+    means over this rank's pixels, as in the reference).
+
 ``loss(logits, target, expert_labels, class_weight, stats, balance_low, balance_high,
        K, E, ignore_index, fparams, iparams, compute_grad) -> (terms, grad)``
     One pass that computes every term and, when ``compute_grad``, the gradient of
-    the total loss with respect to the packed logits. ``stats`` is the vector above
-    with its balance part (indices 0 .. E + 1) already all-reduced when
-    ``sync_balance`` is on. ``terms`` is ``[loss, seg, collab, gate, coherence,
+    the total loss with respect to the packed logits. ``stats`` is the E + 8 vector
+    above. ``terms`` is ``[loss, seg, collab, gate, coherence,
     balance]`` (float64 for float64 logits, float32 otherwise); ``grad`` has the
     logits' shape and dtype (shape (0,) when ``compute_grad`` is false).
     ``fparams`` = FPARAMS order, ``iparams`` = IPARAMS order below.
@@ -38,7 +44,7 @@ from typing import Callable, List, Optional
 import torch
 
 from .._checks import LossOptions
-from ..reference import compute_dtype
+from ..reference import RouteResult, compute_dtype
 
 FPARAMS = ("lambda_seg", "lambda_collab", "lambda_gate", "lambda_coherence", "lambda_balance",
            "paper_eps", "gate_mse", "gate_sparsity", "balance_grad_scale")
@@ -70,10 +76,13 @@ def float_params(opts: LossOptions, balance_grad_scale: float) -> List[float]:
 
 
 def grad_buffer(logits: torch.Tensor) -> torch.Tensor:
-    """The gradient buffer for ``logits``: its own memory, in the logits' memory format."""
-    if logits.is_non_overlapping_and_dense():
-        return torch.empty_like(logits)
-    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    """The gradient buffer for ``logits``: its own memory, in the logits' memory format.
+
+    ``empty_like`` with ``preserve_format`` keeps the strides of a non-overlapping and
+    dense tensor (contiguous, channels-last, any permutation) and gives a dense layout
+    otherwise (``at::empty_like`` in C++ does the same).
+    """
+    return torch.empty_like(logits, memory_format=torch.preserve_format)
 
 
 def fake_stats(logits, target, expert_labels, class_weight, num_classes, num_experts,
@@ -88,6 +97,31 @@ def fake_loss(logits, target, expert_labels, class_weight, stats, balance_low, b
     return terms, grad
 
 
+def _traced(t: torch.Tensor) -> bool:
+    """True while torch.compile / AOT autograd / FX trace (values are not known then)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    compiling = bool(getattr(torch.compiler, "is_compiling", lambda: False)())
+    return compiling or type(t) is not torch.Tensor or _get_current_dispatch_mode() is not None
+
+
+def rescale(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``grad * scale``, rounded once to the gradient's dtype.
+
+    Eager: an incoming gradient of exactly 1 (the loss is the last node, the usual
+    case) returns the forward pass's gradient itself, with no pass over memory; any
+    other value multiplies by it as a Python float, which PyTorch applies in
+    float32 even to bf16 / fp16 tensors (one read, one write; reading the value is a
+    device sync, as in Liger-Kernel's losses). Traced: the float32 expression,
+    which the compiler fuses into one kernel.
+    """
+    if not _traced(scale):
+        s = float(scale)
+        return grad if s == 1.0 else grad * s
+    acc = compute_dtype(grad.dtype)
+    return (grad.to(acc) * scale.to(acc)).to(grad.dtype)
+
+
 def register_loss_autograd(op_name: str) -> None:
     """Autograd for a fused loss op: backward rescales the gradient made in forward."""
 
@@ -98,26 +132,30 @@ def register_loss_autograd(op_name: str) -> None:
     def backward(ctx, grad_terms, grad_grad):
         (grad,) = ctx.saved_tensors
         g = None
-        if ctx.needs_input_grad[0]:
-            # Only terms[0] (the total loss) is differentiable; the other terms are
-            # handed out detached by the driver.
-            g = (grad * grad_terms[0].to(grad.dtype)) if grad.numel() else None
+        # Only terms[0] (the total loss) is differentiable; the other terms are handed
+        # out detached by the driver. A gradient made in forward has the logits' >= 3
+        # dims (possibly 0 elements); the shape-(0,) placeholder means no gradient.
+        if ctx.needs_input_grad[0] and grad.dim() > 1:
+            g = rescale(grad, grad_terms[0])
         return (g,) + (None,) * 12
 
     torch.library.register_autograd(op_name, backward, setup_context=setup_context)
 
 
-def _sync_balance(stats: torch.Tensor, num_experts: int):
-    """All-reduce the balance part of the stats; returns (stats, gradient scale)."""
+def _balance_stats(stats: torch.Tensor, num_experts: int, sync: bool):
+    """The loss op's E + 8 stats (see the module docstring) and the balance gradient scale."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
-        return stats, 1.0
-    head = stats[: num_experts + 2].clone()
+    E = num_experts
+    if not (sync and dist.is_available() and dist.is_initialized()):
+        return torch.cat([stats, stats[E + 1:E + 2]]), 1.0
+    head = stats[: E + 2].clone()
     dist.all_reduce(head)
+    # Global S_0..S_E, this rank's N_V .. bad, then the global count N_B.
+    synced = torch.cat([head[: E + 1], stats[E + 1:], head[E + 1:]])
     # DistributedDataParallel averages gradients over ranks; scaling the balance
     # gradient by the world size makes that average the single-process gradient.
-    return torch.cat([head, stats[num_experts + 2:]]), float(dist.get_world_size())
+    return synced, float(dist.get_world_size())
 
 
 def _as_param_tensor(values, logits: torch.Tensor) -> Optional[torch.Tensor]:
@@ -134,17 +172,18 @@ def fused_loss(stats_op: Callable, loss_op: Callable, logits: torch.Tensor,
     class_weight = _as_param_tensor(opts.class_weight, logits)
     compiling = bool(getattr(torch.compiler, "is_compiling", lambda: False)())
     check_now = check_labels_eagerly and not compiling
-    stats = stats_op(logits, target, expert_labels, class_weight, K, E, opts.ignore_index,
-                     check_now)
+    # The stats carry no gradient of their own: the loss op's gradient already holds the
+    # balance term's path through them, so the stats op sees detached logits (an op
+    # without an autograd formula must not sit on the backward graph).
+    stats = stats_op(logits.detach(), target, expert_labels, class_weight, K, E,
+                     opts.ignore_index, check_now)
     if check_now and stats[E + 6].item() > 0:
         from .._checks import check_label_range
 
         check_label_range(target, expert_labels, opts.num_labels, opts.ignore_index)
         raise ValueError("target must hold labels in "
                          f"[0, {opts.num_labels}) or ignore_index={opts.ignore_index}")
-    scale = 1.0
-    if opts.sync_balance:
-        stats, scale = _sync_balance(stats, E)
+    stats, scale = _balance_stats(stats, E, opts.sync_balance)
     compute_grad = logits.requires_grad and torch.is_grad_enabled()
     terms, _ = loss_op(logits, target, expert_labels, class_weight, stats,
                        _as_param_tensor(opts.balance_low, logits),
@@ -157,9 +196,35 @@ def fused_loss(stats_op: Callable, loss_op: Callable, logits: torch.Tensor,
     loss = torch.where(stats[E + 6] > 0, torch.full_like(loss, float("nan")), loss)
     if not return_terms:
         return loss
-    count = stats[E + 1]
-    pbar = (stats[: E + 1] / count.clamp_min(1)).to(terms.dtype)
+    pbar = (stats[: E + 1] / stats[E + 7].clamp_min(1)).to(terms.dtype)
     out = {name: terms[i + 1].detach() for i, name in
            enumerate(("seg", "collab", "gate", "coherence", "balance"))}
     out["pbar"] = pbar.detach()
     return loss, out
+
+
+# ----------------------------------------------------------------------------- route
+# The compiled route ops (C++ ``deferredseg::route``, Triton ``deferredseg_triton::route``)
+# share one schema: (logits, K, E, threshold_logit, router_mode, expert_labels) ->
+# (assignment int8, defer_prob, model_pred int64, final int64 or shape (0,)).
+
+
+def fake_route(logits, num_classes, num_experts, threshold_logit, router_mode, expert_labels):
+    shape = (logits.shape[0],) + tuple(logits.shape[2:])
+    return (
+        logits.new_empty(shape, dtype=torch.int8),
+        logits.new_empty(shape, dtype=compute_dtype(logits.dtype)),
+        logits.new_empty(shape, dtype=torch.int64),
+        logits.new_empty(shape if expert_labels is not None else (0,), dtype=torch.int64),
+    )
+
+
+def route_with(op: Callable, logits: torch.Tensor, num_classes: int, num_experts: int,
+               threshold_logit: float, mode: str, expert_labels: Optional[torch.Tensor]
+               ) -> RouteResult:
+    """Run a compiled route op and wrap its outputs as a RouteResult."""
+    assignment, defer_prob, model_pred, final = op(
+        logits.detach(), num_classes, num_experts, float(threshold_logit), mode == "router",
+        expert_labels)
+    return RouteResult(assignment, defer_prob, model_pred,
+                       final if expert_labels is not None else None)

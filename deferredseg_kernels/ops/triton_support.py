@@ -1,13 +1,43 @@
-"""Whether Triton can be used here (importable, and a version the kernels support)."""
+"""Whether Triton can be used here (importable, and a version the kernels support).
+
+The kernels need triton >= 3.2 (tested with 3.6 and 3.8) and a torch that has
+``torch.library.triton_op`` / ``wrap_triton`` (torch >= 2.6; tested with 2.11 and
+2.14). Nothing here imports triton at module import time.
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+import re
+from typing import Optional, Tuple
+
+MIN_TRITON = (3, 2)
+
+
+def _version_tuple(text: str) -> Tuple[int, ...]:
+    parts = []
+    for piece in text.split(".")[:3]:
+        m = re.match(r"\d+", piece)
+        if m is None:
+            break
+        parts.append(int(m.group()))
+    return tuple(parts)
 
 
 def why_unavailable() -> Optional[str]:
+    """None when the Triton backend can be imported here, else the reason it cannot."""
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
         return "triton is not installed (pip install triton, or use a CUDA build of torch)"
+    except Exception as exc:  # a broken install must not break `import deferredseg_kernels`
+        return f"triton failed to import ({type(exc).__name__}: {exc})"
+    version = getattr(triton, "__version__", "0")
+    if _version_tuple(version) < MIN_TRITON:
+        need = ".".join(map(str, MIN_TRITON))
+        return f"triton {version} is too old: the kernels need triton >= {need}"
+    import torch
+
+    if not hasattr(torch.library, "triton_op") or not hasattr(torch.library, "wrap_triton"):
+        return (f"torch {torch.__version__} lacks torch.library.triton_op/wrap_triton "
+                "(torch >= 2.6 is needed for the Triton backend)")
     return None

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# GPU check of deferredseg, all within 8 minutes on one GPU machine
+# (torch 2.11, triton 3.6, Python 3.12, 16 cores, no internet):
+#   1. build the extension in place (MAX_JOBS=16 python setup.py build_ext --inplace)
+#   2. the GPU tests (pytest -m gpu)
+#   3. the loss benchmark (triton, cuda, eager reference) and its markdown table
+#   4. the whole Triton test file on CUDA tensors, then torch.compile of the reference
+#      in the benchmark, each with the time that is left
+# Logs go to $OUT (when set) or benchmarks/results/gpu_check/. Each step has a
+# deadline; a step that fails is reported and the next one still runs.
+# Usage: bash benchmarks/gpu_check.sh            (PYTHON=... to pick the interpreter)
+
+set -u
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-$(command -v python || command -v python3)}"
+LOG="${OUT:-benchmarks/results/gpu_check}"
+mkdir -p "$LOG"
+START=$(date +%s)
+TOTAL=${GPU_CHECK_SECONDS:-470}   # a little under 8 minutes
+SUMMARY="$LOG/summary.md"
+: > "$SUMMARY"
+
+left() { echo $(( TOTAL - ($(date +%s) - START) )); }
+note() { echo "$*" | tee -a "$SUMMARY"; }
+
+# run NAME MAX_SECONDS CMD...: at most MAX_SECONDS (and never past the deadline)
+run() {
+  local name=$1 max=$2; shift 2
+  local budget; budget=$(left)
+  (( budget > max )) && budget=$max
+  if (( budget < 10 )); then note "- $name: skipped (out of time)"; return 0; fi
+  local t0; t0=$(date +%s)
+  timeout --kill-after=5 "$budget" "$@" > "$LOG/$name.log" 2>&1
+  local rc=$?
+  local dt=$(( $(date +%s) - t0 ))
+  if (( rc == 0 )); then note "- $name: ok (${dt}s)";
+  elif (( rc == 124 || rc == 137 )); then note "- $name: TIMED OUT after ${dt}s (see $LOG/$name.log)";
+  else note "- $name: FAILED rc=$rc (${dt}s, see $LOG/$name.log)"; fi
+  return $rc
+}
+
+note "## deferredseg GPU check"
+"$PY" - <<'EOF' 2>&1 | tee -a "$SUMMARY"
+import torch
+try:
+    import triton; tv = triton.__version__
+except Exception as exc:  # noqa: BLE001
+    tv = f"unavailable ({exc})"
+name = torch.cuda.get_device_name() if torch.cuda.is_available() else "NO GPU"
+print(f"- {name}; torch {torch.__version__}; CUDA {torch.version.cuda}; triton {tv}")
+EOF
+
+run build 240 env MAX_JOBS=16 "$PY" setup.py build_ext --inplace
+tail -n 3 "$LOG/build.log" | sed 's/^/    /'
+
+run backends 30 "$PY" -c "import deferredseg_kernels as dk; print(dk.available_backends()); \
+from deferredseg_kernels import _dispatch as d; print({b: d.why_unavailable(b) for b in ('triton','cuda')})"
+sed 's/^/    /' "$LOG/backends.log" | tee -a "$SUMMARY"
+
+# Triton compiles one binary per kernel variant (about a second each): the GPU-marked
+# tests cover the variants that matter most; the whole Triton test file on CUDA tensors
+# runs after the main benchmark, with the time that is left.
+run tests_gpu 150 "$PY" -m pytest tests -m gpu -q -rs -p no:cacheprovider
+tail -n 1 "$LOG/tests_gpu.log" | sed 's/^/    /' | tee -a "$SUMMARY"
+grep -E "^(FAILED|ERROR)" "$LOG/tests_gpu.log" | head -20 | sed 's/^/    /' | tee -a "$SUMMARY"
+
+run bench 130 "$PY" benchmarks/bench_loss.py --providers triton cuda reference \
+  --rep 60 --warmup 15 --budget-s 100 --markdown "$LOG/bench.md"
+
+T_LEFT=$(( $(left) - 100 ))
+run tests_triton_cuda $(( T_LEFT > 20 ? T_LEFT : 20 )) "$PY" -m pytest tests/test_triton.py -q -rs \
+  -p no:cacheprovider
+tail -n 1 "$LOG/tests_triton_cuda.log" | sed 's/^/    /' | tee -a "$SUMMARY"
+grep -E "^(FAILED|ERROR)" "$LOG/tests_triton_cuda.log" | head -20 | sed 's/^/    /' | tee -a "$SUMMARY"
+
+# torch.compile of the reference: tens of seconds of compilation per shape and mode.
+BENCH_LEFT=$(( $(left) - 10 ))
+if (( BENCH_LEFT > 60 )); then
+  run bench_compiled "$BENCH_LEFT" "$PY" benchmarks/bench_loss.py --providers compiled \
+    --shapes 2d-16x512 2d-8x512-K4 --modes full nograd_forward --rep 60 --warmup 15 \
+    --budget-s $(( BENCH_LEFT - 50 )) --markdown "$LOG/bench_compiled.md"
+else
+  note "- bench_compiled: skipped (out of time)"
+fi
+
+{
+  echo
+  [ -f "$LOG/bench.md" ] && cat "$LOG/bench.md"
+  echo
+  [ -f "$LOG/bench_compiled.md" ] && cat "$LOG/bench_compiled.md"
+} | tee -a "$SUMMARY"
+note ""
+note "total $(( $(date +%s) - START ))s; logs in $LOG"

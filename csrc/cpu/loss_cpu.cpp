@@ -1,0 +1,1318 @@
+// CPU kernels of `deferredseg::loss_stats` and `deferredseg::loss_fused` (SPEC section 3;
+// the contract of both ops is documented in deferredseg_kernels/ops/fused.py).
+//
+// Work unit: a tile of kTile consecutive pixels of one batch element. A tile is
+// loaded into structure-of-arrays buffers (one row of kTile values a channel,
+// converted to the accumulation type) and every step is a loop over the pixels
+// of a row, so the loops vectorise; the per-pixel formulas are those of
+// loss_pixel.h, shared with the CUDA kernels.
+//
+// Each op is one parallel pass over the tiles. loss_fused needs, for the
+// coherence term, the maps D and s and the valid mask at the neighbours of each
+// pixel; every thread computes them tile by tile into its own window buffer,
+// just ahead of the tile being processed (the neighbours along the first axis
+// are prod(S[1:]) pixels away), so they are computed from data that is in cache
+// anyway and the window stays in cache until it is read. The routing softmax a
+// map tile computes is kept (RoutingRing) for the tile's own main pass.
+//
+// Determinism: tiles are fixed by the shape alone, and every value a tile
+// produces is a function of the tile (a map tile is always computed as a whole
+// tile, whichever thread computes it). Each tile writes its partial sums to its
+// own row; the rows are added in tile order in double. Results do not depend on
+// the number of threads or on their timing.
+//
+// Instruction sets: on x86-64 the kernels are compiled three times (baseline,
+// x86-64-v3 = AVX2 + FMA, x86-64-v4 = AVX-512) and the best one the CPU supports
+// runs; the environment variable DEFERREDSEG_CPU_ISA=base|v3|v4 caps the choice
+// (read once; used by the tests to check every variant).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "../common.h"
+#include "../dispatch.h"  // AccType
+
+// The kernel code is built with -fno-trapping-math (GCC): it never reads the
+// floating-point exception flags, and without it GCC does not if-convert a select
+// whose operand it has sunk into a branch, so the loops over pixels would stay
+// scalar. The option changes no value (it is not -ffast-math).
+#if defined(__GNUC__) && !defined(__clang__)
+#define DS_FP_REGION_BEGIN _Pragma("GCC push_options") _Pragma("GCC optimize(\"no-trapping-math\")")
+#define DS_FP_REGION_END _Pragma("GCC pop_options")
+#else
+#define DS_FP_REGION_BEGIN
+#define DS_FP_REGION_END
+#endif
+
+DS_FP_REGION_BEGIN
+#include "../loss_pixel.h"
+DS_FP_REGION_END
+#include "../loss.h"
+
+#define DS_PRAGMA(x) _Pragma(#x)
+#if defined(_OPENMP)
+#define DS_SIMD DS_PRAGMA(omp simd)
+#define DS_SIMD_SUM(...) DS_PRAGMA(omp simd reduction(+ : __VA_ARGS__))
+#else
+#define DS_SIMD DS_PRAGMA(GCC ivdep)
+#define DS_SIMD_SUM(...)
+#endif
+
+#if defined(__GNUC__)
+#define DS_INLINE inline __attribute__((always_inline))
+#else
+#define DS_INLINE inline
+#endif
+
+// Per-ISA variants (x86-64 Linux with GCC >= 12; elsewhere only the baseline).
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#define DS_X86_VARIANTS 1
+#define DS_TARGET_V3 __attribute__((target("arch=x86-64-v3")))
+#define DS_TARGET_V4 __attribute__((target("arch=x86-64-v4")))
+#else
+#define DS_X86_VARIANTS 0
+#endif
+
+namespace deferredseg {
+namespace cpu_loss {
+
+using namespace loss;
+
+constexpr int64_t kTile = 256;       // pixels a tile
+constexpr int64_t kGrainTiles = 16;  // a thread takes at least this many tiles
+
+enum Isa { kIsaBase = 0, kIsaV3 = 1, kIsaV4 = 2 };
+
+// The instruction set the kernels use: the best the CPU has, capped by DEFERREDSEG_CPU_ISA.
+inline int cpu_isa() {
+  static const int isa = [] {
+    int best = kIsaBase;
+#if DS_X86_VARIANTS
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("x86-64-v4")) {
+      best = kIsaV4;
+    } else if (__builtin_cpu_supports("x86-64-v3")) {
+      best = kIsaV3;
+    }
+#endif
+    const char* env = std::getenv("DEFERREDSEG_CPU_ISA");
+    if (env != nullptr) {
+      const std::string v(env);
+      const int cap = v == "base" ? kIsaBase : v == "v3" ? kIsaV3 : kIsaV4;
+      best = std::min(best, cap);
+    }
+    return best;
+  }();
+  return isa;
+}
+
+// Spatial layout: sizes, flattened strides and the tiling of the pixels.
+struct Geometry {
+  int nd = 1;
+  int64_t S[kMaxSpatial] = {1, 1, 1};
+  int64_t st[kMaxSpatial] = {1, 1, 1};
+  int64_t B = 0, P = 0, tiles_per_batch = 0, tiles = 0;
+  int64_t pad = 1;    // margin of the per-pixel window buffers: the largest stride
+  int64_t ahead = 1;  // tiles a neighbour can be away: ceil(pad / kTile)
+
+  explicit Geometry(const LossProblem& pb) : nd(pb.nd), B(pb.B), P(pb.P) {
+    for (int d = 0; d < nd; ++d) {
+      S[d] = pb.S[d];
+      st[d] = pb.st[d];
+      pad = std::max(pad, st[d]);
+    }
+    tiles_per_batch = (P + kTile - 1) / kTile;
+    tiles = B * tiles_per_batch;
+    ahead = (pad + kTile - 1) / kTile;
+  }
+  int64_t batch(int64_t t) const { return t / tiles_per_batch; }
+  int64_t index(int64_t t) const { return t % tiles_per_batch; }
+  int64_t first(int64_t t) const { return index(t) * kTile; }
+  int64_t count(int64_t t) const { return std::min(kTile, P - first(t)); }
+};
+
+// Bits of the pixels p0 .. p0 + n - 1 of one batch element: bit 2d is set when the
+// pixel has a neighbour at p - st[d] (its coordinate along axis d is > 0), bit
+// 2d + 1 when it has one at p + st[d]. Walks the coordinates row by row.
+inline void neighbour_bits(const Geometry& g, int64_t p0, int64_t n, uint8_t* bits) {
+  const int L = g.nd - 1;
+  int64_t c[kMaxSpatial] = {0, 0, 0};
+  int64_t rem = p0;
+  for (int d = 0; d < g.nd; ++d) {
+    c[d] = rem / g.st[d];
+    rem -= c[d] * g.st[d];
+  }
+  const int64_t SL = g.S[L];
+  const uint8_t prev_bit = static_cast<uint8_t>(1u << (2 * L)), next_bit = static_cast<uint8_t>(1u << (2 * L + 1));
+  int64_t i = 0;
+  while (i < n) {
+    const int64_t run = std::min(n - i, SL - c[L]);
+    uint8_t row = 0;
+    for (int d = 0; d < L; ++d) {
+      if (c[d] > 0) row |= static_cast<uint8_t>(1u << (2 * d));
+      if (c[d] < g.S[d] - 1) row |= static_cast<uint8_t>(1u << (2 * d + 1));
+    }
+    const int64_t cl = c[L];
+    for (int64_t j = 0; j < run; ++j) {
+      bits[i + j] = static_cast<uint8_t>(row | (cl + j > 0 ? prev_bit : 0) | (cl + j < SL - 1 ? next_bit : 0));
+    }
+    i += run;
+    c[L] += run;
+    if (c[L] == SL) {
+      c[L] = 0;
+      for (int d = L - 1; d >= 0; --d) {
+        if (++c[d] < g.S[d]) break;
+        c[d] = 0;
+      }
+    }
+  }
+}
+
+DS_FP_REGION_BEGIN
+
+// ---------------------------------------------------------------------------
+// A tile's buffers and options. Arrays are kTile long; X, ck and pi hold one
+// kTile row a channel.
+// ---------------------------------------------------------------------------
+template <typename T>
+struct TileCtx {
+  // options (constant over the tiles of a call)
+  int64_t K = 1, E = 1;
+  int nd = 1;
+  int64_t st[kMaxSpatial] = {0, 0, 0};
+  bool paper = false, l2 = false, grad = false;
+  bool routing_ready = false;  // rb, ri, rs, rinv, D and pi already hold this tile's routing
+  int maps = 0;
+  T gate_mse = 0, gate_sparsity = 0, eps = 0;
+  T scale_seg = 0, scale_collab = 0, scale_gate = 0;
+  T scale_coh[kMaxSpatial] = {0, 0, 0};
+  const T* bal = nullptr;  // E + 1 balance coefficients lambda_balance * scale * dBAL/dS_k
+  const T* cw = nullptr;   // class weights (K' values) or null
+
+  // the tile
+  int64_t n = 0;
+  T* X = nullptr;   // logits in (stats: the E + 1 routing channels; maps: routing + gate), gradient out
+  T* ck = nullptr;  // c_k: expert j correct (rows 0..E-1), model correct c0 (row E)
+  T* pi = nullptr;  // routing probabilities
+  T *valid, *yf, *w, *zb, *zs, *zy, *rb, *rs, *rinv, *rlog, *D, *lseg, *lcol, *lgate, *dgate, *dsa, *acc, *bsum,
+      *common, *gD, *gS;
+  T* okp[kMaxSpatial];  // 1 where the pair (p - st[d], p) has both pixels valid
+  T* okn[kMaxSpatial];  // 1 where the pair (p, p + st[d]) has both pixels valid
+  int32_t *y, *zi, *ri;
+  const uint8_t* bits = nullptr;  // neighbour_bits of the tile
+
+  // per-pixel buffers at the tile's first pixel (padded: p - pad .. p + pad readable)
+  const uint8_t* vm = nullptr;  // valid mask
+  uint8_t* vm_out = nullptr;    // maps: the valid mask written
+  T* mapD = nullptr;
+  T* mapS = nullptr;
+
+  T* out = nullptr;  // the tile's partial sums (accumulation type)
+};
+
+// The buffers of one thread, bound to a TileCtx.
+template <typename T>
+struct Workspace {
+  static constexpr int kNamed = 21;
+  std::vector<T> f;
+  std::vector<int32_t> i32;
+  std::vector<int64_t> i64;
+  std::vector<uint8_t> u8;
+
+  Workspace(int64_t C, int64_t E) {
+    f.resize(static_cast<size_t>((C + 2 * (E + 1) + kNamed + 2 * kMaxSpatial) * kTile + 64));
+    i32.resize(3 * kTile);
+    i64.resize(kTile);
+    u8.resize(kTile);
+  }
+  void bind(TileCtx<T>& c, int64_t C, int64_t E) {
+    T* p = f.data();
+    auto take = [&](int64_t rows) {
+      T* r = p;
+      p += rows * kTile;
+      return r;
+    };
+    c.X = take(C);
+    c.ck = take(E + 1);
+    c.pi = take(E + 1);
+    T** named[kNamed] = {&c.valid, &c.yf, &c.w, &c.zb, &c.zs, &c.zy, &c.rb, &c.rs, &c.rinv, &c.rlog, &c.D,
+                         &c.lseg, &c.lcol, &c.lgate, &c.dgate, &c.dsa, &c.acc, &c.bsum, &c.common, &c.gD, &c.gS};
+    for (T** q : named) *q = take(1);
+    for (int d = 0; d < kMaxSpatial; ++d) {
+      c.okp[d] = take(1);
+      c.okn[d] = take(1);
+    }
+    c.y = i32.data();
+    c.zi = i32.data() + kTile;
+    c.ri = i32.data() + 2 * kTile;
+  }
+  int64_t* tv() { return i64.data(); }
+  uint8_t* bits() { return u8.data(); }
+};
+
+// ---------------------------------------------------------------------------
+// Compute steps on a loaded tile (vectorised loops over its pixels).
+// ---------------------------------------------------------------------------
+
+// Routing softmax of the E + 1 rows at R: argmax (ri), max (rb), sum of exps (rs),
+// its inverse and log, D = sum_{j<E} pi_j, and pi.
+template <typename T>
+DS_LOSS_FN void tile_routing(const TileCtx<T>& c, const T* R, bool want_log) {
+  const int64_t n = c.n, E = c.E;
+  T* __restrict__ rb = c.rb;
+  int32_t* __restrict__ ri = c.ri;
+  T* __restrict__ rs = c.rs;
+  T* __restrict__ D = c.D;
+  DS_SIMD
+  for (int64_t i = 0; i < n; ++i) {
+    rb[i] = R[i];
+    ri[i] = 0;
+    rs[i] = T(0);
+    D[i] = T(0);
+  }
+  for (int64_t k = 1; k <= E; ++k) {
+    const T* __restrict__ r = R + k * kTile;
+    const int32_t kk = static_cast<int32_t>(k);
+    DS_SIMD
+    for (int64_t i = 0; i < n; ++i) {
+      const T v = r[i], cur = rb[i];
+      const int32_t cur_i = ri[i];
+      const bool take = argmax_step(v, cur);
+      rb[i] = sel(take, v, cur);
+      ri[i] = sel(take, kk, cur_i);
+    }
+  }
+  for (int64_t k = 0; k <= E; ++k) {
+    const T* __restrict__ r = R + k * kTile;
+    T* __restrict__ p = c.pi + k * kTile;
+    if (k < E) {
+      DS_SIMD
+      for (int64_t i = 0; i < n; ++i) {
+        const T e = exp_nonpos(r[i] - rb[i]);
+        p[i] = e;
+        rs[i] += e;
+        D[i] += e;
+      }
+    } else {
+      DS_SIMD
+      for (int64_t i = 0; i < n; ++i) {
+        const T e = exp_nonpos(r[i] - rb[i]);
+        p[i] = e;
+        rs[i] += e;
+      }
+    }
+  }
+  T* __restrict__ rinv = c.rinv;
+  T* __restrict__ rlog = c.rlog;
+  DS_SIMD
+  for (int64_t i = 0; i < n; ++i) {
+    const T inv = T(1) / rs[i];
+    rinv[i] = inv;
+    D[i] *= inv;
+  }
+  if (want_log) {
+    DS_SIMD
+    for (int64_t i = 0; i < n; ++i) rlog[i] = log_pos(rs[i]);
+  }
+  for (int64_t k = 0; k <= E; ++k) {
+    T* __restrict__ p = c.pi + k * kTile;
+    DS_SIMD
+    for (int64_t i = 0; i < n; ++i) p[i] *= rinv[i];
+  }
+}
+
+// Stats of a tile: out[k] = sum_V pi_k (k = 0..E), out[E + 1] = N_V, out[E + 2] = W.
+// X holds the E + 1 routing rows; valid and y are loaded.
+template <typename T>
+DS_LOSS_FN void class_weights(const TileCtx<T>& c) {
+  const int64_t n = c.n;
+  T* __restrict__ w = c.w;
+  const int32_t* __restrict__ y = c.y;
+  if (c.cw != nullptr) {
+    const T* __restrict__ cw = c.cw;
+    DS_SIMD
+    for (int64_t i = 0; i < n; ++i) w[i] = cw[y[i]];
+  } else {
+    DS_SIMD
+    for (int64_t i = 0; i < n; ++i) w[i] = T(1);
+  }
+}
+
+template <typename T>
+DS_LOSS_FN void stats_tile_impl(const TileCtx<T>& c) {
+  class_weights(c);
+  tile_routing(c, c.X, false);
+  const int64_t n = c.n;
+  const T* __restrict__ valid = c.valid;
+  for (int64_t k = 0; k <= c.E; ++k) {
+    const T* __restrict__ p = c.pi + k * kTile;
+    T s = T(0);
+    DS_SIMD_SUM(s)
+    for (int64_t i = 0; i < n; ++i) {
+      const T pv = p[i];
+      s += sel(valid[i] != T(0), pv, T(0));
+    }
+    c.out[k] = s;
+  }
+  T nv = T(0), wsum = T(0);
+  const T* __restrict__ w = c.w;
+  DS_SIMD_SUM(nv, wsum)
+  for (int64_t i = 0; i < n; ++i) {
+    const T wv = w[i];
+    nv += valid[i];
+    wsum += sel(valid[i] != T(0), wv, T(0));
+  }
+  c.out[c.E + 1] = nv;
+  c.out[c.E + 2] = wsum;
+}
+
+// Maps of a tile: the valid mask, D (router) and s = sigmoid(a) (gate), written at
+// vm_out, mapD, mapS. X holds the E + 1 routing rows then the gate row.
+template <typename T>
+DS_LOSS_FN void maps_tile_impl(const TileCtx<T>& c) {
+  const int64_t n = c.n;
+  {
+    const T* __restrict__ valid = c.valid;
+    uint8_t* __restrict__ vm = c.vm_out;
+    DS_SIMD
+    for (int64_t i = 0; i < n; ++i) vm[i] = sel<uint8_t>(valid[i] != T(0), 1, 0);
+  }
+  tile_routing(c, c.X, false);  // kept for the tile's main pass (see fused_worker_impl)
+  if (c.maps & kMapRouter) {
+    T* __restrict__ out = c.mapD;
+    const T* __restrict__ D = c.D;
+    DS_SIMD
+    for (int64_t i = 0; i < n; ++i) out[i] = D[i];
+  }
+  if (c.maps & kMapGate) {
+    const T* __restrict__ a = c.X + (c.E + 1) * kTile;
+    T* __restrict__ out = c.mapS;
+    DS_SIMD
+    for (int64_t i = 0; i < n; ++i) out[i] = sigmoid(a[i]);
+  }
+}
+
+// Coherence of one map M (at the tile's first pixel) along every axis: adds to g
+// the derivative of the weighted penalty with respect to M_p (gathered from both
+// pairs of each axis), and the penalty of the forward pairs to out[3 * m + d].
+template <bool L2, typename T>
+DS_LOSS_FN void tile_coherence(const TileCtx<T>& c, const T* M, T* __restrict__ g, T* out) {
+  const int64_t n = c.n;
+  for (int d = 0; d < c.nd; ++d) {
+    const int64_t s = c.st[d];
+    const T f = c.scale_coh[d];
+    const T* __restrict__ okp = c.okp[d];
+    const T* __restrict__ okn = c.okn[d];
+    const T* __restrict__ mprev = M - s;
+    const T* __restrict__ mnext = M + s;
+    T val = T(0);
+    DS_SIMD_SUM(val)
+    for (int64_t i = 0; i < n; ++i) {
+      const T m = M[i];
+      const T dp = m - mprev[i], dn = m - mnext[i];
+      const T gp = sel(okp[i] != T(0), coh_drho<L2>(dp), T(0));
+      const T gn = sel(okn[i] != T(0), coh_drho<L2>(dn), T(0));
+      g[i] += f * (gp + gn);
+      val += sel(okn[i] != T(0), coh_rho<L2>(dn), T(0));
+    }
+    out[d] = val;
+  }
+}
+
+// Every term of a tile and, when c.grad, the gradient (written over X).
+// Loaded: X (all C rows), valid, yf, y, ck rows 0..E-1; for coherence bits, vm and maps.
+// out: kNumSums partial sums.
+template <typename T>
+DS_LOSS_FN void loss_tile_impl(const TileCtx<T>& c) {
+  class_weights(c);
+  const int64_t n = c.n, K = c.K, E = c.E;
+  const T* __restrict__ valid = c.valid;
+  const T* __restrict__ yf = c.yf;
+  const int32_t* __restrict__ y = c.y;
+  const T* __restrict__ w = c.w;
+  T* __restrict__ lseg = c.lseg;
+  T* __restrict__ c0 = c.ck + E * kTile;
+
+  // ---- segmentation: value, c0, gradient (written over the z rows) ----
+  const T seg_scale = c.scale_seg;
+  if (K == 1) {
+    T* __restrict__ z = c.X;
+    DS_SIMD
+    for (int64_t i = 0; i < n; ++i) {
+      T l, dl, s, ds;
+      const T zi = z[i];
+      bce_with_logits(zi, yf[i], l, dl, s, ds);
+      const bool ok = valid[i] != T(0);
+      const T wv = w[i];
+      const T wl = wv * l, g = seg_scale * wv * dl;
+      lseg[i] = sel(ok, wl, T(0));
+      const T yv = yf[i];  // 0 or 1
+      c0[i] = sel(zi > T(0), yv, T(1) - yv);  // (z > 0) == y
+      z[i] = sel(ok, g, T(0));
+    }
+  } else {
+    T* __restrict__ zb = c.zb;
+    T* __restrict__ zs = c.zs;
+    T* __restrict__ zy = c.zy;
+    int32_t* __restrict__ zi = c.zi;
+    DS_SIMD
+    for (int64_t i = 0; i < n; ++i) {
+      zb[i] = c.X[i];
+      zi[i] = 0;
+      zs[i] = T(0);
+      zy[i] = T(0);
+    }
+    for (int64_t k = 1; k < K; ++k) {
+      const T* __restrict__ z = c.X + k * kTile;
+      const int32_t kk = static_cast<int32_t>(k);
+      DS_SIMD
+      for (int64_t i = 0; i < n; ++i) {
+        const T v = z[i], cur = zb[i];
+        const int32_t cur_i = zi[i];
+        const bool take = argmax_step(v, cur);
+        zb[i] = sel(take, v, cur);
+        zi[i] = sel(take, kk, cur_i);
+      }
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      T* __restrict__ z = c.X + k * kTile;
+      const int32_t kk = static_cast<int32_t>(k);
+      DS_SIMD
+      for (int64_t i = 0; i < n; ++i) {
+        const T v = z[i], cur = zy[i];
+        const T e = exp_nonpos(v - zb[i]);
+        zy[i] = sel(y[i] == kk, v, cur);
+        z[i] = e;
+        zs[i] += e;
+      }
+    }
+    T* __restrict__ coef = c.acc;
+    DS_SIMD
+    for (int64_t i = 0; i < n; ++i) {
+      const bool ok = valid[i] != T(0);
+      const T l = log_pos(zs[i]) - (zy[i] - zb[i]);  // -log softmax(z)_y
+      const T wv = w[i];
+      const T wl = wv * l, cf = seg_scale * wv;
+      lseg[i] = sel(ok, wl, T(0));
+      c0[i] = sel(zi[i] == y[i], T(1), T(0));
+      coef[i] = sel(ok, cf, T(0));
+      zs[i] = T(1) / zs[i];
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      T* __restrict__ z = c.X + k * kTile;
+      const int32_t kk = static_cast<int32_t>(k);
+      DS_SIMD
+      for (int64_t i = 0; i < n; ++i) {
+        const T g = coef[i] * (z[i] * zs[i] - sel(y[i] == kk, T(1), T(0)));
+        z[i] = sel(valid[i] != T(0), g, T(0));
+      }
+    }
+  }
+
+  // ---- routing ----
+  T* const R = c.X + K * kTile;
+  if (!c.routing_ready) {
+    tile_routing(c, R, !c.paper);
+  } else if (!c.paper) {
+    const T* __restrict__ rs = c.rs;
+    T* __restrict__ rlog = c.rlog;
+    DS_SIMD
+    for (int64_t i = 0; i < n; ++i) rlog[i] = log_pos(rs[i]);
+  }
+  const T* __restrict__ rb = c.rb;
+  const T* __restrict__ rlog = c.rlog;
+  const T* __restrict__ D = c.D;
+
+  // collab value; acc = Ctot (softmax) or sum_k g_k pi_k (paper)
+  T* __restrict__ lcol = c.lcol;
+  T* __restrict__ acc = c.acc;
+  DS_SIMD
+  for (int64_t i = 0; i < n; ++i) {
+    lcol[i] = T(0);
+    acc[i] = T(0);
+  }
+  if (!c.paper) {
+    for (int64_t k = 0; k <= E; ++k) {
+      const T* __restrict__ r = R + k * kTile;
+      const T* __restrict__ ck = c.ck + k * kTile;
+      DS_SIMD
+      for (int64_t i = 0; i < n; ++i) {
+        const T logpi = (r[i] - rb[i]) - rlog[i];
+        lcol[i] -= ck[i] * logpi;
+        acc[i] += ck[i];
+      }
+    }
+  } else {
+    const T eps = c.eps;
+    for (int64_t k = 0; k <= E; ++k) {
+      const T* __restrict__ p = c.pi + k * kTile;
+      const T* __restrict__ ck = c.ck + k * kTile;
+      const T base = paper_base<T>(k < E), slope = paper_slope<T>(k < E);
+      DS_SIMD
+      for (int64_t i = 0; i < n; ++i) {
+        const T coef = base + slope * ck[i];
+        T g;
+        lcol[i] += paper_channel(coef, p[i], eps, g);
+        acc[i] += g * p[i];
+      }
+    }
+  }
+
+  // balance: bsum = sum_k bal_k pi_k
+  T* __restrict__ bsum = c.bsum;
+  DS_SIMD
+  for (int64_t i = 0; i < n; ++i) bsum[i] = T(0);
+  for (int64_t k = 0; k <= E; ++k) {
+    const T* __restrict__ p = c.pi + k * kTile;
+    const T bk = c.bal[k];
+    DS_SIMD
+    for (int64_t i = 0; i < n; ++i) bsum[i] += bk * p[i];
+  }
+
+  // gate
+  T* __restrict__ a = c.X + (K + E + 1) * kTile;
+  T* __restrict__ lgate = c.lgate;
+  T* __restrict__ dgate = c.dgate;
+  T* __restrict__ dsa = c.dsa;
+  const int32_t Ei = static_cast<int32_t>(E);
+  const int32_t* __restrict__ ri = c.ri;
+  const T gm = c.gate_mse, gsp = c.gate_sparsity;
+  DS_SIMD
+  for (int64_t i = 0; i < n; ++i) {
+    const T h = sel(ri[i] < Ei, T(1), T(0));
+    T l, dl, s, ds;
+    gate_pixel(a[i], h, D[i], gm, gsp, l, dl, s, ds);
+    lgate[i] = l;
+    dgate[i] = dl;
+    dsa[i] = ds;
+  }
+
+  // coherence
+  T* __restrict__ gD = c.gD;
+  T* __restrict__ gS = c.gS;
+  DS_SIMD
+  for (int64_t i = 0; i < n; ++i) {
+    gD[i] = T(0);
+    gS[i] = T(0);
+  }
+  for (int d = 0; d < kMaxSpatial; ++d) {
+    c.out[kSumCoh + d] = T(0);
+    c.out[kSumCoh + 3 + d] = T(0);
+  }
+  if (c.maps != 0) {
+    for (int d = 0; d < c.nd; ++d) {
+      const int64_t s = c.st[d];
+      const uint8_t pb = static_cast<uint8_t>(1u << (2 * d)), nb = static_cast<uint8_t>(1u << (2 * d + 1));
+      const uint8_t* __restrict__ bits = c.bits;
+      const uint8_t* __restrict__ vprev = c.vm - s;
+      const uint8_t* __restrict__ vnext = c.vm + s;
+      T* __restrict__ okp = c.okp[d];
+      T* __restrict__ okn = c.okn[d];
+      DS_SIMD
+      for (int64_t i = 0; i < n; ++i) {
+        const bool self = valid[i] != T(0);
+        const uint8_t bi = bits[i], vp = vprev[i], vn = vnext[i];
+        okp[i] = sel(self & ((bi & pb) != 0) & (vp != 0), T(1), T(0));
+        okn[i] = sel(self & ((bi & nb) != 0) & (vn != 0), T(1), T(0));
+      }
+    }
+    if (c.l2) {
+      if (c.maps & kMapRouter) tile_coherence<true>(c, c.mapD, gD, c.out + kSumCoh);
+      if (c.maps & kMapGate) tile_coherence<true>(c, c.mapS, gS, c.out + kSumCoh + 3);
+    } else {
+      if (c.maps & kMapRouter) tile_coherence<false>(c, c.mapD, gD, c.out + kSumCoh);
+      if (c.maps & kMapGate) tile_coherence<false>(c, c.mapS, gS, c.out + kSumCoh + 3);
+    }
+  }
+
+  // ---- gradient ----
+  if (c.grad) {
+    const T cc = c.scale_collab, cg = c.scale_gate;
+    DS_SIMD
+    for (int64_t i = 0; i < n; ++i) {
+      const T g = cg * dgate[i] + gS[i] * dsa[i];
+      a[i] = sel(valid[i] != T(0), g, T(0));
+    }
+    T* __restrict__ common = c.common;
+    if (c.paper) {
+      DS_SIMD
+      for (int64_t i = 0; i < n; ++i) common[i] = routing_common<true>(cc, acc[i], bsum[i], gD[i], D[i]);
+    } else {
+      DS_SIMD
+      for (int64_t i = 0; i < n; ++i) common[i] = routing_common<false>(cc, acc[i], bsum[i], gD[i], D[i]);
+    }
+    const T eps = c.eps;
+    for (int64_t m = 0; m <= E; ++m) {
+      T* __restrict__ r = R + m * kTile;
+      const T* __restrict__ p = c.pi + m * kTile;
+      const T* __restrict__ ck = c.ck + m * kTile;
+      const T bm = c.bal[m];
+      const T expert = m < E ? T(1) : T(0);
+      if (c.paper) {
+        const T base = paper_base<T>(m < E), slope = paper_slope<T>(m < E);
+        DS_SIMD
+        for (int64_t i = 0; i < n; ++i) {
+          const T cv = ck[i], pv = p[i];
+          const T g_m = (base + slope * cv) / (pv + eps);
+          const T g = routing_grad<true>(pv, common[i], bm, gD[i], expert, cc, cv, g_m);
+          r[i] = sel(valid[i] != T(0), g, T(0));
+        }
+      } else {
+        DS_SIMD
+        for (int64_t i = 0; i < n; ++i) {
+          const T g = routing_grad<false>(p[i], common[i], bm, gD[i], expert, cc, ck[i], T(0));
+          r[i] = sel(valid[i] != T(0), g, T(0));
+        }
+      }
+    }
+  }
+
+  // ---- sums ----
+  T sseg = T(0), scol = T(0), sgate = T(0);
+  DS_SIMD_SUM(sseg, scol, sgate)
+  for (int64_t i = 0; i < n; ++i) {
+    const bool ok = valid[i] != T(0);
+    const T lc = lcol[i], lg = lgate[i];
+    sseg += lseg[i];
+    scol += sel(ok, lc, T(0));
+    sgate += sel(ok, lg, T(0));
+  }
+  c.out[kSumSeg] = sseg;
+  c.out[kSumCollab] = scol;
+  c.out[kSumGate] = sgate;
+}
+
+
+// ---------------------------------------------------------------------------
+// Compute entry points: one per accumulation type and instruction set.
+// ---------------------------------------------------------------------------
+#define DS_NO_ATTR
+// float64 (used for gradcheck) is built for the baseline only.
+#define DS_COMPUTE_ENTRY(ATTR, NAME, IMPL) \
+  ATTR void NAME(const TileCtx<float>& c) { IMPL<float>(c); }
+DS_COMPUTE_ENTRY(DS_NO_ATTR, stats_tile_base, stats_tile_impl)
+DS_COMPUTE_ENTRY(DS_NO_ATTR, maps_tile_base, maps_tile_impl)
+DS_COMPUTE_ENTRY(DS_NO_ATTR, loss_tile_base, loss_tile_impl)
+void stats_tile_base(const TileCtx<double>& c) { stats_tile_impl<double>(c); }
+void maps_tile_base(const TileCtx<double>& c) { maps_tile_impl<double>(c); }
+void loss_tile_base(const TileCtx<double>& c) { loss_tile_impl<double>(c); }
+#if DS_X86_VARIANTS
+DS_COMPUTE_ENTRY(DS_TARGET_V3, stats_tile_v3, stats_tile_impl)
+DS_COMPUTE_ENTRY(DS_TARGET_V3, maps_tile_v3, maps_tile_impl)
+DS_COMPUTE_ENTRY(DS_TARGET_V3, loss_tile_v3, loss_tile_impl)
+DS_COMPUTE_ENTRY(DS_TARGET_V4, stats_tile_v4, stats_tile_impl)
+DS_COMPUTE_ENTRY(DS_TARGET_V4, maps_tile_v4, maps_tile_impl)
+DS_COMPUTE_ENTRY(DS_TARGET_V4, loss_tile_v4, loss_tile_impl)
+#endif
+
+#if DS_X86_VARIANTS
+#define DS_COMPUTE_DISPATCH(NAME)                                  \
+  if constexpr (std::is_same<T, float>::value) {                   \
+    if (ISA == kIsaV4) return NAME##_v4(c);                        \
+    if (ISA == kIsaV3) return NAME##_v3(c);                        \
+  }                                                                \
+  NAME##_base(c);
+#else
+#define DS_COMPUTE_DISPATCH(NAME) NAME##_base(c);
+#endif
+template <int ISA, typename T>
+DS_INLINE void stats_tile(const TileCtx<T>& c) {
+  DS_COMPUTE_DISPATCH(stats_tile)
+}
+template <int ISA, typename T>
+DS_INLINE void maps_tile(const TileCtx<T>& c) {
+  DS_COMPUTE_DISPATCH(maps_tile)
+}
+template <int ISA, typename T>
+DS_INLINE void loss_tile(const TileCtx<T>& c) {
+  DS_COMPUTE_DISPATCH(loss_tile)
+}
+
+// ---------------------------------------------------------------------------
+// Loads and stores, by dtype and strides (the unit-stride paths vectorise).
+// They are inlined into the per-ISA workers below.
+// ---------------------------------------------------------------------------
+
+// Rows c0 .. c0 + nc - 1 of the tile, x at (b, 0, p0).
+template <typename scalar_t, typename T>
+DS_INLINE void load_rows(const scalar_t* x, int64_t xc, int64_t xp, int64_t c0, int64_t nc, int64_t n, T* out) {
+  for (int64_t c = 0; c < nc; ++c) {
+    const scalar_t* __restrict__ src = x + (c0 + c) * xc;
+    T* __restrict__ dst = out + c * kTile;
+    if (xp == 1) {
+      DS_SIMD
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+    } else {
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i * xp]);
+    }
+  }
+}
+
+template <typename scalar_t, typename T>
+DS_INLINE void store_rows(scalar_t* g, int64_t gc, int64_t gp, int64_t nc, int64_t n, const T* in) {
+  for (int64_t c = 0; c < nc; ++c) {
+    scalar_t* __restrict__ dst = g + c * gc;
+    const T* __restrict__ src = in + c * kTile;
+    if (gp == 1) {
+      DS_SIMD
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+    } else {
+      for (int64_t i = 0; i < n; ++i) dst[i * gp] = static_cast<scalar_t>(src[i]);
+    }
+  }
+}
+
+// One target value: valid flag, the label (0 where not a valid in-range label, so
+// it can index), the raw value; returns 1 for a label out of range that is not
+// ignore_index.
+template <typename T>
+DS_INLINE int64_t target_at(int64_t v, int64_t ignore, int64_t nlab, int64_t i, T* valid, T* yf, int32_t* y,
+                            int64_t* tv) {
+  const bool ok = v != ignore;
+  const bool in_range = (v >= 0) & (v < nlab);
+  const int32_t lab = sel<int32_t>(ok & in_range, static_cast<int32_t>(v), 0);
+  valid[i] = sel(ok, T(1), T(0));
+  y[i] = lab;
+  yf[i] = static_cast<T>(lab);
+  tv[i] = v;
+  return sel<int64_t>(ok & !in_range, 1, 0);
+}
+
+// The target of a tile (t at (b, p0)); returns the number of bad labels.
+template <typename label_t, typename T>
+DS_INLINE int64_t load_target(const label_t* t, int64_t tp, int64_t n, int64_t ignore, int64_t nlab,
+                              T* __restrict__ valid, T* __restrict__ yf, int32_t* __restrict__ y,
+                              int64_t* __restrict__ tv) {
+  int64_t bad = 0;
+  if (tp == 1) {
+    DS_SIMD_SUM(bad)
+    for (int64_t i = 0; i < n; ++i) bad += target_at(static_cast<int64_t>(t[i]), ignore, nlab, i, valid, yf, y, tv);
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      bad += target_at(static_cast<int64_t>(t[i * tp]), ignore, nlab, i, valid, yf, y, tv);
+    }
+  }
+  return bad;
+}
+
+// Expert correctness c_j = [m_j == y and m_j != ignore_index] (l at (b, 0, p0)).
+template <typename label_t, typename T>
+DS_INLINE void load_experts(const label_t* l, int64_t le, int64_t lp, int64_t E, int64_t n, int64_t ignore,
+                            const int64_t* __restrict__ tv, T* ck) {
+  for (int64_t j = 0; j < E; ++j) {
+    const label_t* __restrict__ src = l + j * le;
+    T* __restrict__ dst = ck + j * kTile;
+    if (lp == 1) {
+      DS_SIMD
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t v = static_cast<int64_t>(src[i]);
+        dst[i] = sel((v != ignore) & (v == tv[i]), T(1), T(0));
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t v = static_cast<int64_t>(src[i * lp]);
+        dst[i] = sel((v != ignore) & (v == tv[i]), T(1), T(0));
+      }
+    }
+  }
+}
+
+// Expert labels out of range that are not ignore_index.
+template <typename label_t>
+DS_INLINE int64_t count_bad_experts(const label_t* l, int64_t le, int64_t lp, int64_t E, int64_t n, int64_t ignore,
+                                    int64_t nlab) {
+  int64_t bad = 0;
+  for (int64_t j = 0; j < E; ++j) {
+    const label_t* __restrict__ src = l + j * le;
+    if (lp == 1) {
+      DS_SIMD_SUM(bad)
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t v = static_cast<int64_t>(src[i]);
+        bad += sel<int64_t>((v != ignore) & ((v < 0) | (v >= nlab)), 1, 0);
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t v = static_cast<int64_t>(src[i * lp]);
+        bad += sel<int64_t>((v != ignore) & ((v < 0) | (v >= nlab)), 1, 0);
+      }
+    }
+  }
+  return bad;
+}
+
+// Valid pairs (p, p + s) of a tile along one axis: `bits` of the tile, `next` the
+// target at p0 + s (t + s * tp), of which `avail` pixels exist in the batch element.
+template <typename label_t, typename T>
+DS_INLINE int64_t count_pairs(const label_t* next, int64_t tp, int64_t n, int64_t avail, int64_t ignore,
+                              const T* __restrict__ valid, const uint8_t* __restrict__ bits, uint8_t next_bit) {
+  int64_t cnt = 0;
+  const int64_t m = std::min(n, avail);
+  if (tp == 1) {
+    DS_SIMD_SUM(cnt)
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t v = static_cast<int64_t>(next[i]);
+      cnt += sel<int64_t>((valid[i] != T(0)) & ((bits[i] & next_bit) != 0) & (v != ignore), 1, 0);
+    }
+  } else {
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t v = static_cast<int64_t>(next[i * tp]);
+      cnt += sel<int64_t>((valid[i] != T(0)) & ((bits[i] & next_bit) != 0) & (v != ignore), 1, 0);
+    }
+  }
+  return cnt;  // pixels past `avail` have no neighbour along this axis
+}
+
+// Label tensors are read through their dtype code (0 uint8, 1 int32, 2 int64),
+// switched once a tile row, so the workers are templated on the logits dtype only.
+struct LabelPtr {
+  const void* p = nullptr;
+  int kind = 2;
+};
+template <typename L>
+DS_INLINE const L* label_at(const LabelPtr& l, int64_t offset) {
+  return static_cast<const L*>(l.p) + offset;
+}
+#define DS_LABEL_SWITCH(LP, ...)            \
+  switch ((LP).kind) {                      \
+    case 0: {                               \
+      using label_t = uint8_t;              \
+      __VA_ARGS__;                          \
+      break;                                \
+    }                                       \
+    case 1: {                               \
+      using label_t = int32_t;              \
+      __VA_ARGS__;                          \
+      break;                                \
+    }                                       \
+    default: {                              \
+      using label_t = int64_t;              \
+      __VA_ARGS__;                          \
+      break;                                \
+    }                                       \
+  }
+
+template <typename scalar_t>
+struct Inputs {
+  const scalar_t* x;
+  int64_t xb, xc, xp;
+  LabelPtr t;
+  int64_t tb, tp;
+  LabelPtr lab;
+  int64_t lb, le, lp;
+  scalar_t* g;  // gradient (null: none)
+  int64_t gb, gc, gp;
+  int64_t ignore, nlab;
+};
+
+// The loaders above for the label dtype of the inputs; offsets in elements.
+template <typename scalar_t, typename T>
+DS_INLINE int64_t load_target_at(const Inputs<scalar_t>& in, int64_t offset, int64_t n, T* valid, T* yf, int32_t* y,
+                                 int64_t* tv) {
+  int64_t bad = 0;
+  DS_LABEL_SWITCH(in.t, bad = load_target(label_at<label_t>(in.t, offset), in.tp, n, in.ignore, in.nlab, valid, yf, y, tv))
+  return bad;
+}
+template <typename scalar_t, typename T>
+DS_INLINE void load_experts_at(const Inputs<scalar_t>& in, int64_t offset, int64_t E, int64_t n, const int64_t* tv,
+                               T* ck) {
+  DS_LABEL_SWITCH(in.lab, load_experts(label_at<label_t>(in.lab, offset), in.le, in.lp, E, n, in.ignore, tv, ck))
+}
+template <typename scalar_t>
+DS_INLINE int64_t count_bad_experts_at(const Inputs<scalar_t>& in, int64_t offset, int64_t E, int64_t n) {
+  int64_t bad = 0;
+  DS_LABEL_SWITCH(in.lab, bad = count_bad_experts(label_at<label_t>(in.lab, offset), in.le, in.lp, E, n, in.ignore, in.nlab))
+  return bad;
+}
+template <typename scalar_t, typename T>
+DS_INLINE int64_t count_pairs_at(const Inputs<scalar_t>& in, int64_t offset, int64_t n, int64_t avail, const T* valid,
+                                 const uint8_t* bits, uint8_t next_bit) {
+  int64_t cnt = 0;
+  DS_LABEL_SWITCH(in.t, cnt = count_pairs(label_at<label_t>(in.t, offset), in.tp, n, avail, in.ignore, valid, bits, next_bit))
+  return cnt;
+}
+
+// The routing results (softmax, argmax, D) of the last `slots` map tiles of a thread:
+// the main pass of a tile takes them from here instead of recomputing them. A tile's
+// map tile is always computed by the thread that runs its main pass, before it and
+// by the same function, so this changes no value (and no bit).
+template <typename T>
+struct RoutingRing {
+  int64_t slots = 0, E = 0;
+  std::vector<T> f;
+  std::vector<int32_t> i32;
+  std::vector<int64_t> tag;
+  RoutingRing(int64_t slots_, int64_t E_)
+      : slots(slots_), E(E_), f(static_cast<size_t>(slots_ * (E_ + 5) * kTile)),
+        i32(static_cast<size_t>(slots_ * kTile)), tag(static_cast<size_t>(slots_), -1) {}
+  // Points the routing arrays of c at the slot of tile `id`.
+  int64_t point(TileCtx<T>& c, int64_t id) {
+    const int64_t s = id % slots;
+    T* base = f.data() + s * (E + 5) * kTile;
+    c.pi = base;
+    c.rb = base + (E + 1) * kTile;
+    c.rs = base + (E + 2) * kTile;
+    c.rinv = base + (E + 3) * kTile;
+    c.D = base + (E + 4) * kTile;
+    c.ri = i32.data() + s * kTile;
+    return s;
+  }
+};
+
+// The window of one thread over the per-pixel maps of one batch element: the valid
+// mask, D and s of pixels [lo, lo + cap), stored with `pad` readable elements on both
+// sides. It slides forward: when a new map tile does not fit, the tiles still needed
+// (from `keep` on) move to the front. Reads that fall outside the volume or before
+// `keep` only ever feed pairs that the neighbour bits mask out.
+template <typename T>
+struct MapWindow {
+  int64_t cap = 0, pad = 0, lo = 0;
+  std::vector<uint8_t> vm;
+  std::vector<T> D, S;
+  MapWindow(int64_t cap_, int64_t pad_, bool with_d, bool with_s)
+      : cap(cap_), pad(pad_), vm(static_cast<size_t>(cap_ + 2 * pad_), 0),
+        D(with_d ? static_cast<size_t>(cap_ + 2 * pad_) : 0, T(0)),
+        S(with_s ? static_cast<size_t>(cap_ + 2 * pad_) : 0, T(0)) {}
+  int64_t at(int64_t p) const { return pad + p - lo; }
+  uint8_t* vm_at(int64_t p) { return vm.data() + at(p); }
+  T* D_at(int64_t p) { return D.empty() ? nullptr : D.data() + at(p); }
+  T* S_at(int64_t p) { return S.empty() ? nullptr : S.data() + at(p); }
+  void reset(int64_t first) { lo = first; }
+  // Makes room for pixels up to `upto`, keeping those in [keep, done).
+  void fit(int64_t keep, int64_t done, int64_t upto) {
+    if (upto - lo <= cap) return;
+    const int64_t shift = keep - lo, count = done - keep;
+    if (count > 0) {
+      std::memmove(vm.data() + pad, vm.data() + pad + shift, static_cast<size_t>(count));
+      if (!D.empty()) std::memmove(D.data() + pad, D.data() + pad + shift, static_cast<size_t>(count) * sizeof(T));
+      if (!S.empty()) std::memmove(S.data() + pad, S.data() + pad + shift, static_cast<size_t>(count) * sizeof(T));
+    }
+    lo = keep;
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Workers: the tiles t0 .. t1 - 1 of one thread (per instruction set).
+// ---------------------------------------------------------------------------
+
+// Stats partial row of a tile: S_0..S_E, N_V, W, bad, pairs along axes 0, 1, 2.
+inline int64_t stats_width(int64_t E) { return E + 7; }
+
+template <int ISA, typename scalar_t>
+DS_INLINE void stats_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo,
+                                 const TileCtx<typename AccType<scalar_t>::type>& base, bool check_experts,
+                                 int64_t t0, int64_t t1, double* part) {
+  using T = typename AccType<scalar_t>::type;
+  const int64_t E = base.E, K = base.K, width = stats_width(E);
+  Workspace<T> ws(E + 1, E);
+  TileCtx<T> c = base;
+  ws.bind(c, E + 1, E);
+  std::vector<T> out(static_cast<size_t>(E + 3));
+  c.out = out.data();
+  uint8_t* bits = ws.bits();
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t b = geo.batch(t), p0 = geo.first(t), n = geo.count(t);
+    c.n = n;
+    const int64_t toff = b * in.tb + p0 * in.tp;
+    int64_t bad = load_target_at(in, toff, n, c.valid, c.yf, c.y, ws.tv());
+    if (check_experts) bad += count_bad_experts_at(in, b * in.lb + p0 * in.lp, E, n);
+    load_rows(in.x + b * in.xb + p0 * in.xp, in.xc, in.xp, K, E + 1, n, c.X);
+    stats_tile<ISA>(c);
+    double* row = part + t * width;
+    for (int64_t s = 0; s < E + 3; ++s) row[s] = static_cast<double>(out[s]);
+    row[E + 3] = static_cast<double>(bad);
+    neighbour_bits(geo, p0, n, bits);
+    for (int d = 0; d < kMaxSpatial; ++d) {
+      int64_t cnt = 0;
+      if (d < geo.nd) {
+        const int64_t s = geo.st[d];
+        cnt = count_pairs_at(in, toff + s * in.tp, n, geo.P - p0 - s, c.valid, bits,
+                             static_cast<uint8_t>(1u << (2 * d + 1)));
+      }
+      row[E + 4 + d] = static_cast<double>(cnt);
+    }
+  }
+}
+
+template <int ISA, typename scalar_t>
+DS_INLINE void fused_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo,
+                                 const TileCtx<typename AccType<scalar_t>::type>& base, int64_t t0, int64_t t1,
+                                 double* part) {
+  using T = typename AccType<scalar_t>::type;
+  const int64_t E = base.E, K = base.K, C = K + E + 2;
+  Workspace<T> ws(C, E);
+  TileCtx<T> c = base;
+  ws.bind(c, C, E);
+  T out[kNumSums];
+  c.out = out;
+  c.bits = ws.bits();
+  const bool maps = base.maps != 0;
+  // The map window of this thread: 2 * ahead + 1 tiles are live at a time; the
+  // slack makes the compaction (a memmove of the live tiles) rare.
+  const int64_t live = 2 * geo.ahead + 1;
+  MapWindow<T> win(maps ? std::min(geo.P, (3 * live + 1) * kTile) : 0, geo.pad, (base.maps & kMapRouter) != 0,
+                   (base.maps & kMapGate) != 0);
+  RoutingRing<T> ring(maps ? geo.ahead + 1 : 0, E);
+  int64_t cur_b = -1, next_map = 0;  // window: batch element, first tile not computed yet
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t b = geo.batch(t), j = geo.index(t), p0 = geo.first(t), n = geo.count(t);
+    if (maps) {
+      if (b != cur_b) {
+        cur_b = b;
+        next_map = std::max<int64_t>(0, j - geo.ahead);
+        win.reset(next_map * kTile);
+      }
+      const int64_t last = std::min(geo.tiles_per_batch - 1, j + geo.ahead);
+      const int64_t keep = std::max<int64_t>(0, j - geo.ahead) * kTile;
+      for (; next_map <= last; ++next_map) {
+        const int64_t q0 = next_map * kTile, m = std::min(kTile, geo.P - q0);
+        const int64_t id = b * geo.tiles_per_batch + next_map;
+        win.fit(keep, q0, q0 + m);
+        c.n = m;
+        load_target_at(in, b * in.tb + q0 * in.tp, m, c.valid, c.yf, c.y, ws.tv());
+        load_rows(in.x + b * in.xb + q0 * in.xp, in.xc, in.xp, K, E + 2, m, c.X);
+        c.vm_out = win.vm_at(q0);
+        c.mapD = win.D_at(q0);
+        c.mapS = win.S_at(q0);
+        ring.tag[ring.point(c, id)] = id;
+        maps_tile<ISA>(c);
+      }
+      TORCH_CHECK(ring.tag[ring.point(c, t)] == t, "deferredseg::loss_fused: routing ring out of step");
+      c.routing_ready = true;
+      neighbour_bits(geo, p0, n, ws.bits());
+      c.vm = win.vm_at(p0);
+      c.mapD = win.D_at(p0);
+      c.mapS = win.S_at(p0);
+    }
+    c.n = n;
+    load_target_at(in, b * in.tb + p0 * in.tp, n, c.valid, c.yf, c.y, ws.tv());
+    load_rows(in.x + b * in.xb + p0 * in.xp, in.xc, in.xp, 0, C, n, c.X);
+    load_experts_at(in, b * in.lb + p0 * in.lp, E, n, ws.tv(), c.ck);
+    loss_tile<ISA>(c);
+    if (in.g != nullptr) store_rows(in.g + b * in.gb + p0 * in.gp, in.gc, in.gp, C, n, c.X);
+    double* row = part + t * kNumSums;
+    for (int s = 0; s < kNumSums; ++s) row[s] = static_cast<double>(out[s]);
+  }
+}
+
+// The per-ISA copies of the workers and the dispatch between them.
+#define DS_WORKER_VARIANTS(NAME, PARAMS, ARGS)                                                 \
+  template <typename scalar_t>                                                                 \
+  void NAME##_base PARAMS { NAME##_impl<kIsaBase> ARGS; }                                      \
+  DS_WORKER_X86(NAME, PARAMS, ARGS)                                                            \
+  template <typename scalar_t>                                                                 \
+  void NAME PARAMS {                                                                           \
+    DS_WORKER_X86_DISPATCH(NAME, ARGS)                                                         \
+    NAME##_base ARGS;                                                                          \
+  }
+#if DS_X86_VARIANTS
+#define DS_WORKER_X86(NAME, PARAMS, ARGS)                                                      \
+  template <typename scalar_t>                                                                 \
+  DS_TARGET_V3 void NAME##_v3 PARAMS { NAME##_impl<kIsaV3> ARGS; }                             \
+  template <typename scalar_t>                                                                 \
+  DS_TARGET_V4 void NAME##_v4 PARAMS { NAME##_impl<kIsaV4> ARGS; }
+#define DS_WORKER_X86_DISPATCH(NAME, ARGS)                                                     \
+  if constexpr (!std::is_same<scalar_t, double>::value) {                                      \
+    switch (cpu_isa()) {                                                                       \
+      case kIsaV4:                                                                             \
+        return NAME##_v4 ARGS;                                                                 \
+      case kIsaV3:                                                                             \
+        return NAME##_v3 ARGS;                                                                 \
+      default:                                                                                 \
+        break;                                                                                 \
+    }                                                                                          \
+  }
+#else
+#define DS_WORKER_X86(NAME, PARAMS, ARGS)
+#define DS_WORKER_X86_DISPATCH(NAME, ARGS)
+#endif
+
+#define DS_STATS_PARAMS                                                                        \
+  (const Inputs<scalar_t>& in, const Geometry& geo, const TileCtx<typename AccType<scalar_t>::type>& base, \
+   bool check_experts, int64_t t0, int64_t t1, double* part)
+#define DS_FUSED_PARAMS                                                                        \
+  (const Inputs<scalar_t>& in, const Geometry& geo, const TileCtx<typename AccType<scalar_t>::type>& base, \
+   int64_t t0, int64_t t1, double* part)
+DS_WORKER_VARIANTS(stats_worker, DS_STATS_PARAMS, (in, geo, base, check_experts, t0, t1, part))
+DS_WORKER_VARIANTS(fused_worker, DS_FUSED_PARAMS, (in, geo, base, t0, t1, part))
+
+DS_FP_REGION_END
+
+// Adds the rows of `part` (tiles x width) in tile order.
+inline std::vector<double> sum_rows(const std::vector<double>& part, int64_t tiles, int64_t width) {
+  std::vector<double> total(static_cast<size_t>(width), 0.0);
+  for (int64_t t = 0; t < tiles; ++t) {
+    for (int64_t s = 0; s < width; ++s) total[s] += part[t * width + s];
+  }
+  return total;
+}
+
+inline LabelPtr label_ptr(const at::Tensor& t) {
+  TORCH_CHECK(loss_label_dtype(t.scalar_type()), "labels must be uint8, int32 or int64, got ", t.scalar_type());
+  LabelPtr l;
+  l.p = t.data_ptr();
+  l.kind = t.scalar_type() == at::kByte ? 0 : (t.scalar_type() == at::kInt ? 1 : 2);
+  return l;
+}
+
+template <typename scalar_t>
+Inputs<scalar_t> make_inputs(const LossProblem& pb, GradOut* grad) {
+  Inputs<scalar_t> in{};
+  in.x = pb.x.data_ptr<scalar_t>();
+  in.xb = pb.x.stride(0);
+  in.xc = pb.x.stride(1);
+  in.xp = pb.x.stride(2);
+  in.t = label_ptr(pb.target);
+  in.tb = pb.target.stride(0);
+  in.tp = pb.target.stride(1);
+  in.lab = label_ptr(pb.labels);
+  in.lb = pb.labels.stride(0);
+  in.le = pb.labels.stride(1);
+  in.lp = pb.labels.stride(2);
+  if (grad != nullptr) {
+    in.g = grad->flat.data_ptr<scalar_t>();
+    in.gb = grad->flat.stride(0);
+    in.gc = grad->flat.stride(1);
+    in.gp = grad->flat.stride(2);
+  }
+  in.ignore = pb.ignore_index;
+  in.nlab = pb.num_labels;
+  return in;
+}
+
+// Runs the body with scalar_t = the logits dtype.
+#define DS_DISPATCH_LOSS(PB, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (PB).x.scalar_type(), NAME, __VA_ARGS__)
+
+// ---------------------------------------------------------------------------
+// loss_stats
+// ---------------------------------------------------------------------------
+at::Tensor loss_stats_cpu(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& expert_labels,
+                          const c10::optional<at::Tensor>& class_weight, int64_t num_classes, int64_t num_experts,
+                          int64_t ignore_index, bool check_expert_labels) {
+  const char* op = "deferredseg::loss_stats (CPU kernel)";
+  TORCH_CHECK(logits.device().is_cpu(), op, ": logits must be on the CPU");
+  LossProblem pb = prepare_loss(op, logits, target, expert_labels, num_classes, num_experts, ignore_index);
+  const Geometry geo(pb);
+  const int64_t E = pb.E;
+  const at::Tensor cw = class_weight_vector(op, class_weight, logits, pb.num_labels, acc_dtype(logits));
+  at::Tensor stats = at::zeros({stats_len(E)}, logits.options().dtype(at::kDouble));
+  if (geo.tiles == 0) return stats;
+  const int64_t width = stats_width(E);
+  std::vector<double> part(static_cast<size_t>(geo.tiles * width), 0.0);
+  DS_DISPATCH_LOSS(pb, "loss_stats_cpu", [&] {
+    using T = typename AccType<scalar_t>::type;
+    TileCtx<T> base;
+    base.K = pb.K;
+    base.E = E;
+    base.nd = pb.nd;
+    base.cw = cw.defined() ? cw.data_ptr<T>() : nullptr;
+    const auto in = make_inputs<scalar_t>(pb, nullptr);
+    at::parallel_for(0, geo.tiles, kGrainTiles, [&](int64_t t0, int64_t t1) {
+      stats_worker<scalar_t>(in, geo, base, check_expert_labels, t0, t1, part.data());
+    });
+  });
+  const std::vector<double> tot = sum_rows(part, geo.tiles, width);
+  double* out = stats.data_ptr<double>();
+  for (int64_t k = 0; k <= E + 2; ++k) out[k] = tot[k];  // S_k, N_V, W
+  out[stat_bad(E)] = tot[E + 3];
+  for (int d = 0; d < kMaxSpatial; ++d) out[stat_pairs(E, d)] = tot[E + 4 + d];
+  return stats;
+}
+
+// ---------------------------------------------------------------------------
+// loss_fused
+// ---------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor> loss_fused_cpu(
+    const at::Tensor& logits, const at::Tensor& target, const at::Tensor& expert_labels,
+    const c10::optional<at::Tensor>& class_weight, const at::Tensor& stats,
+    const c10::optional<at::Tensor>& balance_low, const c10::optional<at::Tensor>& balance_high,
+    int64_t num_classes, int64_t num_experts, int64_t ignore_index, c10::ArrayRef<double> fparams,
+    c10::ArrayRef<int64_t> iparams, bool compute_grad) {
+  const char* op = "deferredseg::loss_fused (CPU kernel)";
+  TORCH_CHECK(logits.device().is_cpu(), op, ": logits must be on the CPU");
+  LossProblem pb = prepare_loss(op, logits, target, expert_labels, num_classes, num_experts, ignore_index);
+  const loss::LossParams prm = parse_loss_params(op, fparams, iparams);
+  check_stats(op, stats, logits, pb.E);
+  const Geometry geo(pb);
+  const int64_t E = pb.E;
+  const at::ScalarType acc = acc_dtype(logits);
+  const at::Tensor st = stats.to(at::kDouble).contiguous();
+  const double* sv = st.data_ptr<double>();
+  const int64_t n_stats = st.numel();
+  const bool band = prm.balance == kBalanceBand;
+  const at::Tensor low = band_vector(op, "balance_low", balance_low, logits, E, band);
+  const at::Tensor high = band_vector(op, "balance_high", balance_high, logits, E, band);
+  const at::Tensor cw = class_weight_vector(op, class_weight, logits, pb.num_labels, acc);
+
+  // Gradient factors from the stats (double, then the accumulation type).
+  std::vector<double> dS(static_cast<size_t>(E + 1), 0.0);
+  balance_term(sv, n_stats, E, prm.balance, low.data_ptr<double>(), high.data_ptr<double>(), dS.data());
+  const GradScales scales = grad_scales(sv, E, prm);
+
+  GradOut gout;
+  if (compute_grad) gout = make_grad_out(logits, pb);
+  std::vector<double> part(static_cast<size_t>(geo.tiles * kNumSums), 0.0);
+
+  if (geo.tiles > 0) {
+    DS_DISPATCH_LOSS(pb, "loss_fused_cpu", [&] {
+      using T = typename AccType<scalar_t>::type;
+      std::vector<T> bal(static_cast<size_t>(E + 1));
+      for (int64_t k = 0; k <= E; ++k) bal[k] = static_cast<T>(prm.lambda_balance * prm.balance_grad_scale * dS[k]);
+      TileCtx<T> base;
+      base.K = pb.K;
+      base.E = E;
+      base.nd = pb.nd;
+      for (int d = 0; d < kMaxSpatial; ++d) {
+        base.st[d] = pb.st[d];
+        base.scale_coh[d] = static_cast<T>(scales.coh[d]);
+      }
+      base.paper = prm.surrogate == kSurrogatePaper;
+      base.l2 = prm.coherence == kCoherenceL2;
+      base.grad = compute_grad;
+      base.maps = prm.maps;
+      base.gate_mse = static_cast<T>(prm.gate_mse);
+      base.gate_sparsity = static_cast<T>(prm.gate_sparsity);
+      base.eps = static_cast<T>(prm.paper_eps);
+      base.scale_seg = static_cast<T>(scales.seg);
+      base.scale_collab = static_cast<T>(scales.collab);
+      base.scale_gate = static_cast<T>(scales.gate);
+      base.bal = bal.data();
+      base.cw = cw.defined() ? cw.data_ptr<T>() : nullptr;
+      const auto in = make_inputs<scalar_t>(pb, compute_grad ? &gout : nullptr);
+      at::parallel_for(0, geo.tiles, kGrainTiles, [&](int64_t t0, int64_t t1) {
+        fused_worker<scalar_t>(in, geo, base, t0, t1, part.data());
+      });
+    });
+  }
+  const std::vector<double> sums = sum_rows(part, geo.tiles, kNumSums);
+  double terms_d[kTermsLen];
+  assemble_terms(sums.data(), sv, n_stats, E, pb.nd, prm, low.data_ptr<double>(), high.data_ptr<double>(), terms_d);
+  at::Tensor terms = at::empty({kTermsLen}, logits.options().dtype(at::kDouble));
+  std::copy(terms_d, terms_d + kTermsLen, terms.data_ptr<double>());
+  terms = terms.to(acc);
+  at::Tensor grad = compute_grad ? finish_grad(gout) : at::empty({0}, logits.options());
+  return {terms, grad};
+}
+
+}  // namespace cpu_loss
+
+TORCH_LIBRARY_IMPL(deferredseg, CPU, m) {
+  m.impl("loss_stats", &cpu_loss::loss_stats_cpu);
+  m.impl("loss_fused", &cpu_loss::loss_fused_cpu);
+}
+
+}  // namespace deferredseg

@@ -1,0 +1,608 @@
+// CUDA kernels of `deferredseg::loss_stats` and `deferredseg::loss_fused` (SPEC section 3;
+// the contract of both ops is documented in deferredseg_kernels/ops/fused.py).
+//
+// One thread a pixel (grid-stride over a grid whose size depends on the pixel count
+// only), int64 indexing, coalesced loads along the pixels, on the current stream.
+// The per-pixel math is loss_pixel.h, shared with the CPU kernels.
+//
+// Reductions are two-stage and deterministic: every block writes its partial sums
+// (a fixed shuffle / shared-memory tree in double) to its own row of a buffer, and
+// one block adds the rows in a fixed order. No atomics.
+//
+//   loss_stats: stats_pixels   valid count, class-weight sum, bad labels, neighbour
+//                              pairs; the softmax max / 1 / sum of each valid pixel
+//               stats_pi       sum_V pi_k, one grid row per routing channel k
+//               stats_finish   the stats vector
+//   loss_fused: loss_prepare   gradient factors and balance coefficients (from stats)
+//               loss_maps      valid mask, D and s of every pixel (coherence only)
+//               loss_pixels    every term and the gradient of each pixel
+//               loss_finish    the terms
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../dispatch.h"
+#include "../loss.h"
+#include "../loss_pixel.h"
+
+namespace deferredseg {
+namespace cuda_loss {
+
+using namespace loss;
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = 2048;  // fixed cap: the partition depends on the shape only
+
+inline int64_t blocks_for(int64_t n) { return std::max<int64_t>(1, std::min((n + kThreads - 1) / kThreads, kMaxBlocks)); }
+
+// A label tensor read by dtype code (uniform over the grid, so the branch is free):
+// 0 uint8, 1 int32, 2 int64. Keeps the kernels templated on the logits dtype only.
+struct Labels {
+  const void* p = nullptr;
+  int kind = 2;
+};
+inline Labels make_labels(const at::Tensor& t) {
+  Labels l;
+  l.p = t.data_ptr();
+  l.kind = t.scalar_type() == at::kByte ? 0 : (t.scalar_type() == at::kInt ? 1 : 2);
+  return l;
+}
+__device__ __forceinline__ int64_t load_label(const Labels& l, int64_t idx) {
+  if (l.kind == 0) return static_cast<int64_t>(static_cast<const uint8_t*>(l.p)[idx]);
+  if (l.kind == 1) return static_cast<int64_t>(static_cast<const int32_t*>(l.p)[idx]);
+  return static_cast<const int64_t*>(l.p)[idx];
+}
+
+// Shapes and strides of one call.
+struct Layout {
+  int64_t B, P, K, E, C;
+  int nd;
+  int64_t S[kMaxSpatial], st[kMaxSpatial];
+  int64_t xb, xc, xp;      // logits (B, C, P)
+  int64_t tb, tp;          // target (B, P)
+  int64_t lb, le, lp;      // expert labels (B, E, P)
+  int64_t gb, gc, gp;      // gradient (B, C, P)
+  int64_t ignore, nlab;
+};
+
+inline Layout make_layout(const LossProblem& pb, const at::Tensor* gflat) {
+  Layout L{};
+  L.B = pb.B;
+  L.P = pb.P;
+  L.K = pb.K;
+  L.E = pb.E;
+  L.C = pb.C;
+  L.nd = pb.nd;
+  for (int d = 0; d < kMaxSpatial; ++d) {
+    L.S[d] = pb.S[d];
+    L.st[d] = pb.st[d];
+  }
+  L.xb = pb.x.stride(0);
+  L.xc = pb.x.stride(1);
+  L.xp = pb.x.stride(2);
+  L.tb = pb.target.stride(0);
+  L.tp = pb.target.stride(1);
+  L.lb = pb.labels.stride(0);
+  L.le = pb.labels.stride(1);
+  L.lp = pb.labels.stride(2);
+  if (gflat != nullptr) {
+    L.gb = gflat->stride(0);
+    L.gc = gflat->stride(1);
+    L.gp = gflat->stride(2);
+  }
+  L.ignore = pb.ignore_index;
+  L.nlab = pb.num_labels;
+  return L;
+}
+
+// Sum of v over the block, in a fixed order (valid in thread 0). smem: kThreads / 32 doubles.
+__device__ __forceinline__ double block_sum(double v, double* smem) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  double r = 0.0;
+  if (warp == 0) {
+    r = lane < kThreads / 32 ? smem[lane] : 0.0;
+    for (int o = 16; o > 0; o >>= 1) r += __shfl_down_sync(0xffffffffu, r, o);
+  }
+  __syncthreads();
+  return r;
+}
+
+// Whether pixel p of batch element b has a valid neighbour at p + dir * st[d].
+__device__ __forceinline__ bool neighbour_valid(const Layout& L, const uint8_t* vmask, int64_t b, int64_t p, int d,
+                                                int dir) {
+  const int64_t c = (p / L.st[d]) % L.S[d];
+  const bool inside = dir > 0 ? c < L.S[d] - 1 : c > 0;
+  return inside && vmask[b * L.P + p + dir * L.st[d]] != 0;
+}
+
+// Target of pixel (b, p): valid flag, label usable as an index, raw value.
+struct Target {
+  bool valid;
+  int64_t y, raw;
+  bool bad;
+};
+__device__ __forceinline__ Target read_target(const Layout& L, const Labels& t, int64_t b, int64_t p) {
+  Target r;
+  r.raw = load_label(t, b * L.tb + p * L.tp);
+  r.valid = r.raw != L.ignore;
+  const bool in_range = r.raw >= 0 && r.raw < L.nlab;
+  r.y = (r.valid && in_range) ? r.raw : 0;
+  r.bad = r.valid && !in_range;
+  return r;
+}
+
+// Softmax over the E + 1 routing logits at xr (stride xc): argmax, max, sum of exps
+// and the sum over the experts.
+template <typename scalar_t, typename acc_t>
+struct Routing {
+  acc_t mx, sum, experts;
+  int64_t arg;
+};
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ Routing<scalar_t, acc_t> routing(const scalar_t* xr, int64_t xc, int64_t E) {
+  Routing<scalar_t, acc_t> r;
+  r.mx = static_cast<acc_t>(xr[0]);
+  r.arg = 0;
+  for (int64_t k = 1; k <= E; ++k) {
+    const acc_t v = static_cast<acc_t>(xr[k * xc]);
+    if (argmax_step(v, r.mx)) {
+      r.mx = v;
+      r.arg = k;
+    }
+  }
+  r.sum = acc_t(0);
+  r.experts = acc_t(0);
+  for (int64_t k = 0; k <= E; ++k) {
+    const acc_t e = exp_nonpos(static_cast<acc_t>(xr[k * xc]) - r.mx);
+    r.sum += e;
+    if (k < E) r.experts += e;
+  }
+  return r;
+}
+
+// ---------------------------------------------------------------------------
+// loss_stats
+// ---------------------------------------------------------------------------
+constexpr int kStatsCols = 6;  // N_V, W, bad, pairs along axes 0, 1, 2
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    stats_pixels(const scalar_t* __restrict__ x, Labels tgt, Labels lab, const acc_t* __restrict__ cw, Layout L,
+                 bool check_experts, uint8_t* __restrict__ vmask, acc_t* __restrict__ soft, double* __restrict__ part) {
+  __shared__ double smem[kThreads / 32];
+  const int64_t n = L.B * L.P;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  double acc[kStatsCols] = {0, 0, 0, 0, 0, 0};
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
+    const int64_t b = i / L.P, p = i - b * L.P;
+    const Target t = read_target(L, tgt, b, p);
+    vmask[i] = t.valid ? 1 : 0;
+    int64_t bad = t.bad ? 1 : 0;
+    if (check_experts) {
+      for (int64_t j = 0; j < L.E; ++j) {
+        const int64_t v = load_label(lab, b * L.lb + j * L.le + p * L.lp);
+        bad += (v != L.ignore && (v < 0 || v >= L.nlab)) ? 1 : 0;
+      }
+    }
+    acc[2] += static_cast<double>(bad);
+    if (t.valid) {
+      acc[0] += 1.0;
+      acc[1] += cw != nullptr ? static_cast<double>(cw[t.y]) : 1.0;
+      const Routing<scalar_t, acc_t> r = routing<scalar_t, acc_t>(x + b * L.xb + L.K * L.xc + p * L.xp, L.xc, L.E);
+      soft[2 * i] = r.mx;
+      soft[2 * i + 1] = acc_t(1) / r.sum;
+    } else {
+      soft[2 * i] = acc_t(0);
+      soft[2 * i + 1] = acc_t(0);  // marks an invalid pixel for stats_pi
+    }
+  }
+  for (int c = 0; c < kStatsCols; ++c) {
+    const double s = block_sum(acc[c], smem);
+    if (threadIdx.x == 0) part[blockIdx.x * kStatsCols + c] = s;
+  }
+}
+
+// Valid neighbour pairs: a second pass, once the valid mask is complete.
+__global__ void __launch_bounds__(kThreads) stats_pairs(const uint8_t* __restrict__ vmask, Layout L, double* __restrict__ part) {
+  __shared__ double smem[kThreads / 32];
+  const int64_t n = L.B * L.P;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  double cnt[kMaxSpatial] = {0, 0, 0};
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
+    if (!vmask[i]) continue;
+    const int64_t b = i / L.P, p = i - b * L.P;
+    for (int d = 0; d < L.nd; ++d) cnt[d] += neighbour_valid(L, vmask, b, p, d, +1) ? 1.0 : 0.0;
+  }
+  for (int d = 0; d < kMaxSpatial; ++d) {
+    const double s = block_sum(cnt[d], smem);
+    if (threadIdx.x == 0) part[blockIdx.x * kStatsCols + 3 + d] = s;
+  }
+}
+
+// sum_V pi_k for routing channel k = blockIdx.y.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    stats_pi(const scalar_t* __restrict__ x, const acc_t* __restrict__ soft, Layout L, double* __restrict__ part) {
+  __shared__ double smem[kThreads / 32];
+  const int64_t k = blockIdx.y;
+  const int64_t n = L.B * L.P;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  acc_t s = acc_t(0);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
+    const acc_t inv = soft[2 * i + 1];
+    if (inv == acc_t(0)) continue;  // invalid pixel (a valid one has 1 / sum > 0, or NaN)
+    const int64_t b = i / L.P, p = i - b * L.P;
+    const acc_t v = static_cast<acc_t>(x[b * L.xb + (L.K + k) * L.xc + p * L.xp]);
+    s += exp_nonpos(v - soft[2 * i]) * inv;
+  }
+  const double tot = block_sum(static_cast<double>(s), smem);
+  if (threadIdx.x == 0) part[k * gridDim.x + blockIdx.x] = tot;
+}
+
+// stats = [S_0..S_E, N_V, W, n_0, n_1, n_2, bad], each column added over the blocks in order.
+__global__ void __launch_bounds__(kThreads)
+    stats_finish(const double* __restrict__ part, const double* __restrict__ part_pi, int64_t nblocks, int64_t E,
+                 double* __restrict__ stats) {
+  __shared__ double smem[kThreads / 32];
+  for (int64_t col = 0; col < E + 1 + kStatsCols; ++col) {
+    double s = 0.0;
+    for (int64_t blk = threadIdx.x; blk < nblocks; blk += blockDim.x) {
+      s += col <= E ? part_pi[col * nblocks + blk] : part[blk * kStatsCols + (col - E - 1)];
+    }
+    s = block_sum(s, smem);
+    if (threadIdx.x == 0) {
+      const int64_t c = col - E - 1;  // 0 N_V, 1 W, 2 bad, 3.. pairs
+      if (col <= E) {
+        stats[col] = s;
+      } else if (c == 0) {
+        stats[stat_count(E)] = s;
+      } else if (c == 1) {
+        stats[stat_weight(E)] = s;
+      } else if (c == 2) {
+        stats[stat_bad(E)] = s;
+      } else {
+        stats[stat_pairs(E, static_cast<int>(c - 3))] = s;
+      }
+    }
+  }
+}
+
+at::Tensor loss_stats_cuda(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& expert_labels,
+                           const c10::optional<at::Tensor>& class_weight, int64_t num_classes, int64_t num_experts,
+                           int64_t ignore_index, bool check_expert_labels) {
+  const char* op = "deferredseg::loss_stats (CUDA kernel)";
+  TORCH_CHECK(logits.is_cuda(), op, ": logits must be a CUDA tensor");
+  c10::cuda::CUDAGuard guard(logits.device());
+  LossProblem pb = prepare_loss(op, logits, target, expert_labels, num_classes, num_experts, ignore_index);
+  const at::ScalarType acc = acc_dtype(logits);
+  const at::Tensor cw = class_weight_vector(op, class_weight, logits, pb.num_labels, acc);
+  at::Tensor stats = at::zeros({stats_len(pb.E)}, logits.options().dtype(at::kDouble));
+  const int64_t n = pb.B * pb.P;
+  if (n == 0) return stats;
+  const Layout L = make_layout(pb, nullptr);
+  const int64_t blocks = blocks_for(n);
+  auto dopt = logits.options().dtype(at::kDouble);
+  at::Tensor part = at::empty({blocks * kStatsCols}, dopt);
+  at::Tensor part_pi = at::empty({(pb.E + 1) * blocks}, dopt);
+  at::Tensor vmask = at::empty({n}, logits.options().dtype(at::kByte));
+  at::Tensor soft = at::empty({2 * n}, logits.options().dtype(acc));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Labels tl = make_labels(pb.target), ll = make_labels(pb.labels);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "loss_stats_cuda", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    const scalar_t* x = pb.x.data_ptr<scalar_t>();
+    stats_pixels<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
+        x, tl, ll, cw.defined() ? cw.data_ptr<acc_t>() : nullptr, L, check_expert_labels,
+        vmask.data_ptr<uint8_t>(), soft.data_ptr<acc_t>(), part.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    stats_pairs<<<blocks, kThreads, 0, stream>>>(vmask.data_ptr<uint8_t>(), L, part.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    stats_pi<scalar_t, acc_t><<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(pb.E + 1)), kThreads, 0,
+                                stream>>>(x, soft.data_ptr<acc_t>(), L, part_pi.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  stats_finish<<<1, kThreads, 0, stream>>>(part.data_ptr<double>(), part_pi.data_ptr<double>(), blocks, pb.E,
+                                           stats.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return stats;
+}
+
+// ---------------------------------------------------------------------------
+// loss_fused
+// ---------------------------------------------------------------------------
+
+// Gradient factors of a call, made on the device from the stats (no host sync):
+// [seg, collab, gate, coh_0, coh_1, coh_2, bal_0 .. bal_E].
+constexpr int kCoefHead = 6;
+
+__global__ void loss_prepare(const double* __restrict__ stats, int64_t n_stats, int64_t E, LossParams prm,
+                             const double* __restrict__ low, const double* __restrict__ high,
+                             double* __restrict__ coef) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  const GradScales g = grad_scales(stats, E, prm);
+  coef[0] = g.seg;
+  coef[1] = g.collab;
+  coef[2] = g.gate;
+  for (int d = 0; d < kMaxSpatial; ++d) coef[3 + d] = g.coh[d];
+  double* dS = coef + kCoefHead;
+  balance_term(stats, n_stats, E, prm.balance, low, high, dS);
+  for (int64_t k = 0; k <= E; ++k) dS[k] *= prm.lambda_balance * prm.balance_grad_scale;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    loss_maps(const scalar_t* __restrict__ x, Labels tgt, Layout L, int maps, uint8_t* __restrict__ vmask,
+              acc_t* __restrict__ mapD, acc_t* __restrict__ mapS) {
+  const int64_t n = L.B * L.P;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
+    const int64_t b = i / L.P, p = i - b * L.P;
+    vmask[i] = read_target(L, tgt, b, p).valid ? 1 : 0;
+    const scalar_t* xr = x + b * L.xb + L.K * L.xc + p * L.xp;
+    if (maps & kMapRouter) {
+      const Routing<scalar_t, acc_t> r = routing<scalar_t, acc_t>(xr, L.xc, L.E);
+      mapD[i] = r.experts / r.sum;
+    }
+    if (maps & kMapGate) mapS[i] = sigmoid(static_cast<acc_t>(xr[(L.E + 1) * L.xc]));
+  }
+}
+
+// Coherence of map M at pixel (b, p) along every axis: the derivative with respect to
+// M_p (both pairs of each axis, scaled by coh[d]) and the penalty of the forward pairs.
+template <typename acc_t>
+__device__ __forceinline__ acc_t coherence_at(const Layout& L, const uint8_t* vmask, const acc_t* M, int64_t b,
+                                              int64_t p, bool l2, const acc_t* coh, acc_t* val) {
+  const int64_t i = b * L.P + p;
+  const acc_t m = M[i];
+  acc_t g = acc_t(0);
+  for (int d = 0; d < L.nd; ++d) {
+    if (neighbour_valid(L, vmask, b, p, d, -1)) {
+      const acc_t dp = m - M[i - L.st[d]];
+      g += coh[d] * (l2 ? coh_drho<true>(dp) : coh_drho<false>(dp));
+    }
+    if (neighbour_valid(L, vmask, b, p, d, +1)) {
+      const acc_t dn = m - M[i + L.st[d]];
+      g += coh[d] * (l2 ? coh_drho<true>(dn) : coh_drho<false>(dn));
+      val[d] += l2 ? coh_rho<true>(dn) : coh_rho<false>(dn);
+    }
+  }
+  return g;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    loss_pixels(const scalar_t* __restrict__ x, Labels tgt, Labels lab, const acc_t* __restrict__ cw, Layout L,
+                LossParams prm, const double* __restrict__ coef, const uint8_t* __restrict__ vmask,
+                const acc_t* __restrict__ mapD, const acc_t* __restrict__ mapS, scalar_t* __restrict__ g,
+                double* __restrict__ part) {
+  __shared__ double smem[kThreads / 32];
+  const int64_t n = L.B * L.P, K = L.K, E = L.E;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const bool paper = prm.surrogate == kSurrogatePaper, l2 = prm.coherence == kCoherenceL2;
+  const acc_t seg_scale = static_cast<acc_t>(coef[0]), cc = static_cast<acc_t>(coef[1]),
+              cg = static_cast<acc_t>(coef[2]);
+  const acc_t coh[kMaxSpatial] = {static_cast<acc_t>(coef[3]), static_cast<acc_t>(coef[4]),
+                                  static_cast<acc_t>(coef[5])};
+  const double* bal = coef + kCoefHead;
+  const acc_t gm = static_cast<acc_t>(prm.gate_mse), gsp = static_cast<acc_t>(prm.gate_sparsity),
+              eps = static_cast<acc_t>(prm.paper_eps);
+  acc_t sums[kNumSums] = {0, 0, 0, 0, 0, 0, 0, 0, 0};
+
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
+    const int64_t b = i / L.P, p = i - b * L.P;
+    const scalar_t* px = x + b * L.xb + p * L.xp;
+    scalar_t* pg = g != nullptr ? g + b * L.gb + p * L.gp : nullptr;
+    const Target t = read_target(L, tgt, b, p);
+    if (!t.valid) {
+      if (pg != nullptr) {
+        for (int64_t c = 0; c < L.C; ++c) pg[c * L.gc] = static_cast<scalar_t>(0);
+      }
+      continue;
+    }
+    const acc_t w = cw != nullptr ? cw[t.y] : acc_t(1);
+
+    // segmentation
+    acc_t c0;
+    if (K == 1) {
+      const acc_t z = static_cast<acc_t>(px[0]);
+      const acc_t yv = static_cast<acc_t>(t.y);
+      acc_t l, dl, s, ds;
+      bce_with_logits(z, yv, l, dl, s, ds);
+      sums[kSumSeg] += w * l;
+      c0 = (z > acc_t(0)) == (t.y == 1) ? acc_t(1) : acc_t(0);
+      if (pg != nullptr) pg[0] = static_cast<scalar_t>(seg_scale * w * dl);
+    } else {
+      acc_t mx = static_cast<acc_t>(px[0]);
+      int64_t arg = 0;
+      for (int64_t k = 1; k < K; ++k) {
+        const acc_t v = static_cast<acc_t>(px[k * L.xc]);
+        if (argmax_step(v, mx)) {
+          mx = v;
+          arg = k;
+        }
+      }
+      acc_t sum = acc_t(0), zy = acc_t(0);
+      for (int64_t k = 0; k < K; ++k) {
+        const acc_t v = static_cast<acc_t>(px[k * L.xc]);
+        sum += exp_nonpos(v - mx);
+        if (k == t.y) zy = v;
+      }
+      sums[kSumSeg] += w * (log_pos(sum) - (zy - mx));
+      c0 = arg == t.y ? acc_t(1) : acc_t(0);
+      if (pg != nullptr) {
+        const acc_t cf = seg_scale * w, inv = acc_t(1) / sum;
+        for (int64_t k = 0; k < K; ++k) {
+          const acc_t pk = exp_nonpos(static_cast<acc_t>(px[k * L.xc]) - mx) * inv;
+          pg[k * L.gc] = static_cast<scalar_t>(cf * (pk - (k == t.y ? acc_t(1) : acc_t(0))));
+        }
+      }
+    }
+
+    // routing, collab, balance
+    const scalar_t* xr = px + K * L.xc;
+    const Routing<scalar_t, acc_t> r = routing<scalar_t, acc_t>(xr, L.xc, E);
+    const acc_t inv = acc_t(1) / r.sum, logsum = log_pos(r.sum);
+    const acc_t D = r.experts * inv;
+    const acc_t h = r.arg < E ? acc_t(1) : acc_t(0);
+    const int64_t lbase = b * L.lb + p * L.lp;
+    acc_t lcol = acc_t(0), acc = acc_t(0), bsum = acc_t(0);
+    for (int64_t k = 0; k <= E; ++k) {
+      const acc_t rk = static_cast<acc_t>(xr[k * L.xc]);
+      const acc_t pk = exp_nonpos(rk - r.mx) * inv;
+      acc_t ck = c0;
+      if (k < E) {
+        const int64_t m = load_label(lab, lbase + k * L.le);
+        ck = (m != L.ignore && m == t.raw) ? acc_t(1) : acc_t(0);
+      }
+      if (paper) {
+        acc_t gk;
+        lcol += paper_channel(paper_base<acc_t>(k < E) + paper_slope<acc_t>(k < E) * ck, pk, eps, gk);
+        acc += gk * pk;
+      } else {
+        lcol -= ck * ((rk - r.mx) - logsum);
+        acc += ck;
+      }
+      bsum += static_cast<acc_t>(bal[k]) * pk;
+    }
+    sums[kSumCollab] += lcol;
+
+    // gate
+    const acc_t a = static_cast<acc_t>(xr[(E + 1) * L.xc]);
+    acc_t lg, dg, s, ds;
+    gate_pixel(a, h, D, gm, gsp, lg, dg, s, ds);
+    sums[kSumGate] += lg;
+
+    // coherence
+    acc_t gD = acc_t(0), gS = acc_t(0);
+    if (prm.maps & kMapRouter) gD = coherence_at(L, vmask, mapD, b, p, l2, coh, sums + kSumCoh);
+    if (prm.maps & kMapGate) gS = coherence_at(L, vmask, mapS, b, p, l2, coh, sums + kSumCoh + 3);
+
+    // gradient of the routing and gate logits
+    if (pg != nullptr) {
+      pg[(K + E + 1) * L.gc] = static_cast<scalar_t>(cg * dg + gS * ds);
+      const acc_t common = paper ? routing_common<true>(cc, acc, bsum, gD, D) : routing_common<false>(cc, acc, bsum, gD, D);
+      for (int64_t k = 0; k <= E; ++k) {
+        const acc_t pk = exp_nonpos(static_cast<acc_t>(xr[k * L.xc]) - r.mx) * inv;
+        acc_t ck = c0;
+        if (k < E) {
+          const int64_t m = load_label(lab, lbase + k * L.le);
+          ck = (m != L.ignore && m == t.raw) ? acc_t(1) : acc_t(0);
+        }
+        const acc_t expert = k < E ? acc_t(1) : acc_t(0);
+        const acc_t bk = static_cast<acc_t>(bal[k]);
+        acc_t gk;
+        if (paper) {
+          const acc_t cf = paper_base<acc_t>(k < E) + paper_slope<acc_t>(k < E) * ck;
+          gk = routing_grad<true>(pk, common, bk, gD, expert, cc, ck, cf / (pk + eps));
+        } else {
+          gk = routing_grad<false>(pk, common, bk, gD, expert, cc, ck, acc_t(0));
+        }
+        pg[(K + k) * L.gc] = static_cast<scalar_t>(gk);
+      }
+    }
+  }
+  for (int s = 0; s < kNumSums; ++s) {
+    const double v = block_sum(static_cast<double>(sums[s]), smem);
+    if (threadIdx.x == 0) part[blockIdx.x * kNumSums + s] = v;
+  }
+}
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    loss_finish(const double* __restrict__ part, int64_t nblocks, const double* __restrict__ stats, int64_t n_stats,
+                int64_t E, int nd, LossParams prm, const double* __restrict__ low, const double* __restrict__ high,
+                acc_t* __restrict__ terms) {
+  __shared__ double smem[kThreads / 32];
+  __shared__ double sums[kNumSums];
+  for (int s = 0; s < kNumSums; ++s) {
+    double v = 0.0;
+    for (int64_t blk = threadIdx.x; blk < nblocks; blk += blockDim.x) v += part[blk * kNumSums + s];
+    v = block_sum(v, smem);
+    if (threadIdx.x == 0) sums[s] = v;
+  }
+  if (threadIdx.x == 0) {
+    double out[kTermsLen];
+    assemble_terms(sums, stats, n_stats, E, nd, prm, low, high, out);
+    for (int k = 0; k < kTermsLen; ++k) terms[k] = static_cast<acc_t>(out[k]);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> loss_fused_cuda(
+    const at::Tensor& logits, const at::Tensor& target, const at::Tensor& expert_labels,
+    const c10::optional<at::Tensor>& class_weight, const at::Tensor& stats,
+    const c10::optional<at::Tensor>& balance_low, const c10::optional<at::Tensor>& balance_high,
+    int64_t num_classes, int64_t num_experts, int64_t ignore_index, c10::ArrayRef<double> fparams,
+    c10::ArrayRef<int64_t> iparams, bool compute_grad) {
+  const char* op = "deferredseg::loss_fused (CUDA kernel)";
+  TORCH_CHECK(logits.is_cuda(), op, ": logits must be a CUDA tensor");
+  c10::cuda::CUDAGuard guard(logits.device());
+  LossProblem pb = prepare_loss(op, logits, target, expert_labels, num_classes, num_experts, ignore_index);
+  const LossParams prm = parse_loss_params(op, fparams, iparams);
+  check_stats(op, stats, logits, pb.E);
+  const int64_t E = pb.E, n = pb.B * pb.P;
+  const at::ScalarType acc = acc_dtype(logits);
+  const at::Tensor st = stats.to(at::kDouble).contiguous();
+  const bool band = prm.balance == kBalanceBand;
+  const at::Tensor low = band_vector(op, "balance_low", balance_low, logits, E, band);
+  const at::Tensor high = band_vector(op, "balance_high", balance_high, logits, E, band);
+  const at::Tensor cw = class_weight_vector(op, class_weight, logits, pb.num_labels, acc);
+  GradOut gout;
+  if (compute_grad) gout = make_grad_out(logits, pb);
+  const Layout L = make_layout(pb, compute_grad ? &gout.flat : nullptr);
+  const int64_t blocks = n > 0 ? blocks_for(n) : 0;
+  auto dopt = logits.options().dtype(at::kDouble);
+  at::Tensor coef = at::empty({kCoefHead + E + 1}, dopt);
+  at::Tensor part = at::empty({std::max<int64_t>(blocks, 1) * kNumSums}, dopt);
+  at::Tensor terms = at::empty({kTermsLen}, logits.options().dtype(acc));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Labels tl = make_labels(pb.target), ll = make_labels(pb.labels);
+
+  loss_prepare<<<1, 32, 0, stream>>>(st.data_ptr<double>(), st.numel(), E, prm, low.data_ptr<double>(),
+                                     high.data_ptr<double>(), coef.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "loss_fused_cuda", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    at::Tensor vmask, mapD, mapS;
+    if (n > 0) {
+      const scalar_t* x = pb.x.data_ptr<scalar_t>();
+      if (prm.maps != 0) {
+        vmask = at::empty({n}, logits.options().dtype(at::kByte));
+        mapD = at::empty({(prm.maps & kMapRouter) ? n : 1}, logits.options().dtype(acc));
+        mapS = at::empty({(prm.maps & kMapGate) ? n : 1}, logits.options().dtype(acc));
+        loss_maps<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(x, tl, L, prm.maps, vmask.data_ptr<uint8_t>(),
+                                                                    mapD.data_ptr<acc_t>(), mapS.data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      loss_pixels<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
+          x, tl, ll, cw.defined() ? cw.data_ptr<acc_t>() : nullptr, L, prm, coef.data_ptr<double>(),
+          vmask.defined() ? vmask.data_ptr<uint8_t>() : nullptr, mapD.defined() ? mapD.data_ptr<acc_t>() : nullptr,
+          mapS.defined() ? mapS.data_ptr<acc_t>() : nullptr,
+          compute_grad ? gout.flat.data_ptr<scalar_t>() : nullptr, part.data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    loss_finish<acc_t><<<1, kThreads, 0, stream>>>(part.data_ptr<double>(), blocks, st.data_ptr<double>(), st.numel(),
+                                                   E, pb.nd, prm, low.data_ptr<double>(), high.data_ptr<double>(),
+                                                   terms.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  at::Tensor grad = compute_grad ? finish_grad(gout) : at::empty({0}, logits.options());
+  return {terms, grad};
+}
+
+}  // namespace cuda_loss
+
+TORCH_LIBRARY_IMPL(deferredseg, CUDA, m) {
+  m.impl("loss_stats", &cuda_loss::loss_stats_cuda);
+  m.impl("loss_fused", &cuda_loss::loss_fused_cuda);
+}
+
+}  // namespace deferredseg

@@ -1,0 +1,192 @@
+// Shared host-side code of the fused loss ops `deferredseg::loss_stats` and
+// `deferredseg::loss_fused` (SPEC section 3; contract in deferredseg_kernels/ops/fused.py):
+// argument checks, the flattened (B, C, P) views the kernels read, the gradient
+// buffer and the decoding of fparams / iparams.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/ArrayRef.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <vector>
+
+#include "loss_pixel.h"
+
+namespace deferredseg {
+
+// The tensors a loss kernel reads, with the spatial dims flattened: `x` is the
+// packed logits as (B, C, P), `target` (B, P), `labels` the expert labels
+// (B, E, P); each a view when the strides allow it, one contiguous copy otherwise.
+// Pixel p has the neighbour p +/- st[d] along spatial axis d (st[d] = prod S[d+1:]).
+struct LossProblem {
+  at::Tensor x, target, labels;
+  int64_t B = 0, C = 0, P = 0, K = 0, E = 0, num_labels = 0, ignore_index = 0;
+  int nd = 0;                                  // spatial dims (1 to 3)
+  int64_t S[loss::kMaxSpatial] = {1, 1, 1};    // spatial sizes
+  int64_t st[loss::kMaxSpatial] = {0, 0, 0};   // flattened strides of the spatial axes
+};
+
+inline bool loss_label_dtype(at::ScalarType t) {
+  return t == at::kByte || t == at::kInt || t == at::kLong;
+}
+
+inline LossProblem prepare_loss(const char* op, const at::Tensor& logits, const at::Tensor& target,
+                                const at::Tensor& expert_labels, int64_t num_classes, int64_t num_experts,
+                                int64_t ignore_index) {
+  TORCH_CHECK(logits.dim() >= 3 && logits.dim() <= 5, op,
+              ": logits must have shape (B, C, *S) with 1 to 3 spatial dims, got ", logits.sizes());
+  TORCH_CHECK(num_classes >= 1 && num_experts >= 1 && num_experts <= 127, op,
+              ": need num_classes >= 1 and 1 <= num_experts <= 127, got ", num_classes, " and ", num_experts);
+  TORCH_CHECK(logits.size(1) == num_classes + num_experts + 2, op, ": logits must have ",
+              num_classes + num_experts + 2, " channels, got ", logits.size(1));
+  const auto dt = logits.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op,
+              ": logits must be float32, float64, float16 or bfloat16, got ", dt);
+  LossProblem pb;
+  pb.K = num_classes;
+  pb.E = num_experts;
+  pb.num_labels = num_classes >= 2 ? num_classes : 2;
+  pb.ignore_index = ignore_index;
+  pb.B = logits.size(0);
+  pb.C = logits.size(1);
+  pb.nd = static_cast<int>(logits.dim()) - 2;
+  std::vector<int64_t> spatial;
+  for (int d = 0; d < pb.nd; ++d) {
+    pb.S[d] = logits.size(d + 2);
+    spatial.push_back(pb.S[d]);
+  }
+  int64_t stride = 1;
+  for (int d = pb.nd - 1; d >= 0; --d) {
+    pb.st[d] = stride;
+    stride *= pb.S[d];
+  }
+  pb.P = stride;
+
+  TORCH_CHECK(loss_label_dtype(target.scalar_type()), op, ": target must be uint8, int32 or int64, got ",
+              target.scalar_type());
+  TORCH_CHECK(loss_label_dtype(expert_labels.scalar_type()), op,
+              ": expert_labels must be uint8, int32 or int64, got ", expert_labels.scalar_type());
+  TORCH_CHECK(target.device() == logits.device() && expert_labels.device() == logits.device(), op,
+              ": target and expert_labels must be on the device of logits (", logits.device(), "), got ",
+              target.device(), " and ", expert_labels.device());
+  std::vector<int64_t> want_t{pb.B};
+  want_t.insert(want_t.end(), spatial.begin(), spatial.end());
+  std::vector<int64_t> want_t1{pb.B, 1};
+  want_t1.insert(want_t1.end(), spatial.begin(), spatial.end());
+  std::vector<int64_t> want_l{pb.B, pb.E};
+  want_l.insert(want_l.end(), spatial.begin(), spatial.end());
+  at::Tensor t = target;
+  if (t.sizes() == at::IntArrayRef(want_t1)) t = t.squeeze(1);
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(want_t), op, ": target must have shape ", at::IntArrayRef(want_t),
+              " or ", at::IntArrayRef(want_t1), ", got ", target.sizes());
+  TORCH_CHECK(expert_labels.sizes() == at::IntArrayRef(want_l), op, ": expert_labels must have shape ",
+              at::IntArrayRef(want_l), ", got ", expert_labels.sizes());
+
+  pb.x = logits.flatten(2);  // a view whenever the spatial strides can be merged
+  pb.target = t.reshape({pb.B, pb.P});
+  pb.labels = expert_labels.reshape({pb.B, pb.E, pb.P});
+  return pb;
+}
+
+// Decodes fparams / iparams (FPARAMS / IPARAMS order of ops/fused.py).
+inline loss::LossParams parse_loss_params(const char* op, c10::ArrayRef<double> fparams,
+                                          c10::ArrayRef<int64_t> iparams) {
+  TORCH_CHECK(fparams.size() == loss::kNumFParams, op, ": fparams must have ", loss::kNumFParams,
+              " values, got ", fparams.size());
+  TORCH_CHECK(iparams.size() == loss::kNumIParams, op, ": iparams must have ", loss::kNumIParams,
+              " values, got ", iparams.size());
+  loss::LossParams p;
+  p.lambda_seg = fparams[0];
+  p.lambda_collab = fparams[1];
+  p.lambda_gate = fparams[2];
+  p.lambda_coherence = fparams[3];
+  p.lambda_balance = fparams[4];
+  p.paper_eps = fparams[5];
+  p.gate_mse = fparams[6];
+  p.gate_sparsity = fparams[7];
+  p.balance_grad_scale = fparams[8];
+  p.surrogate = static_cast<int>(iparams[0]);
+  p.coherence = static_cast<int>(iparams[1]);
+  p.maps = static_cast<int>(iparams[2]);
+  p.balance = static_cast<int>(iparams[3]);
+  TORCH_CHECK(p.surrogate == loss::kSurrogateSoftmax || p.surrogate == loss::kSurrogatePaper, op,
+              ": unknown surrogate code ", p.surrogate);
+  TORCH_CHECK(p.coherence == loss::kCoherenceL1 || p.coherence == loss::kCoherenceL2, op,
+              ": unknown coherence code ", p.coherence);
+  TORCH_CHECK(p.maps >= 0 && p.maps <= (loss::kMapRouter | loss::kMapGate), op,
+              ": unknown coherence_maps bits ", p.maps);
+  TORCH_CHECK(p.balance == loss::kBalanceCv2 || p.balance == loss::kBalanceBand, op,
+              ": unknown balance code ", p.balance);
+  return p;
+}
+
+// Checks the stats vector handed to loss_fused: float64, E + 7 values (E + 8 under sync_balance).
+inline void check_stats(const char* op, const at::Tensor& stats, const at::Tensor& logits, int64_t E) {
+  TORCH_CHECK(stats.dim() == 1 && (stats.numel() == loss::stats_len(E) || stats.numel() == loss::stats_len(E) + 1),
+              op, ": stats must be a vector of ", loss::stats_len(E), " (or ", loss::stats_len(E) + 1,
+              ") values, got shape ", stats.sizes());
+  TORCH_CHECK(stats.device() == logits.device(), op, ": stats must be on ", logits.device(), ", got ",
+              stats.device());
+}
+
+// balance_low / balance_high as E + 1 float64 values on the logits' device (zeros when absent:
+// only "band" reads them, and the driver always passes them for "band").
+inline at::Tensor band_vector(const char* op, const char* name, const c10::optional<at::Tensor>& v,
+                              const at::Tensor& logits, int64_t E, bool required) {
+  auto opts = logits.options().dtype(at::kDouble);
+  if (!v.has_value()) {
+    TORCH_CHECK(!required, op, ": ", name, " is required with balance='band'");
+    return at::zeros({E + 1}, opts);
+  }
+  TORCH_CHECK(v->dim() == 1 && v->numel() == E + 1, op, ": ", name, " must have ", E + 1, " values, got shape ",
+              v->sizes());
+  return v->to(opts).contiguous();
+}
+
+// class_weight as K' values of `acc` dtype on the logits' device, or an undefined tensor.
+inline at::Tensor class_weight_vector(const char* op, const c10::optional<at::Tensor>& w, const at::Tensor& logits,
+                                      int64_t num_labels, at::ScalarType acc) {
+  if (!w.has_value()) return at::Tensor();
+  TORCH_CHECK(w->dim() == 1 && w->numel() == num_labels, op, ": class_weight must have ", num_labels,
+              " values, got shape ", w->sizes());
+  return w->to(logits.options().dtype(acc)).contiguous();
+}
+
+// The gradient buffer: its own memory, laid out as empty_like(logits) lays it out
+// (grad_buffer of ops/fused.py: the logits' strides when they are dense), plus the
+// (B, C, P) tensor a kernel writes.
+// When the spatial dims of the buffer cannot be flattened as a view, the kernel
+// writes a contiguous scratch tensor that finish_grad copies back.
+struct GradOut {
+  at::Tensor grad;  // returned
+  at::Tensor flat;  // (B, C, P) written by the kernel
+  bool copy_back = false;
+};
+
+inline GradOut make_grad_out(const at::Tensor& logits, const LossProblem& pb) {
+  GradOut g;
+  g.grad = at::empty_like(logits);  // preserve_format
+  at::Tensor f = g.grad.flatten(2);
+  if (f.is_alias_of(g.grad)) {
+    g.flat = f;
+  } else {
+    g.flat = at::empty({pb.B, pb.C, pb.P}, logits.options());
+    g.copy_back = true;
+  }
+  return g;
+}
+
+inline at::Tensor finish_grad(GradOut& g) {
+  if (g.copy_back) g.grad.copy_(g.flat.view(g.grad.sizes()));
+  return g.grad;
+}
+
+inline at::ScalarType acc_dtype(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace deferredseg
