@@ -27,3 +27,13 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests skipped for want of CUDA carry the `gpu` marker: `pytest -m gpu` runs them all
+    on a GPU machine (benchmarks/gpu_check.sh), whichever file they are in."""
+    for item in items:
+        for mark in item.iter_markers("skipif"):
+            if "CUDA" in str(mark.kwargs.get("reason", "")):
+                item.add_marker(pytest.mark.gpu)
+                break
