@@ -67,6 +67,9 @@ grep -E "^(FAILED|ERROR)" "$LOG/tests_gpu.log" | head -20 | sed 's/^/    /' | te
 run bench 130 "$PY" benchmarks/bench_loss.py --providers triton cuda reference \
   --rep 60 --warmup 15 --budget-s 100 --markdown "$LOG/bench.md"
 
+run train_step 60 "$PY" benchmarks/bench_train_step.py --repeats 20
+sed 's/^/    /' "$LOG/train_step.log" | tee -a "$SUMMARY"
+
 T_LEFT=$(( $(left) - 100 ))
 run tests_triton_cuda $(( T_LEFT > 20 ? T_LEFT : 20 )) "$PY" -m pytest tests/test_triton.py -q -rs \
   -p no:cacheprovider
