@@ -128,6 +128,9 @@ def register_loss_autograd(op_name: str) -> None:
     def setup_context(ctx, inputs, output):
         _, grad = output
         ctx.save_for_backward(grad)
+        # Nothing flows back through the gradient output: without this, autograd would
+        # fill a logits-sized tensor of zeros for it on every backward.
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_terms, grad_grad):
         (grad,) = ctx.saved_tensors
@@ -135,7 +138,7 @@ def register_loss_autograd(op_name: str) -> None:
         # Only terms[0] (the total loss) is differentiable; the other terms are handed
         # out detached by the driver. A gradient made in forward has the logits' >= 3
         # dims (possibly 0 elements); the shape-(0,) placeholder means no gradient.
-        if ctx.needs_input_grad[0] and grad.dim() > 1:
+        if ctx.needs_input_grad[0] and grad.dim() > 1 and grad_terms is not None:
             g = rescale(grad, grad_terms[0])
         return (g,) + (None,) * 12
 
