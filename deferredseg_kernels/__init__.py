@@ -18,7 +18,8 @@ import torch
 
 from . import _dispatch
 from ._checks import (LossOptions, check_choice, check_inputs, check_int, check_label_range,
-                      check_labels, check_logits, make_options, threshold_logit, ROUTE_MODES)
+                      check_labels, check_logits, is_compiling, make_options, threshold_logit,
+                      ROUTE_MODES)
 from ._dispatch import available_backends, register
 from ._ext import EXT as _EXT
 from .reference import RouteResult, TERM_NAMES, deferredseg_loss_reference, route_reference, split_logits
@@ -28,12 +29,8 @@ __all__ = ["deferredseg_loss", "route", "split_logits", "available_backends", "R
 __version__ = "0.1.0"
 
 
-def _is_compiling() -> bool:
-    return bool(getattr(torch.compiler, "is_compiling", lambda: False)())
-
-
 def _reference_loss(logits, target, expert_labels, opts: LossOptions, return_terms: bool):
-    if not _is_compiling():  # reads values: a sync, and a graph break under torch.compile
+    if not is_compiling():  # reads values: a sync, and a graph break under torch.compile
         check_label_range(target, expert_labels, opts.num_labels, opts.ignore_index)
     return deferredseg_loss_reference(logits, target, expert_labels, opts, return_terms)
 

@@ -256,6 +256,11 @@ def check_label_range(target: torch.Tensor, expert_labels: Optional[torch.Tensor
                 f"got value(s) {values}")
 
 
+def is_compiling() -> bool:
+    """True while torch.compile traces (value reads and syncs must be skipped then)."""
+    return bool(getattr(torch.compiler, "is_compiling", lambda: False)())
+
+
 def threshold_logit(threshold: Any) -> float:
     """logit(threshold) in float64: ``sigmoid(a) > t`` is decided as ``a > logit(t)``.
 

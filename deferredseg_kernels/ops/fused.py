@@ -43,7 +43,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from .._checks import LossOptions
+from .._checks import LossOptions, check_label_range, is_compiling
 from ..reference import RouteResult, compute_dtype
 
 FPARAMS = ("lambda_seg", "lambda_collab", "lambda_gate", "lambda_coherence", "lambda_balance",
@@ -101,8 +101,8 @@ def _traced(t: torch.Tensor) -> bool:
     """True while torch.compile / AOT autograd / FX trace (values are not known then)."""
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-    compiling = bool(getattr(torch.compiler, "is_compiling", lambda: False)())
-    return compiling or type(t) is not torch.Tensor or _get_current_dispatch_mode() is not None
+    return (is_compiling() or type(t) is not torch.Tensor
+            or _get_current_dispatch_mode() is not None)
 
 
 def rescale(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -173,16 +173,13 @@ def fused_loss(stats_op: Callable, loss_op: Callable, logits: torch.Tensor,
     """Run a fused backend. ``check_labels_eagerly``: raise on bad labels (CPU, eager)."""
     K, E = opts.num_classes, opts.num_experts
     class_weight = _as_param_tensor(opts.class_weight, logits)
-    compiling = bool(getattr(torch.compiler, "is_compiling", lambda: False)())
-    check_now = check_labels_eagerly and not compiling
+    check_now = check_labels_eagerly and not is_compiling()
     # The stats carry no gradient of their own: the loss op's gradient already holds the
     # balance term's path through them, so the stats op sees detached logits (an op
     # without an autograd formula must not sit on the backward graph).
     stats = stats_op(logits.detach(), target, expert_labels, class_weight, K, E,
                      opts.ignore_index, check_now)
     if check_now and stats[E + 6].item() > 0:
-        from .._checks import check_label_range
-
         check_label_range(target, expert_labels, opts.num_labels, opts.ignore_index)
         raise ValueError("target must hold labels in "
                          f"[0, {opts.num_labels}) or ignore_index={opts.ignore_index}")

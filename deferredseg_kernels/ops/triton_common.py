@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import compute_dtype as acc_dtype  # noqa: F401  (the kernels' accumulation dtype)
+
 
 @triton.jit
 def _probe_kernel(x_ptr):  # only used to learn whether @triton.jit interprets
@@ -102,10 +104,6 @@ def flat(t: torch.Tensor, lead: int) -> torch.Tensor:
     for s in t.shape[lead:]:
         rest = rest * s
     return t.reshape(tuple(t.shape[:lead]) + (rest,))
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------------
