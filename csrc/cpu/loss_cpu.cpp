@@ -120,6 +120,18 @@ inline int cpu_isa() {
   return isa;
 }
 
+// Experts up to this many take the unrolled paths below (one loop over the pixels of a
+// tile instead of O(E) loops); DEFERREDSEG_CPU_GENERIC=1 (read once) sends every E
+// to the generic path, so that the tests can check both.
+constexpr int64_t kFastMaxExperts = 4;
+inline bool cpu_fast_paths() {
+  static const bool fast = [] {
+    const char* env = std::getenv("DEFERREDSEG_CPU_GENERIC");
+    return !(env != nullptr && std::string(env) == "1");
+  }();
+  return fast;
+}
+
 // Spatial layout: sizes, flattened strides and the tiling of the pixels.
 struct Geometry {
   int nd = 1;
@@ -196,6 +208,7 @@ struct TileCtx {
   int64_t st[kMaxSpatial] = {0, 0, 0};
   bool paper = false, l2 = false, grad = false;
   bool routing_ready = false;  // rb, ri, rs, rinv, D and pi already hold this tile's routing
+  bool fast = false;           // E <= kFastMaxExperts, float accumulation: the unrolled paths
   int maps = 0;
   T gate_mse = 0, gate_sparsity = 0, eps = 0;
   T scale_seg = 0, scale_collab = 0, scale_gate = 0;
@@ -268,11 +281,100 @@ struct Workspace {
 // Compute steps on a loaded tile (vectorised loops over its pixels).
 // ---------------------------------------------------------------------------
 
+// tile_routing for a compile-time E: one loop, the E + 1 channels of a pixel in
+// registers. The same operations in the same order as the generic loops below, so
+// the results are the same bits.
+template <int E, bool LOG, typename T>
+DS_LOSS_FN void tile_routing_fast(const TileCtx<T>& c, const T* R) {
+  const int64_t n = c.n;
+  T* __restrict__ pi = c.pi;
+  T* __restrict__ rb = c.rb;
+  int32_t* __restrict__ ri = c.ri;
+  T* __restrict__ rs = c.rs;
+  T* __restrict__ rinv = c.rinv;
+  T* __restrict__ rlog = c.rlog;
+  T* __restrict__ D = c.D;
+  // The NaN-aware argmax as in the generic code, a loop a channel (GCC does not
+  // vectorise it unrolled inside the loop below).
+  DS_SIMD
+  for (int64_t i = 0; i < n; ++i) {
+    rb[i] = R[i];
+    ri[i] = 0;
+  }
+  for (int k = 1; k <= E; ++k) {
+    const T* __restrict__ r = R + k * kTile;
+    DS_SIMD
+    for (int64_t i = 0; i < n; ++i) {
+      const T v = r[i], cur = rb[i];
+      const int32_t cur_i = ri[i];
+      const bool take = argmax_step(v, cur);
+      rb[i] = sel(take, v, cur);
+      ri[i] = sel(take, static_cast<int32_t>(k), cur_i);
+    }
+  }
+  DS_SIMD
+  for (int64_t i = 0; i < n; ++i) {
+    T e[E + 1];
+    const T b = rb[i];
+    T s = T(0), d = T(0);
+#pragma GCC unroll 8
+    for (int k = 0; k <= E; ++k) {
+      e[k] = exp_nonpos(R[k * kTile + i] - b);
+      s += e[k];
+      if (k < E) d += e[k];
+    }
+    const T inv = T(1) / s;
+#pragma GCC unroll 8
+    for (int k = 0; k <= E; ++k) pi[k * kTile + i] = e[k] * inv;
+    rs[i] = s;
+    rinv[i] = inv;
+    D[i] = d * inv;
+    if (LOG) rlog[i] = log_pos(s);
+  }
+}
+
+// Runs the statement with the constant NE = the E of the tile (1 .. kFastMaxExperts).
+// (A macro, not a lambda: GCC compiles a lambda for the default instruction set even
+// inside a function built for x86-64-v3 / v4.)
+#define DS_WITH_FAST_E(E, ...)   \
+  switch (E) {                   \
+    case 1: {                    \
+      constexpr int NE = 1;      \
+      __VA_ARGS__;               \
+      break;                     \
+    }                            \
+    case 2: {                    \
+      constexpr int NE = 2;      \
+      __VA_ARGS__;               \
+      break;                     \
+    }                            \
+    case 3: {                    \
+      constexpr int NE = 3;      \
+      __VA_ARGS__;               \
+      break;                     \
+    }                            \
+    default: {                   \
+      constexpr int NE = 4;      \
+      __VA_ARGS__;               \
+      break;                     \
+    }                            \
+  }
+
 // Routing softmax of the E + 1 rows at R: argmax (ri), max (rb), sum of exps (rs),
 // its inverse and log, D = sum_{j<E} pi_j, and pi.
 template <typename T>
 DS_LOSS_FN void tile_routing(const TileCtx<T>& c, const T* R, bool want_log) {
   const int64_t n = c.n, E = c.E;
+  if constexpr (std::is_same<T, float>::value) {
+    if (c.fast) {
+      if (want_log) {
+        DS_WITH_FAST_E(E, tile_routing_fast<NE, true>(c, R))
+      } else {
+        DS_WITH_FAST_E(E, tile_routing_fast<NE, false>(c, R))
+      }
+      return;
+    }
+  }
   T* __restrict__ rb = c.rb;
   int32_t* __restrict__ ri = c.ri;
   T* __restrict__ rs = c.rs;
@@ -433,6 +535,127 @@ DS_LOSS_FN void tile_coherence(const TileCtx<T>& c, const T* M, T* __restrict__ 
   }
 }
 
+// The coherence of a tile: gD, gS (derivatives with respect to D and s, gathered
+// from both pairs of every axis) and the penalties of its forward pairs in out.
+template <typename T>
+DS_LOSS_FN void tile_coherence_all(const TileCtx<T>& c) {
+  const int64_t n = c.n;
+  const T* __restrict__ valid = c.valid;
+  T* __restrict__ gD = c.gD;
+  T* __restrict__ gS = c.gS;
+  DS_SIMD
+  for (int64_t i = 0; i < n; ++i) {
+    gD[i] = T(0);
+    gS[i] = T(0);
+  }
+  for (int d = 0; d < kMaxSpatial; ++d) {
+    c.out[kSumCoh + d] = T(0);
+    c.out[kSumCoh + 3 + d] = T(0);
+  }
+  if (c.maps != 0) {
+    for (int d = 0; d < c.nd; ++d) {
+      const int64_t s = c.st[d];
+      const uint8_t pb = static_cast<uint8_t>(1u << (2 * d)), nb = static_cast<uint8_t>(1u << (2 * d + 1));
+      const uint8_t* __restrict__ bits = c.bits;
+      const uint8_t* __restrict__ vprev = c.vm - s;
+      const uint8_t* __restrict__ vnext = c.vm + s;
+      T* __restrict__ okp = c.okp[d];
+      T* __restrict__ okn = c.okn[d];
+      DS_SIMD
+      for (int64_t i = 0; i < n; ++i) {
+        const bool self = valid[i] != T(0);
+        const uint8_t bi = bits[i], vp = vprev[i], vn = vnext[i];
+        okp[i] = sel(self & ((bi & pb) != 0) & (vp != 0), T(1), T(0));
+        okn[i] = sel(self & ((bi & nb) != 0) & (vn != 0), T(1), T(0));
+      }
+    }
+    if (c.l2) {
+      if (c.maps & kMapRouter) tile_coherence<true>(c, c.mapD, gD, c.out + kSumCoh);
+      if (c.maps & kMapGate) tile_coherence<true>(c, c.mapS, gS, c.out + kSumCoh + 3);
+    } else {
+      if (c.maps & kMapRouter) tile_coherence<false>(c, c.mapD, gD, c.out + kSumCoh);
+      if (c.maps & kMapGate) tile_coherence<false>(c, c.mapS, gS, c.out + kSumCoh + 3);
+    }
+  }
+}
+
+// Everything after the segmentation term, for a compile-time E: collab, balance,
+// gate, and (GRAD) the gradient of the routing and gate logits, in one loop with the
+// E + 1 channels of a pixel in registers. Needs: the routing of the tile (pi, rb, rs,
+// ri, D), the coherence derivatives gD, gS (tile_coherence_all), lseg and the c_k rows.
+// The formulas are those of the generic loops in loss_tile_impl.
+template <int E, bool PAPER, bool GRAD, typename T>
+DS_LOSS_FN void loss_rest_fast(const TileCtx<T>& c) {
+  const int64_t n = c.n, K = c.K;
+  T* __restrict__ R = c.X + K * kTile;
+  T* __restrict__ a = c.X + (K + E + 1) * kTile;
+  const T* __restrict__ valid = c.valid;
+  const T* __restrict__ pi = c.pi;
+  const T* __restrict__ ckr = c.ck;
+  const T* __restrict__ rb = c.rb;
+  const T* __restrict__ rs = c.rs;
+  const int32_t* __restrict__ ri = c.ri;
+  const T* __restrict__ D = c.D;
+  const T* __restrict__ gD = c.gD;
+  const T* __restrict__ gS = c.gS;
+  const T* __restrict__ lseg = c.lseg;
+  T bal[E + 1];
+  for (int k = 0; k <= E; ++k) bal[k] = c.bal[k];
+  const T cc = c.scale_collab, cg = c.scale_gate, gm = c.gate_mse, gsp = c.gate_sparsity, eps = c.eps;
+  T sseg = T(0), scol = T(0), sgate = T(0);
+  DS_SIMD_SUM(sseg, scol, sgate)
+  for (int64_t i = 0; i < n; ++i) {
+    const bool ok = valid[i] != T(0);
+    T ck[E + 1], p[E + 1], gk[E + 1];
+#pragma GCC unroll 8
+    for (int k = 0; k <= E; ++k) {
+      ck[k] = ckr[k * kTile + i];
+      p[k] = pi[k * kTile + i];
+    }
+    // collab value; acc = Ctot (softmax) or sum_k g_k pi_k (paper)
+    T lcol = T(0), acc = T(0);
+    if (PAPER) {
+#pragma GCC unroll 8
+      for (int k = 0; k <= E; ++k) {
+        const T coef = paper_base<T>(k < E) + paper_slope<T>(k < E) * ck[k];
+        lcol += paper_channel(coef, p[k], eps, gk[k]);
+        acc += gk[k] * p[k];
+      }
+    } else {
+      const T rl = log_pos(rs[i]), b = rb[i];
+#pragma GCC unroll 8
+      for (int k = 0; k <= E; ++k) {
+        const T logpi = (R[k * kTile + i] - b) - rl;
+        lcol -= ck[k] * logpi;
+        acc += ck[k];
+        gk[k] = T(0);
+      }
+    }
+    T bsum = T(0);
+#pragma GCC unroll 8
+    for (int k = 0; k <= E; ++k) bsum += bal[k] * p[k];
+    const T h = sel(ri[i] < static_cast<int32_t>(E), T(1), T(0));
+    T lg, dl, s, ds;
+    gate_pixel(a[i], h, D[i], gm, gsp, lg, dl, s, ds);
+    if (GRAD) {
+      const T ga = cg * dl + gS[i] * ds;
+      const T common = routing_common<PAPER>(cc, acc, bsum, gD[i], D[i]);
+#pragma GCC unroll 8
+      for (int m = 0; m <= E; ++m) {
+        const T g = routing_grad<PAPER>(p[m], common, bal[m], gD[i], m < E ? T(1) : T(0), cc, ck[m], gk[m]);
+        R[m * kTile + i] = sel(ok, g, T(0));
+      }
+      a[i] = sel(ok, ga, T(0));
+    }
+    sseg += lseg[i];
+    scol += sel(ok, lcol, T(0));
+    sgate += sel(ok, lg, T(0));
+  }
+  c.out[kSumSeg] = sseg;
+  c.out[kSumCollab] = scol;
+  c.out[kSumGate] = sgate;
+}
+
 // Every term of a tile and, when c.grad, the gradient (written over X).
 // Loaded: X (all C rows), valid, yf, y, ck rows 0..E-1; for coherence bits, vm and maps.
 // out: kNumSums partial sums.
@@ -525,6 +748,26 @@ DS_LOSS_FN void loss_tile_impl(const TileCtx<T>& c) {
 
   // ---- routing ----
   T* const R = c.X + K * kTile;
+  if constexpr (std::is_same<T, float>::value) {
+    if (c.fast) {
+      if (!c.routing_ready) tile_routing(c, R, false);
+      tile_coherence_all(c);
+      if (c.paper) {
+        if (c.grad) {
+          DS_WITH_FAST_E(E, loss_rest_fast<NE, true, true>(c))
+        } else {
+          DS_WITH_FAST_E(E, loss_rest_fast<NE, true, false>(c))
+        }
+      } else {
+        if (c.grad) {
+          DS_WITH_FAST_E(E, loss_rest_fast<NE, false, true>(c))
+        } else {
+          DS_WITH_FAST_E(E, loss_rest_fast<NE, false, false>(c))
+        }
+      }
+      return;
+    }
+  }
   if (!c.routing_ready) {
     tile_routing(c, R, !c.paper);
   } else if (!c.paper) {
@@ -601,43 +844,9 @@ DS_LOSS_FN void loss_tile_impl(const TileCtx<T>& c) {
     dsa[i] = ds;
   }
 
-  // coherence
-  T* __restrict__ gD = c.gD;
-  T* __restrict__ gS = c.gS;
-  DS_SIMD
-  for (int64_t i = 0; i < n; ++i) {
-    gD[i] = T(0);
-    gS[i] = T(0);
-  }
-  for (int d = 0; d < kMaxSpatial; ++d) {
-    c.out[kSumCoh + d] = T(0);
-    c.out[kSumCoh + 3 + d] = T(0);
-  }
-  if (c.maps != 0) {
-    for (int d = 0; d < c.nd; ++d) {
-      const int64_t s = c.st[d];
-      const uint8_t pb = static_cast<uint8_t>(1u << (2 * d)), nb = static_cast<uint8_t>(1u << (2 * d + 1));
-      const uint8_t* __restrict__ bits = c.bits;
-      const uint8_t* __restrict__ vprev = c.vm - s;
-      const uint8_t* __restrict__ vnext = c.vm + s;
-      T* __restrict__ okp = c.okp[d];
-      T* __restrict__ okn = c.okn[d];
-      DS_SIMD
-      for (int64_t i = 0; i < n; ++i) {
-        const bool self = valid[i] != T(0);
-        const uint8_t bi = bits[i], vp = vprev[i], vn = vnext[i];
-        okp[i] = sel(self & ((bi & pb) != 0) & (vp != 0), T(1), T(0));
-        okn[i] = sel(self & ((bi & nb) != 0) & (vn != 0), T(1), T(0));
-      }
-    }
-    if (c.l2) {
-      if (c.maps & kMapRouter) tile_coherence<true>(c, c.mapD, gD, c.out + kSumCoh);
-      if (c.maps & kMapGate) tile_coherence<true>(c, c.mapS, gS, c.out + kSumCoh + 3);
-    } else {
-      if (c.maps & kMapRouter) tile_coherence<false>(c, c.mapD, gD, c.out + kSumCoh);
-      if (c.maps & kMapGate) tile_coherence<false>(c, c.mapS, gS, c.out + kSumCoh + 3);
-    }
-  }
+  tile_coherence_all(c);
+  const T* __restrict__ gD = c.gD;
+  const T* __restrict__ gS = c.gS;
 
   // ---- gradient ----
   if (c.grad) {
@@ -1220,6 +1429,7 @@ at::Tensor loss_stats_cpu(const at::Tensor& logits, const at::Tensor& target, co
     base.E = E;
     base.nd = pb.nd;
     base.cw = cw.defined() ? cw.data_ptr<T>() : nullptr;
+    base.fast = std::is_same<T, float>::value && E <= kFastMaxExperts && cpu_fast_paths();
     const auto in = make_inputs<scalar_t>(pb, nullptr);
     at::parallel_for(0, geo.tiles, kGrainTiles, [&](int64_t t0, int64_t t1) {
       stats_worker<scalar_t>(in, geo, base, check_expert_labels, t0, t1, part.data());
@@ -1292,6 +1502,7 @@ std::tuple<at::Tensor, at::Tensor> loss_fused_cpu(
       base.scale_gate = static_cast<T>(scales.gate);
       base.bal = bal.data();
       base.cw = cw.defined() ? cw.data_ptr<T>() : nullptr;
+      base.fast = std::is_same<T, float>::value && E <= kFastMaxExperts && cpu_fast_paths();
       const auto in = make_inputs<scalar_t>(pb, compute_grad ? &gout : nullptr);
       at::parallel_for(0, geo.tiles, kGrainTiles, [&](int64_t t0, int64_t t1) {
         fused_worker<scalar_t>(in, geo, base, t0, t1, part.data());
