@@ -97,8 +97,9 @@ inline loss::LossParams parse_loss_params(const char* op, c10::ArrayRef<double> 
                                           c10::ArrayRef<int64_t> iparams) {
   TORCH_CHECK(fparams.size() == loss::kNumFParams, op, ": fparams must have ", loss::kNumFParams,
               " values, got ", fparams.size());
-  TORCH_CHECK(iparams.size() == loss::kNumIParams, op, ": iparams must have ", loss::kNumIParams,
-              " values, got ", iparams.size());
+  TORCH_CHECK(iparams.size() == loss::kNumIParams || iparams.size() == loss::kNumIParams + 1, op,
+              ": iparams must have ", loss::kNumIParams, " or ", loss::kNumIParams + 1, " values, got ",
+              iparams.size());
   loss::LossParams p;
   p.lambda_seg = fparams[0];
   p.lambda_collab = fparams[1];
@@ -113,6 +114,7 @@ inline loss::LossParams parse_loss_params(const char* op, c10::ArrayRef<double> 
   p.coherence = static_cast<int>(iparams[1]);
   p.maps = static_cast<int>(iparams[2]);
   p.balance = static_cast<int>(iparams[3]);
+  p.check_experts = iparams.size() > loss::kNumIParams && iparams[loss::kNumIParams] != 0;
   TORCH_CHECK(p.surrogate == loss::kSurrogateSoftmax || p.surrogate == loss::kSurrogatePaper, op,
               ": unknown surrogate code ", p.surrogate);
   TORCH_CHECK(p.coherence == loss::kCoherenceL1 || p.coherence == loss::kCoherenceL2, op,

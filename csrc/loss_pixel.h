@@ -36,7 +36,7 @@ namespace loss {
 constexpr int kTermsLen = 6;  // loss, seg, collab, gate, coherence, balance
 constexpr int kMaxSpatial = 3;
 constexpr int kNumFParams = 9;
-constexpr int kNumIParams = 4;
+constexpr int kNumIParams = 4;  // a fifth, optional: check_experts (CPU kernel only)
 // iparams encodings
 constexpr int kSurrogateSoftmax = 0, kSurrogatePaper = 1;
 constexpr int kCoherenceL1 = 0, kCoherenceL2 = 1;
@@ -66,6 +66,7 @@ struct LossParams {
   double lambda_seg, lambda_collab, lambda_gate, lambda_coherence, lambda_balance;
   double paper_eps, gate_mse, gate_sparsity, balance_grad_scale;
   int surrogate, coherence, maps, balance;
+  bool check_experts;  // raise on expert labels out of range (iparams[4], default 0)
 };
 
 // ---------------------------------------------------------------------------

@@ -252,7 +252,8 @@ _ISA_SCRIPT = textwrap.dedent("""
     worst = 0.0
     for K, E, S, kw in [(1, 3, (9, 10), dict()), (3, 2, (4, 5, 6), dict(surrogate="paper",
                         coherence="l2", balance="band", balance_low=[0.1] * 3,
-                        balance_high=[0.5] * 3))]:
+                        balance_high=[0.5] * 3)), (1, 1, (33,), dict(surrogate="paper")),
+                        (2, 4, (5, 7), dict(coherence_maps=("gate",))), (1, 5, (6, 6), dict())]:
         for dtype in (torch.float32, torch.bfloat16):
             x, t, e = make_inputs(2, K, E, S, dtype=dtype)
             out = []
@@ -271,13 +272,16 @@ _ISA_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="x86-64 Linux variants only")
 def test_every_instruction_set_variant():
-    """The baseline and AVX2 builds of the kernels (picked by DEFERREDSEG_CPU_ISA) match too."""
+    """The baseline and AVX2 builds of the kernels (picked by DEFERREDSEG_CPU_ISA) match too,
+    and so does the generic any-E path (DEFERREDSEG_CPU_GENERIC=1) that E <= 4 skips."""
     tests = os.path.dirname(os.path.abspath(__file__))
     root = os.path.dirname(tests)
     script = _ISA_SCRIPT.format(tests=tests)
     procs = {}
-    for isa in ("base", "v3"):
-        env = dict(os.environ, DEFERREDSEG_CPU_ISA=isa, OMP_NUM_THREADS="1",
+    variants = {"base": dict(DEFERREDSEG_CPU_ISA="base"), "v3": dict(DEFERREDSEG_CPU_ISA="v3"),
+                "generic": dict(DEFERREDSEG_CPU_GENERIC="1")}
+    for isa, extra in variants.items():
+        env = dict(os.environ, OMP_NUM_THREADS="1", **extra,
                    PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
         procs[isa] = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=root,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -335,6 +339,39 @@ def test_bad_labels_raise():
     bad_e[0, 1, 2, 3] = -3
     with pytest.raises(ValueError, match="expert_labels"):
         deferredseg_loss(logits, target, bad_e, K, E, backend="cpu")
+
+
+def test_loss_op_checks_expert_labels_when_asked():
+    # iparams[4] = 1: the loss pass (which reads the expert labels anyway) raises on one
+    # out of range; without it (torch.compile, direct calls) it computes as before.
+    K, E = 2, 3
+    logits, target, experts = make_inputs(1, K, E, (5, 6))
+    opts = make_options(K, E)
+    stats = torch.ops.deferredseg.loss_stats(logits, target, experts, None, K, E, -100, False)
+    stats = torch.cat([stats, stats[E + 1:E + 2]])
+    args = (logits, target, experts, None, stats, None, None, K, E, -100,
+            fused.float_params(opts, 1.0))
+    bad = experts.clone()
+    bad[0, 2, 4, 5] = 2  # K' = 2 labels
+    with pytest.raises(ValueError, match=r"expert_labels must hold labels in \[0, 2\)"):
+        torch.ops.deferredseg.loss_fused(*args[:2], bad, *args[3:], fused.int_params(opts) + [1], True)
+    terms, grad = torch.ops.deferredseg.loss_fused(*args[:2], bad, *args[3:], fused.int_params(opts), True)
+    assert torch.isfinite(terms).all() and torch.isfinite(grad).all()
+    torch.ops.deferredseg.loss_fused(*args, fused.int_params(opts) + [1], True)  # good labels pass
+    with pytest.raises(RuntimeError, match="iparams must have 4 or 5 values"):
+        torch.ops.deferredseg.loss_fused(*args, fused.int_params(opts) + [1, 0], True)
+    # Through the public call the message names the values, as the reference's does.
+    with pytest.raises(ValueError, match=r"expert_labels .* got value\(s\) \[2\]"):
+        deferredseg_loss(logits, target, bad, K, E, backend="cpu")
+
+
+def test_large_gradient_streamed():
+    # A gradient of >= 4 MiB is written with non-temporal stores; odd sizes make the
+    # rows start unaligned, so the aligned body and both unaligned ends are used.
+    K, E = 1, 3
+    logits, target, experts = make_inputs(1, K, E, (509, 419))
+    assert logits.numel() * 4 >= 4 << 20
+    assert_matches(logits, target, experts, K, E, grad_scale=0.7)
 
 
 def test_op_never_reads_out_of_bounds_on_bad_labels():

@@ -46,6 +46,13 @@
 #include "../common.h"
 #include "../dispatch.h"  // AccType
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define DS_HAVE_STREAM 1
+#else
+#define DS_HAVE_STREAM 0
+#endif
+
 // The kernel code is built with -fno-trapping-math (GCC): it never reads the
 // floating-point exception flags, and without it GCC does not if-convert a select
 // whose operand it has sunk into a branch, so the loops over pixels would stay
@@ -94,6 +101,9 @@ using namespace loss;
 
 constexpr int64_t kTile = 256;       // pixels a tile
 constexpr int64_t kGrainTiles = 16;  // a thread takes at least this many tiles
+// A gradient at least this large is written with non-temporal stores (see stream_row):
+// it would not stay in a core's cache anyway.
+constexpr int64_t kStreamBytes = int64_t(4) << 20;
 
 enum Isa { kIsaBase = 0, kIsaV3 = 1, kIsaV4 = 2 };
 
@@ -956,6 +966,46 @@ DS_INLINE void loss_tile(const TileCtx<T>& c) {
 // They are inlined into the per-ISA workers below.
 // ---------------------------------------------------------------------------
 
+// Non-temporal stores of a float row (the gradient of a large input goes straight
+// to memory: it is not read again by this pass, and a normal store would first read
+// every line it writes). Head and tail up to 64-byte alignment use normal stores.
+#if DS_HAVE_STREAM
+#define DS_STREAM_ROW(ATTR, NAME, VEC, WIDTH, STORE, LOAD)                          \
+  ATTR inline void NAME(float* dst, const float* src, int64_t n) {                  \
+    int64_t i = 0;                                                                 \
+    while (i < n && (reinterpret_cast<uintptr_t>(dst + i) & 63) != 0) {             \
+      dst[i] = src[i];                                                             \
+      ++i;                                                                         \
+    }                                                                              \
+    for (; i + WIDTH <= n; i += WIDTH) STORE(dst + i, LOAD(src + i));               \
+    for (; i < n; ++i) dst[i] = src[i];                                            \
+  }
+DS_STREAM_ROW(, stream_row_base, __m128, 4, _mm_stream_ps, _mm_loadu_ps)
+#if DS_X86_VARIANTS
+DS_STREAM_ROW(DS_TARGET_V3, stream_row_v3, __m256, 8, _mm256_stream_ps, _mm256_loadu_ps)
+DS_STREAM_ROW(DS_TARGET_V4, stream_row_v4, __m512, 16, _mm512_stream_ps, _mm512_loadu_ps)
+#endif
+#endif
+
+template <int ISA>
+DS_INLINE void stream_row(float* dst, const float* src, int64_t n) {
+#if DS_HAVE_STREAM
+#if DS_X86_VARIANTS
+  if (ISA == kIsaV4) return stream_row_v4(dst, src, n);
+  if (ISA == kIsaV3) return stream_row_v3(dst, src, n);
+#endif
+  stream_row_base(dst, src, n);
+#else
+  std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
+#endif
+}
+
+inline void stream_fence() {
+#if DS_HAVE_STREAM
+  _mm_sfence();
+#endif
+}
+
 // Rows c0 .. c0 + nc - 1 of the tile, x at (b, 0, p0).
 template <typename scalar_t, typename T>
 DS_INLINE void load_rows(const scalar_t* x, int64_t xc, int64_t xp, int64_t c0, int64_t nc, int64_t n, T* out) {
@@ -1124,6 +1174,7 @@ struct Inputs {
   int64_t lb, le, lp;
   scalar_t* g;  // gradient (null: none)
   int64_t gb, gc, gp;
+  bool stream;  // write the gradient with non-temporal stores
   int64_t ignore, nlab;
 };
 
@@ -1258,8 +1309,8 @@ DS_INLINE void stats_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo
 
 template <int ISA, typename scalar_t>
 DS_INLINE void fused_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo,
-                                 const TileCtx<typename AccType<scalar_t>::type>& base, int64_t t0, int64_t t1,
-                                 double* part) {
+                                 const TileCtx<typename AccType<scalar_t>::type>& base, bool check_experts,
+                                 int64_t t0, int64_t t1, double* part, int64_t* bad) {
   using T = typename AccType<scalar_t>::type;
   const int64_t E = base.E, K = base.K, C = K + E + 2;
   Workspace<T> ws(C, E);
@@ -1310,11 +1361,23 @@ DS_INLINE void fused_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo
     load_target_at(in, b * in.tb + p0 * in.tp, n, c.valid, c.yf, c.y, ws.tv());
     load_rows(in.x + b * in.xb + p0 * in.xp, in.xc, in.xp, 0, C, n, c.X);
     load_experts_at(in, b * in.lb + p0 * in.lp, E, n, ws.tv(), c.ck);
+    if (check_experts) bad[t] = count_bad_experts_at(in, b * in.lb + p0 * in.lp, E, n);
     loss_tile<ISA>(c);
-    if (in.g != nullptr) store_rows(in.g + b * in.gb + p0 * in.gp, in.gc, in.gp, C, n, c.X);
+    if (in.g != nullptr) {
+      if constexpr (std::is_same<scalar_t, float>::value) {
+        if (in.stream && in.gp == 1) {
+          for (int64_t ch = 0; ch < C; ++ch) stream_row<ISA>(in.g + b * in.gb + p0 + ch * in.gc, c.X + ch * kTile, n);
+        } else {
+          store_rows(in.g + b * in.gb + p0 * in.gp, in.gc, in.gp, C, n, c.X);
+        }
+      } else {
+        store_rows(in.g + b * in.gb + p0 * in.gp, in.gc, in.gp, C, n, c.X);
+      }
+    }
     double* row = part + t * kNumSums;
     for (int s = 0; s < kNumSums; ++s) row[s] = static_cast<double>(out[s]);
   }
+  if (in.stream) stream_fence();
 }
 
 // The per-ISA copies of the workers and the dispatch between them.
@@ -1354,9 +1417,9 @@ DS_INLINE void fused_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo
    bool check_experts, int64_t t0, int64_t t1, double* part)
 #define DS_FUSED_PARAMS                                                                        \
   (const Inputs<scalar_t>& in, const Geometry& geo, const TileCtx<typename AccType<scalar_t>::type>& base, \
-   int64_t t0, int64_t t1, double* part)
+   bool check_experts, int64_t t0, int64_t t1, double* part, int64_t* bad)
 DS_WORKER_VARIANTS(stats_worker, DS_STATS_PARAMS, (in, geo, base, check_experts, t0, t1, part))
-DS_WORKER_VARIANTS(fused_worker, DS_FUSED_PARAMS, (in, geo, base, t0, t1, part))
+DS_WORKER_VARIANTS(fused_worker, DS_FUSED_PARAMS, (in, geo, base, check_experts, t0, t1, part, bad))
 
 DS_FP_REGION_END
 
@@ -1396,6 +1459,7 @@ Inputs<scalar_t> make_inputs(const LossProblem& pb, GradOut* grad) {
     in.gb = grad->flat.stride(0);
     in.gc = grad->flat.stride(1);
     in.gp = grad->flat.stride(2);
+    in.stream = grad->flat.numel() * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamBytes;
   }
   in.ignore = pb.ignore_index;
   in.nlab = pb.num_labels;
@@ -1476,6 +1540,7 @@ std::tuple<at::Tensor, at::Tensor> loss_fused_cpu(
   GradOut gout;
   if (compute_grad) gout = make_grad_out(logits, pb);
   std::vector<double> part(static_cast<size_t>(geo.tiles * kNumSums), 0.0);
+  std::vector<int64_t> bad(prm.check_experts ? static_cast<size_t>(geo.tiles) : 0, 0);
 
   if (geo.tiles > 0) {
     DS_DISPATCH_LOSS(pb, "loss_fused_cpu", [&] {
@@ -1505,9 +1570,15 @@ std::tuple<at::Tensor, at::Tensor> loss_fused_cpu(
       base.fast = std::is_same<T, float>::value && E <= kFastMaxExperts && cpu_fast_paths();
       const auto in = make_inputs<scalar_t>(pb, compute_grad ? &gout : nullptr);
       at::parallel_for(0, geo.tiles, kGrainTiles, [&](int64_t t0, int64_t t1) {
-        fused_worker<scalar_t>(in, geo, base, t0, t1, part.data());
+        fused_worker<scalar_t>(in, geo, base, prm.check_experts, t0, t1, part.data(), bad.data());
       });
     });
+  }
+  if (prm.check_experts) {
+    int64_t n_bad = 0;
+    for (const int64_t v : bad) n_bad += v;
+    TORCH_CHECK_VALUE(n_bad == 0, "expert_labels must hold labels in [0, ", pb.num_labels, ") or ignore_index=",
+                      pb.ignore_index, ", got ", n_bad, " value(s) outside");
   }
   const std::vector<double> sums = sum_rows(part, geo.tiles, kNumSums);
   double terms_d[kTermsLen];

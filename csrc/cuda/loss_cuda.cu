@@ -547,6 +547,8 @@ std::tuple<at::Tensor, at::Tensor> loss_fused_cuda(
   c10::cuda::CUDAGuard guard(logits.device());
   LossProblem pb = prepare_loss(op, logits, target, expert_labels, num_classes, num_experts, ignore_index);
   const LossParams prm = parse_loss_params(op, fparams, iparams);
+  TORCH_CHECK(!prm.check_experts, op, ": iparams[4] (check expert labels in the loss pass) is a CPU-kernel "
+              "option; on CUDA the labels are checked by loss_stats");
   check_stats(op, stats, logits, pb.E);
   const int64_t E = pb.E, n = pb.B * pb.P;
   const at::ScalarType acc = acc_dtype(logits);

@@ -37,9 +37,11 @@ def loss(logits: torch.Tensor, target: torch.Tensor, expert_labels: torch.Tensor
          return_terms: bool):
     """SPEC section 3 through the C++ kernels (CPU or CUDA, by the device of ``logits``).
 
-    Labels are range-checked eagerly on the CPU (the stats pass counts them for
-    free); on CUDA a bad target makes the loss NaN instead of a device sync.
+    Labels are range-checked eagerly on the CPU (the stats pass counts bad targets,
+    the loss pass bad expert labels, each where it reads them anyway); on CUDA a bad
+    target makes the loss NaN instead of a device sync.
     """
     return fused.fused_loss(torch.ops.deferredseg.loss_stats, torch.ops.deferredseg.loss_fused,
                             logits, target, expert_labels, opts, return_terms,
-                            check_labels_eagerly=(logits.device.type == "cpu"))
+                            check_labels_eagerly=(logits.device.type == "cpu"),
+                            experts_checked_in_loss=(logits.device.type == "cpu"))

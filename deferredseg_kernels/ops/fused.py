@@ -30,7 +30,10 @@ A fused backend provides two ops with the same contract:
     above. ``terms`` is ``[loss, seg, collab, gate, coherence,
     balance]`` (float64 for float64 logits, float32 otherwise); ``grad`` has the
     logits' shape and dtype (shape (0,) when ``compute_grad`` is false).
-    ``fparams`` = FPARAMS order, ``iparams`` = IPARAMS order below.
+    ``fparams`` = FPARAMS order, ``iparams`` = IPARAMS order below, optionally with
+    a fifth entry ``check_experts``: 1 makes the loss op itself raise ValueError on
+    expert labels out of range (the C++ CPU kernel reads them in that pass anyway,
+    so the stats pass need not read them a second time; other kernels refuse 1).
 
 The driver runs the stats op, all-reduces the balance sums when asked, runs the
 loss op, and wires autograd: the gradient is computed in the forward pass, and
@@ -169,27 +172,38 @@ def _as_param_tensor(values, logits: torch.Tensor) -> Optional[torch.Tensor]:
 
 def fused_loss(stats_op: Callable, loss_op: Callable, logits: torch.Tensor,
                target: torch.Tensor, expert_labels: torch.Tensor, opts: LossOptions,
-               return_terms: bool, check_labels_eagerly: bool):
-    """Run a fused backend. ``check_labels_eagerly``: raise on bad labels (CPU, eager)."""
+               return_terms: bool, check_labels_eagerly: bool, experts_checked_in_loss: bool = False):
+    """Run a fused backend. ``check_labels_eagerly``: raise on bad labels (CPU, eager).
+
+    ``experts_checked_in_loss``: the loss op checks the expert labels (iparams[4]),
+    so the stats op checks only the target.
+    """
     K, E = opts.num_classes, opts.num_experts
     class_weight = _as_param_tensor(opts.class_weight, logits)
     check_now = check_labels_eagerly and not is_compiling()
+    experts_in_loss = check_now and experts_checked_in_loss
     # The stats carry no gradient of their own: the loss op's gradient already holds the
     # balance term's path through them, so the stats op sees detached logits (an op
     # without an autograd formula must not sit on the backward graph).
     stats = stats_op(logits.detach(), target, expert_labels, class_weight, K, E,
-                     opts.ignore_index, check_now)
+                     opts.ignore_index, check_now and not experts_in_loss)
     if check_now and stats[E + 6].item() > 0:
         check_label_range(target, expert_labels, opts.num_labels, opts.ignore_index)
         raise ValueError("target must hold labels in "
                          f"[0, {opts.num_labels}) or ignore_index={opts.ignore_index}")
     stats, scale = _balance_stats(stats, E, opts.sync_balance)
     compute_grad = logits.requires_grad and torch.is_grad_enabled()
-    terms, _ = loss_op(logits, target, expert_labels, class_weight, stats,
-                       _as_param_tensor(opts.balance_low, logits),
-                       _as_param_tensor(opts.balance_high, logits),
-                       K, E, opts.ignore_index, float_params(opts, scale), int_params(opts),
-                       compute_grad)
+    iparams = int_params(opts) + ([1] if experts_in_loss else [])
+    try:
+        terms, _ = loss_op(logits, target, expert_labels, class_weight, stats,
+                           _as_param_tensor(opts.balance_low, logits),
+                           _as_param_tensor(opts.balance_high, logits),
+                           K, E, opts.ignore_index, float_params(opts, scale), iparams,
+                           compute_grad)
+    except ValueError:
+        if experts_in_loss:  # name the offending values, as the other paths do
+            check_label_range(target, expert_labels, opts.num_labels, opts.ignore_index)
+        raise
     loss = terms[0]
     # A target out of range (not checked eagerly on GPU) makes the loss NaN, never
     # an out-of-bounds read.
