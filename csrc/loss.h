@@ -169,9 +169,11 @@ struct GradOut {
   bool copy_back = false;
 };
 
-inline GradOut make_grad_out(const at::Tensor& logits, const LossProblem& pb) {
+// `buffer`: the gradient tensor to write (the CPU kernel's cached buffer), or
+// undefined for a new one like `logits`.
+inline GradOut make_grad_out(const at::Tensor& logits, const LossProblem& pb, at::Tensor buffer = at::Tensor()) {
   GradOut g;
-  g.grad = at::empty_like(logits);  // preserve_format
+  g.grad = buffer.defined() ? buffer : at::empty_like(logits);  // preserve_format
   at::Tensor f = g.grad.flatten(2);
   if (f.is_alias_of(g.grad)) {
     g.flat = f;

@@ -25,7 +25,7 @@ from ._ext import EXT as _EXT
 from .reference import RouteResult, TERM_NAMES, deferredseg_loss_reference, route_reference, split_logits
 
 __all__ = ["deferredseg_loss", "route", "split_logits", "available_backends", "RouteResult",
-           "LossOptions", "make_options", "loss_with_options", "TERM_NAMES"]
+           "LossOptions", "make_options", "loss_with_options", "TERM_NAMES", "empty_cache"]
 __version__ = "0.1.0"
 
 
@@ -133,3 +133,18 @@ def route(logits: torch.Tensor, num_classes: int, num_experts: int, threshold: f
                      allow_singleton_channel=False)
     impl = _dispatch.select(backend, "route", logits.device)
     return impl(logits, K, E, thr, mode, expert_labels)
+
+
+def empty_cache() -> int:
+    """Free the gradient buffer that the C++ CPU kernel keeps between calls.
+
+    For logits of 4 MiB to 256 MiB the CPU kernel reuses one gradient buffer from
+    call to call, once nothing of the caller's (tensor, view or storage) still
+    refers to it: a fresh buffer of that size costs a page fault per 4 KiB page on
+    every training step. Like ``torch.cuda.empty_cache()``, this hands the buffer
+    back; the environment variable ``DEFERREDSEG_CPU_GRAD_CACHE=0`` turns the reuse
+    off. Returns the number of bytes freed (0 without the compiled kernels).
+    """
+    if _EXT is None or not hasattr(torch.ops.deferredseg, "empty_cpu_cache"):
+        return 0
+    return int(torch.ops.deferredseg.empty_cpu_cache())

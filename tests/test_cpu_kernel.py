@@ -6,6 +6,7 @@ strided logits, determinism (also across thread counts and instruction sets),
 NaN propagation, bad labels, gradcheck, opcheck and torch.compile.
 """
 
+import gc
 import os
 import subprocess
 import sys
@@ -372,6 +373,45 @@ def test_large_gradient_streamed():
     logits, target, experts = make_inputs(1, K, E, (509, 419))
     assert logits.numel() * 4 >= 4 << 20
     assert_matches(logits, target, experts, K, E, grad_scale=0.7)
+
+
+def test_gradient_buffer_reused_only_when_free():
+    # Large gradients come from one cached buffer, reused only when nothing of the
+    # caller's still refers to its storage (a tensor, a view or the storage itself).
+    from deferredseg_kernels import empty_cache
+
+    K, E = 1, 3
+    logits, target, experts = make_inputs(1, K, E, (430, 430))
+    assert logits.numel() * 4 >= 4 << 20
+    empty_cache()
+
+    def grad_of(x):
+        leaf = x.detach().clone().requires_grad_(True)
+        deferredseg_loss(leaf, target, experts, K, E, backend="cpu").backward()
+        return leaf.grad
+
+    expected = grad_of(logits).clone()
+    for kind in ("tensor", "view", "storage"):
+        g1 = grad_of(logits)
+        ptr = g1.data_ptr()
+        held = {"tensor": lambda: g1, "view": lambda: g1[0, 2],
+                "storage": lambda: g1.untyped_storage()}[kind]()
+        del g1
+        gc.collect()
+        g2 = grad_of(logits * 0.5)  # must not be written into what is held
+        assert g2.data_ptr() != ptr, kind
+        if kind == "storage":
+            held = torch.empty(0).set_(held).view(expected.shape)
+        assert torch.equal(held, expected[0, 2] if kind == "view" else expected), kind
+        last = g2.data_ptr()
+        del g2, held
+        gc.collect()
+        g3 = grad_of(logits)  # nothing holds the cached buffer: reused
+        assert g3.data_ptr() == last, kind
+        torch.testing.assert_close(g3, expected, rtol=0, atol=0)
+        del g3
+    assert empty_cache() == logits.numel() * 4
+    assert empty_cache() == 0
 
 
 def test_op_never_reads_out_of_bounds_on_bad_labels():

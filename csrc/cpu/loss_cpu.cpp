@@ -39,6 +39,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -1471,6 +1472,59 @@ Inputs<scalar_t> make_inputs(const LossProblem& pb, GradOut* grad) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (PB).x.scalar_type(), NAME, __VA_ARGS__)
 
 // ---------------------------------------------------------------------------
+// The gradient buffer of large inputs. Every training step asks for a new
+// logits-sized gradient; for a buffer of several MiB the C library hands the pages
+// back to the system when it is freed, and the next step pays a page fault per 4 KiB
+// page touched (on a 2-core VM, more than the kernel itself). So the CPU kernel keeps
+// one buffer (the last one, when large) and reuses it as soon as nothing else holds
+// its storage: no tensor, view or storage object of the caller's may still point at
+// it. Each call returns a new tensor over that storage. `deferredseg_kernels.empty_cache()`
+// frees it; DEFERREDSEG_CPU_GRAD_CACHE=0 turns the reuse off.
+// ---------------------------------------------------------------------------
+constexpr int64_t kGradCacheMaxBytes = int64_t(256) << 20;
+
+struct GradCache {
+  std::mutex mu;
+  at::Tensor t;
+};
+inline GradCache& grad_cache() {
+  static GradCache* c = new GradCache();  // never destroyed: no teardown-order issues at exit
+  return *c;
+}
+inline bool grad_cache_enabled() {
+  static const bool on = [] {
+    const char* env = std::getenv("DEFERREDSEG_CPU_GRAD_CACHE");
+    return !(env != nullptr && std::string(env) == "0");
+  }();
+  return on;
+}
+
+inline at::Tensor grad_buffer(const at::Tensor& logits) {
+  const int64_t bytes = logits.numel() * static_cast<int64_t>(logits.element_size());
+  if (bytes < kStreamBytes || bytes > kGradCacheMaxBytes || !logits.is_non_overlapping_and_dense() ||
+      !grad_cache_enabled()) {
+    return at::Tensor();  // make_grad_out allocates
+  }
+  GradCache& c = grad_cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  const bool reusable = c.t.defined() && c.t.storage().use_count() == 1 && c.t.scalar_type() == logits.scalar_type() &&
+                        c.t.sizes().equals(logits.sizes()) && c.t.strides().equals(logits.strides());
+  if (!reusable) {
+    c.t = at::Tensor();  // release the old one first: no two buffers alive at once
+    c.t = at::empty_like(logits);
+  }
+  return at::empty({0}, logits.options()).set_(c.t.storage(), c.t.storage_offset(), c.t.sizes(), c.t.strides());
+}
+
+int64_t empty_cpu_cache() {
+  GradCache& c = grad_cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  const int64_t bytes = c.t.defined() ? static_cast<int64_t>(c.t.storage().nbytes()) : 0;
+  c.t = at::Tensor();
+  return bytes;
+}
+
+// ---------------------------------------------------------------------------
 // loss_stats
 // ---------------------------------------------------------------------------
 at::Tensor loss_stats_cpu(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& expert_labels,
@@ -1538,7 +1592,7 @@ std::tuple<at::Tensor, at::Tensor> loss_fused_cpu(
   const GradScales scales = grad_scales(sv, E, prm);
 
   GradOut gout;
-  if (compute_grad) gout = make_grad_out(logits, pb);
+  if (compute_grad) gout = make_grad_out(logits, pb, grad_buffer(logits));
   std::vector<double> part(static_cast<size_t>(geo.tiles * kNumSums), 0.0);
   std::vector<int64_t> bad(prm.check_experts ? static_cast<size_t>(geo.tiles) : 0, 0);
 
@@ -1591,6 +1645,11 @@ std::tuple<at::Tensor, at::Tensor> loss_fused_cpu(
 }
 
 }  // namespace cpu_loss
+
+TORCH_LIBRARY_FRAGMENT(deferredseg, m) {
+  // Frees the CPU kernel's cached gradient buffer; returns the bytes released.
+  m.def("empty_cpu_cache() -> int", &cpu_loss::empty_cpu_cache);
+}
 
 TORCH_LIBRARY_IMPL(deferredseg, CPU, m) {
   m.impl("loss_stats", &cpu_loss::loss_stats_cpu);

@@ -205,9 +205,10 @@ def fused_loss(stats_op: Callable, loss_op: Callable, logits: torch.Tensor,
             check_label_range(target, expert_labels, opts.num_labels, opts.ignore_index)
         raise
     loss = terms[0]
-    # A target out of range (not checked eagerly on GPU) makes the loss NaN, never
-    # an out-of-bounds read.
-    loss = torch.where(stats[E + 6] > 0, torch.full_like(loss, float("nan")), loss)
+    if not check_now:
+        # A target out of range (not checked eagerly on GPU or while compiling) makes
+        # the loss NaN, never an out-of-bounds read. (Checked eagerly, it has raised.)
+        loss = torch.where(stats[E + 6] > 0, torch.full_like(loss, float("nan")), loss)
     if not return_terms:
         return loss
     pbar = (stats[: E + 1] / stats[E + 7].clamp_min(1)).to(terms.dtype)
