@@ -1142,6 +1142,27 @@ struct LabelPtr {
   const void* p = nullptr;
   int kind = 2;
 };
+inline int64_t label_bytes(const LabelPtr& l) { return l.kind == 0 ? 1 : (l.kind == 1 ? 4 : 8); }
+
+// Tiles ahead that the workers prefetch. A tile reads a kTile-pixel stretch of some
+// 10 to 16 rows at once; each stretch is 1 to 2 KiB, so the rows cross a 4 KiB page
+// (where the hardware prefetcher stops) every few tiles. Measured on the 2-core CI
+// machine: 5 to 10 % faster than without, distances 1 to 4 alike.
+constexpr int64_t kPrefetchTiles = 2;
+
+// Software prefetch (into L2) of `nrows` rows of n elements of `bytes` each, rows
+// `row_stride` elements apart, from `base` + offset elements; unit stride only.
+DS_INLINE void prefetch_rows(const void* base, int64_t bytes, int64_t offset, int64_t row_stride, int64_t nrows,
+                             int64_t unit, int64_t n) {
+  if (unit != 1 || base == nullptr) return;
+  const char* p0 = static_cast<const char*>(base) + offset * bytes;
+  const int64_t len = n * bytes;
+  for (int64_t r = 0; r < nrows; ++r) {
+    const char* p = p0 + r * row_stride * bytes;
+    for (int64_t o = 0; o < len; o += 64) __builtin_prefetch(p + o, 0, 2);
+  }
+}
+
 template <typename L>
 DS_INLINE const L* label_at(const LabelPtr& l, int64_t offset) {
   return static_cast<const L*>(l.p) + offset;
@@ -1286,6 +1307,12 @@ DS_INLINE void stats_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo
   uint8_t* bits = ws.bits();
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t b = geo.batch(t), p0 = geo.first(t), n = geo.count(t);
+    if (t + kPrefetchTiles < t1) {
+      const int64_t tn = t + kPrefetchTiles;
+      const int64_t b1 = geo.batch(tn), q1 = geo.first(tn), n1 = geo.count(tn);
+      prefetch_rows(in.x, sizeof(scalar_t), b1 * in.xb + q1 * in.xp + K * in.xc, in.xc, E + 1, in.xp, n1);
+      prefetch_rows(in.t.p, label_bytes(in.t), b1 * in.tb + q1 * in.tp, 0, 1, in.tp, n1);
+    }
     c.n = n;
     const int64_t toff = b * in.tb + p0 * in.tp;
     int64_t bad = load_target_at(in, toff, n, c.valid, c.yf, c.y, ws.tv());
@@ -1330,6 +1357,17 @@ DS_INLINE void fused_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo
   int64_t cur_b = -1, next_map = 0;  // window: batch element, first tile not computed yet
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t b = geo.batch(t), j = geo.index(t), p0 = geo.first(t), n = geo.count(t);
+    if (t + kPrefetchTiles < t1) {
+      // The map tile computed ahead reads the logits and target first; the main
+      // pass of a tile reads the expert labels.
+      const int64_t tm = maps ? std::min(t + kPrefetchTiles + geo.ahead, geo.tiles - 1) : t + kPrefetchTiles;
+      const int64_t b1 = geo.batch(tm), q1 = geo.first(tm), n1 = geo.count(tm);
+      prefetch_rows(in.x, sizeof(scalar_t), b1 * in.xb + q1 * in.xp, in.xc, C, in.xp, n1);
+      prefetch_rows(in.t.p, label_bytes(in.t), b1 * in.tb + q1 * in.tp, 0, 1, in.tp, n1);
+      const int64_t b2 = geo.batch(t + kPrefetchTiles), q2 = geo.first(t + kPrefetchTiles),
+                    n2 = geo.count(t + kPrefetchTiles);
+      prefetch_rows(in.lab.p, label_bytes(in.lab), b2 * in.lb + q2 * in.lp, in.le, E, in.lp, n2);
+    }
     if (maps) {
       if (b != cur_b) {
         cur_b = b;
