@@ -125,6 +125,17 @@ def rescale(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (grad.to(acc) * scale.to(acc)).to(grad.dtype)
 
 
+def _logits_grad(ctx, grad_terms) -> Optional[torch.Tensor]:
+    """The backward of a fused loss op: the saved gradient times d(out)/d(terms[0])."""
+    (grad,) = ctx.saved_tensors
+    # Only terms[0] (the total loss) is differentiable; the other terms are handed
+    # out detached by the driver. A gradient made in forward has the logits' >= 3
+    # dims (possibly 0 elements); the shape-(0,) placeholder means no gradient.
+    if ctx.needs_input_grad[0] and grad.dim() > 1 and grad_terms is not None:
+        return rescale(grad, grad_terms[0])
+    return None
+
+
 def register_loss_autograd(op_name: str) -> None:
     """Autograd for a fused loss op: backward rescales the gradient made in forward."""
 
@@ -136,16 +147,36 @@ def register_loss_autograd(op_name: str) -> None:
         ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_terms, grad_grad):
-        (grad,) = ctx.saved_tensors
-        g = None
-        # Only terms[0] (the total loss) is differentiable; the other terms are handed
-        # out detached by the driver. A gradient made in forward has the logits' >= 3
-        # dims (possibly 0 elements); the shape-(0,) placeholder means no gradient.
-        if ctx.needs_input_grad[0] and grad.dim() > 1 and grad_terms is not None:
-            g = rescale(grad, grad_terms[0])
-        return (g,) + (None,) * 12
+        return (_logits_grad(ctx, grad_terms),) + (None,) * 12
 
     torch.library.register_autograd(op_name, backward, setup_context=setup_context)
+
+
+class _EagerLoss(torch.autograd.Function):
+    """The autograd of register_loss_autograd, for plain eager calls.
+
+    torch.library's autograd wrapper re-binds the op's 13 arguments to its schema on
+    every call, which costs more than the kernel itself on small inputs; eager calls
+    (no tracing, no functorch transform) go through this Function instead, which runs
+    the op on the detached logits (so the op's own autograd is not entered) and has
+    the same backward. Traced calls use the registered autograd.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, run):
+        terms, grad = run(logits.detach())
+        ctx.save_for_backward(grad)
+        ctx.set_materialize_grads(False)
+        return terms
+
+    @staticmethod
+    def backward(ctx, grad_terms):
+        return _logits_grad(ctx, grad_terms), None
+
+
+def _plain_eager(t: torch.Tensor) -> bool:
+    functorch = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+    return not _traced(t) and not functorch()
 
 
 def _balance_stats(stats: torch.Tensor, num_experts: int, sync: bool):
@@ -194,12 +225,14 @@ def fused_loss(stats_op: Callable, loss_op: Callable, logits: torch.Tensor,
     stats, scale = _balance_stats(stats, E, opts.sync_balance)
     compute_grad = logits.requires_grad and torch.is_grad_enabled()
     iparams = int_params(opts) + ([1] if experts_in_loss else [])
+    args = (target, expert_labels, class_weight, stats, _as_param_tensor(opts.balance_low, logits),
+            _as_param_tensor(opts.balance_high, logits), K, E, opts.ignore_index,
+            float_params(opts, scale), iparams, compute_grad)
     try:
-        terms, _ = loss_op(logits, target, expert_labels, class_weight, stats,
-                           _as_param_tensor(opts.balance_low, logits),
-                           _as_param_tensor(opts.balance_high, logits),
-                           K, E, opts.ignore_index, float_params(opts, scale), iparams,
-                           compute_grad)
+        if compute_grad and _plain_eager(logits):
+            terms = _EagerLoss.apply(logits, lambda x: loss_op(x, *args))
+        else:
+            terms, _ = loss_op(logits, *args)
     except ValueError:
         if experts_in_loss:  # name the offending values, as the other paths do
             check_label_range(target, expert_labels, opts.num_labels, opts.ignore_index)
