@@ -465,9 +465,62 @@ DS_LOSS_FN void class_weights(const TileCtx<T>& c) {
   }
 }
 
+// stats_tile for a compile-time E: the argmax loops of tile_routing_fast, then one
+// loop for the softmax and every sum (the routing arrays are not needed after it).
+template <int E, typename T>
+DS_LOSS_FN void stats_tile_fast(const TileCtx<T>& c) {
+  const int64_t n = c.n;
+  const T* __restrict__ R = c.X;
+  T* __restrict__ rb = c.rb;
+  DS_SIMD
+  for (int64_t i = 0; i < n; ++i) rb[i] = R[i];
+  for (int k = 1; k <= E; ++k) {
+    const T* __restrict__ r = R + k * kTile;
+    DS_SIMD
+    for (int64_t i = 0; i < n; ++i) {
+      const T v = r[i], cur = rb[i];
+      rb[i] = sel(argmax_step(v, cur), v, cur);
+    }
+  }
+  const T* __restrict__ valid = c.valid;
+  const T* __restrict__ w = c.w;
+  T s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0), s4 = T(0), nv = T(0), wsum = T(0);
+  DS_SIMD_SUM(s0, s1, s2, s3, s4, nv, wsum)
+  for (int64_t i = 0; i < n; ++i) {
+    T e[E + 1];
+    const T b = rb[i];
+    T s = T(0);
+#pragma GCC unroll 8
+    for (int k = 0; k <= E; ++k) {
+      e[k] = exp_nonpos(R[k * kTile + i] - b);
+      s += e[k];
+    }
+    const T inv = T(1) / s;
+    const bool ok = valid[i] != T(0);
+    s0 += sel(ok, e[0] * inv, T(0));
+    s1 += sel(ok, e[1] * inv, T(0));
+    if (E >= 2) s2 += sel(ok, e[E >= 2 ? 2 : 0] * inv, T(0));
+    if (E >= 3) s3 += sel(ok, e[E >= 3 ? 3 : 0] * inv, T(0));
+    if (E >= 4) s4 += sel(ok, e[E >= 4 ? 4 : 0] * inv, T(0));
+    const T wv = w[i];
+    nv += valid[i];
+    wsum += sel(ok, wv, T(0));
+  }
+  const T sums[5] = {s0, s1, s2, s3, s4};
+  for (int k = 0; k <= E; ++k) c.out[k] = sums[k];
+  c.out[E + 1] = nv;
+  c.out[E + 2] = wsum;
+}
+
 template <typename T>
 DS_LOSS_FN void stats_tile_impl(const TileCtx<T>& c) {
   class_weights(c);
+  if constexpr (std::is_same<T, float>::value) {
+    if (c.fast) {
+      DS_WITH_FAST_E(c.E, stats_tile_fast<NE>(c))
+      return;
+    }
+  }
   tile_routing(c, c.X, false);
   const int64_t n = c.n;
   const T* __restrict__ valid = c.valid;
@@ -1312,6 +1365,10 @@ DS_INLINE void stats_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo
       const int64_t b1 = geo.batch(tn), q1 = geo.first(tn), n1 = geo.count(tn);
       prefetch_rows(in.x, sizeof(scalar_t), b1 * in.xb + q1 * in.xp + K * in.xc, in.xc, E + 1, in.xp, n1);
       prefetch_rows(in.t.p, label_bytes(in.t), b1 * in.tb + q1 * in.tp, 0, 1, in.tp, n1);
+      if (geo.nd > 1 && q1 + geo.st[0] < geo.P) {  // the pairs along the first axis read it
+        prefetch_rows(in.t.p, label_bytes(in.t), b1 * in.tb + (q1 + geo.st[0]) * in.tp, 0, 1, in.tp,
+                      std::min(n1, geo.P - q1 - geo.st[0]));
+      }
     }
     c.n = n;
     const int64_t toff = b * in.tb + p0 * in.tp;
