@@ -1169,24 +1169,27 @@ DS_INLINE int64_t count_bad_experts(const label_t* l, int64_t le, int64_t lp, in
 
 // Valid pairs (p, p + s) of a tile along one axis: `bits` of the tile, `next` the
 // target at p0 + s (t + s * tp), of which `avail` pixels exist in the batch element.
+// Two loops of one element width each (labels to a 0/1 row in `tmp`, then the count
+// in T, exact for a tile): one loop mixing 64-bit labels, bytes and floats
+// vectorised into many narrow pieces.
 template <typename label_t, typename T>
 DS_INLINE int64_t count_pairs(const label_t* next, int64_t tp, int64_t n, int64_t avail, int64_t ignore,
-                              const T* __restrict__ valid, const uint8_t* __restrict__ bits, uint8_t next_bit) {
-  int64_t cnt = 0;
+                              const T* __restrict__ valid, const uint8_t* __restrict__ bits, uint8_t next_bit,
+                              T* __restrict__ tmp) {
   const int64_t m = std::min(n, avail);
   if (tp == 1) {
-    DS_SIMD_SUM(cnt)
-    for (int64_t i = 0; i < m; ++i) {
-      const int64_t v = static_cast<int64_t>(next[i]);
-      cnt += sel<int64_t>((valid[i] != T(0)) & ((bits[i] & next_bit) != 0) & (v != ignore), 1, 0);
-    }
+    DS_SIMD
+    for (int64_t i = 0; i < m; ++i) tmp[i] = sel(static_cast<int64_t>(next[i]) != ignore, T(1), T(0));
   } else {
-    for (int64_t i = 0; i < m; ++i) {
-      const int64_t v = static_cast<int64_t>(next[i * tp]);
-      cnt += sel<int64_t>((valid[i] != T(0)) & ((bits[i] & next_bit) != 0) & (v != ignore), 1, 0);
-    }
+    for (int64_t i = 0; i < m; ++i) tmp[i] = sel(static_cast<int64_t>(next[i * tp]) != ignore, T(1), T(0));
   }
-  return cnt;  // pixels past `avail` have no neighbour along this axis
+  T cnt = T(0);
+  DS_SIMD_SUM(cnt)
+  for (int64_t i = 0; i < m; ++i) {
+    const T both = valid[i] * tmp[i];
+    cnt += sel((bits[i] & next_bit) != 0, both, T(0));
+  }
+  return static_cast<int64_t>(cnt);  // pixels past `avail` have no neighbour along this axis
 }
 
 // Label tensors are read through their dtype code (0 uint8, 1 int32, 2 int64),
@@ -1274,9 +1277,9 @@ DS_INLINE int64_t count_bad_experts_at(const Inputs<scalar_t>& in, int64_t offse
 }
 template <typename scalar_t, typename T>
 DS_INLINE int64_t count_pairs_at(const Inputs<scalar_t>& in, int64_t offset, int64_t n, int64_t avail, const T* valid,
-                                 const uint8_t* bits, uint8_t next_bit) {
+                                 const uint8_t* bits, uint8_t next_bit, T* tmp) {
   int64_t cnt = 0;
-  DS_LABEL_SWITCH(in.t, cnt = count_pairs(label_at<label_t>(in.t, offset), in.tp, n, avail, in.ignore, valid, bits, next_bit))
+  DS_LABEL_SWITCH(in.t, cnt = count_pairs(label_at<label_t>(in.t, offset), in.tp, n, avail, in.ignore, valid, bits, next_bit, tmp))
   return cnt;
 }
 
@@ -1385,7 +1388,7 @@ DS_INLINE void stats_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo
       if (d < geo.nd) {
         const int64_t s = geo.st[d];
         cnt = count_pairs_at(in, toff + s * in.tp, n, geo.P - p0 - s, c.valid, bits,
-                             static_cast<uint8_t>(1u << (2 * d + 1)));
+                             static_cast<uint8_t>(1u << (2 * d + 1)), c.acc);  // acc: free here
       }
       row[E + 4 + d] = static_cast<double>(cnt);
     }
