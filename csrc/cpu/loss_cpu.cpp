@@ -292,6 +292,32 @@ struct Workspace {
 // Compute steps on a loaded tile (vectorised loops over its pixels).
 // ---------------------------------------------------------------------------
 
+// rb = max and ri = argmax (first index; a NaN wins, as argmax_step says) of the
+// E + 1 rows at R, a loop a channel.
+template <typename T>
+DS_LOSS_FN void tile_argmax(const TileCtx<T>& c, const T* R, int64_t E) {
+  const int64_t n = c.n;
+  T* __restrict__ rb = c.rb;
+  int32_t* __restrict__ ri = c.ri;
+  DS_SIMD
+  for (int64_t i = 0; i < n; ++i) {
+    rb[i] = R[i];
+    ri[i] = 0;
+  }
+  for (int64_t k = 1; k <= E; ++k) {
+    const T* __restrict__ r = R + k * kTile;
+    const int32_t kk = static_cast<int32_t>(k);
+    DS_SIMD
+    for (int64_t i = 0; i < n; ++i) {
+      const T v = r[i], cur = rb[i];
+      const int32_t cur_i = ri[i];
+      const bool take = argmax_step(v, cur);
+      rb[i] = sel(take, v, cur);
+      ri[i] = sel(take, kk, cur_i);
+    }
+  }
+}
+
 // tile_routing for a compile-time E: one loop, the E + 1 channels of a pixel in
 // registers. The same operations in the same order as the generic loops below, so
 // the results are the same bits.
@@ -299,30 +325,14 @@ template <int E, bool LOG, typename T>
 DS_LOSS_FN void tile_routing_fast(const TileCtx<T>& c, const T* R) {
   const int64_t n = c.n;
   T* __restrict__ pi = c.pi;
-  T* __restrict__ rb = c.rb;
-  int32_t* __restrict__ ri = c.ri;
+  const T* __restrict__ rb = c.rb;
   T* __restrict__ rs = c.rs;
   T* __restrict__ rinv = c.rinv;
   T* __restrict__ rlog = c.rlog;
   T* __restrict__ D = c.D;
-  // The NaN-aware argmax as in the generic code, a loop a channel (GCC does not
-  // vectorise it unrolled inside the loop below).
-  DS_SIMD
-  for (int64_t i = 0; i < n; ++i) {
-    rb[i] = R[i];
-    ri[i] = 0;
-  }
-  for (int k = 1; k <= E; ++k) {
-    const T* __restrict__ r = R + k * kTile;
-    DS_SIMD
-    for (int64_t i = 0; i < n; ++i) {
-      const T v = r[i], cur = rb[i];
-      const int32_t cur_i = ri[i];
-      const bool take = argmax_step(v, cur);
-      rb[i] = sel(take, v, cur);
-      ri[i] = sel(take, static_cast<int32_t>(k), cur_i);
-    }
-  }
+  // The NaN-aware argmax, a loop a channel (GCC does not vectorise it unrolled
+  // inside the loop below).
+  tile_argmax(c, R, E);
   DS_SIMD
   for (int64_t i = 0; i < n; ++i) {
     T e[E + 1];
@@ -386,28 +396,14 @@ DS_LOSS_FN void tile_routing(const TileCtx<T>& c, const T* R, bool want_log) {
       return;
     }
   }
-  T* __restrict__ rb = c.rb;
-  int32_t* __restrict__ ri = c.ri;
+  tile_argmax(c, R, E);
+  const T* __restrict__ rb = c.rb;
   T* __restrict__ rs = c.rs;
   T* __restrict__ D = c.D;
   DS_SIMD
   for (int64_t i = 0; i < n; ++i) {
-    rb[i] = R[i];
-    ri[i] = 0;
     rs[i] = T(0);
     D[i] = T(0);
-  }
-  for (int64_t k = 1; k <= E; ++k) {
-    const T* __restrict__ r = R + k * kTile;
-    const int32_t kk = static_cast<int32_t>(k);
-    DS_SIMD
-    for (int64_t i = 0; i < n; ++i) {
-      const T v = r[i], cur = rb[i];
-      const int32_t cur_i = ri[i];
-      const bool take = argmax_step(v, cur);
-      rb[i] = sel(take, v, cur);
-      ri[i] = sel(take, kk, cur_i);
-    }
   }
   for (int64_t k = 0; k <= E; ++k) {
     const T* __restrict__ r = R + k * kTile;
@@ -465,23 +461,14 @@ DS_LOSS_FN void class_weights(const TileCtx<T>& c) {
   }
 }
 
-// stats_tile for a compile-time E: the argmax loops of tile_routing_fast, then one
+// stats_tile for a compile-time E: the argmax loops, then one
 // loop for the softmax and every sum (the routing arrays are not needed after it).
 template <int E, typename T>
 DS_LOSS_FN void stats_tile_fast(const TileCtx<T>& c) {
   const int64_t n = c.n;
   const T* __restrict__ R = c.X;
-  T* __restrict__ rb = c.rb;
-  DS_SIMD
-  for (int64_t i = 0; i < n; ++i) rb[i] = R[i];
-  for (int k = 1; k <= E; ++k) {
-    const T* __restrict__ r = R + k * kTile;
-    DS_SIMD
-    for (int64_t i = 0; i < n; ++i) {
-      const T v = r[i], cur = rb[i];
-      rb[i] = sel(argmax_step(v, cur), v, cur);
-    }
-  }
+  tile_argmax(c, R, E);
+  const T* __restrict__ rb = c.rb;
   const T* __restrict__ valid = c.valid;
   const T* __restrict__ w = c.w;
   T s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0), s4 = T(0), nv = T(0), wsum = T(0);
