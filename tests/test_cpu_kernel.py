@@ -602,6 +602,20 @@ def test_opcheck():
                                compute_grad))
 
 
+def test_opcheck_with_the_cached_gradient_buffer():
+    # A gradient of >= 4 MiB comes from the kernel's reused buffer; the op's contract
+    # (schema, fake kernel, autograd, repeated calls under AOT dispatch) still holds.
+    K, E = 1, 3
+    logits, target, experts = make_inputs(1, K, E, (430, 430))
+    opts = make_options(K, E)
+    stats = torch.ops.deferredseg.loss_stats(logits, target, experts, None, K, E, -100, False)
+    x = logits.clone().requires_grad_(True)
+    torch.library.opcheck(torch.ops.deferredseg.loss_fused.default,
+                          (x, target, experts, None, torch.cat([stats, stats[E + 1:E + 2]]), None,
+                           None, K, E, -100, fused.float_params(opts, 1.0), fused.int_params(opts),
+                           True))
+
+
 def test_torch_compile_fullgraph():
     K, E = 1, 3
     logits, target, experts = make_inputs(2, K, E, (6, 7))
