@@ -292,30 +292,33 @@ struct Workspace {
 // Compute steps on a loaded tile (vectorised loops over its pixels).
 // ---------------------------------------------------------------------------
 
-// rb = max and ri = argmax (first index; a NaN wins, as argmax_step says) of the
-// E + 1 rows at R, a loop a channel.
+// best = max and idx = argmax (first index; a NaN wins, as argmax_step says) of the
+// `rows` rows at R (kTile apart), a loop a row.
 template <typename T>
-DS_LOSS_FN void tile_argmax(const TileCtx<T>& c, const T* R, int64_t E) {
-  const int64_t n = c.n;
-  T* __restrict__ rb = c.rb;
-  int32_t* __restrict__ ri = c.ri;
+DS_LOSS_FN void rows_argmax(int64_t n, const T* R, int64_t rows, T* __restrict__ best, int32_t* __restrict__ idx) {
   DS_SIMD
   for (int64_t i = 0; i < n; ++i) {
-    rb[i] = R[i];
-    ri[i] = 0;
+    best[i] = R[i];
+    idx[i] = 0;
   }
-  for (int64_t k = 1; k <= E; ++k) {
+  for (int64_t k = 1; k < rows; ++k) {
     const T* __restrict__ r = R + k * kTile;
     const int32_t kk = static_cast<int32_t>(k);
     DS_SIMD
     for (int64_t i = 0; i < n; ++i) {
-      const T v = r[i], cur = rb[i];
-      const int32_t cur_i = ri[i];
+      const T v = r[i], cur = best[i];
+      const int32_t cur_i = idx[i];
       const bool take = argmax_step(v, cur);
-      rb[i] = sel(take, v, cur);
-      ri[i] = sel(take, kk, cur_i);
+      best[i] = sel(take, v, cur);
+      idx[i] = sel(take, kk, cur_i);
     }
   }
+}
+
+// rb, ri: the max and argmax of the E + 1 routing rows at R.
+template <typename T>
+DS_LOSS_FN void tile_argmax(const TileCtx<T>& c, const T* R, int64_t E) {
+  rows_argmax(c.n, R, E + 1, c.rb, c.ri);
 }
 
 // tile_routing for a compile-time E: one loop, the E + 1 channels of a pixel in
@@ -743,24 +746,11 @@ DS_LOSS_FN void loss_tile_impl(const TileCtx<T>& c) {
     T* __restrict__ zs = c.zs;
     T* __restrict__ zy = c.zy;
     int32_t* __restrict__ zi = c.zi;
+    rows_argmax(n, c.X, K, zb, zi);
     DS_SIMD
     for (int64_t i = 0; i < n; ++i) {
-      zb[i] = c.X[i];
-      zi[i] = 0;
       zs[i] = T(0);
       zy[i] = T(0);
-    }
-    for (int64_t k = 1; k < K; ++k) {
-      const T* __restrict__ z = c.X + k * kTile;
-      const int32_t kk = static_cast<int32_t>(k);
-      DS_SIMD
-      for (int64_t i = 0; i < n; ++i) {
-        const T v = z[i], cur = zb[i];
-        const int32_t cur_i = zi[i];
-        const bool take = argmax_step(v, cur);
-        zb[i] = sel(take, v, cur);
-        zi[i] = sel(take, kk, cur_i);
-      }
     }
     for (int64_t k = 0; k < K; ++k) {
       T* __restrict__ z = c.X + k * kTile;
