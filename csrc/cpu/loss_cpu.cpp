@@ -1100,13 +1100,23 @@ DS_INLINE int64_t load_target(const label_t* t, int64_t tp, int64_t n, int64_t i
 }
 
 // Expert correctness c_j = [m_j == y and m_j != ignore_index] (l at (b, 0, p0)).
+// With count_bad, also returns the number of expert labels out of [0, nlab) that are
+// not ignore_index, counted in the same loop (0 otherwise).
 template <typename label_t, typename T>
-DS_INLINE void load_experts(const label_t* l, int64_t le, int64_t lp, int64_t E, int64_t n, int64_t ignore,
-                            const int64_t* __restrict__ tv, T* ck) {
+DS_INLINE int64_t load_experts(const label_t* l, int64_t le, int64_t lp, int64_t E, int64_t n, int64_t ignore,
+                               int64_t nlab, bool count_bad, const int64_t* __restrict__ tv, T* ck) {
+  int64_t bad = 0;
   for (int64_t j = 0; j < E; ++j) {
     const label_t* __restrict__ src = l + j * le;
     T* __restrict__ dst = ck + j * kTile;
-    if (lp == 1) {
+    if (lp == 1 && count_bad) {
+      DS_SIMD_SUM(bad)
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t v = static_cast<int64_t>(src[i]);
+        dst[i] = sel((v != ignore) & (v == tv[i]), T(1), T(0));
+        bad += sel<int64_t>((v != ignore) & ((v < 0) | (v >= nlab)), 1, 0);
+      }
+    } else if (lp == 1) {
       DS_SIMD
       for (int64_t i = 0; i < n; ++i) {
         const int64_t v = static_cast<int64_t>(src[i]);
@@ -1116,9 +1126,11 @@ DS_INLINE void load_experts(const label_t* l, int64_t le, int64_t lp, int64_t E,
       for (int64_t i = 0; i < n; ++i) {
         const int64_t v = static_cast<int64_t>(src[i * lp]);
         dst[i] = sel((v != ignore) & (v == tv[i]), T(1), T(0));
+        bad += sel<int64_t>((v != ignore) & ((v < 0) | (v >= nlab)), 1, 0);
       }
     }
   }
+  return count_bad ? bad : 0;
 }
 
 // Expert labels out of range that are not ignore_index.
@@ -1242,9 +1254,12 @@ DS_INLINE int64_t load_target_at(const Inputs<scalar_t>& in, int64_t offset, int
   return bad;
 }
 template <typename scalar_t, typename T>
-DS_INLINE void load_experts_at(const Inputs<scalar_t>& in, int64_t offset, int64_t E, int64_t n, const int64_t* tv,
-                               T* ck) {
-  DS_LABEL_SWITCH(in.lab, load_experts(label_at<label_t>(in.lab, offset), in.le, in.lp, E, n, in.ignore, tv, ck))
+DS_INLINE int64_t load_experts_at(const Inputs<scalar_t>& in, int64_t offset, int64_t E, int64_t n, bool count_bad,
+                                  const int64_t* tv, T* ck) {
+  int64_t bad = 0;
+  DS_LABEL_SWITCH(in.lab, bad = load_experts(label_at<label_t>(in.lab, offset), in.le, in.lp, E, n, in.ignore, in.nlab,
+                                             count_bad, tv, ck))
+  return bad;
 }
 template <typename scalar_t>
 DS_INLINE int64_t count_bad_experts_at(const Inputs<scalar_t>& in, int64_t offset, int64_t E, int64_t n) {
@@ -1436,8 +1451,8 @@ DS_INLINE void fused_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo
     c.n = n;
     load_target_at(in, b * in.tb + p0 * in.tp, n, c.valid, c.yf, c.y, ws.tv());
     load_rows(in.x + b * in.xb + p0 * in.xp, in.xc, in.xp, 0, C, n, c.X);
-    load_experts_at(in, b * in.lb + p0 * in.lp, E, n, ws.tv(), c.ck);
-    if (check_experts) bad[t] = count_bad_experts_at(in, b * in.lb + p0 * in.lp, E, n);
+    const int64_t bad_experts = load_experts_at(in, b * in.lb + p0 * in.lp, E, n, check_experts, ws.tv(), c.ck);
+    if (check_experts) bad[t] = bad_experts;
     loss_tile<ISA>(c);
     if (in.g != nullptr) {
       if constexpr (std::is_same<scalar_t, float>::value) {
