@@ -1052,11 +1052,18 @@ DS_INLINE void load_rows(const scalar_t* x, int64_t xc, int64_t xp, int64_t c0, 
   }
 }
 
-template <typename scalar_t, typename T>
-DS_INLINE void store_rows(scalar_t* g, int64_t gc, int64_t gp, int64_t nc, int64_t n, const T* in) {
+// `stream`: non-temporal stores (float rows of unit stride only; see stream_row).
+template <int ISA, typename scalar_t, typename T>
+DS_INLINE void store_rows(scalar_t* g, int64_t gc, int64_t gp, int64_t nc, int64_t n, const T* in, bool stream) {
   for (int64_t c = 0; c < nc; ++c) {
     scalar_t* __restrict__ dst = g + c * gc;
     const T* __restrict__ src = in + c * kTile;
+    if constexpr (std::is_same<scalar_t, float>::value && std::is_same<T, float>::value) {
+      if (stream && gp == 1) {
+        stream_row<ISA>(dst, src, n);
+        continue;
+      }
+    }
     if (gp == 1) {
       DS_SIMD
       for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
@@ -1454,17 +1461,7 @@ DS_INLINE void fused_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo
     const int64_t bad_experts = load_experts_at(in, b * in.lb + p0 * in.lp, E, n, check_experts, ws.tv(), c.ck);
     if (check_experts) bad[t] = bad_experts;
     loss_tile<ISA>(c);
-    if (in.g != nullptr) {
-      if constexpr (std::is_same<scalar_t, float>::value) {
-        if (in.stream && in.gp == 1) {
-          for (int64_t ch = 0; ch < C; ++ch) stream_row<ISA>(in.g + b * in.gb + p0 + ch * in.gc, c.X + ch * kTile, n);
-        } else {
-          store_rows(in.g + b * in.gb + p0 * in.gp, in.gc, in.gp, C, n, c.X);
-        }
-      } else {
-        store_rows(in.g + b * in.gb + p0 * in.gp, in.gc, in.gp, C, n, c.X);
-      }
-    }
+    if (in.g != nullptr) store_rows<ISA>(in.g + b * in.gb + p0 * in.gp, in.gc, in.gp, C, n, c.X, in.stream);
     double* row = part + t * kNumSums;
     for (int s = 0; s < kNumSums; ++s) row[s] = static_cast<double>(out[s]);
   }
