@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from deferredseg_kernels import LossOptions as _Loss
+
 METHODS = ("deferredseg", "no-coherence", "no-balance", "model-only", "confidence", "l2d-single")
 LAYOUTS = ("synthetic", "medsam-npy", "multirater")
 PROFILES = ("same-accuracy", "complementary", "structured")
@@ -40,14 +42,15 @@ class TrainConfig:
     # method and loss
     method: str = "deferredseg"
     backend: str = "auto"
-    lambda_seg: float = 1.0
-    lambda_collab: float = 1.0
-    lambda_gate: float = 1.0
-    lambda_coherence: float = 0.1
-    lambda_balance: float = 0.1
-    surrogate: str = "softmax"
-    coherence: str = "l1"
-    balance: str = "cv2"
+    # the loss options' defaults are the objective's own (deferredseg_kernels.LossOptions)
+    lambda_seg: float = _Loss.lambda_seg
+    lambda_collab: float = _Loss.lambda_collab
+    lambda_gate: float = _Loss.lambda_gate
+    lambda_coherence: float = _Loss.lambda_coherence
+    lambda_balance: float = _Loss.lambda_balance
+    surrogate: str = _Loss.surrogate
+    coherence: str = _Loss.coherence
+    balance: str = _Loss.balance
     # optimisation
     epochs: int = 20
     batch_size: int = 4
