@@ -165,6 +165,31 @@ def test_low_precision(dtype, K):
     assert gerr <= 2 * ref_gerr + 1e-6 * hgrad.abs().max(), (float(gerr), float(ref_gerr))
 
 
+@pytest.mark.parametrize("K", [1, 3])
+def test_extreme_logits_against_float64(K):
+    """The kernel's own exp / log / log1p polynomials over the whole float32 range.
+
+    Logits from tiny to beyond the exp underflow (|x| > 87) and huge; float32 kernel
+    vs the float64 reference, at most twice the float32 reference's own error.
+    """
+    E = 3
+    logits, target, experts = make_inputs(2, K, E, (16, 24), dtype=torch.float64)
+    g = torch.Generator().manual_seed(7)
+    mags = torch.tensor([0.0, 1e-7, 1e-3, 0.5, 3.0, 20.0, 86.5, 87.5, 95.0, 1e4], dtype=torch.float64)
+    pick = torch.randint(0, mags.numel(), logits.shape, generator=g)
+    sign = torch.where(torch.rand(logits.shape, generator=g) < 0.5, -1.0, 1.0).double()
+    logits = (mags[pick] * sign).float()
+    loss, _, grad = run("cpu", logits, target, experts, K, E)
+    rloss, _, rgrad = run("reference", logits, target, experts, K, E)
+    hloss, _, hgrad = run("reference", logits.double(), target, experts, K, E)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    err, ref_err = (loss.double() - hloss).abs(), (rloss.double() - hloss).abs()
+    assert err <= 2 * ref_err + 1e-6 * hloss.abs(), (float(err), float(ref_err))
+    gerr = (grad.double() - hgrad).abs().max()
+    ref_gerr = (rgrad.double() - hgrad).abs().max()
+    assert gerr <= 2 * ref_gerr + 1e-6 * hgrad.abs().max(), (float(gerr), float(ref_gerr))
+
+
 # --------------------------------------------------------------------------- layouts
 
 

@@ -218,7 +218,8 @@ struct TileCtx {
   int nd = 1;
   int64_t st[kMaxSpatial] = {0, 0, 0};
   bool paper = false, l2 = false, grad = false;
-  bool routing_ready = false;  // rb, ri, rs, rinv, D and pi already hold this tile's routing
+  bool routing_ready = false;  // rb, ri, rs, rinv, D, pi and lgate, dgate, dsa already hold this tile's
+                               // routing and gate term (computed by maps_tile)
   bool fast = false;           // E <= kFastMaxExperts, float accumulation: the unrolled paths
   int maps = 0;
   T gate_mse = 0, gate_sparsity = 0, eps = 0;
@@ -536,6 +537,31 @@ DS_LOSS_FN void stats_tile_impl(const TileCtx<T>& c) {
   c.out[c.E + 2] = wsum;
 }
 
+// The gate term of a tile with gate logits a (needs ri and D): lgate, its derivative
+// dgate with respect to a, dsa = ds/da, and with S also s = sigmoid(a) at mapS.
+template <bool S, typename T>
+DS_LOSS_FN void tile_gate(const TileCtx<T>& c, const T* a) {
+  const int64_t n = c.n;
+  const int32_t Ei = static_cast<int32_t>(c.E);
+  const int32_t* __restrict__ ri = c.ri;
+  const T* __restrict__ D = c.D;
+  T* __restrict__ lgate = c.lgate;
+  T* __restrict__ dgate = c.dgate;
+  T* __restrict__ dsa = c.dsa;
+  T* __restrict__ ms = c.mapS;
+  const T gm = c.gate_mse, gsp = c.gate_sparsity;
+  DS_SIMD
+  for (int64_t i = 0; i < n; ++i) {
+    const T h = sel(ri[i] < Ei, T(1), T(0));
+    T l, dl, sv, ds;
+    gate_pixel(a[i], h, D[i], gm, gsp, l, dl, sv, ds);
+    lgate[i] = l;
+    dgate[i] = dl;
+    dsa[i] = ds;
+    if (S) ms[i] = sv;
+  }
+}
+
 // Maps of a tile: the valid mask, D (router) and s = sigmoid(a) (gate), written at
 // vm_out, mapD, mapS. X holds the E + 1 routing rows then the gate row.
 template <typename T>
@@ -547,18 +573,19 @@ DS_LOSS_FN void maps_tile_impl(const TileCtx<T>& c) {
     DS_SIMD
     for (int64_t i = 0; i < n; ++i) vm[i] = sel<uint8_t>(valid[i] != T(0), 1, 0);
   }
-  tile_routing(c, c.X, false);  // kept for the tile's main pass (see fused_worker_impl)
+  // Routing and gate are kept for the tile's main pass (see fused_worker_impl).
+  tile_routing(c, c.X, false);
   if (c.maps & kMapRouter) {
     T* __restrict__ out = c.mapD;
     const T* __restrict__ D = c.D;
     DS_SIMD
     for (int64_t i = 0; i < n; ++i) out[i] = D[i];
   }
+  const T* a = c.X + (c.E + 1) * kTile;
   if (c.maps & kMapGate) {
-    const T* __restrict__ a = c.X + (c.E + 1) * kTile;
-    T* __restrict__ out = c.mapS;
-    DS_SIMD
-    for (int64_t i = 0; i < n; ++i) out[i] = sigmoid(a[i]);
+    tile_gate<true>(c, a);
+  } else {
+    tile_gate<false>(c, a);
   }
 }
 
@@ -636,7 +663,8 @@ DS_LOSS_FN void tile_coherence_all(const TileCtx<T>& c) {
 // Everything after the segmentation term, for a compile-time E: collab, balance,
 // gate, and (GRAD) the gradient of the routing and gate logits, in one loop with the
 // E + 1 channels of a pixel in registers. Needs: the routing of the tile (pi, rb, rs,
-// ri, D), the coherence derivatives gD, gS (tile_coherence_all), lseg and the c_k rows.
+// D), its gate term (tile_gate), the coherence derivatives gD, gS
+// (tile_coherence_all), lseg and the c_k rows.
 // The formulas are those of the generic loops in loss_tile_impl.
 template <int E, bool PAPER, bool GRAD, typename T>
 DS_LOSS_FN void loss_rest_fast(const TileCtx<T>& c) {
@@ -648,14 +676,16 @@ DS_LOSS_FN void loss_rest_fast(const TileCtx<T>& c) {
   const T* __restrict__ ckr = c.ck;
   const T* __restrict__ rb = c.rb;
   const T* __restrict__ rs = c.rs;
-  const int32_t* __restrict__ ri = c.ri;
   const T* __restrict__ D = c.D;
   const T* __restrict__ gD = c.gD;
   const T* __restrict__ gS = c.gS;
   const T* __restrict__ lseg = c.lseg;
+  const T* __restrict__ lgate = c.lgate;
+  const T* __restrict__ dgate = c.dgate;
+  const T* __restrict__ dsa = c.dsa;
   T bal[E + 1];
   for (int k = 0; k <= E; ++k) bal[k] = c.bal[k];
-  const T cc = c.scale_collab, cg = c.scale_gate, gm = c.gate_mse, gsp = c.gate_sparsity, eps = c.eps;
+  const T cc = c.scale_collab, cg = c.scale_gate, eps = c.eps;
   T sseg = T(0), scol = T(0), sgate = T(0);
   DS_SIMD_SUM(sseg, scol, sgate)
   for (int64_t i = 0; i < n; ++i) {
@@ -688,11 +718,8 @@ DS_LOSS_FN void loss_rest_fast(const TileCtx<T>& c) {
     T bsum = T(0);
 #pragma GCC unroll 8
     for (int k = 0; k <= E; ++k) bsum += bal[k] * p[k];
-    const T h = sel(ri[i] < static_cast<int32_t>(E), T(1), T(0));
-    T lg, dl, s, ds;
-    gate_pixel(a[i], h, D[i], gm, gsp, lg, dl, s, ds);
     if (GRAD) {
-      const T ga = cg * dl + gS[i] * ds;
+      const T ga = cg * dgate[i] + gS[i] * dsa[i];
       const T common = routing_common<PAPER>(cc, acc, bsum, gD[i], D[i]);
 #pragma GCC unroll 8
       for (int m = 0; m <= E; ++m) {
@@ -701,6 +728,7 @@ DS_LOSS_FN void loss_rest_fast(const TileCtx<T>& c) {
       }
       a[i] = sel(ok, ga, T(0));
     }
+    const T lg = lgate[i];
     sseg += lseg[i];
     scol += sel(ok, lcol, T(0));
     sgate += sel(ok, lg, T(0));
@@ -791,7 +819,10 @@ DS_LOSS_FN void loss_tile_impl(const TileCtx<T>& c) {
   T* const R = c.X + K * kTile;
   if constexpr (std::is_same<T, float>::value) {
     if (c.fast) {
-      if (!c.routing_ready) tile_routing(c, R, false);
+      if (!c.routing_ready) {
+        tile_routing(c, R, false);
+        tile_gate<false>(c, R + (E + 1) * kTile);
+      }
       tile_coherence_all(c);
       if (c.paper) {
         if (c.grad) {
@@ -869,21 +900,10 @@ DS_LOSS_FN void loss_tile_impl(const TileCtx<T>& c) {
 
   // gate
   T* __restrict__ a = c.X + (K + E + 1) * kTile;
-  T* __restrict__ lgate = c.lgate;
-  T* __restrict__ dgate = c.dgate;
-  T* __restrict__ dsa = c.dsa;
-  const int32_t Ei = static_cast<int32_t>(E);
-  const int32_t* __restrict__ ri = c.ri;
-  const T gm = c.gate_mse, gsp = c.gate_sparsity;
-  DS_SIMD
-  for (int64_t i = 0; i < n; ++i) {
-    const T h = sel(ri[i] < Ei, T(1), T(0));
-    T l, dl, s, ds;
-    gate_pixel(a[i], h, D[i], gm, gsp, l, dl, s, ds);
-    lgate[i] = l;
-    dgate[i] = dl;
-    dsa[i] = ds;
-  }
+  if (!c.routing_ready) tile_gate<false>(c, a);
+  const T* __restrict__ lgate = c.lgate;
+  const T* __restrict__ dgate = c.dgate;
+  const T* __restrict__ dsa = c.dsa;
 
   tile_coherence_all(c);
   const T* __restrict__ gD = c.gD;
@@ -1282,28 +1302,27 @@ DS_INLINE int64_t count_pairs_at(const Inputs<scalar_t>& in, int64_t offset, int
   return cnt;
 }
 
-// The routing results (softmax, argmax, D) of the last `slots` map tiles of a thread:
+// The routing results (softmax, argmax, D) and gate terms of the last `slots` map tiles of a thread:
 // the main pass of a tile takes them from here instead of recomputing them. A tile's
 // map tile is always computed by the thread that runs its main pass, before it and
 // by the same function, so this changes no value (and no bit).
 template <typename T>
 struct RoutingRing {
+  static constexpr int kRows = 7;  // rows a slot besides pi's E + 1: rb, rs, rinv, D, lgate, dgate, dsa
   int64_t slots = 0, E = 0;
   std::vector<T> f;
   std::vector<int32_t> i32;
   std::vector<int64_t> tag;
   RoutingRing(int64_t slots_, int64_t E_)
-      : slots(slots_), E(E_), f(static_cast<size_t>(slots_ * (E_ + 5) * kTile)),
+      : slots(slots_), E(E_), f(static_cast<size_t>(slots_ * (E_ + 1 + kRows) * kTile)),
         i32(static_cast<size_t>(slots_ * kTile)), tag(static_cast<size_t>(slots_), -1) {}
   // Points the routing arrays of c at the slot of tile `id`.
   int64_t point(TileCtx<T>& c, int64_t id) {
     const int64_t s = id % slots;
-    T* base = f.data() + s * (E + 5) * kTile;
+    T* base = f.data() + s * (E + 1 + kRows) * kTile;
     c.pi = base;
-    c.rb = base + (E + 1) * kTile;
-    c.rs = base + (E + 2) * kTile;
-    c.rinv = base + (E + 3) * kTile;
-    c.D = base + (E + 4) * kTile;
+    T** rows[kRows] = {&c.rb, &c.rs, &c.rinv, &c.D, &c.lgate, &c.dgate, &c.dsa};
+    for (int r = 0; r < kRows; ++r) *rows[r] = base + (E + 1 + r) * kTile;
     c.ri = i32.data() + s * kTile;
     return s;
   }
