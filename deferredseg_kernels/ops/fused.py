@@ -16,18 +16,18 @@ A fused backend provides two ops with the same contract:
                        != ignore_index, plus (when check_expert_labels)
                        expert labels not in [0, K') and != ignore_index
 
-    The driver hands the loss op this vector with one more entry, ``E + 8`` values:
-    ``N_B`` at index E + 7, the denominator of pbar (pbar_k = S_k / N_B). Without
-    ``sync_balance`` N_B = N_V. Under ``sync_balance`` (a process group is
-    initialised) S_0 .. S_E and N_B are summed over every rank, while N_V and the
-    other entries stay this rank's (the seg, collab, gate and coherence terms are
+    The loss op takes this vector as it is, or with one more entry, ``E + 8`` values:
+    ``N_B`` at index E + 7, the denominator of pbar (pbar_k = S_k / N_B; absent,
+    N_B = N_V). The driver adds it under ``sync_balance`` (a process group is
+    initialised), where S_0 .. S_E and N_B are summed over every rank, while N_V and
+    the other entries stay this rank's (the seg, collab, gate and coherence terms are
     means over this rank's pixels, as in the reference).
 
 ``loss(logits, target, expert_labels, class_weight, stats, balance_low, balance_high,
        K, E, ignore_index, fparams, iparams, compute_grad) -> (terms, grad)``
     One pass that computes every term and, when ``compute_grad``, the gradient of
-    the total loss with respect to the packed logits. ``stats`` is the E + 8 vector
-    above. ``terms`` is ``[loss, seg, collab, gate, coherence,
+    the total loss with respect to the packed logits. ``stats`` is the E + 7 or
+    E + 8 vector above. ``terms`` is ``[loss, seg, collab, gate, coherence,
     balance]`` (float64 for float64 logits, float32 otherwise); ``grad`` has the
     logits' shape and dtype (shape (0,) when ``compute_grad`` is false).
     ``fparams`` = FPARAMS order, ``iparams`` = IPARAMS order below, optionally with
@@ -125,14 +125,15 @@ def rescale(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (grad.to(acc) * scale.to(acc)).to(grad.dtype)
 
 
-def _logits_grad(ctx, grad_terms) -> Optional[torch.Tensor]:
-    """The backward of a fused loss op: the saved gradient times d(out)/d(terms[0])."""
+def _logits_grad(ctx, grad_loss: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The backward of a fused loss op: the saved gradient times ``grad_loss``, the
+    incoming gradient of terms[0] (None: nothing flows back)."""
     (grad,) = ctx.saved_tensors
     # Only terms[0] (the total loss) is differentiable; the other terms are handed
     # out detached by the driver. A gradient made in forward has the logits' >= 3
     # dims (possibly 0 elements); the shape-(0,) placeholder means no gradient.
-    if ctx.needs_input_grad[0] and grad.dim() > 1 and grad_terms is not None:
-        return rescale(grad, grad_terms[0])
+    if ctx.needs_input_grad[0] and grad.dim() > 1 and grad_loss is not None:
+        return rescale(grad, grad_loss)
     return None
 
 
@@ -147,7 +148,7 @@ def register_loss_autograd(op_name: str) -> None:
         ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_terms, grad_grad):
-        return (_logits_grad(ctx, grad_terms),) + (None,) * 12
+        return (_logits_grad(ctx, None if grad_terms is None else grad_terms[0]),) + (None,) * 12
 
     torch.library.register_autograd(op_name, backward, setup_context=setup_context)
 
@@ -158,20 +159,25 @@ class _EagerLoss(torch.autograd.Function):
     torch.library's autograd wrapper re-binds the op's 13 arguments to its schema on
     every call, which costs more than the kernel itself on small inputs; eager calls
     (no tracing, no functorch transform) go through this Function instead, which runs
-    the op on the detached logits (so the op's own autograd is not entered) and has
-    the same backward. Traced calls use the registered autograd.
+    the op below the autograd dispatch keys (the op's own autograd is not entered)
+    and has the same backward. Traced calls use the registered autograd.
+
+    Outputs: the loss (terms[0], its own 0-dim tensor, so that backward starts here
+    and not at a select of ``terms``) and the detached terms.
     """
 
     @staticmethod
     def forward(ctx, logits, run):
-        terms, grad = run(logits.detach())
+        with torch._C._AutoDispatchBelowAutograd():
+            terms, grad = run(logits)
         ctx.save_for_backward(grad)
         ctx.set_materialize_grads(False)
-        return terms
+        ctx.mark_non_differentiable(terms)
+        return terms[0].clone(), terms
 
     @staticmethod
-    def backward(ctx, grad_terms):
-        return _logits_grad(ctx, grad_terms), None
+    def backward(ctx, grad_loss, grad_terms):
+        return _logits_grad(ctx, grad_loss), None
 
 
 def _plain_eager(t: torch.Tensor) -> bool:
@@ -180,12 +186,15 @@ def _plain_eager(t: torch.Tensor) -> bool:
 
 
 def _balance_stats(stats: torch.Tensor, num_experts: int, sync: bool):
-    """The loss op's E + 8 stats (see the module docstring) and the balance gradient scale."""
+    """The loss op's stats (see the module docstring) and the balance gradient scale.
+
+    Without a process group to sync over, the stats op's E + 7 values as they are.
+    """
     import torch.distributed as dist
 
     E = num_experts
     if not (sync and dist.is_available() and dist.is_initialized()):
-        return torch.cat([stats, stats[E + 1:E + 2]]), 1.0
+        return stats, 1.0
     head = stats[: E + 2].clone()
     dist.all_reduce(head)
     # Global S_0..S_E, this rank's N_V .. bad, then the global count N_B.
@@ -230,21 +239,22 @@ def fused_loss(stats_op: Callable, loss_op: Callable, logits: torch.Tensor,
             float_params(opts, scale), iparams, compute_grad)
     try:
         if compute_grad and _plain_eager(logits):
-            terms = _EagerLoss.apply(logits, lambda x: loss_op(x, *args))
+            loss, terms = _EagerLoss.apply(logits, lambda x: loss_op(x, *args))
         else:
             terms, _ = loss_op(logits, *args)
+            loss = terms[0]
     except ValueError:
         if experts_in_loss:  # name the offending values, as the other paths do
             check_label_range(target, expert_labels, opts.num_labels, opts.ignore_index)
         raise
-    loss = terms[0]
     if not check_now:
         # A target out of range (not checked eagerly on GPU or while compiling) makes
         # the loss NaN, never an out-of-bounds read. (Checked eagerly, it has raised.)
         loss = torch.where(stats[E + 6] > 0, torch.full_like(loss, float("nan")), loss)
     if not return_terms:
         return loss
-    pbar = (stats[: E + 1] / stats[E + 7].clamp_min(1)).to(terms.dtype)
+    count = stats[E + 7] if stats.numel() > E + 7 else stats[E + 1]  # N_B, or N_V
+    pbar = (stats[: E + 1] / count.clamp_min(1)).to(terms.dtype)
     out = {name: terms[i + 1].detach() for i, name in
            enumerate(("seg", "collab", "gate", "coherence", "balance"))}
     out["pbar"] = pbar.detach()
