@@ -479,6 +479,31 @@ def test_stats_layout():
     assert stats[E + 3:].tolist() == [pairs0, pairs1, 0.0, 0.0]
 
 
+@pytest.mark.parametrize("spatial", [(1000,), (37, 29), (9, 70, 13), (5, 3, 300)], ids=str)
+@pytest.mark.parametrize("E", [3, 6])  # the unrolled path (rows read in place) and the generic one
+def test_stats_over_many_tiles(spatial, E):
+    """Sums and neighbour pairs of the stats op over tiles that cut rows and slabs."""
+    K = 1
+    logits, target, experts = make_inputs(2, K, E, spatial)
+    stats = torch.ops.deferredseg.loss_stats(logits, target, experts, None, K, E, -100, False)
+    valid = target != -100
+    pi = torch.softmax(logits[:, K:K + E + 1].double(), 1)
+    valid_c = valid.unsqueeze(1)
+    torch.testing.assert_close(stats[:E + 1], (pi * valid_c).sum([0] + list(range(2, pi.dim()))),
+                               rtol=1e-5, atol=1e-5)
+    assert stats[E + 1].item() == valid.sum().item() == stats[E + 2].item()
+    pairs = []
+    for d in range(3):
+        if d < len(spatial):
+            a = valid.narrow(d + 1, 1, spatial[d] - 1)
+            b = valid.narrow(d + 1, 0, spatial[d] - 1)
+            pairs.append(float((a & b).sum()))
+        else:
+            pairs.append(0.0)
+    assert stats[E + 3:E + 6].tolist() == pairs
+    assert stats[E + 6].item() == 0
+
+
 def test_sync_layout_stats_with_global_count():
     """A stats vector of E + 8 values (sync_balance): pbar over N_B, the means over N_V."""
     K, E = 2, 3

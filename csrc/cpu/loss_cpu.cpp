@@ -231,6 +231,10 @@ struct TileCtx {
   // the tile
   int64_t n = 0;
   T* X = nullptr;   // logits in (stats: the E + 1 routing channels; maps: routing + gate), gradient out
+  // stats, fast path: the routing rows read straight from the logits (rin_stride apart)
+  // instead of from X; null: from X.
+  const T* Rin = nullptr;
+  int64_t rin_stride = kTile;
   T* ck = nullptr;  // c_k: expert j correct (rows 0..E-1), model correct c0 (row E)
   T* pi = nullptr;  // routing probabilities
   T *valid, *yf, *w, *zb, *zs, *zy, *rb, *rs, *rinv, *rlog, *D, *lseg, *lcol, *lgate, *dgate, *dsa, *acc, *bsum,
@@ -465,25 +469,32 @@ DS_LOSS_FN void class_weights(const TileCtx<T>& c) {
   }
 }
 
-// stats_tile for a compile-time E: the argmax loops, then one
-// loop for the softmax and every sum (the routing arrays are not needed after it).
+// stats_tile for a compile-time E: one loop for the maximum, the softmax and every
+// sum, the routing rows from X or straight from the logits (Rin).
 template <int E, typename T>
 DS_LOSS_FN void stats_tile_fast(const TileCtx<T>& c) {
   const int64_t n = c.n;
-  const T* __restrict__ R = c.X;
-  tile_argmax(c, R, E);
-  const T* __restrict__ rb = c.rb;
+  const T* __restrict__ R = c.Rin != nullptr ? c.Rin : c.X;
+  const int64_t rs = c.Rin != nullptr ? c.rin_stride : kTile;
   const T* __restrict__ valid = c.valid;
   const T* __restrict__ w = c.w;
   T s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0), s4 = T(0), nv = T(0), wsum = T(0);
   DS_SIMD_SUM(s0, s1, s2, s3, s4, nv, wsum)
   for (int64_t i = 0; i < n; ++i) {
+    // The maximum, a NaN winning: the value of rows_argmax for finite rows (any NaN
+    // makes the sums NaN either way); argmax_step itself keeps GCC from vectorising
+    // this loop.
+    T b = R[i];
+#pragma GCC unroll 8
+    for (int k = 1; k <= E; ++k) {
+      const T rk = R[k * rs + i];
+      b = sel((rk > b) | (rk != rk), rk, b);
+    }
     T e[E + 1];
-    const T b = rb[i];
     T s = T(0);
 #pragma GCC unroll 8
     for (int k = 0; k <= E; ++k) {
-      e[k] = exp_nonpos(R[k * kTile + i] - b);
+      e[k] = exp_nonpos(R[k * rs + i] - b);
       s += e[k];
     }
     const T inv = T(1) / s;
@@ -1126,6 +1137,22 @@ DS_INLINE int64_t load_target(const label_t* t, int64_t tp, int64_t n, int64_t i
   return bad;
 }
 
+// The valid mask of a tile's target (unit stride; t at (b, p0)); returns the number
+// of bad labels (counted in float, exact for a tile: one accumulation type keeps the
+// loop vectorised).
+template <typename label_t, typename T>
+DS_INLINE int64_t load_valid(const label_t* t, int64_t n, int64_t ignore, int64_t nlab, T* __restrict__ valid) {
+  T bad = T(0);
+  DS_SIMD_SUM(bad)
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t v = static_cast<int64_t>(t[i]);
+    const bool ok = v != ignore;
+    bad += sel(ok & ((v < 0) | (v >= nlab)), T(1), T(0));
+    valid[i] = sel(ok, T(1), T(0));
+  }
+  return static_cast<int64_t>(bad);
+}
+
 // Expert correctness c_j = [m_j == y and m_j != ignore_index] (l at (b, 0, p0)).
 // With count_bad, also returns the number of expert labels out of [0, nlab) that are
 // not ignore_index, counted in the same loop (0 otherwise).
@@ -1183,29 +1210,50 @@ DS_INLINE int64_t count_bad_experts(const label_t* l, int64_t le, int64_t lp, in
   return bad;
 }
 
-// Valid pairs (p, p + s) of a tile along one axis: `bits` of the tile, `next` the
-// target at p0 + s (t + s * tp), of which `avail` pixels exist in the batch element.
-// Two loops of one element width each (labels to a 0/1 row in `tmp`, then the count
-// in T, exact for a tile): one loop mixing 64-bit labels, bytes and floats
-// vectorised into many narrow pieces.
+// Valid pairs (p, p + s) of a tile along one axis: `next` is the target at p0 + s
+// (t + s * tp), of which `avail` pixels exist in the batch element. One loop counts
+// the pairs of every pixel with a valid pixel s further on (a 0/1 sum, exact in T for
+// a tile; 64-bit labels and floats in one loop of one width); then the pixels with
+// no neighbour along the axis (see pairs_past_edge) take theirs back.
 template <typename label_t, typename T>
 DS_INLINE int64_t count_pairs(const label_t* next, int64_t tp, int64_t n, int64_t avail, int64_t ignore,
-                              const T* __restrict__ valid, const uint8_t* __restrict__ bits, uint8_t next_bit,
-                              T* __restrict__ tmp) {
-  const int64_t m = std::min(n, avail);
-  if (tp == 1) {
-    DS_SIMD
-    for (int64_t i = 0; i < m; ++i) tmp[i] = sel(static_cast<int64_t>(next[i]) != ignore, T(1), T(0));
-  } else {
-    for (int64_t i = 0; i < m; ++i) tmp[i] = sel(static_cast<int64_t>(next[i * tp]) != ignore, T(1), T(0));
-  }
+                              const T* __restrict__ valid, T* __restrict__ both) {
+  const int64_t m = std::min(n, avail);  // pixels past `avail` have no neighbour along this axis
   T cnt = T(0);
-  DS_SIMD_SUM(cnt)
-  for (int64_t i = 0; i < m; ++i) {
-    const T both = valid[i] * tmp[i];
-    cnt += sel((bits[i] & next_bit) != 0, both, T(0));
+  if (tp == 1) {
+    DS_SIMD_SUM(cnt)
+    for (int64_t i = 0; i < m; ++i) {
+      const T b = sel(static_cast<int64_t>(next[i]) != ignore, valid[i], T(0));
+      both[i] = b;
+      cnt += b;
+    }
+  } else {
+    for (int64_t i = 0; i < m; ++i) {
+      const T b = sel(static_cast<int64_t>(next[i * tp]) != ignore, valid[i], T(0));
+      both[i] = b;
+      cnt += b;
+    }
   }
-  return static_cast<int64_t>(cnt);  // pixels past `avail` have no neighbour along this axis
+  return static_cast<int64_t>(cnt);
+}
+
+// The pairs that count_pairs counted for pixels p0 .. p0 + m - 1 (`both` at p0) whose
+// coordinate along axis d is the last one: they have no neighbour at p + st[d] (the
+// pixel there starts the next row / slab). Those pixels come in runs of st[d] every
+// st[d - 1]; axis 0 has none (its last slab is past `avail`).
+template <typename T>
+DS_INLINE int64_t pairs_past_edge(const Geometry& g, int d, int64_t p0, int64_t m, const T* both) {
+  if (d == 0) return 0;
+  const int64_t run = g.st[d], period = g.st[d - 1], first = (g.S[d] - 1) * g.st[d];
+  // Runs start at k * period + first; one reaches p0 when it starts after p0 - run.
+  const int64_t need = p0 - first - run + 1;
+  const int64_t k0 = need > 0 ? (need + period - 1) / period : 0;
+  T cnt = T(0);
+  for (int64_t r0 = k0 * period + first; r0 < p0 + m; r0 += period) {
+    const int64_t lo = std::max(r0, p0), hi = std::min(r0 + run, p0 + m);
+    for (int64_t p = lo; p < hi; ++p) cnt += both[p - p0];
+  }
+  return static_cast<int64_t>(cnt);
 }
 
 // Label tensors are read through their dtype code (0 uint8, 1 int32, 2 int64),
@@ -1281,6 +1329,12 @@ DS_INLINE int64_t load_target_at(const Inputs<scalar_t>& in, int64_t offset, int
   return bad;
 }
 template <typename scalar_t, typename T>
+DS_INLINE int64_t load_valid_at(const Inputs<scalar_t>& in, int64_t offset, int64_t n, T* valid) {
+  int64_t bad = 0;
+  DS_LABEL_SWITCH(in.t, bad = load_valid(label_at<label_t>(in.t, offset), n, in.ignore, in.nlab, valid))
+  return bad;
+}
+template <typename scalar_t, typename T>
 DS_INLINE int64_t load_experts_at(const Inputs<scalar_t>& in, int64_t offset, int64_t E, int64_t n, bool count_bad,
                                   const int64_t* tv, T* ck) {
   int64_t bad = 0;
@@ -1296,9 +1350,9 @@ DS_INLINE int64_t count_bad_experts_at(const Inputs<scalar_t>& in, int64_t offse
 }
 template <typename scalar_t, typename T>
 DS_INLINE int64_t count_pairs_at(const Inputs<scalar_t>& in, int64_t offset, int64_t n, int64_t avail, const T* valid,
-                                 const uint8_t* bits, uint8_t next_bit, T* tmp) {
+                                 T* both) {
   int64_t cnt = 0;
-  DS_LABEL_SWITCH(in.t, cnt = count_pairs(label_at<label_t>(in.t, offset), in.tp, n, avail, in.ignore, valid, bits, next_bit, tmp))
+  DS_LABEL_SWITCH(in.t, cnt = count_pairs(label_at<label_t>(in.t, offset), in.tp, n, avail, in.ignore, valid, both))
   return cnt;
 }
 
@@ -1378,7 +1432,12 @@ DS_INLINE void stats_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo
   ws.bind(c, E + 1, E);
   std::vector<T> out(static_cast<size_t>(E + 3));
   c.out = out.data();
-  uint8_t* bits = ws.bits();
+  // Float logits of unit pixel stride, no class weights, a fast E: the routing rows
+  // straight from the logits (no copy into X) and only the valid mask of the target.
+  bool direct = false;
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    direct = base.fast && base.cw == nullptr && in.xp == 1 && in.tp == 1;
+  }
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t b = geo.batch(t), p0 = geo.first(t), n = geo.count(t);
     if (t + kPrefetchTiles < t1) {
@@ -1393,20 +1452,30 @@ DS_INLINE void stats_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo
     }
     c.n = n;
     const int64_t toff = b * in.tb + p0 * in.tp;
-    int64_t bad = load_target_at(in, toff, n, c.valid, c.yf, c.y, ws.tv());
-    if (check_experts) bad += count_bad_experts_at(in, b * in.lb + p0 * in.lp, E, n);
-    load_rows(in.x + b * in.xb + p0 * in.xp, in.xc, in.xp, K, E + 1, n, c.X);
+    const scalar_t* x = in.x + b * in.xb + p0 * in.xp;
+    int64_t bad = 0;
+    if (direct) {
+      if constexpr (std::is_same<scalar_t, float>::value) {
+        bad = load_valid_at(in, toff, n, c.valid);
+        c.Rin = x + K * in.xc;
+        c.rin_stride = in.xc;
+      }
+    } else {
+      bad = load_target_at(in, toff, n, c.valid, c.yf, c.y, ws.tv());
+      load_rows(x, in.xc, in.xp, K, E + 1, n, c.X);
+    }
     stats_tile<ISA>(c);
+    if (check_experts) bad += count_bad_experts_at(in, b * in.lb + p0 * in.lp, E, n);
     double* row = part + t * width;
     for (int64_t s = 0; s < E + 3; ++s) row[s] = static_cast<double>(out[s]);
     row[E + 3] = static_cast<double>(bad);
-    neighbour_bits(geo, p0, n, bits);
     for (int d = 0; d < kMaxSpatial; ++d) {
       int64_t cnt = 0;
       if (d < geo.nd) {
         const int64_t s = geo.st[d];
-        cnt = count_pairs_at(in, toff + s * in.tp, n, geo.P - p0 - s, c.valid, bits,
-                             static_cast<uint8_t>(1u << (2 * d + 1)), c.acc);  // acc: free here
+        const int64_t m = std::max<int64_t>(0, std::min(n, geo.P - p0 - s));
+        cnt = count_pairs_at(in, toff + s * in.tp, m, m, c.valid, c.acc);  // acc: free here
+        cnt -= pairs_past_edge(geo, d, p0, m, c.acc);
       }
       row[E + 4 + d] = static_cast<double>(cnt);
     }
