@@ -231,10 +231,11 @@ struct TileCtx {
   // the tile
   int64_t n = 0;
   T* X = nullptr;   // logits in (stats: the E + 1 routing channels; maps: routing + gate), gradient out
-  // stats, fast path: the routing rows read straight from the logits (rin_stride apart)
-  // instead of from X; null: from X.
-  const T* Rin = nullptr;
-  int64_t rin_stride = kTile;
+  // The logits of the tile as X holds them (same rows), xs apart: X itself (xs = kTile)
+  // after load_rows, or the input tensor, read in place (float or double logits of
+  // unit pixel stride). Logits are read from Xin, gradients written to X.
+  const T* Xin = nullptr;
+  int64_t xs = kTile;
   T* ck = nullptr;  // c_k: expert j correct (rows 0..E-1), model correct c0 (row E)
   T* pi = nullptr;  // routing probabilities
   T *valid, *yf, *w, *zb, *zs, *zy, *rb, *rs, *rinv, *rlog, *D, *lseg, *lcol, *lgate, *dgate, *dsa, *acc, *bsum,
@@ -298,16 +299,17 @@ struct Workspace {
 // ---------------------------------------------------------------------------
 
 // best = max and idx = argmax (first index; a NaN wins, as argmax_step says) of the
-// `rows` rows at R (kTile apart), a loop a row.
+// `rows` rows at R (rs apart), a loop a row.
 template <typename T>
-DS_LOSS_FN void rows_argmax(int64_t n, const T* R, int64_t rows, T* __restrict__ best, int32_t* __restrict__ idx) {
+DS_LOSS_FN void rows_argmax(int64_t n, const T* R, int64_t rs, int64_t rows, T* __restrict__ best,
+                            int32_t* __restrict__ idx) {
   DS_SIMD
   for (int64_t i = 0; i < n; ++i) {
     best[i] = R[i];
     idx[i] = 0;
   }
   for (int64_t k = 1; k < rows; ++k) {
-    const T* __restrict__ r = R + k * kTile;
+    const T* __restrict__ r = R + k * rs;
     const int32_t kk = static_cast<int32_t>(k);
     DS_SIMD
     for (int64_t i = 0; i < n; ++i) {
@@ -320,17 +322,17 @@ DS_LOSS_FN void rows_argmax(int64_t n, const T* R, int64_t rows, T* __restrict__
   }
 }
 
-// rb, ri: the max and argmax of the E + 1 routing rows at R.
+// rb, ri: the max and argmax of the E + 1 routing rows at R (rs apart).
 template <typename T>
-DS_LOSS_FN void tile_argmax(const TileCtx<T>& c, const T* R, int64_t E) {
-  rows_argmax(c.n, R, E + 1, c.rb, c.ri);
+DS_LOSS_FN void tile_argmax(const TileCtx<T>& c, const T* R, int64_t rs, int64_t E) {
+  rows_argmax(c.n, R, rs, E + 1, c.rb, c.ri);
 }
 
 // tile_routing for a compile-time E: one loop, the E + 1 channels of a pixel in
 // registers. The same operations in the same order as the generic loops below, so
 // the results are the same bits.
 template <int E, bool LOG, typename T>
-DS_LOSS_FN void tile_routing_fast(const TileCtx<T>& c, const T* R) {
+DS_LOSS_FN void tile_routing_fast(const TileCtx<T>& c, const T* R, int64_t xs) {
   const int64_t n = c.n;
   T* __restrict__ pi = c.pi;
   const T* __restrict__ rb = c.rb;
@@ -340,7 +342,7 @@ DS_LOSS_FN void tile_routing_fast(const TileCtx<T>& c, const T* R) {
   T* __restrict__ D = c.D;
   // The NaN-aware argmax, a loop a channel (GCC does not vectorise it unrolled
   // inside the loop below).
-  tile_argmax(c, R, E);
+  tile_argmax(c, R, xs, E);
   DS_SIMD
   for (int64_t i = 0; i < n; ++i) {
     T e[E + 1];
@@ -348,7 +350,7 @@ DS_LOSS_FN void tile_routing_fast(const TileCtx<T>& c, const T* R) {
     T s = T(0), d = T(0);
 #pragma GCC unroll 8
     for (int k = 0; k <= E; ++k) {
-      e[k] = exp_nonpos(R[k * kTile + i] - b);
+      e[k] = exp_nonpos(R[k * xs + i] - b);
       s += e[k];
       if (k < E) d += e[k];
     }
@@ -389,22 +391,22 @@ DS_LOSS_FN void tile_routing_fast(const TileCtx<T>& c, const T* R) {
     }                            \
   }
 
-// Routing softmax of the E + 1 rows at R: argmax (ri), max (rb), sum of exps (rs),
-// its inverse and log, D = sum_{j<E} pi_j, and pi.
+// Routing softmax of the E + 1 logit rows at R (xs apart): argmax (ri), max (rb), sum
+// of exps (rs), its inverse and log, D = sum_{j<E} pi_j, and pi.
 template <typename T>
-DS_LOSS_FN void tile_routing(const TileCtx<T>& c, const T* R, bool want_log) {
+DS_LOSS_FN void tile_routing(const TileCtx<T>& c, const T* R, int64_t xs, bool want_log) {
   const int64_t n = c.n, E = c.E;
   if constexpr (std::is_same<T, float>::value) {
     if (c.fast) {
       if (want_log) {
-        DS_WITH_FAST_E(E, tile_routing_fast<NE, true>(c, R))
+        DS_WITH_FAST_E(E, tile_routing_fast<NE, true>(c, R, xs))
       } else {
-        DS_WITH_FAST_E(E, tile_routing_fast<NE, false>(c, R))
+        DS_WITH_FAST_E(E, tile_routing_fast<NE, false>(c, R, xs))
       }
       return;
     }
   }
-  tile_argmax(c, R, E);
+  tile_argmax(c, R, xs, E);
   const T* __restrict__ rb = c.rb;
   T* __restrict__ rs = c.rs;
   T* __restrict__ D = c.D;
@@ -414,7 +416,7 @@ DS_LOSS_FN void tile_routing(const TileCtx<T>& c, const T* R, bool want_log) {
     D[i] = T(0);
   }
   for (int64_t k = 0; k <= E; ++k) {
-    const T* __restrict__ r = R + k * kTile;
+    const T* __restrict__ r = R + k * xs;
     T* __restrict__ p = c.pi + k * kTile;
     if (k < E) {
       DS_SIMD
@@ -470,12 +472,12 @@ DS_LOSS_FN void class_weights(const TileCtx<T>& c) {
 }
 
 // stats_tile for a compile-time E: one loop for the maximum, the softmax and every
-// sum, the routing rows from X or straight from the logits (Rin).
+// sum, the routing rows at Xin.
 template <int E, typename T>
 DS_LOSS_FN void stats_tile_fast(const TileCtx<T>& c) {
   const int64_t n = c.n;
-  const T* __restrict__ R = c.Rin != nullptr ? c.Rin : c.X;
-  const int64_t rs = c.Rin != nullptr ? c.rin_stride : kTile;
+  const T* __restrict__ R = c.Xin;
+  const int64_t rs = c.xs;
   const T* __restrict__ valid = c.valid;
   const T* __restrict__ w = c.w;
   T s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0), s4 = T(0), nv = T(0), wsum = T(0);
@@ -523,7 +525,7 @@ DS_LOSS_FN void stats_tile_impl(const TileCtx<T>& c) {
       return;
     }
   }
-  tile_routing(c, c.X, false);
+  tile_routing(c, c.Xin, c.xs, false);
   const int64_t n = c.n;
   const T* __restrict__ valid = c.valid;
   for (int64_t k = 0; k <= c.E; ++k) {
@@ -574,7 +576,8 @@ DS_LOSS_FN void tile_gate(const TileCtx<T>& c, const T* a) {
 }
 
 // Maps of a tile: the valid mask, D (router) and s = sigmoid(a) (gate), written at
-// vm_out, mapD, mapS. X holds the E + 1 routing rows then the gate row.
+// vm_out, mapD, mapS; the routing and the gate term stay in the tile's arrays. Xin
+// holds the E + 1 routing rows then the gate row.
 template <typename T>
 DS_LOSS_FN void maps_tile_impl(const TileCtx<T>& c) {
   const int64_t n = c.n;
@@ -585,14 +588,14 @@ DS_LOSS_FN void maps_tile_impl(const TileCtx<T>& c) {
     for (int64_t i = 0; i < n; ++i) vm[i] = sel<uint8_t>(valid[i] != T(0), 1, 0);
   }
   // Routing and gate are kept for the tile's main pass (see fused_worker_impl).
-  tile_routing(c, c.X, false);
+  tile_routing(c, c.Xin, c.xs, false);
   if (c.maps & kMapRouter) {
     T* __restrict__ out = c.mapD;
     const T* __restrict__ D = c.D;
     DS_SIMD
     for (int64_t i = 0; i < n; ++i) out[i] = D[i];
   }
-  const T* a = c.X + (c.E + 1) * kTile;
+  const T* a = c.Xin + (c.E + 1) * c.xs;
   if (c.maps & kMapGate) {
     tile_gate<true>(c, a);
   } else {
@@ -679,8 +682,11 @@ DS_LOSS_FN void tile_coherence_all(const TileCtx<T>& c) {
 // The formulas are those of the generic loops in loss_tile_impl.
 template <int E, bool PAPER, bool GRAD, typename T>
 DS_LOSS_FN void loss_rest_fast(const TileCtx<T>& c) {
-  const int64_t n = c.n, K = c.K;
-  T* __restrict__ R = c.X + K * kTile;
+  const int64_t n = c.n, K = c.K, xs = c.xs;
+  // Logits read from Rin, gradients written to R (the same memory when Xin is X: each
+  // pixel's logits are read before its gradient is written).
+  const T* Rin = c.Xin + K * xs;
+  T* R = c.X + K * kTile;
   T* __restrict__ a = c.X + (K + E + 1) * kTile;
   const T* __restrict__ valid = c.valid;
   const T* __restrict__ pi = c.pi;
@@ -720,7 +726,7 @@ DS_LOSS_FN void loss_rest_fast(const TileCtx<T>& c) {
       const T rl = log_pos(rs[i]), b = rb[i];
 #pragma GCC unroll 8
       for (int k = 0; k <= E; ++k) {
-        const T logpi = (R[k * kTile + i] - b) - rl;
+        const T logpi = (Rin[k * xs + i] - b) - rl;
         lcol -= ck[k] * logpi;
         acc += ck[k];
         gk[k] = T(0);
@@ -766,11 +772,12 @@ DS_LOSS_FN void loss_tile_impl(const TileCtx<T>& c) {
   // ---- segmentation: value, c0, gradient (written over the z rows) ----
   const T seg_scale = c.scale_seg;
   if (K == 1) {
-    T* __restrict__ z = c.X;
+    const T* zin = c.Xin;
+    T* z = c.X;
     DS_SIMD
     for (int64_t i = 0; i < n; ++i) {
       T l, dl, s, ds;
-      const T zi = z[i];
+      const T zi = zin[i];
       bce_with_logits(zi, yf[i], l, dl, s, ds);
       const bool ok = valid[i] != T(0);
       const T wv = w[i];
@@ -785,18 +792,19 @@ DS_LOSS_FN void loss_tile_impl(const TileCtx<T>& c) {
     T* __restrict__ zs = c.zs;
     T* __restrict__ zy = c.zy;
     int32_t* __restrict__ zi = c.zi;
-    rows_argmax(n, c.X, K, zb, zi);
+    rows_argmax(n, c.Xin, c.xs, K, zb, zi);
     DS_SIMD
     for (int64_t i = 0; i < n; ++i) {
       zs[i] = T(0);
       zy[i] = T(0);
     }
     for (int64_t k = 0; k < K; ++k) {
-      T* __restrict__ z = c.X + k * kTile;
+      const T* zin = c.Xin + k * c.xs;  // z is zin when Xin is X
+      T* z = c.X + k * kTile;
       const int32_t kk = static_cast<int32_t>(k);
       DS_SIMD
       for (int64_t i = 0; i < n; ++i) {
-        const T v = z[i], cur = zy[i];
+        const T v = zin[i], cur = zy[i];
         const T e = exp_nonpos(v - zb[i]);
         zy[i] = sel(y[i] == kk, v, cur);
         z[i] = e;
@@ -828,11 +836,12 @@ DS_LOSS_FN void loss_tile_impl(const TileCtx<T>& c) {
 
   // ---- routing ----
   T* const R = c.X + K * kTile;
+  const T* const Rin = c.Xin + K * c.xs;  // the logits of R (R itself when Xin is X)
   if constexpr (std::is_same<T, float>::value) {
     if (c.fast) {
       if (!c.routing_ready) {
-        tile_routing(c, R, false);
-        tile_gate<false>(c, R + (E + 1) * kTile);
+        tile_routing(c, Rin, c.xs, false);
+        tile_gate<false>(c, Rin + (E + 1) * c.xs);
       }
       tile_coherence_all(c);
       if (c.paper) {
@@ -852,7 +861,7 @@ DS_LOSS_FN void loss_tile_impl(const TileCtx<T>& c) {
     }
   }
   if (!c.routing_ready) {
-    tile_routing(c, R, !c.paper);
+    tile_routing(c, Rin, c.xs, !c.paper);
   } else if (!c.paper) {
     const T* __restrict__ rs = c.rs;
     T* __restrict__ rlog = c.rlog;
@@ -873,7 +882,7 @@ DS_LOSS_FN void loss_tile_impl(const TileCtx<T>& c) {
   }
   if (!c.paper) {
     for (int64_t k = 0; k <= E; ++k) {
-      const T* __restrict__ r = R + k * kTile;
+      const T* __restrict__ r = Rin + k * c.xs;
       const T* __restrict__ ck = c.ck + k * kTile;
       DS_SIMD
       for (int64_t i = 0; i < n; ++i) {
@@ -911,7 +920,7 @@ DS_LOSS_FN void loss_tile_impl(const TileCtx<T>& c) {
 
   // gate
   T* __restrict__ a = c.X + (K + E + 1) * kTile;
-  if (!c.routing_ready) tile_gate<false>(c, a);
+  if (!c.routing_ready) tile_gate<false>(c, Rin + (E + 1) * c.xs);
   const T* __restrict__ lgate = c.lgate;
   const T* __restrict__ dgate = c.dgate;
   const T* __restrict__ dsa = c.dsa;
@@ -1418,6 +1427,24 @@ struct MapWindow {
 // Workers: the tiles t0 .. t1 - 1 of one thread (per instruction set).
 // ---------------------------------------------------------------------------
 
+// Points c.Xin at the logits rows c0 .. c0 + nc - 1 of the tile at x (the pixel at
+// channel 0): the input itself when in_place (scalar_t is T, unit pixel stride),
+// else a copy in X (converted to T).
+template <typename scalar_t, typename T>
+DS_INLINE void point_logits(TileCtx<T>& c, const Inputs<scalar_t>& in, const scalar_t* x, int64_t c0, int64_t nc,
+                            int64_t n, bool in_place) {
+  if constexpr (std::is_same<scalar_t, T>::value) {
+    if (in_place) {
+      c.Xin = x + c0 * in.xc;
+      c.xs = in.xc;
+      return;
+    }
+  }
+  load_rows(x, in.xc, in.xp, c0, nc, n, c.X);
+  c.Xin = c.X;
+  c.xs = kTile;
+}
+
 // Stats partial row of a tile: S_0..S_E, N_V, W, bad, pairs along axes 0, 1, 2.
 inline int64_t stats_width(int64_t E) { return E + 7; }
 
@@ -1457,12 +1484,14 @@ DS_INLINE void stats_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo
     if (direct) {
       if constexpr (std::is_same<scalar_t, float>::value) {
         bad = load_valid_at(in, toff, n, c.valid);
-        c.Rin = x + K * in.xc;
-        c.rin_stride = in.xc;
+        c.Xin = x + K * in.xc;
+        c.xs = in.xc;
       }
     } else {
       bad = load_target_at(in, toff, n, c.valid, c.yf, c.y, ws.tv());
       load_rows(x, in.xc, in.xp, K, E + 1, n, c.X);
+      c.Xin = c.X;
+      c.xs = kTile;
     }
     stats_tile<ISA>(c);
     if (check_experts) bad += count_bad_experts_at(in, b * in.lb + p0 * in.lp, E, n);
@@ -1495,6 +1524,8 @@ DS_INLINE void fused_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo
   c.out = out;
   c.bits = ws.bits();
   const bool maps = base.maps != 0;
+  // Logits of the accumulation type and unit pixel stride are read in place.
+  const bool in_place = std::is_same<scalar_t, T>::value && in.xp == 1;
   // The map window of this thread: 2 * ahead + 1 tiles are live at a time; the
   // slack makes the compaction (a memmove of the live tiles) rare.
   const int64_t live = 2 * geo.ahead + 1;
@@ -1529,7 +1560,7 @@ DS_INLINE void fused_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo
         win.fit(keep, q0, q0 + m);
         c.n = m;
         load_target_at(in, b * in.tb + q0 * in.tp, m, c.valid, c.yf, c.y, ws.tv());
-        load_rows(in.x + b * in.xb + q0 * in.xp, in.xc, in.xp, K, E + 2, m, c.X);
+        point_logits(c, in, in.x + b * in.xb + q0 * in.xp, K, E + 2, m, in_place);
         c.vm_out = win.vm_at(q0);
         c.mapD = win.D_at(q0);
         c.mapS = win.S_at(q0);
@@ -1545,7 +1576,7 @@ DS_INLINE void fused_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo
     }
     c.n = n;
     load_target_at(in, b * in.tb + p0 * in.tp, n, c.valid, c.yf, c.y, ws.tv());
-    load_rows(in.x + b * in.xb + p0 * in.xp, in.xc, in.xp, 0, C, n, c.X);
+    point_logits(c, in, in.x + b * in.xb + p0 * in.xp, 0, C, n, in_place);
     const int64_t bad_experts = load_experts_at(in, b * in.lb + p0 * in.lp, E, n, check_experts, ws.tv(), c.ck);
     if (check_experts) bad[t] = bad_experts;
     loss_tile<ISA>(c);
