@@ -1365,28 +1365,34 @@ DS_INLINE int64_t count_pairs_at(const Inputs<scalar_t>& in, int64_t offset, int
   return cnt;
 }
 
-// The routing results (softmax, argmax, D) and gate terms of the last `slots` map tiles of a thread:
+// The routing results (softmax, argmax, D), gate terms and loaded target of the last
+// `slots` map tiles of a thread:
 // the main pass of a tile takes them from here instead of recomputing them. A tile's
 // map tile is always computed by the thread that runs its main pass, before it and
 // by the same function, so this changes no value (and no bit).
 template <typename T>
 struct RoutingRing {
-  static constexpr int kRows = 7;  // rows a slot besides pi's E + 1: rb, rs, rinv, D, lgate, dgate, dsa
+  // rows a slot besides pi's E + 1: rb, rs, rinv, D, lgate, dgate, dsa, valid, yf
+  static constexpr int kRows = 9;
   int64_t slots = 0, E = 0;
   std::vector<T> f;
-  std::vector<int32_t> i32;
+  std::vector<int32_t> i32;  // ri, y
+  std::vector<int64_t> i64;  // tv: the raw target
   std::vector<int64_t> tag;
   RoutingRing(int64_t slots_, int64_t E_)
       : slots(slots_), E(E_), f(static_cast<size_t>(slots_ * (E_ + 1 + kRows) * kTile)),
-        i32(static_cast<size_t>(slots_ * kTile)), tag(static_cast<size_t>(slots_), -1) {}
-  // Points the routing arrays of c at the slot of tile `id`.
-  int64_t point(TileCtx<T>& c, int64_t id) {
+        i32(static_cast<size_t>(slots_ * 2 * kTile)), i64(static_cast<size_t>(slots_ * kTile)),
+        tag(static_cast<size_t>(slots_), -1) {}
+  // Points the routing, gate and target arrays of c (and tv) at the slot of tile `id`.
+  int64_t point(TileCtx<T>& c, int64_t id, int64_t*& tv) {
     const int64_t s = id % slots;
     T* base = f.data() + s * (E + 1 + kRows) * kTile;
     c.pi = base;
-    T** rows[kRows] = {&c.rb, &c.rs, &c.rinv, &c.D, &c.lgate, &c.dgate, &c.dsa};
+    T** rows[kRows] = {&c.rb, &c.rs, &c.rinv, &c.D, &c.lgate, &c.dgate, &c.dsa, &c.valid, &c.yf};
     for (int r = 0; r < kRows; ++r) *rows[r] = base + (E + 1 + r) * kTile;
-    c.ri = i32.data() + s * kTile;
+    c.ri = i32.data() + 2 * s * kTile;
+    c.y = c.ri + kTile;
+    tv = i64.data() + s * kTile;
     return s;
   }
 };
@@ -1532,6 +1538,7 @@ DS_INLINE void fused_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo
   MapWindow<T> win(maps ? std::min(geo.P, (3 * live + 1) * kTile) : 0, geo.pad, (base.maps & kMapRouter) != 0,
                    (base.maps & kMapGate) != 0);
   RoutingRing<T> ring(maps ? geo.ahead + 1 : 0, E);
+  int64_t* tv = ws.tv();             // the raw target of the tile (a ring slot with maps)
   int64_t cur_b = -1, next_map = 0;  // window: batch element, first tile not computed yet
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t b = geo.batch(t), j = geo.index(t), p0 = geo.first(t), n = geo.count(t);
@@ -1559,15 +1566,16 @@ DS_INLINE void fused_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo
         const int64_t id = b * geo.tiles_per_batch + next_map;
         win.fit(keep, q0, q0 + m);
         c.n = m;
-        load_target_at(in, b * in.tb + q0 * in.tp, m, c.valid, c.yf, c.y, ws.tv());
+        ring.tag[ring.point(c, id, tv)] = id;
+        load_target_at(in, b * in.tb + q0 * in.tp, m, c.valid, c.yf, c.y, tv);
         point_logits(c, in, in.x + b * in.xb + q0 * in.xp, K, E + 2, m, in_place);
         c.vm_out = win.vm_at(q0);
         c.mapD = win.D_at(q0);
         c.mapS = win.S_at(q0);
-        ring.tag[ring.point(c, id)] = id;
         maps_tile<ISA>(c);
       }
-      TORCH_CHECK(ring.tag[ring.point(c, t)] == t, "deferredseg::loss_fused: routing ring out of step");
+      // The tile's routing, gate term and target, from when its map tile was made.
+      TORCH_CHECK(ring.tag[ring.point(c, t, tv)] == t, "deferredseg::loss_fused: routing ring out of step");
       c.routing_ready = true;
       neighbour_bits(geo, p0, n, ws.bits());
       c.vm = win.vm_at(p0);
@@ -1575,9 +1583,9 @@ DS_INLINE void fused_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo
       c.mapS = win.S_at(p0);
     }
     c.n = n;
-    load_target_at(in, b * in.tb + p0 * in.tp, n, c.valid, c.yf, c.y, ws.tv());
+    if (!maps) load_target_at(in, b * in.tb + p0 * in.tp, n, c.valid, c.yf, c.y, tv);
     point_logits(c, in, in.x + b * in.xb + p0 * in.xp, 0, C, n, in_place);
-    const int64_t bad_experts = load_experts_at(in, b * in.lb + p0 * in.lp, E, n, check_experts, ws.tv(), c.ck);
+    const int64_t bad_experts = load_experts_at(in, b * in.lb + p0 * in.lp, E, n, check_experts, tv, c.ck);
     if (check_experts) bad[t] = bad_experts;
     loss_tile<ISA>(c);
     if (in.g != nullptr) store_rows<ISA>(in.g + b * in.gb + p0 * in.gp, in.gc, in.gp, C, n, c.X, in.stream);
