@@ -130,11 +130,43 @@ OPTION_NAMES = (
 )
 
 
+# make_options results by a key of the arguments' types and values (see _options_key);
+# the functional API validates its options on every call, and most calls repeat them.
+_OPTIONS_CACHE: dict = {}
+_OPTIONS_CACHE_SIZE = 256
+
+
+def _options_key(value: Any) -> Any:
+    """A hashable key that tells apart any two arguments make_options treats differently
+    (True and 1, 1 and 1.0, a list and a tuple), or None for values it does not cover
+    (tensors, arrays, other objects: those calls are validated every time)."""
+    kind = type(value)
+    if value is None or kind in (bool, int, float, str):
+        return (kind, value)
+    if kind in (tuple, list):
+        parts = tuple(_options_key(v) for v in value)
+        return None if any(p is None for p in parts) else (kind, parts)
+    return None
+
+
 def make_options(num_classes: Any, num_experts: Any, **options: Any) -> LossOptions:
     """Validate the loss options and return them as a :class:`LossOptions`.
 
     Unknown option names raise ``TypeError``, like an unexpected keyword argument.
+    Options made of plain Python values are validated once and then looked up.
     """
+    key = _options_key((num_classes, num_experts, tuple(sorted(options.items()))))
+    if key is not None:
+        hit = _OPTIONS_CACHE.get(key)
+        if hit is not None:
+            return hit
+    opts = _make_options(num_classes, num_experts, options)
+    if key is not None and len(_OPTIONS_CACHE) < _OPTIONS_CACHE_SIZE:
+        _OPTIONS_CACHE[key] = opts
+    return opts
+
+
+def _make_options(num_classes: Any, num_experts: Any, options: dict) -> LossOptions:
     unknown = sorted(set(options) - set(OPTION_NAMES))
     if unknown:
         raise TypeError(f"unknown option(s) {unknown}; expected a subset of {list(OPTION_NAMES)}")

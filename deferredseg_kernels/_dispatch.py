@@ -28,6 +28,7 @@ def register(backend: str, op: str, fn: Callable) -> None:
     check_choice("backend", backend, BACKENDS[1:])
     check_choice("op", op, OPS)
     _IMPLS[(backend, op)] = fn
+    _SELECTED.clear()
 
 
 def _triton_interpreter() -> bool:
@@ -76,8 +77,22 @@ def _runs_on(backend: str, device: torch.device) -> bool:
     return types is None or device.type in types
 
 
+# select() results by (backend, op, device type, Triton interpreter on); what they
+# depend on is fixed for the process except the registrations, which clear it.
+_SELECTED: Dict[Tuple[str, str, str, bool], Callable] = {}
+
+
 def select(backend: str, op: str, device: torch.device) -> Callable:
     """The implementation of ``op`` that ``backend`` names for inputs on ``device``."""
+    key = (backend, op, device.type, _triton_interpreter())
+    fn = _SELECTED.get(key)
+    if fn is None:
+        fn = _select(backend, op, device)  # raises when it cannot run: nothing is kept
+        _SELECTED[key] = fn
+    return fn
+
+
+def _select(backend: str, op: str, device: torch.device) -> Callable:
     check_choice("backend", backend, BACKENDS)
     if backend == "auto":
         for name in _AUTO_ORDER.get(device.type, ("reference",)):
