@@ -215,6 +215,9 @@ def _ddp_worker(rank, init_file, out_dir):
         torch.save({"loss": loss.detach(), "balance": crit.last_terms["balance"],
                     "grads": {n: p.grad for n, p in model.named_parameters()}},
                    os.path.join(out_dir, f"ddp{rank}.pt"))
+        # Both ranks are done with the group before either tears it down (a rank that
+        # destroys it while the other's gloo threads still use it can abort the other).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -556,6 +556,7 @@ _SYNC_SCRIPT = textwrap.dedent("""
         worst = max(worst, float((l1 - l2).abs() / l2.abs()), float((p1 - p2).abs().max()),
                     float((g1 - g2).abs().max() / g2.abs().max()))
     print("WORST", worst)
+    dist.barrier()  # both ranks done with the group before either tears it down
     dist.destroy_process_group()
 """)
 

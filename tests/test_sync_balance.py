@@ -36,6 +36,7 @@ def _worker(rank, init_file, backend, out_dir, balance):
         (g,) = torch.autograd.grad(loss, x)
         torch.save({"loss": loss.detach(), "pbar": terms["pbar"], "grad": g},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # both ranks done with the group before either tears it down
     finally:
         dist.destroy_process_group()
 
