@@ -141,3 +141,50 @@ def test_route_bad_arguments(good, kw, exc, words):
         route(good[0], K, E, **kw)
     for w in words:
         assert w in str(info.value), (w, str(info.value))
+
+
+def test_cached_options_still_reject_what_differs_only_in_type():
+    """make_options keeps validated option sets; a cached valid set must not let an
+    invalid one that compares equal to it (True == 1 == 1.0) through."""
+    from deferredseg_kernels import make_options
+
+    ok = make_options(1, 3, ignore_index=1, sync_balance=False)
+    assert make_options(1, 3, ignore_index=1, sync_balance=False) is ok  # looked up
+    with pytest.raises(TypeError, match="ignore_index"):
+        make_options(1, 3, ignore_index=True, sync_balance=False)
+    with pytest.raises(TypeError, match="sync_balance"):
+        make_options(1, 3, ignore_index=1, sync_balance=0)
+    with pytest.raises(TypeError, match="num_classes"):
+        make_options(True, 3, ignore_index=1, sync_balance=False)
+    with pytest.raises(TypeError, match="num_experts"):
+        make_options(1, 3.0, ignore_index=1, sync_balance=False)
+    # An error is never kept: the same bad call raises again.
+    for _ in range(2):
+        with pytest.raises(ValueError, match="lambda_seg"):
+            make_options(1, 3, lambda_seg=-1.0)
+    # Tensor-valued options are validated on every call (not cached) and still work.
+    w = make_options(1, 3, class_weight=torch.tensor([1.0, 2.0]))
+    assert w.class_weight == (1.0, 2.0)
+    with pytest.raises(ValueError, match="class_weight"):
+        make_options(1, 3, class_weight=torch.tensor([1.0, -2.0]))
+
+
+def test_backend_choice_follows_registrations():
+    """select() keeps its answer, but registering an implementation replaces it."""
+    from deferredseg_kernels import _dispatch
+
+    dev = torch.device("cpu")
+    before = _dispatch.select("reference", "loss", dev)
+    assert _dispatch.select("reference", "loss", dev) is before
+
+    def stand_in(*args, **kwargs):
+        raise AssertionError("not called")
+
+    try:
+        _dispatch.register("reference", "loss", stand_in)
+        assert _dispatch.select("reference", "loss", dev) is stand_in
+    finally:
+        _dispatch.register("reference", "loss", before)
+    assert _dispatch.select("reference", "loss", dev) is before
+    with pytest.raises(ValueError, match="backend"):
+        _dispatch.select("nope", "loss", dev)
