@@ -168,10 +168,12 @@ struct Geometry {
   int64_t count(int64_t t) const { return std::min(kTile, P - first(t)); }
 };
 
-// Bits of the pixels p0 .. p0 + n - 1 of one batch element: bit 2d is set when the
-// pixel has a neighbour at p - st[d] (its coordinate along axis d is > 0), bit
-// 2d + 1 when it has one at p + st[d]. Walks the coordinates row by row.
-inline void neighbour_bits(const Geometry& g, int64_t p0, int64_t n, uint8_t* bits) {
+// Neighbour masks of the pixels p0 .. p0 + n - 1 of one batch element, for every
+// axis d: hp[d][i] = 1 when the pixel has a neighbour at p - st[d] (its coordinate
+// along d is > 0), hn[d][i] = 1 when it has one at p + st[d], else 0. Walks the
+// coordinates row by row (a row: a run along the last axis).
+template <typename T>
+inline void neighbour_masks(const Geometry& g, int64_t p0, int64_t n, T* const* hp, T* const* hn) {
   const int L = g.nd - 1;
   int64_t c[kMaxSpatial] = {0, 0, 0};
   int64_t rem = p0;
@@ -180,19 +182,19 @@ inline void neighbour_bits(const Geometry& g, int64_t p0, int64_t n, uint8_t* bi
     rem -= c[d] * g.st[d];
   }
   const int64_t SL = g.S[L];
-  const uint8_t prev_bit = static_cast<uint8_t>(1u << (2 * L)), next_bit = static_cast<uint8_t>(1u << (2 * L + 1));
   int64_t i = 0;
   while (i < n) {
     const int64_t run = std::min(n - i, SL - c[L]);
-    uint8_t row = 0;
     for (int d = 0; d < L; ++d) {
-      if (c[d] > 0) row |= static_cast<uint8_t>(1u << (2 * d));
-      if (c[d] < g.S[d] - 1) row |= static_cast<uint8_t>(1u << (2 * d + 1));
+      const T p = c[d] > 0 ? T(1) : T(0), q = c[d] < g.S[d] - 1 ? T(1) : T(0);
+      std::fill(hp[d] + i, hp[d] + i + run, p);
+      std::fill(hn[d] + i, hn[d] + i + run, q);
     }
     const int64_t cl = c[L];
-    for (int64_t j = 0; j < run; ++j) {
-      bits[i + j] = static_cast<uint8_t>(row | (cl + j > 0 ? prev_bit : 0) | (cl + j < SL - 1 ? next_bit : 0));
-    }
+    std::fill(hp[L] + i, hp[L] + i + run, T(1));
+    std::fill(hn[L] + i, hn[L] + i + run, T(1));
+    if (cl == 0) hp[L][i] = T(0);
+    if (cl + run == SL) hn[L][i + run - 1] = T(0);
     i += run;
     c[L] += run;
     if (c[L] == SL) {
@@ -240,14 +242,13 @@ struct TileCtx {
   T* pi = nullptr;  // routing probabilities
   T *valid, *yf, *w, *zb, *zs, *zy, *rb, *rs, *rinv, *rlog, *D, *lseg, *lcol, *lgate, *dgate, *dsa, *acc, *bsum,
       *common, *gD, *gS;
-  T* okp[kMaxSpatial];  // 1 where the pair (p - st[d], p) has both pixels valid
-  T* okn[kMaxSpatial];  // 1 where the pair (p, p + st[d]) has both pixels valid
+  T* hp[kMaxSpatial];  // neighbour_masks of the tile: 1 where p - st[d] is in the volume
+  T* hn[kMaxSpatial];  // ... where p + st[d] is
   int32_t *y, *zi, *ri;
-  const uint8_t* bits = nullptr;  // neighbour_bits of the tile
 
   // per-pixel buffers at the tile's first pixel (padded: p - pad .. p + pad readable)
-  const uint8_t* vm = nullptr;  // valid mask
-  uint8_t* vm_out = nullptr;    // maps: the valid mask written
+  const T* vm = nullptr;  // valid mask (0 / 1)
+  T* vm_out = nullptr;    // maps: the valid mask written
   T* mapD = nullptr;
   T* mapS = nullptr;
 
@@ -261,13 +262,11 @@ struct Workspace {
   std::vector<T> f;
   std::vector<int32_t> i32;
   std::vector<int64_t> i64;
-  std::vector<uint8_t> u8;
 
   Workspace(int64_t C, int64_t E) {
     f.resize(static_cast<size_t>((C + 2 * (E + 1) + kNamed + 2 * kMaxSpatial) * kTile + 64));
     i32.resize(3 * kTile);
     i64.resize(kTile);
-    u8.resize(kTile);
   }
   void bind(TileCtx<T>& c, int64_t C, int64_t E) {
     T* p = f.data();
@@ -283,15 +282,14 @@ struct Workspace {
                          &c.lseg, &c.lcol, &c.lgate, &c.dgate, &c.dsa, &c.acc, &c.bsum, &c.common, &c.gD, &c.gS};
     for (T** q : named) *q = take(1);
     for (int d = 0; d < kMaxSpatial; ++d) {
-      c.okp[d] = take(1);
-      c.okn[d] = take(1);
+      c.hp[d] = take(1);
+      c.hn[d] = take(1);
     }
     c.y = i32.data();
     c.zi = i32.data() + kTile;
     c.ri = i32.data() + 2 * kTile;
   }
   int64_t* tv() { return i64.data(); }
-  uint8_t* bits() { return u8.data(); }
 };
 
 // ---------------------------------------------------------------------------
@@ -583,9 +581,9 @@ DS_LOSS_FN void maps_tile_impl(const TileCtx<T>& c) {
   const int64_t n = c.n;
   {
     const T* __restrict__ valid = c.valid;
-    uint8_t* __restrict__ vm = c.vm_out;
+    T* __restrict__ vm = c.vm_out;
     DS_SIMD
-    for (int64_t i = 0; i < n; ++i) vm[i] = sel<uint8_t>(valid[i] != T(0), 1, 0);
+    for (int64_t i = 0; i < n; ++i) vm[i] = sel(valid[i] != T(0), T(1), T(0));
   }
   // Routing and gate are kept for the tile's main pass (see fused_worker_impl).
   tile_routing(c, c.Xin, c.xs, false);
@@ -603,31 +601,46 @@ DS_LOSS_FN void maps_tile_impl(const TileCtx<T>& c) {
   }
 }
 
-// Coherence of one map M (at the tile's first pixel) along every axis: adds to g
-// the derivative of the weighted penalty with respect to M_p (gathered from both
-// pairs of each axis), and the penalty of the forward pairs to out[3 * m + d].
-template <bool L2, typename T>
-DS_LOSS_FN void tile_coherence(const TileCtx<T>& c, const T* M, T* __restrict__ g, T* out) {
-  const int64_t n = c.n;
-  for (int d = 0; d < c.nd; ++d) {
-    const int64_t s = c.st[d];
-    const T f = c.scale_coh[d];
-    const T* __restrict__ okp = c.okp[d];
-    const T* __restrict__ okn = c.okn[d];
-    const T* __restrict__ mprev = M - s;
-    const T* __restrict__ mnext = M + s;
-    T val = T(0);
-    DS_SIMD_SUM(val)
-    for (int64_t i = 0; i < n; ++i) {
-      const T m = M[i];
-      const T dp = m - mprev[i], dn = m - mnext[i];
-      const T gp = sel(okp[i] != T(0), coh_drho<L2>(dp), T(0));
-      const T gn = sel(okn[i] != T(0), coh_drho<L2>(dn), T(0));
-      g[i] += f * (gp + gn);
-      val += sel(okn[i] != T(0), coh_rho<L2>(dn), T(0));
+// Coherence along axis d of a tile, both maps in one loop. A pair (p - s, p) or
+// (p, p + s) counts when both pixels are valid and inside the volume (valid mask,
+// its window vm and the neighbour masks; all 0 / 1, so their product is too). Adds
+// to gD / gS the derivative of the weighted penalty with respect to D_p / s_p,
+// gathered from both pairs, and returns the penalties of the forward pairs.
+template <bool L2, bool DM, bool SM, typename T>
+DS_LOSS_FN void coherence_axis(const TileCtx<T>& c, int d, T& val_d, T& val_s) {
+  const int64_t n = c.n, s = c.st[d];
+  const T f = c.scale_coh[d];
+  const T* __restrict__ valid = c.valid;
+  const T* __restrict__ hp = c.hp[d];
+  const T* __restrict__ hn = c.hn[d];
+  const T* __restrict__ vm = c.vm;
+  const T* __restrict__ Dm = c.mapD;
+  const T* __restrict__ Sm = c.mapS;
+  T* __restrict__ gD = c.gD;
+  T* __restrict__ gS = c.gS;
+  T vd = T(0), vs = T(0);
+  DS_SIMD_SUM(vd, vs)
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = valid[i];
+    const bool okp = v * vm[i - s] * hp[i] != T(0);
+    const bool okn = v * vm[i + s] * hn[i] != T(0);
+    if (DM) {
+      const T m = Dm[i];
+      const T dp = m - Dm[i - s], dn = m - Dm[i + s];
+      const T gp = sel(okp, coh_drho<L2>(dp), T(0)), gn = sel(okn, coh_drho<L2>(dn), T(0));
+      gD[i] += f * (gp + gn);
+      vd += sel(okn, coh_rho<L2>(dn), T(0));
     }
-    out[d] = val;
+    if (SM) {
+      const T m = Sm[i];
+      const T dp = m - Sm[i - s], dn = m - Sm[i + s];
+      const T gp = sel(okp, coh_drho<L2>(dp), T(0)), gn = sel(okn, coh_drho<L2>(dn), T(0));
+      gS[i] += f * (gp + gn);
+      vs += sel(okn, coh_rho<L2>(dn), T(0));
+    }
   }
+  val_d = vd;
+  val_s = vs;
 }
 
 // The coherence of a tile: gD, gS (derivatives with respect to D and s, gathered
@@ -635,7 +648,6 @@ DS_LOSS_FN void tile_coherence(const TileCtx<T>& c, const T* M, T* __restrict__ 
 template <typename T>
 DS_LOSS_FN void tile_coherence_all(const TileCtx<T>& c) {
   const int64_t n = c.n;
-  const T* __restrict__ valid = c.valid;
   T* __restrict__ gD = c.gD;
   T* __restrict__ gS = c.gS;
   DS_SIMD
@@ -644,33 +656,21 @@ DS_LOSS_FN void tile_coherence_all(const TileCtx<T>& c) {
     gS[i] = T(0);
   }
   for (int d = 0; d < kMaxSpatial; ++d) {
-    c.out[kSumCoh + d] = T(0);
-    c.out[kSumCoh + 3 + d] = T(0);
-  }
-  if (c.maps != 0) {
-    for (int d = 0; d < c.nd; ++d) {
-      const int64_t s = c.st[d];
-      const uint8_t pb = static_cast<uint8_t>(1u << (2 * d)), nb = static_cast<uint8_t>(1u << (2 * d + 1));
-      const uint8_t* __restrict__ bits = c.bits;
-      const uint8_t* __restrict__ vprev = c.vm - s;
-      const uint8_t* __restrict__ vnext = c.vm + s;
-      T* __restrict__ okp = c.okp[d];
-      T* __restrict__ okn = c.okn[d];
-      DS_SIMD
-      for (int64_t i = 0; i < n; ++i) {
-        const bool self = valid[i] != T(0);
-        const uint8_t bi = bits[i], vp = vprev[i], vn = vnext[i];
-        okp[i] = sel(self & ((bi & pb) != 0) & (vp != 0), T(1), T(0));
-        okn[i] = sel(self & ((bi & nb) != 0) & (vn != 0), T(1), T(0));
+    T vd = T(0), vs = T(0);
+    if (d < c.nd && c.maps != 0) {
+      const bool dm = (c.maps & kMapRouter) != 0, sm = (c.maps & kMapGate) != 0;
+      if (c.l2) {
+        if (dm && sm) coherence_axis<true, true, true>(c, d, vd, vs);
+        else if (dm) coherence_axis<true, true, false>(c, d, vd, vs);
+        else coherence_axis<true, false, true>(c, d, vd, vs);
+      } else {
+        if (dm && sm) coherence_axis<false, true, true>(c, d, vd, vs);
+        else if (dm) coherence_axis<false, true, false>(c, d, vd, vs);
+        else coherence_axis<false, false, true>(c, d, vd, vs);
       }
     }
-    if (c.l2) {
-      if (c.maps & kMapRouter) tile_coherence<true>(c, c.mapD, gD, c.out + kSumCoh);
-      if (c.maps & kMapGate) tile_coherence<true>(c, c.mapS, gS, c.out + kSumCoh + 3);
-    } else {
-      if (c.maps & kMapRouter) tile_coherence<false>(c, c.mapD, gD, c.out + kSumCoh);
-      if (c.maps & kMapGate) tile_coherence<false>(c, c.mapS, gS, c.out + kSumCoh + 3);
-    }
+    c.out[kSumCoh + d] = vd;
+    c.out[kSumCoh + 3 + d] = vs;
   }
 }
 
@@ -756,7 +756,8 @@ DS_LOSS_FN void loss_rest_fast(const TileCtx<T>& c) {
 }
 
 // Every term of a tile and, when c.grad, the gradient (written over X).
-// Loaded: X (all C rows), valid, yf, y, ck rows 0..E-1; for coherence bits, vm and maps.
+// Loaded: X (all C rows), valid, yf, y, ck rows 0..E-1; for coherence the neighbour
+// masks, vm and maps.
 // out: kNumSums partial sums.
 template <typename T>
 DS_LOSS_FN void loss_tile_impl(const TileCtx<T>& c) {
@@ -1401,18 +1402,17 @@ struct RoutingRing {
 // mask, D and s of pixels [lo, lo + cap), stored with `pad` readable elements on both
 // sides. It slides forward: when a new map tile does not fit, the tiles still needed
 // (from `keep` on) move to the front. Reads that fall outside the volume or before
-// `keep` only ever feed pairs that the neighbour bits mask out.
+// `keep` only ever feed pairs that the neighbour masks leave out.
 template <typename T>
 struct MapWindow {
   int64_t cap = 0, pad = 0, lo = 0;
-  std::vector<uint8_t> vm;
-  std::vector<T> D, S;
+  std::vector<T> vm, D, S;
   MapWindow(int64_t cap_, int64_t pad_, bool with_d, bool with_s)
-      : cap(cap_), pad(pad_), vm(static_cast<size_t>(cap_ + 2 * pad_), 0),
+      : cap(cap_), pad(pad_), vm(static_cast<size_t>(cap_ + 2 * pad_), T(0)),
         D(with_d ? static_cast<size_t>(cap_ + 2 * pad_) : 0, T(0)),
         S(with_s ? static_cast<size_t>(cap_ + 2 * pad_) : 0, T(0)) {}
   int64_t at(int64_t p) const { return pad + p - lo; }
-  uint8_t* vm_at(int64_t p) { return vm.data() + at(p); }
+  T* vm_at(int64_t p) { return vm.data() + at(p); }
   T* D_at(int64_t p) { return D.empty() ? nullptr : D.data() + at(p); }
   T* S_at(int64_t p) { return S.empty() ? nullptr : S.data() + at(p); }
   void reset(int64_t first) { lo = first; }
@@ -1421,7 +1421,7 @@ struct MapWindow {
     if (upto - lo <= cap) return;
     const int64_t shift = keep - lo, count = done - keep;
     if (count > 0) {
-      std::memmove(vm.data() + pad, vm.data() + pad + shift, static_cast<size_t>(count));
+      std::memmove(vm.data() + pad, vm.data() + pad + shift, static_cast<size_t>(count) * sizeof(T));
       if (!D.empty()) std::memmove(D.data() + pad, D.data() + pad + shift, static_cast<size_t>(count) * sizeof(T));
       if (!S.empty()) std::memmove(S.data() + pad, S.data() + pad + shift, static_cast<size_t>(count) * sizeof(T));
     }
@@ -1528,7 +1528,6 @@ DS_INLINE void fused_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo
   ws.bind(c, C, E);
   T out[kNumSums];
   c.out = out;
-  c.bits = ws.bits();
   const bool maps = base.maps != 0;
   // Logits of the accumulation type and unit pixel stride are read in place.
   const bool in_place = std::is_same<scalar_t, T>::value && in.xp == 1;
@@ -1577,7 +1576,7 @@ DS_INLINE void fused_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo
       // The tile's routing, gate term and target, from when its map tile was made.
       TORCH_CHECK(ring.tag[ring.point(c, t, tv)] == t, "deferredseg::loss_fused: routing ring out of step");
       c.routing_ready = true;
-      neighbour_bits(geo, p0, n, ws.bits());
+      neighbour_masks(geo, p0, n, c.hp, c.hn);
       c.vm = win.vm_at(p0);
       c.mapD = win.D_at(p0);
       c.mapS = win.S_at(p0);
