@@ -601,6 +601,17 @@ DS_LOSS_FN void maps_tile_impl(const TileCtx<T>& c) {
   }
 }
 
+// One map's coherence at a pixel with value m and neighbours mprev / mnext along an
+// axis: adds to g the derivative of the weighted penalty (both pairs, each where it
+// counts) and returns the penalty of the forward pair.
+template <bool L2, typename T>
+DS_LOSS_FN T coherence_pixel(T m, T mprev, T mnext, bool okp, bool okn, T f, T& g) {
+  const T dp = m - mprev, dn = m - mnext;
+  const T gp = sel(okp, coh_drho<L2>(dp), T(0)), gn = sel(okn, coh_drho<L2>(dn), T(0));
+  g += f * (gp + gn);
+  return sel(okn, coh_rho<L2>(dn), T(0));
+}
+
 // Coherence along axis d of a tile, both maps in one loop. A pair (p - s, p) or
 // (p, p + s) counts when both pixels are valid and inside the volume (valid mask,
 // its window vm and the neighbour masks; all 0 / 1, so their product is too). Adds
@@ -624,20 +635,8 @@ DS_LOSS_FN void coherence_axis(const TileCtx<T>& c, int d, T& val_d, T& val_s) {
     const T v = valid[i];
     const bool okp = v * vm[i - s] * hp[i] != T(0);
     const bool okn = v * vm[i + s] * hn[i] != T(0);
-    if (DM) {
-      const T m = Dm[i];
-      const T dp = m - Dm[i - s], dn = m - Dm[i + s];
-      const T gp = sel(okp, coh_drho<L2>(dp), T(0)), gn = sel(okn, coh_drho<L2>(dn), T(0));
-      gD[i] += f * (gp + gn);
-      vd += sel(okn, coh_rho<L2>(dn), T(0));
-    }
-    if (SM) {
-      const T m = Sm[i];
-      const T dp = m - Sm[i - s], dn = m - Sm[i + s];
-      const T gp = sel(okp, coh_drho<L2>(dp), T(0)), gn = sel(okn, coh_drho<L2>(dn), T(0));
-      gS[i] += f * (gp + gn);
-      vs += sel(okn, coh_rho<L2>(dn), T(0));
-    }
+    if (DM) vd += coherence_pixel<L2>(Dm[i], Dm[i - s], Dm[i + s], okp, okn, f, gD[i]);
+    if (SM) vs += coherence_pixel<L2>(Sm[i], Sm[i - s], Sm[i + s], okp, okn, f, gS[i]);
   }
   val_d = vd;
   val_s = vs;
