@@ -221,7 +221,7 @@ struct TileCtx {
   int64_t st[kMaxSpatial] = {0, 0, 0};
   bool paper = false, l2 = false, grad = false;
   bool routing_ready = false;  // rb, ri, rs, rinv, D, pi and lgate, dgate, dsa already hold this tile's
-                               // routing and gate term (computed by maps_tile)
+                               // routing and gate term (computed by maps_tile), valid / yf / y its target
   bool fast = false;           // E <= kFastMaxExperts, float accumulation: the unrolled paths
   int maps = 0;
   T gate_mse = 0, gate_sparsity = 0, eps = 0;
