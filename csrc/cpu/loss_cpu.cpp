@@ -1113,6 +1113,11 @@ DS_INLINE void store_rows(scalar_t* g, int64_t gc, int64_t gp, int64_t nc, int64
   }
 }
 
+// A label that is not ignore_index and outside [0, nlab): a bad label.
+DS_INLINE bool label_out_of_range(int64_t v, int64_t ignore, int64_t nlab) {
+  return (v != ignore) & ((v < 0) | (v >= nlab));
+}
+
 // One target value: valid flag, the label (0 where not a valid in-range label, so
 // it can index), the raw value; returns 1 for a label out of range that is not
 // ignore_index.
@@ -1126,7 +1131,7 @@ DS_INLINE int64_t target_at(int64_t v, int64_t ignore, int64_t nlab, int64_t i, 
   y[i] = lab;
   yf[i] = static_cast<T>(lab);
   tv[i] = v;
-  return sel<int64_t>(ok & !in_range, 1, 0);
+  return sel<int64_t>(label_out_of_range(v, ignore, nlab), 1, 0);
 }
 
 // The target of a tile (t at (b, p0)); returns the number of bad labels.
@@ -1156,7 +1161,7 @@ DS_INLINE int64_t load_valid(const label_t* t, int64_t n, int64_t ignore, int64_
   for (int64_t i = 0; i < n; ++i) {
     const int64_t v = static_cast<int64_t>(t[i]);
     const bool ok = v != ignore;
-    bad += sel(ok & ((v < 0) | (v >= nlab)), T(1), T(0));
+    bad += sel(label_out_of_range(v, ignore, nlab), T(1), T(0));
     valid[i] = sel(ok, T(1), T(0));
   }
   return static_cast<int64_t>(bad);
@@ -1177,7 +1182,7 @@ DS_INLINE int64_t load_experts(const label_t* l, int64_t le, int64_t lp, int64_t
       for (int64_t i = 0; i < n; ++i) {
         const int64_t v = static_cast<int64_t>(src[i]);
         dst[i] = sel((v != ignore) & (v == tv[i]), T(1), T(0));
-        bad += sel<int64_t>((v != ignore) & ((v < 0) | (v >= nlab)), 1, 0);
+        bad += sel<int64_t>(label_out_of_range(v, ignore, nlab), 1, 0);
       }
     } else if (lp == 1) {
       DS_SIMD
@@ -1189,7 +1194,7 @@ DS_INLINE int64_t load_experts(const label_t* l, int64_t le, int64_t lp, int64_t
       for (int64_t i = 0; i < n; ++i) {
         const int64_t v = static_cast<int64_t>(src[i * lp]);
         dst[i] = sel((v != ignore) & (v == tv[i]), T(1), T(0));
-        bad += sel<int64_t>((v != ignore) & ((v < 0) | (v >= nlab)), 1, 0);
+        bad += sel<int64_t>(label_out_of_range(v, ignore, nlab), 1, 0);
       }
     }
   }
@@ -1207,12 +1212,12 @@ DS_INLINE int64_t count_bad_experts(const label_t* l, int64_t le, int64_t lp, in
       DS_SIMD_SUM(bad)
       for (int64_t i = 0; i < n; ++i) {
         const int64_t v = static_cast<int64_t>(src[i]);
-        bad += sel<int64_t>((v != ignore) & ((v < 0) | (v >= nlab)), 1, 0);
+        bad += sel<int64_t>(label_out_of_range(v, ignore, nlab), 1, 0);
       }
     } else {
       for (int64_t i = 0; i < n; ++i) {
         const int64_t v = static_cast<int64_t>(src[i * lp]);
-        bad += sel<int64_t>((v != ignore) & ((v < 0) | (v >= nlab)), 1, 0);
+        bad += sel<int64_t>(label_out_of_range(v, ignore, nlab), 1, 0);
       }
     }
   }
@@ -1464,12 +1469,10 @@ DS_INLINE void stats_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo
   ws.bind(c, E + 1, E);
   std::vector<T> out(static_cast<size_t>(E + 3));
   c.out = out.data();
-  // Float logits of unit pixel stride, no class weights, a fast E: the routing rows
-  // straight from the logits (no copy into X) and only the valid mask of the target.
-  bool direct = false;
-  if constexpr (std::is_same<scalar_t, float>::value) {
-    direct = base.fast && base.cw == nullptr && in.xp == 1 && in.tp == 1;
-  }
+  // Logits of the accumulation type and unit pixel stride are read in place; without
+  // class weights (which need the labels) a unit-stride target gives only its valid mask.
+  const bool in_place = std::is_same<scalar_t, T>::value && in.xp == 1;
+  const bool valid_only = base.cw == nullptr && in.tp == 1;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t b = geo.batch(t), p0 = geo.first(t), n = geo.count(t);
     if (t + kPrefetchTiles < t1) {
@@ -1485,19 +1488,9 @@ DS_INLINE void stats_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo
     c.n = n;
     const int64_t toff = b * in.tb + p0 * in.tp;
     const scalar_t* x = in.x + b * in.xb + p0 * in.xp;
-    int64_t bad = 0;
-    if (direct) {
-      if constexpr (std::is_same<scalar_t, float>::value) {
-        bad = load_valid_at(in, toff, n, c.valid);
-        c.Xin = x + K * in.xc;
-        c.xs = in.xc;
-      }
-    } else {
-      bad = load_target_at(in, toff, n, c.valid, c.yf, c.y, ws.tv());
-      load_rows(x, in.xc, in.xp, K, E + 1, n, c.X);
-      c.Xin = c.X;
-      c.xs = kTile;
-    }
+    int64_t bad = valid_only ? load_valid_at(in, toff, n, c.valid)
+                             : load_target_at(in, toff, n, c.valid, c.yf, c.y, ws.tv());
+    point_logits(c, in, x, K, E + 1, n, in_place);
     stats_tile<ISA>(c);
     if (check_experts) bad += count_bad_experts_at(in, b * in.lb + p0 * in.lp, E, n);
     double* row = part + t * width;
