@@ -168,41 +168,75 @@ struct Geometry {
   int64_t count(int64_t t) const { return std::min(kTile, P - first(t)); }
 };
 
-// Neighbour masks of the pixels p0 .. p0 + n - 1 of one batch element, for every
-// axis d: hp[d][i] = 1 when the pixel has a neighbour at p - st[d] (its coordinate
-// along d is > 0), hn[d][i] = 1 when it has one at p + st[d], else 0. Walks the
-// coordinates row by row (a row: a run along the last axis).
+// Neighbour masks along axis d of the pixels p0 .. p0 + n - 1 of one batch element:
+// hp[i] = 1 when pixel p0 + i has a neighbour at p - st[d] (its coordinate along d is
+// > 0), hn[i] = 1 when it has one at p + st[d], else 0. Along d the coordinate
+// repeats with period Q = S[d] * st[d]: coordinate 0 is the pixels [k Q, k Q + st[d]),
+// coordinate S[d] - 1 the pixels [(k + 1) Q - st[d], (k + 1) Q). Inlined into the
+// per-ISA workers, so the fills vectorise.
 template <typename T>
-inline void neighbour_masks(const Geometry& g, int64_t p0, int64_t n, T* const* hp, T* const* hn) {
-  const int L = g.nd - 1;
-  int64_t c[kMaxSpatial] = {0, 0, 0};
-  int64_t rem = p0;
-  for (int d = 0; d < g.nd; ++d) {
-    c[d] = rem / g.st[d];
-    rem -= c[d] * g.st[d];
+DS_INLINE void zero_runs(T* m, int64_t p0, int64_t n, int64_t Q, int64_t off, int64_t len) {
+  // runs [k Q + off, k Q + off + len) that end after p0: k >= ceil((p0 - off - len + 1) / Q)
+  const int64_t x = p0 - off - len + 1;
+  const int64_t k0 = x > 0 ? (x + Q - 1) / Q : 0;
+  for (int64_t r = k0 * Q + off; r < p0 + n; r += Q) {
+    const int64_t lo = std::max(r, p0), hi = std::min(r + len, p0 + n);
+    for (int64_t i = lo; i < hi; ++i) m[i - p0] = T(0);
   }
-  const int64_t SL = g.S[L];
-  int64_t i = 0;
-  while (i < n) {
-    const int64_t run = std::min(n - i, SL - c[L]);
-    for (int d = 0; d < L; ++d) {
-      const T p = c[d] > 0 ? T(1) : T(0), q = c[d] < g.S[d] - 1 ? T(1) : T(0);
-      std::fill(hp[d] + i, hp[d] + i + run, p);
-      std::fill(hn[d] + i, hn[d] + i + run, q);
+}
+template <typename T>
+DS_INLINE void axis_masks(const Geometry& g, int d, int64_t p0, int64_t n, T* __restrict__ hp,
+                          T* __restrict__ hn) {
+  const int64_t s = g.st[d], Q = g.S[d] * s;
+  DS_SIMD
+  for (int64_t i = 0; i < n; ++i) {
+    hp[i] = T(1);
+    hn[i] = T(1);
+  }
+  zero_runs(hp, p0, n, Q, 0, s);
+  zero_runs(hn, p0, n, Q, Q - s, s);
+}
+
+// The neighbour masks of a thread's tiles, axis by axis: an axis whose period Q is
+// short gets a table over Q + kTile pixels (the masks of a tile at p0 are the table
+// at p0 mod Q); on another axis a tile whose pixels all share one coordinate along it
+// gets a row of ones or zeros; any other tile computes its masks into its own rows.
+constexpr int64_t kMaskPeriodMax = 8192;
+template <typename T>
+struct NeighbourMasks {
+  std::vector<T> tab[kMaxSpatial][2];
+  std::vector<T> ones, zeros;
+  NeighbourMasks(const Geometry& g, bool want) {
+    if (!want) return;
+    ones.assign(kTile, T(1));
+    zeros.assign(kTile, T(0));
+    for (int d = 0; d < g.nd; ++d) {
+      const int64_t Q = g.S[d] * g.st[d];
+      if (Q > kMaskPeriodMax) continue;
+      tab[d][0].resize(static_cast<size_t>(Q + kTile));
+      tab[d][1].resize(static_cast<size_t>(Q + kTile));
+      axis_masks(g, d, 0, Q + kTile, tab[d][0].data(), tab[d][1].data());
     }
-    const int64_t cl = c[L];
-    std::fill(hp[L] + i, hp[L] + i + run, T(1));
-    std::fill(hn[L] + i, hn[L] + i + run, T(1));
-    if (cl == 0) hp[L][i] = T(0);
-    if (cl + run == SL) hn[L][i + run - 1] = T(0);
-    i += run;
-    c[L] += run;
-    if (c[L] == SL) {
-      c[L] = 0;
-      for (int d = L - 1; d >= 0; --d) {
-        if (++c[d] < g.S[d]) break;
-        c[d] = 0;
-      }
+  }
+};
+// Points hp / hn (or computes them into the tile's rows own_p / own_n) for the tile
+// at p0 of n pixels.
+template <typename T>
+DS_INLINE void point_masks(NeighbourMasks<T>& nm, const Geometry& g, int64_t p0, int64_t n, T** hp, T** hn,
+                           T* const* own_p, T* const* own_n) {
+  for (int d = 0; d < g.nd; ++d) {
+    const int64_t s = g.st[d], Q = g.S[d] * s;
+    if (!nm.tab[d][0].empty()) {
+      hp[d] = nm.tab[d][0].data() + p0 % Q;
+      hn[d] = nm.tab[d][1].data() + p0 % Q;
+    } else if (p0 / s == (p0 + n - 1) / s) {
+      const int64_t cd = (p0 / s) % g.S[d];
+      hp[d] = cd > 0 ? nm.ones.data() : nm.zeros.data();
+      hn[d] = cd < g.S[d] - 1 ? nm.ones.data() : nm.zeros.data();
+    } else {
+      hp[d] = own_p[d];
+      hn[d] = own_n[d];
+      axis_masks(g, d, p0, n, hp[d], hn[d]);
     }
   }
 }
@@ -1529,6 +1563,13 @@ DS_INLINE void fused_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo
   MapWindow<T> win(maps ? std::min(geo.P, (3 * live + 1) * kTile) : 0, geo.pad, (base.maps & kMapRouter) != 0,
                    (base.maps & kMapGate) != 0);
   RoutingRing<T> ring(maps ? geo.ahead + 1 : 0, E);
+  NeighbourMasks<T> masks(geo, maps);
+  T* own_p[kMaxSpatial];  // the tile's own mask rows (c.hp / c.hn may point elsewhere)
+  T* own_n[kMaxSpatial];
+  for (int d = 0; d < kMaxSpatial; ++d) {
+    own_p[d] = c.hp[d];
+    own_n[d] = c.hn[d];
+  }
   int64_t* tv = ws.tv();             // the raw target of the tile (a ring slot with maps)
   int64_t cur_b = -1, next_map = 0;  // window: batch element, first tile not computed yet
   for (int64_t t = t0; t < t1; ++t) {
@@ -1568,7 +1609,7 @@ DS_INLINE void fused_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo
       // The tile's routing, gate term and target, from when its map tile was made.
       TORCH_CHECK(ring.tag[ring.point(c, t, tv)] == t, "deferredseg::loss_fused: routing ring out of step");
       c.routing_ready = true;
-      neighbour_masks(geo, p0, n, c.hp, c.hn);
+      point_masks(masks, geo, p0, n, c.hp, c.hn, own_p, own_n);
       c.vm = win.vm_at(p0);
       c.mapD = win.D_at(p0);
       c.mapS = win.S_at(p0);
