@@ -1149,7 +1149,8 @@ DS_INLINE void store_rows(scalar_t* g, int64_t gc, int64_t gp, int64_t nc, int64
 
 // A label that is not ignore_index and outside [0, nlab): a bad label.
 DS_INLINE bool label_out_of_range(int64_t v, int64_t ignore, int64_t nlab) {
-  return (v != ignore) & ((v < 0) | (v >= nlab));
+  // (v < 0) | (v >= nlab) as one unsigned comparison (nlab > 0)
+  return (v != ignore) & (static_cast<uint64_t>(v) >= static_cast<uint64_t>(nlab));
 }
 
 // One target value: valid flag, the label (0 where not a valid in-range label, so
@@ -1201,7 +1202,10 @@ DS_INLINE int64_t load_valid(const label_t* t, int64_t n, int64_t ignore, int64_
   return static_cast<int64_t>(bad);
 }
 
-// Expert correctness c_j = [m_j == y and m_j != ignore_index] (l at (b, 0, p0)).
+// Expert correctness c_j = [m_j == y and m_j != ignore_index] (l at (b, 0, p0)),
+// computed as [m_j == t] with t the raw target (tv): where t is a valid label this is
+// the same, and where t is ignore_index the pixel is not valid and its c_j is never
+// used (every term and gradient of the pixel is selected away).
 // With count_bad, also returns the number of expert labels out of [0, nlab) that are
 // not ignore_index, counted in the same loop (0 otherwise).
 template <typename label_t, typename T>
@@ -1215,19 +1219,19 @@ DS_INLINE int64_t load_experts(const label_t* l, int64_t le, int64_t lp, int64_t
       DS_SIMD_SUM(bad)
       for (int64_t i = 0; i < n; ++i) {
         const int64_t v = static_cast<int64_t>(src[i]);
-        dst[i] = sel((v != ignore) & (v == tv[i]), T(1), T(0));
+        dst[i] = sel(v == tv[i], T(1), T(0));
         bad += sel<int64_t>(label_out_of_range(v, ignore, nlab), 1, 0);
       }
     } else if (lp == 1) {
       DS_SIMD
       for (int64_t i = 0; i < n; ++i) {
         const int64_t v = static_cast<int64_t>(src[i]);
-        dst[i] = sel((v != ignore) & (v == tv[i]), T(1), T(0));
+        dst[i] = sel(v == tv[i], T(1), T(0));
       }
     } else {
       for (int64_t i = 0; i < n; ++i) {
         const int64_t v = static_cast<int64_t>(src[i * lp]);
-        dst[i] = sel((v != ignore) & (v == tv[i]), T(1), T(0));
+        dst[i] = sel(v == tv[i], T(1), T(0));
         bad += sel<int64_t>(label_out_of_range(v, ignore, nlab), 1, 0);
       }
     }
@@ -1318,18 +1322,54 @@ inline int64_t label_bytes(const LabelPtr& l) { return l.kind == 0 ? 1 : (l.kind
 // machine: 5 to 10 % faster than without, distances 1 to 4 alike.
 constexpr int64_t kPrefetchTiles = 2;
 
-// Software prefetch (into L2) of `nrows` rows of n elements of `bytes` each, rows
-// `row_stride` elements apart, from `base` + offset elements; unit stride only.
-DS_INLINE void prefetch_rows(const void* base, int64_t bytes, int64_t offset, int64_t row_stride, int64_t nrows,
-                             int64_t unit, int64_t n) {
-  if (unit != 1 || base == nullptr) return;
-  const char* p0 = static_cast<const char*>(base) + offset * bytes;
-  const int64_t len = n * bytes;
-  for (int64_t r = 0; r < nrows; ++r) {
-    const char* p = p0 + r * row_stride * bytes;
-    for (int64_t o = 0; o < len; o += 64) __builtin_prefetch(p + o, 0, 2);
+// Software prefetch (into L2) of the rows a tile ahead will read, issued in parts
+// between the steps of the tile being processed (see step). Issued as one burst (some
+// 100 to 250 cache lines a tile), the prefetches fill the core's queue of outstanding
+// misses and the core waits at the prefetch instructions; spread over the tile they
+// overlap with its compute. Measured on the 2-core CI machine, interleaved in one
+// process, right after the eager reference: 4 to 7 % faster; hot, unchanged.
+class TilePrefetch {
+ public:
+  static constexpr int kMaxRows = 32;
+  // Issues what is left of the previous plan and starts a new, empty one.
+  DS_INLINE void restart() {
+    step(std::numeric_limits<int64_t>::max());
+    nrows_ = cur_ = 0;
+    off_ = lines_ = 0;
   }
-}
+  // Adds `nrows` rows of n elements of `bytes` each, rows `row_stride` elements apart,
+  // from `base` + offset elements; unit stride only (else nothing).
+  DS_INLINE void add(const void* base, int64_t bytes, int64_t offset, int64_t row_stride, int64_t nrows,
+                     int64_t unit, int64_t n) {
+    if (unit != 1 || base == nullptr || n <= 0) return;
+    const char* p0 = static_cast<const char*>(base) + offset * bytes;
+    for (int64_t r = 0; r < nrows && nrows_ < kMaxRows; ++r) {
+      row_[nrows_] = p0 + r * row_stride * bytes;
+      len_[nrows_++] = n * bytes;
+      lines_ += (n * bytes + 63) / 64;
+    }
+  }
+  // The share of the plan each of `parts` steps issues.
+  DS_INLINE int64_t share(int64_t parts) const { return (lines_ + parts - 1) / parts; }
+  // Issues the next `lines` cache lines of the plan.
+  DS_INLINE void step(int64_t lines) {
+    while (lines > 0 && cur_ < nrows_) {
+      __builtin_prefetch(row_[cur_] + off_, 0, 2);
+      --lines;
+      off_ += 64;
+      if (off_ >= len_[cur_]) {
+        off_ = 0;
+        ++cur_;
+      }
+    }
+  }
+
+ private:
+  const char* row_[kMaxRows];
+  int64_t len_[kMaxRows];
+  int nrows_ = 0, cur_ = 0;
+  int64_t off_ = 0, lines_ = 0;
+};
 
 template <typename L>
 DS_INLINE const L* label_at(const LabelPtr& l, int64_t offset) {
@@ -1507,25 +1547,32 @@ DS_INLINE void stats_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo
   // class weights (which need the labels) a unit-stride target gives only its valid mask.
   const bool in_place = std::is_same<scalar_t, T>::value && in.xp == 1;
   const bool valid_only = base.cw == nullptr && in.tp == 1;
+  TilePrefetch pf;
+  int64_t part_lines = 0;  // the prefetch plan is issued in 3 parts a tile
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t b = geo.batch(t), p0 = geo.first(t), n = geo.count(t);
+    pf.restart();
     if (t + kPrefetchTiles < t1) {
       const int64_t tn = t + kPrefetchTiles;
       const int64_t b1 = geo.batch(tn), q1 = geo.first(tn), n1 = geo.count(tn);
-      prefetch_rows(in.x, sizeof(scalar_t), b1 * in.xb + q1 * in.xp + K * in.xc, in.xc, E + 1, in.xp, n1);
-      prefetch_rows(in.t.p, label_bytes(in.t), b1 * in.tb + q1 * in.tp, 0, 1, in.tp, n1);
+      pf.add(in.x, sizeof(scalar_t), b1 * in.xb + q1 * in.xp + K * in.xc, in.xc, E + 1, in.xp, n1);
+      pf.add(in.t.p, label_bytes(in.t), b1 * in.tb + q1 * in.tp, 0, 1, in.tp, n1);
       if (geo.nd > 1 && q1 + geo.st[0] < geo.P) {  // the pairs along the first axis read it
-        prefetch_rows(in.t.p, label_bytes(in.t), b1 * in.tb + (q1 + geo.st[0]) * in.tp, 0, 1, in.tp,
-                      std::min(n1, geo.P - q1 - geo.st[0]));
+        pf.add(in.t.p, label_bytes(in.t), b1 * in.tb + (q1 + geo.st[0]) * in.tp, 0, 1, in.tp,
+               std::min(n1, geo.P - q1 - geo.st[0]));
       }
+      part_lines = pf.share(3);
+      pf.step(part_lines);
     }
     c.n = n;
     const int64_t toff = b * in.tb + p0 * in.tp;
     const scalar_t* x = in.x + b * in.xb + p0 * in.xp;
     int64_t bad = valid_only ? load_valid_at(in, toff, n, c.valid)
                              : load_target_at(in, toff, n, c.valid, c.yf, c.y, ws.tv());
+    pf.step(part_lines);
     point_logits(c, in, x, K, E + 1, n, in_place);
     stats_tile<ISA>(c);
+    pf.step(part_lines);
     if (check_experts) bad += count_bad_experts_at(in, b * in.lb + p0 * in.lp, E, n);
     double* row = part + t * width;
     for (int64_t s = 0; s < E + 3; ++s) row[s] = static_cast<double>(out[s]);
@@ -1572,18 +1619,23 @@ DS_INLINE void fused_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo
   }
   int64_t* tv = ws.tv();             // the raw target of the tile (a ring slot with maps)
   int64_t cur_b = -1, next_map = 0;  // window: batch element, first tile not computed yet
+  TilePrefetch pf;
+  int64_t part_lines = 0;  // the prefetch plan is issued in 4 parts a tile
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t b = geo.batch(t), j = geo.index(t), p0 = geo.first(t), n = geo.count(t);
+    pf.restart();
     if (t + kPrefetchTiles < t1) {
       // The map tile computed ahead reads the logits and target first; the main
       // pass of a tile reads the expert labels.
       const int64_t tm = maps ? std::min(t + kPrefetchTiles + geo.ahead, geo.tiles - 1) : t + kPrefetchTiles;
       const int64_t b1 = geo.batch(tm), q1 = geo.first(tm), n1 = geo.count(tm);
-      prefetch_rows(in.x, sizeof(scalar_t), b1 * in.xb + q1 * in.xp, in.xc, C, in.xp, n1);
-      prefetch_rows(in.t.p, label_bytes(in.t), b1 * in.tb + q1 * in.tp, 0, 1, in.tp, n1);
+      pf.add(in.x, sizeof(scalar_t), b1 * in.xb + q1 * in.xp, in.xc, C, in.xp, n1);
+      pf.add(in.t.p, label_bytes(in.t), b1 * in.tb + q1 * in.tp, 0, 1, in.tp, n1);
       const int64_t b2 = geo.batch(t + kPrefetchTiles), q2 = geo.first(t + kPrefetchTiles),
                     n2 = geo.count(t + kPrefetchTiles);
-      prefetch_rows(in.lab.p, label_bytes(in.lab), b2 * in.lb + q2 * in.lp, in.le, E, in.lp, n2);
+      pf.add(in.lab.p, label_bytes(in.lab), b2 * in.lb + q2 * in.lp, in.le, E, in.lp, n2);
+      part_lines = pf.share(4);
+      pf.step(part_lines);
     }
     if (maps) {
       if (b != cur_b) {
@@ -1605,6 +1657,7 @@ DS_INLINE void fused_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo
         c.mapD = win.D_at(q0);
         c.mapS = win.S_at(q0);
         maps_tile<ISA>(c);
+        pf.step(part_lines);
       }
       // The tile's routing, gate term and target, from when its map tile was made.
       TORCH_CHECK(ring.tag[ring.point(c, t, tv)] == t, "deferredseg::loss_fused: routing ring out of step");
@@ -1619,7 +1672,9 @@ DS_INLINE void fused_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo
     point_logits(c, in, in.x + b * in.xb + p0 * in.xp, 0, C, n, in_place);
     const int64_t bad_experts = load_experts_at(in, b * in.lb + p0 * in.lp, E, n, check_experts, tv, c.ck);
     if (check_experts) bad[t] = bad_experts;
+    pf.step(part_lines);
     loss_tile<ISA>(c);
+    pf.step(part_lines);
     if (in.g != nullptr) store_rows<ISA>(in.g + b * in.gb + p0 * in.gp, in.gc, in.gp, C, n, c.X, in.stream);
     double* row = part + t * kNumSums;
     for (int s = 0; s < kNumSums; ++s) row[s] = static_cast<double>(out[s]);
