@@ -1330,6 +1330,8 @@ constexpr int64_t kPrefetchTiles = 2;
 // process, right after the eager reference: 4 to 7 % faster; hot, unchanged.
 class TilePrefetch {
  public:
+  // Rows a plan holds; the rows of a tile past this many (more than some 30 channels
+  // and expert labels) are left to the hardware prefetcher.
   static constexpr int kMaxRows = 32;
   // Issues what is left of the previous plan and starts a new, empty one.
   DS_INLINE void restart() {
