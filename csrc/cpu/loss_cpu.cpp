@@ -276,7 +276,7 @@ struct TileCtx {
   T* pi = nullptr;  // routing probabilities
   T *valid, *yf, *w, *zb, *zs, *zy, *rb, *rs, *rinv, *rlog, *D, *lseg, *lcol, *lgate, *dgate, *dsa, *acc, *bsum,
       *common, *gD, *gS;
-  T* hp[kMaxSpatial];  // neighbour_masks of the tile: 1 where p - st[d] is in the volume
+  T* hp[kMaxSpatial];  // the tile's neighbour masks (point_masks): 1 where p - st[d] is in the volume
   T* hn[kMaxSpatial];  // ... where p + st[d] is
   int32_t *y, *zi, *ri;
 
