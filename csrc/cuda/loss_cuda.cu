@@ -20,14 +20,12 @@
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
 
 #include "../dispatch.h"
+#include "cuda_compat.h"
 #include "../loss.h"
 #include "../loss_pixel.h"
 
@@ -37,7 +35,13 @@ namespace cuda_loss {
 using namespace loss;
 
 constexpr int kThreads = 256;
+#ifdef DS_CUDA_EMU_MAX_BLOCKS
+// The CPU emulation's cap (tests/cuda_emu): small grids, so that the grid-stride loops
+// take several steps on small test inputs.
+constexpr int64_t kMaxBlocks = DS_CUDA_EMU_MAX_BLOCKS;
+#else
 constexpr int64_t kMaxBlocks = 2048;  // fixed cap: the partition depends on the shape only
+#endif
 
 inline int64_t blocks_for(int64_t n) { return std::max<int64_t>(1, std::min((n + kThreads - 1) / kThreads, kMaxBlocks)); }
 
@@ -280,8 +284,8 @@ at::Tensor loss_stats_cuda(const at::Tensor& logits, const at::Tensor& target, c
                            const c10::optional<at::Tensor>& class_weight, int64_t num_classes, int64_t num_experts,
                            int64_t ignore_index, bool check_expert_labels) {
   const char* op = "deferredseg::loss_stats (CUDA kernel)";
-  TORCH_CHECK(logits.is_cuda(), op, ": logits must be a CUDA tensor");
-  c10::cuda::CUDAGuard guard(logits.device());
+  TORCH_CHECK(DS_ON_DEVICE(logits), op, ": logits must be a CUDA tensor");
+  DS_DEVICE_GUARD(logits);
   LossProblem pb = prepare_loss(op, logits, target, expert_labels, num_classes, num_experts, ignore_index);
   const at::ScalarType acc = acc_dtype(logits);
   const at::Tensor cw = class_weight_vector(op, class_weight, logits, pb.num_labels, acc);
@@ -295,24 +299,25 @@ at::Tensor loss_stats_cuda(const at::Tensor& logits, const at::Tensor& target, c
   at::Tensor part_pi = at::empty({(pb.E + 1) * blocks}, dopt);
   at::Tensor vmask = at::empty({n}, logits.options().dtype(at::kByte));
   at::Tensor soft = at::empty({2 * n}, logits.options().dtype(acc));
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = DS_CURRENT_STREAM();
   const Labels tl = make_labels(pb.target), ll = make_labels(pb.labels);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "loss_stats_cuda", [&] {
     using acc_t = typename AccType<scalar_t>::type;
     const scalar_t* x = pb.x.data_ptr<scalar_t>();
-    stats_pixels<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
+    DS_LAUNCH(blocks, kThreads, stream, stats_pixels<scalar_t, acc_t>)(
         x, tl, ll, cw.defined() ? cw.data_ptr<acc_t>() : nullptr, L, check_expert_labels,
         vmask.data_ptr<uint8_t>(), soft.data_ptr<acc_t>(), part.data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    stats_pairs<<<blocks, kThreads, 0, stream>>>(vmask.data_ptr<uint8_t>(), L, part.data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    stats_pi<scalar_t, acc_t><<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(pb.E + 1)), kThreads, 0,
-                                stream>>>(x, soft.data_ptr<acc_t>(), L, part_pi.data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    DS_LAUNCH_CHECK();
+    DS_LAUNCH(blocks, kThreads, stream, stats_pairs)(vmask.data_ptr<uint8_t>(), L, part.data_ptr<double>());
+    DS_LAUNCH_CHECK();
+    const dim3 pi_grid(static_cast<unsigned>(blocks), static_cast<unsigned>(pb.E + 1));
+    DS_LAUNCH(pi_grid, kThreads, stream, stats_pi<scalar_t, acc_t>)(x, soft.data_ptr<acc_t>(), L,
+                                                                    part_pi.data_ptr<double>());
+    DS_LAUNCH_CHECK();
   });
-  stats_finish<<<1, kThreads, 0, stream>>>(part.data_ptr<double>(), part_pi.data_ptr<double>(), blocks, pb.E,
+  DS_LAUNCH(1, kThreads, stream, stats_finish)(part.data_ptr<double>(), part_pi.data_ptr<double>(), blocks, pb.E,
                                            stats.data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  DS_LAUNCH_CHECK();
   return stats;
 }
 
@@ -543,8 +548,8 @@ std::tuple<at::Tensor, at::Tensor> loss_fused_cuda(
     int64_t num_classes, int64_t num_experts, int64_t ignore_index, c10::ArrayRef<double> fparams,
     c10::ArrayRef<int64_t> iparams, bool compute_grad) {
   const char* op = "deferredseg::loss_fused (CUDA kernel)";
-  TORCH_CHECK(logits.is_cuda(), op, ": logits must be a CUDA tensor");
-  c10::cuda::CUDAGuard guard(logits.device());
+  TORCH_CHECK(DS_ON_DEVICE(logits), op, ": logits must be a CUDA tensor");
+  DS_DEVICE_GUARD(logits);
   LossProblem pb = prepare_loss(op, logits, target, expert_labels, num_classes, num_experts, ignore_index);
   const LossParams prm = parse_loss_params(op, fparams, iparams);
   TORCH_CHECK(!prm.check_experts, op, ": iparams[4] (check expert labels in the loss pass) is a CPU-kernel "
@@ -565,12 +570,12 @@ std::tuple<at::Tensor, at::Tensor> loss_fused_cuda(
   at::Tensor coef = at::empty({kCoefHead + E + 1}, dopt);
   at::Tensor part = at::empty({std::max<int64_t>(blocks, 1) * kNumSums}, dopt);
   at::Tensor terms = at::empty({kTermsLen}, logits.options().dtype(acc));
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = DS_CURRENT_STREAM();
   const Labels tl = make_labels(pb.target), ll = make_labels(pb.labels);
 
-  loss_prepare<<<1, 32, 0, stream>>>(st.data_ptr<double>(), st.numel(), E, prm, low.data_ptr<double>(),
+  DS_LAUNCH(1, 32, stream, loss_prepare)(st.data_ptr<double>(), st.numel(), E, prm, low.data_ptr<double>(),
                                      high.data_ptr<double>(), coef.data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  DS_LAUNCH_CHECK();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "loss_fused_cuda", [&] {
     using acc_t = typename AccType<scalar_t>::type;
     at::Tensor vmask, mapD, mapS;
@@ -580,21 +585,21 @@ std::tuple<at::Tensor, at::Tensor> loss_fused_cuda(
         vmask = at::empty({n}, logits.options().dtype(at::kByte));
         mapD = at::empty({(prm.maps & kMapRouter) ? n : 1}, logits.options().dtype(acc));
         mapS = at::empty({(prm.maps & kMapGate) ? n : 1}, logits.options().dtype(acc));
-        loss_maps<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(x, tl, L, prm.maps, vmask.data_ptr<uint8_t>(),
+        DS_LAUNCH(blocks, kThreads, stream, loss_maps<scalar_t, acc_t>)(x, tl, L, prm.maps, vmask.data_ptr<uint8_t>(),
                                                                     mapD.data_ptr<acc_t>(), mapS.data_ptr<acc_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        DS_LAUNCH_CHECK();
       }
-      loss_pixels<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
+      DS_LAUNCH(blocks, kThreads, stream, loss_pixels<scalar_t, acc_t>)(
           x, tl, ll, cw.defined() ? cw.data_ptr<acc_t>() : nullptr, L, prm, coef.data_ptr<double>(),
           vmask.defined() ? vmask.data_ptr<uint8_t>() : nullptr, mapD.defined() ? mapD.data_ptr<acc_t>() : nullptr,
           mapS.defined() ? mapS.data_ptr<acc_t>() : nullptr,
           compute_grad ? gout.flat.data_ptr<scalar_t>() : nullptr, part.data_ptr<double>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      DS_LAUNCH_CHECK();
     }
-    loss_finish<acc_t><<<1, kThreads, 0, stream>>>(part.data_ptr<double>(), blocks, st.data_ptr<double>(), st.numel(),
+    DS_LAUNCH(1, kThreads, stream, loss_finish<acc_t>)(part.data_ptr<double>(), blocks, st.data_ptr<double>(), st.numel(),
                                                    E, pb.nd, prm, low.data_ptr<double>(), high.data_ptr<double>(),
                                                    terms.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    DS_LAUNCH_CHECK();
   });
   at::Tensor grad = compute_grad ? finish_grad(gout) : at::empty({0}, logits.options());
   return {terms, grad};
@@ -602,9 +607,11 @@ std::tuple<at::Tensor, at::Tensor> loss_fused_cuda(
 
 }  // namespace cuda_loss
 
+#ifndef DS_CUDA_EMULATION  // the emulation registers its own ops (tests/cuda_emu)
 TORCH_LIBRARY_IMPL(deferredseg, CUDA, m) {
   m.impl("loss_stats", &cuda_loss::loss_stats_cuda);
   m.impl("loss_fused", &cuda_loss::loss_fused_cuda);
 }
+#endif
 
 }  // namespace deferredseg

@@ -1,19 +1,24 @@
 // CUDA kernel of `deferredseg::route` (SPEC section 4): one thread a pixel, grid-stride,
 // int64 indexing, on the current stream.
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <algorithm>
 
 #include "../dispatch.h"
 #include "../route.h"
 #include "../route_pixel.h"
+#include "cuda_compat.h"
 
 namespace deferredseg {
 namespace {
 
 constexpr int kRouteThreads = 256;
+#ifdef DS_CUDA_EMU_MAX_BLOCKS
+constexpr int64_t kRouteMaxBlocks = DS_CUDA_EMU_MAX_BLOCKS;  // see loss_cuda.cu
+#else
+constexpr int64_t kRouteMaxBlocks = 65535LL * 32;
+#endif
 
 template <typename scalar_t, typename acc_t, typename label_t>
 __global__ void __launch_bounds__(kRouteThreads)
@@ -33,24 +38,24 @@ __global__ void __launch_bounds__(kRouteThreads)
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cuda(
     const at::Tensor& logits, int64_t num_classes, int64_t num_experts, double threshold_logit,
     bool router_mode, const c10::optional<at::Tensor>& expert_labels) {
-  TORCH_CHECK(logits.is_cuda(), "deferredseg::route (CUDA kernel): logits must be a CUDA tensor");
-  c10::cuda::CUDAGuard guard(logits.device());
+  TORCH_CHECK(DS_ON_DEVICE(logits), "deferredseg::route (CUDA kernel): logits must be a CUDA tensor");
+  DS_DEVICE_GUARD(logits);
   RouteProblem pb = prepare_route(logits, num_classes, num_experts, expert_labels);
   const int64_t n = pb.B * pb.P;
   if (n == 0) return route_outputs(pb);
   const at::ScalarType label_type = pb.labels.defined() ? pb.labels.scalar_type() : at::kLong;
-  const int64_t blocks = std::min<int64_t>((n + kRouteThreads - 1) / kRouteThreads, 65535LL * 32);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t blocks = std::min<int64_t>((n + kRouteThreads - 1) / kRouteThreads, kRouteMaxBlocks);
+  cudaStream_t stream = DS_CURRENT_STREAM();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "route_cuda", [&] {
     using acc_t = typename AccType<scalar_t>::type;
     DS_DISPATCH_LABEL_TYPES(label_type, "deferredseg::route", [&] {
       const RouteStrides st = pb.strides();
       const label_t* labels = pb.labels_ptr<label_t>();
-      route_kernel<scalar_t, acc_t, label_t><<<blocks, kRouteThreads, 0, stream>>>(
+      DS_LAUNCH(blocks, kRouteThreads, stream, route_kernel<scalar_t, acc_t, label_t>)(
           pb.x.data_ptr<scalar_t>(), labels, st, pb.B, pb.P, pb.K, pb.E, static_cast<acc_t>(threshold_logit),
           router_mode, pb.assignment.data_ptr<int8_t>(), pb.defer_prob.data_ptr<acc_t>(),
           pb.model_pred.data_ptr<int64_t>(), pb.final_pred.data_ptr<int64_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      DS_LAUNCH_CHECK();
     });
   });
   return route_outputs(pb);
@@ -58,6 +63,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cuda(
 
 }  // namespace
 
+#ifndef DS_CUDA_EMULATION  // the emulation registers its own ops (tests/cuda_emu)
 TORCH_LIBRARY_IMPL(deferredseg, CUDA, m) { m.impl("route", &route_cuda); }
+#endif
 
 }  // namespace deferredseg

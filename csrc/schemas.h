@@ -1,0 +1,24 @@
+// The schemas of the `deferredseg` ops, in one place: csrc/deferredseg.cpp defines the
+// ops with them, and the test build of the CUDA kernels on the CPU emulation
+// (tests/cuda_emu) defines its copies of the ops with the same ones.
+#pragma once
+
+namespace deferredseg {
+
+// SPEC section 4. threshold_logit is logit(threshold); final is empty (shape (0,))
+// when expert_labels is None.
+constexpr const char* kRouteSchema =
+    "route(Tensor logits, int num_classes, int num_experts, float threshold_logit, bool router_mode, "
+    "Tensor? expert_labels) -> (Tensor assignment, Tensor defer_prob, Tensor model_pred, Tensor final)";
+
+// SPEC section 3, fused. The contract of both ops (layout of `stats`, `fparams`,
+// `iparams`, `terms`) is documented in deferredseg_kernels/ops/fused.py.
+constexpr const char* kLossStatsSchema =
+    "loss_stats(Tensor logits, Tensor target, Tensor expert_labels, Tensor? class_weight, "
+    "int num_classes, int num_experts, int ignore_index, bool check_expert_labels) -> Tensor";
+constexpr const char* kLossFusedSchema =
+    "loss_fused(Tensor logits, Tensor target, Tensor expert_labels, Tensor? class_weight, "
+    "Tensor stats, Tensor? balance_low, Tensor? balance_high, int num_classes, int num_experts, "
+    "int ignore_index, float[] fparams, int[] iparams, bool compute_grad) -> (Tensor terms, Tensor grad)";
+
+}  // namespace deferredseg
