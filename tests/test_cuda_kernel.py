@@ -143,6 +143,21 @@ def test_deterministic_and_matches_cpu_kernel():
 
 @requires_cuda
 @needs_backend
+def test_runs_on_the_current_stream():
+    """On a side stream the kernels run there: the result equals the default stream's."""
+    K, E = 2, 3
+    logits, target, experts = _inputs(2, K, E, (64, 96))
+    want = run("cuda", logits, target, experts, K, E)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = run("cuda", logits, target, experts, K, E)
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
+
+
+@requires_cuda
+@needs_backend
 def test_nan_and_bad_labels_never_crash():
     K, E = 3, 2
     logits, target, experts = _inputs(1, K, E, (4, 5), ignore_frac=0.0)

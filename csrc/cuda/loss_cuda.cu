@@ -240,15 +240,15 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t k = blockIdx.y;
   const int64_t n = L.B * L.P;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  acc_t s = acc_t(0);
+  double s = 0.0;  // a thread's pixels add up in double, as the sums of every kernel here
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
     const acc_t inv = soft[2 * i + 1];
     if (inv == acc_t(0)) continue;  // invalid pixel (a valid one has 1 / sum > 0, or NaN)
     const int64_t b = i / L.P, p = i - b * L.P;
     const acc_t v = static_cast<acc_t>(x[b * L.xb + (L.K + k) * L.xc + p * L.xp]);
-    s += exp_nonpos(v - soft[2 * i]) * inv;
+    s += static_cast<double>(exp_nonpos(v - soft[2 * i]) * inv);
   }
-  const double tot = block_sum(static_cast<double>(s), smem);
+  const double tot = block_sum(s, smem);
   if (threadIdx.x == 0) part[k * gridDim.x + blockIdx.x] = tot;
 }
 
@@ -365,7 +365,7 @@ __global__ void __launch_bounds__(kThreads)
 // M_p (both pairs of each axis, scaled by coh[d]) and the penalty of the forward pairs.
 template <typename acc_t>
 __device__ __forceinline__ acc_t coherence_at(const Layout& L, const uint8_t* vmask, const acc_t* M, int64_t b,
-                                              int64_t p, bool l2, const acc_t* coh, acc_t* val) {
+                                              int64_t p, bool l2, const acc_t* coh, double* val) {
   const int64_t i = b * L.P + p;
   const acc_t m = M[i];
   acc_t g = acc_t(0);
@@ -377,7 +377,7 @@ __device__ __forceinline__ acc_t coherence_at(const Layout& L, const uint8_t* vm
     if (neighbour_valid(L, vmask, b, p, d, +1)) {
       const acc_t dn = m - M[i + L.st[d]];
       g += coh[d] * (l2 ? coh_drho<true>(dn) : coh_drho<false>(dn));
-      val[d] += l2 ? coh_rho<true>(dn) : coh_rho<false>(dn);
+      val[d] += static_cast<double>(l2 ? coh_rho<true>(dn) : coh_rho<false>(dn));
     }
   }
   return g;
@@ -400,7 +400,9 @@ __global__ void __launch_bounds__(kThreads)
   const double* bal = coef + kCoefHead;
   const acc_t gm = static_cast<acc_t>(prm.gate_mse), gsp = static_cast<acc_t>(prm.gate_sparsity),
               eps = static_cast<acc_t>(prm.paper_eps);
-  acc_t sums[kNumSums] = {0, 0, 0, 0, 0, 0, 0, 0, 0};
+  // A thread's sums over its pixels, in double: a thread may visit thousands of pixels
+  // (the grid is capped), too many to add up in float32 to 1e-6.
+  double sums[kNumSums] = {0, 0, 0, 0, 0, 0, 0, 0, 0};
 
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
     const int64_t b = i / L.P, p = i - b * L.P;
@@ -516,7 +518,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   for (int s = 0; s < kNumSums; ++s) {
-    const double v = block_sum(static_cast<double>(sums[s]), smem);
+    const double v = block_sum(sums[s], smem);
     if (threadIdx.x == 0) part[blockIdx.x * kNumSums + s] = v;
   }
 }
