@@ -9,13 +9,18 @@
 // (a fixed shuffle / shared-memory tree in double) to its own row of a buffer, and
 // one block adds the rows in a fixed order. No atomics.
 //
-//   loss_stats: stats_pixels   valid count, class-weight sum, bad labels, neighbour
-//                              pairs; the softmax max / 1 / sum of each valid pixel
-//               stats_pi       sum_V pi_k, one grid row per routing channel k
+//   loss_stats: stats_onepass  E + 1 <= 8: the whole vector's partial sums in one read of
+//                              the routing channels and the target (valid count, class-
+//                              weight sum, bad labels, neighbour pairs, sum_V pi_k)
+//               more experts:  stats_pixels (counts; the softmax max and 1 / sum of each
+//                              valid pixel), stats_pairs (neighbour pairs, from the valid
+//                              mask), stats_pi (sum_V pi_k, one grid row per channel)
 //               stats_finish   the stats vector
 //   loss_fused: loss_prepare   gradient factors and balance coefficients (from stats)
-//               loss_maps      valid mask, D and s of every pixel (coherence only)
-//               loss_pixels    every term and the gradient of each pixel
+//               loss_pixels    every term and the gradient of each pixel; the coherence
+//                              in gather form (each pixel recomputes D and s of its
+//                              neighbours from their logits, as the Triton kernel does),
+//                              so the logits are read in one pass
 //               loss_finish    the terms
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -177,6 +182,80 @@ __device__ __forceinline__ Routing<scalar_t, acc_t> routing(const scalar_t* xr, 
 // loss_stats
 // ---------------------------------------------------------------------------
 constexpr int kStatsCols = 6;  // N_V, W, bad, pairs along axes 0, 1, 2
+constexpr int kOnePassChannels = 8;  // stats_onepass keeps up to this many sum_V pi_k in registers
+
+// Whether the pixel at p + st[d] (inside the volume along d) has a valid target.
+__device__ __forceinline__ bool forward_neighbour_valid(const Layout& L, const Labels& tgt, int64_t b, int64_t p,
+                                                        int d) {
+  const int64_t c = (p / L.st[d]) % L.S[d];
+  return c < L.S[d] - 1 && load_label(tgt, b * L.tb + (p + L.st[d]) * L.tp) != L.ignore;
+}
+
+// The whole stats vector's partial sums in one pass, for E + 1 <= NR routing channels
+// (their sums in registers): valid count, class-weight sum, bad labels, the valid
+// neighbour pairs (from the targets of the forward neighbours, which the block has
+// just read or is about to) and sum_V pi_k. part and part_pi as stats_pixels /
+// stats_pairs / stats_pi write them, which is the path for more experts.
+template <typename scalar_t, typename acc_t, int NR>
+__global__ void __launch_bounds__(kThreads)
+    stats_onepass(const scalar_t* __restrict__ x, Labels tgt, Labels lab, const acc_t* __restrict__ cw, Layout L,
+                  bool check_experts, double* __restrict__ part, double* __restrict__ part_pi) {
+  __shared__ double smem[kThreads / 32];
+  const int64_t n = L.B * L.P;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  double acc[kStatsCols] = {0, 0, 0, 0, 0, 0};
+  double spi[NR];
+#pragma unroll
+  for (int k = 0; k < NR; ++k) spi[k] = 0.0;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
+    const int64_t b = i / L.P, p = i - b * L.P;
+    const Target t = read_target(L, tgt, b, p);
+    int64_t bad = t.bad ? 1 : 0;
+    if (check_experts) {
+      for (int64_t j = 0; j < L.E; ++j) {
+        const int64_t v = load_label(lab, b * L.lb + j * L.le + p * L.lp);
+        bad += (v != L.ignore && (v < 0 || v >= L.nlab)) ? 1 : 0;
+      }
+    }
+    acc[2] += static_cast<double>(bad);
+    if (!t.valid) continue;
+    acc[0] += 1.0;
+    acc[1] += cw != nullptr ? static_cast<double>(cw[t.y]) : 1.0;
+    for (int d = 0; d < L.nd; ++d) acc[3 + d] += forward_neighbour_valid(L, tgt, b, p, d) ? 1.0 : 0.0;
+    // The softmax as routing() and stats_pi compute it: the same maximum, 1 / sum and terms.
+    const scalar_t* xr = x + b * L.xb + L.K * L.xc + p * L.xp;
+    acc_t v[NR];
+    acc_t mx = static_cast<acc_t>(xr[0]);
+    v[0] = mx;
+#pragma unroll
+    for (int k = 1; k < NR; ++k) {
+      if (k <= L.E) {
+        v[k] = static_cast<acc_t>(xr[k * L.xc]);
+        if (argmax_step(v[k], mx)) mx = v[k];
+      }
+    }
+    acc_t sum = acc_t(0);
+#pragma unroll
+    for (int k = 0; k < NR; ++k) {
+      if (k <= L.E) sum += exp_nonpos(v[k] - mx);
+    }
+    const acc_t inv = acc_t(1) / sum;
+#pragma unroll
+    for (int k = 0; k < NR; ++k) {
+      if (k <= L.E) spi[k] += static_cast<double>(exp_nonpos(v[k] - mx) * inv);
+    }
+  }
+  for (int c = 0; c < kStatsCols; ++c) {
+    const double s = block_sum(acc[c], smem);
+    if (threadIdx.x == 0) part[blockIdx.x * kStatsCols + c] = s;
+  }
+#pragma unroll
+  for (int k = 0; k < NR; ++k) {
+    if (k > L.E) break;  // uniform over the block
+    const double s = block_sum(spi[k], smem);
+    if (threadIdx.x == 0) part_pi[k * gridDim.x + blockIdx.x] = s;
+  }
+}
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
@@ -297,16 +376,29 @@ at::Tensor loss_stats_cuda(const at::Tensor& logits, const at::Tensor& target, c
   auto dopt = logits.options().dtype(at::kDouble);
   at::Tensor part = at::empty({blocks * kStatsCols}, dopt);
   at::Tensor part_pi = at::empty({(pb.E + 1) * blocks}, dopt);
-  at::Tensor vmask = at::empty({n}, logits.options().dtype(at::kByte));
-  at::Tensor soft = at::empty({2 * n}, logits.options().dtype(acc));
   cudaStream_t stream = DS_CURRENT_STREAM();
   const Labels tl = make_labels(pb.target), ll = make_labels(pb.labels);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "loss_stats_cuda", [&] {
     using acc_t = typename AccType<scalar_t>::type;
     const scalar_t* x = pb.x.data_ptr<scalar_t>();
+    const acc_t* w = cw.defined() ? cw.data_ptr<acc_t>() : nullptr;
+    if (pb.E + 1 <= kOnePassChannels) {  // one read of the routing channels and the target
+      if (pb.E + 1 <= 4) {
+        DS_LAUNCH(blocks, kThreads, stream, stats_onepass<scalar_t, acc_t, 4>)(
+            x, tl, ll, w, L, check_expert_labels, part.data_ptr<double>(), part_pi.data_ptr<double>());
+      } else {
+        DS_LAUNCH(blocks, kThreads, stream, stats_onepass<scalar_t, acc_t, kOnePassChannels>)(
+            x, tl, ll, w, L, check_expert_labels, part.data_ptr<double>(), part_pi.data_ptr<double>());
+      }
+      DS_LAUNCH_CHECK();
+      return;
+    }
+    // More experts: the softmax's max and 1 / sum per pixel, then one grid row per channel.
+    at::Tensor vmask = at::empty({n}, logits.options().dtype(at::kByte));
+    at::Tensor soft = at::empty({2 * n}, logits.options().dtype(acc));
     DS_LAUNCH(blocks, kThreads, stream, stats_pixels<scalar_t, acc_t>)(
-        x, tl, ll, cw.defined() ? cw.data_ptr<acc_t>() : nullptr, L, check_expert_labels,
-        vmask.data_ptr<uint8_t>(), soft.data_ptr<acc_t>(), part.data_ptr<double>());
+        x, tl, ll, w, L, check_expert_labels, vmask.data_ptr<uint8_t>(), soft.data_ptr<acc_t>(),
+        part.data_ptr<double>());
     DS_LAUNCH_CHECK();
     DS_LAUNCH(blocks, kThreads, stream, stats_pairs)(vmask.data_ptr<uint8_t>(), L, part.data_ptr<double>());
     DS_LAUNCH_CHECK();
@@ -343,51 +435,73 @@ __global__ void loss_prepare(const double* __restrict__ stats, int64_t n_stats, 
   for (int64_t k = 0; k <= E; ++k) dS[k] *= prm.lambda_balance * prm.balance_grad_scale;
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    loss_maps(const scalar_t* __restrict__ x, Labels tgt, Layout L, int maps, uint8_t* __restrict__ vmask,
-              acc_t* __restrict__ mapD, acc_t* __restrict__ mapS) {
-  const int64_t n = L.B * L.P;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
-    const int64_t b = i / L.P, p = i - b * L.P;
-    vmask[i] = read_target(L, tgt, b, p).valid ? 1 : 0;
-    const scalar_t* xr = x + b * L.xb + L.K * L.xc + p * L.xp;
-    if (maps & kMapRouter) {
-      const Routing<scalar_t, acc_t> r = routing<scalar_t, acc_t>(xr, L.xc, L.E);
-      mapD[i] = r.experts / r.sum;
-    }
-    if (maps & kMapGate) mapS[i] = sigmoid(static_cast<acc_t>(xr[(L.E + 1) * L.xc]));
-  }
-}
-
-// Coherence of map M at pixel (b, p) along every axis: the derivative with respect to
-// M_p (both pairs of each axis, scaled by coh[d]) and the penalty of the forward pairs.
+// The coherence maps of a pixel: D = sum_{j<E} pi_j (router) and s = sigmoid(a) (gate).
 template <typename acc_t>
-__device__ __forceinline__ acc_t coherence_at(const Layout& L, const uint8_t* vmask, const acc_t* M, int64_t b,
-                                              int64_t p, bool l2, const acc_t* coh, double* val) {
-  const int64_t i = b * L.P + p;
-  const acc_t m = M[i];
-  acc_t g = acc_t(0);
-  for (int d = 0; d < L.nd; ++d) {
-    if (neighbour_valid(L, vmask, b, p, d, -1)) {
-      const acc_t dp = m - M[i - L.st[d]];
-      g += coh[d] * (l2 ? coh_drho<true>(dp) : coh_drho<false>(dp));
-    }
-    if (neighbour_valid(L, vmask, b, p, d, +1)) {
-      const acc_t dn = m - M[i + L.st[d]];
-      g += coh[d] * (l2 ? coh_drho<true>(dn) : coh_drho<false>(dn));
-      val[d] += static_cast<double>(l2 ? coh_rho<true>(dn) : coh_rho<false>(dn));
-    }
-  }
-  return g;
+struct Maps {
+  acc_t D, s;
+};
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ Maps<acc_t> maps_of(const Routing<scalar_t, acc_t>& r, acc_t a) {
+  return {r.experts / r.sum, sigmoid(a)};
 }
 
+// Coherence at pixel (b, p), whose maps are mp, in gather form: each neighbour's maps
+// are recomputed here from its logits (by the function that gave mp, so both pixels
+// of a pair see the same values), instead of being read from maps that a pass before
+// this one wrote. Adds to gD / gS the derivatives with respect to D_p / s_p of both
+// pairs of every axis (scaled by coh[d]) and to val the penalties of the forward
+// pairs (router axes at val[0..2], gate axes at val[3..5]).
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
+__device__ __forceinline__ void coherence_at(const scalar_t* x, const Labels& tgt, const Layout& L, int64_t b,
+                                             int64_t p, int maps, bool l2, const acc_t* coh, Maps<acc_t> mp,
+                                             acc_t& gD, acc_t& gS, double* val) {
+  // A rolled loop (the neighbour's softmax is inlined once, not six times), and no
+  // index into coh or val that depends on d: they stay in registers, not local memory.
+#pragma unroll 1
+  for (int d = 0; d < L.nd; ++d) {
+    const int64_t c = (p / L.st[d]) % L.S[d];
+    const acc_t cd = d == 0 ? coh[0] : (d == 1 ? coh[1] : coh[2]);
+    for (int dir = -1; dir <= 1; dir += 2) {
+      if (dir < 0 ? c == 0 : c == L.S[d] - 1) continue;  // no neighbour inside the volume
+      const int64_t q = p + dir * L.st[d];
+      if (load_label(tgt, b * L.tb + q * L.tp) == L.ignore) continue;  // the pair does not count
+      const scalar_t* xq = x + b * L.xb + L.K * L.xc + q * L.xp;
+      const Maps<acc_t> mq = maps_of<scalar_t, acc_t>(routing<scalar_t, acc_t>(xq, L.xc, L.E),
+                                                      static_cast<acc_t>(xq[(L.E + 1) * L.xc]));
+      double pen_d = 0.0, pen_s = 0.0;
+      if (maps & kMapRouter) {
+        const acc_t diff = mp.D - mq.D;
+        gD += cd * (l2 ? coh_drho<true>(diff) : coh_drho<false>(diff));
+        pen_d = static_cast<double>(l2 ? coh_rho<true>(diff) : coh_rho<false>(diff));
+      }
+      if (maps & kMapGate) {
+        const acc_t diff = mp.s - mq.s;
+        gS += cd * (l2 ? coh_drho<true>(diff) : coh_drho<false>(diff));
+        pen_s = static_cast<double>(l2 ? coh_rho<true>(diff) : coh_rho<false>(diff));
+      }
+      if (dir > 0) {  // the forward pair's penalty
+        if (d == 0) {
+          val[0] += pen_d;
+          val[3] += pen_s;
+        } else if (d == 1) {
+          val[1] += pen_d;
+          val[4] += pen_s;
+        } else {
+          val[2] += pen_d;
+          val[5] += pen_s;
+        }
+      }
+    }
+  }
+}
+
+// At least 3 blocks an SM (37.5 % occupancy): ptxas (sm_90, CUDA 13.0) then keeps
+// float32 at 80 registers with 56 bytes of spill stores; unbounded it takes 120
+// registers (2 blocks an SM). Not yet measured on a GPU either way.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads, 3)
     loss_pixels(const scalar_t* __restrict__ x, Labels tgt, Labels lab, const acc_t* __restrict__ cw, Layout L,
-                LossParams prm, const double* __restrict__ coef, const uint8_t* __restrict__ vmask,
-                const acc_t* __restrict__ mapD, const acc_t* __restrict__ mapS, scalar_t* __restrict__ g,
+                LossParams prm, const double* __restrict__ coef, scalar_t* __restrict__ g,
                 double* __restrict__ part) {
   __shared__ double smem[kThreads / 32];
   const int64_t n = L.B * L.P, K = L.K, E = L.E;
@@ -490,8 +604,10 @@ __global__ void __launch_bounds__(kThreads)
 
     // coherence
     acc_t gD = acc_t(0), gS = acc_t(0);
-    if (prm.maps & kMapRouter) gD = coherence_at(L, vmask, mapD, b, p, l2, coh, sums + kSumCoh);
-    if (prm.maps & kMapGate) gS = coherence_at(L, vmask, mapS, b, p, l2, coh, sums + kSumCoh + 3);
+    if (prm.maps != 0) {
+      coherence_at<scalar_t, acc_t>(x, tgt, L, b, p, prm.maps, l2, coh, maps_of<scalar_t, acc_t>(r, a), gD, gS,
+                                    sums + kSumCoh);
+    }
 
     // gradient of the routing and gate logits
     if (pg != nullptr) {
@@ -580,22 +696,10 @@ std::tuple<at::Tensor, at::Tensor> loss_fused_cuda(
   DS_LAUNCH_CHECK();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "loss_fused_cuda", [&] {
     using acc_t = typename AccType<scalar_t>::type;
-    at::Tensor vmask, mapD, mapS;
     if (n > 0) {
-      const scalar_t* x = pb.x.data_ptr<scalar_t>();
-      if (prm.maps != 0) {
-        vmask = at::empty({n}, logits.options().dtype(at::kByte));
-        mapD = at::empty({(prm.maps & kMapRouter) ? n : 1}, logits.options().dtype(acc));
-        mapS = at::empty({(prm.maps & kMapGate) ? n : 1}, logits.options().dtype(acc));
-        DS_LAUNCH(blocks, kThreads, stream, loss_maps<scalar_t, acc_t>)(x, tl, L, prm.maps, vmask.data_ptr<uint8_t>(),
-                                                                    mapD.data_ptr<acc_t>(), mapS.data_ptr<acc_t>());
-        DS_LAUNCH_CHECK();
-      }
       DS_LAUNCH(blocks, kThreads, stream, loss_pixels<scalar_t, acc_t>)(
-          x, tl, ll, cw.defined() ? cw.data_ptr<acc_t>() : nullptr, L, prm, coef.data_ptr<double>(),
-          vmask.defined() ? vmask.data_ptr<uint8_t>() : nullptr, mapD.defined() ? mapD.data_ptr<acc_t>() : nullptr,
-          mapS.defined() ? mapS.data_ptr<acc_t>() : nullptr,
-          compute_grad ? gout.flat.data_ptr<scalar_t>() : nullptr, part.data_ptr<double>());
+          pb.x.data_ptr<scalar_t>(), tl, ll, cw.defined() ? cw.data_ptr<acc_t>() : nullptr, L, prm,
+          coef.data_ptr<double>(), compute_grad ? gout.flat.data_ptr<scalar_t>() : nullptr, part.data_ptr<double>());
       DS_LAUNCH_CHECK();
     }
     DS_LAUNCH(1, kThreads, stream, loss_finish<acc_t>)(part.data_ptr<double>(), blocks, st.data_ptr<double>(), st.numel(),
