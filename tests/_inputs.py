@@ -70,3 +70,27 @@ def iter_shapes() -> Iterator[Tuple[int, ...]]:
     yield (5, 1)
     yield (3, 5, 7)
     yield (2, 1, 9)
+
+
+TERMS = ("seg", "collab", "gate", "coherence", "balance", "pbar")
+
+
+def assert_results_close(got, want, rtol: float = 1e-5):
+    """A kernel's (loss, terms, grad) against the reference's: loss and terms within
+    rtol, the gradient within rtol of its largest magnitude.
+
+    Terms get an absolute floor of rtol / 10 (times the loss when larger than 1): the
+    reference computes cv2 balance as E sum P^2 / T^2 - 1 in float32, whose cancellation
+    alone costs ~1e-7 absolute (the kernels assemble the terms in float64).
+    """
+    (loss, terms, grad), (rloss, rterms, rgrad) = got, want
+    assert loss.dtype == rloss.dtype
+    floor = rtol * 0.1 * max(1.0, float(rloss.abs()))
+    torch.testing.assert_close(loss, rloss, rtol=rtol, atol=floor)
+    for name in TERMS:
+        torch.testing.assert_close(terms[name], rterms[name], rtol=rtol, atol=floor,
+                                   msg=lambda m: f"term {name}: {m}")
+    assert grad.shape == rgrad.shape and grad.dtype == rgrad.dtype
+    scale = float(rgrad.abs().max()) if rgrad.numel() else 0.0
+    torch.testing.assert_close(grad, rgrad, rtol=rtol, atol=rtol * max(scale, 1e-12),
+                               msg=lambda m: f"gradient: {m}")

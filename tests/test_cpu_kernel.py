@@ -18,12 +18,11 @@ import torch
 from deferredseg_kernels import available_backends, deferredseg_loss, make_options
 from deferredseg_kernels.ops import fused
 
-from _inputs import iter_shapes, make_inputs, option_id, option_matrix
+from _inputs import TERMS, assert_results_close, iter_shapes, make_inputs, option_id, option_matrix
 
 pytestmark = pytest.mark.skipif("cpu" not in available_backends("loss"),
                                 reason="the C++ CPU kernels are not built")
 
-TERMS = ("seg", "collab", "gate", "coherence", "balance", "pbar")
 
 
 def run(backend, logits, target, experts, K, E, grad_scale=None, **opts):
@@ -37,25 +36,11 @@ def run(backend, logits, target, experts, K, E, grad_scale=None, **opts):
 
 
 def assert_matches(logits, target, experts, K, E, rtol=1e-5, grad_scale=None, **opts):
-    """Kernel vs reference: loss and terms within rtol, gradient within rtol of its scale.
-
-    Terms get an absolute floor of rtol / 10 (times the loss when larger than 1): the
-    reference computes cv2 balance as E sum P^2 / T^2 - 1 in float32, whose cancellation
-    alone costs ~1e-7 absolute (the kernel assembles the terms in float64).
-    """
-    loss, terms, grad = run("cpu", logits, target, experts, K, E, grad_scale, **opts)
-    rloss, rterms, rgrad = run("reference", logits, target, experts, K, E, grad_scale, **opts)
-    assert loss.dtype == rloss.dtype
-    floor = rtol * 0.1 * max(1.0, float(rloss.abs()))
-    torch.testing.assert_close(loss, rloss, rtol=rtol, atol=floor)
-    for name in TERMS:
-        torch.testing.assert_close(terms[name], rterms[name], rtol=rtol, atol=floor,
-                                   msg=lambda m: f"term {name}: {m}")
-    assert grad.shape == rgrad.shape and grad.dtype == rgrad.dtype
-    scale = float(rgrad.abs().max()) if rgrad.numel() else 0.0
-    torch.testing.assert_close(grad, rgrad, rtol=rtol, atol=rtol * max(scale, 1e-12),
-                               msg=lambda m: f"gradient: {m}")
-    return loss, terms, grad
+    """Kernel vs reference (_inputs.assert_results_close); returns the kernel's results."""
+    got = run("cpu", logits, target, experts, K, E, grad_scale, **opts)
+    assert_results_close(got, run("reference", logits, target, experts, K, E, grad_scale, **opts),
+                         rtol)
+    return got
 
 
 # --------------------------------------------------------------------------- values and gradients

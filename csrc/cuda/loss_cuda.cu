@@ -184,6 +184,19 @@ __device__ __forceinline__ Routing<scalar_t, acc_t> routing(const scalar_t* xr, 
 constexpr int kStatsCols = 6;  // N_V, W, bad, pairs along axes 0, 1, 2
 constexpr int kOnePassChannels = 8;  // stats_onepass keeps up to this many sum_V pi_k in registers
 
+// Labels out of range at pixel (b, p): its target's, and its experts' when checked.
+__device__ __forceinline__ int64_t bad_labels(const Layout& L, const Target& t, const Labels& lab, int64_t b,
+                                              int64_t p, bool check_experts) {
+  int64_t bad = t.bad ? 1 : 0;
+  if (check_experts) {
+    for (int64_t j = 0; j < L.E; ++j) {
+      const int64_t v = load_label(lab, b * L.lb + j * L.le + p * L.lp);
+      bad += (v != L.ignore && (v < 0 || v >= L.nlab)) ? 1 : 0;
+    }
+  }
+  return bad;
+}
+
 // Whether the pixel at p + st[d] (inside the volume along d) has a valid target.
 __device__ __forceinline__ bool forward_neighbour_valid(const Layout& L, const Labels& tgt, int64_t b, int64_t p,
                                                         int d) {
@@ -210,14 +223,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
     const int64_t b = i / L.P, p = i - b * L.P;
     const Target t = read_target(L, tgt, b, p);
-    int64_t bad = t.bad ? 1 : 0;
-    if (check_experts) {
-      for (int64_t j = 0; j < L.E; ++j) {
-        const int64_t v = load_label(lab, b * L.lb + j * L.le + p * L.lp);
-        bad += (v != L.ignore && (v < 0 || v >= L.nlab)) ? 1 : 0;
-      }
-    }
-    acc[2] += static_cast<double>(bad);
+    acc[2] += static_cast<double>(bad_labels(L, t, lab, b, p, check_experts));
     if (!t.valid) continue;
     acc[0] += 1.0;
     acc[1] += cw != nullptr ? static_cast<double>(cw[t.y]) : 1.0;
@@ -269,14 +275,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t b = i / L.P, p = i - b * L.P;
     const Target t = read_target(L, tgt, b, p);
     vmask[i] = t.valid ? 1 : 0;
-    int64_t bad = t.bad ? 1 : 0;
-    if (check_experts) {
-      for (int64_t j = 0; j < L.E; ++j) {
-        const int64_t v = load_label(lab, b * L.lb + j * L.le + p * L.lp);
-        bad += (v != L.ignore && (v < 0 || v >= L.nlab)) ? 1 : 0;
-      }
-    }
-    acc[2] += static_cast<double>(bad);
+    acc[2] += static_cast<double>(bad_labels(L, t, lab, b, p, check_experts));
     if (t.valid) {
       acc[0] += 1.0;
       acc[1] += cw != nullptr ? static_cast<double>(cw[t.y]) : 1.0;
