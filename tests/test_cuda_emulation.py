@@ -265,3 +265,23 @@ def test_most_experts(emu):
     K, E = 2, 127
     logits, target, experts = make_inputs(1, K, E, (9, 11), scale=1.0)
     assert_matches(emu, logits, target, experts, K, E, rtol=2e-5)
+
+
+def test_offsets_beyond_int32(emu):
+    """A batch stride of 2^31 elements: every offset is computed in int64 (a 4 GiB
+    fp16 storage, of which only the pages the view touches are ever written)."""
+    K, E = 1, 2
+    C = K + E + 2
+    storage = torch.empty(2 ** 31 + C * 64, dtype=torch.float16)
+    x = storage.as_strided((2, C, 8, 8), (2 ** 31, 64, 8, 1))
+    x.copy_(torch.randn(2, C, 8, 8))
+    _, target, experts = make_inputs(2, K, E, (8, 8))
+    leaf = x.detach().requires_grad_(True)  # no copy: the kernels read at offset 2^31
+    loss = emu_loss(emu, leaf, target, experts, K, E)
+    loss.backward()
+    ref = x.detach().contiguous().requires_grad_(True)
+    rloss = deferredseg_loss(ref, target, experts, K, E, backend="reference")
+    rloss.backward()
+    torch.testing.assert_close(loss, rloss, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(leaf.grad.float(), ref.grad.float(), rtol=1e-2, atol=1e-3)
+    del storage
