@@ -30,9 +30,9 @@
 #include <algorithm>
 
 #include "../dispatch.h"
-#include "cuda_compat.h"
 #include "../loss.h"
 #include "../loss_pixel.h"
+#include "cuda_compat.h"
 
 namespace deferredseg {
 namespace cuda_loss {
@@ -407,7 +407,7 @@ at::Tensor loss_stats_cuda(const at::Tensor& logits, const at::Tensor& target, c
     DS_LAUNCH_CHECK();
   });
   DS_LAUNCH(1, kThreads, stream, stats_finish)(part.data_ptr<double>(), part_pi.data_ptr<double>(), blocks, pb.E,
-                                           stats.data_ptr<double>());
+                                               stats.data_ptr<double>());
   DS_LAUNCH_CHECK();
   return stats;
 }
@@ -691,7 +691,7 @@ std::tuple<at::Tensor, at::Tensor> loss_fused_cuda(
   const Labels tl = make_labels(pb.target), ll = make_labels(pb.labels);
 
   DS_LAUNCH(1, 32, stream, loss_prepare)(st.data_ptr<double>(), st.numel(), E, prm, low.data_ptr<double>(),
-                                     high.data_ptr<double>(), coef.data_ptr<double>());
+                                         high.data_ptr<double>(), coef.data_ptr<double>());
   DS_LAUNCH_CHECK();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "loss_fused_cuda", [&] {
     using acc_t = typename AccType<scalar_t>::type;
@@ -701,9 +701,9 @@ std::tuple<at::Tensor, at::Tensor> loss_fused_cuda(
           coef.data_ptr<double>(), compute_grad ? gout.flat.data_ptr<scalar_t>() : nullptr, part.data_ptr<double>());
       DS_LAUNCH_CHECK();
     }
-    DS_LAUNCH(1, kThreads, stream, loss_finish<acc_t>)(part.data_ptr<double>(), blocks, st.data_ptr<double>(), st.numel(),
-                                                   E, pb.nd, prm, low.data_ptr<double>(), high.data_ptr<double>(),
-                                                   terms.data_ptr<acc_t>());
+    DS_LAUNCH(1, kThreads, stream, loss_finish<acc_t>)(part.data_ptr<double>(), blocks, st.data_ptr<double>(),
+                                                       st.numel(), E, pb.nd, prm, low.data_ptr<double>(),
+                                                       high.data_ptr<double>(), terms.data_ptr<acc_t>());
     DS_LAUNCH_CHECK();
   });
   at::Tensor grad = compute_grad ? finish_grad(gout) : at::empty({0}, logits.options());
