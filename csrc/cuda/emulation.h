@@ -19,7 +19,6 @@
 
 #include <ucontext.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -73,9 +72,9 @@ struct Scheduler {
   std::vector<Fiber> fibers;
   ucontext_t main_ctx;
   int current = -1;
-  const void* body = nullptr;         // the kernel call, a std::function-free thunk:
-  void (*call)(const void*) = nullptr;  // call(body) runs the kernel for the current thread
-  std::vector<uint64_t> shuffle;      // kWarp slots a warp
+  const void* body = nullptr;           // the launch's kernel call (a lambda) ...
+  void (*call)(const void*) = nullptr;  // ... which call(body) runs for the current thread
+  std::vector<uint64_t> shuffle;        // a slot a thread, kWarp a warp
 };
 
 inline Scheduler& sched() {
@@ -107,7 +106,7 @@ inline void run_block() {
   Scheduler& s = sched();
   const int n = static_cast<int>(blockDim.x * blockDim.y * blockDim.z);
   if (static_cast<int>(s.fibers.size()) < n) s.fibers.resize(n);
-  s.shuffle.assign(static_cast<size_t>((n + kWarp - 1) / kWarp) * kWarp, 0);
+  s.shuffle.assign(static_cast<size_t>(n), 0);  // whole warps (launch checks)
   for (int t = 0; t < n; ++t) {
     Fiber& f = s.fibers[t];
     if (!f.stack) f.stack.reset(new char[kStackBytes]);
@@ -127,12 +126,11 @@ inline void run_block() {
     }
     // Every thread now waits at a barrier or has returned.
     bool released = false, all_done = true;
-    for (int w = 0; w * kWarp < n; ++w) {
-      const int end = std::min(n, (w + 1) * kWarp);
+    for (int w0 = 0; w0 < n; w0 += kWarp) {
       bool full = true;
-      for (int t = w * kWarp; t < end; ++t) full = full && s.fibers[t].state == State::WarpWait;
+      for (int t = w0; t < w0 + kWarp; ++t) full = full && s.fibers[t].state == State::WarpWait;
       if (full) {
-        for (int t = w * kWarp; t < end; ++t) s.fibers[t].state = State::Ready;
+        for (int t = w0; t < w0 + kWarp; ++t) s.fibers[t].state = State::Ready;
         released = true;
       }
     }

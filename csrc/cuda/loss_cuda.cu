@@ -125,12 +125,12 @@ __device__ __forceinline__ double block_sum(double v, double* smem) {
   return r;
 }
 
-// Whether pixel p of batch element b has a valid neighbour at p + dir * st[d].
-__device__ __forceinline__ bool neighbour_valid(const Layout& L, const uint8_t* vmask, int64_t b, int64_t p, int d,
-                                                int dir) {
-  const int64_t c = (p / L.st[d]) % L.S[d];
-  const bool inside = dir > 0 ? c < L.S[d] - 1 : c > 0;
-  return inside && vmask[b * L.P + p + dir * L.st[d]] != 0;
+// The coordinate along spatial axis d of pixel p.
+__device__ __forceinline__ int64_t axis_coord(const Layout& L, int64_t p, int d) { return (p / L.st[d]) % L.S[d]; }
+
+// Whether pixel p of batch element b has a neighbour at p + st[d] that the valid mask marks.
+__device__ __forceinline__ bool next_in_mask(const Layout& L, const uint8_t* vmask, int64_t b, int64_t p, int d) {
+  return axis_coord(L, p, d) < L.S[d] - 1 && vmask[b * L.P + p + L.st[d]] != 0;
 }
 
 // Target of pixel (b, p): valid flag, label usable as an index, raw value.
@@ -197,11 +197,9 @@ __device__ __forceinline__ int64_t bad_labels(const Layout& L, const Target& t, 
   return bad;
 }
 
-// Whether the pixel at p + st[d] (inside the volume along d) has a valid target.
-__device__ __forceinline__ bool forward_neighbour_valid(const Layout& L, const Labels& tgt, int64_t b, int64_t p,
-                                                        int d) {
-  const int64_t c = (p / L.st[d]) % L.S[d];
-  return c < L.S[d] - 1 && load_label(tgt, b * L.tb + (p + L.st[d]) * L.tp) != L.ignore;
+// Whether pixel p of batch element b has a neighbour at p + st[d] with a valid target.
+__device__ __forceinline__ bool next_target_valid(const Layout& L, const Labels& tgt, int64_t b, int64_t p, int d) {
+  return axis_coord(L, p, d) < L.S[d] - 1 && load_label(tgt, b * L.tb + (p + L.st[d]) * L.tp) != L.ignore;
 }
 
 // The whole stats vector's partial sums in one pass, for E + 1 <= NR routing channels
@@ -227,7 +225,7 @@ __global__ void __launch_bounds__(kThreads)
     if (!t.valid) continue;
     acc[0] += 1.0;
     acc[1] += cw != nullptr ? static_cast<double>(cw[t.y]) : 1.0;
-    for (int d = 0; d < L.nd; ++d) acc[3 + d] += forward_neighbour_valid(L, tgt, b, p, d) ? 1.0 : 0.0;
+    for (int d = 0; d < L.nd; ++d) acc[3 + d] += next_target_valid(L, tgt, b, p, d) ? 1.0 : 0.0;
     // The softmax as routing() and stats_pi compute it: the same maximum, 1 / sum and terms.
     const scalar_t* xr = x + b * L.xb + L.K * L.xc + p * L.xp;
     acc_t v[NR];
@@ -302,7 +300,7 @@ __global__ void __launch_bounds__(kThreads) stats_pairs(const uint8_t* __restric
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
     if (!vmask[i]) continue;
     const int64_t b = i / L.P, p = i - b * L.P;
-    for (int d = 0; d < L.nd; ++d) cnt[d] += neighbour_valid(L, vmask, b, p, d, +1) ? 1.0 : 0.0;
+    for (int d = 0; d < L.nd; ++d) cnt[d] += next_in_mask(L, vmask, b, p, d) ? 1.0 : 0.0;
   }
   for (int d = 0; d < kMaxSpatial; ++d) {
     const double s = block_sum(cnt[d], smem);
@@ -458,7 +456,7 @@ __device__ __forceinline__ void coherence_at(const scalar_t* x, const Labels& tg
   // index into coh or val that depends on d: they stay in registers, not local memory.
 #pragma unroll 1
   for (int d = 0; d < L.nd; ++d) {
-    const int64_t c = (p / L.st[d]) % L.S[d];
+    const int64_t c = axis_coord(L, p, d);
     const acc_t cd = d == 0 ? coh[0] : (d == 1 ? coh[1] : coh[2]);
     for (int dir = -1; dir <= 1; dir += 2) {
       if (dir < 0 ? c == 0 : c == L.S[d] - 1) continue;  // no neighbour inside the volume
