@@ -24,7 +24,6 @@ pytestmark = pytest.mark.skipif("cpu" not in available_backends("loss"),
                                 reason="the C++ CPU kernels are not built")
 
 
-
 def run(backend, logits, target, experts, K, E, grad_scale=None, **opts):
     """(loss, terms, grad of grad_scale * loss) of one backend on a fresh leaf copy."""
     x = logits.detach().clone().requires_grad_(True)

@@ -23,7 +23,7 @@ import torch
 from deferredseg_kernels import available_backends, deferredseg_loss, make_options, route
 from deferredseg_kernels._checks import check_inputs, threshold_logit
 from deferredseg_kernels.ops import fused
-from deferredseg_kernels.reference import deferredseg_loss_reference, route_reference
+from deferredseg_kernels.reference import route_reference
 
 from _inputs import assert_results_close, iter_shapes, make_inputs, option_id, option_matrix
 
@@ -55,18 +55,23 @@ def emu_loss(ops, logits, target, experts, K, E, return_terms=False, **options):
                             return_terms, check_labels_eagerly=False)
 
 
-def run(fn, logits, grad_scale):
+def run(backend, logits, target, experts, K, E, grad_scale=1.0, **options):
+    """(loss, terms, gradient) of a clone of ``logits``; backend: the emulated ops
+    (``emu``), or a name for ``deferredseg_loss``."""
     x = logits.detach().clone().requires_grad_(True)
-    loss, terms = fn(x)
+    if isinstance(backend, str):
+        loss, terms = deferredseg_loss(x, target, experts, K, E, backend=backend, return_terms=True,
+                                       **options)
+    else:
+        loss, terms = emu_loss(backend, x, target, experts, K, E, True, **options)
     (loss * grad_scale).backward()
     return loss.detach(), terms, x.grad
 
 
 def assert_matches(ops, logits, target, experts, K, E, rtol=1e-5, grad_scale=1.0, **options):
-    got = run(lambda x: emu_loss(ops, x, target, experts, K, E, True, **options), logits, grad_scale)
-    want = run(lambda x: deferredseg_loss(x, target, experts, K, E, backend="reference",
-                                          return_terms=True, **options), logits, grad_scale)
-    assert_results_close(got, want, rtol)
+    got = run(ops, logits, target, experts, K, E, grad_scale, **options)
+    assert_results_close(got, run("reference", logits, target, experts, K, E, grad_scale, **options),
+                         rtol)
     return got
 
 
@@ -106,12 +111,9 @@ def test_labels_weights_and_ignored(emu, label_dtype, ignore_index):
 def test_low_precision(emu, dtype):
     K, E = 3, 3
     logits, target, experts = make_inputs(2, K, E, (29, 31), dtype=dtype)
-    opts = make_options(K, E)
-    loss, _, grad = run(lambda x: emu_loss(emu, x, target, experts, K, E, True), logits, 1.0)
-    rloss, _, rgrad = run(lambda x: deferredseg_loss_reference(x, target, experts, opts, True),
-                          logits, 1.0)
-    hloss, _, hgrad = run(lambda x: deferredseg_loss_reference(x, target, experts, opts, True),
-                          logits.double(), 1.0)
+    loss, _, grad = run(emu, logits, target, experts, K, E)
+    rloss, _, rgrad = run("reference", logits, target, experts, K, E)
+    hloss, _, hgrad = run("reference", logits.double(), target, experts, K, E)
     assert grad.dtype == dtype
     err, ref_err = (loss.double() - hloss).abs(), (rloss.double() - hloss).abs()
     assert err <= 2 * ref_err + 1e-6 * hloss.abs()
@@ -127,22 +129,23 @@ def test_noncontiguous_inputs_and_gradient_layout(emu):
     experts_t = experts.transpose(2, 3).contiguous().transpose(2, 3)
     for x in (base[:, 1:1 + C], base[:, :C].contiguous(memory_format=torch.channels_last),
               base[:, :C].transpose(2, 3).contiguous().transpose(2, 3)):
-        leaf = x.detach().requires_grad_(True)
-        emu_loss(emu, leaf, target, experts_t, K, E).backward()
+        leaf = x.detach().requires_grad_(True)  # read in place (a clone of the slice is dense)
+        loss, terms = emu_loss(emu, leaf, target, experts_t, K, E, True)
+        loss.backward()
         assert leaf.grad.stride() == torch.empty_like(leaf).stride()
-        assert_matches(emu, x, target, experts_t, K, E)
+        assert_results_close((loss.detach(), terms, leaf.grad),
+                             run("reference", x, target, experts_t, K, E))
 
 
 def test_deterministic_and_matches_the_cpu_kernel(emu):
     K, E = 1, 3
     logits, target, experts = make_inputs(2, K, E, (8, 12, 10))
-    a = run(lambda x: emu_loss(emu, x, target, experts, K, E, True), logits, 1.0)
-    b = run(lambda x: emu_loss(emu, x, target, experts, K, E, True), logits, 1.0)
+    a = run(emu, logits, target, experts, K, E)
+    b = run(emu, logits, target, experts, K, E)
     assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
     if "cpu" not in available_backends("loss"):
         pytest.skip("the C++ CPU kernel is not built")
-    c = run(lambda x: deferredseg_loss(x, target, experts, K, E, backend="cpu", return_terms=True),
-            logits, 1.0)
+    c = run("cpu", logits, target, experts, K, E)
     torch.testing.assert_close(a[0], c[0], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(a[2], c[2], rtol=1e-5, atol=1e-5 * float(c[2].abs().max()))
 

@@ -20,7 +20,7 @@ import deferredseg_kernels as dk
 from deferredseg_kernels import make_options
 from deferredseg_kernels.reference import deferredseg_loss_reference, route_reference
 
-from _inputs import iter_shapes, make_inputs, option_id, option_matrix
+from _inputs import TERMS, iter_shapes, make_inputs, option_id, option_matrix
 from conftest import HAS_CUDA, requires_cuda
 
 if "triton" not in dk.available_backends():
@@ -30,7 +30,6 @@ if "triton" not in dk.available_backends():
 from deferredseg_kernels.ops import fused, triton_common, triton_loss, triton_route  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
-TERMS = ("seg", "collab", "gate", "coherence", "balance", "pbar")
 
 
 # ----------------------------------------------------------------------------------
