@@ -14,7 +14,7 @@ gate threshold and records system Dice against deferral rate.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -89,14 +89,18 @@ class DeferralEvaluator:
 
     def __init__(self, num_classes: int, num_experts: int, threshold: float = 0.5,
                  mode: str = "gate", ignore_index: int = -100, with_hd95: bool = True,
-                 thresholds: Sequence[float] = DEFAULT_THRESHOLDS, backend: str = "auto") -> None:
+                 thresholds: Optional[Sequence[float]] = None, backend: str = "auto",
+                 scores: str = "softmax", expert_cost: Optional[Sequence[float]] = None) -> None:
         self.K, self.E = num_classes, num_experts
         self.num_labels = max(num_classes, 2)
         self.threshold, self.mode = threshold, mode
         self.ignore_index = ignore_index
         self.with_hd95 = with_hd95
+        if thresholds is None:
+            thresholds = sweep_thresholds(mode)
         self.thresholds = tuple(thresholds)
         self.backend = backend
+        self.route_kw = dict(scores=scores, expert_cost=expert_cost, backend=backend)
         self.scores: Dict[str, List[float]] = {}
         self.deferred = 0
         self.valid = 0
@@ -114,8 +118,10 @@ class DeferralEvaluator:
                expert_labels: torch.Tensor) -> None:
         if target.dim() == logits.dim():
             target = target.squeeze(1)
-        out = route(logits, self.K, self.E, self.threshold, self.mode, expert_labels,
-                    backend=self.backend)
+        from .train.routing import route_logits
+
+        out = route_logits(logits, self.K, self.E, self.mode, self.threshold, expert_labels,
+                           **self.route_kw)
         valid = target != self.ignore_index
         deferred = (out.assignment >= 0) & valid
         nl, ii, hd = self.num_labels, self.ignore_index, self.with_hd95
@@ -129,7 +135,7 @@ class DeferralEvaluator:
             self.per_expert[j] += int(((out.assignment == j) & valid).sum())
         self.components += count_components(deferred)
         for i, t in enumerate(self.thresholds):
-            swept = route(logits, self.K, self.E, t, self.mode, expert_labels, backend=self.backend)
+            swept = route_logits(logits, self.K, self.E, self.mode, t, expert_labels, **self.route_kw)
             self.sweep_dice[i] += per_image_scores(swept.final, target, nl, None, ii, False)["dice"]
             self.sweep_deferred[i] += int(((swept.assignment >= 0) & valid).sum())
 
@@ -151,6 +157,15 @@ class DeferralEvaluator:
         res["risk_coverage_auc"] = risk_coverage_auc(curve)
         res["images"] = len(self.components)
         return _json_ready(res)
+
+
+def sweep_thresholds(mode: str) -> Tuple[float, ...]:
+    """The thresholds a risk-coverage sweep uses for a routing mode's score."""
+    if mode == "gain":
+        return tuple(i / 10 - 1 for i in range(21))  # the gain lies in [-1, 1]
+    if mode == "router":
+        return (0.5,)  # the router decides by its argmax: one point
+    return DEFAULT_THRESHOLDS
 
 
 def risk_coverage_auc(curve: Sequence[Dict[str, float]]) -> float:

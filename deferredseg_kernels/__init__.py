@@ -19,7 +19,7 @@ import torch
 from . import _dispatch
 from ._checks import (LossOptions, check_choice, check_inputs, check_int, check_label_range,
                       check_labels, check_logits, is_compiling, make_options, threshold_logit,
-                      ROUTE_MODES)
+                      ROUTE_MODES, ROUTE_SCORES, check_float, check_float_vector)
 from ._dispatch import available_backends, register
 from ._ext import EXT as _EXT
 from .reference import RouteResult, TERM_NAMES, deferredseg_loss_reference, route_reference, split_logits
@@ -110,7 +110,7 @@ def loss_with_options(logits: torch.Tensor, target: torch.Tensor, expert_labels:
 
 def route(logits: torch.Tensor, num_classes: int, num_experts: int, threshold: float = 0.5,
           mode: str = "gate", expert_labels: Optional[torch.Tensor] = None,
-          backend: str = "auto") -> RouteResult:
+          backend: str = "auto", expert_cost: Any = None, scores: str = "softmax") -> RouteResult:
     """Inference routing (SPEC section 4): who labels each pixel.
 
     Mode ``"gate"`` defers where ``sigmoid(a) > threshold`` (decided as
@@ -126,11 +126,21 @@ def route(logits: torch.Tensor, num_classes: int, num_experts: int, threshold: f
     E = check_int("num_experts", num_experts, 1, 127)
     check_logits(logits, K + E + 2, K, E)
     check_choice("mode", mode, ROUTE_MODES)
-    thr = threshold_logit(threshold)
+    check_choice("scores", scores, ROUTE_SCORES)
+    if expert_cost is not None:
+        expert_cost = check_float_vector("expert_cost", expert_cost, E, minimum=0.0)
+    if mode == "gain":
+        raw = check_float("threshold", threshold)
+        thr = 0.0
+    else:
+        raw = 0.0
+        thr = threshold_logit(threshold)
     if expert_labels is not None:
         B, S = logits.shape[0], tuple(logits.shape[2:])
         check_labels("expert_labels", expert_labels, logits, (B, E) + S,
                      allow_singleton_channel=False)
+    if expert_cost is not None or mode == "gain" or scores != "softmax":
+        return route_reference(logits, K, E, thr, mode, expert_labels, expert_cost, scores, raw)
     impl = _dispatch.select(backend, "route", logits.device)
     return impl(logits, K, E, thr, mode, expert_labels)
 

@@ -18,11 +18,13 @@ import torch
 
 LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 LABEL_DTYPES = (torch.uint8, torch.int32, torch.int64)
-SURROGATES = ("softmax", "paper")
+SURROGATES = ("softmax", "paper", "ova")
+GATE_TARGETS = ("router", "benefit")
+ROUTE_SCORES = ("softmax", "sigmoid")
 COHERENCES = ("l1", "l2")
 COHERENCE_MAPS = ("router", "gate")
 BALANCES = ("cv2", "band")
-ROUTE_MODES = ("gate", "router")
+ROUTE_MODES = ("gate", "router", "gain")
 BACKENDS = ("auto", "reference", "triton", "cpu", "cuda")
 MAX_EXPERTS = 127  # `route` stores the chosen expert in int8
 
@@ -105,6 +107,7 @@ class LossOptions:
     paper_eps: float = 1e-8
     gate_mse: float = 0.5
     gate_sparsity: float = 0.1
+    gate_target: str = "router"
     coherence: str = "l1"
     coherence_maps: Tuple[str, ...] = ("router", "gate")
     balance: str = "cv2"
@@ -125,7 +128,7 @@ class LossOptions:
 OPTION_NAMES = (
     "ignore_index", "class_weight", "lambda_seg", "lambda_collab", "lambda_gate",
     "lambda_coherence", "lambda_balance", "surrogate", "paper_eps", "gate_mse",
-    "gate_sparsity", "coherence", "coherence_maps", "balance", "balance_low",
+    "gate_sparsity", "gate_target", "coherence", "coherence_maps", "balance", "balance_low",
     "balance_high", "sync_balance",
 )
 
@@ -186,6 +189,8 @@ def _make_options(num_classes: Any, num_experts: Any, options: dict) -> LossOpti
         kw["paper_eps"] = check_float("paper_eps", options["paper_eps"], strictly_positive=True)
     if "surrogate" in options:
         kw["surrogate"] = check_choice("surrogate", options["surrogate"], SURROGATES)
+    if "gate_target" in options:
+        kw["gate_target"] = check_choice("gate_target", options["gate_target"], GATE_TARGETS)
     if "coherence" in options:
         kw["coherence"] = check_choice("coherence", options["coherence"], COHERENCES)
     if "coherence_maps" in options:

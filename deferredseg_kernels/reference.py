@@ -90,13 +90,23 @@ def collab_pixelwise(logpi: torch.Tensor, c0: torch.Tensor, cj: torch.Tensor, su
     cj = cj.to(logpi.dtype)
     if surrogate == "softmax":
         return -c0 * logpi[:, E] - (cj * logpi[:, :E]).sum(dim=1)
+    if surrogate == "ova":
+        raise AssertionError("the ova surrogate reads the routing logits: see _collab_term")
     # "paper": the authors' released variant, on softmax probabilities plus eps
     pi = logpi.exp()
     return (-c0 * torch.log(pi[:, E] + paper_eps)
             + ((1 - 2 * cj) * torch.log(pi[:, :E] + paper_eps)).sum(dim=1))
 
 
-def _collab_term(logpi, c0, cj, valid, opts: LossOptions) -> torch.Tensor:
+def ova_pixelwise(r: torch.Tensor, c0: torch.Tensor, cj: torch.Tensor) -> torch.Tensor:
+    """The one-vs-all surrogate of every pixel: sum_k BCEWithLogits(r_k, c_k), c_E = c0."""
+    c = torch.cat([cj, c0.unsqueeze(1)], dim=1).to(r.dtype)
+    return (_softplus(r) - c * r).sum(dim=1)
+
+
+def _collab_term(logpi, c0, cj, valid, opts: LossOptions, r=None) -> torch.Tensor:
+    if opts.surrogate == "ova":
+        return _masked_mean(ova_pixelwise(r, c0, cj), valid)
     return _masked_mean(collab_pixelwise(logpi, c0, cj, opts.surrogate, opts.paper_eps), valid)
 
 
@@ -202,7 +212,11 @@ def deferredseg_loss_reference(logits: torch.Tensor, target: torch.Tensor,
     hard = r.argmax(dim=1) < E  # ties between an expert and the model go to the expert
 
     seg = _seg_term(z, y, valid, opts)
-    collab = _collab_term(logpi, c0, cj, valid, opts)
+    collab = _collab_term(logpi, c0, cj, valid, opts, r)
+    if opts.gate_target == "benefit":
+        # the model is wrong and the expert the router would choose is right
+        jhat = r[:, :E].argmax(dim=1, keepdim=True)
+        hard = (~c0) & cj.gather(1, jhat).squeeze(1)
     gate = _gate_term(a, D, hard, valid, opts)
     coherence = _coherence_term({"router": D, "gate": torch.sigmoid(a)}, valid, opts)
     balance, pbar = balance_penalty(pi, valid, opts)
@@ -220,8 +234,10 @@ def deferredseg_loss_reference(logits: torch.Tensor, target: torch.Tensor,
 
 def route_reference(logits: torch.Tensor, num_classes: int, num_experts: int,
                     threshold_logit: float, mode: str,
-                    expert_labels: Optional[torch.Tensor]) -> RouteResult:
-    """SPEC section 4. ``threshold_logit`` is logit(threshold), see ``_checks.threshold_logit``."""
+                    expert_labels: Optional[torch.Tensor], expert_cost=None,
+                    scores: str = "softmax", threshold: float = 0.0) -> RouteResult:
+    """Routing at inference. ``threshold_logit`` is logit(threshold) (mode "gate");
+    ``threshold`` the raw threshold of mode "gain"."""
     K, E = num_classes, num_experts
     x = logits.detach().to(compute_dtype(logits.dtype))
     z, r, a = split_logits(x, K, E)
@@ -229,13 +245,24 @@ def route_reference(logits: torch.Tensor, num_classes: int, num_experts: int,
         model_pred = z.argmax(dim=1)
     else:
         model_pred = (z[:, 0] > 0).long()
-    chosen = r[:, :E].argmax(dim=1)  # the expert a deferred pixel goes to
+    q = torch.sigmoid(r) if scores == "sigmoid" else torch.softmax(r, dim=1)
+    if expert_cost is None:
+        chosen = r[:, :E].argmax(dim=1)  # the expert a deferred pixel goes to
+        net = q[:, :E]
+    else:
+        cost = torch.tensor(expert_cost, dtype=x.dtype, device=x.device).view(1, E, *([1] * (x.dim() - 2)))
+        net = q[:, :E] - cost
+        chosen = net.argmax(dim=1)
+    gain = net.amax(dim=1) - q[:, E]
     if mode == "gate":
         defer = a > threshold_logit  # == sigmoid(a) > threshold
         defer_prob = torch.sigmoid(a)
-    else:
-        defer = r.argmax(dim=1) < E
+    elif mode == "router":
+        defer = (r.argmax(dim=1) < E) if expert_cost is None else gain >= 0
         defer_prob = torch.softmax(r, dim=1)[:, :E].sum(dim=1)
+    else:  # "gain"
+        defer = gain > threshold
+        defer_prob = gain
     assignment = torch.where(defer, chosen, torch.full_like(chosen, -1)).to(torch.int8)
     final = None
     if expert_labels is not None:

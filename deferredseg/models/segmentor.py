@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from deferredseg_kernels import RouteResult, route, split_logits
 
-__all__ = ["DeferredSegmentor", "GateHead", "conv_nd"]
+__all__ = ["DeferredSegmentor", "GateHead", "RoutingHeads", "conv_nd"]
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _INTERP = {1: "linear", 2: "bilinear", 3: "trilinear"}
@@ -35,6 +35,32 @@ class GateHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv2(self.act(self.conv1(x)))
+
+
+class RoutingHeads(nn.Module):
+    """Routing and gate heads with conv layers of their own.
+
+    Reads the backbone's features concatenated with the segmentation logits (the
+    head sees how sure the segmentation is), through two conv 3x3 + ReLU layers of
+    ``hidden_channels``, and a conv 1x1 to E + 1 routing logits and one gate logit.
+    With ``detach=True`` (two-stage training) no gradient reaches the backbone or
+    the segmentation head through these heads.
+    """
+
+    def __init__(self, in_channels: int, hidden_channels: int, num_experts: int, spatial_dims: int = 2,
+                 detach: bool = True):
+        super().__init__()
+        conv = conv_nd(spatial_dims)
+        self.detach = bool(detach)
+        self.body = nn.Sequential(
+            conv(in_channels, hidden_channels, kernel_size=3, padding=1), nn.ReLU(inplace=True),
+            conv(hidden_channels, hidden_channels, kernel_size=3, padding=1), nn.ReLU(inplace=True),
+            conv(hidden_channels, num_experts + 2, kernel_size=1))
+
+    def forward(self, head_input: torch.Tensor) -> torch.Tensor:
+        if self.detach:
+            head_input = head_input.detach()
+        return self.body(head_input)
 
 
 def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
@@ -82,13 +108,23 @@ class DeferredSegmentor(nn.Module):
             (and keep the backbone in eval mode).
         resize_features: in mode 1, resize features that come at another spatial
             size than the input to the input's size instead of raising an error.
+        heads: ``"linear"`` (the routing head a 1x1 conv and the gate conv 3x3, ReLU,
+            conv 1x1, both on the features, trained jointly with the backbone) or
+            ``"conv"`` (:class:`RoutingHeads`: conv layers of their own on the
+            features and the segmentation logits; see ``detach_heads``).
+        head_channels: hidden channels of the ``"conv"`` heads (default F).
+        detach_heads: with ``heads="conv"``, stop the heads' gradient at their input
+            (the default: the routing cannot degrade the segmentation).
     """
 
     def __init__(self, backbone: nn.Module, feature_channels: int, num_classes: int, num_experts: int,
                  spatial_dims: int = 2, gate_channels: Optional[int] = None, keep_backbone_seg: bool = False,
                  feature_layer: Optional[str] = None, freeze_backbone: bool = False,
-                 resize_features: bool = False):
+                 resize_features: bool = False, heads: str = "linear",
+                 head_channels: Optional[int] = None, detach_heads: bool = True):
         super().__init__()
+        if heads not in ("linear", "conv"):
+            raise ValueError(f"heads must be 'linear' or 'conv', got {heads!r}")
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
         self.feature_channels = _positive_int("feature_channels", feature_channels)
@@ -116,8 +152,14 @@ class DeferredSegmentor(nn.Module):
         F_ = self.feature_channels
         hidden = _positive_int("gate_channels", gate_channels) if gate_channels is not None else F_
         self.seg_head = None if self.keep_backbone_seg else conv(F_, self.num_classes, kernel_size=1)
-        self.route_head = conv(F_, self.num_experts + 1, kernel_size=1)
-        self.gate_head = GateHead(F_, hidden, self.spatial_dims)
+        self.heads = heads
+        if heads == "linear":
+            self.route_head = conv(F_, self.num_experts + 1, kernel_size=1)
+            self.gate_head = GateHead(F_, hidden, self.spatial_dims)
+        else:
+            h = _positive_int("head_channels", head_channels) if head_channels is not None else F_
+            self.routing_heads = RoutingHeads(F_ + self.num_classes, h, self.num_experts,
+                                              self.spatial_dims, detach=detach_heads)
         if self.freeze_backbone:
             for p in self.backbone.parameters():
                 p.requires_grad_(False)
@@ -187,10 +229,34 @@ class DeferredSegmentor(nn.Module):
         if x.dim() != self.spatial_dims + 2:
             raise ValueError(f"input must be (B, C_in, *S) with {self.spatial_dims} spatial dims, "
                              f"got shape {tuple(x.shape)}")
+        seg, head_input = self.head_inputs(x)
+        return self.heads_forward(seg, head_input)
+
+    def head_inputs(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(segmentation logits, what the routing heads read) of a batch.
+
+        With ``heads="conv"`` the heads read the features and the segmentation
+        logits; two-stage training caches this pair once for a frozen backbone.
+        """
         seg, feats = self._backbone_outputs(x)
         if seg is None:
             seg = self.seg_head(feats)
-        return torch.cat([seg.to(feats.dtype), self.route_head(feats), self.gate_head(feats)], dim=1)
+        seg = seg.to(feats.dtype)
+        if self.heads == "conv":
+            return seg, torch.cat([feats, seg], dim=1)
+        return seg, feats
+
+    def heads_forward(self, seg: torch.Tensor, head_input: torch.Tensor) -> torch.Tensor:
+        """Packed logits from the segmentation logits and the heads' input."""
+        if self.heads == "conv":
+            return torch.cat([seg, self.routing_heads(head_input).to(seg.dtype)], dim=1)
+        return torch.cat([seg, self.route_head(head_input), self.gate_head(head_input)], dim=1)
+
+    def head_parameters(self):
+        """The parameters of the routing and gate heads (what two-stage training trains)."""
+        if self.heads == "conv":
+            return list(self.routing_heads.parameters())
+        return list(self.route_head.parameters()) + list(self.gate_head.parameters())
 
     # -- inference ---------------------------------------------------------------------------
     def split(self, logits: torch.Tensor):
@@ -220,7 +286,9 @@ class DeferredSegmentor(nn.Module):
     @classmethod
     def from_monai(cls, name: str = "UNet", num_classes: int = 1, num_experts: int = 3, spatial_dims: int = 2,
                    in_channels: int = 1, features: int = 32, gate_channels: Optional[int] = None,
-                   net_kwargs: Optional[dict] = None, **backbone_kwargs) -> "DeferredSegmentor":
+                   net_kwargs: Optional[dict] = None, heads: str = "linear",
+                   head_channels: Optional[int] = None, detach_heads: bool = True,
+                   **backbone_kwargs) -> "DeferredSegmentor":
         """A DeferredSegmentor on ``build_backbone(name, spatial_dims, in_channels, features, ...)``.
 
         ``features`` is F (the MONAI network's ``out_channels``); ``net_kwargs`` and
@@ -231,4 +299,5 @@ class DeferredSegmentor(nn.Module):
         net = build_backbone(name, spatial_dims=spatial_dims, in_channels=in_channels, features=features,
                              net_kwargs=net_kwargs, **backbone_kwargs)
         return cls(net, feature_channels=features, num_classes=num_classes, num_experts=num_experts,
-                   spatial_dims=spatial_dims, gate_channels=gate_channels)
+                   spatial_dims=spatial_dims, gate_channels=gate_channels, heads=heads,
+                   head_channels=head_channels, detach_heads=detach_heads)

@@ -19,6 +19,13 @@ METHODS = ("deferredseg", "no-coherence", "no-balance", "model-only", "confidenc
 LAYOUTS = ("synthetic", "medsam-npy", "multirater")
 PROFILES = ("same-accuracy", "complementary", "structured")
 SCHEDULES = ("cosine", "step", "constant")
+TRAININGS = ("two-stage", "joint")
+HEADS = ("conv", "linear")
+SURROGATES = ("ova", "softmax", "paper")
+GATE_TARGETS = ("benefit", "router")
+BALANCES = ("cv2", "band")
+ROUTE_MODES = ("gate", "gain", "router", "uncertainty")
+SELECTIONS = ("budget-dice", "rc-auc")
 
 
 @dataclass
@@ -42,15 +49,32 @@ class TrainConfig:
     # method and loss
     method: str = "deferredseg"
     backend: str = "auto"
-    # the loss options' defaults are the objective's own (deferredseg_kernels.LossOptions)
+    # How the network is trained (docs/objective.md, "Training schedules"): "two-stage"
+    # trains the base segmentor (or takes base_checkpoint), then the routing and gate
+    # heads, with conv layers of their own, on its frozen features; "joint" trains
+    # everything at once with the whole objective.
+    training: str = "two-stage"
+    head_epochs: int = 10  # epochs of the second stage
+    base_checkpoint: Optional[str] = None  # a trained checkpoint whose backbone and seg head to use
+    heads: Optional[str] = None  # "conv" or "linear" (default: conv for two-stage, linear for joint)
+    head_channels: int = 16
+    # The loss options. Where they differ from the objective's own defaults
+    # (deferredseg_kernels.LossOptions, the paper's choices), the evidence in the
+    # README chose them: one-vs-all correctness heads, a gate trained on "the model
+    # is wrong and the chosen expert is right", no pull of the gate towards D.
     lambda_seg: float = _Loss.lambda_seg
     lambda_collab: float = _Loss.lambda_collab
     lambda_gate: float = _Loss.lambda_gate
     lambda_coherence: float = _Loss.lambda_coherence
     lambda_balance: float = _Loss.lambda_balance
-    surrogate: str = _Loss.surrogate
+    surrogate: str = "ova"
+    gate_target: str = "benefit"
+    gate_mse: float = 0.0
+    gate_sparsity: float = 0.0
     coherence: str = _Loss.coherence
     balance: str = _Loss.balance
+    balance_low: Optional[List[float]] = None
+    balance_high: Optional[List[float]] = None
     # optimisation
     epochs: int = 20
     batch_size: int = 4
@@ -63,7 +87,11 @@ class TrainConfig:
     amp: Optional[bool] = None  # default: bf16 autocast on CUDA, off on CPU
     patience: int = 0  # early stopping after this many epochs without a better val Dice (0: off)
     checkpoint_every: int = 0  # also write last.pt every N optimiser steps (0: once per epoch)
-    # evaluation
+    # routing and evaluation
+    budget: float = 0.1  # deferral budget: checkpoint selection and evaluation
+    selection: str = "budget-dice"  # val system Dice at the budget, or the risk-coverage AUC
+    route_mode: str = "gate"  # gate / gain at the budget, router (its own rate), uncertainty
+    expert_cost: Optional[List[float]] = None  # per-expert cost of asking (routing)
     threshold: float = 0.5
     val_hd95: bool = False
     # run
@@ -75,6 +103,18 @@ class TrainConfig:
     out: Optional[str] = None
     resume: bool = False
     max_steps: int = 0  # stop after this many optimiser steps in total (0: no limit)
+
+    @property
+    def head_kind(self) -> str:
+        """The routing heads this configuration builds."""
+        if self.heads is not None:
+            return self.heads
+        return "conv" if self.training == "two-stage" else "linear"
+
+    @property
+    def route_scores(self) -> str:
+        """How route() reads correctness estimates from the routing logits."""
+        return "sigmoid" if self.surrogate == "ova" else "softmax"
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -98,6 +138,20 @@ class TrainConfig:
         choice("layout", LAYOUTS)
         choice("method", METHODS)
         choice("schedule", SCHEDULES)
+        choice("training", TRAININGS)
+        if self.heads is not None:
+            choice("heads", HEADS)
+        choice("surrogate", SURROGATES)
+        choice("gate_target", GATE_TARGETS)
+        choice("balance", BALANCES)
+        choice("route_mode", ROUTE_MODES)
+        choice("selection", SELECTIONS)
+        if not 0.0 <= float(self.budget) <= 1.0:
+            raise ValueError(f"budget must be in [0, 1], got {self.budget}")
+        if int(self.head_epochs) < 0:
+            raise ValueError(f"head_epochs must be >= 0, got {self.head_epochs}")
+        if self.base_checkpoint is not None and not Path(self.base_checkpoint).is_file():
+            raise FileNotFoundError(f"base_checkpoint {self.base_checkpoint!r} does not exist")
         if self.expert_profile is not None:
             choice("expert_profile", PROFILES)
         if self.layout != "synthetic" and not self.data:

@@ -20,6 +20,7 @@ rank 0 only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -36,6 +37,7 @@ from ..losses import DeferredSegLoss
 from ..metrics import DeferralEvaluator
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .routing import uncertainty
 
 BIG = 1e4  # a logit that rules an option out
 
@@ -133,13 +135,15 @@ def build_model(cfg: TrainConfig, in_channels: int, num_experts: int) -> nn.Modu
     from ..models import DeferredSegmentor
     from ..models.backbones import build_backbone
 
-    if cfg.method == "l2d-single":
+    if cfg.method == "l2d-single" and cfg.training == "joint":
         net = build_backbone(cfg.backbone, spatial_dims=cfg.spatial_dims, in_channels=in_channels,
                              features=cfg.features)
         return L2DNet(net, cfg.features, max(cfg.num_classes, 2), cfg.spatial_dims)
     return DeferredSegmentor.from_monai(cfg.backbone, num_classes=cfg.num_classes,
                                        num_experts=num_experts, spatial_dims=cfg.spatial_dims,
-                                       in_channels=in_channels, features=cfg.features)
+                                       in_channels=in_channels, features=cfg.features,
+                                       heads=cfg.head_kind, head_channels=cfg.head_channels,
+                                       detach_heads=cfg.training == "two-stage")
 
 
 def build_criterion(cfg: TrainConfig, num_experts: int, sync: bool):
@@ -155,9 +159,17 @@ def build_criterion(cfg: TrainConfig, num_experts: int, sync: bool):
     elif cfg.method in ("model-only", "confidence"):
         lambdas.update(lambda_collab=0.0, lambda_gate=0.0, lambda_coherence=0.0,
                        lambda_balance=0.0)
+    extra: Dict[str, Any] = {}
+    if cfg.gate_target != "router":
+        extra["gate_target"] = cfg.gate_target
+    if cfg.balance_low is not None:
+        extra["balance_low"] = list(cfg.balance_low)
+    if cfg.balance_high is not None:
+        extra["balance_high"] = list(cfg.balance_high)
     return DeferredSegLoss(cfg.num_classes, num_experts, backend=cfg.backend,
                            surrogate=cfg.surrogate, coherence=cfg.coherence, balance=cfg.balance,
-                           sync_balance=sync, **lambdas)
+                           gate_mse=cfg.gate_mse, gate_sparsity=cfg.gate_sparsity,
+                           sync_balance=sync, **extra, **lambdas)
 
 
 def l2d_loss(out: torch.Tensor, target: torch.Tensor, expert: torch.Tensor,
@@ -172,15 +184,18 @@ def l2d_loss(out: torch.Tensor, target: torch.Tensor, expert: torch.Tensor,
     return loss, {"l2d": loss.detach(), "deferral": defer.detach()}
 
 
+def l2d_outputs(packed: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """A DeferredSegmentor's output read as L2D's (K' class logits, one defer logit).
+
+    Two-stage L2D trains only the gate channel as the "defer" logit, against the
+    frozen base segmentor's class logits (for K = 1, the logits [0, z]).
+    """
+    z, a = packed[:, :num_classes], packed[:, -1:]
+    classes = torch.cat([torch.zeros_like(z), z], dim=1) if num_classes == 1 else z
+    return torch.cat([classes, a], dim=1)
+
+
 # ----------------------------------------------------------------------------- packing
-
-
-def uncertainty(z: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """1 - max class probability of segmentation logits (B, K, *S) -> (B, *S)."""
-    if num_classes == 1:
-        p = torch.sigmoid(z[:, 0].float())
-        return 1 - torch.maximum(p, 1 - p)
-    return 1 - torch.softmax(z.float(), dim=1).amax(dim=1)
 
 
 def packed_logits(cfg: TrainConfig, model_out: torch.Tensor, num_experts: int,
@@ -188,6 +203,8 @@ def packed_logits(cfg: TrainConfig, model_out: torch.Tensor, num_experts: int,
     """Every method's output as SPEC packed logits, so one evaluator serves them all."""
     K, E = cfg.num_classes, num_experts
     out = model_out.float()
+    if cfg.method == "l2d-single" and cfg.training == "two-stage":
+        out = l2d_outputs(out, K)
     if cfg.method == "l2d-single":
         classes, defer = out[:, :-1], out[:, -1]
         z = (classes[:, 1:2] - classes[:, :1]) if K == 1 else classes
@@ -280,8 +297,13 @@ def evaluate_model(model: nn.Module, dataset, cfg: TrainConfig, num_experts: int
     model.eval()
     thr = cfg.threshold if threshold is None else threshold
     kw = {} if thresholds is None else {"thresholds": tuple(thresholds)}
-    ev = DeferralEvaluator(cfg.num_classes, num_experts, threshold=thr, with_hd95=with_hd95,
-                           backend=cfg.backend, **kw)
+    mode = route_mode(cfg)
+    ev = DeferralEvaluator(cfg.num_classes, num_experts, threshold=thr, mode=mode,
+                           with_hd95=with_hd95, backend=cfg.backend, scores=cfg.route_scores,
+                           expert_cost=cfg.expert_cost, **kw)
+    from .routing import auroc, deferral_score
+
+    score_parts, wrong_parts, unc_parts = [], [], []
     examples: List[Dict[str, torch.Tensor]] = []
     for batch in DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False,
                             num_workers=cfg.workers):
@@ -290,10 +312,18 @@ def evaluate_model(model: nn.Module, dataset, cfg: TrainConfig, num_experts: int
         experts = batch["expert_labels"].to(device)
         logits = packed_logits(cfg, model(x), num_experts, best_expert)
         ev.update(logits, target, experts)
+        valid = target != -100
+        z = logits[:, :cfg.num_classes]
+        wrong = (z.argmax(1) if cfg.num_classes >= 2 else (z[:, 0] > 0).long()) != target
+        score_parts.append(deferral_score(logits, cfg.num_classes, num_experts, mode,
+                                          cfg.route_scores, cfg.expert_cost)[valid].cpu())
+        unc_parts.append(uncertainty(z, cfg.num_classes)[valid].cpu())
+        wrong_parts.append(wrong[valid].cpu())
         if len(examples) < keep_examples:
-            from deferredseg_kernels import route
+            from .routing import route_logits
 
-            out = route(logits, cfg.num_classes, num_experts, thr, "gate", experts, backend=cfg.backend)
+            out = route_logits(logits, cfg.num_classes, num_experts, mode, thr, experts,
+                               cfg.route_scores, cfg.expert_cost, backend=cfg.backend)
             for b in range(x.shape[0]):
                 if len(examples) < keep_examples:
                     examples.append({"image": x[b].cpu(), "target": target[b].cpu(),
@@ -302,7 +332,20 @@ def evaluate_model(model: nn.Module, dataset, cfg: TrainConfig, num_experts: int
                                      "model_pred": out.model_pred[b].cpu(),
                                      "defer_prob": out.defer_prob[b].cpu()})
     model.train(was_training)
-    return ev.result(), examples
+    res = ev.result()
+    if score_parts:
+        wrong_all = torch.cat(wrong_parts)
+        res["route_mode"] = mode
+        res["auroc_model_wrong_score"] = auroc(torch.cat(score_parts), wrong_all)
+        res["auroc_model_wrong_uncertainty"] = auroc(torch.cat(unc_parts), wrong_all)
+    return res, examples
+
+
+def route_mode(cfg: TrainConfig) -> str:
+    """The routing mode a method is evaluated in (baselines route through their packed gate)."""
+    if cfg.method in ("model-only", "confidence", "l2d-single"):
+        return "gate"
+    return cfg.route_mode
 
 
 @torch.no_grad()
@@ -316,20 +359,22 @@ def threshold_for_budget(model: nn.Module, dataset, cfg: TrainConfig, num_expert
     """
     from monai.data import DataLoader
 
+    from .routing import budget_threshold, deferral_score
+
     if not 0.0 <= budget <= 1.0:
         raise ValueError(f"budget must be in [0, 1], got {budget}")
+    mode = route_mode(cfg)
     was_training = model.training
     model.eval()
-    probs = []
+    scores = []
     for batch in DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False):
         logits = packed_logits(cfg, model(batch["image"].to(device)), num_experts, best_expert)
         valid = batch["target"].to(device) != -100
-        probs.append(torch.sigmoid(logits[:, -1].double())[valid].cpu())
+        s = deferral_score(logits, cfg.num_classes, num_experts, mode, cfg.route_scores,
+                           cfg.expert_cost)
+        scores.append(s[valid].double().cpu())
     model.train(was_training)
-    s = torch.cat(probs)
-    if budget <= 0 or s.numel() == 0:
-        return 1.0
-    return float(torch.quantile(s, 1.0 - budget).clamp(0.0, 1.0))
+    return budget_threshold(torch.cat(scores).numpy(), budget, mode)
 
 
 def train(cfg: TrainConfig) -> Dict[str, Any]:
@@ -344,6 +389,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         out_dir.mkdir(parents=True, exist_ok=True)
     log = JsonLog(out_dir / "log.jsonl" if out_dir else None, info.is_main)
     try:
+        if cfg.training == "two-stage" and cfg.method not in ("model-only", "confidence"):
+            return _train_two_stage(cfg, device, info, out_dir, log)
         return _train(cfg, device, info, out_dir, log)
     finally:
         info.close()
@@ -441,9 +488,16 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, out_dir: Opti
         # validation on rank 0; the decision to stop is shared with the other ranks
         metrics: Dict[str, Any] = {}
         if info.is_main:
-            metrics, _ = evaluate_model(model, val_ds, cfg, E, best_expert, device,
-                                        with_hd95=cfg.val_hd95, thresholds=(cfg.threshold,))
-            score = metrics.get("system_dice") or 0.0
+            # select what will be used: the system at the deferral budget, its threshold
+            # chosen on this split (the base segmentor alone never defers)
+            thr = 1.0 if cfg.method == "model-only" else threshold_for_budget(
+                model, val_ds, cfg, E, best_expert, device, cfg.budget)
+            metrics, _ = evaluate_model(model, val_ds, cfg, E, best_expert, device, threshold=thr,
+                                        with_hd95=cfg.val_hd95,
+                                        thresholds=None if cfg.selection == "rc-auc" else (thr,))
+            metrics["threshold"] = thr
+            score = (metrics.get("system_dice") if cfg.selection == "budget-dice"
+                     else metrics.get("risk_coverage_auc")) or 0.0
             improved = score > best
             if improved:
                 best, stale = score, 0
@@ -468,6 +522,75 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, out_dir: Opti
             "early_stopped": stopped_early, "out": str(out_dir) if out_dir else None}
 
 
+def _train_two_stage(cfg: TrainConfig, device: torch.device, info: DistInfo,
+                     out_dir: Optional[Path], log: JsonLog) -> Dict[str, Any]:
+    """Stage 1 (or ``base_checkpoint``), then the routing heads on frozen features."""
+    import tempfile
+
+    from . import two_stage as ts
+
+    base_path = cfg.base_checkpoint
+    tmp = None
+    if base_path is None:
+        bcfg = ts.base_config(cfg)
+        if bcfg.out is None:
+            tmp = tempfile.TemporaryDirectory(prefix="deferredseg-base-")
+            bcfg = dataclasses.replace(bcfg, out=tmp.name)
+        bdir = Path(bcfg.out)
+        if info.is_main:
+            bdir.mkdir(parents=True, exist_ok=True)
+        log.write(event="stage", stage=1, what="base segmentor", out=str(bdir))
+        res = _train(bcfg, device, info, bdir, JsonLog(bdir / "log.jsonl", info.is_main))
+        if res.get("stopped"):
+            return res
+        base_path = str(bdir / "best.pt")
+    info.barrier()
+    torch.manual_seed(cfg.seed)
+    train_ds = build_data(cfg, "train")
+    val_ds = build_data(cfg, "val")
+    E = train_ds.info.num_experts
+    in_channels = int(train_ds[0]["image"].shape[0])
+    model = build_model(cfg, in_channels, E).to(device)
+    ts.load_base(model, base_path, device)
+    if tmp is not None:
+        tmp.cleanup()
+    best_expert = best_single_expert(val_ds, E)
+    log.write(event="stage", stage=2, what="routing heads", base=str(base_path))
+    train_cache = ts.cache_head_inputs(model, train_ds, cfg, device)
+    val_cache = ts.cache_head_inputs(model, val_ds, cfg, device)
+    if cfg.method == "l2d-single":
+        def loss_fn(out, target, experts):
+            return l2d_loss(l2d_outputs(out, cfg.num_classes), target, experts[:, best_expert])
+    else:
+        criterion = build_criterion(dataclasses.replace(cfg, lambda_seg=0.0), E, sync=False)
+
+        def loss_fn(out, target, experts):
+            loss = criterion(out, target, experts)
+            terms = dict(criterion.last_terms)
+            terms["deferral"] = terms["pbar"][:E].sum()
+            return loss, terms
+    best, history = ts.fit_heads(model, train_cache, val_cache, cfg, loss_fn, device, E, best_expert,
+                                 log if info.is_main else None)
+    routing = {"mode": route_mode(cfg), "budget": cfg.budget, "threshold": best.get("threshold"),
+               "scores": cfg.route_scores, "expert_cost": cfg.expert_cost,
+               "selection": cfg.selection}
+    if out_dir is not None and info.is_main:
+        state = {"model": model.state_dict(), "epoch": cfg.head_epochs, "step_in_epoch": 0,
+                 "global_step": 0, "best": best.get("selection_score"), "stale": 0,
+                 "rng": torch.get_rng_state(), "config": cfg.to_dict(), "num_experts": E,
+                 "in_channels": in_channels, "best_expert": best_expert,
+                 "expert_names": list(train_ds.info.expert_names), "base_checkpoint": str(base_path),
+                 "val": _scalars(best), "routing": routing, "stage": 2}
+        save_checkpoint(out_dir / "best.pt", state)
+    log.write(event="best", selection=cfg.selection, budget=cfg.budget,
+              **{f"val_{k}": v for k, v in best.items()})
+    info.barrier()
+    return {"stopped": False, "best_val_system_dice": best.get("system_dice"),
+            "best_val_deferral_rate": best.get("deferral_rate"), "selection": cfg.selection,
+            "budget": cfg.budget, "threshold": best.get("threshold"), "history": history,
+            "out": str(out_dir) if out_dir else None}
+
+
 def _scalars(metrics: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None}
 
@@ -487,6 +610,9 @@ def load_trained(checkpoint_path, device: torch.device, overrides: Optional[Dict
     """(model, config, checkpoint dict) of a checkpoint written by :func:`train`."""
     ck = load_checkpoint(checkpoint_path, map_location=device)
     values = dict(ck["config"])
+    if "training" not in values:  # written before two-stage training existed
+        values.update(training="joint", surrogate="softmax", gate_target="router",
+                      gate_mse=0.5, gate_sparsity=0.1)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     values["resume"] = False
     cfg = TrainConfig.from_dict(values, source=str(checkpoint_path))
@@ -499,11 +625,15 @@ def load_trained(checkpoint_path, device: torch.device, overrides: Optional[Dict
 def evaluate(checkpoint_path, out: Optional[str] = None, split: str = "test",
              threshold: Optional[float] = None, budget: Optional[float] = None,
              overrides: Optional[Dict[str, Any]] = None, figures: bool = True,
-             device: str = "auto", with_hd95: bool = True) -> Dict[str, Any]:
+             device: str = "auto", with_hd95: bool = True, matched: bool = False) -> Dict[str, Any]:
     """Evaluate a checkpoint on ``split``; write metrics.json (and figures) to ``out``.
 
     ``budget``: instead of a fixed ``threshold``, the one at which the model defers
     that fraction of the pixels of the validation split (the deferral budget).
+    Without either, the training configuration's budget is used. ``matched``:
+    also report the metrics at the threshold that defers exactly ``budget`` of
+    *this* split's pixels (``matched_*``: methods compared at equal test
+    deferral rates).
     """
     dev = resolve_device(device)
     model, cfg, ck = load_trained(checkpoint_path, dev, overrides)
@@ -513,16 +643,28 @@ def evaluate(checkpoint_path, out: Optional[str] = None, split: str = "test",
     if ds.info.num_experts != E:
         raise ValueError(f"the checkpoint was trained with {E} experts, the {split} data has "
                          f"{ds.info.num_experts}")
+    if threshold is None and budget is None:
+        budget = cfg.budget
     if cfg.method == "model-only":
         threshold, budget = 1.0, None  # the base segmentor alone never defers
+    if route_mode(cfg) == "router":
+        threshold, budget = 0.5, None  # the router's argmax decides, at its own rate
     if budget is not None:
         threshold = threshold_for_budget(model, build_data(cfg, "val"), cfg, E, best_expert, dev,
                                          budget)
     metrics, examples = evaluate_model(model, ds, cfg, E, best_expert, dev, threshold=threshold,
                                        with_hd95=with_hd95, keep_examples=4 if figures else 0)
+    if matched and budget is not None:
+        t_test = threshold_for_budget(model, ds, cfg, E, best_expert, dev, budget)
+        m2, _ = evaluate_model(model, ds, cfg, E, best_expert, dev, threshold=t_test,
+                               with_hd95=False, thresholds=(t_test,))
+        metrics.update({f"matched_{k}": m2[k] for k in ("system_dice", "deferral_rate",
+                                                         "deferral_components_per_image")})
     metrics.update(method=cfg.method, threshold=cfg.threshold if threshold is None else threshold,
                    budget=budget, split=split, checkpoint=str(checkpoint_path),
-                   expert_names=ck.get("expert_names"))
+                   expert_names=ck.get("expert_names"), route_mode=route_mode(cfg),
+                   selection={"by": cfg.selection, "budget": cfg.budget,
+                              "val": ck.get("val")})
     if out:
         out_dir = Path(out)
         out_dir.mkdir(parents=True, exist_ok=True)
