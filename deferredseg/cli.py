@@ -21,7 +21,10 @@ import typing
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .train.config import LAYOUTS, METHODS, PROFILES, SCHEDULES, TrainConfig, load_config_file
+from .stats import ci95  # noqa: F401  (re-exported: deferredseg.cli.ci95)
+from .train.config import (BALANCES, GATE_TARGETS, HEADS, LAYOUTS, METHODS, PROFILES, ROUTE_MODES,
+                           SCHEDULES, SELECTIONS, SURROGATES, TRAININGS, TrainConfig,
+                           load_config_file)
 
 HELP = {
     "layout": "data layout: synthetic (generated, no files), medsam-npy (imgs/, gts/), "
@@ -58,6 +61,29 @@ HELP = {
     "out": "output folder (checkpoints, log.jsonl)",
     "resume": "continue the run in --out from its last.pt",
     "max_steps": "stop after this many optimiser steps (0: no limit)",
+    "training": "two-stage (base segmentor, then routing heads on its frozen features) or joint",
+    "head_epochs": "epochs of the second stage (the routing heads)",
+    "base_checkpoint": "a trained checkpoint whose backbone and segmentation head stage 2 uses "
+                       "(skips stage 1)",
+    "heads": "routing heads: conv (layers of their own) or linear (default: conv for two-stage)",
+    "head_channels": "hidden channels of the conv routing heads",
+    "lambda_seg": "weight of the segmentation loss", "lambda_collab": "weight of the collaboration loss",
+    "lambda_gate": "weight of the gate loss", "lambda_coherence": "weight of the coherence term",
+    "lambda_balance": "weight of the load-balancing term (see docs/training.md: it hurts with "
+                      "unequal experts)",
+    "surrogate": "collaboration surrogate: ova (one-vs-all correctness heads), softmax, paper",
+    "gate_target": "gate target: benefit (model wrong and chosen expert right) or router (h)",
+    "gate_mse": "weight of the gate's pull towards the router's deferral mass",
+    "gate_sparsity": "weight of the gate's sparsity penalty",
+    "coherence": "coherence penalty: l1 or l2", "balance": "balance term: cv2 or band",
+    "balance_low": "band balance: lower loads of the E + 1 options",
+    "balance_high": "band balance: upper loads of the E + 1 options",
+    "budget": "deferral budget (share of pixels for the experts): checkpoint selection and evaluation",
+    "selection": "checkpoint selection: budget-dice (val system Dice at the budget) or rc-auc",
+    "route_mode": "deferral at inference: gate or gain at the budget, router (argmax, own rate), "
+                  "uncertainty (confidence deferral, heads choose the expert)",
+    "expert_cost": "per-expert cost of asking, e.g. 0,0.1,0.2 (a deferred pixel goes to "
+                   "argmax q_j - cost_j)",
 }
 
 
@@ -86,7 +112,10 @@ def _parse_bool(text: str) -> bool:
 def _add_config_options(p: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(TrainConfig)
     choices = {"layout": LAYOUTS, "method": METHODS, "expert_profile": PROFILES,
-               "schedule": SCHEDULES, "backend": ("auto", "reference", "triton", "cpu", "cuda")}
+               "schedule": SCHEDULES, "backend": ("auto", "reference", "triton", "cpu", "cuda"),
+               "training": TRAININGS, "heads": HEADS, "surrogate": SURROGATES,
+               "gate_target": GATE_TARGETS, "balance": BALANCES, "route_mode": ROUTE_MODES,
+               "selection": SELECTIONS, "coherence": ("l1", "l2")}
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
@@ -131,10 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="dataset folder (default: the one the model was trained on)")
     e.add_argument("--layout", choices=LAYOUTS, help="data layout (default: the training one)")
     e.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
-    e.add_argument("--threshold", type=float, help="gate threshold (default: the training one)")
+    e.add_argument("--threshold", type=float, help="a fixed deferral threshold instead of a budget")
     e.add_argument("--budget", type=float,
                    help="deferral budget: pick the threshold at which the model defers this "
-                        "fraction of the validation pixels (overrides --threshold)")
+                        "fraction of the validation pixels (default: the training budget)")
+    e.add_argument("--route-mode", choices=ROUTE_MODES,
+                   help="deferral at inference (default: the training one): gate, gain, router, "
+                        "uncertainty")
+    e.add_argument("--expert-cost", type=_parse_list(float), metavar="A,B,...",
+                   help="per-expert cost of asking (default: the training one)")
     e.add_argument("--device", default="auto")
     e.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     e.add_argument("--no-hd95", action="store_true", help="skip HD95 (the slowest metric)")
@@ -161,22 +195,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         return TrainConfig.from_dict(values, source=args.config or "options")
     except (TypeError, ValueError) as exc:
         raise CliError(str(exc)) from None
-
-
-def ci95(values: List[float]) -> Dict[str, float]:
-    """Mean, standard deviation and the half-width of the t-based 95% confidence interval."""
-    vals = [v for v in values if v is not None and not math.isnan(v)]
-    n = len(vals)
-    if n == 0:
-        return {"mean": None, "std": None, "ci95": None, "n": 0}
-    mean = sum(vals) / n
-    if n == 1:
-        return {"mean": mean, "std": 0.0, "ci95": None, "n": 1}
-    from scipy import stats
-
-    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
-    return {"mean": mean, "std": std, "ci95": float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n),
-            "n": n}
 
 
 SUMMARY_KEYS = ("system_dice", "model_dice", "deferral_rate", "system_hd95",
@@ -214,12 +232,15 @@ def run_train(cfg: TrainConfig) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     from .train.loop import evaluate
 
-    overrides = {"data": args.data, "layout": args.layout}
+    overrides = {"data": args.data, "layout": args.layout, "route_mode": args.route_mode,
+                 "expert_cost": args.expert_cost}
     m = evaluate(args.checkpoint, out=args.out, split=args.split, threshold=args.threshold,
                  budget=args.budget, overrides=overrides, figures=not args.no_figures,
                  device=args.device, with_hd95=not args.no_hd95)
-    print(f"system Dice {m['system_dice']}, model Dice {m['model_dice']}, "
-          f"deferral rate {m['deferral_rate']:.4f}; wrote {Path(args.out) / 'metrics.json'}")
+    budget = "its own rate (router)" if m.get("budget") is None else f"budget {m['budget']:g}"
+    print(f"system Dice {m['system_dice']} at deferral rate {m['deferral_rate']:.4f} ({budget}, "
+          f"mode {m.get('route_mode')}), model Dice {m['model_dice']}; "
+          f"wrote {Path(args.out) / 'metrics.json'}")
     return 0
 
 

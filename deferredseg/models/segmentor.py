@@ -40,27 +40,55 @@ class GateHead(nn.Module):
 class RoutingHeads(nn.Module):
     """Routing and gate heads with conv layers of their own.
 
-    Reads the backbone's features concatenated with the segmentation logits (the
-    head sees how sure the segmentation is), through two conv 3x3 + ReLU layers of
+    Reads the backbone's features concatenated with the K segmentation logits
+    (its last K channels), through two conv 3x3 + ReLU layers of
     ``hidden_channels``, and a conv 1x1 to E + 1 routing logits and one gate logit.
-    With ``detach=True`` (two-stage training) no gradient reaches the backbone or
-    the segmentation head through these heads.
+
+    With ``uncertainty_prior=True`` (the default) the heads start from what the
+    segmentation head already knows: the gate logit is ``s_g * logit(u)`` and the
+    model's routing logit ``s_m * logit(1 - u)`` plus what the layers add, with u
+    the segmentation's uncertainty (1 - max class probability), ``s_g``, ``s_m``
+    learnable scales starting at 1 and the last layer starting at zero. Before any
+    training the gate ranks pixels exactly as confidence deferral does; training
+    moves it from there. With ``detach=True`` (two-stage training) no gradient
+    reaches the backbone or the segmentation head through these heads.
     """
 
     def __init__(self, in_channels: int, hidden_channels: int, num_experts: int, spatial_dims: int = 2,
-                 detach: bool = True):
+                 detach: bool = True, num_classes: int = 1, uncertainty_prior: bool = True):
         super().__init__()
         conv = conv_nd(spatial_dims)
         self.detach = bool(detach)
+        self.num_classes = int(num_classes)
+        self.num_experts = int(num_experts)
+        self.uncertainty_prior = bool(uncertainty_prior)
         self.body = nn.Sequential(
             conv(in_channels, hidden_channels, kernel_size=3, padding=1), nn.ReLU(inplace=True),
             conv(hidden_channels, hidden_channels, kernel_size=3, padding=1), nn.ReLU(inplace=True),
             conv(hidden_channels, num_experts + 2, kernel_size=1))
+        if self.uncertainty_prior:
+            nn.init.zeros_(self.body[-1].weight)
+            nn.init.zeros_(self.body[-1].bias)
+            self.prior_scale = nn.Parameter(torch.ones(2))  # gate, model's routing logit
 
     def forward(self, head_input: torch.Tensor) -> torch.Tensor:
         if self.detach:
             head_input = head_input.detach()
-        return self.body(head_input)
+        out = self.body(head_input)
+        if not self.uncertainty_prior:
+            return out
+        z = head_input[:, -self.num_classes:].float()
+        if self.num_classes == 1:
+            unsure = -z[:, 0].abs()  # logit(u) for a sigmoid: u = sigmoid(-|z|)
+        else:
+            logp = torch.log_softmax(z, dim=1)
+            top = logp.amax(dim=1)  # log max p
+            unsure = torch.log(-torch.expm1(top).clamp_max(-1e-12)) - top  # log(1 - p) - log p
+        E = self.num_experts
+        prior = torch.zeros_like(out)
+        prior[:, E] = -unsure * self.prior_scale[1]
+        prior[:, E + 1] = unsure * self.prior_scale[0]
+        return out + prior.to(out.dtype)
 
 
 def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
@@ -159,7 +187,8 @@ class DeferredSegmentor(nn.Module):
         else:
             h = _positive_int("head_channels", head_channels) if head_channels is not None else F_
             self.routing_heads = RoutingHeads(F_ + self.num_classes, h, self.num_experts,
-                                              self.spatial_dims, detach=detach_heads)
+                                              self.spatial_dims, detach=detach_heads,
+                                              num_classes=self.num_classes)
         if self.freeze_backbone:
             for p in self.backbone.parameters():
                 p.requires_grad_(False)

@@ -443,6 +443,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, out_dir: Opti
                 "expert_names": list(train_ds.info.expert_names), **extra})
 
     stopped_early = False
+    best_rate = None
     history: List[Dict[str, Any]] = []
     for epoch in range(start_epoch, cfg.epochs):
         loader = _batches(train_ds, cfg, epoch, info, skip)
@@ -501,6 +502,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, out_dir: Opti
             improved = score > best
             if improved:
                 best, stale = score, 0
+                best_rate = metrics.get("deferral_rate")
             else:
                 stale += 1
             log.write(event="epoch", epoch=epoch, step=global_step,
@@ -518,7 +520,8 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, out_dir: Opti
             log.write(event="early_stop", epoch=epoch, best_val_system_dice=best)
             break
     info.barrier()
-    return {"stopped": False, "best_val_system_dice": best, "global_step": global_step,
+    return {"stopped": False, "best_val_system_dice": best, "best_val_deferral_rate": best_rate,
+            "selection": cfg.selection, "budget": cfg.budget, "global_step": global_step,
             "early_stopped": stopped_early, "out": str(out_dir) if out_dir else None}
 
 
@@ -625,7 +628,8 @@ def load_trained(checkpoint_path, device: torch.device, overrides: Optional[Dict
 def evaluate(checkpoint_path, out: Optional[str] = None, split: str = "test",
              threshold: Optional[float] = None, budget: Optional[float] = None,
              overrides: Optional[Dict[str, Any]] = None, figures: bool = True,
-             device: str = "auto", with_hd95: bool = True, matched: bool = False) -> Dict[str, Any]:
+             device: str = "auto", with_hd95: bool = True, matched: bool = False,
+             sweep: bool = True) -> Dict[str, Any]:
     """Evaluate a checkpoint on ``split``; write metrics.json (and figures) to ``out``.
 
     ``budget``: instead of a fixed ``threshold``, the one at which the model defers
@@ -640,6 +644,10 @@ def evaluate(checkpoint_path, out: Optional[str] = None, split: str = "test",
     ds = build_data(cfg, split)
     E = ck["num_experts"]
     best_expert = ck.get("best_expert", 0)
+    if cfg.method in ("model-only", "confidence"):
+        # the base segmentor does not depend on the experts: evaluate it with these
+        E = ds.info.num_experts
+        best_expert = best_single_expert(build_data(cfg, "val"), E)
     if ds.info.num_experts != E:
         raise ValueError(f"the checkpoint was trained with {E} experts, the {split} data has "
                          f"{ds.info.num_experts}")
@@ -653,7 +661,8 @@ def evaluate(checkpoint_path, out: Optional[str] = None, split: str = "test",
         threshold = threshold_for_budget(model, build_data(cfg, "val"), cfg, E, best_expert, dev,
                                          budget)
     metrics, examples = evaluate_model(model, ds, cfg, E, best_expert, dev, threshold=threshold,
-                                       with_hd95=with_hd95, keep_examples=4 if figures else 0)
+                                       with_hd95=with_hd95, keep_examples=4 if figures else 0,
+                                       thresholds=None if sweep else (threshold,))
     if matched and budget is not None:
         t_test = threshold_for_budget(model, ds, cfg, E, best_expert, dev, budget)
         m2, _ = evaluate_model(model, ds, cfg, E, best_expert, dev, threshold=t_test,

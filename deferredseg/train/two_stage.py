@@ -116,6 +116,23 @@ def fit_heads(model: nn.Module, train_cache: Dict[str, torch.Tensor], val_cache:
     best_score, best_state, best_metrics = -math.inf, None, {}
     history: List[Dict[str, Any]] = []
     step = 0
+
+    def consider(epoch: int) -> None:
+        nonlocal best_score, best_state, best_metrics
+        logits = packed_from_cache(model, val_cache, cfg, device, num_experts, best_expert)
+        m = budget_metrics(logits, val_cache["target"], val_cache["experts"], cfg, num_experts, cfg.budget)
+        score = (m["system_dice"] or 0.0) if cfg.selection == "budget-dice" else \
+            rc_area(logits, val_cache["target"], val_cache["experts"], cfg, num_experts)
+        m["selection_score"] = score
+        history.append({"epoch": epoch, **m})
+        if log is not None:
+            log.write(event="epoch", stage=2, epoch=epoch, selection=cfg.selection, budget=cfg.budget,
+                      **{f"val_{k}": v for k, v in m.items()})
+        if score > best_score:
+            best_score, best_metrics = score, dict(m, epoch=epoch)
+            best_state = copy.deepcopy([p.detach().clone() for p in params])
+
+    consider(-1)  # the heads as initialised (with the uncertainty prior: confidence deferral)
     for epoch in range(cfg.head_epochs):
         model.train()
         perm = torch.randperm(n, generator=gen)
@@ -134,18 +151,7 @@ def fit_heads(model: nn.Module, train_cache: Dict[str, torch.Tensor], val_cache:
             if log is not None:
                 log.write(event="step", stage=2, epoch=epoch, step=step, loss=float(loss.detach()),
                           **{k: float(v) for k, v in terms.items() if k != "pbar"})
-        logits = packed_from_cache(model, val_cache, cfg, device, num_experts, best_expert)
-        m = budget_metrics(logits, val_cache["target"], val_cache["experts"], cfg, num_experts, cfg.budget)
-        score = (m["system_dice"] or 0.0) if cfg.selection == "budget-dice" else \
-            rc_area(logits, val_cache["target"], val_cache["experts"], cfg, num_experts)
-        m["selection_score"] = score
-        history.append({"epoch": epoch, **m})
-        if log is not None:
-            log.write(event="epoch", stage=2, epoch=epoch, selection=cfg.selection, budget=cfg.budget,
-                      **{f"val_{k}": v for k, v in m.items()})
-        if score > best_score:
-            best_score, best_metrics = score, dict(m, epoch=epoch)
-            best_state = copy.deepcopy([p.detach().clone() for p in params])
+        consider(epoch)
     if best_state is not None:
         with torch.no_grad():
             for p, v in zip(params, best_state):
