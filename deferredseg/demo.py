@@ -23,10 +23,10 @@ def demo_config(out: str, epochs: Optional[int], device: str, seed: int, quick: 
     if quick:
         return TrainConfig(out=str(Path(out) / "train"), epochs=epochs or 1, num_images=12,
                            image_size=32, features=8, batch_size=4, device=device, seed=seed,
-                           progress=False)
+                           progress=False, overwrite=True)
     return TrainConfig(out=str(Path(out) / "train"), epochs=epochs or 12, num_images=48,
                        image_size=64, features=16, batch_size=4, lr=3e-3, device=device,
-                       seed=seed)
+                       seed=seed, overwrite=True)
 
 
 def run_demo(out: str = "deferredseg-demo", epochs: Optional[int] = None, device: str = "cpu",
