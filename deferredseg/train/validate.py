@@ -43,7 +43,7 @@ def describe_type(hint: Any) -> str:
     if origin in (list, List):
         inner = describe_type(args[0]) if args else "values"
         plural = {"an integer": "integers", "a number": "numbers", "a string": "strings"}
-        return f"a list of {plural.get(inner, inner)}, e.g. [128, 128]"
+        return f"a list of {plural.get(inner, inner)}"
     if origin in (dict, typing.Dict):
         return "a mapping"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
