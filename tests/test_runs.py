@@ -413,3 +413,36 @@ def test_one_line_per_epoch_and_summary_tables(tmp_path, capsys):
                               "--no-hd95"], capsys)
     assert code == 0 and "| model alone |" in text and "workload per expert" in text
     assert "examples.png" in text and "metrics.json" in text
+
+
+def test_example_figure_names_cases_slices_experts_and_the_reference(tmp_path, monkeypatch):
+    from deferredseg.train import figures
+
+    seen = {}
+    real = figures._plt
+
+    def spy():
+        plt = real()
+        orig = plt.subplots
+
+        def subplots(*a, **k):
+            fig, axes = orig(*a, **k)
+            seen["fig"], seen["axes"] = fig, axes
+            return fig, axes
+        monkeypatch.setattr(plt, "subplots", subplots)
+        monkeypatch.setattr(plt, "close", lambda fig: None)
+        return plt
+
+    monkeypatch.setattr(figures, "_plt", spy)
+    S = (6, 8, 8)
+    ex = {"id": "vol_7", "image": torch.rand(1, *S), "target": torch.zeros(S, dtype=torch.long),
+          "assignment": torch.randint(-1, 2, S, dtype=torch.int8), "final": torch.zeros(S, dtype=torch.long),
+          "model_pred": torch.zeros(S, dtype=torch.long), "defer_prob": torch.rand(S)}
+    paths = figures.save_examples([ex], tmp_path / "ex.png", 1, ["alice", "bob"],
+                                  figures.reference_name("staple"))
+    assert paths[0].is_file()
+    axes = seen["axes"]
+    assert axes[0][1].get_title() == "STAPLE consensus"
+    assert axes[0][0].get_ylabel() == "vol_7\nslice 3 of 6"
+    legend = seen["fig"].legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == ["model", "alice", "bob"]

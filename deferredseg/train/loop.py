@@ -306,7 +306,7 @@ def evaluate_model(model: nn.Module, dataset, cfg: TrainConfig, num_experts: int
             out = route(logits, cfg.num_classes, num_experts, thr, "gate", experts, backend=cfg.backend)
             for b in range(x.shape[0]):
                 if len(examples) < keep_examples:
-                    examples.append({"image": x[b].cpu(), "target": target[b].cpu(),
+                    examples.append({"id": batch["id"][b], "image": x[b].cpu(), "target": target[b].cpu(),
                                      "assignment": out.assignment[b].cpu(),
                                      "final": out.final[b].cpu(),
                                      "model_pred": out.model_pred[b].cpu(),
@@ -558,7 +558,8 @@ def evaluate(checkpoint_path, out: Optional[str] = None, split: str = "test",
         if figures:
             from . import figures as figs
 
-            paths = figs.save_examples(examples, out_dir / "examples.png", cfg.num_classes)
+            paths = figs.save_examples(examples, out_dir / "examples.png", cfg.num_classes,
+                                       list(ds.info.expert_names), figs.reference_name(ds.info.target))
             paths += figs.plot_risk_coverage({cfg.method: metrics["risk_coverage"]},
                                              out_dir / "risk_coverage.png",
                                              {cfg.method: (metrics["deferral_rate"],
