@@ -50,9 +50,8 @@ FREE_ON_RESUME = frozenset({
 #: Settings a resumed run can never change: the weights or the meaning of the
 #: routing channels would no longer fit the checkpoint.
 FIXED_ON_RESUME = frozenset({
-    "layout", "data", "experts", "expert_profile", "num_classes", "spatial_dims", "image_size",
-    "num_images", "spatial_size", "backbone", "features", "method", "target", "label_map",
-    "split_file", "seed",
+    "layout", "experts", "expert_profile", "resample_experts", "num_classes", "spatial_dims",
+    "image_size", "spatial_size", "backbone", "features", "method", "seed",
 })
 
 
@@ -186,12 +185,28 @@ class RunDir:
             signal.signal(s, h)
         self._old_handlers.clear()
 
+    def _any_rank_interrupted(self) -> bool:
+        """Whether this process, or under torchrun any rank, got a signal (all ranks agree,
+        so that they stop after the same step)."""
+        flag = self.interrupted is not None
+        import torch
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dev = (torch.device("cuda", torch.cuda.current_device())
+                   if dist.get_backend() == "nccl" else torch.device("cpu"))
+            t = torch.tensor([1.0 if flag else 0.0], device=dev)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            return bool(t.item())
+        return flag
+
     def check_interrupt(self, save, epoch: int, step: int) -> None:
-        """Called by the loop at a step boundary: ``save()`` then raise if a signal came."""
-        if self.interrupted is None:
+        """Called by the loop at a step boundary (on every rank): ``save()`` then raise
+        :class:`Interrupted` if a signal came."""
+        if not self._any_rank_interrupted():
             return
         save()
-        raise Interrupted(self.interrupted, epoch, step, self.path)
+        raise Interrupted(self.interrupted or signal.SIGTERM, epoch, step, self.path)
 
     # -- lock
     def _take_lock(self) -> None:
@@ -270,8 +285,7 @@ def open_run(cfg, is_main: bool = True) -> RunDir:
             if is_main:
                 aside = _move_aside(out)
                 run.notes.append(f"moved the previous run in {out} to {aside}")
-        if is_main:
-            run.install_signals()
+        run.install_signals()  # every rank: they stop together after the same step
     except BaseException:
         run.close()
         raise
