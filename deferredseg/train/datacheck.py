@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -25,7 +26,8 @@ FILE_LAYOUTS = ("multirater", "medsam-npy")
 
 
 def _note(text: str) -> None:
-    print(f"note: {text}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # once under torchrun
+        print(f"note: {text}", file=sys.stderr)
 
 
 def _ids(cfg, scan) -> List[str]:
