@@ -139,6 +139,20 @@ def test_unwritable_out_is_found_before_training(tmp_path, capsys):
         assert code == 2 and "not writable" in err
 
 
+def test_a_full_disk_is_found_before_training(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from deferredseg.train import rundir
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rundir.os, "fsync", full)
+    code, out, err = run_main(["train", "--out", tmp_path / "r", "--epochs", "1", *TINY], capsys)
+    assert code == 2 and "not writable: the disk is full" in err and "epoch 1/1" not in out
+    assert list((tmp_path / "r").iterdir()) == []  # no probe, no lock left behind
+
+
 STEPS = ["--epochs", "4", "--max-steps", "10", "--seed", "3", "--batch-size", "2",
          "--num-images", "12", "--image-size", "24", "--features", "4", "--progress", "false",
          "--backend", "reference"]
