@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import typing
 from pathlib import Path
@@ -207,6 +208,8 @@ def run_train(cfg: TrainConfig) -> int:
     from .train.loop import evaluate, train
     from .train.rundir import default_run_dir
 
+    if not cfg.out and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CliError("under torchrun give --out: every rank must write to the same folder")
     if not cfg.out:  # never train into the void: a new folder, said where
         cfg = dataclasses.replace(cfg, out=str(default_run_dir()))
         print(f"no --out given: writing the run to {cfg.out}", file=sys.stderr)
