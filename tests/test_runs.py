@@ -96,18 +96,24 @@ def test_reused_out_is_refused_and_overwrite_moves_the_old_run_aside(tmp_path, c
 
 def test_a_second_training_into_a_locked_out_fails_naming_the_first(tmp_path, capsys):
     out = tmp_path / "r"
-    out.mkdir()
-    first = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    first = subprocess.Popen([sys.executable, "-m", "deferredseg", "train", "--out", str(out),
+                              "--epochs", "50", *TINY], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
     try:
-        (out / ".lock").write_text(json.dumps({"pid": first.pid, "host": socket.gethostname(),
-                                               "started": "earlier"}))
+        deadline = time.time() + 300
+        while not (out / "log.jsonl").exists() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.05)
+        lock = json.loads((out / ".lock").read_text())
+        assert lock["pid"] == first.pid and lock["host"] == socket.gethostname()
         code, _, err = run_main(["train", "--out", out, "--epochs", "1", *TINY], capsys)
         assert code == 2 and "in use by another training" in err and f"process {first.pid}" in err
+        code, _, err = run_main(["train", "--out", out, "--overwrite", "--epochs", "1", *TINY], capsys)
+        assert code == 2 and f"process {first.pid}" in err  # --overwrite does not break a lock
     finally:
-        first.kill()
+        first.kill()  # SIGKILL: no chance to remove its lock
         first.wait()
-    # the owner is gone: a stale lock, taken over with a note
-    code, _, err = run_main(["train", "--out", out, "--epochs", "1", *TINY], capsys)
+    assert (out / ".lock").exists()
+    code, _, err = run_main(["train", "--out", out, "--overwrite", "--epochs", "1", *TINY], capsys)
     assert code == 0 and "stale lock" in err and f"process {first.pid}" in err
     assert not (out / ".lock").exists()
 
