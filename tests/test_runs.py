@@ -232,6 +232,17 @@ def test_resume_with_changed_settings_is_refused_with_the_differences(tmp_path, 
     assert load_checkpoint(out / "last.pt")["config"]["lr"] == 0.01
 
 
+def test_resume_refuses_rater_folders_that_changed_under_the_same_path(tmp_path, capsys):
+    data = make_set(tmp_path / "d", raters=("a", "b"))
+    out = tmp_path / "r"
+    args = ["train", "--layout", "multirater", "--data", data, "--out", out, *FILES[:-2],
+            "--epochs", "2", "--max-steps", "1"]
+    assert run_main(args, capsys)[0] == 0
+    (data / "raters" / "b").rename(data / "raters" / "c")
+    code, _, err = run_main(args + ["--resume"], capsys)
+    assert code == 2 and "['a', 'b']" in err and "['a', 'c']" in err and "cannot change" in err
+
+
 def test_checkpoints_are_group_readable(tmp_path):
     from deferredseg.train.checkpoint import save_checkpoint
 

@@ -392,6 +392,10 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, out_dir: Opti
         if last_path is None or not last_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {last_path}")
         ck = load_checkpoint(last_path, map_location=device)
+        if list(ck.get("expert_names") or train_ds.info.expert_names) != list(train_ds.info.expert_names):
+            raise ValueError(f"--resume: {last_path} was trained with experts {ck['expert_names']}, "
+                             f"the data now give {list(train_ds.info.expert_names)}; experts cannot "
+                             f"change in a resumed run")
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
