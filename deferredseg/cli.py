@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import typing
 from pathlib import Path
@@ -25,20 +26,22 @@ from .stats import ci95  # noqa: F401  (re-exported: deferredseg.cli.ci95)
 from .train.config import (BALANCES, GATE_TARGETS, HEADS, LAYOUTS, METHODS, PROFILES, ROUTE_MODES,
                            SCHEDULES, SELECTIONS, SURROGATES, TRAININGS, TrainConfig,
                            load_config_file)
+from .train.validate import describe_type
 
 HELP = {
     "layout": "data layout: synthetic (generated, no files), medsam-npy (imgs/, gts/), "
               "multirater (images/, raters/<rater>/, optional labels/)",
     "data": "dataset folder (not needed for synthetic)",
-    "target": "training target: label, majority (multirater default), staple, or a rater name",
+    "target": "training target: label, majority (multirater default), staple, or a rater "
+              "name or index",
     "experts": "number of experts E: the first N raters or simulated experts",
     "expert_profile": "simulated experts: same-accuracy (3), complementary (5), structured (5)",
     "resample_experts": "draw simulated expert labels anew at every access",
     "num_classes": "segmentation channels K (1: binary with a sigmoid)",
-    "spatial_dims": "2 or 3 (synthetic data)",
+    "spatial_dims": "2 or 3 (synthetic data; file data take it from the files)",
     "image_size": "side of the synthetic images",
     "num_images": "number of synthetic images before the train/val/test split",
-    "spatial_size": "resize file data to this size, e.g. 128,128",
+    "spatial_size": "resize file data to this size, e.g. 128,128 (needed when cases differ in size)",
     "split_file": "JSON file {\"train\": [ids], \"val\": [...], \"test\": [...]}",
     "backbone": "any monai.networks.nets name, e.g. UNet, BasicUNet, AttentionUnet, SwinUNETR",
     "features": "feature channels of the backbone",
@@ -58,7 +61,8 @@ HELP = {
     "device": "auto, cpu, cuda", "seed": "random seed",
     "seeds": "several seeds, e.g. 1,2,3: one run each, then mean, std and 95%% CI",
     "workers": "data-loader worker processes", "progress": "show a progress bar",
-    "out": "output folder (checkpoints, log.jsonl)",
+    "out": "output folder (checkpoints, log.jsonl); default: a new runs/<date>-<time>. A folder "
+           "that already holds a run needs --resume or --overwrite",
     "resume": "continue the run in --out from its last.pt",
     "max_steps": "stop after this many optimiser steps (0: no limit)",
     "training": "two-stage (base segmentor, then routing heads on its frozen features) or joint",
@@ -84,6 +88,12 @@ HELP = {
                   "uncertainty (confidence deferral, heads choose the expert)",
     "expert_cost": "per-expert cost of asking, e.g. 0,0.1,0.2 (a deferred pixel goes to "
                    "argmax q_j - cost_j)",
+    "label_map": "how mask files encode labels: binary (non-zero is 1) or raw:label pairs, "
+                 "e.g. 0:0,128:1 (default: 0/255 masks read as 0/1, other values as labels)",
+    "overwrite": "start again in an --out that holds a run; the old run is moved aside to "
+                 "OUT.old-<date>-<time>, never deleted",
+    "resume_with_changes": "let --resume continue with settings that differ from the "
+                           "checkpoint's (model, experts and data shape can never change)",
 }
 
 
@@ -135,6 +145,7 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
                 kw.update(choices=choices[f.name])
         if f.default is not None and f.default is not False and "help" in kw:
             kw["help"] += f" (default: {f.default})"
+        kw["help"] += f" [{f.name}: {describe_type(hint)}]"  # the config-file key and its type
         p.add_argument(flag, **kw)
     p.add_argument("--config", help="YAML or JSON file of options (command-line options win)")
 
@@ -191,6 +202,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         values.update(load_config_file(args.config))
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     values.update(given)
+    if values.get("data"):  # stored absolute: evaluate and --resume work from any folder
+        values["data"] = str(Path(values["data"]).expanduser().resolve())
     try:
         return TrainConfig.from_dict(values, source=args.config or "options")
     except (TypeError, ValueError) as exc:
@@ -203,10 +216,18 @@ SUMMARY_KEYS = ("system_dice", "model_dice", "deferral_rate", "system_hd95",
 
 def run_train(cfg: TrainConfig) -> int:
     from .train.loop import evaluate, train
+    from .train.rundir import default_run_dir
 
+    if not cfg.out and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CliError("under torchrun give --out: every rank must write to the same folder")
+    if not cfg.out:  # never train into the void: a new folder, said where
+        cfg = dataclasses.replace(cfg, out=str(default_run_dir()))
+        print(f"no --out given: writing the run to {cfg.out}", file=sys.stderr)
     if not cfg.seeds:
         result = train(cfg)
-        print(json.dumps(result))
+        from .train.report import train_summary
+
+        print("\n".join(train_summary(result, cfg.out)))
         return 0
     if not cfg.out:
         raise CliError("--seeds needs --out: each seed writes to OUT/seed_<n>")
@@ -231,20 +252,31 @@ def run_train(cfg: TrainConfig) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from .train.loop import evaluate
+    from .train.rundir import check_output_folder
 
+    check_output_folder(args.out)  # a bad --out is found before anything is computed
+    if args.data:
+        args.data = str(Path(args.data).expanduser().resolve())
     overrides = {"data": args.data, "layout": args.layout, "route_mode": args.route_mode,
                  "expert_cost": args.expert_cost}
     m = evaluate(args.checkpoint, out=args.out, split=args.split, threshold=args.threshold,
                  budget=args.budget, overrides=overrides, figures=not args.no_figures,
                  device=args.device, with_hd95=not args.no_hd95)
-    budget = "its own rate (router)" if m.get("budget") is None else f"budget {m['budget']:g}"
-    print(f"system Dice {m['system_dice']} at deferral rate {m['deferral_rate']:.4f} ({budget}, "
-          f"mode {m.get('route_mode')}), model Dice {m['model_dice']}; "
-          f"wrote {Path(args.out) / 'metrics.json'}")
+    from .train.report import metrics_table
+
+    budget = "its own rate (router)" if m.get("budget") is None else f"a {m['budget']:.0%} budget"
+    print(f"{m['split']} split ({m.get('images')} images), deferral by {m.get('route_mode')} at "
+          f"{budget}, threshold {m['threshold']:.3f} chosen on the validation split:")
+    print("\n".join(metrics_table(m)))
+    if m.get("figures"):
+        print("figures: " + ", ".join(m["figures"]))
+    print(f"metrics: {Path(args.out) / 'metrics.json'}")
     return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from .train.rundir import Interrupted
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -258,6 +290,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                         quick=args.quick)
     except CliError as exc:
         parser.error(str(exc))  # exits with status 2
+    except Interrupted as exc:  # SIGINT / SIGTERM: last.pt written, one line, 130 / 143
+        print(f"deferredseg {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside training
+        print(f"deferredseg {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (FileNotFoundError, ValueError) as exc:
         print(f"deferredseg {args.command}: error: {exc}", file=sys.stderr)
         return 2

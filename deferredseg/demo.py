@@ -26,7 +26,8 @@ BUDGET = 0.10
 def demo_config(out: str, epochs: Optional[int], device: str, seed: int, quick: bool) -> TrainConfig:
     data = Path(out) / "data"
     common = dict(layout="multirater", data=str(data), target="label", split_file=str(data / "split.json"),
-                  out=str(Path(out) / "train"), device=device, seed=seed, budget=BUDGET)
+                  out=str(Path(out) / "train"), device=device, seed=seed, budget=BUDGET,
+                  overwrite=True)  # a repeated demo moves the old run aside
     if quick:
         return TrainConfig(epochs=epochs or 1, head_epochs=2, features=8, head_channels=8, batch_size=8,
                            progress=False, **common)

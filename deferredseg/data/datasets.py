@@ -209,6 +209,8 @@ class DeferredSegCacheDataset(_ClearErrors, CacheDataset):
 def _check_target(target, layout: str, rater_names: Sequence[str], has_label: bool):
     if target == "labels":
         target = "label"
+    if isinstance(target, str) and target not in rater_names and target.lstrip("-").isdigit():
+        target = int(target)  # "--target 1": a rater index (a rater named "1" wins)
     if isinstance(target, bool) or not isinstance(target, (str, int)):
         raise TypeError(f"target must be a string or a rater index, got {target!r}")
     if isinstance(target, str) and target not in CONSENSUS_METHODS and target != "label" \

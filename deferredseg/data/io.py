@@ -141,7 +141,7 @@ def convert_labels(arr: np.ndarray, num_labels: int, label_map: LabelMap = None,
     if bad.size:
         raise ValueError(f"{source}: label values {bad[:10].tolist()} out of range; expected integers in "
                          f"[0, {num_labels}) (or ignore_index={ignore_index}), binary masks saved as 0/255, "
-                         "or a label_map for other encodings")
+                         "or a label_map for other encodings (--label-map / the label_map key, e.g. 0:0,128:1)")
     return out
 
 

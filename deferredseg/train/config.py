@@ -8,10 +8,9 @@ file, the file over the defaults.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from deferredseg_kernels import LossOptions as _Loss
 
@@ -33,7 +32,7 @@ class TrainConfig:
     # data
     layout: str = "synthetic"
     data: Optional[str] = None
-    target: Optional[str] = None  # label / majority / staple / a rater name
+    target: Optional[Union[str, int]] = None  # label / majority / staple / a rater name or index
     experts: Optional[int] = None  # use the first N experts of the profile (or raters)
     expert_profile: Optional[str] = None  # simulated experts (synthetic, medsam-npy)
     resample_experts: bool = False
@@ -43,6 +42,7 @@ class TrainConfig:
     num_images: int = 48
     spatial_size: Optional[List[int]] = None  # resize file data to this size
     split_file: Optional[str] = None
+    label_map: Optional[str] = None  # mask values to labels: "binary" or "0:0,128:1"
     # model
     backbone: str = "UNet"
     features: int = 16
@@ -103,6 +103,8 @@ class TrainConfig:
     out: Optional[str] = None
     resume: bool = False
     max_steps: int = 0  # stop after this many optimiser steps in total (0: no limit)
+    overwrite: bool = False  # move a previous run in out aside (out.old-<date>-<time>)
+    resume_with_changes: bool = False  # resume although settings differ from the checkpoint's
 
     @property
     def head_kind(self) -> str:
@@ -125,6 +127,9 @@ class TrainConfig:
         unknown = sorted(set(values) - names)
         if unknown:
             raise ValueError(f"{source}: unknown option(s) {unknown}; known: {sorted(names)}")
+        from .validate import validate_types
+
+        validate_types(cls, values, source)  # types from the field hints (pydantic, strict)
         cfg = cls(**values)
         cfg.validate()
         return cfg
@@ -176,12 +181,9 @@ def load_config_file(path: str) -> Dict[str, Any]:
     if not p.is_file():
         raise FileNotFoundError(f"config file {str(p)!r} does not exist")
     text = p.read_text()
-    if p.suffix.lower() == ".json":
-        values = json.loads(text)
-    else:
-        import yaml
+    from .validate import parse_config_text
 
-        values = yaml.safe_load(text)
+    values = parse_config_text(text, p)  # syntax errors as file:line:column
     if not isinstance(values, dict):
         raise ValueError(f"config file {str(p)!r} must hold a mapping of option: value, "
                          f"got {type(values).__name__}")

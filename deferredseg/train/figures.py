@@ -27,16 +27,42 @@ def _middle_slice(t: torch.Tensor) -> np.ndarray:
     return a
 
 
-def save_examples(examples: Sequence[Dict[str, torch.Tensor]], path, num_classes: int) -> List[Path]:
-    """One row per image: image, ground truth, deferral mask, final, model-only, expert regions."""
+#: Who labels a pixel, in the same colours in every figure: the model, then each expert.
+MODEL_COLOUR = "#d9d9d9"
+EXPERT_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+                  "#7f7f7f", "#bcbd22", "#17becf")
+
+
+def reference_name(target) -> str:
+    """What the reference column shows, in words."""
+    if target is None or target in ("label", "labels"):
+        return "reference label"
+    return {"majority": "majority vote", "staple": "STAPLE consensus"}.get(
+        target, f"rater {target}")
+
+
+def save_examples(examples: Sequence[Dict[str, torch.Tensor]], path, num_classes: int,
+                  expert_names: Optional[Sequence[str]] = None,
+                  reference: str = "ground truth") -> List[Path]:
+    """One row per image (named by its case, and for 3D the slice shown): image, reference,
+    deferral mask, final, model-only, expert regions (with a legend: the model and each
+    expert by name, the same colours everywhere)."""
     if not examples:
         return []
     plt = _plt()
-    cols = ["image", "ground truth", "deferral mask", "final prediction", "model only",
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    cols = ["image", reference, "deferral mask", "final prediction", "model only",
             "expert regions"]
-    fig, axes = plt.subplots(len(examples), len(cols), figsize=(2.2 * len(cols), 2.2 * len(examples)),
+    fig, axes = plt.subplots(len(examples), len(cols), figsize=(2.2 * len(cols), 2.2 * len(examples) + 0.6),
                              squeeze=False)
     vmax = max(num_classes, 1)
+    n_exp = len(expert_names) if expert_names else max(int(ex["assignment"].max()) + 1 for ex in examples)
+    n_exp = max(n_exp, 1)
+    names = list(expert_names) if expert_names else [f"expert {j}" for j in range(n_exp)]
+    colours = [MODEL_COLOUR] + [EXPERT_COLOURS[j % len(EXPERT_COLOURS)] for j in range(n_exp)]
+    regions = ListedColormap(colours)
     for row, ex in zip(axes, examples):
         img = ex["image"][0] if ex["image"].dim() > ex["target"].dim() else ex["image"]
         target = ex["target"].clone()
@@ -44,16 +70,27 @@ def save_examples(examples: Sequence[Dict[str, torch.Tensor]], path, num_classes
         assign = ex["assignment"]
         panels = [(_middle_slice(img), "gray", None), (_middle_slice(target), "viridis", vmax),
                   (_middle_slice(assign >= 0), "gray", 1), (_middle_slice(ex["final"]), "viridis", vmax),
-                  (_middle_slice(ex["model_pred"]), "viridis", vmax),
-                  (_middle_slice(assign.float()), "tab10", None)]
+                  (_middle_slice(ex["model_pred"]), "viridis", vmax)]
         for ax, (arr, cmap, top) in zip(row, panels):
             ax.imshow(arr, cmap=cmap, vmin=0 if top is not None else None, vmax=top,
                       interpolation="nearest")
+        row[-1].imshow(_middle_slice(assign.float() + 1), cmap=regions, vmin=-0.5, vmax=n_exp + 0.5,
+                       interpolation="nearest")
+        for ax in row:
             ax.set_xticks([])
             ax.set_yticks([])
+        label = str(ex.get("id", ""))
+        if ex["target"].dim() == 3:
+            depth = ex["target"].shape[0]
+            label += f"\nslice {depth // 2} of {depth}"
+        row[0].set_ylabel(label, fontsize=8)
     for ax, title in zip(axes[0], cols):
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
+    handles = [Patch(color=colours[0], label="model")] + [
+        Patch(color=colours[j + 1], label=names[j]) for j in range(n_exp)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8,
+               title="expert regions: who labels each pixel", title_fontsize=8)
+    fig.tight_layout(rect=(0, 0.6 / (2.2 * len(examples) + 0.6) + 0.04, 1, 1))
     path = Path(path)
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -24,6 +24,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
@@ -38,6 +39,9 @@ from ..metrics import DeferralEvaluator
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .routing import uncertainty
+from .datacheck import check_evaluation_data, check_training_data, checkpoint_record, match_experts
+from .report import EpochMeter
+from .rundir import RunDir, open_run
 
 BIG = 1e4  # a logit that rules an option out
 
@@ -94,17 +98,23 @@ def _expert_spec(cfg: TrainConfig, num_labels: int, seed: int):
     return panel
 
 
-def build_data(cfg: TrainConfig, split: str):
-    """The dataset of ``split`` ("train", "val", "test") described by ``cfg``."""
+def build_data(cfg: TrainConfig, split: str, raters: Optional[List[str]] = None):
+    """The dataset of ``split`` ("train", "val", "test") described by ``cfg``
+    (``raters``: the multirater experts by name, in this order)."""
     from ..data import build_dataset, scan_multirater
+    from ..data.scan import parse_label_map
 
     num_labels = max(cfg.num_classes, 2)
     kw: Dict[str, Any] = dict(num_classes=cfg.num_classes, seed=cfg.seed, split_file=cfg.split_file,
                               spatial_size=cfg.spatial_size)
     if cfg.target is not None:
         kw["target"] = cfg.target
+    if cfg.label_map is not None:
+        kw["label_map"] = parse_label_map(cfg.label_map)
     if cfg.layout == "multirater":
-        if cfg.experts is not None:
+        if raters is not None:
+            kw["raters"] = list(raters)
+        elif cfg.experts is not None:
             names = scan_multirater(cfg.data)[1]
             if cfg.experts > len(names):
                 raise ValueError(f"experts={cfg.experts} but {cfg.data} has {len(names)} raters")
@@ -326,7 +336,7 @@ def evaluate_model(model: nn.Module, dataset, cfg: TrainConfig, num_experts: int
                                cfg.route_scores, cfg.expert_cost, backend=cfg.backend)
             for b in range(x.shape[0]):
                 if len(examples) < keep_examples:
-                    examples.append({"image": x[b].cpu(), "target": target[b].cpu(),
+                    examples.append({"id": batch["id"][b], "image": x[b].cpu(), "target": target[b].cpu(),
                                      "assignment": out.assignment[b].cpu(),
                                      "final": out.final[b].cpu(),
                                      "model_pred": out.model_pred[b].cpu(),
@@ -380,24 +390,29 @@ def threshold_for_budget(model: nn.Module, dataset, cfg: TrainConfig, num_expert
 def train(cfg: TrainConfig) -> Dict[str, Any]:
     """Train one model as ``cfg`` says; returns the best validation metrics and paths."""
     cfg.validate()
+    cfg = check_training_data(cfg)  # every file's header, dims from the files, split sizes
     device = resolve_device(cfg.device)
     info = DistInfo(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     out_dir = Path(cfg.out) if cfg.out else None
-    if out_dir is not None and info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    log = JsonLog(out_dir / "log.jsonl" if out_dir else None, info.is_main)
+    run = None
     try:
+        run = open_run(cfg, info.is_main)  # checks, locks (and moves aside) --out; signals
+        for note in run.notes:
+            print(f"note: {note}", file=sys.stderr)
+        log = JsonLog(out_dir / "log.jsonl" if out_dir else None, info.is_main)
         if cfg.training == "two-stage" and cfg.method not in ("model-only", "confidence"):
-            return _train_two_stage(cfg, device, info, out_dir, log)
-        return _train(cfg, device, info, out_dir, log)
+            return _train_two_stage(cfg, device, info, out_dir, log, run)
+        return _train(cfg, device, info, out_dir, log, run)
     finally:
+        if run is not None:
+            run.close()
         info.close()
 
 
 def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, out_dir: Optional[Path],
-           log: JsonLog) -> Dict[str, Any]:
+           log: JsonLog, run: Optional[RunDir] = None) -> Dict[str, Any]:
     torch.manual_seed(cfg.seed)
     train_ds = build_data(cfg, "train")
     val_ds = build_data(cfg, "val")
@@ -424,6 +439,10 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, out_dir: Opti
         if last_path is None or not last_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {last_path}")
         ck = load_checkpoint(last_path, map_location=device)
+        if list(ck.get("expert_names") or train_ds.info.expert_names) != list(train_ds.info.expert_names):
+            raise ValueError(f"--resume: {last_path} was trained with experts {ck['expert_names']}, "
+                             f"the data now give {list(train_ds.info.expert_names)}; experts cannot "
+                             f"change in a resumed run")
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
@@ -440,7 +459,8 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, out_dir: Opti
                 "step_in_epoch": step_in_epoch, "global_step": global_step, "best": best,
                 "stale": stale, "rng": torch.get_rng_state(), "config": cfg.to_dict(),
                 "num_experts": E, "in_channels": in_channels, "best_expert": best_expert,
-                "expert_names": list(train_ds.info.expert_names), **extra})
+                "expert_names": list(train_ds.info.expert_names),
+                **checkpoint_record(cfg, train_ds.info.expert_names), **extra})
 
     stopped_early = False
     best_rate = None
@@ -453,6 +473,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, out_dir: Opti
         ddp_model.train()
         optimizer.zero_grad(set_to_none=True)
         pending = 0
+        meter = EpochMeter()  # the epoch's mean loss terms, for the line printed per epoch
         for i, batch in enumerate(bar):
             x = batch["image"].to(device)
             target = batch["target"].to(device)
@@ -477,11 +498,15 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, out_dir: Opti
                 step_in_epoch += 1
                 record = {k: _to_float(v) for k, v in terms.items() if k != "pbar"}
                 record.update(loss=float(loss.detach()), lr=scheduler.get_last_lr()[0])
+                meter.add(record)
                 log.write(event="step", epoch=epoch, step=global_step, **record)
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k != "lr"})
                 if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0:
                     checkpoint(last_path, epoch, step_in_epoch, {})
+                if run is not None:  # SIGINT / SIGTERM: last.pt of this very step, then stop
+                    run.check_interrupt(lambda: checkpoint(last_path, epoch, step_in_epoch, {}),
+                                        epoch, global_step)
                 if cfg.max_steps and global_step >= cfg.max_steps:
                     checkpoint(last_path, epoch, step_in_epoch, {})
                     log.write(event="stopped", reason="max_steps", step=global_step)
@@ -508,9 +533,12 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, out_dir: Opti
             log.write(event="epoch", epoch=epoch, step=global_step,
                       **{f"val_{k}": v for k, v in metrics.items() if k != "risk_coverage"})
             history.append({"epoch": epoch, **metrics})
+            print(meter.line(epoch, cfg.epochs, metrics), flush=True)  # stays on screen
             if improved and out_dir is not None:
                 checkpoint(out_dir / "best.pt", epoch + 1, 0, {"val": _scalars(metrics)})
             checkpoint(last_path, epoch + 1, 0, {})
+        if run is not None:  # a signal during validation: last.pt is this epoch's end
+            run.check_interrupt(lambda: None, epoch, global_step)
         stop = torch.tensor([1.0 if (cfg.patience and stale >= cfg.patience) else 0.0])
         if info.world > 1:
             stop = stop.to(device)
@@ -526,7 +554,8 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, out_dir: Opti
 
 
 def _train_two_stage(cfg: TrainConfig, device: torch.device, info: DistInfo,
-                     out_dir: Optional[Path], log: JsonLog) -> Dict[str, Any]:
+                     out_dir: Optional[Path], log: JsonLog, run: Optional[RunDir] = None
+                     ) -> Dict[str, Any]:
     """Stage 1 (or ``base_checkpoint``), then the routing heads on frozen features."""
     import tempfile
 
@@ -543,7 +572,7 @@ def _train_two_stage(cfg: TrainConfig, device: torch.device, info: DistInfo,
         if info.is_main:
             bdir.mkdir(parents=True, exist_ok=True)
         log.write(event="stage", stage=1, what="base segmentor", out=str(bdir))
-        res = _train(bcfg, device, info, bdir, JsonLog(bdir / "log.jsonl", info.is_main))
+        res = _train(bcfg, device, info, bdir, JsonLog(bdir / "log.jsonl", info.is_main), run)
         if res.get("stopped"):
             return res
         base_path = str(bdir / "best.pt")
@@ -603,7 +632,8 @@ def _progress(loader, cfg: TrainConfig, info: DistInfo, epoch: int):
         return loader
     from tqdm import tqdm
 
-    return tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
+    return tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
+                disable=None)  # a bar on a terminal only: logs written to files stay readable
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -641,7 +671,9 @@ def evaluate(checkpoint_path, out: Optional[str] = None, split: str = "test",
     """
     dev = resolve_device(device)
     model, cfg, ck = load_trained(checkpoint_path, dev, overrides)
+    check_evaluation_data(cfg, split)  # an empty split or a bad file, before computing
     ds = build_data(cfg, split)
+    ds = match_experts(ds, cfg, split, ck.get("expert_names"), build_data)  # by name or refused
     E = ck["num_experts"]
     best_expert = ck.get("best_expert", 0)
     if cfg.method in ("model-only", "confidence"):
@@ -671,7 +703,7 @@ def evaluate(checkpoint_path, out: Optional[str] = None, split: str = "test",
                                                          "deferral_components_per_image")})
     metrics.update(method=cfg.method, threshold=cfg.threshold if threshold is None else threshold,
                    budget=budget, split=split, checkpoint=str(checkpoint_path),
-                   expert_names=ck.get("expert_names"), route_mode=route_mode(cfg),
+                   expert_names=list(ds.info.expert_names), route_mode=route_mode(cfg),
                    selection={"by": cfg.selection, "budget": cfg.budget,
                               "val": ck.get("val")})
     if out:
@@ -682,7 +714,8 @@ def evaluate(checkpoint_path, out: Optional[str] = None, split: str = "test",
         if figures:
             from . import figures as figs
 
-            paths = figs.save_examples(examples, out_dir / "examples.png", cfg.num_classes)
+            paths = figs.save_examples(examples, out_dir / "examples.png", cfg.num_classes,
+                                       list(ds.info.expert_names), figs.reference_name(ds.info.target))
             paths += figs.plot_risk_coverage({cfg.method: metrics["risk_coverage"]},
                                              out_dir / "risk_coverage.png",
                                              {cfg.method: (metrics["deferral_rate"],

@@ -1,0 +1,479 @@
+"""Runs that never lose work, evaluation that cannot pair the model with the wrong experts,
+configuration errors that name the key, the data users have, and what a user sees.
+
+Each test runs the command line on tiny data in a temporary folder and checks the exit
+code and the key words of the message.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deferredseg.cli import main
+from deferredseg.train.checkpoint import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--num-images", "12", "--image-size", "24", "--features", "4", "--batch-size", "4",
+        "--progress", "false", "--backend", "reference"]
+FILES = ["--features", "4", "--batch-size", "4", "--progress", "false", "--backend", "reference",
+         "--epochs", "1"]
+
+
+def run_main(args, capsys):
+    """main() in this process: (exit code, stdout, stderr)."""
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def write(path: Path, arr: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.name.endswith(".png"):
+        Image.fromarray(arr.astype(np.uint8)).save(path)
+    elif path.name.endswith(".npy"):
+        np.save(path, arr)
+    else:
+        nib.save(nib.Nifti1Image(arr, np.eye(4)), str(path))
+    return path
+
+
+def make_set(root: Path, n=12, shape=(24, 24), ext=".png", raters=("r1", "r2", "r3"), fg=255,
+             labels=False, sizes=None):
+    """``n`` cases of a multirater set; rater masks 0/``fg``; ``sizes``: a shape per case."""
+    for i in range(n):
+        s = sizes[i] if sizes else shape
+        rs = np.random.RandomState(i)
+        img = rs.rand(*s) * 200
+        truth = np.zeros(s, np.uint8)
+        truth[tuple(slice(2, 2 + k // 2) for k in s)] = 1
+        write(root / "images" / f"c{i:02d}{ext}", img.astype(np.uint8 if ext == ".png" else np.float32))
+        for j, r in enumerate(raters):
+            m = truth.copy()
+            m[tuple(np.random.RandomState(100 * i + j).randint(0, k) for k in s)] ^= 1
+            write(root / "raters" / r / f"c{i:02d}{ext}", m * fg)
+        if labels:
+            write(root / "labels" / f"c{i:02d}{ext}", truth * fg)
+    return root
+
+
+def weights(path):
+    return load_checkpoint(path)["model"]
+
+
+# ============================================================================ 1. nothing is lost
+
+
+def test_reused_out_is_refused_and_overwrite_moves_the_old_run_aside(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert run_main(["train", "--out", out, "--epochs", "1", *TINY], capsys)[0] == 0
+    before = (out / "best.pt").read_bytes()
+    code, _, err = run_main(["train", "--out", out, "--epochs", "1", "--lr", "0.01", *TINY], capsys)
+    assert code == 2 and "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert (out / "best.pt").read_bytes() == before  # untouched
+    code, _, err = run_main(["train", "--out", out, "--overwrite", "--epochs", "1", *TINY], capsys)
+    assert code == 0 and "moved the previous run" in err
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("r.old-")]
+    assert len(aside) == 1 and (aside[0] / "best.pt").read_bytes() == before
+    assert (out / "best.pt").is_file() and not (out / ".lock").exists()
+
+
+def test_a_second_training_into_a_locked_out_fails_naming_the_first(tmp_path, capsys):
+    out = tmp_path / "r"
+    first = subprocess.Popen([sys.executable, "-m", "deferredseg", "train", "--out", str(out),
+                              "--epochs", "50", *TINY], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (out / "log.jsonl").exists() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.05)
+        lock = json.loads((out / ".lock").read_text())
+        assert lock["pid"] == first.pid and lock["host"] == socket.gethostname()
+        code, _, err = run_main(["train", "--out", out, "--epochs", "1", *TINY], capsys)
+        assert code == 2 and "in use by another training" in err and f"process {first.pid}" in err
+        code, _, err = run_main(["train", "--out", out, "--overwrite", "--epochs", "1", *TINY], capsys)
+        assert code == 2 and f"process {first.pid}" in err  # --overwrite does not break a lock
+    finally:
+        first.kill()  # SIGKILL: no chance to remove its lock
+        first.wait()
+    assert (out / ".lock").exists()
+    code, _, err = run_main(["train", "--out", out, "--overwrite", "--epochs", "1", *TINY], capsys)
+    assert code == 0 and "stale lock" in err and f"process {first.pid}" in err
+    assert not (out / ".lock").exists()
+
+
+def test_no_out_writes_a_new_default_run_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main(["train", "--epochs", "1", *TINY], capsys)
+    assert code == 0 and "writing the run to runs" in err
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and (runs[0] / "best.pt").is_file()
+
+
+def test_unwritable_out_is_found_before_training(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run_main(["train", "--out", blocker, "--epochs", "1", *TINY], capsys)
+    assert code == 2 and "is a file" in err
+    code, _, err = run_main(["train", "--out", blocker / "sub", "--epochs", "1", *TINY], capsys)
+    assert code == 2 and "cannot be created" in err
+    assert "epoch 1/1" not in capsys.readouterr().out
+    code, _, err = run_main(["evaluate", "--checkpoint", tmp_path / "no.pt", "--out", blocker],
+                            capsys)
+    assert code == 2 and "is a file" in err  # checked before the checkpoint is even read
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        code, _, err = run_main(["train", "--out", ro, "--epochs", "1", *TINY], capsys)
+        assert code == 2 and "not writable" in err
+
+
+def test_a_full_disk_is_found_before_training(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from deferredseg.train import rundir
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rundir.os, "fsync", full)
+    code, out, err = run_main(["train", "--out", tmp_path / "r", "--epochs", "1", *TINY], capsys)
+    assert code == 2 and "not writable: the disk is full" in err and "epoch 1/1" not in out
+    assert list((tmp_path / "r").iterdir()) == []  # no probe, no lock left behind
+
+
+STEPS = ["--epochs", "4", "--max-steps", "10", "--seed", "3", "--batch-size", "2",
+         "--num-images", "12", "--image-size", "24", "--features", "4", "--progress", "false",
+         "--backend", "reference"]
+
+
+def test_sigint_writes_a_resumable_checkpoint_and_resume_is_bitwise_identical(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    threads = torch.get_num_threads()  # the same thread count in and out of this process:
+    torch.set_num_threads(1)           # float sums in the convolutions depend on it
+    try:
+        _interrupt_and_resume(full, part)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _interrupt_and_resume(full, part):
+    assert main(["train", "--out", str(full), *STEPS]) == 0
+    proc = subprocess.Popen([sys.executable, "-m", "deferredseg", "train", "--out", str(part), *STEPS],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = part / "log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and '"event": "step"' in log.read_text():
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out + err
+    lines = [l for l in err.splitlines() if not l.startswith("note:")]
+    assert len(lines) == 1 and "interrupted at epoch" in lines[0], err
+    assert f"deferredseg train --resume --out {part}" in lines[0] and "Traceback" not in err
+    ck = load_checkpoint(part / "last.pt")
+    assert 1 <= ck["global_step"] < 10
+    assert not (part / ".lock").exists()
+    assert main(["train", "--out", str(part), "--resume", *STEPS]) == 0
+    a, b = weights(full / "last.pt"), weights(part / "last.pt")
+    assert load_checkpoint(part / "last.pt")["global_step"] == 10
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_sigterm_in_process_exits_143_after_writing_last_pt(tmp_path, capsys):
+    out = tmp_path / "r"
+
+    def shoot():
+        while not ((out / "log.jsonl").exists() and "step" in (out / "log.jsonl").read_text()):
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=shoot, daemon=True).start()
+    code, _, err = run_main(["train", "--out", out, *STEPS], capsys)
+    assert code == 143 and "SIGTERM: interrupted at epoch" in err, err
+    assert load_checkpoint(out / "last.pt")["global_step"] >= 1
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers given back
+
+
+def test_resume_with_changed_settings_is_refused_with_the_differences(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert run_main(["train", "--out", out, "--epochs", "2", "--max-steps", "1", *TINY], capsys)[0] == 0
+    code, _, err = run_main(["train", "--out", out, "--resume", "--epochs", "2", "--lr", "0.01",
+                             *TINY], capsys)
+    assert code == 2 and "settings differ" in err and "lr: 0.003 -> 0.01" in err
+    assert "--resume-with-changes" in err
+    code, _, err = run_main(["train", "--out", out, "--resume", "--epochs", "2", "--features", "8",
+                             "--resume-with-changes", *TINY[:4], *TINY[6:]], capsys)
+    assert code == 2 and "cannot change" in err and "features: 4 -> 8" in err
+    code, _, _ = run_main(["train", "--out", out, "--resume", "--epochs", "2", "--lr", "0.01",
+                           "--resume-with-changes", *TINY], capsys)
+    assert code == 0
+    assert load_checkpoint(out / "last.pt")["config"]["lr"] == 0.01
+
+
+def test_resume_refuses_rater_folders_that_changed_under_the_same_path(tmp_path, capsys):
+    data = make_set(tmp_path / "d", raters=("a", "b"))
+    out = tmp_path / "r"
+    args = ["train", "--layout", "multirater", "--data", data, "--out", out, *FILES[:-2],
+            "--epochs", "2", "--max-steps", "1"]
+    assert run_main(args, capsys)[0] == 0
+    (data / "raters" / "b").rename(data / "raters" / "c")
+    code, _, err = run_main(args + ["--resume"], capsys)
+    assert code == 2 and "['a', 'b']" in err and "['a', 'c']" in err and "cannot change" in err
+
+
+def test_checkpoints_are_group_readable(tmp_path):
+    from deferredseg.train.checkpoint import save_checkpoint
+
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "c.pt", {"model": {}})
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "c.pt").stat().st_mode)
+    assert mode == 0o644, oct(mode)
+
+
+# ============================================================================ 2. experts
+
+
+def test_evaluate_maps_raters_by_name_or_refuses_renamed_ones(tmp_path, capsys, monkeypatch):
+    data = make_set(tmp_path / "data", raters=("b", "c"), labels=True)
+    monkeypatch.chdir(tmp_path)  # a relative --data, stored absolute
+    out = tmp_path / "r"
+    assert run_main(["train", "--layout", "multirater", "--data", "data", "--target", "label",
+                     "--out", out, *FILES], capsys)[0] == 0
+    ck = load_checkpoint(out / "best.pt")
+    assert ck["config"]["data"] == str(data) and ck["data_root"] == str(data)
+    assert ck["expert_names"] == ["b", "c"] and len(ck["label_fingerprint"]) == 16
+    monkeypatch.chdir(ROOT)  # evaluate from another folder finds the data
+    assert run_main(["evaluate", "--checkpoint", out / "best.pt", "--out", tmp_path / "e0",
+                     "--no-figures", "--split", "all"], capsys)[0] == 0
+    ref = json.loads((tmp_path / "e0" / "metrics.json").read_text())
+
+    # an extra rater "a" sorts first: by position it would become channel 0; by name it is left out
+    more = tmp_path / "more"
+    shutil.copytree(data, more)
+    shutil.copytree(more / "raters" / "c", more / "raters" / "a")
+    for p in (more / "raters" / "a").iterdir():
+        write(p, 255 - np.asarray(Image.open(p)))
+    code, _, err = run_main(["evaluate", "--checkpoint", out / "best.pt", "--out", tmp_path / "e1",
+                             "--no-figures", "--split", "all", "--data", more], capsys)
+    assert code == 0 and "mapped by name" in err
+    m = json.loads((tmp_path / "e1" / "metrics.json").read_text())
+    assert m["expert_names"] == ["b", "c"]
+    for k in ("system_dice", "model_dice", "deferral_rate", "expert_share"):
+        assert m[k] == ref[k], k
+
+    renamed = tmp_path / "renamed"
+    shutil.copytree(data, renamed)
+    (renamed / "raters" / "c").rename(renamed / "raters" / "d")
+    code, _, err = run_main(["evaluate", "--checkpoint", out / "best.pt", "--out", tmp_path / "e2",
+                             "--no-figures", "--data", renamed], capsys)
+    assert code == 2 and "['b', 'c']" in err and "['b', 'd']" in err and "wrong experts" in err
+    assert not (tmp_path / "e2" / "metrics.json").exists()
+
+
+def test_empty_and_small_splits(tmp_path, capsys):
+    small = make_set(tmp_path / "small", n=3)
+    code, _, err = run_main(["train", "--layout", "multirater", "--data", small, "--out",
+                             tmp_path / "r0", *FILES], capsys)
+    assert code == 2 and "too small to split" in err and "train 3, val 0, test 0" in err
+    data = make_set(tmp_path / "data", n=12)
+    code, _, err = run_main(["train", "--layout", "multirater", "--data", data, "--out",
+                             tmp_path / "r", *FILES], capsys)
+    assert code == 0 and "few cases in the val and test split" in err
+    code, _, err = run_main(["evaluate", "--checkpoint", tmp_path / "r" / "best.pt", "--out",
+                             tmp_path / "e", "--data", small, "--no-figures"], capsys)
+    assert code == 2 and "test split" in err and "is empty" in err and "--split" in err
+    assert not (tmp_path / "e" / "metrics.json").exists()
+
+
+# ============================================================================ 3. configuration
+
+
+@pytest.mark.parametrize("text,words", [
+    ("epochs: two\n", ["epochs", "an integer", "'two'"]),
+    ("lr: fast\n", ["lr", "a number", "'fast'"]),
+    ("batch_size: '2'\n", ["batch_size", "an integer", "'2'"]),
+    ("epochs: 1.5\n", ["epochs", "an integer", "1.5"]),
+    ("spatial_size: 64\n", ["spatial_size", "a list of integers", "64"]),
+    ("resume: 'no'\n", ["resume", "true or false", "'no'"]),
+    ("epochs: [1, 2\n", ["c.yaml:2:1", "YAML syntax error"]),
+    ("epochs: 2\n  lr: 3\n", ["c.yaml:2:5", "YAML syntax error"]),
+])
+def test_config_file_errors_name_the_key(tmp_path, capsys, text, words):
+    (tmp_path / "c.yaml").write_text(text)
+    code, _, err = run_main(["train", "--config", tmp_path / "c.yaml"], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, (w, err)
+
+
+def test_config_values_converted_where_unambiguous(tmp_path):
+    from deferredseg.cli import build_parser, config_from_args
+
+    (tmp_path / "c.yaml").write_text("lr: 1e-3\nweight_decay: 0\nspatial_size: [32, 32]\n"
+                                     "resume: no\ntarget: 1\n")
+    cfg = config_from_args(build_parser().parse_args(["train", "--config", str(tmp_path / "c.yaml")]))
+    assert cfg.lr == 0.001 and isinstance(cfg.lr, float) and cfg.weight_decay == 0.0
+    assert cfg.spatial_size == [32, 32] and cfg.resume is False and cfg.target == 1
+    (tmp_path / "c.json").write_text('{"epochs": 3,\n "lr": }')
+    with pytest.raises(ValueError, match=r"c.json:2:8: JSON syntax error"):
+        config_from_args(build_parser().parse_args(["train", "--config", str(tmp_path / "c.json")]))
+
+
+def test_every_key_is_documented_with_its_type(capsys):
+    import dataclasses
+
+    from deferredseg.cli import HELP
+    from deferredseg.train.config import TrainConfig
+
+    _, out, _ = run_main(["train", "--help"], capsys)
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    for f in dataclasses.fields(TrainConfig):
+        assert f.name in HELP, f"{f.name} has no help text"
+        assert f"[{f.name}:" in out.replace("\n", " ").replace("  ", " ") or f"[{f.name}:" in out, f.name
+        assert f"`{f.name}`" in doc, f"{f.name} is not in docs/configuration.md"
+
+
+# ============================================================================ 4. data
+
+
+def test_3d_nifti_takes_spatial_dims_from_the_files(tmp_path, capsys):
+    data = make_set(tmp_path / "vol", n=8, shape=(16, 16, 16), ext=".nii.gz", fg=1)
+    out = tmp_path / "r"
+    code, _, err = run_main(["train", "--layout", "multirater", "--data", data, "--out", out,
+                             *FILES], capsys)
+    assert code == 0 and "3D" in err
+    assert load_checkpoint(out / "best.pt")["config"]["spatial_dims"] == 3
+
+
+def test_cases_of_different_sizes_and_mixed_dimensions(tmp_path, capsys):
+    sizes = [(24, 24)] * 10 + [(28, 20), (20, 28)]
+    data = make_set(tmp_path / "var", sizes=sizes)
+    code, _, err = run_main(["train", "--layout", "multirater", "--data", data, "--out",
+                             tmp_path / "r", *FILES], capsys)
+    assert code == 2 and "differ in size" in err and "c10: 28x20" in err and "--spatial-size" in err
+    code, _, _ = run_main(["train", "--layout", "multirater", "--data", data, "--out",
+                           tmp_path / "r", "--spatial-size", "24,24", *FILES], capsys)
+    assert code == 0
+    mixed = make_set(tmp_path / "mixed", n=12, ext=".npy", fg=1)
+    for f in mixed.rglob("c05.npy"):
+        write(f, np.zeros((8, 24, 24), np.float32 if "images" in str(f) else np.uint8))
+    code, _, err = run_main(["train", "--layout", "multirater", "--data", mixed, "--out",
+                             tmp_path / "m", *FILES], capsys)
+    assert code == 2 and "different dimensions" in err and "2D (e.g." in err and "3D (e.g." in err
+
+
+def test_label_map_option(tmp_path, capsys):
+    data = make_set(tmp_path / "d128", fg=128)
+    code, _, err = run_main(["train", "--layout", "multirater", "--data", data, "--out",
+                             tmp_path / "r0", *FILES], capsys)
+    assert code == 2 and "[128]" in err and "--label-map" in err
+    code, _, _ = run_main(["train", "--layout", "multirater", "--data", data, "--out",
+                           tmp_path / "r1", "--label-map", "0:0,128:1", *FILES], capsys)
+    assert code == 0
+    assert load_checkpoint(tmp_path / "r1" / "best.pt")["config"]["label_map"] == "0:0,128:1"
+    code, _, err = run_main(["train", "--layout", "multirater", "--data", data, "--out",
+                             tmp_path / "r2", "--label-map", "0=0", *FILES], capsys)
+    assert code == 2 and "--label-map" in err and "0:0,128:1" in err
+
+
+def test_target_by_index_or_name(tmp_path, capsys):
+    data = make_set(tmp_path / "d")
+    from deferredseg.train.config import TrainConfig
+    from deferredseg.train.loop import build_data
+
+    by_index = build_data(TrainConfig(layout="multirater", data=str(data), target="1"), "train")
+    by_name = build_data(TrainConfig(layout="multirater", data=str(data), target="r2"), "train")
+    assert torch.equal(by_index[0]["target"], by_name[0]["target"])
+    assert torch.equal(by_index[0]["target"], by_index[0]["expert_labels"][1])
+    code, _, _ = run_main(["train", "--layout", "multirater", "--data", data, "--target", "2",
+                           "--out", tmp_path / "r", *FILES], capsys)
+    assert code == 0
+
+
+def test_a_bad_file_in_the_test_split_is_found_before_training(tmp_path, capsys):
+    from deferredseg.data.splits import split_ids
+
+    data = make_set(tmp_path / "d")
+    test_id = split_ids([f"c{i:02d}" for i in range(12)], seed=0)["test"][0]
+    (data / "raters" / "r2" / f"{test_id}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    t0 = time.perf_counter()
+    code, out, err = run_main(["train", "--layout", "multirater", "--data", data, "--out",
+                               tmp_path / "r", *FILES], capsys)
+    assert code == 2 and f"{test_id}.png" in err and "test split" in err and "cannot read" in err
+    assert "epoch 1/1" not in out and not (tmp_path / "r" / "log.jsonl").exists()
+    assert time.perf_counter() - t0 < 30
+
+
+# ============================================================================ 5. what a user sees
+
+
+def test_one_line_per_epoch_and_summary_tables(tmp_path, capsys):
+    out = tmp_path / "r"
+    code, text, _ = run_main(["train", "--out", out, "--epochs", "2", *TINY], capsys)
+    assert code == 0
+    epoch_lines = [l for l in text.splitlines() if l.startswith("epoch ")]
+    assert len(epoch_lines) == 2 and "val system Dice" in epoch_lines[1]
+    assert "model Dice" in epoch_lines[0] and "deferral" in epoch_lines[0]
+    assert "| system (model + experts) |" in text and f"run folder: {out}" in text
+    code, text, _ = run_main(["evaluate", "--checkpoint", out / "best.pt", "--out", tmp_path / "e",
+                              "--no-hd95"], capsys)
+    assert code == 0 and "| model alone |" in text and "workload per expert" in text
+    assert "examples.png" in text and "metrics.json" in text
+
+
+def test_example_figure_names_cases_slices_experts_and_the_reference(tmp_path, monkeypatch):
+    from deferredseg.train import figures
+
+    seen = {}
+    real = figures._plt
+
+    def spy():
+        plt = real()
+        orig = plt.subplots
+
+        def subplots(*a, **k):
+            fig, axes = orig(*a, **k)
+            seen["fig"], seen["axes"] = fig, axes
+            return fig, axes
+        monkeypatch.setattr(plt, "subplots", subplots)
+        monkeypatch.setattr(plt, "close", lambda fig: None)
+        return plt
+
+    monkeypatch.setattr(figures, "_plt", spy)
+    S = (6, 8, 8)
+    ex = {"id": "vol_7", "image": torch.rand(1, *S), "target": torch.zeros(S, dtype=torch.long),
+          "assignment": torch.randint(-1, 2, S, dtype=torch.int8), "final": torch.zeros(S, dtype=torch.long),
+          "model_pred": torch.zeros(S, dtype=torch.long), "defer_prob": torch.rand(S)}
+    paths = figures.save_examples([ex], tmp_path / "ex.png", 1, ["alice", "bob"],
+                                  figures.reference_name("staple"))
+    assert paths[0].is_file()
+    axes = seen["axes"]
+    assert axes[0][1].get_title() == "STAPLE consensus"
+    assert axes[0][0].get_ylabel() == "vol_7\nslice 3 of 6"
+    legend = seen["fig"].legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == ["model", "alice", "bob"]
