@@ -26,11 +26,14 @@ def run_cli(*args, expect=0):
 
 def test_train_then_evaluate_writes_checkpoints_log_metrics_and_figures(tmp_path):
     out = tmp_path / "run"
-    assert main(["train", "--out", str(out), "--epochs", "2", *TINY]) == 0
-    for name in ("last.pt", "best.pt", "log.jsonl"):
+    assert main(["train", "--out", str(out), "--epochs", "2", "--head-epochs", "2", *TINY]) == 0
+    for name in ("last.pt", "best.pt", "log.jsonl", "base/best.pt", "base/log.jsonl"):
         assert (out / name).is_file(), name
+    # two-stage: the base segmentor's two epochs, then the heads untrained and after each epoch
+    base = [json.loads(l)["event"] for l in (out / "base" / "log.jsonl").read_text().splitlines()]
+    assert base.count("epoch") == 2 and "step" in base
     events = [json.loads(l)["event"] for l in (out / "log.jsonl").read_text().splitlines()]
-    assert events.count("epoch") == 2 and "step" in events
+    assert events.count("epoch") == 3 and "step" in events and "best" in events
     ck = load_checkpoint(out / "best.pt")
     assert ck["config"]["epochs"] == 2 and ck["num_experts"] == 5
 
@@ -129,9 +132,23 @@ def _weights(path):
     return load_checkpoint(path)["model"]
 
 
+def test_two_stage_resumed_in_stage_one_reaches_the_same_weights(tmp_path):
+    common = ["--epochs", "2", "--head-epochs", "2", "--seed", "3", "--batch-size", "2", *TINY[:6],
+              *TINY[8:]]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(["train", "--out", str(full), *common]) == 0
+    assert main(["train", "--out", str(part), "--max-steps", "3", *common]) == 0
+    assert (part / "base" / "last.pt").is_file() and not (part / "best.pt").exists()
+    assert main(["train", "--out", str(part), "--resume", *common]) == 0
+    a, b = _weights(full / "best.pt"), _weights(part / "best.pt")
+    assert a.keys() == b.keys() and any(k.startswith("routing_heads.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_resume_after_a_stop_mid_epoch_reaches_the_same_weights(tmp_path):
     common = ["--epochs", "2", "--seed", "3", "--grad-accum", "2", "--batch-size", "2", *TINY[:6],
-              *TINY[8:]]
+              *TINY[8:], "--training", "joint"]
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(["train", "--out", str(full), *common]) == 0
     # 8 training images, batch 2, 2 micro-batches per step: 2 steps per epoch; stop inside epoch 2

@@ -161,7 +161,7 @@ def test_a_full_disk_is_found_before_training(tmp_path, capsys, monkeypatch):
 
 STEPS = ["--epochs", "4", "--max-steps", "10", "--seed", "3", "--batch-size", "2",
          "--num-images", "12", "--image-size", "24", "--features", "4", "--progress", "false",
-         "--backend", "reference"]
+         "--backend", "reference", "--training", "joint"]  # the loop itself (stage 1 of two-stage)
 
 
 def test_sigint_writes_a_resumable_checkpoint_and_resume_is_bitwise_identical(tmp_path):

@@ -612,8 +612,10 @@ def _train_two_stage(cfg: TrainConfig, device: torch.device, info: DistInfo,
                  "rng": torch.get_rng_state(), "config": cfg.to_dict(), "num_experts": E,
                  "in_channels": in_channels, "best_expert": best_expert,
                  "expert_names": list(train_ds.info.expert_names), "base_checkpoint": str(base_path),
-                 "val": _scalars(best), "routing": routing, "stage": 2}
+                 "val": _scalars(best), "routing": routing, "stage": 2,
+                 **checkpoint_record(cfg, train_ds.info.expert_names)}
         save_checkpoint(out_dir / "best.pt", state)
+        save_checkpoint(out_dir / "last.pt", state)  # the finished run, for --resume and tools
     log.write(event="best", selection=cfg.selection, budget=cfg.budget,
               **{f"val_{k}": v for k, v in best.items()})
     info.barrier()

@@ -273,11 +273,18 @@ def open_run(cfg, is_main: bool = True) -> RunDir:
     try:
         existing = _holds_run(out)
         if resume:
-            last = out / "last.pt"
+            last, compare = out / "last.pt", cfg
+            base_last = out / "base" / "last.pt"
+            if not last.exists() and getattr(cfg, "training", "joint") == "two-stage" \
+                    and base_last.exists():
+                # a two-stage run stopped in stage 1: its checkpoint is the base segmentor's
+                from .two_stage import base_config
+
+                last, compare = base_last, base_config(cfg)
             if not last.exists():
                 raise RunDirError(f"--resume: no checkpoint {last} to continue from; train "
                                   "without --resume to start a new run")
-            _check_resume(cfg, _stored_config(last), last)
+            _check_resume(compare, _stored_config(last), last)
         elif existing:
             if not overwrite:
                 raise RunDirError(
