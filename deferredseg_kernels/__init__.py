@@ -17,9 +17,10 @@ from typing import Any, Optional, Sequence
 import torch
 
 from . import _dispatch
-from ._checks import (LossOptions, check_choice, check_expert_cost, check_inputs, check_int,
-                      check_label_range, check_labels, check_logits, is_compiling, make_options,
-                      route_threshold, ROUTE_MODES, ROUTE_SCORES)
+from ._checks import (LossOptions, check_choice, check_inputs, check_int, check_label_range,
+                      check_labels, check_logits, is_compiling, make_options, threshold_logit,
+                      ROUTE_MODES)
+from ._checks import ROUTE_SCORES, check_expert_cost, route_threshold
 from ._dispatch import available_backends, register
 from ._ext import EXT as _EXT
 from .reference import RouteResult, TERM_NAMES, deferredseg_loss_reference, route_reference, split_logits

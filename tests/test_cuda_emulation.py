@@ -236,6 +236,16 @@ def test_route_costs_scores_and_gain_match_reference(emu, dtype, scores, K, E):
     check_route_matrix(run, K, E, dtype, scores, shapes=((37,), (40, 33)))
 
 
+def test_route_new_options_nan_and_inf(emu):
+    from test_route import check_route_nan_and_inf
+
+    def run(logits, K, E, thr, mode, experts, cost, scores):
+        return fused.route_with(emu.route, logits, K, E, route_threshold(thr, mode), mode,
+                                experts, check_expert_cost(cost, E), scores)
+
+    check_route_nan_and_inf(run)
+
+
 def test_route_label_dtypes_and_layouts(emu):
     K, E = 3, 3
     for label_dtype in (torch.uint8, torch.int32, torch.int64):

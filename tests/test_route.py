@@ -61,10 +61,18 @@ def test_output_dtypes_and_shapes():
 
 def _put_at_threshold_logit(gate: torch.Tensor, threshold: float) -> None:
     """Write logit(threshold) rounded to the gate's dtype, and the two values next to it
-    in that dtype, into the first three elements of ``gate`` (a contiguous slice)."""
+    in that dtype, into the first three elements of ``gate`` (a contiguous slice).
+    Next to 0 they are the smallest normal numbers (subnormals are flushed to zero on
+    some devices: not what this checks)."""
     t = torch.tensor([math.log(threshold) - math.log1p(-threshold)], dtype=gate.dtype)
-    bits = t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
-    vals = torch.cat([t, (bits - 1).view(gate.dtype), (bits + 1).view(gate.dtype)])
+    if float(t) == 0.0:
+        tiny = torch.finfo(gate.dtype).tiny
+        vals = torch.tensor([0.0, -tiny, tiny], dtype=gate.dtype)
+    else:
+        # Stepping the bit pattern by one moves to the next representable value on
+        # either side (away from 0 for +1, whatever the sign).
+        bits = t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
+        vals = torch.cat([t, (bits - 1).view(gate.dtype), (bits + 1).view(gate.dtype)])
     flat = gate.view(-1)  # a view: the writes reach the logits
     n = min(3, flat.numel())
     flat[:n] = vals[:n]
@@ -246,8 +254,9 @@ def test_backends_equal_costs_resolve_exact_ties_to_the_lowest_index(backend):
             assert not bool(((got.assignment != folded) & ~near).any())
 
 
-@pytest.mark.parametrize("backend", ROUTE_BACKENDS)
-def test_backends_new_options_nan_and_inf(backend):
+def check_route_nan_and_inf(run):
+    """NaN and infinite routing logits with the new options: as the reference (a NaN
+    score wins an argmax, a NaN gain defers nothing), ``run`` as in check_route_matrix."""
     K, E = 3, 3
     logits, _, experts = make_inputs(1, K, E, (5, 5))
     logits[0, K + 1, 0, 0] = float("nan")   # an expert's routing logit
@@ -260,10 +269,18 @@ def test_backends_new_options_nan_and_inf(backend):
             for cost in (None, [0.05, 0.0, 0.1]):
                 want = route(logits, K, E, thr, mode, experts, expert_cost=cost, scores=scores,
                              backend="reference")
-                got = route(logits, K, E, thr, mode, experts, expert_cost=cost, scores=scores,
-                            backend=backend)
+                got = run(logits, K, E, thr, mode, experts, cost, scores)
                 assert_route_agrees(got, want, near_ties(logits, K, E, thr, mode, cost, scores),
                                     mode, cost)
+
+
+@pytest.mark.parametrize("backend", ROUTE_BACKENDS)
+def test_backends_new_options_nan_and_inf(backend):
+    def run(logits, K, E, thr, mode, experts, cost, scores):
+        return route(logits, K, E, thr, mode, experts, expert_cost=cost, scores=scores,
+                     backend=backend)
+
+    check_route_nan_and_inf(run)
 
 
 def _naive_route(r, a, E, threshold, mode, cost, scores):
