@@ -5,6 +5,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
+#include <c10/util/string_view.h>
 
 #include <tuple>
 #include <vector>
@@ -19,7 +20,10 @@ namespace deferredseg {
 struct RouteProblem {
   at::Tensor x;
   at::Tensor labels;  // undefined when no expert labels were given
+  at::Tensor cost;    // E expert costs of the accumulation dtype on the logits' device, or undefined
   int64_t B = 0, P = 0, K = 0, E = 0;
+  int32_t mode = kRouteGate;
+  bool sigmoid_scores = false;
   at::Tensor assignment, defer_prob, model_pred, final_pred;
 
   RouteStrides strides() const {
@@ -30,6 +34,12 @@ struct RouteProblem {
       st.lp = labels.stride(2);
     }
     return st;
+  }
+  // The per-call rule of route_pixel; `decision_threshold` as the op receives it.
+  template <typename acc_t>
+  RouteRule<acc_t> rule(double decision_threshold) const {
+    return RouteRule<acc_t>{K, E, static_cast<acc_t>(decision_threshold), mode, sigmoid_scores,
+                            cost.defined() ? cost.data_ptr<acc_t>() : nullptr};
   }
   // The expert labels' data, or nullptr when none were given.
   template <typename label_t>
@@ -42,8 +52,25 @@ inline bool is_label_dtype(at::ScalarType t) {
   return t == at::kByte || t == at::kInt || t == at::kLong;
 }
 
+inline int32_t parse_route_mode(c10::string_view mode) {
+  if (mode == "gate") return kRouteGate;
+  if (mode == "router") return kRouteRouter;
+  if (mode == "gain") return kRouteGain;
+  TORCH_CHECK(false, "deferredseg::route: mode must be one of 'gate', 'router', 'gain', got '", mode, "'");
+  return kRouteGate;
+}
+
+inline bool parse_route_scores(c10::string_view scores) {
+  TORCH_CHECK(scores == "softmax" || scores == "sigmoid",
+              "deferredseg::route: scores must be 'softmax' or 'sigmoid', got '", scores, "'");
+  return scores == "sigmoid";
+}
+
+// `expert_cost` must already be finite and >= 0 (the Python API checks the values);
+// here it is checked for shape and converted to the accumulation dtype on the logits' device.
 inline RouteProblem prepare_route(const at::Tensor& logits, int64_t num_classes, int64_t num_experts,
-                                  const c10::optional<at::Tensor>& expert_labels) {
+                                  const c10::optional<at::Tensor>& expert_labels, c10::string_view mode,
+                                  const c10::optional<at::Tensor>& expert_cost, c10::string_view scores) {
   TORCH_CHECK(logits.dim() >= 3 && logits.dim() <= 5,
               "deferredseg::route: logits must have shape (B, C, *S) with 1 to 3 spatial dims, got ",
               logits.sizes());
@@ -75,6 +102,16 @@ inline RouteProblem prepare_route(const at::Tensor& logits, int64_t num_classes,
     pb.labels = lab.flatten(2);
   }
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  pb.mode = parse_route_mode(mode);
+  pb.sigmoid_scores = parse_route_scores(scores);
+  if (expert_cost.has_value()) {
+    const at::Tensor& c = *expert_cost;
+    TORCH_CHECK(c.dim() == 1 && c.numel() == pb.E, "deferredseg::route: expert_cost must have shape (",
+                pb.E, "), got ", c.sizes());
+    TORCH_CHECK(at::isFloatingType(c.scalar_type()), "deferredseg::route: expert_cost must be floating point, got ",
+                c.scalar_type());
+    pb.cost = c.to(logits.device(), acc).contiguous();
+  }
   pb.assignment = at::empty(out_shape, logits.options().dtype(at::kChar));
   pb.defer_prob = at::empty(out_shape, logits.options().dtype(acc));
   pb.model_pred = at::empty(out_shape, logits.options().dtype(at::kLong));

@@ -5,11 +5,14 @@
 
 namespace deferredseg {
 
-// SPEC section 4. threshold_logit is logit(threshold); final is empty (shape (0,))
-// when expert_labels is None.
+// SPEC section 4. decision_threshold: logit(threshold) in modes "gate" and "router" (unused
+// there), the threshold itself in mode "gain"; mode: "gate", "router" or "gain"; expert_cost:
+// None or the E expert costs (1-D, converted to the accumulation dtype on the logits' device);
+// scores: "softmax" or "sigmoid". final is empty (shape (0,)) when expert_labels is None.
 constexpr const char* kRouteSchema =
-    "route(Tensor logits, int num_classes, int num_experts, float threshold_logit, bool router_mode, "
-    "Tensor? expert_labels) -> (Tensor assignment, Tensor defer_prob, Tensor model_pred, Tensor final)";
+    "route(Tensor logits, int num_classes, int num_experts, float decision_threshold, str mode, "
+    "Tensor? expert_labels, Tensor? expert_cost, str scores) -> (Tensor assignment, Tensor defer_prob, "
+    "Tensor model_pred, Tensor final)";
 
 // SPEC section 3, fused. The contract of both ops (layout of `stats`, `fparams`,
 // `iparams`, `terms`) is documented in deferredseg_kernels/ops/fused.py.

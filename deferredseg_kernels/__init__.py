@@ -12,14 +12,15 @@ run on the inputs' device. The math is documented in ``docs/objective.md``.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
 from . import _dispatch
 from ._checks import (LossOptions, check_choice, check_inputs, check_int, check_label_range,
                       check_labels, check_logits, is_compiling, make_options, threshold_logit,
-                      ROUTE_MODES, ROUTE_SCORES, check_float, check_float_vector)
+                      ROUTE_MODES)
+from ._checks import ROUTE_SCORES, check_expert_cost, route_threshold
 from ._dispatch import available_backends, register
 from ._ext import EXT as _EXT
 from .reference import RouteResult, TERM_NAMES, deferredseg_loss_reference, route_reference, split_logits
@@ -35,8 +36,10 @@ def _reference_loss(logits, target, expert_labels, opts: LossOptions, return_ter
     return deferredseg_loss_reference(logits, target, expert_labels, opts, return_terms)
 
 
-def _reference_route(logits, num_classes, num_experts, thr, mode, expert_labels):
-    return route_reference(logits, num_classes, num_experts, thr, mode, expert_labels)
+def _reference_route(logits, num_classes, num_experts, thr, mode, expert_labels, expert_cost,
+                     scores):
+    return route_reference(logits, num_classes, num_experts, thr, mode, expert_labels,
+                           expert_cost, scores)
 
 
 register("reference", "loss", _reference_loss)
@@ -110,13 +113,36 @@ def loss_with_options(logits: torch.Tensor, target: torch.Tensor, expert_labels:
 
 def route(logits: torch.Tensor, num_classes: int, num_experts: int, threshold: float = 0.5,
           mode: str = "gate", expert_labels: Optional[torch.Tensor] = None,
-          backend: str = "auto", expert_cost: Any = None, scores: str = "softmax") -> RouteResult:
+          expert_cost: Optional[Sequence[float]] = None, scores: str = "softmax",
+          backend: str = "auto") -> RouteResult:
     """Inference routing (SPEC section 4): who labels each pixel.
 
-    Mode ``"gate"`` defers where ``sigmoid(a) > threshold`` (decided as
-    ``a > logit(threshold)``, identical in exact arithmetic and the same bits on
-    every backend); mode ``"router"`` defers where the router's argmax is an expert.
-    A deferred pixel goes to ``argmax_{j<E} r_j``.
+    Per-option correctness estimates ``q_k`` (k < E the experts, k = E the model)
+    come from the routing logits r: ``scores="softmax"``: ``q = softmax(r)`` (the
+    softmax and paper surrogates); ``scores="sigmoid"``: ``q_k = sigmoid(r_k)`` (the
+    one-vs-all surrogate). A deferred pixel goes to ``jhat = argmax_{j<E} (q_j - cost_j)``
+    (ties to the lowest index); without ``expert_cost`` that is ``argmax_{j<E} r_j``,
+    the same bits on every backend. The gain is ``g = (q_jhat - cost_jhat) - q_E``.
+
+    Modes:
+
+    - ``"gate"`` (default): defer where ``sigmoid(a) > threshold``, decided as
+      ``a > logit(threshold)`` (identical in exact arithmetic and the same bits on
+      every backend); ``threshold`` in [0, 1]; ``defer_prob`` is ``sigmoid(a)``.
+    - ``"router"``: without costs, defer where the router's argmax over all E + 1
+      options is an expert; with costs, where ``g >= 0`` (ties to the expert).
+      ``threshold`` is not used (but must be in [0, 1]); ``defer_prob`` is D.
+    - ``"gain"``: defer where ``g > threshold`` (any finite real); ``defer_prob`` is
+      ``g``, the deferral score (it may be negative).
+
+    Args:
+        expert_cost: None, or E finite costs >= 0 (a sequence or a 1-D tensor): the
+            cost of asking each expert (the model's is 0).
+        scores: "softmax" or "sigmoid", how ``q`` comes from r (see above).
+
+    With costs or in mode "gain" the backends may disagree where two competing
+    scores, or the gain and the threshold, are within rounding of each other (a
+    few float32 ulps); elsewhere every backend routes the same pixels.
 
     Returns a :class:`RouteResult` ``(assignment, defer_prob, model_pred, final)``:
     assignment int8 (-1: the model keeps the pixel), defer_prob float32 (float64
@@ -127,22 +153,14 @@ def route(logits: torch.Tensor, num_classes: int, num_experts: int, threshold: f
     check_logits(logits, K + E + 2, K, E)
     check_choice("mode", mode, ROUTE_MODES)
     check_choice("scores", scores, ROUTE_SCORES)
-    if expert_cost is not None:
-        expert_cost = check_float_vector("expert_cost", expert_cost, E, minimum=0.0)
-    if mode == "gain":
-        raw = check_float("threshold", threshold)
-        thr = 0.0
-    else:
-        raw = 0.0
-        thr = threshold_logit(threshold)
+    thr = route_threshold(threshold, mode)
+    cost = check_expert_cost(expert_cost, E)
     if expert_labels is not None:
         B, S = logits.shape[0], tuple(logits.shape[2:])
         check_labels("expert_labels", expert_labels, logits, (B, E) + S,
                      allow_singleton_channel=False)
-    if expert_cost is not None or mode == "gain" or scores != "softmax":
-        return route_reference(logits, K, E, thr, mode, expert_labels, expert_cost, scores, raw)
     impl = _dispatch.select(backend, "route", logits.device)
-    return impl(logits, K, E, thr, mode, expert_labels)
+    return impl(logits, K, E, thr, mode, expert_labels, cost, scores)
 
 
 def empty_cache() -> int:

@@ -20,11 +20,11 @@ LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 LABEL_DTYPES = (torch.uint8, torch.int32, torch.int64)
 SURROGATES = ("softmax", "paper", "ova")
 GATE_TARGETS = ("router", "benefit")
-ROUTE_SCORES = ("softmax", "sigmoid")
 COHERENCES = ("l1", "l2")
 COHERENCE_MAPS = ("router", "gate")
 BALANCES = ("cv2", "band")
 ROUTE_MODES = ("gate", "router", "gain")
+ROUTE_SCORES = ("softmax", "sigmoid")
 BACKENDS = ("auto", "reference", "triton", "cpu", "cuda")
 MAX_EXPERTS = 127  # `route` stores the chosen expert in int8
 
@@ -298,18 +298,38 @@ def is_compiling() -> bool:
     return bool(getattr(torch.compiler, "is_compiling", lambda: False)())
 
 
-def threshold_logit(threshold: Any) -> float:
+def threshold_logit(threshold: Any, mode: str = "gate") -> float:
     """logit(threshold) in float64: ``sigmoid(a) > t`` is decided as ``a > logit(t)``.
 
     The two are the same in exact arithmetic; comparing on the logit keeps the
     decision independent of how each backend rounds its sigmoid, so every backend
-    routes the same pixels bit for bit.
+    routes the same pixels bit for bit. ``mode`` only names the routing mode in the
+    error message.
     """
     t = check_float("threshold", threshold)
     if t < 0.0 or t > 1.0:
-        raise ValueError(f"threshold must be in [0, 1], got {t}")
+        raise ValueError(f"threshold must be in [0, 1] in mode {mode!r}, got {t}")
     if t == 0.0:
         return -math.inf
     if t == 1.0:
         return math.inf
     return math.log(t) - math.log1p(-t)
+
+
+def route_threshold(threshold: Any, mode: str) -> float:
+    """The number a route backend compares against, for a validated ``mode``.
+
+    Mode "gate" (and "router", which ignores it but validates it the same way):
+    logit(threshold), see :func:`threshold_logit`. Mode "gain": the threshold itself,
+    any finite real (the gain ``max_j (q_j - cost_j) - q_model`` lies in [-1 - max cost, 1]).
+    """
+    if mode == "gain":
+        return check_float("threshold", threshold)
+    return threshold_logit(threshold, mode)
+
+
+def check_expert_cost(expert_cost: Any, num_experts: int) -> Optional[Tuple[float, ...]]:
+    """None, or ``num_experts`` finite costs >= 0 (a sequence or a 1-D tensor) as a tuple."""
+    if expert_cost is None:
+        return None
+    return check_float_vector("expert_cost", expert_cost, num_experts, minimum=0.0)

@@ -12,7 +12,7 @@ Inputs are assumed validated (see ``_checks``); the public entry points in
 
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,9 @@ class RouteResult(NamedTuple):
     """What :func:`deferredseg_kernels.route` returns (SPEC section 4)."""
 
     assignment: torch.Tensor  # (B, *S) int8: -1 model keeps the pixel, j expert j takes it
-    defer_prob: torch.Tensor  # (B, *S) float: s (mode "gate") or D (mode "router")
+    # (B, *S) float: s (mode "gate"), D (mode "router") or the gain
+    # g = max_j (q_j - cost_j) - q_model (mode "gain"; the deferral score, may be negative)
+    defer_prob: torch.Tensor
     model_pred: torch.Tensor  # (B, *S) int64: argmax z (K >= 2) or z > 0 (K = 1)
     final: Optional[torch.Tensor]  # (B, *S) int64 when expert_labels is given, else None
 
@@ -232,12 +234,25 @@ def deferredseg_loss_reference(logits: torch.Tensor, target: torch.Tensor,
     return loss, terms
 
 
+def route_scores(r: torch.Tensor, scores: str) -> torch.Tensor:
+    """The per-option correctness estimates q (B, E + 1, *S) of routing logits ``r``:
+    ``softmax(r)`` over the options, or ``sigmoid(r)`` per option (one-vs-all)."""
+    return torch.sigmoid(r) if scores == "sigmoid" else torch.softmax(r, dim=1)
+
+
 def route_reference(logits: torch.Tensor, num_classes: int, num_experts: int,
-                    threshold_logit: float, mode: str,
-                    expert_labels: Optional[torch.Tensor], expert_cost=None,
-                    scores: str = "softmax", threshold: float = 0.0) -> RouteResult:
-    """Routing at inference. ``threshold_logit`` is logit(threshold) (mode "gate");
-    ``threshold`` the raw threshold of mode "gain"."""
+                    threshold: float, mode: str, expert_labels: Optional[torch.Tensor],
+                    expert_cost: Optional[Sequence[float]] = None,
+                    scores: str = "softmax") -> RouteResult:
+    """SPEC section 4. ``threshold`` is the number the decision compares against, see
+    ``_checks.route_threshold``: logit(threshold) in modes "gate" and "router" (unused
+    there), the threshold itself in mode "gain".
+
+    The chosen expert is ``argmax_{j<E} (q_j - cost_j)`` (first maximum; a NaN wins);
+    without costs it is ``argmax_{j<E} r_j``, the same in exact arithmetic for both
+    score kinds, and the same bits on every backend. The gain is
+    ``g = (q_jhat - cost_jhat) - q_E``.
+    """
     K, E = num_classes, num_experts
     x = logits.detach().to(compute_dtype(logits.dtype))
     z, r, a = split_logits(x, K, E)
@@ -245,20 +260,26 @@ def route_reference(logits: torch.Tensor, num_classes: int, num_experts: int,
         model_pred = z.argmax(dim=1)
     else:
         model_pred = (z[:, 0] > 0).long()
-    q = torch.sigmoid(r) if scores == "sigmoid" else torch.softmax(r, dim=1)
+    need_gain = expert_cost is not None or mode == "gain"
+    gain = None
     if expert_cost is None:
         chosen = r[:, :E].argmax(dim=1)  # the expert a deferred pixel goes to
-        net = q[:, :E]
-    else:
-        cost = torch.tensor(expert_cost, dtype=x.dtype, device=x.device).view(1, E, *([1] * (x.dim() - 2)))
-        net = q[:, :E] - cost
-        chosen = net.argmax(dim=1)
-    gain = net.amax(dim=1) - q[:, E]
+    if need_gain:
+        q = route_scores(r, scores)
+        value = q[:, :E]
+        if expert_cost is not None:
+            cost = torch.tensor(expert_cost, dtype=x.dtype, device=x.device)
+            value = value - cost.view((1, E) + (1,) * (x.dim() - 2))
+            chosen = value.argmax(dim=1)
+        gain = value.gather(1, chosen.unsqueeze(1)).squeeze(1) - q[:, E]
     if mode == "gate":
-        defer = a > threshold_logit  # == sigmoid(a) > threshold
+        defer = a > threshold  # == sigmoid(a) > threshold, with threshold = logit(t)
         defer_prob = torch.sigmoid(a)
     elif mode == "router":
-        defer = (r.argmax(dim=1) < E) if expert_cost is None else gain >= 0
+        if expert_cost is None:
+            defer = r.argmax(dim=1) < E
+        else:
+            defer = gain >= 0  # ties go to the expert, as argmax's ties do without costs
         defer_prob = torch.softmax(r, dim=1)[:, :E].sum(dim=1)
     else:  # "gain"
         defer = gain > threshold

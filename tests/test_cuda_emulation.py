@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from deferredseg_kernels import available_backends, deferredseg_loss, make_options, route
-from deferredseg_kernels._checks import check_inputs, threshold_logit
+from deferredseg_kernels._checks import (check_expert_cost, check_inputs, route_threshold,
+                                         threshold_logit)
 from deferredseg_kernels.ops import fused
 from deferredseg_kernels.reference import route_reference
 
@@ -218,6 +219,31 @@ def test_route_matches_reference_bit_for_bit(emu, dtype, mode, K, E):
             bare = fused.route_with(emu.route, logits, K, E, thr, mode, None)
             assert bare.final is None
             assert torch.equal(bare.assignment, want.assignment)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("scores", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("K,E", [(1, 1), (3, 2), (5, 16)])
+def test_route_costs_scores_and_gain_match_reference(emu, dtype, scores, K, E):
+    """Expert costs, sigmoid scores and the gain mode on the emulated CUDA kernel: the
+    reference's bits except at near ties (see test_route.check_route_matrix)."""
+    from test_route import check_route_matrix
+
+    def run(logits, K, E, thr, mode, experts, cost, scores):
+        return fused.route_with(emu.route, logits, K, E, route_threshold(thr, mode), mode,
+                                experts, check_expert_cost(cost, E), scores)
+
+    check_route_matrix(run, K, E, dtype, scores, shapes=((37,), (40, 33)))
+
+
+def test_route_new_options_nan_and_inf(emu):
+    from test_route import check_route_nan_and_inf
+
+    def run(logits, K, E, thr, mode, experts, cost, scores):
+        return fused.route_with(emu.route, logits, K, E, route_threshold(thr, mode), mode,
+                                experts, check_expert_cost(cost, E), scores)
+
+    check_route_nan_and_inf(run)
 
 
 def test_route_label_dtypes_and_layouts(emu):

@@ -524,8 +524,15 @@ def test_opcheck():
         args = (logits.clone().requires_grad_(), target, experts, w, stats, lo, hi, K, E, -100,
                 fused.float_params(opts, 1.0), fused.int_params(opts), True)
         torch.library.opcheck(triton_loss.loss_fused, args)
-    torch.library.opcheck(triton_route.route_op, (logits, K, E, 0.3, False, experts))
-    torch.library.opcheck(triton_route.route_op, (logits, K, E, 0.3, True, None))
+    torch.library.opcheck(triton_route.route_op, (logits, K, E, 0.3, "gate", experts, None,
+                                                  "softmax"))
+    torch.library.opcheck(triton_route.route_op, (logits, K, E, 0.3, "router", None, None,
+                                                  "softmax"))
+    cost = torch.tensor([0.1, 0.0], device=DEVICE)
+    torch.library.opcheck(triton_route.route_op, (logits, K, E, -0.1, "gain", experts, cost,
+                                                  "sigmoid"))
+    torch.library.opcheck(triton_route.route_op, (logits, K, E, 0.0, "router", None, cost,
+                                                  "softmax"))
 
 
 def test_torch_compile_fullgraph():
@@ -553,6 +560,13 @@ def test_torch_compile_fullgraph():
     route_c = torch.compile(lambda x: dk.route(x, K, E, 0.4, "router", experts, backend="triton"),
                             fullgraph=True)
     r1, r2 = route_c(logits), dk.route(logits, K, E, 0.4, "router", experts, backend="triton")
+    assert all(torch.equal(a, b) for a, b in zip(r1, r2))
+    gain_c = torch.compile(lambda x: dk.route(x, K, E, -0.1, "gain", experts,
+                                              expert_cost=[0.0, 0.2], scores="sigmoid",
+                                              backend="triton"), fullgraph=True)
+    r1 = gain_c(logits)
+    r2 = dk.route(logits, K, E, -0.1, "gain", experts, expert_cost=[0.0, 0.2], scores="sigmoid",
+                  backend="triton")
     assert all(torch.equal(a, b) for a, b in zip(r1, r2))
 
 
@@ -615,8 +629,12 @@ for xdt, K, E, nd, grad, paper in (("bf16", 4, 3, 2, True, False), ("fp64", 1, 2
                                      BF16_BY_HAND=False, BLOCK_P=256))
     build(L._stats_kernel, ptrs, dict(K=K, E=E, RP=RP, NDIM=nd, HAS_WEIGHT=True,
                                       CHECK_EXPERTS=True, IS_FP64=xdt == "fp64", BLOCK_P=256))
-    build(R._route_kernel, ptrs, dict(K=K, E=E, KP=KP, RP=RP, ROUTER_MODE=paper, HAS_LABELS=True,
-                                      IS_FP64=xdt == "fp64", BLOCK_P=256))
+    ptrs["cost_ptr"] = "*fp64" if xdt == "fp64" else "*fp32"
+    for mode, cost, sig in ((0, False, False), (1, paper, paper), (2, True, not paper),
+                            (2, False, True), (0, True, False)):
+        build(R._route_kernel, ptrs, dict(K=K, E=E, KP=KP, RP=RP, MODE=mode, HAS_COST=cost,
+                                          NEED_GAIN=cost or mode == 2, SIGMOID_SCORES=sig,
+                                          HAS_LABELS=True, IS_FP64=xdt == "fp64", BLOCK_P=256))
 red = dict(part_ptr="*fp32", out_ptr="*fp64", stats_ptr="*fp64", low_ptr="*fp32",
            high_ptr="*fp32", terms_ptr="*fp32", **flt)
 build(L._chunk_sum_kernel, red, dict(NCP=16, BLOCK_R=256, ITERS=16))
@@ -690,6 +708,21 @@ def test_route_bitwise(mode, K, E, spatial):
         for thr in (0.5, 0.2, 0.0, 1.0, 1 / (1 + math.exp(-1.0))):
             _route_equal(x, K, E, thr, mode, experts)
         _route_equal(x, K, E, 0.5, mode, None)
+
+
+@pytest.mark.parametrize("scores", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("K,E", [(3, 2), (4, 16), (1, 1)])
+def test_route_costs_scores_gain_small_blocks(scores, K, E, small_blocks):
+    """Costs, scores and the gain mode, in 16-pixel blocks (tile borders inside rows),
+    against the reference: exact but at near ties (see test_route.check_route_matrix)."""
+    from test_route import check_route_matrix
+
+    def run(logits, K, E, thr, mode, experts, cost, scores):
+        out = dk.route(logits.to(DEVICE), K, E, thr, mode, experts.to(DEVICE), expert_cost=cost,
+                       scores=scores, backend="triton")
+        return type(out)(*[t.cpu() if t is not None else None for t in out])
+
+    check_route_matrix(run, K, E, torch.float16, scores, shapes=((7, 13), (2, 3, 5)))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
@@ -769,7 +802,11 @@ def test_gpu_compile_and_opcheck():
     torch.library.opcheck(triton_loss.loss_fused,
                           (logits.clone().requires_grad_(), target, experts, w, stats, None, None,
                            K, E, -100, fused.float_params(opts, 1.0), fused.int_params(opts), True))
-    torch.library.opcheck(triton_route.route_op, (logits, K, E, 0.3, False, experts))
+    torch.library.opcheck(triton_route.route_op, (logits, K, E, 0.3, "gate", experts, None,
+                                                  "softmax"))
+    torch.library.opcheck(triton_route.route_op,
+                          (logits, K, E, 0.0, "gain", experts,
+                           torch.tensor([0.1, 0.0], device="cuda"), "sigmoid"))
 
 
 @requires_cuda
@@ -780,6 +817,16 @@ def test_gpu_route_bitwise():
         for mode in ("gate", "router"):
             _route_equal(logits, K, E, 0.4, mode, experts)
             _route_equal(logits.bfloat16(), K, E, 0.5, mode, None)
+    from test_route import check_route_matrix
+
+    def run(logits, K, E, thr, mode, experts, cost, scores):
+        out = dk.route(logits.cuda(), K, E, thr, mode, experts.cuda(), expert_cost=cost,
+                       scores=scores, backend="triton")
+        return type(out)(*[t.cpu() if t is not None else None for t in out])
+
+    for K, E in ((3, 2), (1, 3), (32, 16)):
+        for scores in ("softmax", "sigmoid"):
+            check_route_matrix(run, K, E, torch.bfloat16, scores, shapes=((65, 77),))
 
 
 @requires_cuda

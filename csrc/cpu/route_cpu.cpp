@@ -11,10 +11,11 @@ namespace deferredseg {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cpu(
-    const at::Tensor& logits, int64_t num_classes, int64_t num_experts, double threshold_logit,
-    bool router_mode, const c10::optional<at::Tensor>& expert_labels) {
+    const at::Tensor& logits, int64_t num_classes, int64_t num_experts, double decision_threshold,
+    c10::string_view mode, const c10::optional<at::Tensor>& expert_labels,
+    const c10::optional<at::Tensor>& expert_cost, c10::string_view scores) {
   TORCH_CHECK(logits.device().is_cpu(), "deferredseg::route (CPU kernel): logits must be on the CPU");
-  RouteProblem pb = prepare_route(logits, num_classes, num_experts, expert_labels);
+  RouteProblem pb = prepare_route(logits, num_classes, num_experts, expert_labels, mode, expert_cost, scores);
   const at::ScalarType label_type = pb.labels.defined() ? pb.labels.scalar_type() : at::kLong;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "route_cpu", [&] {
     using acc_t = typename AccType<scalar_t>::type;
@@ -26,13 +27,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cpu(
       acc_t* defer_prob = pb.defer_prob.data_ptr<acc_t>();
       int64_t* model_pred = pb.model_pred.data_ptr<int64_t>();
       int64_t* final_pred = pb.final_pred.data_ptr<int64_t>();
-      const acc_t thr = static_cast<acc_t>(threshold_logit);
-      const int64_t P = pb.P, K = pb.K, E = pb.E;
+      const RouteRule<acc_t> rule = pb.rule<acc_t>(decision_threshold);
+      const int64_t P = pb.P;
       at::parallel_for(0, pb.B * P, 4096, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
           const int64_t b = i / P;
-          route_pixel<scalar_t, acc_t, label_t>(x, labels, st, b, i - b * P, P, K, E, thr, router_mode,
-                                                assignment, defer_prob, model_pred, final_pred);
+          route_pixel<scalar_t, acc_t, label_t>(x, labels, st, b, i - b * P, P, rule, assignment, defer_prob,
+                                                model_pred, final_pred);
         }
       });
     });

@@ -26,11 +26,12 @@ if EXT is not None:
     torch.library.register_fake("deferredseg::route")(fused.fake_route)
 
 
-def route(logits: torch.Tensor, num_classes: int, num_experts: int, threshold_logit: float,
-          mode: str, expert_labels: Optional[torch.Tensor]) -> RouteResult:
+def route(logits: torch.Tensor, num_classes: int, num_experts: int, decision_threshold: float,
+          mode: str, expert_labels: Optional[torch.Tensor], expert_cost: Optional[tuple],
+          scores: str) -> RouteResult:
     """SPEC section 4 through the C++ kernels (CPU or CUDA, by the device of ``logits``)."""
     return fused.route_with(torch.ops.deferredseg.route, logits, num_classes, num_experts,
-                            threshold_logit, mode, expert_labels)
+                            decision_threshold, mode, expert_labels, expert_cost, scores)
 
 
 def loss(logits: torch.Tensor, target: torch.Tensor, expert_labels: torch.Tensor, opts: LossOptions,

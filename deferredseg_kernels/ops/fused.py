@@ -265,11 +265,17 @@ def fused_loss(stats_op: Callable, loss_op: Callable, logits: torch.Tensor,
 
 # ----------------------------------------------------------------------------- route
 # The compiled route ops (C++ ``deferredseg::route``, Triton ``deferredseg_triton::route``)
-# share one schema: (logits, K, E, threshold_logit, router_mode, expert_labels) ->
-# (assignment int8, defer_prob, model_pred int64, final int64 or shape (0,)).
+# share one schema:
+#   (logits, K, E, decision_threshold, mode, expert_labels, expert_cost, scores) ->
+#   (assignment int8, defer_prob, model_pred int64, final int64 or shape (0,)).
+# decision_threshold: logit(threshold) in modes "gate" and "router" (unused there), the
+# threshold itself in mode "gain" (see _checks.route_threshold); mode: "gate", "router"
+# or "gain"; expert_cost: None or E costs as a 1-D tensor of the accumulation dtype on
+# the logits' device; scores: "softmax" or "sigmoid".
 
 
-def fake_route(logits, num_classes, num_experts, threshold_logit, router_mode, expert_labels):
+def fake_route(logits, num_classes, num_experts, decision_threshold, mode, expert_labels,
+               expert_cost, scores):
     shape = (logits.shape[0],) + tuple(logits.shape[2:])
     return (
         logits.new_empty(shape, dtype=torch.int8),
@@ -280,11 +286,16 @@ def fake_route(logits, num_classes, num_experts, threshold_logit, router_mode, e
 
 
 def route_with(op: Callable, logits: torch.Tensor, num_classes: int, num_experts: int,
-               threshold_logit: float, mode: str, expert_labels: Optional[torch.Tensor]
+               decision_threshold: float, mode: str, expert_labels: Optional[torch.Tensor],
+               expert_cost: Optional[tuple] = None, scores: str = "softmax"
                ) -> RouteResult:
-    """Run a compiled route op and wrap its outputs as a RouteResult."""
+    """Run a compiled route op and wrap its outputs as a RouteResult.
+
+    ``expert_cost``: the validated costs (a tuple) or None; they reach the op as a
+    tensor of the accumulation dtype on the logits' device.
+    """
     assignment, defer_prob, model_pred, final = op(
-        logits.detach(), num_classes, num_experts, float(threshold_logit), mode == "router",
-        expert_labels)
+        logits.detach(), num_classes, num_experts, float(decision_threshold), mode,
+        expert_labels, _as_param_tensor(expert_cost, logits), scores)
     return RouteResult(assignment, defer_prob, model_pred,
                        final if expert_labels is not None else None)
