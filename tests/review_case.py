@@ -1,0 +1,47 @@
+"""A small prediction folder for the review tests, made without a model.
+
+One 40x40 image; the model's mask is a disk; expert "ana" has three square
+regions, expert "ben" one. Written with the same functions ``predict`` uses.
+"""
+
+from pathlib import Path
+
+import numpy as np
+
+from deferredseg.predict import InputMeta, _fingerprint, write_like
+from deferredseg.review.db import ReviewDB, atomic_save_npy
+from deferredseg.review.tasks import extract_tasks
+
+SIDE = 40
+ANA_BOXES = [(2, 10, 2, 10), (2, 10, 28, 36), (28, 36, 2, 10)]
+BEN_BOX = (28, 36, 28, 36)
+
+
+def make_review_folder(root: Path) -> Path:
+    root = Path(root)
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[:SIDE, :SIDE]
+    image = (100.0 + 80.0 * (((yy - 20) ** 2 + (xx - 20) ** 2) < 120)).astype(np.float32)
+    np.save(images / "scan1.npy", image)
+    model = ((yy - 20) ** 2 + (xx - 20) ** 2 < 100).astype(np.uint8)
+    model[4:8, 4:8] = 1  # something inside the first region, so the proposal shows
+    assignment = np.full((SIDE, SIDE), -1, np.int8)
+    for a, b, c, d in ANA_BOXES:
+        assignment[a:b, c:d] = 0
+    a, b, c, d = BEN_BOX
+    assignment[a:b, c:d] = 1
+    out = root / "out"
+    db = ReviewDB(out)
+    db.ensure_experts(["ana", "ben"])
+    db.set_meta({"num_classes": 1, "num_labels": 2, "spatial_dims": 2, "in_channels": 1})
+    meta = InputMeta(ext=".npy")
+    write_like(out / "model" / "scan1", model, meta)
+    write_like(out / "assignment" / "scan1", (assignment.astype(np.int16) + 1).astype(np.uint8), meta)
+    regions, tasks, dropped = extract_tasks(assignment, 2, min_size=1, merge_distance=0)
+    atomic_save_npy(out / "regions" / "scan1.npy", regions)
+    db.add_image("scan1", str((images / "scan1.npy").resolve()), ".npy",
+                 _fingerprint(images / "scan1.npy"), (SIDE, SIDE), SIDE * SIDE,
+                 int((assignment >= 0).sum()), dropped, tasks)
+    db.close()
+    return out
