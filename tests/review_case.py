@@ -22,7 +22,9 @@ def make_review_folder(root: Path) -> Path:
     images = root / "images"
     images.mkdir(parents=True, exist_ok=True)
     yy, xx = np.mgrid[:SIDE, :SIDE]
-    image = (100.0 + 80.0 * (((yy - 20) ** 2 + (xx - 20) ** 2) < 120)).astype(np.float32)
+    rng = np.random.RandomState(0)
+    image = (100.0 + 80.0 * (((yy - 20) ** 2 + (xx - 20) ** 2) < 120) + 0.8 * xx
+             + rng.normal(0, 6, (SIDE, SIDE))).astype(np.float32)
     np.save(images / "scan1.npy", image)
     model = ((yy - 20) ** 2 + (xx - 20) ** 2 < 100).astype(np.uint8)
     model[4:8, 4:8] = 1  # something inside the first region, so the proposal shows

@@ -121,11 +121,6 @@
           const c = COLORS[l % COLORS.length] || COLORS[1];
           rgb = rgb.map((v, k) => Math.round(0.55 * v + 0.45 * c[k]));
         }
-        if (state.region[p]) {
-          const edge = (i === 0 || !state.region[idx(i - 1, j)]) || (i === H - 1 || !state.region[idx(i + 1, j)]) ||
-                       (j === 0 || !state.region[idx(i, j - 1)]) || (j === W - 1 || !state.region[idx(i, j + 1)]);
-          if (edge) rgb = [255, 230, 0];
-        }
         im.data[o] = rgb[0]; im.data[o + 1] = rgb[1]; im.data[o + 2] = rgb[2]; im.data[o + 3] = 255;
       }
     }
@@ -134,6 +129,21 @@
     off.getContext("2d").putImageData(im, 0, 0);
     ctx.imageSmoothingEnabled = false;
     ctx.drawImage(off, 0, 0, W * state.scale, H * state.scale);
+    // the region's outline, on the pixel borders
+    const sc = state.scale, inside = (i, j) => i >= 0 && i < H && j >= 0 && j < W && state.region[idx(i, j)];
+    ctx.strokeStyle = "#ffe600";
+    ctx.lineWidth = Math.max(1, Math.round(sc / 8));
+    ctx.beginPath();
+    for (let i = 0; i < H; i++) {
+      for (let j = 0; j < W; j++) {
+        if (!inside(i, j)) continue;
+        if (!inside(i - 1, j)) { ctx.moveTo(j * sc, i * sc); ctx.lineTo((j + 1) * sc, i * sc); }
+        if (!inside(i + 1, j)) { ctx.moveTo(j * sc, (i + 1) * sc); ctx.lineTo((j + 1) * sc, (i + 1) * sc); }
+        if (!inside(i, j - 1)) { ctx.moveTo(j * sc, i * sc); ctx.lineTo(j * sc, (i + 1) * sc); }
+        if (!inside(i, j + 1)) { ctx.moveTo((j + 1) * sc, i * sc); ctx.lineTo((j + 1) * sc, (i + 1) * sc); }
+      }
+    }
+    ctx.stroke();
     $("sliceval").textContent = (state.slice + 1) + " / " + state.dims[2];
   }
 
