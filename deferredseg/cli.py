@@ -3,6 +3,9 @@
     deferredseg demo                                   # the main job: train + evaluate on synthetic data
     deferredseg train --out runs/a [--layout ...]      # train one model (or --seeds 1,2,3)
     deferredseg evaluate --checkpoint runs/a/best.pt --out runs/a/eval
+    deferredseg predict --checkpoint runs/a/best.pt --images new/ --out review/   # masks + review tasks
+    deferredseg serve review/                          # the experts' review pages
+    deferredseg merge review/                          # final masks and the report
 
 Every training option is also a key of a YAML or JSON file given with
 ``--config FILE``; options on the command line win over the file. Under
