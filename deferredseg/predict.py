@@ -219,8 +219,9 @@ def resolve_routing(ck: Dict[str, Any], cfg, threshold: Optional[float] = None,
     training configuration's threshold. Returns ``{"threshold", "mode", "source", ...}``
     plus any further keyword arguments of ``route`` the checkpoint recorded."""
     recorded = dict(ck.get("routing") or {})
-    if "threshold" not in recorded and ck.get("threshold") is not None:
-        recorded["threshold"] = ck["threshold"]
+    for key in ("threshold", "budget"):
+        if key not in recorded and ck.get(key) is not None:
+            recorded[key] = ck[key]
     mode = recorded.get("mode", "gate")
     out: Dict[str, Any] = {"mode": mode}
     if cfg.method == "model-only":
@@ -243,8 +244,10 @@ def resolve_routing(ck: Dict[str, Any], cfg, threshold: Optional[float] = None,
     from deferredseg_kernels import route
 
     accepted = inspect.signature(route).parameters
+    fixed = ("threshold", "mode", "budget", "logits", "num_classes", "num_experts", "expert_labels",
+             "backend")
     for k, v in recorded.items():
-        if k not in ("threshold", "mode", "budget") and k in accepted:
+        if k not in fixed and k in accepted:
             out[k] = v
     return out
 
@@ -267,8 +270,24 @@ class PredictSummary:
     def to_dict(self) -> Dict[str, Any]:
         return {"out": self.out, "done": len(self.done), "skipped": len(self.skipped),
                 "failed": [{"file": f, "error": e} for f, e in self.failed], "tasks": self.tasks,
-                "routing": {k: v for k, v in self.routing.items() if k != "scores"},
+                "routing": _jsonable(self.routing),
                 "seconds": self.seconds}
+
+
+def _jsonable(routing: Dict[str, Any]) -> Dict[str, Any]:
+    """The routing settings for JSON: tensors as lists, large ones (score maps) left out."""
+    out = {}
+    for k, v in routing.items():
+        if isinstance(v, torch.Tensor):
+            if v.numel() > 64:
+                continue
+            v = v.tolist()
+        try:
+            json.dumps(v)
+        except TypeError:
+            v = repr(v)
+        out[k] = v
+    return out
 
 
 def _list_images(folder: Path) -> List[Path]:
@@ -322,7 +341,7 @@ def predict(checkpoint: Union[str, Path], images: Union[str, Path], out: Union[s
     db.ensure_experts(names)
     db.set_meta({"checkpoint": str(Path(checkpoint).resolve()), "num_classes": K,
                  "num_labels": max(K, 2), "spatial_dims": sd, "in_channels": C,
-                 "routing": {k: v for k, v in routing.items() if k != "scores"},
+                 "routing": _jsonable(routing),
                  "min_size": int(min_size), "merge_distance": int(merge_distance)})
     summary = PredictSummary(out=str(out), routing=routing)
     amp = dev.type == "cuda"

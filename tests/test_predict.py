@@ -254,3 +254,26 @@ def test_merge_equals_a_hand_computed_fusion(tmp_path):
     fused = fuse(model, regions, [{"region": 3, "bbox": [[4, 6], [4, 6]], "action": "edited",
                                    "mask": np.zeros((2, 2), np.uint8)}])
     assert fused[4, 4] == 1 and fused[5, 5] == 0 and fused[4, 5] == 0
+
+
+def test_routing_comes_from_the_checkpoint_unless_overridden():
+    import torch
+
+    from deferredseg.predict import _jsonable, resolve_routing
+
+    cfg = TrainConfig(threshold=0.4)
+    assert resolve_routing({}, cfg)["threshold"] == 0.4
+    assert resolve_routing({}, cfg)["source"] == "training configuration"
+    ck = {"routing": {"threshold": 0.7, "mode": "router", "budget": 0.1, "not_a_route_option": 1}}
+    r = resolve_routing(ck, cfg)
+    assert (r["threshold"], r["mode"], r["source"], r["budget"]) == (0.7, "router", "checkpoint", 0.1)
+    assert "not_a_route_option" not in r  # only keywords that route() takes are passed on
+    assert resolve_routing({"threshold": 0.66}, cfg)["threshold"] == 0.66
+    assert resolve_routing(ck, cfg, threshold=0.2)["threshold"] == 0.2
+    r = resolve_routing(ck, cfg, budget=0.3, threshold_from_budget=lambda b: b / 2)
+    assert r["threshold"] == 0.15 and r["source"].startswith("--budget")
+    assert resolve_routing(ck, TrainConfig(method="model-only"))["threshold"] == 1.0
+    with pytest.raises(ValueError, match="threshold must be in"):
+        resolve_routing({}, cfg, threshold=1.5)
+    assert _jsonable({"t": 0.5, "c": torch.tensor([1.0, 2.0]), "big": torch.zeros(100)}) == \
+        {"t": 0.5, "c": [1.0, 2.0]}
