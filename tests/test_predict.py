@@ -147,6 +147,28 @@ def test_predict_nifti_3d_keeps_affine_and_spacing(ck3d, tmp_path):
     np.testing.assert_allclose(final.affine, affine)
     # no answers yet: the final mask is the model's
     np.testing.assert_array_equal(np.asarray(final.dataobj), np.asarray(nib.load(out / "model" / "vol.nii.gz").dataobj))
+    # the review server serves 3D crops and takes a 3D edit; the merged NIfTI keeps the affine
+    import base64
+
+    from starlette.testclient import TestClient
+
+    from deferredseg.review.server import create_app
+
+    db = ReviewDB(out)
+    task = next(iter(db.iter_tasks()))
+    client = TestClient(create_app(out))
+    meta = client.get(f"/api/experts/{task['expert']}/tasks/{task['id']}").json()
+    shape = meta["crop_shape"]
+    assert len(shape) == 3
+    n = int(np.prod(shape))
+    assert len(client.get(f"/api/experts/{task['expert']}/tasks/{task['id']}/data").content) == 6 * n
+    r = client.post(f"/api/experts/{task['expert']}/tasks/{task['id']}/answer",
+                    json={"action": "edited", "mask": base64.b64encode(np.ones(n, np.uint8).tobytes()).decode()})
+    assert r.status_code == 200, r.text
+    final = nib.load(out / "final" / "vol.nii.gz")
+    np.testing.assert_allclose(final.affine, affine)
+    regions = np.load(out / "regions" / "vol.npy")
+    assert np.all(np.asarray(final.dataobj)[regions == task["region"]] == 1)
 
 
 def test_large_image_goes_through_sliding_windows(ck2d, tmp_path):
