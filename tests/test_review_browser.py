@@ -53,8 +53,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _get(url, token=None):
-    req = urllib.request.Request(url, headers={"X-Review-Token": token} if token else {})
+def _get(url, token=None, host=None):
+    headers = {"X-Review-Token": token} if token else {}
+    if host:
+        headers["Host"] = host
+    req = urllib.request.Request(url, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             return r.status, r.read()
@@ -159,6 +162,9 @@ def test_review_page_accept_edit_reject_in_chromium(server, tmp_path):
         status, body = _get(f"{base}/api/experts/ana/tasks/{bad}", ana_token)
         assert status == 404 and b"SQLite" not in body
     assert _get(f"{base}/static/..%2F..%2Freview.db")[0] == 404
+    # a request naming another host (a rebound domain name) is refused
+    assert _get(f"{base}/api/experts/ana/queue", ana_token, host="evil.example:8765")[0] == 400
+    assert _get(f"{base}/api/experts/ana/queue", ana_token)[0] == 200
 
     # the database: one answer per task, of the right kind, from ana
     acts = {t: [a["action"] for a in db.answers(t)] for t in (t1, t2, t3)}

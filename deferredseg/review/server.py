@@ -36,7 +36,7 @@ import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from starlette.applications import Starlette
@@ -44,6 +44,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
@@ -131,8 +132,14 @@ def _crop_box(bbox, shape) -> Tuple[Tuple[int, int], ...]:
 
 
 def create_app(out: Union[str, Path], require_tokens: bool = False,
-               max_upload: int = 4 * 1024 * 1024, merge_on_answer: bool = True) -> Starlette:
-    """The review application of the prediction folder ``out``."""
+               max_upload: int = 4 * 1024 * 1024, merge_on_answer: bool = True,
+               allowed_hosts: Optional[Sequence[str]] = None) -> Starlette:
+    """The review application of the prediction folder ``out``.
+
+    ``allowed_hosts``: the Host headers accepted (None: any); :func:`serve` on a
+    loopback address accepts only loopback names, so that a web page elsewhere
+    cannot reach the server through a rebound domain name.
+    """
     db = ReviewDB(out, create=False)
     if require_tokens and not db.has_tokens():
         raise ValueError(f"tokens are required but {out} has none yet; `deferredseg serve` "
@@ -294,7 +301,9 @@ def create_app(out: Union[str, Path], require_tokens: bool = False,
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error},
-                    middleware=[Middleware(_SecurityHeaders)])
+                    middleware=[Middleware(_SecurityHeaders)] + (
+                        [Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))]
+                        if allowed_hosts else []))
     app.state.db = db
     return app
 
@@ -327,6 +336,7 @@ def serve(out: Union[str, Path], host: str = "127.0.0.1", port: int = 8765,
         for e in db.experts():
             print(f"  expert {e['name']}: {base}/review/{e['name']}", flush=True)
         print(f"  overview: {base}/", flush=True)
-    app = create_app(out, require_tokens=require_tokens, max_upload=max_upload)
+    hosts = ["127.0.0.1", "localhost", "::1", "[::1]"] if _is_loopback(host) else None
+    app = create_app(out, require_tokens=require_tokens, max_upload=max_upload, allowed_hosts=hosts)
     uvicorn.run(app, host=host, port=port, log_level="warning")
     return 0
