@@ -347,8 +347,16 @@ def predict(checkpoint: Union[str, Path], images: Union[str, Path], out: Union[s
     amp = dev.type == "cuda"
     seen: Dict[str, Path] = {}
 
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(files), desc="predict", unit="image", dynamic_ncols=True)
+
     def pending_inputs() -> Iterator[Tuple[str, Path, np.ndarray, InputMeta]]:
         for p in files:
+            if bar is not None:
+                bar.update(1)  # read (or skipped); its batch follows
             image_id = split_name(p.name)[0]
             if image_id in seen:
                 summary.failed.append((str(p), f"same id {image_id!r} as {seen[image_id]}"))
@@ -385,11 +393,6 @@ def predict(checkpoint: Union[str, Path], images: Union[str, Path], out: Union[s
     from monai.transforms import ScaleIntensity
 
     scale = ScaleIntensity(minv=0.0, maxv=1.0)  # as the training pipeline does
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(files), desc="predict", unit="image", dynamic_ncols=True)
     try:
         for group in batches():
             x = torch.stack([torch.as_tensor(np.asarray(scale(g[2]))) for g in group]).to(dev)
@@ -417,8 +420,6 @@ def predict(checkpoint: Union[str, Path], images: Union[str, Path], out: Union[s
                                   assignment[b], E, min_size, merge_distance, summary)
                 except Exception as err:
                     summary.failed.append((str(p), f"{type(err).__name__}: {err}"))
-            if bar is not None:
-                bar.update(len(group))
     finally:
         if bar is not None:
             bar.close()

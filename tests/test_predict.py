@@ -177,7 +177,7 @@ def test_large_image_goes_through_sliding_windows(ck2d, tmp_path):
     np.save(images / "big.npy", _synthetic((80, 72), 7)[0].astype(np.float32))
     np.save(images / "same.npy", _synthetic((32, 32), 8)[0].astype(np.float32))
     out = tmp_path / "out"
-    s = predict(ck2d, images, out, threshold=0.5, progress=False)
+    s = predict(ck2d, images, out, threshold=0.5, progress=True)  # with the progress bar
     assert sorted(s.done) == ["big", "same"]
     assert np.load(out / "model" / "big.npy").shape == (80, 72)
     assert np.load(out / "defer_prob" / "big.npy").shape == (80, 72)
