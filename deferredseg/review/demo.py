@@ -109,8 +109,9 @@ def run_review_demo(out: str = "deferredseg-review-demo", simulate_experts: bool
     for i in range(n):
         size = cfg.image_size * (2 if i == n - 1 else 1)
         (case,) = _synthetic_cases([f"new_{i:03d}"], seed + 7919, 2, size, num_labels, 4, None, 0.2)
-        np.save(images / f"{case['id']}.npy", case["image"][0])
-        np.save(truth / f"{case['id']}.npy", case["label"])
+        if not (images / f"{case['id']}.npy").exists():  # a rerun keeps the predicted files
+            np.save(images / f"{case['id']}.npy", case["image"][0])
+            np.save(truth / f"{case['id']}.npy", case["label"])
         gts[case["id"]] = case["label"]
         labs = panel(torch.as_tensor(case["label"])[None], ids=[case["id"]])[0].numpy()
         for j, name in enumerate(panel.names):
