@@ -85,7 +85,9 @@ def build_report(db: ReviewDB) -> Dict[str, Any]:
             "deferred_share": deferred / max(int(r["total_pixels"]), 1),
             "answered_share": (int(r["answered"]) / deferred) if deferred else None,
             "rejected_share": (int(r["rejected"]) / deferred) if deferred else None,
-            "dropped_pixels": int(r["dropped_pixels"]), "tasks": int(r["tasks"]),
+            "dropped_pixels": int(r["dropped_pixels"]),
+            "dropped_share": (int(r["dropped_pixels"]) / deferred) if deferred else None,
+            "tasks": int(r["tasks"]),
             "experts": experts, "unanswered_tasks": unanswered, "complete": not unanswered})
     experts = []
     for r in c.execute(
@@ -105,11 +107,13 @@ def _report_markdown(rep: Dict[str, Any]) -> str:
         return "-" if v is None else f"{v:.1%}"
 
     lines = ["# Review report", "", "## Images", "",
-             "| image | deferred | answered | rejected | experts | unanswered tasks |",
-             "|---|---|---|---|---|---|"]
+             "Shares of the deferred pixels: answered (accepted or edited), rejected, and in regions "
+             "too small to send (the model's labels stand there).", "",
+             "| image | deferred | answered | rejected | too small | experts | unanswered tasks |",
+             "|---|---|---|---|---|---|---|"]
     for i in rep["images"]:
         lines.append(f"| {i['image']} | {pct(i['deferred_share'])} | {pct(i['answered_share'])} | "
-                     f"{pct(i['rejected_share'])} | {', '.join(i['experts']) or '-'} | "
+                     f"{pct(i['rejected_share'])} | {pct(i['dropped_share'])} | {', '.join(i['experts']) or '-'} | "
                      f"{', '.join(map(str, i['unanswered_tasks'])) or '-'} |")
     lines += ["", "## Experts", "", "| expert | tasks | done | accepted | edited | rejected | time (s) |",
               "|---|---|---|---|---|---|---|"]
