@@ -299,3 +299,16 @@ def test_routing_comes_from_the_checkpoint_unless_overridden():
         resolve_routing({}, cfg, threshold=1.5)
     assert _jsonable({"t": 0.5, "c": torch.tensor([1.0, 2.0]), "big": torch.zeros(100)}) == \
         {"t": 0.5, "c": [1.0, 2.0]}
+
+
+def test_help_of_the_review_commands(capsys):
+    from deferredseg.cli import main
+
+    for cmd in ("predict", "serve", "merge", "review-demo"):
+        with pytest.raises(SystemExit) as exc:
+            main([cmd, "--help"])
+        assert exc.value.code == 0
+        assert f"usage: deferredseg {cmd}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:  # bad sizes are argparse errors
+        main(["predict", "--checkpoint", "c", "--images", "i", "--out", "o", "--window", "0,4"])
+    assert exc.value.code == 2 and "positive sizes" in capsys.readouterr().err
