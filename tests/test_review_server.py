@@ -19,7 +19,8 @@ def folder(tmp_path):
 
 
 def test_queue_task_data_and_answers_update_db_and_merged_mask(folder):
-    client = TestClient(create_app(folder))
+    app = create_app(folder)
+    client = TestClient(app)
     q = client.get("/api/experts/ana/queue").json()
     assert q["counts"] == {"total": 3, "done": 0, "left": 3}
     t = client.get(f"/api/experts/ana/tasks/{q['next']}").json()
@@ -41,6 +42,7 @@ def test_queue_task_data_and_answers_update_db_and_merged_mask(folder):
     assert final[2:10, 2:10].all() and final.shape == (SIDE, SIDE)
     model = np.load(folder / "model" / "scan1.npy")
     np.testing.assert_array_equal(final[12:, :], model[12:, :])
+    app.state.flush_report()  # otherwise written in the background within a second
     rep = json.loads((folder / "report.json").read_text())
     assert rep["experts"][0]["edited"] == 1
     nxt = r.json()["next"]
@@ -109,3 +111,13 @@ def test_binding_elsewhere_requires_tokens(folder, monkeypatch, capsys):
     # printed once: a second start prints no token
     server.serve(folder, host="0.0.0.0", port=9999)
     assert "?token=" not in capsys.readouterr().out
+
+
+def test_report_follows_the_answers_by_the_time_the_server_stops(folder):
+    with TestClient(create_app(folder)) as client:  # runs the lifespan: shutdown flushes the report
+        tid = client.get("/api/experts/ben/queue").json()["next"]
+        assert client.post(f"/api/experts/ben/tasks/{tid}/answer", json={"action": "rejected"}).status_code == 200
+    rep = json.loads((folder / "report.json").read_text())
+    ben = [e for e in rep["experts"] if e["expert"] == "ben"][0]
+    assert (ben["done"], ben["rejected"]) == (1, 1)
+    assert rep["images"][0]["rejected_share"] == pytest.approx(64 / 256)

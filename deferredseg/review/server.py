@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import ipaddress
 import json
 import re
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
@@ -126,6 +128,36 @@ class _SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+class _Debounced:
+    """Runs ``fn`` in a background thread at most once per ``delay`` seconds after requests."""
+
+    def __init__(self, fn, delay: float = 1.0):
+        self.fn, self.delay = fn, delay
+        self.pending = threading.Event()
+        self.lock = threading.Lock()
+        self.thread: Optional[threading.Thread] = None
+
+    def request(self) -> None:
+        self.pending.set()
+        with self.lock:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._loop, daemon=True, name="report-writer")
+                self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            self.pending.wait()
+            time.sleep(self.delay)
+            self.flush()
+
+    def flush(self) -> None:
+        """Run ``fn`` now if a request is pending."""
+        with self.lock:
+            if self.pending.is_set():
+                self.pending.clear()
+                self.fn()
+
+
 def _crop_box(bbox, shape) -> Tuple[Tuple[int, int], ...]:
     return tuple((max(0, int(a) - CROP_MARGIN), min(int(n), int(b) + CROP_MARGIN))
                  for (a, b), n in zip(bbox, shape))
@@ -147,6 +179,14 @@ def create_app(out: Union[str, Path], require_tokens: bool = False,
     num_labels = int(db.get_meta("num_labels", 2))
     arrays = _Arrays(db)
     merge_lock = threading.Lock()
+
+    def report() -> None:
+        from .merge import write_report
+
+        write_report(db)
+
+    # the report sums over every task: written in the background, at most once a second
+    reporter = _Debounced(report)
 
     def fail(status: int, message: str):
         raise HTTPException(status_code=status, detail=message)
@@ -260,11 +300,11 @@ def create_app(out: Union[str, Path], require_tokens: bool = False,
             mask = full[tuple(slice(o, o + (b[1] - b[0])) for o, b in zip(off, view["bbox"]))].copy()
         answer_id = db.add_answer(int(t["id"]), int(e["id"]), action, mask)
         if merge_on_answer:
-            from .merge import merge_image, write_report
+            from .merge import merge_image
 
             with merge_lock:
                 merge_image(db, t["image_id"])
-                write_report(db)
+            reporter.request()
         return {"answer": answer_id, "task": int(t["id"]), "action": action,
                 "counts": db.queue_counts(int(e["id"])), "next": db.next_task(int(e["id"]), int(t["id"]))}
 
@@ -300,11 +340,17 @@ def create_app(out: Union[str, Path], require_tokens: bool = False,
         Route("/api/experts/{expert}/tasks/{task_id:int}/answer", api_answer, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error},
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        reporter.flush()  # the last answers' report before the server stops
+
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan,
                     middleware=[Middleware(_SecurityHeaders)] + (
                         [Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))]
                         if allowed_hosts else []))
     app.state.db = db
+    app.state.flush_report = reporter.flush
     return app
 
 
