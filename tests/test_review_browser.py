@@ -72,15 +72,16 @@ def server(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "deferredseg", "serve", str(out), "--port", str(port),
                              "--require-tokens"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    links = {}
+    links, printed = {}, []
     try:
         for line in proc.stdout:
+            printed.append(line)
             m = re.search(r"(expert (\w+)|overview): (http://\S+)", line)
             if m:
                 links[m.group(2) or ""] = m.group(3)
             if line.strip().startswith("overview:"):
                 break
-        assert set(links) == {"ana", "ben", ""}, links
+        assert set(links) == {"ana", "ben", ""}, "".join(printed)
         base = f"http://127.0.0.1:{port}"
         for _ in range(200):
             try:
