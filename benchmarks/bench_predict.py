@@ -8,7 +8,7 @@
    routing and task extraction.
 2. serve: the latency of a task page (queue + task + crop data, the three
    requests the page makes) and of an answer (which also merges the image and
-   rewrites the report) with 10,000 tasks in the database, through uvicorn on
+   rewrites the report in the background) with 10,000 tasks in the database, through uvicorn on
    127.0.0.1.
 
     python benchmarks/bench_predict.py [--images 16] [--requests 50] [--json out.json]
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     print(f"\nreview server, {srv['tasks_in_db']} tasks in the database, {srv['requests']} requests:")
     print(f"task page (queue + task + data): median {srv['task_page_ms_median']:.1f} ms, "
           f"p90 {srv['task_page_ms_p90']:.1f} ms")
-    print(f"answer (with merge of the image and the report): median {srv['answer_ms_median']:.1f} ms, "
+    print(f"answer (with the merge of its image; the report follows in the background): median {srv['answer_ms_median']:.1f} ms, "
           f"p90 {srv['answer_ms_p90']:.1f} ms")
     if a.json:
         Path(a.json).write_text(json.dumps({"predict": rows, "serve": srv}, indent=2))
