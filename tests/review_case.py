@@ -47,3 +47,30 @@ def make_review_folder(root: Path) -> Path:
                  int((assignment >= 0).sum()), dropped, tasks)
     db.close()
     return out
+
+
+def make_review_folder_3d(root: Path) -> Path:
+    """A 24x24x8 volume; ana has one region spanning slices 2-5, ben one."""
+    root = Path(root)
+    images = root / "images3d"
+    images.mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(1)
+    image = (100 + 50 * rng.rand(24, 24, 8)).astype(np.float32)
+    np.save(images / "vol1.npy", image)
+    model = np.zeros((24, 24, 8), np.uint8)
+    model[6:10, 6:10, 3:5] = 1
+    assignment = np.full((24, 24, 8), -1, np.int8)
+    assignment[4:12, 4:12, 2:6] = 0
+    assignment[16:20, 16:20, 1:3] = 1
+    out = root / "out3d"
+    db = ReviewDB(out)
+    db.ensure_experts(["ana", "ben"])
+    db.set_meta({"num_classes": 1, "num_labels": 2, "spatial_dims": 3, "in_channels": 1})
+    meta = InputMeta(ext=".npy")
+    write_like(out / "model" / "vol1", model, meta)
+    regions, tasks, dropped = extract_tasks(assignment, 2)
+    atomic_save_npy(out / "regions" / "vol1.npy", regions)
+    db.add_image("vol1", str((images / "vol1.npy").resolve()), ".npy", _fingerprint(images / "vol1.npy"),
+                 (24, 24, 8), 24 * 24 * 8, int((assignment >= 0).sum()), dropped, tasks)
+    db.close()
+    return out

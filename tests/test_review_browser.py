@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from review_case import make_review_folder
+from review_case import make_review_folder, make_review_folder_3d
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,35 +65,44 @@ def _get(url, token=None, host=None):
         return err.code, err.read()
 
 
-@pytest.fixture()
-def server(tmp_path):
-    out = make_review_folder(tmp_path)
+def _start(out, *extra):
+    """`deferredseg serve OUT` on a free port; returns (process, base URL, links printed)."""
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "deferredseg", "serve", str(out), "--port", str(port),
-                             "--require-tokens"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                             *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     links, printed = {}, []
-    try:
-        for line in proc.stdout:
-            printed.append(line)
-            m = re.search(r"(expert (\w+)|overview): (http://\S+)", line)
-            if m:
-                links[m.group(2) or ""] = m.group(3)
-            if line.strip().startswith("overview:"):
+    for line in proc.stdout:
+        printed.append(line)
+        m = re.search(r"(expert (\w+)|overview): (http://\S+)", line)
+        if m:
+            links[m.group(2) or ""] = m.group(3)
+        if line.strip().startswith("overview:"):
+            break
+    assert set(links) == {"ana", "ben", ""}, "".join(printed)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(400):
+        try:
+            if _get(base + "/static/style.css")[0] == 200:
                 break
-        assert set(links) == {"ana", "ben", ""}, "".join(printed)
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(200):
-            try:
-                if _get(base + "/static/style.css")[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.05)
-        yield out, base, links
+        except OSError:
+            pass
+        time.sleep(0.05)
+    return proc, base, links
+
+
+@pytest.fixture()
+def server(tmp_path):
+    proc, base, links = _start(make_review_folder(tmp_path), "--require-tokens")
+    try:
+        yield tmp_path / "out", base, links
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def _launch(p):
+    return p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
 
 
 def test_review_page_accept_edit_reject_in_chromium(server, tmp_path):
@@ -103,8 +112,7 @@ def test_review_page_accept_edit_reject_in_chromium(server, tmp_path):
     out, base, links = server
     ana_token = links["ana"].split("token=")[1]
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                    args=["--no-sandbox", "--disable-gpu"])
+        browser = _launch(p)
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 720})
             errors = []
@@ -184,3 +192,49 @@ def test_review_page_accept_edit_reject_in_chromium(server, tmp_path):
     np.testing.assert_array_equal(final, fuse(model, regions, answers))
     in_t2 = regions == t2row["region"]
     assert final[in_t2].sum() == edit.sum() > model[in_t2].sum()
+
+
+def test_review_page_scrolls_the_slices_of_a_3d_task(tmp_path):
+    from deferredseg.review.db import ReviewDB
+
+    out = make_review_folder_3d(tmp_path)
+    proc, base, links = _start(out)  # 127.0.0.1 without tokens: plain links
+    try:
+        with playwright.sync_playwright() as p:
+            browser = _launch(p)
+            try:
+                page = browser.new_page()
+                errors = []
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.goto(links["ana"])
+                page.wait_for_selector("body[data-state=ready]")
+                assert page.is_visible("#slicebar")
+                first = page.inner_text("#sliceval")
+                assert first == "3 / 8"  # the crop holds every slice; it opens on the region's first
+                page.keyboard.press("ArrowUp")
+                assert page.inner_text("#sliceval") == "4 / 8"
+                page.mouse.move(10, 10)
+                box = page.locator("#canvas").bounding_box()
+                page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+                page.mouse.wheel(0, 100)
+                page.wait_for_selector("#sliceval:text-is('5 / 8')")
+                page.keyboard.press("b")  # paint in the middle of the crop on slice 5 (index 4)
+                page.mouse.down()
+                page.mouse.up()
+                page.keyboard.press("s")
+                page.wait_for_selector("body[data-state=empty]")
+                assert errors == []
+            finally:
+                browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    db = ReviewDB(out, create=False)
+    (t,) = [t for t in db.iter_tasks() if t["expert"] == "ana"]
+    a = db.latest_answer(t["id"])
+    mask = db.load_answer_mask(a)
+    assert a["action"] == "edited" and mask.shape == (8, 8, 4)
+    model = np.load(out / "model" / "vol1.npy")[4:12, 4:12, 2:6]
+    # the stroke added labels on slice index 4 (index 2 of the box) only
+    assert mask[:, :, 2].sum() > model[:, :, 2].sum()
+    np.testing.assert_array_equal(mask[:, :, [0, 1, 3]], model[:, :, [0, 1, 3]])
