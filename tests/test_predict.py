@@ -312,3 +312,31 @@ def test_help_of_the_review_commands(capsys):
     with pytest.raises(SystemExit) as exc:  # bad sizes are argparse errors
         main(["predict", "--checkpoint", "c", "--images", "i", "--out", "o", "--window", "0,4"])
     assert exc.value.code == 2 and "positive sizes" in capsys.readouterr().err
+
+
+def test_predict_streams_a_batch_at_a_time(ck2d, tmp_path, monkeypatch):
+    """At most batch_size images are held between reading and writing, whatever the folder's size."""
+    import deferredseg.predict as P
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(7):
+        np.save(images / f"i{i}.npy", _synthetic((32, 32), 20 + i)[0].astype(np.float32))
+    np.save(images / "odd.npy", _synthetic((40, 32), 30)[0].astype(np.float32))  # another shape
+    held, peak = [0], [0]
+    load, finish = P.load_input, P._finish_image
+
+    def counting_load(*a, **k):
+        held[0] += 1
+        peak[0] = max(peak[0], held[0])
+        return load(*a, **k)
+
+    def counting_finish(*a, **k):
+        held[0] -= 1
+        return finish(*a, **k)
+
+    monkeypatch.setattr(P, "load_input", counting_load)
+    monkeypatch.setattr(P, "_finish_image", counting_finish)
+    s = predict(ck2d, images, tmp_path / "out", threshold=0.5, batch_size=3, progress=False)
+    assert len(s.done) == 8 and held[0] == 0
+    assert peak[0] <= 3 + 1  # a batch, plus the next image read to see that the batch is full
