@@ -324,7 +324,7 @@ def predict(checkpoint: Union[str, Path], images: Union[str, Path], out: Union[s
     C, sd = int(ck["in_channels"]), int(cfg.spatial_dims)
     best_expert = int(ck.get("best_expert", 0))
     names = list(ck.get("expert_names") or [f"expert{j}" for j in range(E)])
-    backend = backend or cfg.backend
+    backend = backend or "auto"  # routing kernels for this machine, not the training one's
     train_size = list(cfg.spatial_size) if cfg.spatial_size else [cfg.image_size] * sd
     roi = [int(w) for w in (window or train_size)]
     if len(roi) != sd or min(roi) < 1:

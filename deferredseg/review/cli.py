@@ -49,6 +49,8 @@ def add_review_commands(sub) -> None:
     p.add_argument("--merge-distance", type=int, default=2, help="regions of one expert closer than "
                    "this many pixels become one task (default: 2)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--backend", default="auto", choices=("auto", "reference", "triton", "cpu", "cuda"),
+                   help="routing kernels (default: the best available here)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_predict)
 
@@ -92,7 +94,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     s = predict(args.checkpoint, args.images, args.out, threshold=args.threshold, budget=args.budget,
                 window=args.window, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
                 batch_size=args.batch_size, min_size=args.min_size,
-                merge_distance=args.merge_distance, device=args.device,
+                merge_distance=args.merge_distance, device=args.device, backend=args.backend,
                 progress=not args.no_progress)
     r = s.routing
     print(f"predicted {len(s.done)} image(s), skipped {len(s.skipped)} already done, "
