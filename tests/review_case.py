@@ -4,6 +4,13 @@ One 40x40 image; the model's mask is a disk; expert "ana" has three square
 regions, expert "ben" one. Written with the same functions ``predict`` uses.
 """
 
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +19,7 @@ from deferredseg.predict import InputMeta, _fingerprint, write_like
 from deferredseg.review.db import ReviewDB, atomic_save_npy
 from deferredseg.review.tasks import extract_tasks
 
+ROOT = Path(__file__).resolve().parents[1]
 SIDE = 40
 ANA_BOXES = [(2, 10, 2, 10), (2, 10, 28, 36), (28, 36, 2, 10)]
 BEN_BOX = (28, 36, 28, 36)
@@ -74,3 +82,47 @@ def make_review_folder_3d(root: Path) -> Path:
                  (24, 24, 8), 24 * 24 * 8, int((assignment >= 0).sum()), dropped, tasks)
     db.close()
     return out
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url, token=None, host=None):
+    headers = {"X-Review-Token": token} if token else {}
+    if host:
+        headers["Host"] = host
+    req = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def start_server(out, *extra):
+    """`deferredseg serve OUT` on a free port; returns (process, base URL, links printed)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "deferredseg", "serve", str(out), "--port", str(port),
+                             *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    links, printed = {}, []
+    for line in proc.stdout:
+        printed.append(line)
+        m = re.search(r"(expert (\w+)|overview): (http://\S+)", line)
+        if m:
+            links[m.group(2) or ""] = m.group(3)
+        if line.strip().startswith("overview:"):
+            break
+    assert set(links) == {"ana", "ben", ""}, "".join(printed)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(400):
+        try:
+            if get(base + "/static/style.css")[0] == 200:
+                break
+        except OSError:
+            pass
+        time.sleep(0.05)
+    return proc, base, links

@@ -13,20 +13,15 @@ fails, rather than skips, when it is not there.
 
 import json
 import os
-import re
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from review_case import get as _get
 from review_case import make_review_folder, make_review_folder_3d
+from review_case import start_server as _start
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,50 +40,6 @@ if CHROMIUM is None:
     pytest.skip("chromium is not installed (make browser installs it)", allow_module_level=True)
 
 playwright = pytest.importorskip("playwright.sync_api")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url, token=None, host=None):
-    headers = {"X-Review-Token": token} if token else {}
-    if host:
-        headers["Host"] = host
-    req = urllib.request.Request(url, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read()
-
-
-def _start(out, *extra):
-    """`deferredseg serve OUT` on a free port; returns (process, base URL, links printed)."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "deferredseg", "serve", str(out), "--port", str(port),
-                             *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    links, printed = {}, []
-    for line in proc.stdout:
-        printed.append(line)
-        m = re.search(r"(expert (\w+)|overview): (http://\S+)", line)
-        if m:
-            links[m.group(2) or ""] = m.group(3)
-        if line.strip().startswith("overview:"):
-            break
-    assert set(links) == {"ana", "ben", ""}, "".join(printed)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(400):
-        try:
-            if _get(base + "/static/style.css")[0] == 200:
-                break
-        except OSError:
-            pass
-        time.sleep(0.05)
-    return proc, base, links
 
 
 @pytest.fixture()

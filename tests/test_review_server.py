@@ -2,6 +2,7 @@
 
 import base64
 import json
+import time
 
 import numpy as np
 import pytest
@@ -121,3 +122,65 @@ def test_report_follows_the_answers_by_the_time_the_server_stops(folder):
     ben = [e for e in rep["experts"] if e["expert"] == "ben"][0]
     assert (ben["done"], ben["rejected"]) == (1, 1)
     assert rep["images"][0]["rejected_share"] == pytest.approx(64 / 256)
+
+
+def test_server_killed_while_answers_arrive_leaves_whole_files_and_rows(folder):
+    """SIGKILL the real server while two clients keep editing; restart and compare."""
+    import signal
+    import threading
+    import urllib.request
+
+    from review_case import start_server
+
+    proc, base, _ = start_server(folder)
+    db = ReviewDB(folder)
+    tasks = {name: [t["id"] for t in db.iter_tasks() if t["expert"] == name] for name in ("ana", "ben")}
+    stop = threading.Event()
+    sent = []
+
+    def client(name):
+        i = 0
+        while not stop.is_set():
+            tid = tasks[name][i % len(tasks[name])]
+            try:
+                shape = json.loads(urllib.request.urlopen(f"{base}/api/experts/{name}/tasks/{tid}",
+                                                          timeout=30).read())["crop_shape"]
+                mask = np.full(shape, i % 2, np.uint8)
+                body = json.dumps({"action": "edited", "mask": base64.b64encode(mask.tobytes()).decode()})
+                req = urllib.request.Request(f"{base}/api/experts/{name}/tasks/{tid}/answer",
+                                             data=body.encode(), headers={"Content-Type": "application/json"})
+                urllib.request.urlopen(req, timeout=30).read()
+                sent.append((name, tid))
+            except OSError:
+                return  # the server is gone
+            i += 1
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in ("ana", "ben")]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.time() + 60
+        while len(sent) < 20 and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)  # mid-stream: requests are in flight
+        proc.wait(timeout=20)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    assert len(sent) >= 20
+    db.close()
+    db = ReviewDB(folder, create=False)  # the restart
+    c = db.conn()
+    assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    rows = c.execute("SELECT * FROM answers ORDER BY id").fetchall()
+    assert len(rows) >= len(sent)  # every acknowledged answer is there (one more may be)
+    for a in rows:
+        m = db.load_answer_mask(a)
+        bbox = json.loads(db.task(a["task_id"])["bbox"])
+        assert m.shape == tuple(e - s for s, e in bbox) and set(np.unique(m)) <= {0, 1}
+    assert not [p for p in (folder / "answers").rglob("*") if ".tmp-" in p.name]
+    # the restarted server shows the same state
+    client2 = TestClient(create_app(folder))
+    ov = client2.get("/api/overview").json()
+    assert [(e["name"], e["done"]) for e in ov["experts"]] == [("ana", 3), ("ben", 1)]
