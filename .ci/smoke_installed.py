@@ -41,5 +41,9 @@ for backend in dk.available_backends("loss"):
 for backend in dk.available_backends("route"):
     out = dk.route(x, K, E, expert_labels=m, backend=backend)
     assert torch.equal(out.assignment, dk.route(x, K, E, expert_labels=m, backend="reference").assignment)
+from deferredseg.review.server import STATIC  # noqa: E402
+
+for page in ("review.html", "review.js", "overview.html", "overview.js", "style.css"):
+    assert (STATIC / page).is_file(), f"the review page {page} is missing from the install: {STATIC}"
 print("installed package OK")
 sys.exit(0)

@@ -3,6 +3,9 @@
     deferredseg demo                                   # the main job: train + evaluate on synthetic data
     deferredseg train --out runs/a [--layout ...]      # train one model (or --seeds 1,2,3)
     deferredseg evaluate --checkpoint runs/a/best.pt --out runs/a/eval
+    deferredseg predict --checkpoint runs/a/best.pt --images new/ --out review/   # masks + review tasks
+    deferredseg serve review/                          # the experts' review pages
+    deferredseg merge review/                          # final masks and the report
 
 Every training option is also a key of a YAML or JSON file given with
 ``--config FILE``; options on the command line win over the file. Under
@@ -154,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deferredseg", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,demo}")
+    sub = parser.add_subparsers(dest="command",
+                                metavar="{train,evaluate,demo,predict,serve,merge,review-demo}")
     sub.required = True
 
     t = sub.add_parser("train", help="train a model (or one per seed with --seeds)",
@@ -193,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quick", action="store_true", help="a tiny run (for tests)")
+    from .review.cli import add_review_commands
+
+    add_review_commands(sub)
     return parser
 
 
@@ -280,6 +287,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if hasattr(args, "run"):  # the review subcommands
+            return args.run(args)
         if args.command == "train":
             return run_train(config_from_args(args))
         if args.command == "evaluate":

@@ -1,0 +1,466 @@
+"""``deferredseg predict``: segment a folder of new images, route their pixels, make review tasks.
+
+For every image of a folder (PNG, ``.npy``, NIfTI; 2D or 3D; any size) the
+trained model gives its packed logits, directly when the image has the
+training size and by MONAI's ``sliding_window_inference`` otherwise; the
+package's ``route`` decides who labels each pixel at the checkpoint's gate
+threshold (or ``threshold=`` / ``budget=``); and the deferred pixels become
+review tasks (:mod:`deferredseg.review.tasks`). Written to ``out``, in the
+input's format (NIfTI keeps the affine and the header, so the spacing):
+
+- ``model/<id>``: the model's labels;
+- ``defer_prob/<id>``: the deferral probability (PNG: scaled to 0..255);
+- ``assignment/<id>``: who labels each pixel, 0 for the model and j + 1 for expert j;
+- ``regions/<id>.npy``: the review regions (0: none), read by the review server
+  and by merge;
+- ``review.db``: images, experts and tasks (:mod:`deferredseg.review.db`);
+- ``manifest.jsonl``: one line per review task (image, expert, bounding box, area).
+
+An image counts as done once its row is in the database, written after its
+files; rerunning over the same ``out`` skips the done images. One unreadable
+image is reported by name and skipped.
+"""
+
+from __future__ import annotations
+
+import gzip
+import inspect
+import io
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .data.io import split_name
+from .review.db import ReviewDB, atomic_save_npy, atomic_write_bytes
+from .review.tasks import extract_tasks
+
+__all__ = ["predict", "PredictSummary", "load_input", "write_like", "read_like", "InputMeta", "infer_logits",
+           "resolve_routing", "OUTPUT_KINDS"]
+
+#: The per-image output folders (besides regions/ and final/).
+OUTPUT_KINDS = ("model", "defer_prob", "assignment")
+
+
+# ----------------------------------------------------------------------------- input and output
+
+
+@dataclass
+class InputMeta:
+    """What is needed to write an output in the input's format."""
+
+    ext: str
+    affine: Optional[np.ndarray] = None  # NIfTI only
+    header: Any = None  # NIfTI only
+
+
+def load_input(path: Union[str, Path], in_channels: int, spatial_dims: int
+               ) -> Tuple[np.ndarray, InputMeta]:
+    """An image file as ``(C, *S)`` float32 (raw intensities) and its format metadata.
+
+    PNG and NIfTI files are read with MONAI's readers (``PILReader``,
+    ``NibabelReader``), ``.npy`` with ``numpy.load(allow_pickle=False)``. A colour
+    PNG given to a one-channel model is read as its grey level.
+    """
+    from .data.io import _reader
+
+    path = Path(path)
+    parts = split_name(path.name)
+    if parts is None:
+        raise ValueError(f"{path}: unsupported file type; expected .png, .npy, .nii or .nii.gz")
+    ext = parts[1]
+    meta = InputMeta(ext=ext)
+    try:
+        if ext == ".npy":
+            arr = np.load(path, allow_pickle=False)
+        else:
+            reader = _reader(ext)
+            obj = reader.read(str(path))
+            if ext in (".nii", ".nii.gz"):
+                meta.affine = np.asarray(obj.affine)
+                meta.header = obj.header.copy()
+            arr, _ = reader.get_data(obj)
+            arr = np.asarray(arr)
+    except Exception as err:
+        raise ValueError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "biuf":
+        raise ValueError(f"image {path}: expected a numeric array, got dtype {getattr(arr, 'dtype', None)}")
+    arr = arr.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"image {path} contains NaN or infinite values")
+    sd, C = int(spatial_dims), int(in_channels)
+    if arr.ndim == sd:
+        x = arr[None]
+    elif arr.ndim == sd + 1:
+        if ext == ".png" and arr.shape[-1] in (3, 4) and C == 1:
+            x = arr[..., :3].mean(axis=-1)[None]
+        elif ext != ".png" and arr.shape[0] == C:
+            x = arr
+        elif arr.shape[-1] == C:
+            x = np.moveaxis(arr, -1, 0)
+        else:
+            raise ValueError(f"image {path} has shape {arr.shape}; the model takes {C} channel(s) of "
+                             f"{sd}D images: expected (*S), ({C}, *S) or (*S, {C})")
+    else:
+        raise ValueError(f"image {path} has shape {arr.shape}; the model takes {sd}D images with "
+                         f"{C} channel(s): expected {sd} or {sd + 1} axes")
+    if x.shape[0] != C:
+        raise ValueError(f"image {path} has {x.shape[0]} channel(s), the model takes {C}")
+    if min(x.shape[1:]) < 1:
+        raise ValueError(f"image {path} is empty (shape {arr.shape})")
+    return np.ascontiguousarray(x), meta
+
+
+def _encode(arr: np.ndarray, meta: InputMeta) -> bytes:
+    if meta.ext == ".npy":
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+        return buf.getvalue()
+    if meta.ext == ".png":
+        from PIL import Image
+
+        if arr.ndim != 2:
+            raise ValueError(f"PNG holds 2D images only, got an array of shape {arr.shape}")
+        if arr.dtype.kind == "f":
+            arr = np.clip(np.rint(arr * 255.0), 0, 255)
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(arr.astype(np.uint8))).save(buf, format="PNG")
+        return buf.getvalue()
+    import nibabel as nib
+
+    header = meta.header.copy() if meta.header is not None else None
+    img = nib.Nifti1Image(np.ascontiguousarray(arr), meta.affine if meta.affine is not None else np.eye(4),
+                          header=header)
+    img.set_data_dtype(arr.dtype)
+    if header is not None:
+        img.header.set_slope_inter(1.0, 0.0)
+    data = img.to_bytes()
+    return gzip.compress(data, compresslevel=4, mtime=0) if meta.ext == ".nii.gz" else data
+
+
+def write_like(path_stem: Union[str, Path], arr: np.ndarray, meta: InputMeta) -> Path:
+    """Write ``arr`` (*S) as ``path_stem + meta.ext``, atomically; returns the path.
+
+    Label maps should be uint8, probabilities float32 (PNG scales them to 0..255).
+    """
+    path = Path(str(path_stem) + meta.ext)
+    atomic_write_bytes(path, _encode(arr, meta))
+    return path
+
+
+def read_like(path: Union[str, Path]) -> Tuple[np.ndarray, InputMeta]:
+    """An output written by :func:`write_like`, as an array, and its format metadata."""
+    from .data.io import _reader
+
+    path = Path(path)
+    parts = split_name(path.name)
+    if parts is None:
+        raise ValueError(f"{path}: unsupported file type")
+    meta = InputMeta(ext=parts[1])
+    if meta.ext == ".npy":
+        return np.load(path, allow_pickle=False), meta
+    reader = _reader(meta.ext)
+    obj = reader.read(str(path))
+    if meta.ext != ".png":
+        meta.affine = np.asarray(obj.affine)
+        meta.header = obj.header.copy()
+        return np.asarray(obj.dataobj), meta
+    arr, _ = reader.get_data(obj)
+    return np.asarray(arr), meta
+
+
+def _fingerprint(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def infer_logits(model: torch.nn.Module, x: torch.Tensor, roi_size: Sequence[int],
+                 overlap: float = 0.25, sw_batch_size: int = 4, mode: str = "auto",
+                 amp: bool = False) -> torch.Tensor:
+    """The model's raw output for ``x`` (B, C, *S), float32.
+
+    ``mode="auto"``: a direct pass when ``S`` equals ``roi_size``, MONAI's
+    ``sliding_window_inference`` (Gaussian blending) otherwise, which also pads an
+    image smaller than the window; ``"direct"`` / ``"window"`` force one of them.
+    """
+    from monai.inferers import sliding_window_inference
+
+    if mode not in ("auto", "direct", "window"):
+        raise ValueError(f"mode must be 'auto', 'direct' or 'window', got {mode!r}")
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    roi = tuple(int(r) for r in roi_size)
+    if len(roi) != x.ndim - 2:
+        raise ValueError(f"window {roi} has {len(roi)} axes, the images {x.ndim - 2}")
+    direct = mode == "direct" or (mode == "auto" and tuple(x.shape[2:]) == roi)
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        if direct:
+            out = model(x)
+        else:
+            out = sliding_window_inference(x, roi, sw_batch_size, model, overlap=overlap,
+                                           mode="gaussian", progress=False)
+    if hasattr(out, "as_tensor"):
+        out = out.as_tensor()
+    return out.float()
+
+
+def resolve_routing(ck: Dict[str, Any], cfg, threshold: Optional[float] = None,
+                    budget: Optional[float] = None, threshold_from_budget=None) -> Dict[str, Any]:
+    """The routing settings: explicit ``threshold``, else ``budget`` (through
+    ``threshold_from_budget(budget)``), else what the checkpoint recorded, else the
+    training configuration's threshold. Returns ``{"threshold", "mode", "source", ...}``
+    plus any further keyword arguments of ``route`` the checkpoint recorded."""
+    recorded = dict(ck.get("routing") or {})
+    for key in ("threshold", "budget"):
+        if key not in recorded and ck.get(key) is not None:
+            recorded[key] = ck[key]
+    mode = recorded.get("mode", "gate")
+    out: Dict[str, Any] = {"mode": mode}
+    if cfg.method == "model-only":
+        out.update(threshold=1.0, source="model-only method (never defers)")
+    elif threshold is not None:
+        if not 0.0 <= float(threshold) <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        out.update(threshold=float(threshold), source="--threshold")
+    elif budget is not None:
+        if threshold_from_budget is None:
+            raise ValueError("budget needs the validation data of the checkpoint")
+        out.update(threshold=float(threshold_from_budget(float(budget))),
+                   source=f"--budget {budget} on the validation split", budget=float(budget))
+    elif recorded.get("threshold") is not None:
+        out.update(threshold=float(recorded["threshold"]), source="checkpoint")
+        if recorded.get("budget") is not None:
+            out["budget"] = float(recorded["budget"])
+    else:
+        out.update(threshold=float(cfg.threshold), source="training configuration")
+    from deferredseg_kernels import route
+
+    accepted = inspect.signature(route).parameters
+    fixed = ("threshold", "mode", "budget", "logits", "num_classes", "num_experts", "expert_labels",
+             "backend")
+    for k, v in recorded.items():
+        if k not in fixed and k in accepted:
+            out[k] = v
+    return out
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+@dataclass
+class PredictSummary:
+    out: str
+    done: List[str] = field(default_factory=list)
+    skipped: List[str] = field(default_factory=list)
+    failed: List[Tuple[str, str]] = field(default_factory=list)  # (file, error)
+    tasks: int = 0
+    routing: Dict[str, Any] = field(default_factory=dict)
+    seconds: Dict[str, float] = field(default_factory=lambda: {"load": 0.0, "network": 0.0,
+                                                               "route": 0.0, "tasks": 0.0,
+                                                               "write": 0.0})
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"out": self.out, "done": len(self.done), "skipped": len(self.skipped),
+                "failed": [{"file": f, "error": e} for f, e in self.failed], "tasks": self.tasks,
+                "routing": _jsonable(self.routing),
+                "seconds": self.seconds}
+
+
+def _jsonable(routing: Dict[str, Any]) -> Dict[str, Any]:
+    """The routing settings for JSON: tensors as lists, large ones (score maps) left out."""
+    out = {}
+    for k, v in routing.items():
+        if isinstance(v, torch.Tensor):
+            if v.numel() > 64:
+                continue
+            v = v.tolist()
+        try:
+            json.dumps(v)
+        except TypeError:
+            v = repr(v)
+        out[k] = v
+    return out
+
+
+def _list_images(folder: Path) -> List[Path]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"images folder {folder} not found")
+    files = [p for p in sorted(folder.iterdir())
+             if p.is_file() and not p.name.startswith(".") and split_name(p.name) is not None]
+    if not files:
+        raise FileNotFoundError(f"images folder {folder} holds no .png, .npy, .nii or .nii.gz files")
+    return files
+
+
+def predict(checkpoint: Union[str, Path], images: Union[str, Path], out: Union[str, Path],
+            threshold: Optional[float] = None, budget: Optional[float] = None,
+            window: Optional[Sequence[int]] = None, overlap: float = 0.25, sw_batch_size: int = 4,
+            batch_size: int = 4, min_size: int = 4, merge_distance: int = 2,
+            device: str = "auto", backend: Optional[str] = None, progress: bool = True,
+            inference: str = "auto") -> PredictSummary:
+    """Predict every image of the folder ``images`` into ``out`` (see the module docstring).
+
+    ``window``: the sliding window (default: the training image size); ``overlap``
+    of neighbouring windows; ``batch_size`` images of one shape per forward pass;
+    ``min_size`` / ``merge_distance``: see :func:`~deferredseg.review.tasks.extract_tasks`.
+    """
+    from deferredseg_kernels import route
+
+    from .train.loop import build_data, load_trained, packed_logits, resolve_device, threshold_for_budget
+
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    dev = resolve_device(device)
+    model, cfg, ck = load_trained(checkpoint, dev)
+    K, E = int(cfg.num_classes), int(ck["num_experts"])
+    C, sd = int(ck["in_channels"]), int(cfg.spatial_dims)
+    best_expert = int(ck.get("best_expert", 0))
+    names = list(ck.get("expert_names") or [f"expert{j}" for j in range(E)])
+    backend = backend or "auto"  # routing kernels for this machine, not the training one's
+    train_size = list(cfg.spatial_size) if cfg.spatial_size else [cfg.image_size] * sd
+    roi = [int(w) for w in (window or train_size)]
+    if len(roi) != sd or min(roi) < 1:
+        raise ValueError(f"window must be {sd} positive sizes, got {list(window or [])}")
+    files = _list_images(Path(images))
+
+    def from_budget(b: float) -> float:
+        return threshold_for_budget(model, build_data(cfg, "val"), cfg, E, best_expert, dev, b)
+
+    routing = resolve_routing(ck, cfg, threshold, budget, from_budget)
+    route_kw = {k: v for k, v in routing.items() if k not in ("threshold", "mode", "source", "budget")}
+    out = Path(out)
+    db = ReviewDB(out)
+    db.ensure_experts(names)
+    db.set_meta({"checkpoint": str(Path(checkpoint).resolve()), "num_classes": K,
+                 "num_labels": max(K, 2), "spatial_dims": sd, "in_channels": C,
+                 "routing": _jsonable(routing),
+                 "min_size": int(min_size), "merge_distance": int(merge_distance)})
+    summary = PredictSummary(out=str(out), routing=routing)
+    amp = dev.type == "cuda"
+    seen: Dict[str, Path] = {}
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(files), desc="predict", unit="image", dynamic_ncols=True)
+
+    def pending_inputs() -> Iterator[Tuple[str, Path, np.ndarray, InputMeta]]:
+        for p in files:
+            if bar is not None:
+                bar.update(1)  # read (or skipped); its batch follows
+            image_id = split_name(p.name)[0]
+            if image_id in seen:
+                summary.failed.append((str(p), f"same id {image_id!r} as {seen[image_id]}"))
+                continue
+            seen[image_id] = p
+            row = db.image(image_id)
+            if row is not None:
+                if row["fingerprint"] == _fingerprint(p) and row["source"] == str(p.resolve()):
+                    summary.skipped.append(image_id)
+                else:
+                    summary.failed.append((str(p), f"changed since it was predicted into {out} "
+                                                   f"(from {row['source']}); predict it into a new folder"))
+                continue
+            t0 = time.perf_counter()
+            try:
+                x, meta = load_input(p, C, sd)
+            except Exception as err:  # one bad file must not stop the folder
+                summary.failed.append((str(p), str(err)))
+                continue
+            finally:
+                summary.seconds["load"] += time.perf_counter() - t0
+            yield image_id, p, x, meta
+
+    def batches() -> Iterator[List[Tuple[str, Path, np.ndarray, InputMeta]]]:
+        group: List[Tuple[str, Path, np.ndarray, InputMeta]] = []
+        for item in pending_inputs():
+            if group and (item[2].shape != group[0][2].shape or len(group) >= batch_size):
+                yield group
+                group = []
+            group.append(item)
+        if group:
+            yield group
+
+    from monai.transforms import ScaleIntensity
+
+    scale = ScaleIntensity(minv=0.0, maxv=1.0)  # as the training pipeline does
+    try:
+        for group in batches():
+            x = torch.stack([torch.as_tensor(np.asarray(scale(g[2]))) for g in group]).to(dev)
+            try:
+                t0 = time.perf_counter()
+                raw = infer_logits(model, x, roi, overlap, sw_batch_size, inference, amp)
+                logits = packed_logits(cfg, raw, E, best_expert)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                t1 = time.perf_counter()
+                r = route(logits, num_classes=K, num_experts=E, threshold=routing["threshold"],
+                          mode=routing["mode"], backend=backend, **route_kw)
+                assignment = r.assignment.cpu().numpy()
+                defer_prob = r.defer_prob.float().cpu().numpy()
+                model_pred = r.model_pred.cpu().numpy()
+                summary.seconds["network"] += t1 - t0
+                summary.seconds["route"] += time.perf_counter() - t1
+            except Exception as err:
+                for image_id, p, _, _ in group:
+                    summary.failed.append((str(p), f"inference failed: {type(err).__name__}: {err}"))
+                continue
+            for b, (image_id, p, xi, meta) in enumerate(group):
+                try:
+                    _finish_image(db, out, image_id, p, meta, model_pred[b], defer_prob[b],
+                                  assignment[b], E, min_size, merge_distance, summary)
+                except Exception as err:
+                    summary.failed.append((str(p), f"{type(err).__name__}: {err}"))
+    finally:
+        if bar is not None:
+            bar.close()
+    _write_manifest(db, out)
+    with open(out / "predict_summary.json", "w") as f:
+        json.dump(summary.to_dict(), f, indent=2)
+    return summary
+
+
+def _finish_image(db: ReviewDB, out: Path, image_id: str, path: Path, meta: InputMeta,
+                  model_pred: np.ndarray, defer_prob: np.ndarray, assignment: np.ndarray,
+                  num_experts: int, min_size: int, merge_distance: int,
+                  summary: PredictSummary) -> None:
+    t0 = time.perf_counter()
+    regions, tasks, dropped = extract_tasks(assignment, num_experts, min_size, merge_distance)
+    t1 = time.perf_counter()
+    write_like(out / "model" / image_id, model_pred.astype(np.uint8), meta)
+    write_like(out / "defer_prob" / image_id, defer_prob.astype(np.float32), meta)
+    write_like(out / "assignment" / image_id, (assignment.astype(np.int16) + 1).astype(np.uint8), meta)
+    atomic_save_npy(out / "regions" / f"{image_id}.npy", regions)
+    deferred = int((assignment >= 0).sum())
+    db.add_image(image_id, str(path.resolve()), meta.ext, _fingerprint(path), assignment.shape,
+                 assignment.size, deferred, dropped, tasks)
+    summary.seconds["tasks"] += t1 - t0
+    summary.seconds["write"] += time.perf_counter() - t1
+    summary.done.append(image_id)
+    summary.tasks += len(tasks)
+
+
+def _write_manifest(db: ReviewDB, out: Path) -> None:
+    """manifest.jsonl: one line per review task, streamed from the database."""
+    tmp = out / f".manifest.jsonl.tmp-{os.getpid()}"
+    sources = {}
+    with open(tmp, "w") as f:
+        for t in db.iter_tasks():
+            if t["image_id"] not in sources:
+                row = db.image(t["image_id"])
+                sources = {t["image_id"]: row["source"]}  # tasks come grouped by image
+            f.write(json.dumps({"task": t["id"], "image": t["image_id"],
+                                "source": sources[t["image_id"]], "expert": t["expert"],
+                                "bbox": json.loads(t["bbox"]), "area": t["area"]}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out / "manifest.jsonl")

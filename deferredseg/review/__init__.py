@@ -1,0 +1,1 @@
+"""The review loop after prediction: tasks, their database, the review server, merging."""
