@@ -39,6 +39,7 @@ import torch
 from .data.io import split_name
 from .review.db import ReviewDB, atomic_save_npy, atomic_write_bytes
 from .review.tasks import extract_tasks
+from .train.routing import route_logits  # every routing mode, "uncertainty" included
 
 __all__ = ["predict", "PredictSummary", "load_input", "write_like", "read_like", "InputMeta", "infer_logits",
            "resolve_routing", "OUTPUT_KINDS"]
@@ -403,8 +404,9 @@ def predict(checkpoint: Union[str, Path], images: Union[str, Path], out: Union[s
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 t1 = time.perf_counter()
-                r = route(logits, num_classes=K, num_experts=E, threshold=routing["threshold"],
-                          mode=routing["mode"], backend=backend, **route_kw)
+                r = route_logits(logits, K, E, routing["mode"], routing["threshold"],
+                                 scores=route_kw.get("scores", "softmax"),
+                                 expert_cost=route_kw.get("expert_cost"), backend=backend)
                 assignment = r.assignment.cpu().numpy()
                 defer_prob = r.defer_prob.float().cpu().numpy()
                 model_pred = r.model_pred.cpu().numpy()

@@ -535,7 +535,11 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, out_dir: Opti
             history.append({"epoch": epoch, **metrics})
             print(meter.line(epoch, cfg.epochs, metrics), flush=True)  # stays on screen
             if improved and out_dir is not None:
-                checkpoint(out_dir / "best.pt", epoch + 1, 0, {"val": _scalars(metrics)})
+                checkpoint(out_dir / "best.pt", epoch + 1, 0, {
+                    "val": _scalars(metrics),
+                    "routing": {"mode": route_mode(cfg), "budget": cfg.budget, "threshold": thr,
+                                "scores": cfg.route_scores, "expert_cost": cfg.expert_cost,
+                                "selection": cfg.selection}})
             checkpoint(last_path, epoch + 1, 0, {})
         if run is not None:  # a signal during validation: last.pt is this epoch's end
             run.check_interrupt(lambda: None, epoch, global_step)
