@@ -10,6 +10,10 @@
 #   make test-cpu-only  build and test again with the CPU-only torch 2.13.0 stack
 #   make build          (re)build the C++/CUDA extension in place
 #   make bench-cpu      CPU benchmark of the fused loss
+#   make bench          pytest-benchmark suite (loss, routing; saved under .benchmarks/)
+#   make bench-smoke    the same suite on tiny shapes (CI)
+#   make dist           release files: sdist, wheel built from it, their checks
+#   make test-sdist     sdist -> wheel -> fresh venv -> smoke test (CI, CPU-only stack)
 #
 # Variables: PYTHON (interpreter that creates the venv), VENV, REQS (requirements
 # file), MAX_JOBS (parallel compile jobs), PYTEST_ARGS.
@@ -88,8 +92,38 @@ test-cpu-only:
 	@mkdir -p $(CPU_TREE)
 	git ls-files -z --cached --others --exclude-standard | xargs -0 cp -p --parents -t $(CPU_TREE)
 	$(MAKE) -C $(CPU_TREE) test VENV=$(CPU_VENV) REQS=requirements/torch-cpu.txt PYTHON=$(PYTHON)
-	$(CPU_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps $(CPU_TREE) $(QUIET_PIP)
-	cd /tmp && $(CPU_VENV)/bin/python $(abspath .ci/smoke_installed.py) --expect-backend cpu --no-cuda
+	$(MAKE) test-sdist
 
 clean:
 	rm -rf build deferredseg_kernels/_C*.so
+
+# ---- release and benchmarks ------------------------------------------------------------
+# The install path of the source distribution, as a user meets it: the sdist built from
+# the tree, unpacked away from it, built into a wheel against the CPU-only torch of
+# $(CPU_VENV) (made by test-cpu-only), checked (contents, abi3 tag, twine, abi3audit),
+# installed into a fresh venv and smoke-tested from outside the tree.
+.PHONY: test-sdist dist bench bench-smoke
+test-sdist:
+	@test -x $(CPU_VENV)/bin/python || { echo "make test-sdist needs $(CPU_VENV): run make test-cpu-only"; exit 1; }
+	bash .ci/test_sdist.sh $(CPU_VENV)/bin/python $(PYTHON)
+
+# Release files in dist/: the sdist, and the wheel built from the unpacked sdist against
+# this venv's torch (CUDA kernels when torch is a CUDA build and nvcc is found), checked.
+DIST_DIR ?= dist
+dist: $(DEPS_STAMP)
+	rm -rf $(DIST_DIR)
+	$(PY) -m build --no-isolation --outdir $(DIST_DIR) .
+	$(PY) .ci/check_dist.py --sdist $(DIST_DIR)/*.tar.gz --wheel $(DIST_DIR)/*.whl
+	$(PY) -m twine check --strict $(DIST_DIR)/*
+	$(PY) -m abi3audit --strict --summary $(DIST_DIR)/*.whl
+
+# pytest-benchmark: every run is saved under .benchmarks/ (compare two with
+# --benchmark-compare, see README). BENCH_ARGS: more pytest / pytest-benchmark options.
+BENCH_ARGS ?=
+bench: $(BUILD_STAMP)
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-autosave $(BENCH_ARGS)
+
+bench-smoke: $(BUILD_STAMP)
+	$(PY) -m pytest benchmarks --benchmark-only --bench-smoke --benchmark-min-rounds=2 \
+	  --benchmark-max-time=0.02 --benchmark-storage=file://$(abspath build/bench-smoke) \
+	  --benchmark-autosave -q $(BENCH_ARGS)

@@ -11,6 +11,11 @@ Environment variables:
   MAX_JOBS             parallel compile jobs (ninja)
   NVCC_THREADS         threads per nvcc invocation (default 2)
 Without DS_FORCE_*, CUDA kernels are built when torch is a CUDA build and nvcc is found.
+
+The extension uses only Python's limited API (it registers its ops with TORCH_LIBRARY
+and has a plain module init, no pybind11), so it is built as ``_C.abi3.so`` and its
+wheel is tagged ``cp310-abi3``: one wheel per torch/CUDA build serves Python 3.10 and
+later. The version is read from deferredseg_kernels/_version.py (pyproject.toml).
 """
 
 import glob
@@ -22,6 +27,8 @@ from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+# The oldest Python the abi3 extension serves: the Py_LIMITED_API value and the wheel tag.
+LIMITED_API_HEX, LIMITED_API_TAG = "0x030A0000", "cp310"
 
 
 def _flag(name):
@@ -77,8 +84,11 @@ def _extensions():
         # at::parallel_for is OpenMP inline code: without -fopenmp it runs serially.
         cxx.append("-fopenmp")
         link.append("-fopenmp")
-    macros = [("DS_TORCH_VERSION", f'"{torch.__version__}"')]
-    kwargs = dict(extra_link_args=link, include_dirs=[os.path.join(HERE, "csrc")])
+    # Py_LIMITED_API: only the stable ABI of Python 3.10 (recent torch adds the same flag
+    # for py_limited_api extensions; defined here too for the torch versions that do not).
+    macros = [("DS_TORCH_VERSION", f'"{torch.__version__}"'), ("Py_LIMITED_API", LIMITED_API_HEX)]
+    kwargs = dict(extra_link_args=link, include_dirs=[os.path.join(HERE, "csrc")],
+                  py_limited_api=True)
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
@@ -97,8 +107,29 @@ def _extensions():
         why = "DS_FORCE_CPU=1" if force_cpu else (
             "torch is a CPU-only build" if torch.version.cuda is None else "nvcc not found")
         print(f"deferredseg: building CPU kernels only ({why})")
-    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
-    return [ext], {"build_ext": build_ext}
+
+    class BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+        def run(self):
+            super().run()
+            if self.inplace:
+                _remove_stale_inplace_builds(self)
+
+    return [ext], {"build_ext": BuildExt}
+
+
+def _remove_stale_inplace_builds(cmd):
+    """Delete in-place builds of the extension under another file name.
+
+    Python prefers ``_C.cpython-3XX-*.so`` (an older, version-specific build) over
+    ``_C.abi3.so``, so a stale one would shadow the module just built.
+    """
+    for ext in cmd.extensions:
+        built = os.path.abspath(cmd.get_ext_fullpath(ext.name))
+        stem = ext.name.rsplit(".", 1)[-1]
+        for other in glob.glob(os.path.join(os.path.dirname(built), stem + ".*.so")):
+            if os.path.abspath(other) != built:
+                os.remove(other)
+                print(f"deferredseg: removed the stale build {os.path.relpath(other, HERE)}")
 
 
 ext_modules, cmdclass = _extensions()
@@ -108,4 +139,6 @@ setup(
                                     "deferredseg_kernels", "deferredseg_kernels.*"]),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    # abi3 wheel tag; a pure-Python install (no extension) stays py3-none-any.
+    options={"bdist_wheel": {"py_limited_api": LIMITED_API_TAG}} if ext_modules else {},
 )

@@ -5,6 +5,7 @@ packages, the compiled extension, and one loss + route call per backend.
 """
 
 import argparse
+import importlib.metadata
 import os
 import sys
 
@@ -13,6 +14,8 @@ import torch
 p = argparse.ArgumentParser()
 p.add_argument("--expect-backend", action="append", default=[])
 p.add_argument("--no-cuda", action="store_true", help="the build must not contain CUDA kernels")
+p.add_argument("--expect-abi3", action="store_true",
+               help="the extension must be the limited-API build (_C.abi3.so)")
 args = p.parse_args()
 
 import deferredseg  # noqa: E402
@@ -23,6 +26,15 @@ here = os.path.dirname(os.path.abspath(dk.__file__))
 assert "site-packages" in here, f"imported from the source tree, not the install: {here}"
 print(f"deferredseg {deferredseg.__version__} from {here}; torch {torch.__version__}; "
       f"backends {dk.available_backends()}")
+installed = importlib.metadata.version("deferredseg")
+assert deferredseg.__version__ == dk.__version__ == installed, (
+    f"versions differ: deferredseg {deferredseg.__version__}, deferredseg_kernels "
+    f"{dk.__version__}, installed distribution {installed}")
+if args.expect_abi3:
+    import deferredseg_kernels._C as ext
+
+    assert ext.__file__.endswith(".abi3.so"), f"not the limited-API build: {ext.__file__}"
+    print(f"extension {os.path.basename(ext.__file__)}")
 for name in args.expect_backend:
     assert name in dk.available_backends(), f"backend {name!r} missing: {dk.available_backends()}"
 if args.no_cuda:

@@ -3,9 +3,10 @@
 # (torch 2.11, triton 3.6, Python 3.12, 16 cores, no internet):
 #   1. build the extension in place (MAX_JOBS=16 python setup.py build_ext --inplace)
 #   2. the GPU tests (pytest -m gpu)
-#   3. the loss benchmark (triton, cuda, eager reference) and its markdown table
+#   3. the kernel benchmarks (pytest-benchmark: loss and routing of the triton and cuda
+#      kernels against the eager reference) and their tables
 #   4. the whole Triton test file on CUDA tensors, then torch.compile of the reference
-#      in the benchmark, each with the time that is left
+#      in the benchmarks, each with the time that is left
 # Logs go to $OUT (when set) or benchmarks/results/gpu_check/. Each step has a
 # deadline; a step that fails is reported and the next one still runs.
 # Usage: bash benchmarks/gpu_check.sh            (PYTHON=... to pick the interpreter)
@@ -39,8 +40,9 @@ run() {
   return $rc
 }
 
-# The GPU machine has no internet and no monai: the training-step benchmark needs the
-# wheels carried in .whl/ (e.g. `pip download --no-deps -d .whl monai==1.6.1 einops==0.8.2`).
+# The GPU machine has no internet and no monai: the training-step benchmark and the
+# benchmark suite need the wheels carried in .whl/ (e.g. `pip download --no-deps -d .whl
+# monai==1.6.1 einops==0.8.2 pytest-benchmark==5.3.1 py-cpuinfo2==10.1.1`).
 if compgen -G ".whl/*.whl" > /dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/ds-site .whl/*.whl \
     && export PYTHONPATH="/tmp/ds-site${PYTHONPATH:+:$PYTHONPATH}"
@@ -72,8 +74,12 @@ run tests_gpu 150 "$PY" -m pytest tests/test_cuda_kernel.py tests/test_triton.py
 tail -n 1 "$LOG/tests_gpu.log" | sed 's/^/    /' | tee -a "$SUMMARY"
 grep -E "^(FAILED|ERROR)" "$LOG/tests_gpu.log" | head -20 | sed 's/^/    /' | tee -a "$SUMMARY"
 
-run bench 130 "$PY" benchmarks/bench_loss.py --providers triton cuda reference \
-  --rep 60 --warmup 15 --budget-s 100 --markdown "$LOG/bench.md"
+# The benchmark suite on CUDA tensors, timed with a device-synchronizing timer.
+BENCH_OPTS=(--benchmark-only --bench-device cuda --benchmark-max-time=0.5 -q -rs
+            -p no:cacheprovider --benchmark-columns=median,iqr,rounds --benchmark-sort=name)
+run bench 150 "$PY" -m pytest benchmarks "${BENCH_OPTS[@]}" -k "not compiled" \
+  --benchmark-json "$LOG/bench.json"
+tail -n 1 "$LOG/bench.log" | sed 's/^/    /' | tee -a "$SUMMARY"
 
 run train_step 60 "$PY" benchmarks/bench_train_step.py --repeats 20
 sed 's/^/    /' "$LOG/train_step.log" | tee -a "$SUMMARY"
@@ -87,18 +93,18 @@ grep -E "^(FAILED|ERROR)" "$LOG/tests_triton_cuda.log" | head -20 | sed 's/^/   
 # torch.compile of the reference: tens of seconds of compilation per shape and mode.
 BENCH_LEFT=$(( $(left) - 10 ))
 if (( BENCH_LEFT > 60 )); then
-  run bench_compiled "$BENCH_LEFT" "$PY" benchmarks/bench_loss.py --providers compiled \
-    --shapes 2d-16x512 2d-8x512-K4 --modes full nograd_forward --rep 60 --warmup 15 \
-    --budget-s $(( BENCH_LEFT - 50 )) --markdown "$LOG/bench_compiled.md"
+  run bench_compiled "$BENCH_LEFT" "$PY" -m pytest benchmarks "${BENCH_OPTS[@]}" \
+    -k "compiled and (2d-16x512 or 2d-8x512-K4) and (full or nograd_forward or assign)" \
+    --benchmark-json "$LOG/bench_compiled.json"
 else
   note "- bench_compiled: skipped (out of time)"
 fi
 
 {
   echo
-  [ -f "$LOG/bench.md" ] && cat "$LOG/bench.md"
+  [ -f "$LOG/bench.log" ] && sed -n "/ benchmark '/,/^Legend/p" "$LOG/bench.log"
   echo
-  [ -f "$LOG/bench_compiled.md" ] && cat "$LOG/bench_compiled.md"
+  [ -f "$LOG/bench_compiled.log" ] && sed -n "/ benchmark '/,/^Legend/p" "$LOG/bench_compiled.log"
 } | tee -a "$SUMMARY"
 note ""
 note "total $(( $(date +%s) - START ))s; logs in $LOG"

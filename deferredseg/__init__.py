@@ -7,6 +7,6 @@ The tensor ops live in ``deferredseg_kernels``.
 """
 
 from deferredseg_kernels import available_backends, deferredseg_loss, route, split_logits
+from deferredseg_kernels._version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["available_backends", "deferredseg_loss", "route", "split_logits", "__version__"]

@@ -23,11 +23,11 @@ from ._checks import (LossOptions, check_choice, check_inputs, check_int, check_
 from ._checks import ROUTE_SCORES, check_expert_cost, route_threshold
 from ._dispatch import available_backends, register
 from ._ext import EXT as _EXT
+from ._version import __version__
 from .reference import RouteResult, TERM_NAMES, deferredseg_loss_reference, route_reference, split_logits
 
 __all__ = ["deferredseg_loss", "route", "split_logits", "available_backends", "RouteResult",
            "LossOptions", "make_options", "loss_with_options", "TERM_NAMES", "empty_cache"]
-__version__ = "0.1.0"
 
 
 def _reference_loss(logits, target, expert_labels, opts: LossOptions, return_terms: bool):
