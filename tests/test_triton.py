@@ -602,15 +602,17 @@ def build(fn, types, consts):
 
 flt = {n: "fp32" for n in ("lam_seg", "lam_collab", "lam_gate", "lam_coh", "lam_bal",
                            "paper_eps", "gate_mse", "gate_sparsity", "bal_scale")}
-for xdt, K, E, nd, grad, paper in (("bf16", 4, 3, 2, True, False), ("fp64", 1, 2, 3, True, True),
-                                  ("fp16", 32, 16, 1, False, False)):
+for xdt, K, E, nd, grad, paper, sur in (("bf16", 4, 3, 2, True, False, 2),
+                                       ("fp64", 1, 2, 3, True, True, 1),
+                                       ("fp16", 32, 16, 1, False, False, 0)):
     ptrs = dict(x_ptr="*" + xdt, t_ptr="*u8", l_ptr="*i64", cw_ptr="*fp32", stats_ptr="*fp64",
                 low_ptr="*fp32", high_ptr="*fp32", g_ptr="*" + xdt, part_ptr="*fp32",
                 thr_ptr="*fp32", asg_ptr="*i8", prob_ptr="*fp32", pred_ptr="*i64",
                 final_ptr="*i64", **flt)
     KP, RP = max(2, triton.next_power_of_2(K)), triton.next_power_of_2(E + 1)
     build(L._loss_kernel, ptrs, dict(K=K, E=E, KP=KP, RP=RP, NDIM=nd, HAS_WEIGHT=True,
-                                     PAPER=paper, COH_L2=paper, MAP_ROUTER=True, MAP_GATE=True,
+                                     SURROGATE=sur, GATE_BENEFIT=not paper, COH_L2=paper,
+                                     MAP_ROUTER=True, MAP_GATE=True,
                                      BAL_BAND=paper, COMPUTE_GRAD=grad, IS_FP64=xdt == "fp64",
                                      BF16_BY_HAND=False, BLOCK_P=256))
     build(L._stats_kernel, ptrs, dict(K=K, E=E, RP=RP, NDIM=nd, HAS_WEIGHT=True,
