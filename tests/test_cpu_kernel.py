@@ -668,12 +668,28 @@ def test_opcheck():
                           (logits, target, experts, w, K, E, -100, True))
     stats = torch.ops.deferredseg.loss_stats(logits, target, experts, w, K, E, -100, False)
     low, high = torch.full((E + 1,), 0.1), torch.full((E + 1,), 0.4)
-    for compute_grad in (True, False):
+    ova = make_options(K, E, class_weight=[1.0, 2.0], surrogate="ova", gate_target="benefit")
+    for compute_grad, o in ((True, opts), (False, opts), (True, ova)):
         x = logits.clone().requires_grad_(compute_grad)
         torch.library.opcheck(torch.ops.deferredseg.loss_fused.default,
                               (x, target, experts, w, stats, low, high, K, E, -100,
-                               fused.float_params(opts, 1.0), fused.int_params(opts),
+                               fused.float_params(o, 1.0), fused.int_params(o),
                                compute_grad))
+
+
+def test_loss_op_rejects_unknown_option_codes():
+    K, E = 2, 3
+    logits, target, experts = make_inputs(1, K, E, (4, 5))
+    opts = make_options(K, E)
+    stats = torch.ops.deferredseg.loss_stats(logits, target, experts, None, K, E, -100, False)
+    args = (logits, target, experts, None, stats, None, None, K, E, -100,
+            fused.float_params(opts, 1.0))
+    ip = fused.int_params(opts)
+    for index, code, words in ((0, 3, "surrogate code 3"), (4, 2, "gate_target code 2")):
+        bad = list(ip)
+        bad[index] = code
+        with pytest.raises(RuntimeError, match=words):
+            torch.ops.deferredseg.loss_fused(*args, bad, True)
 
 
 def test_opcheck_with_the_cached_gradient_buffer():

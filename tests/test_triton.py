@@ -128,6 +128,7 @@ def test_shapes(spatial, K, E):
 def test_wide_channels(K, E, spatial):
     logits, target, experts = make_inputs(2, K, E, spatial, device=DEVICE)
     _compare(logits, target, experts, K, E, class_weight=torch.rand(max(K, 2)).tolist())
+    _compare(logits, target, experts, K, E, surrogate="ova", gate_target="benefit")
 
 
 @pytest.mark.parametrize("spatial", [(50,), (9, 11), (3, 5, 6)], ids=str)
@@ -137,6 +138,18 @@ def test_many_programs(small_blocks, spatial):
     logits, target, experts = make_inputs(3, K, E, spatial, device=DEVICE)
     _compare(logits, target, experts, K, E, lambda_coherence=1.0)
     _compare(logits, target, experts, K, E, coherence="l2", surrogate="paper", **_band(E))
+    _compare(logits, target, experts, K, E, lambda_coherence=1.0, surrogate="ova",
+             gate_target="benefit")
+
+
+@pytest.mark.parametrize("K,E", [(1, 3), (3, 2), (2, 6)])
+def test_benefit_target_at_ties(K, E):
+    """Logits in {-1, 0, 1}: experts tie often in the router (jhat: the lowest index)."""
+    logits, target, experts = make_inputs(2, K, E, (9, 11), device=DEVICE)
+    logits = logits.round().clamp(-1, 1)
+    for surrogate in ("softmax", "ova"):
+        _compare(logits, target, experts, K, E, gate_target="benefit", surrogate=surrogate,
+                 coherence_maps=("gate",), lambda_coherence=0.5)
 
 
 @pytest.mark.parametrize("label_dtype,ignore_index", [(torch.uint8, 255), (torch.int32, -100),
@@ -244,6 +257,8 @@ def test_float64_matches_reference_and_gradcheck():
     def f(x):
         return dk.deferredseg_loss(x, t1, e1, 1, 2, backend="triton", **opts)
 
+    assert torch.autograd.gradcheck(f, (small.detach().requires_grad_(),), eps=1e-6, atol=1e-5)
+    opts.update(surrogate="ova", gate_target="benefit")
     assert torch.autograd.gradcheck(f, (small.detach().requires_grad_(),), eps=1e-6, atol=1e-5)
 
 
@@ -475,6 +490,7 @@ def test_bad_inputs_rejected_before_launch(monkeypatch):
         (TypeError, "logits", dict(logits=logits.to(torch.int32))),
         (ValueError, "device", dict(target=target.to("meta"))),
         (ValueError, "surrogate", dict(surrogate="nope")),
+        (ValueError, "gate_target", dict(gate_target="nope")),
         (ValueError, "coherence", dict(coherence="l3")),
         (ValueError, "balance_low", dict(balance="band")),
         (TypeError, "unknown option", dict(not_an_option=1)),
@@ -520,7 +536,8 @@ def test_opcheck():
     for opts, lo, hi in ((make_options(K, E), None, None),
                          (make_options(K, E, surrogate="paper", coherence="l2",
                                        balance="band", balance_low=low, balance_high=high),
-                          low, high)):
+                          low, high),
+                         (make_options(K, E, surrogate="ova", gate_target="benefit"), None, None)):
         args = (logits.clone().requires_grad_(), target, experts, w, stats, lo, hi, K, E, -100,
                 fused.float_params(opts, 1.0), fused.int_params(opts), True)
         torch.library.opcheck(triton_loss.loss_fused, args)
