@@ -35,8 +35,8 @@ def _argmax(v: Sequence[float]) -> int:
 def naive_loss(logits: torch.Tensor, target: torch.Tensor, experts: torch.Tensor, K: int,
                E: int, ignore_index=-100, class_weight=None, lambda_seg=1.0, lambda_collab=1.0,
                lambda_gate=1.0, lambda_coherence=0.1, lambda_balance=0.1, surrogate="softmax",
-               paper_eps=1e-8, gate_target="router", gate_mse=0.5, gate_sparsity=0.1, coherence="l1",
-               coherence_maps=("router", "gate"), balance="cv2", balance_low=None,
+               paper_eps=1e-8, gate_target="router", gate_mse=0.5, gate_sparsity=0.1,
+               coherence="l1", coherence_maps=("router", "gate"), balance="cv2", balance_low=None,
                balance_high=None) -> Dict[str, float]:
     x = logits.double().tolist()
     t = target.tolist()
