@@ -11,6 +11,7 @@ by machine, CPU name, torch version and thread count.
     python benchmarks/bench_loss_cpu.py                       # both default shapes
     python benchmarks/bench_loss_cpu.py --threads 1 --repeats 30
     python benchmarks/bench_loss_cpu.py --shape 2,6,128,128 --no-compile
+    python benchmarks/bench_loss_cpu.py --loss-option surrogate=ova --loss-option gate_target=benefit
 """
 
 from __future__ import annotations
@@ -79,16 +80,30 @@ def make_step(fn: Callable, x: torch.Tensor, mode: str) -> Callable[[], None]:
     return step
 
 
+def parse_loss_options(items: Sequence[str]) -> Dict[str, object]:
+    """NAME=VALUE pairs of loss options; a VALUE that reads as a number is one."""
+    out: Dict[str, object] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--loss-option: expected NAME=VALUE, got {item!r}")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            out[name] = value
+    return out
+
+
 def bench_shape(shape: Sequence[int], K: int, E: int, modes: Sequence[str], warmup: int,
-                repeats: int, use_compile: bool) -> List[Dict]:
+                repeats: int, use_compile: bool, options: Dict[str, object]) -> List[Dict]:
     logits, target, experts = make_inputs(shape, K, E)
     x = logits.clone().requires_grad_(True)
 
     def eager(v):
-        return deferredseg_loss(v, target, experts, K, E, backend="reference")
+        return deferredseg_loss(v, target, experts, K, E, backend="reference", **options)
 
     def kernel(v):
-        return deferredseg_loss(v, target, experts, K, E, backend="cpu")
+        return deferredseg_loss(v, target, experts, K, E, backend="cpu", **options)
 
     impls: Dict[str, Callable] = {"eager": eager, "cpu_kernel": kernel}
     if use_compile:
@@ -111,7 +126,8 @@ def bench_shape(shape: Sequence[int], K: int, E: int, modes: Sequence[str], warm
                 times[name].append(time.perf_counter() - t)
         res = {name: percentiles(ts) for name, ts in times.items()}
         kern = res["cpu_kernel"][0]
-        print(f"\nshape {tuple(shape)} fp32 K={K} E={E}  mode {mode}  "
+        opt_text = " ".join(f"{k}={v}" for k, v in options.items()) or "default options"
+        print(f"\nshape {tuple(shape)} fp32 K={K} E={E}  {opt_text}  mode {mode}  "
               f"(threads {torch.get_num_threads()}, warm-up {warm_s:.1f} s)")
         print(f"  {'impl':<12}{'median ms':>11}{'p20 ms':>10}{'p80 ms':>10}{'vs kernel':>11}")
         for name in IMPLS:
@@ -120,8 +136,10 @@ def bench_shape(shape: Sequence[int], K: int, E: int, modes: Sequence[str], warm
             med, p20, p80 = res[name]
             print(f"  {name:<12}{med * 1e3:>11.3f}{p20 * 1e3:>10.3f}{p80 * 1e3:>10.3f}"
                   f"{med / kern:>10.1f}x")
-            rows.append(dict(shape="x".join(map(str, shape)), dtype="float32", K=K, E=E,
-                             mode=mode, impl=name, median_ms=round(med * 1e3, 4),
+            row = dict(shape="x".join(map(str, shape)), dtype="float32", K=K, E=E)
+            if options:  # (the default options' CSV keeps its columns)
+                row["options"] = opt_text
+            rows.append(dict(row, mode=mode, impl=name, median_ms=round(med * 1e3, 4),
                              p20_ms=round(p20 * 1e3, 4), p80_ms=round(p80 * 1e3, 4),
                              speedup_of_kernel=round(med / kern, 2)))
     return rows
@@ -138,8 +156,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    ap.add_argument("--csv", default=os.path.join(HERE, "results", "loss_cpu.csv"))
+    ap.add_argument("--loss-option", action="append", default=[], metavar="NAME=VALUE",
+                    help="a loss option for every implementation (repeatable), e.g. "
+                         "surrogate=ova or gate_target=benefit")
+    ap.add_argument("--csv", default=None,
+                    help="CSV to append to; default results/loss_cpu.csv, or "
+                         "results/loss_cpu_options.csv (one more column) with --loss-option")
     args = ap.parse_args()
+    if args.csv is None:
+        name = "loss_cpu_options.csv" if args.loss_option else "loss_cpu.csv"
+        args.csv = os.path.join(HERE, "results", name)
 
     if "cpu" not in available_backends("loss"):
         raise SystemExit("the C++ CPU kernels are not available here: build the extension first")
@@ -159,7 +185,8 @@ def main() -> None:
     rows = []
     for shape in shapes:
         rows += bench_shape(shape, args.num_classes, args.num_experts, modes, args.warmup,
-                            args.repeats, not args.no_compile)
+                            args.repeats, not args.no_compile,
+                            parse_loss_options(args.loss_option))
 
     os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
     fields = list(key) + list(rows[0]) if rows else list(key)

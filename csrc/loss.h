@@ -114,15 +114,19 @@ inline loss::LossParams parse_loss_params(const char* op, c10::ArrayRef<double> 
   p.coherence = static_cast<int>(iparams[1]);
   p.maps = static_cast<int>(iparams[2]);
   p.balance = static_cast<int>(iparams[3]);
+  p.gate_target = static_cast<int>(iparams[4]);
   p.check_experts = iparams.size() > loss::kNumIParams && iparams[loss::kNumIParams] != 0;
-  TORCH_CHECK(p.surrogate == loss::kSurrogateSoftmax || p.surrogate == loss::kSurrogatePaper, op,
-              ": unknown surrogate code ", p.surrogate);
+  TORCH_CHECK(p.surrogate == loss::kSurrogateSoftmax || p.surrogate == loss::kSurrogatePaper ||
+                  p.surrogate == loss::kSurrogateOva,
+              op, ": unknown surrogate code ", p.surrogate);
   TORCH_CHECK(p.coherence == loss::kCoherenceL1 || p.coherence == loss::kCoherenceL2, op,
               ": unknown coherence code ", p.coherence);
   TORCH_CHECK(p.maps >= 0 && p.maps <= (loss::kMapRouter | loss::kMapGate), op,
               ": unknown coherence_maps bits ", p.maps);
   TORCH_CHECK(p.balance == loss::kBalanceCv2 || p.balance == loss::kBalanceBand, op,
               ": unknown balance code ", p.balance);
+  TORCH_CHECK(p.gate_target == loss::kGateTargetRouter || p.gate_target == loss::kGateTargetBenefit, op,
+              ": unknown gate_target code ", p.gate_target);
   return p;
 }
 

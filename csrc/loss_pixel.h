@@ -36,12 +36,13 @@ namespace loss {
 constexpr int kTermsLen = 6;  // loss, seg, collab, gate, coherence, balance
 constexpr int kMaxSpatial = 3;
 constexpr int kNumFParams = 9;
-constexpr int kNumIParams = 4;  // a fifth, optional: check_experts (CPU kernel only)
+constexpr int kNumIParams = 5;  // a sixth, optional: check_experts (CPU kernel only)
 // iparams encodings
-constexpr int kSurrogateSoftmax = 0, kSurrogatePaper = 1;
+constexpr int kSurrogateSoftmax = 0, kSurrogatePaper = 1, kSurrogateOva = 2;
 constexpr int kCoherenceL1 = 0, kCoherenceL2 = 1;
 constexpr int kMapRouter = 1, kMapGate = 2;  // bits of iparams[2]
 constexpr int kBalanceCv2 = 0, kBalanceBand = 1;
+constexpr int kGateTargetRouter = 0, kGateTargetBenefit = 1;
 
 // Indices into the stats vector of num_experts = E (STATS_LEN(E) = E + 7).
 DS_LOSS_FN int64_t stats_len(int64_t E) { return E + 7; }
@@ -65,8 +66,8 @@ constexpr int kNumSums = 9;
 struct LossParams {
   double lambda_seg, lambda_collab, lambda_gate, lambda_coherence, lambda_balance;
   double paper_eps, gate_mse, gate_sparsity, balance_grad_scale;
-  int surrogate, coherence, maps, balance;
-  bool check_experts;  // raise on expert labels out of range (iparams[4], default 0)
+  int surrogate, coherence, maps, balance, gate_target;
+  bool check_experts;  // raise on expert labels out of range (iparams[5], default 0)
 };
 
 // ---------------------------------------------------------------------------
@@ -266,6 +267,7 @@ DS_LOSS_FN void bce_with_logits(T x, T y, T& loss, T& dloss, T& sig, T& dsig) {
 
 // The gate loss of one valid pixel, BCE(a, h) + gate_mse (s - D)^2 + gate_sparsity s
 // with D a constant, and its derivative with respect to a. Returns s and ds/da too.
+// h is the gate's target (gate_target_pixel).
 template <typename T>
 DS_LOSS_FN void gate_pixel(T a, T h, T D, T gate_mse, T gate_sparsity, T& loss, T& dloss, T& s,
                            T& ds) {
@@ -274,6 +276,15 @@ DS_LOSS_FN void gate_pixel(T a, T h, T D, T gate_mse, T gate_sparsity, T& loss, 
   const T diff = s - D;
   loss = bce + gate_mse * diff * diff + gate_sparsity * s;
   dloss = dbce + (T(2) * gate_mse * diff + gate_sparsity) * ds;
+}
+
+// The gate's target (a constant): "router", h = [argmax r < E] (route_arg = argmax r
+// over all E + 1 options, the model last); "benefit", (1 - c0) c_jhat with c_jhat the
+// correctness of the expert jhat = argmax_{j<E} r_j. The choice is a template argument.
+template <bool BENEFIT, typename T>
+DS_LOSS_FN T gate_target_pixel(bool router_defers, T c0, T c_jhat) {
+  if (BENEFIT) return (T(1) - c0) * c_jhat;
+  return sel(router_defers, T(1), T(0));
 }
 
 // Coherence penalty rho (|d| for "l1", d^2 for "l2") and its derivative
@@ -314,26 +325,41 @@ DS_LOSS_FN T paper_channel(T coef, T pi, T eps, T& g) {
   return coef * lq;
 }
 
-// The part of the routing-logit gradient shared by every channel of a pixel:
-//   softmax surrogate: cc * Ctot,  paper: -cc * sum_k g_k pi_k   (collab, scaled by cc)
+// "ova" surrogate, one routing channel k of a valid pixel: returns
+// BCEWithLogits(r_k, c_k) = softplus(r_k) - c_k r_k and writes g = sigmoid(r_k) - c_k,
+// its derivative with respect to r_k. No softmax enters it.
+template <typename T>
+DS_LOSS_FN T ova_channel(T r, T c, T& g) {
+  T loss, sig, dsig;
+  bce_with_logits(r, c, loss, g, sig, dsig);
+  return loss;
+}
+
+// The part of the routing-logit gradient shared by every channel of a pixel
+// (SUR: kSurrogateSoftmax, kSurrogatePaper or kSurrogateOva):
+//   softmax surrogate: cc * Ctot,  paper: -cc * sum_k g_k pi_k,  ova: 0
+//                                                               (collab, scaled by cc)
 //   minus sum_k bal_k pi_k                                      (balance)
 //   minus cD * D                                                (coherence on D)
-template <bool PAPER, typename T>
+template <int SUR, typename T>
 DS_LOSS_FN T routing_common(T cc, T ctot_or_sg, T bsum, T cD, T D) {
-  const T collab = PAPER ? -(cc * ctot_or_sg) : cc * ctot_or_sg;
+  if (SUR == kSurrogateOva) return (-bsum) - cD * D;
+  const T collab = SUR == kSurrogatePaper ? -(cc * ctot_or_sg) : cc * ctot_or_sg;
   return (collab - bsum) - cD * D;
 }
 
 // d loss / d r_m of one valid pixel. pi_m = softmax(r)_m; expert = [m < E] as 1 or
-// 0; c_m the correctness of option m (softmax surrogate), g_m the paper derivative;
-// bal_m the balance coefficient of channel m; cD the coherence derivative with
-// respect to D.
-// The collab term (-sum_k c_k log pi_k, or sum_k coef_k log(pi_k + eps)) contributes
-// cc (Ctot pi_m - c_m), or cc pi_m (g_m - sum_k g_k pi_k); the balance term
-// pi_m (bal_m - sum_k bal_k pi_k); the coherence term cD pi_m ([m < E] - D).
-template <bool PAPER, typename T>
+// 0; c_m the correctness of option m (softmax surrogate), g_m the paper derivative
+// (coef_m / (pi_m + eps)) or the ova one (sigmoid(r_m) - c_m); bal_m the balance
+// coefficient of channel m; cD the coherence derivative with respect to D.
+// The collab term (-sum_k c_k log pi_k, sum_k coef_k log(pi_k + eps), or
+// sum_k BCE(r_k, c_k)) contributes cc (Ctot pi_m - c_m), cc pi_m (g_m - sum_k g_k pi_k),
+// or cc g_m; the balance term pi_m (bal_m - sum_k bal_k pi_k); the coherence term
+// cD pi_m ([m < E] - D).
+template <int SUR, typename T>
 DS_LOSS_FN T routing_grad(T pi_m, T common, T bal_m, T cD, T expert, T cc, T c_m, T g_m) {
-  if (PAPER) return pi_m * (common + (bal_m + expert * cD) + cc * g_m);
+  if (SUR == kSurrogatePaper) return pi_m * (common + (bal_m + expert * cD) + cc * g_m);
+  if (SUR == kSurrogateOva) return pi_m * (common + (bal_m + expert * cD)) + cc * g_m;
   return pi_m * (common + (bal_m + expert * cD)) - cc * c_m;
 }
 

@@ -63,9 +63,15 @@ class DeferredSegLoss(_Loss):
         num_experts: E experts.
         backend: "auto", "reference", "triton", "cpu" or "cuda".
         **options: the options of SPEC section 5 (``ignore_index``, ``class_weight``,
-            ``lambda_*``, ``surrogate``, ``paper_eps``, ``gate_mse``, ``gate_sparsity``,
-            ``coherence``, ``coherence_maps``, ``balance``, ``balance_low``,
-            ``balance_high``, ``sync_balance``).
+            ``lambda_*``, ``surrogate``, ``paper_eps``, ``gate_target``, ``gate_mse``,
+            ``gate_sparsity``, ``coherence``, ``coherence_maps``, ``balance``,
+            ``balance_low``, ``balance_high``, ``sync_balance``). Among them:
+            ``surrogate``: "softmax" (default), "paper" (the authors' released variant)
+            or "ova" (one-vs-all: a binary cross-entropy per option, so that
+            sigmoid(r_k) estimates the probability that option k is right);
+            ``gate_target``: what the gate learns to predict, "router" (default:
+            h = [argmax r < E], the router defers) or "benefit" (the model is wrong
+            and the expert the router would choose is right). See docs/objective.md.
 
     ``forward(logits, target, expert_labels)`` returns the scalar loss; the detached
     terms of the last call are in ``last_terms``.
@@ -103,7 +109,8 @@ class DeferredSegLoss(_Loss):
         o = self.options
         return (f"num_classes={o.num_classes}, num_experts={o.num_experts}, "
                 f"backend={self.backend!r}, surrogate={o.surrogate!r}, "
-                f"coherence={o.coherence!r}, balance={o.balance!r}")
+                f"gate_target={o.gate_target!r}, coherence={o.coherence!r}, "
+                f"balance={o.balance!r}")
 
 
 class SurrogateCollaborationLoss(_Loss):
@@ -111,7 +118,8 @@ class SurrogateCollaborationLoss(_Loss):
 
     Args:
         num_experts: E.
-        surrogate: "softmax" (default) or "paper" (the authors' released variant).
+        surrogate: "softmax" (default), "paper" (the authors' released variant) or
+            "ova" (one-vs-all: sum_k BCEWithLogits(r_k, c_k) over the E + 1 options).
         paper_eps: eps of the "paper" surrogate.
         ignore_index: target value of pixels to ignore.
         reduction: "mean" (over valid pixels), "sum" or "none" ((B, *S), 0 at ignored pixels).
@@ -167,7 +175,8 @@ class SurrogateCollaborationLoss(_Loss):
         x = routing_logits.to(compute_dtype(routing_logits.dtype))
         experts = expert_labels.long()
         cj = (experts == y.unsqueeze(1)) & (experts != self.ignore_index)
-        l = collab_pixelwise(torch.log_softmax(x, dim=1), c0, cj, self.surrogate, self.paper_eps)
+        l = collab_pixelwise(torch.log_softmax(x, dim=1), c0, cj, self.surrogate, self.paper_eps,
+                             x)
         l = torch.where(valid, l, torch.zeros_like(l))
         if self.reduction == "none":
             return l

@@ -86,8 +86,9 @@ def deferredseg_loss(logits: torch.Tensor, target: torch.Tensor, expert_labels: 
         return_terms: also return a dict of the detached terms
             ``{"seg", "collab", "gate", "coherence", "balance", "pbar"}`` (unweighted).
         **options: ``ignore_index``, ``class_weight``, ``lambda_seg``, ``lambda_collab``,
-            ``lambda_gate``, ``lambda_coherence``, ``lambda_balance``, ``surrogate``,
-            ``paper_eps``, ``gate_mse``, ``gate_sparsity``, ``coherence``,
+            ``lambda_gate``, ``lambda_coherence``, ``lambda_balance``, ``surrogate``
+            ("softmax", "paper" or "ova"), ``paper_eps``, ``gate_target`` ("router" or
+            "benefit"), ``gate_mse``, ``gate_sparsity``, ``coherence``,
             ``coherence_maps``, ``balance``, ``balance_low``, ``balance_high``,
             ``sync_balance``.
 

@@ -85,15 +85,21 @@ def _seg_term(z, y, valid, opts: LossOptions) -> torch.Tensor:
 
 
 def collab_pixelwise(logpi: torch.Tensor, c0: torch.Tensor, cj: torch.Tensor, surrogate: str,
-                     paper_eps: float) -> torch.Tensor:
-    """l_collab(p) of every pixel: (B, *S) from log pi (B, E + 1, *S), c0 (B, *S), cj (B, E, *S)."""
+                     paper_eps: float, r: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """l_collab(p) of every pixel: (B, *S) from log pi (B, E + 1, *S), c0 (B, *S), cj (B, E, *S).
+
+    ``r``: the routing logits (B, E + 1, *S), needed by ``surrogate="ova"`` only.
+    """
     E = logpi.shape[1] - 1
     c0 = c0.to(logpi.dtype)
     cj = cj.to(logpi.dtype)
     if surrogate == "softmax":
         return -c0 * logpi[:, E] - (cj * logpi[:, :E]).sum(dim=1)
     if surrogate == "ova":
-        raise AssertionError("the ova surrogate reads the routing logits: see _collab_term")
+        # one-vs-all: a binary cross-entropy with logits per option, target c_k
+        if r is None:
+            raise ValueError("surrogate='ova' needs the routing logits r")
+        return ova_pixelwise(r, c0, cj)
     # "paper": the authors' released variant, on softmax probabilities plus eps
     pi = logpi.exp()
     return (-c0 * torch.log(pi[:, E] + paper_eps)
@@ -107,9 +113,21 @@ def ova_pixelwise(r: torch.Tensor, c0: torch.Tensor, cj: torch.Tensor) -> torch.
 
 
 def _collab_term(logpi, c0, cj, valid, opts: LossOptions, r=None) -> torch.Tensor:
-    if opts.surrogate == "ova":
-        return _masked_mean(ova_pixelwise(r, c0, cj), valid)
-    return _masked_mean(collab_pixelwise(logpi, c0, cj, opts.surrogate, opts.paper_eps), valid)
+    return _masked_mean(collab_pixelwise(logpi, c0, cj, opts.surrogate, opts.paper_eps, r), valid)
+
+
+def gate_target(r: torch.Tensor, c0: torch.Tensor, cj: torch.Tensor, kind: str) -> torch.Tensor:
+    """The gate's BCE target per pixel, (B, *S) bool, a constant (no gradient).
+
+    ``"router"``: h = [argmax r < E] (a tie between an expert and the model goes to the
+    expert). ``"benefit"``: (1 - c0) c_jhat, the model is wrong and the expert the router
+    would choose, jhat = argmax_{j<E} r_j (ties to the lowest index), is right.
+    """
+    E = r.shape[1] - 1
+    if kind == "router":
+        return r.argmax(dim=1) < E
+    jhat = r[:, :E].argmax(dim=1, keepdim=True)
+    return ~c0 & cj.gather(1, jhat).squeeze(1)
 
 
 def _gate_term(a, D, hard, valid, opts: LossOptions) -> torch.Tensor:
@@ -211,14 +229,10 @@ def deferredseg_loss_reference(logits: torch.Tensor, target: torch.Tensor,
     logpi = torch.log_softmax(r, dim=1)
     pi = logpi.exp()
     D = pi[:, :E].sum(dim=1)  # soft deferral mass
-    hard = r.argmax(dim=1) < E  # ties between an expert and the model go to the expert
+    hard = gate_target(r, c0, cj, opts.gate_target)  # the gate's target: h or the benefit
 
     seg = _seg_term(z, y, valid, opts)
     collab = _collab_term(logpi, c0, cj, valid, opts, r)
-    if opts.gate_target == "benefit":
-        # the model is wrong and the expert the router would choose is right
-        jhat = r[:, :E].argmax(dim=1, keepdim=True)
-        hard = (~c0) & cj.gather(1, jhat).squeeze(1)
     gate = _gate_term(a, D, hard, valid, opts)
     coherence = _coherence_term({"router": D, "gate": torch.sigmoid(a)}, valid, opts)
     balance, pbar = balance_penalty(pi, valid, opts)

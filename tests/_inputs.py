@@ -41,15 +41,21 @@ def make_inputs(B: int, K: int, E: int, spatial: Sequence[int], dtype=torch.floa
 
 
 def option_matrix(E: int) -> List[Dict]:
-    """One dict per combination of the loss's discrete options (SPEC section 3)."""
+    """One dict per combination of the loss's discrete options (SPEC section 3).
+
+    Every combination of surrogate, coherence, coherence_maps and balance; gate_target
+    alternates with (coherence, balance), "benefit" where exactly one of them is not the
+    default, so that every pair of gate_target and one other option occurs.
+    """
     low = [0.5 / (E + 1)] * (E + 1)
     high = [1.5 / (E + 1)] * (E + 1)
     out = []
     for surrogate, coherence, maps, balance in itertools.product(
-            ("softmax", "paper"), ("l1", "l2"), (("router", "gate"), ("router",), ("gate",), ()),
-            ("cv2", "band")):
+            ("softmax", "paper", "ova"), ("l1", "l2"),
+            (("router", "gate"), ("router",), ("gate",), ()), ("cv2", "band")):
+        gate_target = "benefit" if (coherence == "l2") != (balance == "band") else "router"
         opts = dict(surrogate=surrogate, coherence=coherence, coherence_maps=maps,
-                    balance=balance)
+                    balance=balance, gate_target=gate_target)
         if balance == "band":
             opts.update(balance_low=low, balance_high=high)
         out.append(opts)
@@ -58,7 +64,8 @@ def option_matrix(E: int) -> List[Dict]:
 
 def option_id(opts: Dict) -> str:
     maps = "+".join(opts["coherence_maps"]) or "nomaps"
-    return f"{opts['surrogate']}-{opts['coherence']}-{maps}-{opts['balance']}"
+    return (f"{opts['surrogate']}-{opts['coherence']}-{maps}-{opts['balance']}"
+            f"-{opts.get('gate_target', 'router')}")
 
 
 def iter_shapes() -> Iterator[Tuple[int, ...]]:

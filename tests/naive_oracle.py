@@ -35,8 +35,8 @@ def _argmax(v: Sequence[float]) -> int:
 def naive_loss(logits: torch.Tensor, target: torch.Tensor, experts: torch.Tensor, K: int,
                E: int, ignore_index=-100, class_weight=None, lambda_seg=1.0, lambda_collab=1.0,
                lambda_gate=1.0, lambda_coherence=0.1, lambda_balance=0.1, surrogate="softmax",
-               paper_eps=1e-8, gate_mse=0.5, gate_sparsity=0.1, coherence="l1",
-               coherence_maps=("router", "gate"), balance="cv2", balance_low=None,
+               paper_eps=1e-8, gate_target="router", gate_mse=0.5, gate_sparsity=0.1,
+               coherence="l1", coherence_maps=("router", "gate"), balance="cv2", balance_low=None,
                balance_high=None) -> Dict[str, float]:
     x = logits.double().tolist()
     t = target.tolist()
@@ -89,11 +89,17 @@ def naive_loss(logits: torch.Tensor, target: torch.Tensor, experts: torch.Tensor
                   else 0.0 for j in range(E)]
             if surrogate == "softmax":
                 lc = -c0 * lp[E] - sum(cj[j] * lp[j] for j in range(E))
+            elif surrogate == "ova":
+                ck = cj + [c0]
+                lc = sum(_softplus(r[k]) - ck[k] * r[k] for k in range(E + 1))
             else:
                 lc = (-c0 * math.log(pi[E] + paper_eps)
                       + sum((1 - 2 * cj[j]) * math.log(pi[j] + paper_eps) for j in range(E)))
             collab += lc
-            h = 1.0 if _argmax(r) < E else 0.0
+            if gate_target == "router":
+                h = 1.0 if _argmax(r) < E else 0.0
+            else:  # the model is wrong and the expert the router picks is right
+                h = (1.0 - c0) * cj[_argmax(r[:E])]
             gate += _softplus(a) - h * a + gate_mse * (s - D) ** 2 + gate_sparsity * s
             for k in range(E + 1):
                 sums[k] += pi[k]

@@ -60,7 +60,7 @@ def test_shapes(spatial, K, E):
 
 
 @pytest.mark.parametrize("K,E", [(2, 16), (12, 1)])
-@pytest.mark.parametrize("opts", [option_matrix(16)[5], option_matrix(16)[10]], ids=option_id)
+@pytest.mark.parametrize("opts", [option_matrix(16)[i] for i in (5, 10, 32, 37)], ids=option_id)
 def test_wide_channels_3d(K, E, opts):
     logits, target, experts = make_inputs(1, K, E, (3, 9, 10))
     if "balance_low" in opts:  # option_matrix(16) sized them for E = 16
@@ -75,6 +75,21 @@ def test_many_tiles_and_options():
     assert_matches(logits, target, experts, 3, 3, grad_scale=-0.7, lambda_seg=0.3,
                    lambda_collab=1.7, lambda_gate=0.9, lambda_coherence=0.8, lambda_balance=1.3,
                    gate_mse=0.2, gate_sparsity=0.05, paper_eps=1e-4, surrogate="paper")
+    assert_matches(logits, target, experts, 3, 3, grad_scale=1.3, lambda_collab=0.6,
+                   lambda_coherence=0.8, surrogate="ova", gate_target="benefit")
+
+
+@pytest.mark.parametrize("K,E", [(1, 3), (3, 2), (2, 6)])
+@pytest.mark.parametrize("maps", [(), ("gate",)], ids=["nomaps", "gatemap"])
+def test_benefit_target_at_ties(K, E, maps):
+    # Logits in {-1, 0, 1}: the router's experts tie often (jhat: the lowest index) and
+    # so do experts and the model; the benefit target must pick the same expert as the
+    # reference. (No router map: l1 / l2 coherence of tied D is not the point here.)
+    logits, target, experts = make_inputs(2, K, E, (9, 31))
+    logits = logits.round().clamp(-1, 1)
+    for surrogate in ("softmax", "ova"):
+        assert_matches(logits, target, experts, K, E, grad_scale=0.8, gate_target="benefit",
+                       surrogate=surrogate, coherence_maps=maps, lambda_coherence=0.5)
 
 
 @pytest.mark.parametrize("spatial", [(40, 300), (8, 32, 40)], ids=str)
@@ -280,7 +295,11 @@ _ISA_SCRIPT = textwrap.dedent("""
     for K, E, S, kw in [(1, 3, (9, 10), dict()), (3, 2, (4, 5, 6), dict(surrogate="paper",
                         coherence="l2", balance="band", balance_low=[0.1] * 3,
                         balance_high=[0.5] * 3)), (1, 1, (33,), dict(surrogate="paper")),
-                        (2, 4, (5, 7), dict(coherence_maps=("gate",))), (1, 5, (6, 6), dict())]:
+                        (2, 4, (5, 7), dict(coherence_maps=("gate",))), (1, 5, (6, 6), dict()),
+                        (3, 3, (6, 7), dict(surrogate="ova", gate_target="benefit")),
+                        (1, 2, (5, 9), dict(surrogate="ova", coherence_maps=("router",))),
+                        (2, 5, (4, 7), dict(surrogate="ova", gate_target="benefit",
+                                            coherence_maps=()))]:
         for dtype in (torch.float32, torch.bfloat16):
             x, t, e = make_inputs(2, K, E, S, dtype=dtype)
             out = []
@@ -369,7 +388,7 @@ def test_bad_labels_raise():
 
 
 def test_loss_op_checks_expert_labels_when_asked():
-    # iparams[4] = 1: the loss pass (which reads the expert labels anyway) raises on one
+    # iparams[5] = 1: the loss pass (which reads the expert labels anyway) raises on one
     # out of range; without it (torch.compile, direct calls) it computes as before.
     K, E = 2, 3
     logits, target, experts = make_inputs(1, K, E, (5, 6))
@@ -385,7 +404,7 @@ def test_loss_op_checks_expert_labels_when_asked():
     terms, grad = torch.ops.deferredseg.loss_fused(*args[:2], bad, *args[3:], fused.int_params(opts), True)
     assert torch.isfinite(terms).all() and torch.isfinite(grad).all()
     torch.ops.deferredseg.loss_fused(*args, fused.int_params(opts) + [1], True)  # good labels pass
-    with pytest.raises(RuntimeError, match="iparams must have 4 or 5 values"):
+    with pytest.raises(RuntimeError, match="iparams must have 5 or 6 values"):
         torch.ops.deferredseg.loss_fused(*args, fused.int_params(opts) + [1, 0], True)
     # Through the public call the message names the values, as the reference's does.
     with pytest.raises(ValueError, match=r"expert_labels .* got value\(s\) \[2\]"):
@@ -618,7 +637,10 @@ def test_no_grad_and_empty():
     (1, dict(coherence="l2")),
     (3, dict(coherence="l2", surrogate="paper", balance="band", balance_low=[0.2, 0.1, 0.3],
              balance_high=[0.3, 0.5, 0.6], class_weight=[0.5, 1.0, 2.0])),
-], ids=["binary", "multiclass-paper-band"])
+    (1, dict(coherence="l2", surrogate="ova", gate_target="benefit")),
+    (3, dict(coherence="l2", surrogate="ova", coherence_maps=("router",), gate_target="benefit",
+             class_weight=[0.5, 1.0, 2.0])),
+], ids=["binary", "multiclass-paper-band", "binary-ova-benefit", "multiclass-ova-benefit"])
 def test_gradcheck_float64(K, opts):
     E = 2
     g = torch.Generator().manual_seed(3)
@@ -646,12 +668,28 @@ def test_opcheck():
                           (logits, target, experts, w, K, E, -100, True))
     stats = torch.ops.deferredseg.loss_stats(logits, target, experts, w, K, E, -100, False)
     low, high = torch.full((E + 1,), 0.1), torch.full((E + 1,), 0.4)
-    for compute_grad in (True, False):
+    ova = make_options(K, E, class_weight=[1.0, 2.0], surrogate="ova", gate_target="benefit")
+    for compute_grad, o in ((True, opts), (False, opts), (True, ova)):
         x = logits.clone().requires_grad_(compute_grad)
         torch.library.opcheck(torch.ops.deferredseg.loss_fused.default,
                               (x, target, experts, w, stats, low, high, K, E, -100,
-                               fused.float_params(opts, 1.0), fused.int_params(opts),
+                               fused.float_params(o, 1.0), fused.int_params(o),
                                compute_grad))
+
+
+def test_loss_op_rejects_unknown_option_codes():
+    K, E = 2, 3
+    logits, target, experts = make_inputs(1, K, E, (4, 5))
+    opts = make_options(K, E)
+    stats = torch.ops.deferredseg.loss_stats(logits, target, experts, None, K, E, -100, False)
+    args = (logits, target, experts, None, stats, None, None, K, E, -100,
+            fused.float_params(opts, 1.0))
+    ip = fused.int_params(opts)
+    for index, code, words in ((0, 3, "surrogate code 3"), (4, 2, "gate_target code 2")):
+        bad = list(ip)
+        bad[index] = code
+        with pytest.raises(RuntimeError, match=words):
+            torch.ops.deferredseg.loss_fused(*args, bad, True)
 
 
 def test_opcheck_with_the_cached_gradient_buffer():

@@ -141,14 +141,15 @@ def test_noncontiguous_inputs_and_gradient_layout(emu):
 def test_deterministic_and_matches_the_cpu_kernel(emu):
     K, E = 1, 3
     logits, target, experts = make_inputs(2, K, E, (8, 12, 10))
-    a = run(emu, logits, target, experts, K, E)
-    b = run(emu, logits, target, experts, K, E)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
-    if "cpu" not in available_backends("loss"):
-        pytest.skip("the C++ CPU kernel is not built")
-    c = run("cpu", logits, target, experts, K, E)
-    torch.testing.assert_close(a[0], c[0], rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(a[2], c[2], rtol=1e-5, atol=1e-5 * float(c[2].abs().max()))
+    for opts in (dict(), dict(surrogate="ova", gate_target="benefit")):
+        a = run(emu, logits, target, experts, K, E, **opts)
+        b = run(emu, logits, target, experts, K, E, **opts)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
+        if "cpu" not in available_backends("loss"):
+            pytest.skip("the C++ CPU kernel is not built")
+        c = run("cpu", logits, target, experts, K, E, **opts)
+        torch.testing.assert_close(a[0], c[0], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(a[2], c[2], rtol=1e-5, atol=1e-5 * float(c[2].abs().max()))
 
 
 def test_nan_logits_and_bad_targets_give_nan(emu):
@@ -180,7 +181,10 @@ def test_stats_match_the_cpu_kernel(emu):
         assert stats[E + 6].item() == (1.0 if check else 0.0)
 
 
-def test_gradcheck_float64(emu):
+@pytest.mark.parametrize("opts", [dict(), dict(surrogate="ova", gate_target="benefit"),
+                                  dict(surrogate="paper", gate_target="benefit")],
+                         ids=["default", "ova-benefit", "paper-benefit"])
+def test_gradcheck_float64(emu, opts):
     K, E = 3, 2
     g = torch.Generator().manual_seed(3)
     x = ((torch.randperm((K + E + 2) * 12, generator=g).double() + 0.5) / 7 - 3)
@@ -189,9 +193,20 @@ def test_gradcheck_float64(emu):
 
     def f(v):
         return emu_loss(emu, v, target, experts, K, E, coherence="l2", gate_mse=0.0,
-                        lambda_coherence=0.7)
+                        lambda_coherence=0.7, **opts)
 
     assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("K,E", [(1, 3), (3, 2), (2, 9)])
+def test_benefit_target_at_ties(emu, K, E):
+    # Logits in {-1, 0, 1}: experts tie often in the router (jhat: the lowest index), and
+    # experts with the model; 2 x 29 x 31 pixels take several grid-stride steps.
+    logits, target, experts = make_inputs(2, K, E, (29, 31))
+    logits = logits.round().clamp(-1, 1)
+    for surrogate in ("softmax", "ova"):
+        assert_matches(emu, logits, target, experts, K, E, grad_scale=0.8, gate_target="benefit",
+                       surrogate=surrogate, coherence_maps=("gate",), lambda_coherence=0.5)
 
 
 def test_empty_batch(emu):

@@ -60,6 +60,18 @@ def test_option_matrix(opts, K):
 
 @requires_cuda
 @needs_backend
+@pytest.mark.parametrize("K,E", [(1, 3), (3, 2), (2, 9)])
+def test_benefit_target_at_ties(K, E):
+    # Logits in {-1, 0, 1}: experts tie often in the router (jhat: the lowest index).
+    logits, target, experts = _inputs(2, K, E, (29, 31))
+    logits = logits.round().clamp(-1, 1)
+    for surrogate in ("softmax", "ova"):
+        assert_matches(logits, target, experts, K, E, grad_scale=0.8, gate_target="benefit",
+                       surrogate=surrogate, coherence_maps=("gate",), lambda_coherence=0.5)
+
+
+@requires_cuda
+@needs_backend
 @pytest.mark.parametrize("spatial", list(iter_shapes()), ids=str)
 @pytest.mark.parametrize("K,E", [(1, 1), (3, 3), (1, 16), (12, 3)])
 def test_shapes(spatial, K, E):
@@ -179,7 +191,9 @@ def test_stats_layout():
 
 @requires_cuda
 @needs_backend
-def test_gradcheck_float64():
+@pytest.mark.parametrize("opts", [dict(), dict(surrogate="ova", gate_target="benefit")],
+                         ids=["default", "ova-benefit"])
+def test_gradcheck_float64(opts):
     K, E = 3, 2
     g = torch.Generator().manual_seed(3)
     x = ((torch.randperm((K + E + 2) * 12, generator=g).double() + 0.5) / 7 - 3)
@@ -189,7 +203,7 @@ def test_gradcheck_float64():
 
     def f(v):
         return deferredseg_loss(v, target, experts, K, E, backend="cuda", coherence="l2",
-                                gate_mse=0.0, lambda_coherence=0.7)
+                                gate_mse=0.0, lambda_coherence=0.7, **opts)
 
     assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-6, rtol=1e-5)
 

@@ -82,6 +82,9 @@ def test_labels_out_of_range(good, backend, which, value):
 
 @pytest.mark.parametrize("opt,value,exc,words", [
     ("surrogate", "hinge", ValueError, ["surrogate", "hinge", "softmax"]),
+    ("surrogate", "OVA", ValueError, ["surrogate", "OVA", "ova"]),
+    ("gate_target", "model", ValueError, ["gate_target", "model", "router", "benefit"]),
+    ("gate_target", 1, TypeError, ["gate_target", "int", "router"]),
     ("coherence", "l3", ValueError, ["coherence", "l3"]),
     ("coherence_maps", ("router", "entropy"), ValueError, ["coherence_maps", "entropy"]),
     ("coherence_maps", 3, TypeError, ["coherence_maps", "int"]),

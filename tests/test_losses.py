@@ -39,6 +39,20 @@ def test_deferredseg_loss_module_matches_function_and_keeps_terms(K, E):
     assert "num_classes" in repr(crit)
 
 
+def test_deferredseg_loss_module_takes_the_ova_surrogate_and_benefit_gate_target():
+    K, E = 3, 2
+    logits, target, experts = make_inputs(2, K, E, (6, 5))
+    crit = DeferredSegLoss(K, E, backend="reference", surrogate="ova", gate_target="benefit")
+    want, terms = deferredseg_loss(logits, target, experts, K, E, backend="reference",
+                                   surrogate="ova", gate_target="benefit", return_terms=True)
+    assert torch.equal(crit(logits, target, experts), want)
+    default = terms_of(logits, target, experts, K, E)
+    assert crit.last_terms["collab"] != default["collab"]
+    assert crit.last_terms["gate"] != default["gate"]
+    assert "surrogate='ova'" in repr(crit) and "gate_target='benefit'" in repr(crit)
+    assert DeferredSegLoss(K, E).options.gate_target == "router"  # the default is unchanged
+
+
 def test_deferredseg_loss_module_auto_backend_close_to_reference():
     K, E = 1, 3
     logits, target, experts = make_inputs(2, K, E, (8, 8))
@@ -47,7 +61,7 @@ def test_deferredseg_loss_module_auto_backend_close_to_reference():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("surrogate", ["softmax", "paper"])
+@pytest.mark.parametrize("surrogate", ["softmax", "paper", "ova"])
 @pytest.mark.parametrize("K", [1, 3])
 def test_surrogate_collaboration_matches_collab_term(surrogate, K):
     E = 3
@@ -126,6 +140,7 @@ def test_load_balancing_matches_balance_term(balance):
     (lambda: DeferredSegLoss(0, 3), ["num_classes", ">= 1", "0"]),
     (lambda: DeferredSegLoss(1, 3, backend="gpu"), ["backend", "gpu"]),
     (lambda: DeferredSegLoss(1, 3, coherence="huber"), ["coherence", "huber"]),
+    (lambda: DeferredSegLoss(1, 3, gate_target="oracle"), ["gate_target", "oracle", "benefit"]),
     (lambda: DeferredSegLoss(1, 3, foo=1), ["foo"]),
     (lambda: SurrogateCollaborationLoss(3, reduction="max"), ["reduction", "max"]),
     (lambda: SurrogateCollaborationLoss(3, surrogate="hinge"), ["surrogate", "hinge"]),

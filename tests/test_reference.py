@@ -91,6 +91,67 @@ def test_paper_surrogate_by_hand():
     assert t["collab"].item() == pytest.approx(-math.log(0.5 + eps) + math.log(0.5 + eps))
 
 
+def test_ova_surrogate_by_hand():
+    # K=1, E=2, one pixel: z = 1 predicts 1, target 1 (c0 = 1); experts say (1, 0): c = (1, 0).
+    # r = (0, ln 3, -1): COLLAB = sum_k softplus(r_k) - c_k r_k over experts then the model
+    # = [softplus(0) - 0] + [softplus(ln 3)] + [softplus(-1) + 1] = ln2 + ln4 + ln(1 + 1/e) + 1.
+    K, E = 1, 2
+    logits = torch.zeros(1, K + E + 2, 1, dtype=torch.float64)
+    logits[0, 0, 0] = 1.0
+    logits[0, K:K + E + 1, 0] = torch.tensor([0.0, math.log(3.0), -1.0], dtype=torch.float64)
+    logits.requires_grad_(True)
+    target = torch.ones(1, 1, dtype=torch.long)
+    experts = torch.tensor([[[1], [0]]])
+    loss, t = ref(logits, target, experts, K, E, surrogate="ova", lambda_seg=0.0,
+                  lambda_gate=0.0, lambda_coherence=0.0, lambda_balance=0.0)
+    want = LN2 + 2 * LN2 + math.log1p(math.exp(-1.0)) + 1.0
+    assert t["collab"].item() == pytest.approx(want)
+    assert loss.item() == pytest.approx(want)
+    # d/dr_k = sigmoid(r_k) - c_k: (1/2 - 1, 3/4 - 0, sigmoid(-1) - 1); nothing reaches z or a.
+    (g,) = torch.autograd.grad(loss, logits)
+    sig = 1.0 / (1.0 + math.exp(1.0))
+    assert g[0, K:K + E + 1, 0].tolist() == pytest.approx([-0.5, 0.75, sig - 1.0])
+    assert g[0, 0, 0].item() == 0.0 and g[0, -1, 0].item() == 0.0
+    # The other terms still use pi = softmax(r): the same D, pbar and gate as "softmax".
+    _, ts = ref(logits.detach(), target, experts, K, E)
+    _, to = ref(logits.detach(), target, experts, K, E, surrogate="ova")
+    for name in ("seg", "gate", "coherence", "balance", "pbar"):
+        assert torch.equal(ts[name], to[name]), name
+
+
+def test_benefit_gate_target_by_hand():
+    # K=2, E=2, three pixels, gate_mse = gate_sparsity = 0: GATE = mean BCE(a, t).
+    # p0: model wrong, r = (2, 1, 0): jhat = 0, expert 0 right -> t = 1 (router h = 1 too).
+    # p1: model wrong, experts tie r = (0, 0, 5): jhat = 0 (lowest index), expert 0 wrong,
+    #     expert 1 right -> t = 0 (h = 0: the model's logit is largest).
+    # p2: model right, r = (3, 0, 0): t = 0 (h = 1).
+    K, E = 2, 2
+    logits = torch.zeros(1, K + E + 2, 3, dtype=torch.float64)
+    logits[0, 0] = torch.tensor([0.0, 0.0, 1.0])  # z = (0, 1) at p0, p1: predicts 1
+    logits[0, 1] = torch.tensor([1.0, 1.0, 0.0])  # z = (1, 0) at p2: predicts 0
+    logits[0, K:K + E + 1] = torch.tensor([[2.0, 0.0, 3.0], [1.0, 0.0, 0.0], [0.0, 5.0, 0.0]])
+    a = torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64)
+    logits[0, -1] = a
+    logits.requires_grad_(True)
+    target = torch.tensor([[0, 0, 0]])
+    experts = torch.tensor([[[0, 1, 1], [1, 0, 1]]])
+    kw = dict(gate_mse=0.0, gate_sparsity=0.0, lambda_seg=0.0, lambda_collab=0.0,
+              lambda_coherence=0.0, lambda_balance=0.0)
+    t_benefit = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    t_router = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
+    for name, tgt in (("benefit", t_benefit), ("router", t_router)):
+        loss, t = ref(logits, target, experts, K, E, gate_target=name, **kw)
+        want = sum(math.log1p(math.exp(float(v))) - float(h) * float(v) for v, h in zip(a, tgt)) / 3
+        assert t["gate"].item() == pytest.approx(want), name
+        (g,) = torch.autograd.grad(loss, logits)
+        assert g[0, -1].tolist() == pytest.approx(((torch.sigmoid(a) - tgt) / 3).tolist()), name
+    # The target is a constant: with the mse term on, still no gradient reaches z or r.
+    loss = deferredseg_loss(logits, target, experts, K, E, backend="reference",
+                            gate_target="benefit", **dict(kw, gate_mse=0.5, gate_sparsity=0.1))
+    (g,) = torch.autograd.grad(loss, logits)
+    assert torch.count_nonzero(g[0, :-1]).item() == 0
+
+
 def test_class_weight_by_hand():
     K, E = 2, 1
     logits = torch.zeros(1, K + E + 2, 2, dtype=torch.float64)

@@ -128,6 +128,7 @@ def test_shapes(spatial, K, E):
 def test_wide_channels(K, E, spatial):
     logits, target, experts = make_inputs(2, K, E, spatial, device=DEVICE)
     _compare(logits, target, experts, K, E, class_weight=torch.rand(max(K, 2)).tolist())
+    _compare(logits, target, experts, K, E, surrogate="ova", gate_target="benefit")
 
 
 @pytest.mark.parametrize("spatial", [(50,), (9, 11), (3, 5, 6)], ids=str)
@@ -137,6 +138,18 @@ def test_many_programs(small_blocks, spatial):
     logits, target, experts = make_inputs(3, K, E, spatial, device=DEVICE)
     _compare(logits, target, experts, K, E, lambda_coherence=1.0)
     _compare(logits, target, experts, K, E, coherence="l2", surrogate="paper", **_band(E))
+    _compare(logits, target, experts, K, E, lambda_coherence=1.0, surrogate="ova",
+             gate_target="benefit")
+
+
+@pytest.mark.parametrize("K,E", [(1, 3), (3, 2), (2, 6)])
+def test_benefit_target_at_ties(K, E):
+    """Logits in {-1, 0, 1}: experts tie often in the router (jhat: the lowest index)."""
+    logits, target, experts = make_inputs(2, K, E, (9, 11), device=DEVICE)
+    logits = logits.round().clamp(-1, 1)
+    for surrogate in ("softmax", "ova"):
+        _compare(logits, target, experts, K, E, gate_target="benefit", surrogate=surrogate,
+                 coherence_maps=("gate",), lambda_coherence=0.5)
 
 
 @pytest.mark.parametrize("label_dtype,ignore_index", [(torch.uint8, 255), (torch.int32, -100),
@@ -244,6 +257,8 @@ def test_float64_matches_reference_and_gradcheck():
     def f(x):
         return dk.deferredseg_loss(x, t1, e1, 1, 2, backend="triton", **opts)
 
+    assert torch.autograd.gradcheck(f, (small.detach().requires_grad_(),), eps=1e-6, atol=1e-5)
+    opts.update(surrogate="ova", gate_target="benefit")
     assert torch.autograd.gradcheck(f, (small.detach().requires_grad_(),), eps=1e-6, atol=1e-5)
 
 
@@ -475,6 +490,7 @@ def test_bad_inputs_rejected_before_launch(monkeypatch):
         (TypeError, "logits", dict(logits=logits.to(torch.int32))),
         (ValueError, "device", dict(target=target.to("meta"))),
         (ValueError, "surrogate", dict(surrogate="nope")),
+        (ValueError, "gate_target", dict(gate_target="nope")),
         (ValueError, "coherence", dict(coherence="l3")),
         (ValueError, "balance_low", dict(balance="band")),
         (TypeError, "unknown option", dict(not_an_option=1)),
@@ -520,7 +536,8 @@ def test_opcheck():
     for opts, lo, hi in ((make_options(K, E), None, None),
                          (make_options(K, E, surrogate="paper", coherence="l2",
                                        balance="band", balance_low=low, balance_high=high),
-                          low, high)):
+                          low, high),
+                         (make_options(K, E, surrogate="ova", gate_target="benefit"), None, None)):
         args = (logits.clone().requires_grad_(), target, experts, w, stats, lo, hi, K, E, -100,
                 fused.float_params(opts, 1.0), fused.int_params(opts), True)
         torch.library.opcheck(triton_loss.loss_fused, args)
@@ -616,15 +633,17 @@ def build(fn, types, consts):
 
 flt = {n: "fp32" for n in ("lam_seg", "lam_collab", "lam_gate", "lam_coh", "lam_bal",
                            "paper_eps", "gate_mse", "gate_sparsity", "bal_scale")}
-for xdt, K, E, nd, grad, paper in (("bf16", 4, 3, 2, True, False), ("fp64", 1, 2, 3, True, True),
-                                  ("fp16", 32, 16, 1, False, False)):
+for xdt, K, E, nd, grad, paper, sur in (("bf16", 4, 3, 2, True, False, 2),
+                                       ("fp64", 1, 2, 3, True, True, 1),
+                                       ("fp16", 32, 16, 1, False, False, 0)):
     ptrs = dict(x_ptr="*" + xdt, t_ptr="*u8", l_ptr="*i64", cw_ptr="*fp32", stats_ptr="*fp64",
                 low_ptr="*fp32", high_ptr="*fp32", g_ptr="*" + xdt, part_ptr="*fp32",
                 thr_ptr="*fp32", asg_ptr="*i8", prob_ptr="*fp32", pred_ptr="*i64",
                 final_ptr="*i64", **flt)
     KP, RP = max(2, triton.next_power_of_2(K)), triton.next_power_of_2(E + 1)
     build(L._loss_kernel, ptrs, dict(K=K, E=E, KP=KP, RP=RP, NDIM=nd, HAS_WEIGHT=True,
-                                     PAPER=paper, COH_L2=paper, MAP_ROUTER=True, MAP_GATE=True,
+                                     SURROGATE=sur, GATE_BENEFIT=not paper, COH_L2=paper,
+                                     MAP_ROUTER=True, MAP_GATE=True,
                                      BAL_BAND=paper, COMPUTE_GRAD=grad, IS_FP64=xdt == "fp64",
                                      BF16_BY_HAND=False, BLOCK_P=256))
     build(L._stats_kernel, ptrs, dict(K=K, E=E, RP=RP, NDIM=nd, HAS_WEIGHT=True,

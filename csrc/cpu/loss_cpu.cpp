@@ -253,7 +253,9 @@ struct TileCtx {
   int64_t K = 1, E = 1;
   int nd = 1;
   int64_t st[kMaxSpatial] = {0, 0, 0};
-  bool paper = false, l2 = false, grad = false;
+  int surrogate = kSurrogateSoftmax;  // kSurrogate*: "softmax", "paper" or "ova"
+  bool benefit = false;               // gate_target "benefit" (else "router")
+  bool l2 = false, grad = false;
   bool routing_ready = false;  // rb, ri, rs, rinv, D, pi and lgate, dgate, dsa already hold this tile's
                                // routing and gate term (computed by maps_tile), valid / yf / y its target
   bool fast = false;           // E <= kFastMaxExperts, float accumulation: the unrolled paths
@@ -276,6 +278,7 @@ struct TileCtx {
   T* pi = nullptr;  // routing probabilities
   T *valid, *yf, *w, *zb, *zs, *zy, *rb, *rs, *rinv, *rlog, *D, *lseg, *lcol, *lgate, *dgate, *dsa, *acc, *bsum,
       *common, *gD, *gS;
+  T* tg = nullptr;  // the gate's target with gate_target "benefit" (benefit_target)
   T* hp[kMaxSpatial];  // the tile's neighbour masks (point_masks): 1 where p - st[d] is in the volume
   T* hn[kMaxSpatial];  // ... where p + st[d] is
   int32_t *y, *zi, *ri;
@@ -292,7 +295,7 @@ struct TileCtx {
 // The buffers of one thread, bound to a TileCtx.
 template <typename T>
 struct Workspace {
-  static constexpr int kNamed = 21;
+  static constexpr int kNamed = 22;
   std::vector<T> f;
   std::vector<int32_t> i32;
   std::vector<int64_t> i64;
@@ -313,7 +316,8 @@ struct Workspace {
     c.ck = take(E + 1);
     c.pi = take(E + 1);
     T** named[kNamed] = {&c.valid, &c.yf, &c.w, &c.zb, &c.zs, &c.zy, &c.rb, &c.rs, &c.rinv, &c.rlog, &c.D,
-                         &c.lseg, &c.lcol, &c.lgate, &c.dgate, &c.dsa, &c.acc, &c.bsum, &c.common, &c.gD, &c.gS};
+                         &c.lseg, &c.lcol, &c.lgate, &c.dgate, &c.dsa, &c.acc, &c.bsum, &c.common, &c.gD, &c.gS,
+                         &c.tg};
     for (T** q : named) *q = take(1);
     for (int d = 0; d < kMaxSpatial; ++d) {
       c.hp[d] = take(1);
@@ -582,13 +586,15 @@ DS_LOSS_FN void stats_tile_impl(const TileCtx<T>& c) {
   c.out[c.E + 2] = wsum;
 }
 
-// The gate term of a tile with gate logits a (needs ri and D): lgate, its derivative
-// dgate with respect to a, dsa = ds/da, and with S also s = sigmoid(a) at mapS.
-template <bool S, typename T>
+// The gate term of a tile with gate logits a (needs D, and ri for the "router" target,
+// tg for "benefit"): lgate, its derivative dgate with respect to a, dsa = ds/da, and
+// with S also s = sigmoid(a) at mapS.
+template <bool S, bool BENEFIT, typename T>
 DS_LOSS_FN void tile_gate(const TileCtx<T>& c, const T* a) {
   const int64_t n = c.n;
   const int32_t Ei = static_cast<int32_t>(c.E);
   const int32_t* __restrict__ ri = c.ri;
+  const T* __restrict__ tg = c.tg;
   const T* __restrict__ D = c.D;
   T* __restrict__ lgate = c.lgate;
   T* __restrict__ dgate = c.dgate;
@@ -597,7 +603,7 @@ DS_LOSS_FN void tile_gate(const TileCtx<T>& c, const T* a) {
   const T gm = c.gate_mse, gsp = c.gate_sparsity;
   DS_SIMD
   for (int64_t i = 0; i < n; ++i) {
-    const T h = sel(ri[i] < Ei, T(1), T(0));
+    const T h = BENEFIT ? tg[i] : gate_target_pixel<false>(ri[i] < Ei, T(0), T(0));
     T l, dl, sv, ds;
     gate_pixel(a[i], h, D[i], gm, gsp, l, dl, sv, ds);
     lgate[i] = l;
@@ -628,11 +634,38 @@ DS_LOSS_FN void maps_tile_impl(const TileCtx<T>& c) {
     for (int64_t i = 0; i < n; ++i) out[i] = D[i];
   }
   const T* a = c.Xin + (c.E + 1) * c.xs;
+  // With the "benefit" target the gate term needs the model's correctness, which the
+  // main pass computes: it makes the term there; here only s is needed (for the map).
   if (c.maps & kMapGate) {
-    tile_gate<true>(c, a);
-  } else {
-    tile_gate<false>(c, a);
+    tile_gate<true, false>(c, a);
+  } else if (!c.benefit) {
+    tile_gate<false, false>(c, a);
   }
+}
+
+// The "benefit" gate target of a tile, tg = (1 - c0) c_jhat with jhat = argmax_{j<E} r_j
+// (first maximum, a NaN winning, as rows_argmax), from the routing rows at Rin and the
+// c_k rows (c0 in row E). zb and zi serve as scratch (free once c0 is made).
+template <typename T>
+DS_LOSS_FN void benefit_target(const TileCtx<T>& c, const T* Rin) {
+  const int64_t n = c.n, E = c.E;
+  int32_t* __restrict__ jhat = c.zi;
+  rows_argmax(n, Rin, c.xs, E, c.zb, jhat);
+  T* __restrict__ tg = c.tg;
+  DS_SIMD
+  for (int64_t i = 0; i < n; ++i) tg[i] = T(0);
+  for (int64_t j = 0; j < E; ++j) {  // tg = c_jhat
+    const T* __restrict__ ck = c.ck + j * kTile;
+    const int32_t jj = static_cast<int32_t>(j);
+    DS_SIMD
+    for (int64_t i = 0; i < n; ++i) {
+      const T cur = tg[i], cv = ck[i];
+      tg[i] = sel(jhat[i] == jj, cv, cur);
+    }
+  }
+  const T* __restrict__ c0 = c.ck + E * kTile;
+  DS_SIMD
+  for (int64_t i = 0; i < n; ++i) tg[i] = gate_target_pixel<true>(false, c0[i], tg[i]);
 }
 
 // One map's coherence at a pixel with value m and neighbours mprev / mnext along an
@@ -713,7 +746,7 @@ DS_LOSS_FN void tile_coherence_all(const TileCtx<T>& c) {
 // D), its gate term (tile_gate), the coherence derivatives gD, gS
 // (tile_coherence_all), lseg and the c_k rows.
 // The formulas are those of the generic loops in loss_tile_impl.
-template <int E, bool PAPER, bool GRAD, typename T>
+template <int E, int SUR, bool GRAD, typename T>
 DS_LOSS_FN void loss_rest_fast(const TileCtx<T>& c) {
   const int64_t n = c.n, K = c.K, xs = c.xs;
   // Logits read from Rin, gradients written to R (the same memory when Xin is X: each
@@ -746,15 +779,18 @@ DS_LOSS_FN void loss_rest_fast(const TileCtx<T>& c) {
       ck[k] = ckr[k * kTile + i];
       p[k] = pi[k * kTile + i];
     }
-    // collab value; acc = Ctot (softmax) or sum_k g_k pi_k (paper)
+    // collab value; acc = Ctot (softmax) or sum_k g_k pi_k (paper); unused by ova
     T lcol = T(0), acc = T(0);
-    if (PAPER) {
+    if (SUR == kSurrogatePaper) {
 #pragma GCC unroll 8
       for (int k = 0; k <= E; ++k) {
         const T coef = paper_base<T>(k < E) + paper_slope<T>(k < E) * ck[k];
         lcol += paper_channel(coef, p[k], eps, gk[k]);
         acc += gk[k] * p[k];
       }
+    } else if (SUR == kSurrogateOva) {
+#pragma GCC unroll 8
+      for (int k = 0; k <= E; ++k) lcol += ova_channel(Rin[k * xs + i], ck[k], gk[k]);
     } else {
       const T rl = log_pos(rs[i]), b = rb[i];
 #pragma GCC unroll 8
@@ -770,10 +806,10 @@ DS_LOSS_FN void loss_rest_fast(const TileCtx<T>& c) {
     for (int k = 0; k <= E; ++k) bsum += bal[k] * p[k];
     if (GRAD) {
       const T ga = cg * dgate[i] + gS[i] * dsa[i];
-      const T common = routing_common<PAPER>(cc, acc, bsum, gD[i], D[i]);
+      const T common = routing_common<SUR>(cc, acc, bsum, gD[i], D[i]);
 #pragma GCC unroll 8
       for (int m = 0; m <= E; ++m) {
-        const T g = routing_grad<PAPER>(p[m], common, bal[m], gD[i], m < E ? T(1) : T(0), cc, ck[m], gk[m]);
+        const T g = routing_grad<SUR>(p[m], common, bal[m], gD[i], m < E ? T(1) : T(0), cc, ck[m], gk[m]);
         R[m * kTile + i] = sel(ok, g, T(0));
       }
       a[i] = sel(ok, ga, T(0));
@@ -871,32 +907,43 @@ DS_LOSS_FN void loss_tile_impl(const TileCtx<T>& c) {
   // ---- routing ----
   T* const R = c.X + K * kTile;
   const T* const Rin = c.Xin + K * c.xs;  // the logits of R (R itself when Xin is X)
+  const bool softmax = c.surrogate == kSurrogateSoftmax;
+  // The "benefit" gate target needs c0 (made above) and the c_k rows.
+  if (c.benefit) benefit_target(c, Rin);
   if constexpr (std::is_same<T, float>::value) {
     if (c.fast) {
-      if (!c.routing_ready) {
-        tile_routing(c, Rin, c.xs, false);
-        tile_gate<false>(c, Rin + (E + 1) * c.xs);
+      if (!c.routing_ready) tile_routing(c, Rin, c.xs, false);
+      if (c.benefit) {
+        tile_gate<false, true>(c, Rin + (E + 1) * c.xs);
+      } else if (!c.routing_ready) {
+        tile_gate<false, false>(c, Rin + (E + 1) * c.xs);
       }
       tile_coherence_all(c);
-      if (c.paper) {
+      if (c.surrogate == kSurrogatePaper) {
         if (c.grad) {
-          DS_WITH_FAST_E(E, loss_rest_fast<NE, true, true>(c))
+          DS_WITH_FAST_E(E, loss_rest_fast<NE, kSurrogatePaper, true>(c))
         } else {
-          DS_WITH_FAST_E(E, loss_rest_fast<NE, true, false>(c))
+          DS_WITH_FAST_E(E, loss_rest_fast<NE, kSurrogatePaper, false>(c))
+        }
+      } else if (c.surrogate == kSurrogateOva) {
+        if (c.grad) {
+          DS_WITH_FAST_E(E, loss_rest_fast<NE, kSurrogateOva, true>(c))
+        } else {
+          DS_WITH_FAST_E(E, loss_rest_fast<NE, kSurrogateOva, false>(c))
         }
       } else {
         if (c.grad) {
-          DS_WITH_FAST_E(E, loss_rest_fast<NE, false, true>(c))
+          DS_WITH_FAST_E(E, loss_rest_fast<NE, kSurrogateSoftmax, true>(c))
         } else {
-          DS_WITH_FAST_E(E, loss_rest_fast<NE, false, false>(c))
+          DS_WITH_FAST_E(E, loss_rest_fast<NE, kSurrogateSoftmax, false>(c))
         }
       }
       return;
     }
   }
   if (!c.routing_ready) {
-    tile_routing(c, Rin, c.xs, !c.paper);
-  } else if (!c.paper) {
+    tile_routing(c, Rin, c.xs, softmax);
+  } else if (softmax) {
     const T* __restrict__ rs = c.rs;
     T* __restrict__ rlog = c.rlog;
     DS_SIMD
@@ -906,7 +953,7 @@ DS_LOSS_FN void loss_tile_impl(const TileCtx<T>& c) {
   const T* __restrict__ rlog = c.rlog;
   const T* __restrict__ D = c.D;
 
-  // collab value; acc = Ctot (softmax) or sum_k g_k pi_k (paper)
+  // collab value; acc = Ctot (softmax) or sum_k g_k pi_k (paper); unused by ova
   T* __restrict__ lcol = c.lcol;
   T* __restrict__ acc = c.acc;
   DS_SIMD
@@ -914,7 +961,17 @@ DS_LOSS_FN void loss_tile_impl(const TileCtx<T>& c) {
     lcol[i] = T(0);
     acc[i] = T(0);
   }
-  if (!c.paper) {
+  if (c.surrogate == kSurrogateOva) {
+    for (int64_t k = 0; k <= E; ++k) {
+      const T* __restrict__ r = Rin + k * c.xs;
+      const T* __restrict__ ck = c.ck + k * kTile;
+      DS_SIMD
+      for (int64_t i = 0; i < n; ++i) {
+        T g;
+        lcol[i] += ova_channel(r[i], ck[i], g);
+      }
+    }
+  } else if (softmax) {
     for (int64_t k = 0; k <= E; ++k) {
       const T* __restrict__ r = Rin + k * c.xs;
       const T* __restrict__ ck = c.ck + k * kTile;
@@ -954,7 +1011,11 @@ DS_LOSS_FN void loss_tile_impl(const TileCtx<T>& c) {
 
   // gate
   T* __restrict__ a = c.X + (K + E + 1) * kTile;
-  if (!c.routing_ready) tile_gate<false>(c, Rin + (E + 1) * c.xs);
+  if (c.benefit) {
+    tile_gate<false, true>(c, Rin + (E + 1) * c.xs);
+  } else if (!c.routing_ready) {
+    tile_gate<false, false>(c, Rin + (E + 1) * c.xs);
+  }
   const T* __restrict__ lgate = c.lgate;
   const T* __restrict__ dgate = c.dgate;
   const T* __restrict__ dsa = c.dsa;
@@ -972,12 +1033,15 @@ DS_LOSS_FN void loss_tile_impl(const TileCtx<T>& c) {
       a[i] = sel(valid[i] != T(0), g, T(0));
     }
     T* __restrict__ common = c.common;
-    if (c.paper) {
+    if (c.surrogate == kSurrogatePaper) {
       DS_SIMD
-      for (int64_t i = 0; i < n; ++i) common[i] = routing_common<true>(cc, acc[i], bsum[i], gD[i], D[i]);
+      for (int64_t i = 0; i < n; ++i) common[i] = routing_common<kSurrogatePaper>(cc, acc[i], bsum[i], gD[i], D[i]);
+    } else if (c.surrogate == kSurrogateOva) {
+      DS_SIMD
+      for (int64_t i = 0; i < n; ++i) common[i] = routing_common<kSurrogateOva>(cc, acc[i], bsum[i], gD[i], D[i]);
     } else {
       DS_SIMD
-      for (int64_t i = 0; i < n; ++i) common[i] = routing_common<false>(cc, acc[i], bsum[i], gD[i], D[i]);
+      for (int64_t i = 0; i < n; ++i) common[i] = routing_common<kSurrogateSoftmax>(cc, acc[i], bsum[i], gD[i], D[i]);
     }
     const T eps = c.eps;
     for (int64_t m = 0; m <= E; ++m) {
@@ -986,19 +1050,32 @@ DS_LOSS_FN void loss_tile_impl(const TileCtx<T>& c) {
       const T* __restrict__ ck = c.ck + m * kTile;
       const T bm = c.bal[m];
       const T expert = m < E ? T(1) : T(0);
-      if (c.paper) {
+      if (c.surrogate == kSurrogatePaper) {
         const T base = paper_base<T>(m < E), slope = paper_slope<T>(m < E);
         DS_SIMD
         for (int64_t i = 0; i < n; ++i) {
           const T cv = ck[i], pv = p[i];
           const T g_m = (base + slope * cv) / (pv + eps);
-          const T g = routing_grad<true>(pv, common[i], bm, gD[i], expert, cc, cv, g_m);
+          const T g = routing_grad<kSurrogatePaper>(pv, common[i], bm, gD[i], expert, cc, cv, g_m);
           r[i] = sel(valid[i] != T(0), g, T(0));
+        }
+      } else if (c.surrogate == kSurrogateOva) {
+        // The logits of this row (rin) are read before rout, the same row of X when Xin
+        // is X, is written, pixel by pixel (so neither pointer is restrict).
+        const T* rin = Rin + m * c.xs;
+        T* rout = R + m * kTile;
+        DS_SIMD
+        for (int64_t i = 0; i < n; ++i) {
+          const T cv = ck[i];
+          T g_m;
+          ova_channel(rin[i], cv, g_m);
+          const T g = routing_grad<kSurrogateOva>(p[i], common[i], bm, gD[i], expert, cc, cv, g_m);
+          rout[i] = sel(valid[i] != T(0), g, T(0));
         }
       } else {
         DS_SIMD
         for (int64_t i = 0; i < n; ++i) {
-          const T g = routing_grad<false>(p[i], common[i], bm, gD[i], expert, cc, ck[i], T(0));
+          const T g = routing_grad<kSurrogateSoftmax>(p[i], common[i], bm, gD[i], expert, cc, ck[i], T(0));
           r[i] = sel(valid[i] != T(0), g, T(0));
         }
       }
@@ -1912,7 +1989,8 @@ std::tuple<at::Tensor, at::Tensor> loss_fused_cpu(
         base.st[d] = pb.st[d];
         base.scale_coh[d] = static_cast<T>(scales.coh[d]);
       }
-      base.paper = prm.surrogate == kSurrogatePaper;
+      base.surrogate = prm.surrogate;
+      base.benefit = prm.gate_target == kGateTargetBenefit;
       base.l2 = prm.coherence == kCoherenceL2;
       base.grad = compute_grad;
       base.maps = prm.maps;

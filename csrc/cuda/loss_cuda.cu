@@ -150,22 +150,31 @@ __device__ __forceinline__ Target read_target(const Layout& L, const Labels& t, 
 }
 
 // Softmax over the E + 1 routing logits at xr (stride xc): argmax, max, sum of exps
-// and the sum over the experts.
+// and the sum over the experts; also jhat, the argmax over the experts alone (the
+// argmax over all options is that one's, then one step with the model's logit).
 template <typename scalar_t, typename acc_t>
 struct Routing {
   acc_t mx, sum, experts;
-  int64_t arg;
+  int64_t arg, jhat;
 };
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ Routing<scalar_t, acc_t> routing(const scalar_t* xr, int64_t xc, int64_t E) {
   Routing<scalar_t, acc_t> r;
   r.mx = static_cast<acc_t>(xr[0]);
   r.arg = 0;
-  for (int64_t k = 1; k <= E; ++k) {
+  for (int64_t k = 1; k < E; ++k) {
     const acc_t v = static_cast<acc_t>(xr[k * xc]);
     if (argmax_step(v, r.mx)) {
       r.mx = v;
       r.arg = k;
+    }
+  }
+  r.jhat = r.arg;
+  {
+    const acc_t v = static_cast<acc_t>(xr[E * xc]);  // the model
+    if (argmax_step(v, r.mx)) {
+      r.mx = v;
+      r.arg = E;
     }
   }
   r.sum = acc_t(0);
@@ -503,7 +512,8 @@ __global__ void __launch_bounds__(kThreads, 3)
   __shared__ double smem[kThreads / 32];
   const int64_t n = L.B * L.P, K = L.K, E = L.E;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const bool paper = prm.surrogate == kSurrogatePaper, l2 = prm.coherence == kCoherenceL2;
+  const bool paper = prm.surrogate == kSurrogatePaper, ova = prm.surrogate == kSurrogateOva,
+             l2 = prm.coherence == kCoherenceL2, benefit = prm.gate_target == kGateTargetBenefit;
   const acc_t seg_scale = static_cast<acc_t>(coef[0]), cc = static_cast<acc_t>(coef[1]),
               cg = static_cast<acc_t>(coef[2]);
   const acc_t coh[kMaxSpatial] = {static_cast<acc_t>(coef[3]), static_cast<acc_t>(coef[4]),
@@ -570,9 +580,9 @@ __global__ void __launch_bounds__(kThreads, 3)
     const Routing<scalar_t, acc_t> r = routing<scalar_t, acc_t>(xr, L.xc, E);
     const acc_t inv = acc_t(1) / r.sum, logsum = log_pos(r.sum);
     const acc_t D = r.experts * inv;
-    const acc_t h = r.arg < E ? acc_t(1) : acc_t(0);
     const int64_t lbase = b * L.lb + p * L.lp;
     acc_t lcol = acc_t(0), acc = acc_t(0), bsum = acc_t(0);
+    acc_t c_jhat = acc_t(0);  // the correctness of the expert jhat ("benefit" gate target)
     for (int64_t k = 0; k <= E; ++k) {
       const acc_t rk = static_cast<acc_t>(xr[k * L.xc]);
       const acc_t pk = exp_nonpos(rk - r.mx) * inv;
@@ -580,11 +590,15 @@ __global__ void __launch_bounds__(kThreads, 3)
       if (k < E) {
         const int64_t m = load_label(lab, lbase + k * L.le);
         ck = (m != L.ignore && m == t.raw) ? acc_t(1) : acc_t(0);
+        if (k == r.jhat) c_jhat = ck;
       }
       if (paper) {
         acc_t gk;
         lcol += paper_channel(paper_base<acc_t>(k < E) + paper_slope<acc_t>(k < E) * ck, pk, eps, gk);
         acc += gk * pk;
+      } else if (ova) {
+        acc_t gk;
+        lcol += ova_channel(rk, ck, gk);
       } else {
         lcol -= ck * ((rk - r.mx) - logsum);
         acc += ck;
@@ -594,6 +608,8 @@ __global__ void __launch_bounds__(kThreads, 3)
     sums[kSumCollab] += lcol;
 
     // gate
+    const acc_t h = benefit ? gate_target_pixel<true>(false, c0, c_jhat)
+                            : gate_target_pixel<false>(r.arg < E, c0, c_jhat);
     const acc_t a = static_cast<acc_t>(xr[(E + 1) * L.xc]);
     acc_t lg, dg, s, ds;
     gate_pixel(a, h, D, gm, gsp, lg, dg, s, ds);
@@ -609,9 +625,12 @@ __global__ void __launch_bounds__(kThreads, 3)
     // gradient of the routing and gate logits
     if (pg != nullptr) {
       pg[(K + E + 1) * L.gc] = static_cast<scalar_t>(cg * dg + gS * ds);
-      const acc_t common = paper ? routing_common<true>(cc, acc, bsum, gD, D) : routing_common<false>(cc, acc, bsum, gD, D);
+      const acc_t common = paper ? routing_common<kSurrogatePaper>(cc, acc, bsum, gD, D)
+                                 : (ova ? routing_common<kSurrogateOva>(cc, acc, bsum, gD, D)
+                                        : routing_common<kSurrogateSoftmax>(cc, acc, bsum, gD, D));
       for (int64_t k = 0; k <= E; ++k) {
-        const acc_t pk = exp_nonpos(static_cast<acc_t>(xr[k * L.xc]) - r.mx) * inv;
+        const acc_t rk = static_cast<acc_t>(xr[k * L.xc]);
+        const acc_t pk = exp_nonpos(rk - r.mx) * inv;
         acc_t ck = c0;
         if (k < E) {
           const int64_t m = load_label(lab, lbase + k * L.le);
@@ -622,9 +641,13 @@ __global__ void __launch_bounds__(kThreads, 3)
         acc_t gk;
         if (paper) {
           const acc_t cf = paper_base<acc_t>(k < E) + paper_slope<acc_t>(k < E) * ck;
-          gk = routing_grad<true>(pk, common, bk, gD, expert, cc, ck, cf / (pk + eps));
+          gk = routing_grad<kSurrogatePaper>(pk, common, bk, gD, expert, cc, ck, cf / (pk + eps));
+        } else if (ova) {
+          acc_t g_ova;
+          ova_channel(rk, ck, g_ova);
+          gk = routing_grad<kSurrogateOva>(pk, common, bk, gD, expert, cc, ck, g_ova);
         } else {
-          gk = routing_grad<false>(pk, common, bk, gD, expert, cc, ck, acc_t(0));
+          gk = routing_grad<kSurrogateSoftmax>(pk, common, bk, gD, expert, cc, ck, acc_t(0));
         }
         pg[(K + k) * L.gc] = static_cast<scalar_t>(gk);
       }
@@ -667,7 +690,7 @@ std::tuple<at::Tensor, at::Tensor> loss_fused_cuda(
   DS_DEVICE_GUARD(logits);
   LossProblem pb = prepare_loss(op, logits, target, expert_labels, num_classes, num_experts, ignore_index);
   const LossParams prm = parse_loss_params(op, fparams, iparams);
-  TORCH_CHECK(!prm.check_experts, op, ": iparams[4] (check expert labels in the loss pass) is a CPU-kernel "
+  TORCH_CHECK(!prm.check_experts, op, ": iparams[5] (check expert labels in the loss pass) is a CPU-kernel "
               "option; on CUDA the labels are checked by loss_stats");
   check_stats(op, stats, logits, pb.E);
   const int64_t E = pb.E, n = pb.B * pb.P;

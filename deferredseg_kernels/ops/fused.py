@@ -30,10 +30,11 @@ A fused backend provides two ops with the same contract:
     E + 8 vector above. ``terms`` is ``[loss, seg, collab, gate, coherence,
     balance]`` (float64 for float64 logits, float32 otherwise); ``grad`` has the
     logits' shape and dtype (shape (0,) when ``compute_grad`` is false).
-    ``fparams`` = FPARAMS order, ``iparams`` = IPARAMS order below, optionally with
-    a fifth entry ``check_experts``: 1 makes the loss op itself raise ValueError on
-    expert labels out of range (the C++ CPU kernel reads them in that pass anyway,
-    so the stats pass need not read them a second time; other kernels refuse 1).
+    ``fparams`` = FPARAMS order, ``iparams`` = IPARAMS order below (5 values, coded
+    as the ``*_CODE`` / ``MAP_BITS`` tables say), optionally with a sixth entry
+    ``check_experts``: 1 makes the loss op itself raise ValueError on expert labels
+    out of range (the C++ CPU kernel reads them in that pass anyway, so the stats
+    pass need not read them a second time; other kernels refuse 1).
 
 The driver runs the stats op, all-reduces the balance sums when asked, runs the
 loss op, and wires autograd: the gradient is computed in the forward pass, and
@@ -51,12 +52,13 @@ from ..reference import RouteResult, compute_dtype
 
 FPARAMS = ("lambda_seg", "lambda_collab", "lambda_gate", "lambda_coherence", "lambda_balance",
            "paper_eps", "gate_mse", "gate_sparsity", "balance_grad_scale")
-IPARAMS = ("surrogate", "coherence", "coherence_maps", "balance")
+IPARAMS = ("surrogate", "coherence", "coherence_maps", "balance", "gate_target")
 # iparams encodings
-SURROGATE_CODE = {"softmax": 0, "paper": 1}
+SURROGATE_CODE = {"softmax": 0, "paper": 1, "ova": 2}
 COHERENCE_CODE = {"l1": 0, "l2": 1}
 MAP_BITS = {"router": 1, "gate": 2}
 BALANCE_CODE = {"cv2": 0, "band": 1}
+GATE_TARGET_CODE = {"router": 0, "benefit": 1}
 TERMS_LEN = 6  # loss, seg, collab, gate, coherence, balance
 
 
@@ -69,7 +71,7 @@ def int_params(opts: LossOptions) -> List[int]:
     for name in opts.coherence_maps:
         maps |= MAP_BITS[name]
     return [SURROGATE_CODE[opts.surrogate], COHERENCE_CODE[opts.coherence], maps,
-            BALANCE_CODE[opts.balance]]
+            BALANCE_CODE[opts.balance], GATE_TARGET_CODE[opts.gate_target]]
 
 
 def float_params(opts: LossOptions, balance_grad_scale: float) -> List[float]:
@@ -217,7 +219,7 @@ def fused_loss(stats_op: Callable, loss_op: Callable, logits: torch.Tensor,
                return_terms: bool, check_labels_eagerly: bool, experts_checked_in_loss: bool = False):
     """Run a fused backend. ``check_labels_eagerly``: raise on bad labels (CPU, eager).
 
-    ``experts_checked_in_loss``: the loss op checks the expert labels (iparams[4]),
+    ``experts_checked_in_loss``: the loss op checks the expert labels (iparams[5]),
     so the stats op checks only the target.
     """
     K, E = opts.num_classes, opts.num_experts

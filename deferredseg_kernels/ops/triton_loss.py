@@ -284,8 +284,8 @@ def _loss_kernel(x_ptr, t_ptr, l_ptr, cw_ptr, stats_ptr, low_ptr, high_ptr, g_pt
                  lam_seg, lam_collab, lam_gate, lam_coh, lam_bal, paper_eps, gate_mse,
                  gate_sparsity, bal_scale,
                  K: tl.constexpr, E: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr,
-                 NDIM: tl.constexpr, HAS_WEIGHT: tl.constexpr, PAPER: tl.constexpr,
-                 COH_L2: tl.constexpr, MAP_ROUTER: tl.constexpr, MAP_GATE: tl.constexpr,
+                 NDIM: tl.constexpr, HAS_WEIGHT: tl.constexpr, SURROGATE: tl.constexpr,
+                 GATE_BENEFIT: tl.constexpr, COH_L2: tl.constexpr, MAP_ROUTER: tl.constexpr, MAP_GATE: tl.constexpr,
                  BAL_BAND: tl.constexpr, COMPUTE_GRAD: tl.constexpr, IS_FP64: tl.constexpr,
                  BF16_BY_HAND: tl.constexpr, BLOCK_P: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -329,22 +329,34 @@ def _loss_kernel(x_ptr, t_ptr, l_ptr, cw_ptr, stats_ptr, low_ptr, high_ptr, g_pt
     r = load_channels(x_row, K, kr, E + 1, off_x, pm, sxc, IS_FP64)
     shifted, ex, total, D = router_softmax(r, kr, E)
     pi = ex / total[None, :]
-    hard = argmax_first(r, kr, rcm, RP) < E  # ties between an expert and the model: expert
 
-    # ---- collaboration surrogate ------------------------------------------------
+    # ---- collaboration surrogate (SURROGATE: 0 softmax, 1 paper, 2 ova) ---------
     lab = tl.load(l_ptr + b * slb + kr[:, None] * sle + (p * slp)[None, :],
                   mask=ecm[:, None] & pm[None, :], other=0).to(tl.int64)
     cj = (ecm[:, None] & (lab == y[None, :]) & (lab != ignore_index)).to(pi.dtype)
     c0f = c0.to(pi.dtype)
     is_model = (kr == E)[:, None]
-    if PAPER:
+    if SURROGATE == 1:
         u = tl.where(ecm[:, None], 1.0 - 2.0 * cj, tl.where(is_model, -c0f[None, :], 0.0))
         l_collab = tl.sum(tl.where(rcm[:, None], u * tl.log(pi + paper_eps), 0.0), axis=0)
+    elif SURROGATE == 2:
+        # one-vs-all: BCEWithLogits(r_k, c_k) for every option k (no softmax)
+        tk = tl.where(ecm[:, None], cj, tl.where(is_model, c0f[None, :], 0.0))
+        l_collab = tl.sum(tl.where(rcm[:, None], softplus(r) - tk * r, 0.0), axis=0)
     else:
         tk = tl.where(ecm[:, None], cj, tl.where(is_model, c0f[None, :], 0.0))
         logpi = tl.where(rcm[:, None], shifted - tl.log(total)[None, :], 0.0)
         l_collab = -tl.sum(tl.where(rcm[:, None], tk * logpi, 0.0), axis=0)
     collab_sum = tl.sum(tl.where(valid, l_collab, 0.0), axis=0)
+
+    # ---- gate target: h = [argmax r < E] (ties between an expert and the model: expert),
+    # or "benefit" (1 - c0) c_jhat with jhat = argmax_{j<E} r_j ----------------------
+    if GATE_BENEFIT:
+        jhat = argmax_first(r, kr, ecm, RP)
+        c_jhat = tl.sum(tl.where(kr[:, None] == jhat[None, :], cj, 0.0), axis=0)
+        hard = (1.0 - c0f) * c_jhat
+    else:
+        hard = argmax_first(r, kr, rcm, RP) < E
 
     # ---- gate (aggregated deferral predictor) -----------------------------------
     a = to_acc(tl.load(x_row + (K + E + 1) * sxc + off_x, mask=pm, other=0.0), IS_FP64)
@@ -414,9 +426,11 @@ def _loss_kernel(x_ptr, t_ptr, l_ptr, cw_ptr, stats_ptr, low_ptr, high_ptr, g_pt
                      (kz < K)[:, None] & pm[None, :], BF16_BY_HAND)
 
         # routing channels: collaboration + balance + coherence through D
-        if PAPER:
+        if SURROGATE == 1:
             v = u * pi / (pi + paper_eps)
             g_collab = v - pi * tl.sum(v, axis=0)[None, :]
+        elif SURROGATE == 2:
+            g_collab = sigmoid(r) - tk
         else:
             g_collab = tl.sum(tk, axis=0)[None, :] * pi - tk
         g_bal = pi * (c_bal[:, None] - tl.sum(c_bal[:, None] * pi, axis=0)[None, :])
@@ -552,7 +566,15 @@ def _loss_fused_impl(logits: torch.Tensor, target: torch.Tensor, expert_labels: 
     pb = _Problem(logits, target, expert_labels, num_classes, num_experts)
     (lam_seg, lam_collab, lam_gate, lam_coh, lam_bal, paper_eps, gate_mse, gate_sparsity,
      bal_scale) = [float(v) for v in fparams]
-    surrogate, coherence, maps, balance = [int(v) for v in iparams]
+    if len(iparams) != len(fused.IPARAMS):
+        raise ValueError(f"iparams must have {len(fused.IPARAMS)} values {fused.IPARAMS}, got "
+                         f"{list(iparams)} (checking expert labels in the loss pass is a "
+                         "C++ CPU kernel option)")
+    surrogate, coherence, maps, balance, gate_target = [int(v) for v in iparams]
+    if surrogate not in fused.SURROGATE_CODE.values():
+        raise ValueError(f"unknown surrogate code {surrogate}")
+    if gate_target not in fused.GATE_TARGET_CODE.values():
+        raise ValueError(f"unknown gate_target code {gate_target}")
     band = balance == fused.BALANCE_CODE["band"]
     if band and (balance_low is None or balance_high is None):
         raise ValueError("balance='band' needs balance_low and balance_high")
@@ -588,7 +610,8 @@ def _loss_fused_impl(logits: torch.Tensor, target: torch.Tensor, expert_labels: 
             lam_seg, lam_collab, lam_gate, lam_coh, lam_bal, paper_eps, gate_mse, gate_sparsity,
             bal_scale,
             K=pb.K, E=pb.E, KP=pb.KP, RP=pb.RP, NDIM=pb.ndim,
-            HAS_WEIGHT=class_weight is not None, PAPER=surrogate == fused.SURROGATE_CODE["paper"],
+            HAS_WEIGHT=class_weight is not None, SURROGATE=surrogate,
+            GATE_BENEFIT=gate_target == fused.GATE_TARGET_CODE["benefit"],
             COH_L2=coherence == fused.COHERENCE_CODE["l2"],
             MAP_ROUTER=bool(maps & fused.MAP_BITS["router"]),
             MAP_GATE=bool(maps & fused.MAP_BITS["gate"]), BAL_BAND=band,
