@@ -292,7 +292,9 @@ def test_torchrun_two_ranks_train_end_to_end(tmp_path):
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (out / "best.pt").is_file() and (out / "last.pt").is_file()
-    lines = (out / "log.jsonl").read_text().splitlines()
+    lines = (out / "base" / "log.jsonl").read_text().splitlines()  # stage 1, the DDP loop
     steps = [json.loads(l) for l in lines if json.loads(l)["event"] == "step"]
     # 8 training images over 2 ranks with batch 4: one step per epoch, logged once (rank 0)
     assert len(steps) == 1
+    stage2 = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert sum(r["event"] == "best" for r in stage2) == 1  # the heads: written once, by rank 0

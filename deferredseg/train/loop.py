@@ -679,7 +679,8 @@ def evaluate(checkpoint_path, out: Optional[str] = None, split: str = "test",
     model, cfg, ck = load_trained(checkpoint_path, dev, overrides)
     check_evaluation_data(cfg, split)  # an empty split or a bad file, before computing
     ds = build_data(cfg, split)
-    ds = match_experts(ds, cfg, split, ck.get("expert_names"), build_data)  # by name or refused
+    if cfg.method not in ("model-only", "confidence"):  # the base segmentor routes nothing
+        ds = match_experts(ds, cfg, split, ck.get("expert_names"), build_data)  # by name or refused
     E = ck["num_experts"]
     best_expert = ck.get("best_expert", 0)
     if cfg.method in ("model-only", "confidence"):
