@@ -1,6 +1,7 @@
 """Triton kernel of the inference routing (SPEC section 4).
 
-``deferredseg_triton::route`` has the schema of the C++ ``deferredseg::route`` op.
+``deferredseg_triton::route`` takes the arguments of the C++ ``deferredseg::route`` op and
+returns the same four tensors (assignment, defer_prob, model_pred, final).
 One program per block of pixels of one image: the model's prediction (argmax z,
 or z > 0 for K = 1), the expert a deferred pixel goes to (argmax over the E expert
 routing logits), the deferral decision (mode "gate": a > logit(threshold), compared
@@ -12,7 +13,7 @@ are given. Argmax follows ``torch.argmax`` (first maximum; a NaN wins), so
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -70,7 +71,8 @@ def _route_kernel(x_ptr, l_ptr, thr_ptr, asg_ptr, prob_ptr, pred_ptr, final_ptr,
 
 
 def _route_impl(logits: torch.Tensor, num_classes: int, num_experts: int, threshold_logit: float,
-                router_mode: bool, expert_labels: Optional[torch.Tensor]):
+                router_mode: bool, expert_labels: Optional[torch.Tensor]
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         raise TypeError("deferredseg triton route: logits must be float32, bfloat16, float16 or "
                         f"float64, got dtype {logits.dtype}")
@@ -106,9 +108,9 @@ def _route_impl(logits: torch.Tensor, num_classes: int, num_experts: int, thresh
     return assignment, defer_prob, model_pred, final
 
 
-_ROUTE_SCHEMA = ("(Tensor logits, int num_classes, int num_experts, float threshold_logit, "
-                 "bool router_mode, Tensor? expert_labels) -> (Tensor assignment, "
-                 "Tensor defer_prob, Tensor model_pred, Tensor final)")
+# The schema torch infers from the annotations of _route_impl (see define_op).
+_ROUTE_SCHEMA = ("(Tensor logits, SymInt num_classes, SymInt num_experts, float threshold_logit, "
+                 "bool router_mode, Tensor? expert_labels) -> (Tensor, Tensor, Tensor, Tensor)")
 
 route_op = define_op(ROUTE_OP, _ROUTE_SCHEMA, _route_impl, fused.fake_route)
 
