@@ -66,6 +66,9 @@ def define_op(name: str, schema: str, fn: Callable, fake: Callable):
     but ignores it and infers the schema instead. ``schema`` is that inferred schema
     written out (ints are SymInt, results unnamed); it is checked here, so annotations
     that drift from it fail at import on every torch, not only on the ones that infer.
+    Older torch (2.6) evaluates string annotations in its own namespace, which knows
+    ``torch``, ``Optional``, ``Sequence``, ``List`` and ``Union`` only: results are
+    annotated with the builtin ``tuple``.
     """
     inferred = torch.library.infer_schema(fn, mutates_args=())
     if inferred != schema:

@@ -33,7 +33,7 @@ is int64. Accumulation is float32 (float64 for float64 logits).
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 import triton
@@ -549,7 +549,7 @@ def _loss_fused_impl(logits: torch.Tensor, target: torch.Tensor, expert_labels: 
                      balance_low: Optional[torch.Tensor], balance_high: Optional[torch.Tensor],
                      num_classes: int, num_experts: int, ignore_index: int,
                      fparams: Sequence[float], iparams: Sequence[int], compute_grad: bool
-                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     pb = _Problem(logits, target, expert_labels, num_classes, num_experts)
     (lam_seg, lam_collab, lam_gate, lam_coh, lam_bal, paper_eps, gate_mse, gate_sparsity,
      bal_scale) = [float(v) for v in fparams]

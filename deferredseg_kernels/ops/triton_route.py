@@ -13,7 +13,7 @@ are given. Argmax follows ``torch.argmax`` (first maximum; a NaN wins), so
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import triton
@@ -72,7 +72,7 @@ def _route_kernel(x_ptr, l_ptr, thr_ptr, asg_ptr, prob_ptr, pred_ptr, final_ptr,
 
 def _route_impl(logits: torch.Tensor, num_classes: int, num_experts: int, threshold_logit: float,
                 router_mode: bool, expert_labels: Optional[torch.Tensor]
-                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         raise TypeError("deferredseg triton route: logits must be float32, bfloat16, float16 or "
                         f"float64, got dtype {logits.dtype}")
