@@ -74,7 +74,7 @@ EOF
 then
   note "- import: FAILED: \`import deferredseg_kernels\` fails with this torch and triton;"
   note "  stopping before the build, nothing else was run (see $LOG/import.log):"
-  grep -v '^\s' "$LOG/import.log" | tail -n 3 | sed 's/^/    /' | tee -a "$SUMMARY"
+  grep -v -e '^\s' -e '^Traceback' "$LOG/import.log" | tail -n 3 | sed 's/^/    /' | tee -a "$SUMMARY"
   exit 1
 fi
 note "- import: $(tail -n 1 "$LOG/import.log")"
