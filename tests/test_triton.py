@@ -629,9 +629,14 @@ for name, schema in (("loss_stats", L._STATS_SCHEMA), ("loss_fused", L._LOSS_SCH
     assert got == "deferredseg_triton::" + name + schema, got
 target = GPUTarget("cuda", 90, 32)
 
+# triton >= 3.3 names the constexpr values `constexprs`, triton 3.2 `constants`.
+import inspect
+CONSTS_KW = ("constexprs" if "constexprs" in inspect.signature(ASTSource.__init__).parameters
+             else "constants")
+
 def build(fn, types, consts):
     sig = {n: ("constexpr" if n in consts else types.get(n, "i64")) for n in fn.arg_names}
-    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target,
+    triton.compile(ASTSource(fn=fn, signature=sig, **{CONSTS_KW: consts}), target=target,
                    options={"num_warps": 8})
 
 flt = {n: "fp32" for n in ("lam_seg", "lam_collab", "lam_gate", "lam_coh", "lam_bal",

@@ -7,19 +7,24 @@ The kernels need triton >= 3.2 (tested with 3.6 and 3.8) and a torch that has
 
 from __future__ import annotations
 
-import re
 from typing import Optional, Tuple
 
 MIN_TRITON = (3, 2)
 
 
 def _version_tuple(text: str) -> Tuple[int, ...]:
+    # String methods only: torch.compile traces this (backend selection runs inside
+    # compiled code), and the Dynamo of torch 2.6 cannot trace the `re` module.
     parts = []
     for piece in text.split(".")[:3]:
-        m = re.match(r"\d+", piece)
-        if m is None:
+        digits = ""
+        for ch in piece:
+            if not ch.isdigit():
+                break
+            digits += ch
+        if not digits:
             break
-        parts.append(int(m.group()))
+        parts.append(int(digits))
     return tuple(parts)
 
 
