@@ -6,8 +6,9 @@
 #   make demo-backends  the objective and routing on every backend, with timings
 #   make test           the whole test suite (CUDA-enabled torch 2.14.1 stack)
 #   make test-cpu-only  build and test again with the CPU-only torch 2.13.0 stack
-#   make test-stack     build (CPU kernels) and test the kernel layer on another stack,
-#                       STACK=2.11 by default: the GPU machine's torch 2.11.0 + triton 3.6.0
+#   make test-stack     build (CPU kernels) and test the kernel layer on an older stack:
+#                       STACK=2.11 (default; the GPU machine's torch 2.11.0 + triton 3.6.0)
+#                       or STACK=2.6 (the oldest supported, torch 2.6.0 + triton 3.2.0)
 #   make build          (re)build the C++/CUDA extension in place
 #   make bench-cpu      CPU benchmark of the fused loss
 #
