@@ -8,6 +8,9 @@
 #   make demo-review    the review loop: train, predict, simulated experts answer over HTTP, merge
 #   make browser        install Debian's chromium (for the review page's browser test) if missing
 #   make test-cpu-only  build and test again with the CPU-only torch 2.13.0 stack
+#   make test-stack     build (CPU kernels) and test the kernel layer on an older stack:
+#                       STACK=2.11 (default; the GPU machine's torch 2.11.0 + triton 3.6.0)
+#                       or STACK=2.6 (the oldest supported, torch 2.6.0 + triton 3.2.0)
 #   make build          (re)build the C++/CUDA extension in place
 #   make bench-cpu      CPU benchmark of the fused loss
 #   make bench          pytest-benchmark suite (loss, routing; saved under .benchmarks/)
@@ -39,7 +42,7 @@ DEPS_STAMP := $(VENV)/.deps-stamp
 EXT_SOURCES := setup.py $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \))
 BUILD_STAMP := build/.ext-stamp-$(notdir $(abspath $(VENV)))
 
-.PHONY: all venv build browser test test-cpu-only demo demo-review demo-backends bench-cpu clean
+.PHONY: all venv build browser test test-cpu-only test-stack demo demo-review demo-backends bench-cpu clean
 
 all: test
 
@@ -93,6 +96,23 @@ test-cpu-only:
 	git ls-files -z --cached --others --exclude-standard | xargs -0 cp -p --parents -t $(CPU_TREE)
 	$(MAKE) -C $(CPU_TREE) test VENV=$(CPU_VENV) REQS=requirements/torch-cpu.txt PYTHON=$(PYTHON)
 	$(MAKE) test-sdist
+
+# Another point of the support matrix (requirements/torch-$(STACK).txt): a copy of the
+# tree built against that torch in its own venv, CPU kernels only (DS_FORCE_CPU: CI has
+# no GPU); then the package must import with compiled (not interpreted) Triton kernels,
+# and the kernel layer's tests run: the Triton kernels compiled for sm_90 and run in the
+# interpreter, the C++ CPU kernels, the routing.
+STACK ?= 2.11
+STACK_TREE := build/stack-$(STACK)-tree
+STACK_VENV := $(abspath .venv-torch-$(STACK))
+STACK_TESTS ?= tests/test_triton.py tests/test_cpu_kernel.py tests/test_route.py
+test-stack:
+	@mkdir -p $(STACK_TREE)
+	git ls-files -z --cached --others --exclude-standard | xargs -0 cp -p --parents -t $(STACK_TREE)
+	DS_FORCE_CPU=1 $(MAKE) -C $(STACK_TREE) build VENV=$(STACK_VENV) REQS=requirements/torch-$(STACK).txt PYTHON=$(PYTHON)
+	cd $(STACK_TREE) && env -u TRITON_INTERPRET $(STACK_VENV)/bin/python .ci/import_check.py --expect-ext
+	$(MAKE) -C $(STACK_TREE) test VENV=$(STACK_VENV) REQS=requirements/torch-$(STACK).txt PYTHON=$(PYTHON) \
+	  PYTEST_ARGS="$(PYTEST_ARGS) $(STACK_TESTS)"
 
 clean:
 	rm -rf build deferredseg_kernels/_C*.so

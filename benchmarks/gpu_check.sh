@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check of deferredseg, all within 8 minutes on one GPU machine
 # (torch 2.11, triton 3.6, Python 3.12, 16 cores, no internet):
+#   0. refuse at once, with the error, when `import deferredseg_kernels` fails here
 #   1. build the extension in place (MAX_JOBS=16 python setup.py build_ext --inplace)
 #   2. the GPU tests (pytest -m gpu)
 #   3. the kernel benchmarks (pytest-benchmark: loss and routing of the triton and cuda
@@ -58,6 +59,27 @@ except Exception as exc:  # noqa: BLE001
 name = torch.cuda.get_device_name() if torch.cuda.is_available() else "NO GPU"
 print(f"- {name}; torch {torch.__version__}; CUDA {torch.version.cuda}; triton {tv}")
 EOF
+
+# Refuse early, before building anything, when the package does not import with this
+# torch and triton (as on a GPU: compiled Triton kernels, so the ops register through
+# torch.library.triton_op): no later step could work, and the machine's time is scarce.
+# The extension is not built yet; a stale one from another torch is kept out of it.
+if ! timeout 120 env -u TRITON_INTERPRET "$PY" - > "$LOG/import.log" 2>&1 <<'EOF'
+import sys
+sys.modules["deferredseg_kernels._C"] = None  # the next step builds it
+import deferredseg_kernels
+from deferredseg_kernels.ops import triton_support
+reason = triton_support.why_unavailable()
+print("deferredseg_kernels imports;",
+      "Triton ops registered" if reason is None else f"no Triton backend: {reason}")
+EOF
+then
+  note "- import: FAILED: \`import deferredseg_kernels\` fails with this torch and triton;"
+  note "  stopping before the build, nothing else was run (see $LOG/import.log):"
+  grep -v -e '^\s' -e '^Traceback' "$LOG/import.log" | tail -n 3 | sed 's/^/    /' | tee -a "$SUMMARY"
+  exit 1
+fi
+note "- import: $(tail -n 1 "$LOG/import.log")"
 
 run build 240 env MAX_JOBS=16 "$PY" setup.py build_ext --inplace
 tail -n 3 "$LOG/build.log" | sed 's/^/    /'

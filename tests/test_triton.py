@@ -605,6 +605,33 @@ def test_support_versions():
     assert triton_support._version_tuple("2.3.1") < triton_support.MIN_TRITON
 
 
+def test_ops_have_the_declared_schemas():
+    for name, schema in (("loss_stats", triton_loss._STATS_SCHEMA),
+                         ("loss_fused", triton_loss._LOSS_SCHEMA),
+                         ("route", triton_route._ROUTE_SCHEMA)):
+        got = str(getattr(torch.ops.deferredseg_triton, name).default._schema)
+        assert got == f"deferredseg_triton::{name}{schema}"
+
+
+def test_define_op_rejects_annotations_that_differ_from_the_schema():
+    """Where triton_op infers the schema from the annotations (torch 2.11), annotations
+    that drift from the declared schema would silently change the op: refused on every
+    torch, before anything is registered."""
+    def launch(x: torch.Tensor, n: float) -> torch.Tensor:
+        return x
+
+    def unannotated(x, n):
+        return x
+
+    schema = "(Tensor x, SymInt n) -> Tensor"
+    for fn in (launch, unannotated):
+        with pytest.raises((TypeError, ValueError), match="annotations|annotation") as err:
+            triton_common.define_op("deferredseg_test::drift", schema, fn, fn)
+        if fn is launch:
+            assert "float n" in str(err.value) and "SymInt n" in str(err.value)
+    assert not hasattr(torch.ops.deferredseg_test, "drift")
+
+
 def test_offsets_are_int64_in_kernel_source():
     """Every kernel casts program_id to int64 before computing offsets (>2^31 elements;
     the real check on a GPU is test_gpu_large_offsets)."""
@@ -624,11 +651,23 @@ from triton.compiler import ASTSource
 from deferredseg_kernels.ops import triton_loss as L, triton_route as R
 
 assert type(L._loss_kernel).__name__ == "JITFunction", type(L._loss_kernel)
+# Registered through torch.library.triton_op, which some torch versions give the
+# schema inferred from the annotations whatever schema= says.
+import torch
+for name, schema in (("loss_stats", L._STATS_SCHEMA), ("loss_fused", L._LOSS_SCHEMA),
+                     ("route", R._ROUTE_SCHEMA)):
+    got = str(getattr(torch.ops.deferredseg_triton, name).default._schema)
+    assert got == "deferredseg_triton::" + name + schema, got
 target = GPUTarget("cuda", 90, 32)
+
+# triton >= 3.3 names the constexpr values `constexprs`, triton 3.2 `constants`.
+import inspect
+CONSTS_KW = ("constexprs" if "constexprs" in inspect.signature(ASTSource.__init__).parameters
+             else "constants")
 
 def build(fn, types, consts):
     sig = {n: ("constexpr" if n in consts else types.get(n, "i64")) for n in fn.arg_names}
-    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target,
+    triton.compile(ASTSource(fn=fn, signature=sig, **{CONSTS_KW: consts}), target=target,
                    options={"num_warps": 8})
 
 flt = {n: "fp32" for n in ("lam_seg", "lam_collab", "lam_gate", "lam_coh", "lam_bal",
@@ -668,7 +707,8 @@ def test_kernels_compile_for_sm90():
     """The interpreter accepts programs the compiler rejects: compile the kernels for an
     H100 (sm_90, through ptxas to a cubin) without a GPU, in a process without
     TRITON_INTERPRET, for a few variants (bf16 / fp64 / fp16, 1-3 spatial dims, K = 1
-    to 32, E up to 16, with and without the gradient)."""
+    to 32, E up to 16, with and without the gradient). That process imports the package
+    as a GPU user does, so the ops register through triton_op: with the declared schemas."""
     import os
     import subprocess
     import sys

@@ -59,7 +59,21 @@ def launcher(kernel):
 
 
 def define_op(name: str, schema: str, fn: Callable, fake: Callable):
-    """Register ``fn`` (which launches Triton kernels) as the PyTorch op ``name``."""
+    """Register ``fn`` (which launches Triton kernels) as the PyTorch op ``name``.
+
+    The op's schema is the one torch infers from ``fn``'s annotations, on every torch:
+    ``torch.library.triton_op`` of some versions (2.11 among them) accepts ``schema=``
+    but ignores it and infers the schema instead. ``schema`` is that inferred schema
+    written out (ints are SymInt, results unnamed); it is checked here, so annotations
+    that drift from it fail at import on every torch, not only on the ones that infer.
+    Older torch (2.6) evaluates string annotations in its own namespace, which knows
+    ``torch``, ``Optional``, ``Sequence``, ``List`` and ``Union`` only: results are
+    annotated with the builtin ``tuple``.
+    """
+    inferred = torch.library.infer_schema(fn, mutates_args=())
+    if inferred != schema:
+        raise TypeError(f"op {name}: the annotations of {fn.__qualname__} give the schema "
+                        f"{inferred}, not the declared {schema}")
     if INTERPRET:
         op = torch.library.custom_op(name, fn, mutates_args=(), schema=schema)
         op.register_fake(fake)

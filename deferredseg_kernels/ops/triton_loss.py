@@ -562,7 +562,8 @@ def _loss_fused_impl(logits: torch.Tensor, target: torch.Tensor, expert_labels: 
                      class_weight: Optional[torch.Tensor], stats: torch.Tensor,
                      balance_low: Optional[torch.Tensor], balance_high: Optional[torch.Tensor],
                      num_classes: int, num_experts: int, ignore_index: int,
-                     fparams: Sequence[float], iparams: Sequence[int], compute_grad: bool):
+                     fparams: Sequence[float], iparams: Sequence[int], compute_grad: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     pb = _Problem(logits, target, expert_labels, num_classes, num_experts)
     (lam_seg, lam_collab, lam_gate, lam_coh, lam_bal, paper_eps, gate_mse, gate_sparsity,
      bal_scale) = [float(v) for v in fparams]
@@ -629,13 +630,15 @@ def _loss_fused_impl(logits: torch.Tensor, target: torch.Tensor, expert_labels: 
     return terms, grad
 
 
+# The schemas torch infers from the annotations of the two functions above (see
+# define_op): ints are SymInt, results are unnamed.
 _STATS_SCHEMA = ("(Tensor logits, Tensor target, Tensor expert_labels, Tensor? class_weight, "
-                 "int num_classes, int num_experts, int ignore_index, bool check_expert_labels) "
-                 "-> Tensor")
+                 "SymInt num_classes, SymInt num_experts, SymInt ignore_index, "
+                 "bool check_expert_labels) -> Tensor")
 _LOSS_SCHEMA = ("(Tensor logits, Tensor target, Tensor expert_labels, Tensor? class_weight, "
-                "Tensor stats, Tensor? balance_low, Tensor? balance_high, int num_classes, "
-                "int num_experts, int ignore_index, float[] fparams, int[] iparams, "
-                "bool compute_grad) -> (Tensor terms, Tensor grad)")
+                "Tensor stats, Tensor? balance_low, Tensor? balance_high, SymInt num_classes, "
+                "SymInt num_experts, SymInt ignore_index, float[] fparams, SymInt[] iparams, "
+                "bool compute_grad) -> (Tensor, Tensor)")
 
 loss_stats = define_op(STATS_OP, _STATS_SCHEMA, _loss_stats_impl, fused.fake_stats)
 loss_fused = define_op(LOSS_OP, _LOSS_SCHEMA, _loss_fused_impl, fused.fake_loss)

@@ -1,6 +1,7 @@
 """Triton kernel of the inference routing (SPEC section 4).
 
-``deferredseg_triton::route`` has the schema of the C++ ``deferredseg::route`` op.
+``deferredseg_triton::route`` takes the arguments of the C++ ``deferredseg::route`` op and
+returns the same four tensors (assignment, defer_prob, model_pred, final).
 One program per block of pixels of one image: the model's prediction (argmax z,
 or z > 0 for K = 1), the expert a deferred pixel goes to, the deferral decision
 and its score, and the final label when expert labels are given.
@@ -108,7 +109,8 @@ def _route_kernel(x_ptr, l_ptr, thr_ptr, cost_ptr, asg_ptr, prob_ptr, pred_ptr, 
 
 def _route_impl(logits: torch.Tensor, num_classes: int, num_experts: int,
                 decision_threshold: float, mode: str, expert_labels: Optional[torch.Tensor],
-                expert_cost: Optional[torch.Tensor], scores: str):
+                expert_cost: Optional[torch.Tensor], scores: str
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         raise TypeError("deferredseg triton route: logits must be float32, bfloat16, float16 or "
                         f"float64, got dtype {logits.dtype}")
@@ -160,9 +162,10 @@ def _route_impl(logits: torch.Tensor, num_classes: int, num_experts: int,
     return assignment, defer_prob, model_pred, final
 
 
-_ROUTE_SCHEMA = ("(Tensor logits, int num_classes, int num_experts, float decision_threshold, "
+# The schema torch infers from the annotations of _route_impl (see define_op).
+_ROUTE_SCHEMA = ("(Tensor logits, SymInt num_classes, SymInt num_experts, float decision_threshold, "
                  "str mode, Tensor? expert_labels, Tensor? expert_cost, str scores) -> "
-                 "(Tensor assignment, Tensor defer_prob, Tensor model_pred, Tensor final)")
+                 "(Tensor, Tensor, Tensor, Tensor)")
 
 route_op = define_op(ROUTE_OP, _ROUTE_SCHEMA, _route_impl, fused.fake_route)
 

@@ -1,25 +1,30 @@
 """Whether Triton can be used here (importable, and a version the kernels support).
 
-The kernels need triton >= 3.2 (tested with 3.6 and 3.8) and a torch that has
-``torch.library.triton_op`` / ``wrap_triton`` (torch >= 2.6; tested with 2.11 and
-2.14). Nothing here imports triton at module import time.
+The kernels need triton >= 3.2 and a torch that has ``torch.library.triton_op`` /
+``wrap_triton`` (torch >= 2.6); CI tests torch 2.6 + triton 3.2, torch 2.11 + triton
+3.6 and torch 2.14 + triton 3.8. Nothing here imports triton at module import time.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Optional, Tuple
 
 MIN_TRITON = (3, 2)
 
 
 def _version_tuple(text: str) -> Tuple[int, ...]:
+    # String methods only: torch.compile traces this (backend selection runs inside
+    # compiled code), and the Dynamo of torch 2.6 cannot trace the `re` module.
     parts = []
     for piece in text.split(".")[:3]:
-        m = re.match(r"\d+", piece)
-        if m is None:
+        digits = ""
+        for ch in piece:
+            if not ch.isdigit():
+                break
+            digits += ch
+        if not digits:
             break
-        parts.append(int(m.group()))
+        parts.append(int(digits))
     return tuple(parts)
 
 
