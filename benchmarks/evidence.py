@@ -78,7 +78,8 @@ def base_config(quick: bool, backend: str) -> TrainConfig:
     if quick:
         return TrainConfig(layout="multirater", target="label", features=8, epochs=1, head_epochs=1,
                            batch_size=8, progress=False, backend=backend)
-    return TrainConfig(layout="multirater", target="label", features=16, epochs=12, head_epochs=8,
+    # the base segmentor's schedule; the heads' (head_epochs, head_lr) are the defaults
+    return TrainConfig(layout="multirater", target="label", features=16, epochs=12,
                        batch_size=8, lr=3e-3, progress=False, backend=backend)
 
 

@@ -70,6 +70,7 @@ HELP = {
     "max_steps": "stop after this many optimiser steps (0: no limit)",
     "training": "two-stage (base segmentor, then routing heads on its frozen features) or joint",
     "head_epochs": "epochs of the second stage (the routing heads)",
+    "head_lr": "AdamW learning rate of the second stage (the routing heads alone)",
     "base_checkpoint": "a trained checkpoint whose backbone and segmentation head stage 2 uses "
                        "(skips stage 1)",
     "heads": "routing heads: conv (layers of their own) or linear (default: conv for two-stage)",

@@ -74,6 +74,17 @@ def _dice(pred: np.ndarray, target: np.ndarray, num_labels: int) -> float:
     return float(s["dice"][0])
 
 
+def _review_demo_config(root: Path, device: str, seed: int, quick: bool):
+    """Synthetic MONAI images with the five structured simulated experts, whose labels the
+    demo can draw again for new images (the review loop's simulated experts)."""
+    from ..train.config import TrainConfig
+
+    size = dict(num_images=12, image_size=32, features=8, epochs=1, head_epochs=2) if quick else \
+        dict(num_images=48, image_size=64, features=16, epochs=12, head_epochs=8)
+    return TrainConfig(out=str(root / "train"), batch_size=4, lr=3e-3, device=device, seed=seed,
+                       progress=not quick, overwrite=True, **size)
+
+
 def run_review_demo(out: str = "deferredseg-review-demo", simulate_experts: bool = False,
                     quick: bool = False, num_images: Optional[int] = None, device: str = "cpu",
                     seed: int = 0) -> int:
@@ -81,14 +92,13 @@ def run_review_demo(out: str = "deferredseg-review-demo", simulate_experts: bool
     import uvicorn
 
     from ..data.datasets import _synthetic_cases
-    from ..demo import demo_config
     from ..predict import predict, read_like
     from ..train.loop import _expert_spec, train
     from .merge import merge
     from .server import create_app
 
     root = Path(out)
-    cfg = demo_config(str(root), None, device, seed, quick)
+    cfg = _review_demo_config(root, device, seed, quick)
     t0 = time.perf_counter()
     ck = Path(cfg.out) / "best.pt"
     if ck.is_file():

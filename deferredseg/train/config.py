@@ -54,7 +54,8 @@ class TrainConfig:
     # heads, with conv layers of their own, on its frozen features; "joint" trains
     # everything at once with the whole objective.
     training: str = "two-stage"
-    head_epochs: int = 10  # epochs of the second stage
+    head_epochs: int = 30  # epochs of the second stage
+    head_lr: float = 1e-2  # learning rate of the second stage (the heads alone)
     base_checkpoint: Optional[str] = None  # a trained checkpoint whose backbone and seg head to use
     heads: Optional[str] = None  # "conv" or "linear" (default: conv for two-stage, linear for joint)
     head_channels: int = 16
@@ -64,7 +65,7 @@ class TrainConfig:
     # is wrong and the chosen expert is right", no pull of the gate towards D.
     lambda_seg: float = _Loss.lambda_seg
     lambda_collab: float = _Loss.lambda_collab
-    lambda_gate: float = _Loss.lambda_gate
+    lambda_gate: float = 0.3
     lambda_coherence: float = _Loss.lambda_coherence
     lambda_balance: float = _Loss.lambda_balance
     surrogate: str = "ova"
@@ -153,6 +154,8 @@ class TrainConfig:
         choice("selection", SELECTIONS)
         if not 0.0 <= float(self.budget) <= 1.0:
             raise ValueError(f"budget must be in [0, 1], got {self.budget}")
+        if not float(self.head_lr) > 0:
+            raise ValueError(f"head_lr must be > 0, got {self.head_lr}")
         if int(self.head_epochs) < 0:
             raise ValueError(f"head_epochs must be >= 0, got {self.head_epochs}")
         if self.base_checkpoint is not None and not Path(self.base_checkpoint).is_file():

@@ -46,7 +46,7 @@ LOCK_NAME = ".lock"
 FREE_ON_RESUME = frozenset({
     "epochs", "max_steps", "device", "workers", "progress", "out", "resume", "overwrite",
     "resume_with_changes", "checkpoint_every", "patience", "val_hd95", "seeds", "amp",
-    "head_epochs", "route_mode", "expert_cost", "threshold",
+    "head_epochs", "head_lr", "route_mode", "expert_cost", "threshold",
 })
 #: Settings a resumed run can never change: the weights or the meaning of the
 #: routing channels would no longer fit the checkpoint.

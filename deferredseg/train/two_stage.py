@@ -107,7 +107,7 @@ def fit_heads(model: nn.Module, train_cache: Dict[str, torch.Tensor], val_cache:
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.head_lr, weight_decay=cfg.weight_decay)
     n = len(train_cache["seg"])
     steps = max(math.ceil(n / cfg.batch_size) * cfg.head_epochs, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(
