@@ -411,14 +411,19 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         info.close()
 
 
-def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, out_dir: Optional[Path],
-           log: JsonLog, run: Optional[RunDir] = None) -> Dict[str, Any]:
+def _data_and_model(cfg: TrainConfig, device: torch.device):
+    """(train set, validation set, E, input channels, model on ``device``), seeded."""
     torch.manual_seed(cfg.seed)
     train_ds = build_data(cfg, "train")
     val_ds = build_data(cfg, "val")
     E = train_ds.info.num_experts
     in_channels = int(train_ds[0]["image"].shape[0])
-    model = build_model(cfg, in_channels, E).to(device)
+    return train_ds, val_ds, E, in_channels, build_model(cfg, in_channels, E).to(device)
+
+
+def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, out_dir: Optional[Path],
+           log: JsonLog, run: Optional[RunDir] = None) -> Dict[str, Any]:
+    train_ds, val_ds, E, in_channels, model = _data_and_model(cfg, device)
     criterion = build_criterion(cfg, E, sync=info.world > 1)
     best_expert = best_single_expert(val_ds, E) if cfg.method in (
         "confidence", "l2d-single", "model-only") else 0
@@ -581,12 +586,7 @@ def _train_two_stage(cfg: TrainConfig, device: torch.device, info: DistInfo,
             return res
         base_path = str(bdir / "best.pt")
     info.barrier()
-    torch.manual_seed(cfg.seed)
-    train_ds = build_data(cfg, "train")
-    val_ds = build_data(cfg, "val")
-    E = train_ds.info.num_experts
-    in_channels = int(train_ds[0]["image"].shape[0])
-    model = build_model(cfg, in_channels, E).to(device)
+    train_ds, val_ds, E, in_channels, model = _data_and_model(cfg, device)
     ts.load_base(model, base_path, device)
     if tmp is not None:
         tmp.cleanup()
