@@ -1,5 +1,5 @@
 // Shared host-side code of the fused loss ops `deferredseg::loss_stats` and
-// `deferredseg::loss_fused` (SPEC section 3; contract in deferredseg_kernels/ops/fused.py):
+// `deferredseg::loss_fused` (docs/objective.md, "Terms"; contract in deferredseg_kernels/ops/fused.py):
 // argument checks, the flattened (B, C, P) views the kernels read, the gradient
 // buffer and the decoding of fparams / iparams.
 #pragma once

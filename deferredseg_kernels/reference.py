@@ -258,7 +258,7 @@ def route_reference(logits: torch.Tensor, num_classes: int, num_experts: int,
                     threshold: float, mode: str, expert_labels: Optional[torch.Tensor],
                     expert_cost: Optional[Sequence[float]] = None,
                     scores: str = "softmax") -> RouteResult:
-    """SPEC section 4. ``threshold`` is the number the decision compares against, see
+    """docs/objective.md, "Routing at inference". ``threshold`` is the number the decision compares against, see
     ``_checks.route_threshold``: logit(threshold) in modes "gate" and "router" (unused
     there), the threshold itself in mode "gain".
 
