@@ -37,9 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path

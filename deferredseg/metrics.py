@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from deferredseg_kernels import route
+from .train.routing import route_logits
 
 DEFAULT_THRESHOLDS = tuple(i / 20 for i in range(21))
 
@@ -118,8 +118,6 @@ class DeferralEvaluator:
                expert_labels: torch.Tensor) -> None:
         if target.dim() == logits.dim():
             target = target.squeeze(1)
-        from .train.routing import route_logits
-
         out = route_logits(logits, self.K, self.E, self.mode, self.threshold, expert_labels,
                            **self.route_kw)
         valid = target != self.ignore_index

@@ -38,7 +38,9 @@ from ..losses import DeferredSegLoss
 from ..metrics import DeferralEvaluator
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .routing import uncertainty
+from deferredseg_kernels.reference import model_correct
+
+from .routing import auroc, budget_threshold, deferral_score, route_logits, uncertainty
 from .datacheck import check_evaluation_data, check_training_data, checkpoint_record, match_experts
 from .report import EpochMeter
 from .rundir import RunDir, open_run
@@ -311,8 +313,6 @@ def evaluate_model(model: nn.Module, dataset, cfg: TrainConfig, num_experts: int
     ev = DeferralEvaluator(cfg.num_classes, num_experts, threshold=thr, mode=mode,
                            with_hd95=with_hd95, backend=cfg.backend, scores=cfg.route_scores,
                            expert_cost=cfg.expert_cost, **kw)
-    from .routing import auroc, deferral_score
-
     score_parts, wrong_parts, unc_parts = [], [], []
     examples: List[Dict[str, torch.Tensor]] = []
     for batch in DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False,
@@ -324,14 +324,12 @@ def evaluate_model(model: nn.Module, dataset, cfg: TrainConfig, num_experts: int
         ev.update(logits, target, experts)
         valid = target != -100
         z = logits[:, :cfg.num_classes]
-        wrong = (z.argmax(1) if cfg.num_classes >= 2 else (z[:, 0] > 0).long()) != target
+        wrong = ~model_correct(z, target, cfg.num_classes)
         score_parts.append(deferral_score(logits, cfg.num_classes, num_experts, mode,
                                           cfg.route_scores, cfg.expert_cost)[valid].cpu())
         unc_parts.append(uncertainty(z, cfg.num_classes)[valid].cpu())
         wrong_parts.append(wrong[valid].cpu())
         if len(examples) < keep_examples:
-            from .routing import route_logits
-
             out = route_logits(logits, cfg.num_classes, num_experts, mode, thr, experts,
                                cfg.route_scores, cfg.expert_cost, backend=cfg.backend)
             for b in range(x.shape[0]):
@@ -351,6 +349,13 @@ def evaluate_model(model: nn.Module, dataset, cfg: TrainConfig, num_experts: int
     return res, examples
 
 
+def routing_record(cfg: TrainConfig, threshold: Optional[float]) -> Dict[str, Any]:
+    """How a checkpoint routes (``best.pt["routing"]``, read by predict): the mode, the
+    budget and the threshold chosen for it on the validation split, scores, costs."""
+    return {"mode": route_mode(cfg), "budget": cfg.budget, "threshold": threshold,
+            "scores": cfg.route_scores, "expert_cost": cfg.expert_cost, "selection": cfg.selection}
+
+
 def route_mode(cfg: TrainConfig) -> str:
     """The routing mode a method is evaluated in (baselines route through their packed gate)."""
     if cfg.method in ("model-only", "confidence", "l2d-single"):
@@ -368,8 +373,6 @@ def threshold_for_budget(model: nn.Module, dataset, cfg: TrainConfig, num_expert
     compared at the same deferral rate. Choose it on a validation split.
     """
     from monai.data import DataLoader
-
-    from .routing import budget_threshold, deferral_score
 
     if not 0.0 <= budget <= 1.0:
         raise ValueError(f"budget must be in [0, 1], got {budget}")
@@ -540,11 +543,8 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, out_dir: Opti
             history.append({"epoch": epoch, **metrics})
             print(meter.line(epoch, cfg.epochs, metrics), flush=True)  # stays on screen
             if improved and out_dir is not None:
-                checkpoint(out_dir / "best.pt", epoch + 1, 0, {
-                    "val": _scalars(metrics),
-                    "routing": {"mode": route_mode(cfg), "budget": cfg.budget, "threshold": thr,
-                                "scores": cfg.route_scores, "expert_cost": cfg.expert_cost,
-                                "selection": cfg.selection}})
+                checkpoint(out_dir / "best.pt", epoch + 1, 0, {"val": _scalars(metrics),
+                                                               "routing": routing_record(cfg, thr)})
             checkpoint(last_path, epoch + 1, 0, {})
         if run is not None:  # a signal during validation: last.pt is this epoch's end
             run.check_interrupt(lambda: None, epoch, global_step)
@@ -607,9 +607,7 @@ def _train_two_stage(cfg: TrainConfig, device: torch.device, info: DistInfo,
             return loss, terms
     best, history = ts.fit_heads(model, train_cache, val_cache, cfg, loss_fn, device, E, best_expert,
                                  log if info.is_main else None)
-    routing = {"mode": route_mode(cfg), "budget": cfg.budget, "threshold": best.get("threshold"),
-               "scores": cfg.route_scores, "expert_cost": cfg.expert_cost,
-               "selection": cfg.selection}
+    routing = routing_record(cfg, best.get("threshold"))
     if out_dir is not None and info.is_main:
         state = {"model": model.state_dict(), "epoch": cfg.head_epochs, "step_in_epoch": 0,
                  "global_step": 0, "best": best.get("selection_score"), "stale": 0,

@@ -18,7 +18,7 @@ valid pixels of a split (the validation split during training and evaluation).
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -50,11 +50,11 @@ def deferral_score(logits: torch.Tensor, num_classes: int, num_experts: int, mod
         return torch.sigmoid(a)
     if mode == "uncertainty":
         return uncertainty(z, num_classes)
-    q = _q(r, scores)
     if mode == "router":
         return torch.softmax(r, dim=1)[:, :E].sum(dim=1)
     if mode != "gain":
         raise ValueError(f"mode must be gate, gain, uncertainty or router, got {mode!r}")
+    q = _q(r, scores)
     net = q[:, :E]
     if expert_cost is not None:
         net = net - torch.tensor(list(expert_cost), dtype=net.dtype, device=net.device).view(
@@ -111,10 +111,3 @@ def auroc(scores: torch.Tensor, positives: torch.Tensor) -> Optional[float]:
         return None
     return float(compute_roc_auc(s, y.long()))
 
-
-def summary_at_budget(metrics: Dict[str, object]) -> str:
-    """'Dice 0.912 at deferral 0.098' (a system Dice is never shown without its rate)."""
-    d, r = metrics.get("system_dice"), metrics.get("deferral_rate")
-    d_txt = "n/a" if d is None else f"{d:.4f}"
-    r_txt = "n/a" if r is None else f"{r:.3f}"
-    return f"system Dice {d_txt} at deferral rate {r_txt}"

@@ -14,7 +14,6 @@ budget on the validation split.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from pathlib import Path
@@ -52,9 +51,10 @@ def packed_from_cache(model: nn.Module, cache: Dict[str, torch.Tensor], cfg: Tra
     from .loop import packed_logits
 
     out = []
-    for i in range(0, len(cache["seg"]), max(cfg.batch_size, 8)):
-        seg = cache["seg"][i:i + max(cfg.batch_size, 8)].to(device)
-        hin = cache["head_in"][i:i + max(cfg.batch_size, 8)].to(device)
+    step = max(cfg.batch_size, 8)
+    for i in range(0, len(cache["seg"]), step):
+        seg = cache["seg"][i:i + step].to(device)
+        hin = cache["head_in"][i:i + step].to(device)
         out.append(packed_logits(cfg, model.heads_forward(seg, hin), num_experts, best_expert).cpu())
     return torch.cat(out)
 
@@ -130,7 +130,7 @@ def fit_heads(model: nn.Module, train_cache: Dict[str, torch.Tensor], val_cache:
                       **{f"val_{k}": v for k, v in m.items()})
         if score > best_score:
             best_score, best_metrics = score, dict(m, epoch=epoch)
-            best_state = copy.deepcopy([p.detach().clone() for p in params])
+            best_state = [p.detach().clone() for p in params]
 
     consider(-1)  # the heads as initialised (with the uncertainty prior: confidence deferral)
     for epoch in range(cfg.head_epochs):
