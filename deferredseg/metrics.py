@@ -1,4 +1,4 @@
-"""Evaluation metrics of a deferral system (issue 6, item 4).
+"""Evaluation metrics of a deferral system.
 
 Segmentation quality (Dice, IoU, sensitivity, HD95) comes from MONAI's metric
 functions, computed per image and per foreground class, and averaged over the
@@ -83,7 +83,7 @@ class DeferralEvaluator:
     """Accumulates the metrics of a deferral system over batches.
 
     ``update(logits, target, expert_labels)`` routes with ``threshold`` / ``mode``
-    (SPEC section 4) and records every metric; ``result()`` returns them as a
+    (docs/objective.md section 4) and records every metric; ``result()`` returns them as a
     JSON-ready dict (NaN becomes None).
     """
 

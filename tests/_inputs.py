@@ -41,7 +41,7 @@ def make_inputs(B: int, K: int, E: int, spatial: Sequence[int], dtype=torch.floa
 
 
 def option_matrix(E: int) -> List[Dict]:
-    """One dict per combination of the loss's discrete options (SPEC section 3).
+    """One dict per combination of the loss's discrete options (docs/objective.md section 3).
 
     Every combination of surrogate, coherence, coherence_maps and balance; gate_target
     alternates with (coherence, balance), "benefit" where exactly one of them is not the

@@ -1,4 +1,4 @@
-"""A second, deliberately naive implementation of SPEC section 3: scalar Python loops.
+"""A second, deliberately naive implementation of docs/objective.md section 3: scalar Python loops.
 
 It shares no code with ``deferredseg_kernels.reference`` (which is vectorised
 PyTorch), so agreement between the two on tiny inputs checks the reference

@@ -1,4 +1,4 @@
-"""Bad input gets a ValueError / TypeError naming the argument (SPEC section 6)."""
+"""Bad input gets a ValueError / TypeError naming the argument (docs/objective.md section 6)."""
 
 import pytest
 import torch

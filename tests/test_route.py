@@ -1,4 +1,4 @@
-"""Routing at inference (SPEC section 4): semantics, and every backend bit for bit."""
+"""Routing at inference (docs/objective.md section 4): semantics, and every backend bit for bit."""
 
 import math
 

@@ -2,7 +2,7 @@
 
 - :class:`DeferredSegmentor`: wraps any backbone (an ``nn.Module`` returning a
   feature map, or a pretrained segmentor whose own output is kept) and adds the
-  segmentation, routing and gate heads; returns the packed logits of SPEC section 1.
+  segmentation, routing and gate heads; returns the packed logits of docs/objective.md section 1.
 - :func:`build_backbone`: any ``monai.networks.nets`` network by name.
 - :class:`SamDeferredSegmentor`, :func:`build_sam`, :func:`load_sam_checkpoint`:
   the paper's SAM / MedSAM construction (``pip install deferredseg[sam]``);

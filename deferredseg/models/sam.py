@@ -353,7 +353,7 @@ class SamDeferredSegmentor(nn.Module):
     def predict(self, image: torch.Tensor, boxes: Optional[torch.Tensor] = None, threshold: float = 0.5,
                 mode: str = "gate", expert_labels: Optional[torch.Tensor] = None,
                 backend: str = "auto") -> RouteResult:
-        """Routing (SPEC section 4) in eval mode; ``boxes`` (B, 4) or the whole image."""
+        """Routing (docs/objective.md section 4) in eval mode; ``boxes`` (B, 4) or the whole image."""
         was_training = self.training
         self.train(False)
         try:

@@ -100,10 +100,10 @@ def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
 class DeferredSegmentor(nn.Module):
     """Wraps a segmentation backbone into a DeferredSeg network.
 
-    The forward pass returns the packed logits of SPEC section 1,
+    The forward pass returns the packed logits of docs/objective.md section 1,
     ``(B, K + E + 2, *S)``: K segmentation logits, E + 1 routing logits (experts
     0..E-1, then the model, "keep"), 1 gate logit. :meth:`predict` turns them into
-    the routing of SPEC section 4.
+    the routing of docs/objective.md section 4.
 
     Two ways to plug a backbone in:
 
