@@ -15,6 +15,8 @@
 #   make bench-cpu      CPU benchmark of the fused loss
 #   make bench          pytest-benchmark suite (loss, routing; saved under .benchmarks/)
 #   make bench-smoke    the same suite on tiny shapes (CI)
+#   make lint           style checks: ruff (lint, import order, format) and clang-format on csrc/
+#   make format         fix what make lint finds where a tool can (ruff --fix, ruff format, clang-format)
 #   make dist           release files: sdist, wheel built from it, their checks
 #   make test-sdist     sdist -> wheel -> fresh venv -> smoke test (CI, CPU-only stack)
 #
@@ -42,13 +44,13 @@ DEPS_STAMP := $(VENV)/.deps-stamp
 EXT_SOURCES := setup.py $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \))
 BUILD_STAMP := build/.ext-stamp-$(notdir $(abspath $(VENV)))
 
-.PHONY: all venv build browser test test-cpu-only test-stack demo demo-review demo-backends bench-cpu clean
+.PHONY: all venv build browser lint format test test-cpu-only test-stack demo demo-review demo-backends bench-cpu clean
 
 all: test
 
 venv: $(DEPS_STAMP)
 
-$(DEPS_STAMP): $(REQS) requirements/dev.txt
+$(DEPS_STAMP): $(REQS) requirements/dev.txt requirements/lint.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r $(REQS) $(QUIET_PIP)
 	$(PY) -m pip check >/dev/null || $(PY) -m pip check
@@ -59,6 +61,28 @@ build: $(BUILD_STAMP)
 $(BUILD_STAMP): $(DEPS_STAMP) $(EXT_SOURCES)
 	$(PY) setup.py -q build_ext --inplace
 	@mkdir -p build && touch $@
+
+# Style, with the pinned tools of requirements/lint.txt in a venv of their own (seconds to
+# create, so `make lint` does not wait for torch). Configuration: pyproject.toml [tool.ruff]
+# and .clang-format. CI runs `make lint` before the tests.
+LINT_VENV ?= .venv-lint
+LINT_STAMP := $(LINT_VENV)/.lint-stamp
+CXX_FILES = $(shell git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh' 'tests/cuda_emu/*.cpp')
+
+$(LINT_STAMP): requirements/lint.txt
+	@test -x $(LINT_VENV)/bin/python || $(PYTHON) -m venv $(LINT_VENV)
+	$(LINT_VENV)/bin/python -m pip install -q -r requirements/lint.txt $(QUIET_PIP)
+	@touch $@
+
+lint: $(LINT_STAMP)
+	$(LINT_VENV)/bin/ruff check .
+	$(LINT_VENV)/bin/ruff format --check .
+	$(LINT_VENV)/bin/clang-format --dry-run --Werror $(CXX_FILES)
+
+format: $(LINT_STAMP)
+	$(LINT_VENV)/bin/ruff check --fix .
+	$(LINT_VENV)/bin/ruff format .
+	$(LINT_VENV)/bin/clang-format -i $(CXX_FILES)
 
 # The review page is tested in a real headless Chromium: Debian's package, installed
 # here when missing (CI runs as root with apt). Elsewhere the test is skipped with a note,
