@@ -10,7 +10,6 @@ Only this folder's ``test_*.py`` files are collected: the CSV scripts beside the
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 

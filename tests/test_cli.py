@@ -30,9 +30,9 @@ def test_train_then_evaluate_writes_checkpoints_log_metrics_and_figures(tmp_path
     for name in ("last.pt", "best.pt", "log.jsonl", "base/best.pt", "base/log.jsonl"):
         assert (out / name).is_file(), name
     # two-stage: the base segmentor's two epochs, then the heads untrained and after each epoch
-    base = [json.loads(l)["event"] for l in (out / "base" / "log.jsonl").read_text().splitlines()]
+    base = [json.loads(line)["event"] for line in (out / "base" / "log.jsonl").read_text().splitlines()]
     assert base.count("epoch") == 2 and "step" in base
-    events = [json.loads(l)["event"] for l in (out / "log.jsonl").read_text().splitlines()]
+    events = [json.loads(line)["event"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert events.count("epoch") == 3 and "step" in events and "best" in events
     ck = load_checkpoint(out / "best.pt")
     assert ck["config"]["epochs"] == 2 and ck["num_experts"] == 5
@@ -293,8 +293,8 @@ def test_torchrun_two_ranks_train_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (out / "best.pt").is_file() and (out / "last.pt").is_file()
     lines = (out / "base" / "log.jsonl").read_text().splitlines()  # stage 1, the DDP loop
-    steps = [json.loads(l) for l in lines if json.loads(l)["event"] == "step"]
+    steps = [json.loads(line) for line in lines if json.loads(line)["event"] == "step"]
     # 8 training images over 2 ranks with batch 4: one step per epoch, logged once (rank 0)
     assert len(steps) == 1
-    stage2 = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    stage2 = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert sum(r["event"] == "best" for r in stage2) == 1  # the heads: written once, by rank 0

@@ -1,8 +1,6 @@
 """`deferredseg predict`: formats, sliding windows, bad files, reruns; review tasks; merge."""
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +8,7 @@ import torch
 
 from deferredseg.predict import infer_logits, load_input, predict, read_like
 from deferredseg.review.db import ReviewDB
-from deferredseg.review.merge import build_report, fuse, merge
+from deferredseg.review.merge import fuse, merge
 from deferredseg.review.tasks import extract_tasks
 from deferredseg.train.config import TrainConfig
 from deferredseg.train.loop import train
@@ -94,7 +92,7 @@ def test_predict_png_rerun_skips_and_a_corrupt_file_is_reported(ck2d, tmp_path):
         assert assign.max() <= 5  # 0: model, 1..5: experts
     db = ReviewDB(out)
     tasks = list(db.iter_tasks())
-    manifest = [json.loads(l) for l in (out / "manifest.jsonl").read_text().splitlines()]
+    manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert len(manifest) == len(tasks) == s.tasks
     # every deferred pixel is in exactly one task (min_size=1): task areas add up
     deferred = sum(db.image(f"case{i}")["deferred_pixels"] for i in range(3))

@@ -188,7 +188,7 @@ def _interrupt_and_resume(full, part):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, out + err
-    lines = [l for l in err.splitlines() if not l.startswith("note:")]
+    lines = [line for line in err.splitlines() if not line.startswith("note:")]
     assert len(lines) == 1 and "interrupted at epoch" in lines[0], err
     assert f"deferredseg train --resume --out {part}" in lines[0] and "Traceback" not in err
     ck = load_checkpoint(part / "last.pt")
@@ -436,7 +436,7 @@ def test_one_line_per_epoch_and_summary_tables(tmp_path, capsys):
     out = tmp_path / "r"
     code, text, _ = run_main(["train", "--out", out, "--epochs", "2", *TINY], capsys)
     assert code == 0
-    epoch_lines = [l for l in text.splitlines() if l.startswith("epoch ")]
+    epoch_lines = [line for line in text.splitlines() if line.startswith("epoch ")]
     assert len(epoch_lines) == 2 and "val system Dice" in epoch_lines[1]
     assert "model Dice" in epoch_lines[0] and "deferral" in epoch_lines[0]
     assert "| system (model + experts) |" in text and f"run folder: {out}" in text

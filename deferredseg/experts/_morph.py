@@ -77,7 +77,7 @@ def connected_components(labels: torch.Tensor, num_labels: int, max_iter: int | 
     longest path inside a component, every round one vectorised pass.
     """
     _check_spatial(labels, "labels", with_channel=False)
-    B, S = labels.shape[0], labels.shape[1:]
+    S = labels.shape[1:]
     n = 1
     for s in S:
         n *= int(s)

@@ -7,7 +7,6 @@ each sets ``args.run``, the function that carries it out (returns the exit code)
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
