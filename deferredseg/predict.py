@@ -315,8 +315,6 @@ def predict(checkpoint: Union[str, Path], images: Union[str, Path], out: Union[s
     of neighbouring windows; ``batch_size`` images of one shape per forward pass;
     ``min_size`` / ``merge_distance``: see :func:`~deferredseg.review.tasks.extract_tasks`.
     """
-    from deferredseg_kernels import route
-
     from .train.builders import build_data, load_trained
     from .train.distributed import resolve_device
     from .train.evaluation import threshold_for_budget
