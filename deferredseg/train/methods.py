@@ -80,7 +80,7 @@ class Method:
 # ----------------------------------------------------------------------------- losses
 
 
-def objective_criterion(cfg: "TrainConfig", num_experts: int, sync: bool):
+def _criterion(cfg: "TrainConfig", num_experts: int, sync: bool):
     """The DeferredSeg objective with ``cfg``'s options and the method's zeroed weights."""
     from ..losses import DeferredSegLoss
 
@@ -102,7 +102,7 @@ def objective_criterion(cfg: "TrainConfig", num_experts: int, sync: bool):
 
 
 def _objective_loss(cfg: "TrainConfig", num_experts: int, best_expert: int, sync: bool) -> LossFn:
-    criterion = objective_criterion(cfg, num_experts, sync)
+    criterion = _criterion(cfg, num_experts, sync)
 
     def loss_fn(out, target, experts):
         loss = criterion(out, target, experts)
