@@ -49,7 +49,8 @@ sys.path.insert(0, str(ROOT))
 from deferredseg.data.benchmark import PANEL_NAMES, write_benchmark  # noqa: E402
 from deferredseg.stats import ci95  # noqa: E402
 from deferredseg.train.config import TrainConfig  # noqa: E402
-from deferredseg.train.loop import evaluate, train  # noqa: E402
+from deferredseg.train.evaluation import evaluate  # noqa: E402
+from deferredseg.train.loop import train  # noqa: E402
 
 BUDGETS = (0.05, 0.10, 0.20)
 PANELS = ("A", "B", "C", "D")

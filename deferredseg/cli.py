@@ -223,7 +223,8 @@ SUMMARY_KEYS = ("system_dice", "model_dice", "deferral_rate", "system_hd95",
 
 
 def run_train(cfg: TrainConfig) -> int:
-    from .train.loop import evaluate, train
+    from .train.evaluation import evaluate
+    from .train.loop import train
     from .train.rundir import default_run_dir
 
     if not cfg.out and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -259,7 +260,7 @@ def run_train(cfg: TrainConfig) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .train.loop import evaluate
+    from .train.evaluation import evaluate
     from .train.rundir import check_output_folder
 
     check_output_folder(args.out)  # a bad --out is found before anything is computed

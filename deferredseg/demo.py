@@ -37,7 +37,8 @@ def demo_config(out: str, epochs: Optional[int], device: str, seed: int, quick: 
 def run_demo(out: str = "deferredseg-demo", epochs: Optional[int] = None, device: str = "cpu",
              seed: int = 0, quick: bool = False) -> int:
     from .data.benchmark import write_benchmark
-    from .train.loop import evaluate, train
+    from .train.evaluation import evaluate
+    from .train.loop import train
 
     cfg = demo_config(out, epochs, device, seed, quick)
     cases, size = (30, 32) if quick else (250, 48)

@@ -219,14 +219,16 @@ def resolve_routing(ck: Dict[str, Any], cfg, threshold: Optional[float] = None,
     ``threshold_from_budget(budget)``), else what the checkpoint recorded, else the
     training configuration's threshold. Returns ``{"threshold", "mode", "source", ...}``
     plus any further keyword arguments of ``route`` the checkpoint recorded."""
+    from .train.methods import method_of
+
     recorded = dict(ck.get("routing") or {})
     for key in ("threshold", "budget"):
         if key not in recorded and ck.get(key) is not None:
             recorded[key] = ck[key]
     mode = recorded.get("mode", "gate")
     out: Dict[str, Any] = {"mode": mode}
-    if cfg.method == "model-only":
-        out.update(threshold=1.0, source="model-only method (never defers)")
+    if not method_of(cfg).defers:
+        out.update(threshold=1.0, source=f"{cfg.method} method (never defers)")
     elif threshold is not None:
         if not 0.0 <= float(threshold) <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
@@ -313,9 +315,10 @@ def predict(checkpoint: Union[str, Path], images: Union[str, Path], out: Union[s
     of neighbouring windows; ``batch_size`` images of one shape per forward pass;
     ``min_size`` / ``merge_distance``: see :func:`~deferredseg.review.tasks.extract_tasks`.
     """
-    from deferredseg_kernels import route
-
-    from .train.loop import build_data, load_trained, packed_logits, resolve_device, threshold_for_budget
+    from .train.builders import build_data, load_trained
+    from .train.distributed import resolve_device
+    from .train.evaluation import threshold_for_budget
+    from .train.methods import packed_logits
 
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -11,6 +11,8 @@ import torch
 
 from deferredseg.cli import ci95, main
 from deferredseg.train.checkpoint import load_checkpoint, save_checkpoint
+from deferredseg.train.evaluation import evaluate
+from deferredseg.train.methods import METHODS, REGISTRY
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--num-images", "12", "--image-size", "24", "--features", "4", "--batch-size", "4",
@@ -195,15 +197,13 @@ def test_ci95_by_hand():
     assert ci95([]) == {"mean": None, "std": None, "ci95": None, "n": 0}
 
 
-@pytest.mark.parametrize("method", ["no-coherence", "no-balance", "model-only", "confidence",
-                                    "l2d-single"])
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "deferredseg"])
 def test_every_baseline_trains_and_evaluates(tmp_path, method):
     out = tmp_path / method
     assert main(["train", "--out", str(out), "--epochs", "1", "--method", method, *TINY]) == 0
-    m = __import__("deferredseg.train.loop", fromlist=["evaluate"]).evaluate(
-        out / "best.pt", budget=0.1, figures=False, with_hd95=False)
+    m = evaluate(out / "best.pt", budget=0.1, figures=False, with_hd95=False)
     assert m["method"] == method
-    if method == "model-only":
+    if not REGISTRY[method].defers:  # model-only
         assert m["deferral_rate"] == 0.0 and m["system_dice"] == m["model_dice"]
     else:
         assert 0.0 < m["deferral_rate"] < 0.5

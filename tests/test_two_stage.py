@@ -14,7 +14,8 @@ from deferredseg.data.benchmark import (PANELS, ambiguous_case, oracle_and_best_
                                         panel_names, write_benchmark)
 from deferredseg.train.checkpoint import load_checkpoint
 from deferredseg.train.config import TrainConfig
-from deferredseg.train.loop import evaluate, train
+from deferredseg.train.evaluation import evaluate
+from deferredseg.train.loop import train
 from deferredseg.train.routing import auroc, budget_threshold, deferral_score, route_logits
 
 

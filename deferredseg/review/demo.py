@@ -93,7 +93,8 @@ def run_review_demo(out: str = "deferredseg-review-demo", simulate_experts: bool
 
     from ..data.datasets import _synthetic_cases
     from ..predict import predict, read_like
-    from ..train.loop import _expert_spec, train
+    from ..train.builders import expert_panel
+    from ..train.loop import train
     from .merge import merge
     from .server import create_app
 
@@ -113,7 +114,7 @@ def run_review_demo(out: str = "deferredseg-review-demo", simulate_experts: bool
     images, truth = root / "new_images", root / "ground_truth"
     images.mkdir(parents=True, exist_ok=True)
     truth.mkdir(parents=True, exist_ok=True)
-    panel = _expert_spec(cfg, num_labels, cfg.seed)
+    panel = expert_panel(cfg, num_labels, cfg.seed)
     expert_labels: Dict[str, Dict[str, np.ndarray]] = {name: {} for name in panel.names}
     gts: Dict[str, np.ndarray] = {}
     for i in range(n):

@@ -14,6 +14,6 @@ def train(cfg):
 
 
 def evaluate(checkpoint, **kw):
-    from .loop import evaluate as _evaluate
+    from .evaluation import evaluate as _evaluate
 
     return _evaluate(checkpoint, **kw)

@@ -14,7 +14,8 @@ from typing import Any, Dict, List, Optional, Union
 
 from deferredseg_kernels import LossOptions as _Loss
 
-METHODS = ("deferredseg", "no-coherence", "no-balance", "model-only", "confidence", "l2d-single")
+from .methods import METHODS  # one record per method (methods.py); its names are the choices
+
 LAYOUTS = ("synthetic", "medsam-npy", "multirater")
 PROFILES = ("same-accuracy", "complementary", "structured")
 SCHEDULES = ("cosine", "step", "constant")
@@ -49,7 +50,7 @@ class TrainConfig:
     # method and loss
     method: str = "deferredseg"
     backend: str = "auto"
-    # How the network is trained (docs/objective.md, "Training schedules"): "two-stage"
+    # How the network is trained (docs/training.md, "Training schedules"): "two-stage"
     # trains the base segmentor (or takes base_checkpoint), then the routing and gate
     # heads, with conv layers of their own, on its frozen features; "joint" trains
     # everything at once with the whole objective.

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from .config import TrainConfig
+from .methods import BASE_METHOD, packed_logits
 
 __all__ = ["cache_head_inputs", "fit_heads", "budget_metrics"]
 
@@ -48,8 +49,6 @@ def cache_head_inputs(model: nn.Module, dataset, cfg: TrainConfig, device: torch
 @torch.no_grad()
 def packed_from_cache(model: nn.Module, cache: Dict[str, torch.Tensor], cfg: TrainConfig,
                       device: torch.device, num_experts: int, best_expert: int) -> torch.Tensor:
-    from .loop import packed_logits
-
     out = []
     step = max(cfg.batch_size, 8)
     for i in range(0, len(cache["seg"]), step):
@@ -162,7 +161,7 @@ def fit_heads(model: nn.Module, train_cache: Dict[str, torch.Tensor], val_cache:
 
 def base_config(cfg: TrainConfig) -> TrainConfig:
     """The configuration of stage 1: the segmentation loss alone, in the joint loop."""
-    return dataclasses.replace(cfg, method="model-only", training="joint", heads="linear",
+    return dataclasses.replace(cfg, method=BASE_METHOD, training="joint", heads="linear",
                                out=str(Path(cfg.out) / "base") if cfg.out else None,
                                seeds=None)
 
