@@ -177,3 +177,24 @@ def test_router_mode_reports_its_own_rate_and_joint_selects_at_the_budget(bench,
     assert epochs and all(r["val_deferral_rate"] < 0.3 for r in epochs)
     assert all(0.0 <= r["val_threshold"] <= 1.0 for r in epochs)
     assert not math.isnan(epochs[-1]["val_system_dice"])
+
+
+def test_stage_two_selection_routes_single_expert_methods_as_evaluation_does():
+    """Stage 2 picks its epoch in the mode evaluation will use: a single-expert method
+    routes through its packed gate whatever ``route_mode`` says."""
+    from deferredseg.train.methods import route_mode
+    from deferredseg.train.two_stage import budget_metrics
+
+    g = torch.Generator().manual_seed(0)
+    K, E = 1, 1
+    logits = torch.randn(2, K + E + 2, 16, 16, generator=g)
+    target = torch.randint(0, 2, (2, 16, 16), generator=g)
+    experts = torch.randint(0, 2, (2, E, 16, 16), generator=g)
+    l2d = TrainConfig(method="l2d-single", route_mode="gain")
+    assert route_mode(l2d) == "gate"
+    got = budget_metrics(logits, target, experts, l2d, E, 0.2)
+    want = budget_metrics(logits, target, experts, TrainConfig(method="l2d-single"), E, 0.2)
+    assert got == want
+    # a method that learns routing keeps its own mode (the gain's threshold differs)
+    ds = budget_metrics(logits, target, experts, TrainConfig(route_mode="gain"), E, 0.2)
+    assert ds["threshold"] != want["threshold"]

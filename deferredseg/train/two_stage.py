@@ -66,11 +66,12 @@ def budget_metrics(logits: torch.Tensor, target: torch.Tensor, experts: torch.Te
     The threshold is chosen on these same pixels unless given.
     """
     from ..metrics import per_image_scores
+    from .methods import route_mode
     from .routing import budget_threshold, deferral_score, route_logits
 
     K, E = cfg.num_classes, num_experts
     valid = target != -100
-    mode = cfg.route_mode
+    mode = route_mode(cfg)  # the mode evaluation uses, so selection and evaluation agree
     if threshold is None and mode != "router":
         s = deferral_score(logits, K, E, mode, cfg.route_scores, cfg.expert_cost)
         threshold = budget_threshold(s[valid].numpy(), budget, mode)
