@@ -49,6 +49,9 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     run = None
     try:
         run = open_run(cfg, info.is_main)  # checks, locks (and moves aside) --out; signals
+        # Every rank has checked --out before rank 0 writes to it: without this a slower rank
+        # could find rank 0's fresh log and refuse the run as an existing one.
+        info.barrier()
         for note in run.notes:
             print(f"note: {note}", file=sys.stderr)
         log = JsonLog(out_dir / "log.jsonl" if out_dir else None, info.is_main)
