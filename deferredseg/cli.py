@@ -29,6 +29,7 @@ from .stats import ci95  # noqa: F401  (re-exported: deferredseg.cli.ci95)
 from .train.config import (BALANCES, GATE_TARGETS, HEADS, LAYOUTS, METHODS, PROFILES, ROUTE_MODES,
                            SCHEDULES, SELECTIONS, SURROGATES, TRAININGS, TrainConfig,
                            load_config_file)
+from .train.methods import REGISTRY as METHOD_REGISTRY
 from .train.validate import describe_type
 
 HELP = {
@@ -48,8 +49,8 @@ HELP = {
     "split_file": "JSON file {\"train\": [ids], \"val\": [...], \"test\": [...]}",
     "backbone": "any monai.networks.nets name, e.g. UNet, BasicUNet, AttentionUnet, SwinUNETR",
     "features": "feature channels of the backbone",
-    "method": "what to train: deferredseg (full), no-coherence, no-balance, model-only, "
-              "confidence (model-only + confidence-threshold deferral), l2d-single",
+    "method": "what to train: " + "; ".join(f"{m.name} ({m.summary})"
+                                             for m in METHOD_REGISTRY.values()),
     "backend": "loss kernels: auto, reference, triton, cpu, cuda",
     "epochs": "training epochs", "batch_size": "images per step and rank",
     "lr": "AdamW learning rate", "weight_decay": "AdamW weight decay",
