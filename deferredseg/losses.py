@@ -18,9 +18,10 @@ import torch
 from torch.nn.modules.loss import _Loss
 
 from deferredseg_kernels import loss_with_options, make_options
-from deferredseg_kernels._checks import (BACKENDS, LABEL_DTYPES, SURROGATES, COHERENCES,
-                                         BALANCES, check_choice, check_float, check_int,
+from deferredseg_kernels._checks import (BACKENDS, check_choice, check_float, check_int,
                                          check_label_range)
+from deferredseg_kernels.options import BALANCES, COHERENCES, SURROGATES
+from deferredseg_kernels.types import LABEL_DTYPES
 from deferredseg_kernels.reference import (balance_penalty, coherence_penalty, collab_pixelwise,
                                            compute_dtype, model_correct)
 

@@ -17,14 +17,15 @@ from typing import Any, Optional, Sequence
 import torch
 
 from . import _dispatch
-from ._checks import (LossOptions, check_choice, check_inputs, check_int, check_label_range,
-                      check_labels, check_logits, is_compiling, make_options, threshold_logit,
-                      ROUTE_MODES)
-from ._checks import ROUTE_SCORES, check_expert_cost, route_threshold
+from ._checks import (ROUTE_MODES, ROUTE_SCORES, check_choice, check_expert_cost, check_inputs,
+                      check_int, check_label_range, check_labels, check_logits, is_compiling,
+                      route_threshold, threshold_logit)
 from ._dispatch import available_backends, register
 from ._ext import EXT as _EXT
 from ._version import __version__
-from .reference import RouteResult, TERM_NAMES, deferredseg_loss_reference, route_reference, split_logits
+from .options import LossOptions, make_options
+from .reference import deferredseg_loss_reference, route_reference, split_logits
+from .types import MAX_EXPERTS, TERM_NAMES, RouteResult
 
 __all__ = ["deferredseg_loss", "route", "split_logits", "available_backends", "RouteResult",
            "LossOptions", "make_options", "loss_with_options", "TERM_NAMES", "empty_cache"]
@@ -150,7 +151,7 @@ def route(logits: torch.Tensor, num_classes: int, num_experts: int, threshold: f
     for float64 logits), model_pred int64, final int64 (None without ``expert_labels``).
     """
     K = check_int("num_classes", num_classes, 1)
-    E = check_int("num_experts", num_experts, 1, 127)
+    E = check_int("num_experts", num_experts, 1, MAX_EXPERTS)
     check_logits(logits, K + E + 2, K, E)
     check_choice("mode", mode, ROUTE_MODES)
     check_choice("scores", scores, ROUTE_SCORES)

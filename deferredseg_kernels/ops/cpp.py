@@ -11,9 +11,9 @@ from typing import Optional
 
 import torch
 
-from .._checks import LossOptions
 from .._ext import EXT
-from ..reference import RouteResult
+from ..options import LossOptions
+from ..types import RouteResult
 from . import fused
 
 if EXT is not None:

@@ -47,8 +47,9 @@ from typing import Callable, List, Optional
 
 import torch
 
-from .._checks import LossOptions, check_label_range, is_compiling
-from ..reference import RouteResult, compute_dtype
+from .._checks import check_label_range, is_compiling
+from ..options import LossOptions
+from ..types import TERM_NAMES, RouteResult, compute_dtype
 
 FPARAMS = ("lambda_seg", "lambda_collab", "lambda_gate", "lambda_coherence", "lambda_balance",
            "paper_eps", "gate_mse", "gate_sparsity", "balance_grad_scale")
@@ -59,7 +60,7 @@ COHERENCE_CODE = {"l1": 0, "l2": 1}
 MAP_BITS = {"router": 1, "gate": 2}
 BALANCE_CODE = {"cv2": 0, "band": 1}
 GATE_TARGET_CODE = {"router": 0, "benefit": 1}
-TERMS_LEN = 6  # loss, seg, collab, gate, coherence, balance
+TERMS_LEN = 1 + len(TERM_NAMES)  # the loss, then the terms in TERM_NAMES order
 
 
 def stats_len(num_experts: int) -> int:
@@ -259,8 +260,7 @@ def fused_loss(stats_op: Callable, loss_op: Callable, logits: torch.Tensor,
         return loss
     count = stats[E + 7] if stats.numel() > E + 7 else stats[E + 1]  # N_B, or N_V
     pbar = (stats[: E + 1] / count.clamp_min(1)).to(terms.dtype)
-    out = {name: terms[i + 1].detach() for i, name in
-           enumerate(("seg", "collab", "gate", "coherence", "balance"))}
+    out = {name: terms[i + 1].detach() for i, name in enumerate(TERM_NAMES)}
     out["pbar"] = pbar.detach()
     return loss, out
 

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import RouteResult
+from ..types import RouteResult
 from . import fused
 from .triton_common import (acc_dtype, argmax_first, define_op, flat, launcher, load_channels,
                             next_pow2, pixel_block, router_softmax, sigmoid, to_acc)
