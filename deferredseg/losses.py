@@ -17,8 +17,8 @@ from typing import Any, Dict, Optional, Sequence, Union
 import torch
 from torch.nn.modules.loss import _Loss
 
-from deferredseg_kernels import loss_with_options, make_options
-from deferredseg_kernels._checks import (BACKENDS, check_choice, check_float, check_int,
+from deferredseg_kernels import BACKENDS, loss_with_options, make_options
+from deferredseg_kernels._checks import (check_choice, check_float, check_int,
                                          check_label_range)
 from deferredseg_kernels.options import BALANCES, COHERENCES, SURROGATES
 from deferredseg_kernels.types import LABEL_DTYPES
@@ -62,7 +62,7 @@ class DeferredSegLoss(_Loss):
     Args:
         num_classes: K segmentation channels (1: binary with a sigmoid).
         num_experts: E experts.
-        backend: "auto", "reference", "triton", "cpu" or "cuda".
+        backend: one of ``deferredseg_kernels.BACKENDS`` ("auto": the fastest that runs here).
         **options: the options of SPEC section 5 (``ignore_index``, ``class_weight``,
             ``lambda_*``, ``surrogate``, ``paper_eps``, ``gate_target``, ``gate_mse``,
             ``gate_sparsity``, ``coherence``, ``coherence_maps``, ``balance``,

@@ -20,7 +20,7 @@ from . import _dispatch
 from ._checks import (ROUTE_MODES, ROUTE_SCORES, check_choice, check_expert_cost, check_inputs,
                       check_int, check_label_range, check_labels, check_logits, is_compiling,
                       route_threshold, threshold_logit)
-from ._dispatch import available_backends, register
+from ._dispatch import BACKENDS, available_backends, register, runs_on, why_unavailable
 from ._ext import EXT as _EXT
 from ._version import __version__
 from .options import LossOptions, make_options
@@ -28,7 +28,9 @@ from .reference import deferredseg_loss_reference, route_reference, split_logits
 from .types import MAX_EXPERTS, TERM_NAMES, RouteResult
 
 __all__ = ["deferredseg_loss", "route", "split_logits", "available_backends", "RouteResult",
-           "LossOptions", "make_options", "loss_with_options", "TERM_NAMES", "empty_cache"]
+           "LossOptions", "make_options", "loss_with_options", "TERM_NAMES", "empty_cache",
+           # the backends: what `backend` accepts, and whether / where each one runs
+           "BACKENDS", "why_unavailable", "runs_on"]
 
 
 def _reference_loss(logits, target, expert_labels, opts: LossOptions, return_terms: bool):
@@ -43,30 +45,26 @@ def _reference_route(logits, num_classes, num_experts, thr, mode, expert_labels,
                            expert_cost, scores)
 
 
-register("reference", "loss", _reference_loss)
-register("reference", "route", _reference_route)
-if _EXT is not None:
-    from .ops import cpp as _cpp
+def _register_backends() -> None:
+    """Register every backend's implementations (the backends are listed in _dispatch)."""
+    register("reference", "loss", _reference_loss)
+    register("reference", "route", _reference_route)
+    if _EXT is not None:
+        from .ops import cpp
 
-    register("cpu", "route", _cpp.route)
-    register("cuda", "route", _cpp.route)
-    register("cpu", "loss", _cpp.loss)
-    register("cuda", "loss", _cpp.loss)
-
-
-def _register_triton() -> None:
-    """Register the Triton backend when triton is importable (it is optional)."""
+        for backend in ("cpu", "cuda"):  # one set of ops, on the device of the inputs
+            register(backend, "loss", cpp.loss)
+            register(backend, "route", cpp.route)
     from .ops import triton_support
 
-    if triton_support.why_unavailable() is not None:
-        return
-    from .ops import triton_loss, triton_route
+    if triton_support.why_unavailable() is None:  # triton is optional
+        from .ops import triton_loss, triton_route
 
-    register("triton", "loss", triton_loss.loss)
-    register("triton", "route", triton_route.route)
+        register("triton", "loss", triton_loss.loss)
+        register("triton", "route", triton_route.route)
 
 
-_register_triton()
+_register_backends()
 
 
 def deferredseg_loss(logits: torch.Tensor, target: torch.Tensor, expert_labels: torch.Tensor,

@@ -25,7 +25,6 @@ if TYPE_CHECKING:  # only named in annotations (options.py imports this module)
 
 ROUTE_MODES = ("gate", "router", "gain")
 ROUTE_SCORES = ("softmax", "sigmoid")
-BACKENDS = ("auto", "reference", "triton", "cpu", "cuda")
 
 
 def type_name(value: Any) -> str:
