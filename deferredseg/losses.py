@@ -17,13 +17,10 @@ from typing import Any, Dict, Optional, Sequence, Union
 import torch
 from torch.nn.modules.loss import _Loss
 
-from deferredseg_kernels import BACKENDS, loss_with_options, make_options
-from deferredseg_kernels._checks import (check_choice, check_float, check_int,
-                                         check_label_range)
-from deferredseg_kernels.options import BALANCES, COHERENCES, SURROGATES
-from deferredseg_kernels.types import LABEL_DTYPES
-from deferredseg_kernels.reference import (balance_penalty, coherence_penalty, collab_pixelwise,
-                                           compute_dtype, model_correct)
+from deferredseg_kernels import (BACKENDS, BALANCES, COHERENCES, LABEL_DTYPES, SURROGATES,
+                                 balance_penalty, check_choice, check_float, check_int,
+                                 check_label_range, coherence_penalty, collab_pixelwise,
+                                 compute_dtype, loss_with_options, make_options, model_correct)
 
 __all__ = ["DeferredSegLoss", "SurrogateCollaborationLoss", "SpatialCoherenceLoss",
            "LoadBalancingLoss"]
@@ -176,14 +173,14 @@ class SurrogateCollaborationLoss(_Loss):
         x = routing_logits.to(compute_dtype(routing_logits.dtype))
         experts = expert_labels.long()
         cj = (experts == y.unsqueeze(1)) & (experts != self.ignore_index)
-        l = collab_pixelwise(torch.log_softmax(x, dim=1), c0, cj, self.surrogate, self.paper_eps,
-                             x)
-        l = torch.where(valid, l, torch.zeros_like(l))
+        per_pixel = collab_pixelwise(torch.log_softmax(x, dim=1), c0, cj, self.surrogate,
+                                     self.paper_eps, x)
+        per_pixel = torch.where(valid, per_pixel, torch.zeros_like(per_pixel))
         if self.reduction == "none":
-            return l
+            return per_pixel
         if self.reduction == "sum":
-            return l.sum()
-        return l.sum() / valid.sum().clamp_min(1).to(l.dtype)
+            return per_pixel.sum()
+        return per_pixel.sum() / valid.sum().clamp_min(1).to(per_pixel.dtype)
 
 
 class SpatialCoherenceLoss(_Loss):

@@ -17,20 +17,37 @@ from typing import Any, Optional, Sequence
 import torch
 
 from . import _dispatch
-from ._checks import (ROUTE_MODES, ROUTE_SCORES, check_choice, check_expert_cost, check_inputs,
-                      check_int, check_label_range, check_labels, check_logits, is_compiling,
-                      route_threshold, threshold_logit)
+from ._checks import (ROUTE_MODES, ROUTE_SCORES, check_choice, check_expert_cost, check_float,
+                      check_inputs, check_int, check_label_range, check_labels, check_logits,
+                      is_compiling, route_threshold, threshold_logit)
 from ._dispatch import BACKENDS, available_backends, register, runs_on, why_unavailable
 from ._ext import EXT as _EXT
 from ._version import __version__
-from .options import LossOptions, make_options
-from .reference import deferredseg_loss_reference, route_reference, split_logits
-from .types import MAX_EXPERTS, TERM_NAMES, RouteResult
+from .options import (BALANCES, COHERENCE_MAPS, COHERENCES, GATE_TARGETS, OPTION_NAMES,
+                      SURROGATES, LossOptions, make_options)
+from .reference import (balance_penalty, coherence_penalty, collab_pixelwise,
+                        deferredseg_loss_reference, model_correct, route_reference, split_logits)
+from .types import (LABEL_DTYPES, LOGITS_DTYPES, MAX_EXPERTS, TERM_NAMES, RouteResult,
+                    compute_dtype)
 
-__all__ = ["deferredseg_loss", "route", "split_logits", "available_backends", "RouteResult",
-           "LossOptions", "make_options", "loss_with_options", "TERM_NAMES", "empty_cache",
-           # the backends: what `backend` accepts, and whether / where each one runs
-           "BACKENDS", "why_unavailable", "runs_on"]
+__all__ = [
+    "__version__",
+    # the ops
+    "deferredseg_loss", "loss_with_options", "route", "split_logits", "empty_cache",
+    # their options, arguments and results
+    "LossOptions", "make_options", "OPTION_NAMES", "SURROGATES", "GATE_TARGETS",
+    "COHERENCES", "COHERENCE_MAPS", "BALANCES", "ROUTE_MODES", "ROUTE_SCORES", "RouteResult",
+    "TERM_NAMES", "MAX_EXPERTS",
+    # dtypes: of the inputs, and the one the ops compute in
+    "LOGITS_DTYPES", "LABEL_DTYPES", "compute_dtype",
+    # the backends: what `backend` accepts, and whether / where each one runs
+    "BACKENDS", "available_backends", "why_unavailable", "runs_on",
+    # the checks behind the error messages, for layers that validate their own arguments
+    "check_choice", "check_float", "check_int", "check_label_range", "threshold_logit",
+    # the plain-PyTorch reference and its per-term pieces, for modules of one term
+    "deferredseg_loss_reference", "route_reference", "model_correct", "collab_pixelwise",
+    "coherence_penalty", "balance_penalty",
+]
 
 
 def _reference_loss(logits, target, expert_labels, opts: LossOptions, return_terms: bool):

@@ -61,7 +61,8 @@ def check_float(name: str, value: Any, minimum: Optional[float] = None,
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
     if not isinstance(value, str):
-        raise TypeError(f"{name} must be one of {list(choices)}, got {type_name(value)} ({value!r})")
+        raise TypeError(f"{name} must be one of {list(choices)}, "
+                        f"got {type_name(value)} ({value!r})")
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
     return value
