@@ -1,9 +1,9 @@
 """Drop-in loss modules, used like MONAI losses.
 
-``DeferredSegLoss`` is the whole objective of SPEC section 3 on packed logits and
-runs on the fastest backend available (``backend="auto"``). The other modules
-are its parts on their own, for people who want only one of them with their own
-heads: they take separate tensors and run the PyTorch reference of that part.
+``DeferredSegLoss`` is the whole objective of docs/objective.md section 3 on packed
+logits and runs on the fastest backend available (``backend="auto"``). The other
+modules are its parts on their own, for people who want only one of them with their
+own heads: they take separate tensors and run the PyTorch reference of that part.
 
 All of them subclass ``torch.nn.modules.loss._Loss``, check their arguments in
 ``__init__``, and name the argument, what was expected and what was given in
@@ -60,9 +60,9 @@ class DeferredSegLoss(_Loss):
         num_classes: K segmentation channels (1: binary with a sigmoid).
         num_experts: E experts.
         backend: one of ``deferredseg_kernels.BACKENDS`` ("auto": the fastest that runs here).
-        **options: the options of SPEC section 5 (``ignore_index``, ``class_weight``,
-            ``lambda_*``, ``surrogate``, ``paper_eps``, ``gate_target``, ``gate_mse``,
-            ``gate_sparsity``, ``coherence``, ``coherence_maps``, ``balance``,
+        **options: the options of docs/objective.md section 5 (``ignore_index``,
+            ``class_weight``, ``lambda_*``, ``surrogate``, ``paper_eps``, ``gate_target``,
+            ``gate_mse``, ``gate_sparsity``, ``coherence``, ``coherence_maps``, ``balance``,
             ``balance_low``, ``balance_high``, ``sync_balance``). Among them:
             ``surrogate``: "softmax" (default), "paper" (the authors' released variant)
             or "ova" (one-vs-all: a binary cross-entropy per option, so that
@@ -112,7 +112,7 @@ class DeferredSegLoss(_Loss):
 
 
 class SurrogateCollaborationLoss(_Loss):
-    """The pixel-wise surrogate collaboration loss l_collab of SPEC section 3.
+    """The pixel-wise surrogate collaboration loss l_collab of docs/objective.md section 3.
 
     Args:
         num_experts: E.
@@ -184,7 +184,8 @@ class SurrogateCollaborationLoss(_Loss):
 
 
 class SpatialCoherenceLoss(_Loss):
-    """COH of SPEC section 3 for one map: mean |M_p - M_q| (or squared) over neighbours.
+    """COH of docs/objective.md section 3 for one map: mean |M_p - M_q| (or squared) over
+    neighbours.
 
     Args:
         spatial_dims: 1, 2 or 3; tells (B, 1, H, W) from a 3D map (B, D, H, W).
@@ -217,7 +218,8 @@ class SpatialCoherenceLoss(_Loss):
 
 
 class LoadBalancingLoss(_Loss):
-    """BAL of SPEC section 3 from routing logits (B, E + 1, *S): experts, then the model.
+    """BAL of docs/objective.md section 3 from routing logits (B, E + 1, *S): experts, then
+    the model.
 
     Args:
         num_experts: E.

@@ -87,7 +87,7 @@ _register_backends()
 def deferredseg_loss(logits: torch.Tensor, target: torch.Tensor, expert_labels: torch.Tensor,
                      num_classes: int, num_experts: int, backend: str = "auto",
                      return_terms: bool = False, **options: Any):
-    """The DeferredSeg training objective (SPEC section 3) of packed ``logits``.
+    """The DeferredSeg training objective (docs/objective.md section 3) of packed ``logits``.
 
     Args:
         logits: (B, K + E + 2, *S) float32 / bfloat16 / float16 (float64 for checks):
@@ -132,7 +132,7 @@ def route(logits: torch.Tensor, num_classes: int, num_experts: int, threshold: f
           mode: str = "gate", expert_labels: Optional[torch.Tensor] = None,
           expert_cost: Optional[Sequence[float]] = None, scores: str = "softmax",
           backend: str = "auto") -> RouteResult:
-    """Inference routing (SPEC section 4): who labels each pixel.
+    """Inference routing (docs/objective.md section 4): who labels each pixel.
 
     Per-option correctness estimates ``q_k`` (k < E the experts, k = E the model)
     come from the routing logits r: ``scores="softmax"``: ``q = softmax(r)`` (the

@@ -1,4 +1,4 @@
-"""Triton kernels of the DeferredSeg objective (SPEC section 3) and its gradient.
+"""Triton kernels of the DeferredSeg objective (docs/objective.md section 3) and its gradient.
 
 The two ops implement the contract of :mod:`deferredseg_kernels.ops.fused` (read it
 first: the layout of ``stats``, ``fparams``, ``iparams`` and ``terms``):
@@ -13,7 +13,7 @@ first: the layout of ``stats``, ``fparams``, ``iparams`` and ``terms``):
     same bits.
 
 ``deferredseg_triton::loss_fused``
-    ``_loss_kernel``: one pass computing every term of SPEC section 3 per pixel and,
+    ``_loss_kernel``: one pass computing every term of docs/objective.md section 3 per pixel and,
     when ``COMPUTE_GRAD``, the gradient of the total loss with respect to every
     packed channel, written once per pixel into its own buffer (in the logits'
     memory format). Spatial coherence pairs a pixel with its neighbours: the

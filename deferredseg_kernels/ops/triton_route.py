@@ -1,4 +1,4 @@
-"""Triton kernel of the inference routing (SPEC section 4).
+"""Triton kernel of the inference routing (docs/objective.md section 4).
 
 ``deferredseg_triton::route`` takes the arguments of the C++ ``deferredseg::route`` op and
 returns the same four tensors (assignment, defer_prob, model_pred, final).
