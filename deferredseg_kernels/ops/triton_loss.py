@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..types import LOGITS_DTYPES
 from . import fused
 from .triton_common import (INTERPRET, acc_dtype, argmax_first, can_merge, define_op, flat,
                             launcher, load_channels, next_pow2, pixel_block, router_softmax,
@@ -495,7 +496,7 @@ def _finalize_kernel(part_ptr, stats_ptr, low_ptr, high_ptr, terms_ptr, n_rows,
 
 
 def _check_dtype(logits: torch.Tensor) -> None:
-    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+    if logits.dtype not in LOGITS_DTYPES:
         raise TypeError("deferredseg triton kernels: logits must be float32, bfloat16, float16 "
                         f"or float64, got dtype {logits.dtype}")
 
