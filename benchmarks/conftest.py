@@ -35,7 +35,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         machine_info["triton"] = ""
     machine_info["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
     try:
-        from deferredseg_kernels._version import __version__
+        from deferredseg_kernels import __version__
 
         machine_info["deferredseg"] = __version__
     except ImportError:  # a benchmark of another checkout still records the rest

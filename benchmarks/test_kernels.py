@@ -41,9 +41,8 @@ import pytest
 import torch
 
 import deferredseg_kernels as dk
-from deferredseg_kernels import _dispatch, make_options
-from deferredseg_kernels._checks import threshold_logit
-from deferredseg_kernels.reference import deferredseg_loss_reference, route_reference
+from deferredseg_kernels import (deferredseg_loss_reference, make_options, route_reference,
+                                 threshold_logit, why_unavailable)
 
 
 class Shape(NamedTuple):
@@ -146,7 +145,7 @@ def nbytes(*tensors) -> int:
 def skip_unless_available(impl: str) -> None:
     if impl in ("eager", "compiled"):
         return
-    reason = _dispatch.why_unavailable(impl)
+    reason = why_unavailable(impl)
     if reason is not None:
         pytest.skip(f"backend {impl!r} is not available: {reason}")
 

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 import deferredseg_kernels as dk
-from deferredseg_kernels import _dispatch
 
 
 def synthetic_batch(batch: int, size: int, num_experts: int, seed: int
@@ -64,13 +63,12 @@ def _time(fn, repeats: int) -> List[float]:
 def run(batch: int, size: int, num_experts: int, repeats: int, seed: int) -> Dict[str, Dict]:
     K, E = 1, num_experts
     logits, target, experts = synthetic_batch(batch, size, E, seed)
-    device_backends = [b for b in dk.available_backends("loss") if b in ("reference", "cpu")
-                       or (b == "triton" and _dispatch._triton_interpreter())]
+    device_backends = [b for b in dk.available_backends("loss") if dk.runs_on(b, logits.device)]
     print(f"synthetic multi-rater batch: logits {tuple(logits.shape)} (K={K}, E={E}), "
           f"{int((target == 1).sum())} foreground pixels; backends here: "
           f"{dk.available_backends()}")
-    for b in ("cpu", "cuda", "triton"):
-        reason = _dispatch.why_unavailable(b)
+    for b in dk.BACKENDS[1:]:
+        reason = dk.why_unavailable(b)
         if reason:
             print(f"  {b}: not available: {reason}")
 

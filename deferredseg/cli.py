@@ -25,6 +25,8 @@ import typing
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from deferredseg_kernels import BACKENDS
+
 from .stats import ci95  # noqa: F401  (re-exported: deferredseg.cli.ci95)
 from .train.config import (BALANCES, GATE_TARGETS, HEADS, LAYOUTS, METHODS, PROFILES, ROUTE_MODES,
                            SCHEDULES, SELECTIONS, SURROGATES, TRAININGS, TrainConfig,
@@ -51,7 +53,7 @@ HELP = {
     "features": "feature channels of the backbone",
     "method": "what to train: " + "; ".join(f"{m.name} ({m.summary})"
                                              for m in METHOD_REGISTRY.values()),
-    "backend": "loss kernels: auto, reference, triton, cpu, cuda",
+    "backend": "loss kernels: " + ", ".join(BACKENDS),
     "epochs": "training epochs", "batch_size": "images per step and rank",
     "lr": "AdamW learning rate", "weight_decay": "AdamW weight decay",
     "grad_accum": "micro-batches accumulated per optimiser step",
@@ -127,7 +129,7 @@ def _parse_bool(text: str) -> bool:
 def _add_config_options(p: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(TrainConfig)
     choices = {"layout": LAYOUTS, "method": METHODS, "expert_profile": PROFILES,
-               "schedule": SCHEDULES, "backend": ("auto", "reference", "triton", "cpu", "cuda"),
+               "schedule": SCHEDULES, "backend": BACKENDS,
                "training": TRAININGS, "heads": HEADS, "surrogate": SURROGATES,
                "gate_target": GATE_TARGETS, "balance": BALANCES, "route_mode": ROUTE_MODES,
                "selection": SELECTIONS, "coherence": ("l1", "l2")}

@@ -1,9 +1,9 @@
 """Drop-in loss modules, used like MONAI losses.
 
-``DeferredSegLoss`` is the whole objective of SPEC section 3 on packed logits and
-runs on the fastest backend available (``backend="auto"``). The other modules
-are its parts on their own, for people who want only one of them with their own
-heads: they take separate tensors and run the PyTorch reference of that part.
+``DeferredSegLoss`` is the whole objective of docs/objective.md section 3 on packed
+logits and runs on the fastest backend available (``backend="auto"``). The other
+modules are its parts on their own, for people who want only one of them with their
+own heads: they take separate tensors and run the PyTorch reference of that part.
 
 All of them subclass ``torch.nn.modules.loss._Loss``, check their arguments in
 ``__init__``, and name the argument, what was expected and what was given in
@@ -17,12 +17,10 @@ from typing import Any, Dict, Optional, Sequence, Union
 import torch
 from torch.nn.modules.loss import _Loss
 
-from deferredseg_kernels import loss_with_options, make_options
-from deferredseg_kernels._checks import (BACKENDS, LABEL_DTYPES, SURROGATES, COHERENCES,
-                                         BALANCES, check_choice, check_float, check_int,
-                                         check_label_range)
-from deferredseg_kernels.reference import (balance_penalty, coherence_penalty, collab_pixelwise,
-                                           compute_dtype, model_correct)
+from deferredseg_kernels import (BACKENDS, BALANCES, COHERENCES, LABEL_DTYPES, SURROGATES,
+                                 balance_penalty, check_choice, check_float, check_int,
+                                 check_label_range, coherence_penalty, collab_pixelwise,
+                                 compute_dtype, loss_with_options, make_options, model_correct)
 
 __all__ = ["DeferredSegLoss", "SurrogateCollaborationLoss", "SpatialCoherenceLoss",
            "LoadBalancingLoss"]
@@ -61,10 +59,10 @@ class DeferredSegLoss(_Loss):
     Args:
         num_classes: K segmentation channels (1: binary with a sigmoid).
         num_experts: E experts.
-        backend: "auto", "reference", "triton", "cpu" or "cuda".
-        **options: the options of SPEC section 5 (``ignore_index``, ``class_weight``,
-            ``lambda_*``, ``surrogate``, ``paper_eps``, ``gate_target``, ``gate_mse``,
-            ``gate_sparsity``, ``coherence``, ``coherence_maps``, ``balance``,
+        backend: one of ``deferredseg_kernels.BACKENDS`` ("auto": the fastest that runs here).
+        **options: the options of docs/objective.md section 5 (``ignore_index``,
+            ``class_weight``, ``lambda_*``, ``surrogate``, ``paper_eps``, ``gate_target``,
+            ``gate_mse``, ``gate_sparsity``, ``coherence``, ``coherence_maps``, ``balance``,
             ``balance_low``, ``balance_high``, ``sync_balance``). Among them:
             ``surrogate``: "softmax" (default), "paper" (the authors' released variant)
             or "ova" (one-vs-all: a binary cross-entropy per option, so that
@@ -114,7 +112,7 @@ class DeferredSegLoss(_Loss):
 
 
 class SurrogateCollaborationLoss(_Loss):
-    """The pixel-wise surrogate collaboration loss l_collab of SPEC section 3.
+    """The pixel-wise surrogate collaboration loss l_collab of docs/objective.md section 3.
 
     Args:
         num_experts: E.
@@ -175,18 +173,19 @@ class SurrogateCollaborationLoss(_Loss):
         x = routing_logits.to(compute_dtype(routing_logits.dtype))
         experts = expert_labels.long()
         cj = (experts == y.unsqueeze(1)) & (experts != self.ignore_index)
-        l = collab_pixelwise(torch.log_softmax(x, dim=1), c0, cj, self.surrogate, self.paper_eps,
-                             x)
-        l = torch.where(valid, l, torch.zeros_like(l))
+        per_pixel = collab_pixelwise(torch.log_softmax(x, dim=1), c0, cj, self.surrogate,
+                                     self.paper_eps, x)
+        per_pixel = torch.where(valid, per_pixel, torch.zeros_like(per_pixel))
         if self.reduction == "none":
-            return l
+            return per_pixel
         if self.reduction == "sum":
-            return l.sum()
-        return l.sum() / valid.sum().clamp_min(1).to(l.dtype)
+            return per_pixel.sum()
+        return per_pixel.sum() / valid.sum().clamp_min(1).to(per_pixel.dtype)
 
 
 class SpatialCoherenceLoss(_Loss):
-    """COH of SPEC section 3 for one map: mean |M_p - M_q| (or squared) over neighbours.
+    """COH of docs/objective.md section 3 for one map: mean |M_p - M_q| (or squared) over
+    neighbours.
 
     Args:
         spatial_dims: 1, 2 or 3; tells (B, 1, H, W) from a 3D map (B, D, H, W).
@@ -219,7 +218,8 @@ class SpatialCoherenceLoss(_Loss):
 
 
 class LoadBalancingLoss(_Loss):
-    """BAL of SPEC section 3 from routing logits (B, E + 1, *S): experts, then the model.
+    """BAL of docs/objective.md section 3 from routing logits (B, E + 1, *S): experts, then
+    the model.
 
     Args:
         num_experts: E.

@@ -17,17 +17,37 @@ from typing import Any, Optional, Sequence
 import torch
 
 from . import _dispatch
-from ._checks import (LossOptions, check_choice, check_inputs, check_int, check_label_range,
-                      check_labels, check_logits, is_compiling, make_options, threshold_logit,
-                      ROUTE_MODES)
-from ._checks import ROUTE_SCORES, check_expert_cost, route_threshold
-from ._dispatch import available_backends, register
+from ._checks import (ROUTE_MODES, ROUTE_SCORES, check_choice, check_expert_cost, check_float,
+                      check_inputs, check_int, check_label_range, check_labels, check_logits,
+                      is_compiling, route_threshold, threshold_logit)
+from ._dispatch import BACKENDS, available_backends, register, runs_on, why_unavailable
 from ._ext import EXT as _EXT
 from ._version import __version__
-from .reference import RouteResult, TERM_NAMES, deferredseg_loss_reference, route_reference, split_logits
+from .options import (BALANCES, COHERENCE_MAPS, COHERENCES, GATE_TARGETS, OPTION_NAMES,
+                      SURROGATES, LossOptions, make_options)
+from .reference import (balance_penalty, coherence_penalty, collab_pixelwise,
+                        deferredseg_loss_reference, model_correct, route_reference, split_logits)
+from .types import (LABEL_DTYPES, LOGITS_DTYPES, MAX_EXPERTS, TERM_NAMES, RouteResult,
+                    compute_dtype)
 
-__all__ = ["deferredseg_loss", "route", "split_logits", "available_backends", "RouteResult",
-           "LossOptions", "make_options", "loss_with_options", "TERM_NAMES", "empty_cache"]
+__all__ = [
+    "__version__",
+    # the ops
+    "deferredseg_loss", "loss_with_options", "route", "split_logits", "empty_cache",
+    # their options, arguments and results
+    "LossOptions", "make_options", "OPTION_NAMES", "SURROGATES", "GATE_TARGETS",
+    "COHERENCES", "COHERENCE_MAPS", "BALANCES", "ROUTE_MODES", "ROUTE_SCORES", "RouteResult",
+    "TERM_NAMES", "MAX_EXPERTS",
+    # dtypes: of the inputs, and the one the ops compute in
+    "LOGITS_DTYPES", "LABEL_DTYPES", "compute_dtype",
+    # the backends: what `backend` accepts, and whether / where each one runs
+    "BACKENDS", "available_backends", "why_unavailable", "runs_on",
+    # the checks behind the error messages, for layers that validate their own arguments
+    "check_choice", "check_float", "check_int", "check_label_range", "threshold_logit",
+    # the plain-PyTorch reference and its per-term pieces, for modules of one term
+    "deferredseg_loss_reference", "route_reference", "model_correct", "collab_pixelwise",
+    "coherence_penalty", "balance_penalty",
+]
 
 
 def _reference_loss(logits, target, expert_labels, opts: LossOptions, return_terms: bool):
@@ -42,36 +62,32 @@ def _reference_route(logits, num_classes, num_experts, thr, mode, expert_labels,
                            expert_cost, scores)
 
 
-register("reference", "loss", _reference_loss)
-register("reference", "route", _reference_route)
-if _EXT is not None:
-    from .ops import cpp as _cpp
+def _register_backends() -> None:
+    """Register every backend's implementations (the backends are listed in _dispatch)."""
+    register("reference", "loss", _reference_loss)
+    register("reference", "route", _reference_route)
+    if _EXT is not None:
+        from .ops import cpp
 
-    register("cpu", "route", _cpp.route)
-    register("cuda", "route", _cpp.route)
-    register("cpu", "loss", _cpp.loss)
-    register("cuda", "loss", _cpp.loss)
-
-
-def _register_triton() -> None:
-    """Register the Triton backend when triton is importable (it is optional)."""
+        for backend in ("cpu", "cuda"):  # one set of ops, on the device of the inputs
+            register(backend, "loss", cpp.loss)
+            register(backend, "route", cpp.route)
     from .ops import triton_support
 
-    if triton_support.why_unavailable() is not None:
-        return
-    from .ops import triton_loss, triton_route
+    if triton_support.why_unavailable() is None:  # triton is optional
+        from .ops import triton_loss, triton_route
 
-    register("triton", "loss", triton_loss.loss)
-    register("triton", "route", triton_route.route)
+        register("triton", "loss", triton_loss.loss)
+        register("triton", "route", triton_route.route)
 
 
-_register_triton()
+_register_backends()
 
 
 def deferredseg_loss(logits: torch.Tensor, target: torch.Tensor, expert_labels: torch.Tensor,
                      num_classes: int, num_experts: int, backend: str = "auto",
                      return_terms: bool = False, **options: Any):
-    """The DeferredSeg training objective (SPEC section 3) of packed ``logits``.
+    """The DeferredSeg training objective (docs/objective.md section 3) of packed ``logits``.
 
     Args:
         logits: (B, K + E + 2, *S) float32 / bfloat16 / float16 (float64 for checks):
@@ -116,7 +132,7 @@ def route(logits: torch.Tensor, num_classes: int, num_experts: int, threshold: f
           mode: str = "gate", expert_labels: Optional[torch.Tensor] = None,
           expert_cost: Optional[Sequence[float]] = None, scores: str = "softmax",
           backend: str = "auto") -> RouteResult:
-    """Inference routing (SPEC section 4): who labels each pixel.
+    """Inference routing (docs/objective.md section 4): who labels each pixel.
 
     Per-option correctness estimates ``q_k`` (k < E the experts, k = E the model)
     come from the routing logits r: ``scores="softmax"``: ``q = softmax(r)`` (the
@@ -150,7 +166,7 @@ def route(logits: torch.Tensor, num_classes: int, num_experts: int, threshold: f
     for float64 logits), model_pred int64, final int64 (None without ``expert_labels``).
     """
     K = check_int("num_classes", num_classes, 1)
-    E = check_int("num_experts", num_experts, 1, 127)
+    E = check_int("num_experts", num_experts, 1, MAX_EXPERTS)
     check_logits(logits, K + E + 2, K, E)
     check_choice("mode", mode, ROUTE_MODES)
     check_choice("scores", scores, ROUTE_SCORES)

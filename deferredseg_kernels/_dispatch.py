@@ -1,26 +1,103 @@
-"""The one place that chooses which implementation runs an op.
+"""The one place that lists the backends and chooses which implementation runs an op.
 
-Backends plug in with :func:`register`; the public functions in
-``deferredseg_kernels`` and every loss module go through :func:`select`, so a
-new backend never touches them.
+The backends are listed once, in ``_BACKEND_TABLE`` below: each row names a
+backend, the device types of the tensors it runs on, its rank in ``"auto"``'s
+choice and the check of whether it can run on this machine. :data:`BACKENDS`
+(what the ``backend`` argument accepts: ``"auto"``, then the rows in order),
+:func:`available_backends`, ``"auto"`` and the error messages are read from it.
+Implementations plug in with :func:`register`; the public functions of
+``deferredseg_kernels`` and the loss modules go through :func:`select`, and the
+CLIs take their choices from ``BACKENDS``, so none of them changes for a new backend.
+
+Adding a backend takes two steps:
+
+1. a row of ``_BACKEND_TABLE`` (its availability check is a function here);
+2. one ``register(name, op, fn)`` call for each op ("loss", "route") it
+   implements, in ``_register_backends`` of ``deferredseg_kernels/__init__.py``.
+
+Its documentation is one more line in docs/objective.md section 5.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from ._checks import BACKENDS, check_choice
+from ._checks import check_choice
 from ._ext import EXT, EXT_MISSING_REASON, has_cuda_kernels
 
 OPS = ("loss", "route")
+
+
+def _triton_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def _no_devices() -> Tuple[str, ...]:
+    return ()
+
+
+class Backend(NamedTuple):
+    """One row of the table of backends."""
+
+    name: str
+    # The device types of the inputs it runs on (None: any); "auto" picks it only there.
+    devices: Optional[Tuple[str, ...]]
+    # "auto" tries the backends that run on the inputs' device type, lowest rank first.
+    auto_rank: int
+    # None when it can run on this machine, else the reason it cannot.
+    unavailable: Callable[[], Optional[str]]
+    # Device types it also runs on when asked for by name (never by "auto"). What this
+    # returns may depend on the Triton interpreter switch only: select() caches by it.
+    also_runs_on: Callable[[], Tuple[str, ...]] = _no_devices
+
+
+def _always_available() -> Optional[str]:
+    return None
+
+
+def _cpu_unavailable() -> Optional[str]:
+    return EXT_MISSING_REASON if EXT is None else None
+
+
+def _cuda_unavailable() -> Optional[str]:
+    if EXT is None:
+        return EXT_MISSING_REASON
+    if not has_cuda_kernels():
+        return ("the extension was built without CUDA kernels (a CPU-only torch, no nvcc, "
+                "or DS_FORCE_CPU=1 at build time)")
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    return None
+
+
+def _triton_unavailable() -> Optional[str]:
+    from .ops import triton_support
+
+    reason = triton_support.why_unavailable()
+    if reason is not None:
+        return reason
+    if not torch.cuda.is_available() and not _triton_interpreter():
+        return "no CUDA device is available (set TRITON_INTERPRET=1 to run Triton on the CPU)"
+    return None
+
+
+def _triton_interpreted_devices() -> Tuple[str, ...]:
+    return ("cpu",) if _triton_interpreter() else ()
+
+
+_BACKEND_TABLE = (
+    Backend("reference", None, 3, _always_available),
+    Backend("triton", ("cuda",), 0, _triton_unavailable, _triton_interpreted_devices),
+    Backend("cpu", ("cpu",), 2, _cpu_unavailable),
+    Backend("cuda", ("cuda",), 1, _cuda_unavailable),
+)
+_BY_NAME = {row.name: row for row in _BACKEND_TABLE}
+# What the ``backend`` argument accepts.
+BACKENDS = ("auto",) + tuple(row.name for row in _BACKEND_TABLE)
 _IMPLS: Dict[Tuple[str, str], Callable] = {}
-# The order "auto" tries, by the device type of the inputs.
-_AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
-# The device types a backend runs on (None: any).
-_DEVICE_TYPES = {"reference": None, "cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda",)}
 
 
 def register(backend: str, op: str, fn: Callable) -> None:
@@ -31,30 +108,12 @@ def register(backend: str, op: str, fn: Callable) -> None:
     _SELECTED.clear()
 
 
-def _triton_interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
-
-
 def why_unavailable(backend: str) -> Optional[str]:
     """None when ``backend`` can run on this machine, else the reason it cannot."""
-    if backend == "reference":
-        return None
-    if backend in ("cpu", "cuda") and EXT is None:
-        return EXT_MISSING_REASON
-    if backend == "cuda":
-        if not has_cuda_kernels():
-            return ("the extension was built without CUDA kernels (a CPU-only torch, no nvcc, "
-                    "or DS_FORCE_CPU=1 at build time)")
-        if not torch.cuda.is_available():
-            return "no CUDA device is available"
-    if backend == "triton":
-        from .ops import triton_support
-
-        reason = triton_support.why_unavailable()
-        if reason is not None:
-            return reason
-        if not torch.cuda.is_available() and not _triton_interpreter():
-            return "no CUDA device is available (set TRITON_INTERPRET=1 to run Triton on the CPU)"
+    row = _BY_NAME.get(backend)
+    reason = row.unavailable() if row is not None else None
+    if reason is not None:
+        return reason
     if not any(b == backend for b, _ in _IMPLS):
         return "not implemented in this version"
     return None
@@ -70,11 +129,18 @@ def available_backends(op: Optional[str] = None) -> List[str]:
     return names
 
 
-def _runs_on(backend: str, device: torch.device) -> bool:
-    types = _DEVICE_TYPES[backend]
-    if backend == "triton" and device.type == "cpu" and _triton_interpreter():
+def runs_on(backend: str, device: torch.device) -> bool:
+    """Whether ``backend`` runs on inputs on ``device`` (when it is available)."""
+    row = _BY_NAME[backend]
+    if device.type in row.also_runs_on():
         return True
-    return types is None or device.type in types
+    return row.devices is None or device.type in row.devices
+
+
+def _auto_order(device_type: str) -> List[str]:
+    """The backends "auto" tries for inputs of ``device_type``, in order."""
+    rows = [row for row in _BACKEND_TABLE if row.devices is None or device_type in row.devices]
+    return [row.name for row in sorted(rows, key=lambda row: row.auto_rank)]
 
 
 # select() results by (backend, op, device type, Triton interpreter on); what they
@@ -95,8 +161,8 @@ def select(backend: str, op: str, device: torch.device) -> Callable:
 def _select(backend: str, op: str, device: torch.device) -> Callable:
     check_choice("backend", backend, BACKENDS)
     if backend == "auto":
-        for name in _AUTO_ORDER.get(device.type, ("reference",)):
-            if (name, op) in _IMPLS and why_unavailable(name) is None and _runs_on(name, device):
+        for name in _auto_order(device.type):
+            if (name, op) in _IMPLS and why_unavailable(name) is None and runs_on(name, device):
                 return _IMPLS[(name, op)]
         return _IMPLS[("reference", op)]
     reason = why_unavailable(backend)
@@ -106,7 +172,7 @@ def _select(backend: str, op: str, device: torch.device) -> Callable:
     if (backend, op) not in _IMPLS:
         raise RuntimeError(f"backend={backend!r} does not implement {op!r} in this version; "
                            f"backends implementing it here: {available_backends(op)}")
-    if not _runs_on(backend, device):
-        raise ValueError(f"backend={backend!r} runs on {_DEVICE_TYPES[backend][0]} tensors, "
+    if not runs_on(backend, device):
+        raise ValueError(f"backend={backend!r} runs on {_BY_NAME[backend].devices[0]} tensors, "
                          f"got logits on {device}")
     return _IMPLS[(backend, op)]

@@ -1,41 +1,25 @@
 """The plain-PyTorch reference of the DeferredSeg objective and routing.
 
 This module is the oracle every kernel is tested against, so it is written for
-clarity, not speed: each term of SPEC section 3 is one block, computed with
-ordinary tensor operations and differentiated by autograd. It runs on any
-device; float64 logits are computed in float64 (for ``gradcheck``), everything
-else in float32.
+clarity, not speed: each term of docs/objective.md section 3 is one block,
+computed with ordinary tensor operations and differentiated by autograd. It runs
+on any device; float64 logits are computed in float64 (for ``gradcheck``),
+everything else in float32.
 
-Inputs are assumed validated (see ``_checks``); the public entry points in
-``deferredseg_kernels`` do that before calling in here.
+Inputs are assumed validated (see ``_checks`` and ``options``); the public entry
+points in ``deferredseg_kernels`` do that before calling in here. The result type
+and the dtype rules come from ``types``, which the backends share.
 """
 
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from ._checks import LossOptions
-
-TERM_NAMES = ("seg", "collab", "gate", "coherence", "balance")
-
-
-class RouteResult(NamedTuple):
-    """What :func:`deferredseg_kernels.route` returns (SPEC section 4)."""
-
-    assignment: torch.Tensor  # (B, *S) int8: -1 model keeps the pixel, j expert j takes it
-    # (B, *S) float: s (mode "gate"), D (mode "router") or the gain
-    # g = max_j (q_j - cost_j) - q_model (mode "gain"; the deferral score, may be negative)
-    defer_prob: torch.Tensor
-    model_pred: torch.Tensor  # (B, *S) int64: argmax z (K >= 2) or z > 0 (K = 1)
-    final: Optional[torch.Tensor]  # (B, *S) int64 when expert_labels is given, else None
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64 (gradcheck); every other dtype is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .options import LossOptions
+from .types import RouteResult, compute_dtype
 
 
 def split_logits(logits: torch.Tensor, num_classes: int, num_experts: int
@@ -214,7 +198,7 @@ def balance_penalty(pi: torch.Tensor, valid: torch.Tensor, opts: LossOptions
 def deferredseg_loss_reference(logits: torch.Tensor, target: torch.Tensor,
                                expert_labels: torch.Tensor, opts: LossOptions,
                                return_terms: bool = False):
-    """SPEC section 3, term by term. ``target`` is (B, *S); inputs are validated."""
+    """docs/objective.md section 3, term by term. ``target`` is (B, *S); inputs are validated."""
     K, E = opts.num_classes, opts.num_experts
     x = logits.to(compute_dtype(logits.dtype))
     z, r, a = split_logits(x, K, E)
@@ -223,7 +207,7 @@ def deferredseg_loss_reference(logits: torch.Tensor, target: torch.Tensor,
     y = torch.where(valid, target.long(), torch.zeros_like(target, dtype=torch.long))
     experts = expert_labels.long()
 
-    # Per-pixel quantities (SPEC section 2).
+    # Per-pixel quantities (docs/objective.md section 2).
     c0 = model_correct(z, y, K)  # constant: no gradient
     cj = (experts == y.unsqueeze(1)) & (experts != opts.ignore_index)
     logpi = torch.log_softmax(r, dim=1)
@@ -258,9 +242,9 @@ def route_reference(logits: torch.Tensor, num_classes: int, num_experts: int,
                     threshold: float, mode: str, expert_labels: Optional[torch.Tensor],
                     expert_cost: Optional[Sequence[float]] = None,
                     scores: str = "softmax") -> RouteResult:
-    """docs/objective.md, "Routing at inference". ``threshold`` is the number the decision compares against, see
-    ``_checks.route_threshold``: logit(threshold) in modes "gate" and "router" (unused
-    there), the threshold itself in mode "gain".
+    """docs/objective.md section 4 (routing at inference). ``threshold`` is the number
+    the decision compares against, see ``_checks.route_threshold``: logit(threshold)
+    in modes "gate" and "router" (unused there), the threshold itself in mode "gain".
 
     The chosen expert is ``argmax_{j<E} (q_j - cost_j)`` (first maximum; a NaN wins);
     without costs it is ``argmax_{j<E} r_j``, the same in exact arithmetic for both

@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from deferredseg_kernels import BACKENDS
+
 __all__ = ["add_review_commands"]
 
 COMMANDS = ("predict", "serve", "merge", "review-demo")
@@ -48,7 +50,7 @@ def add_review_commands(sub) -> None:
     p.add_argument("--merge-distance", type=int, default=2, help="regions of one expert closer than "
                    "this many pixels become one task (default: 2)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--backend", default="auto", choices=("auto", "reference", "triton", "cpu", "cuda"),
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="routing kernels (default: the best available here)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_predict)

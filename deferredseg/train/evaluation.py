@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from deferredseg_kernels.reference import model_correct
+from deferredseg_kernels import model_correct
 
 from ..metrics import DeferralEvaluator
 from .builders import best_single_expert, build_data, load_trained

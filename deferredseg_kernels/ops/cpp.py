@@ -11,9 +11,9 @@ from typing import Optional
 
 import torch
 
-from .._checks import LossOptions
 from .._ext import EXT
-from ..reference import RouteResult
+from ..options import LossOptions
+from ..types import RouteResult
 from . import fused
 
 if EXT is not None:
@@ -29,14 +29,16 @@ if EXT is not None:
 def route(logits: torch.Tensor, num_classes: int, num_experts: int, decision_threshold: float,
           mode: str, expert_labels: Optional[torch.Tensor], expert_cost: Optional[tuple],
           scores: str) -> RouteResult:
-    """SPEC section 4 through the C++ kernels (CPU or CUDA, by the device of ``logits``)."""
+    """docs/objective.md section 4 through the C++ kernels (CPU or CUDA, by the device
+    of ``logits``)."""
     return fused.route_with(torch.ops.deferredseg.route, logits, num_classes, num_experts,
                             decision_threshold, mode, expert_labels, expert_cost, scores)
 
 
 def loss(logits: torch.Tensor, target: torch.Tensor, expert_labels: torch.Tensor, opts: LossOptions,
          return_terms: bool):
-    """SPEC section 3 through the C++ kernels (CPU or CUDA, by the device of ``logits``).
+    """docs/objective.md section 3 through the C++ kernels (CPU or CUDA, by the device
+    of ``logits``).
 
     Labels are range-checked eagerly on the CPU (the stats pass counts bad targets,
     the loss pass bad expert labels, each where it reads them anyway); on CUDA a bad

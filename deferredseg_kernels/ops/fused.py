@@ -4,7 +4,7 @@ A fused backend provides two ops with the same contract:
 
 ``stats(logits, target, expert_labels, class_weight, K, E, ignore_index, check_expert_labels)``
     One pass over the routing channels and the labels. Returns a float64 vector of
-    ``STATS_LEN(E) = E + 7`` values::
+    ``stats_len(E) = E + 7`` values::
 
         [S_0 .. S_E,   sum over valid pixels of pi_k (k = 0..E)     index 0 .. E
          N_V,          number of valid pixels                        index E + 1
@@ -22,6 +22,10 @@ A fused backend provides two ops with the same contract:
     initialised), where S_0 .. S_E and N_B are summed over every rank, while N_V and
     the other entries stay this rank's (the seg, collab, gate and coherence terms are
     means over this rank's pixels, as in the reference).
+
+    The code names these indices once, below: ``stat_count(E)``, ``stat_weight(E)``,
+    ``stat_pairs(E, d)``, ``stat_bad(E)``, ``stat_balance_count(E)`` (the accessors of
+    ``csrc/loss_pixel.h``), from the ``STAT_*`` offsets the Triton kernels read.
 
 ``loss(logits, target, expert_labels, class_weight, stats, balance_low, balance_high,
        K, E, ignore_index, fparams, iparams, compute_grad) -> (terms, grad)``
@@ -47,8 +51,9 @@ from typing import Callable, List, Optional
 
 import torch
 
-from .._checks import LossOptions, check_label_range, is_compiling
-from ..reference import RouteResult, compute_dtype
+from .._checks import check_label_range, is_compiling
+from ..options import LossOptions
+from ..types import TERM_NAMES, RouteResult, compute_dtype
 
 FPARAMS = ("lambda_seg", "lambda_collab", "lambda_gate", "lambda_coherence", "lambda_balance",
            "paper_eps", "gate_mse", "gate_sparsity", "balance_grad_scale")
@@ -59,11 +64,45 @@ COHERENCE_CODE = {"l1": 0, "l2": 1}
 MAP_BITS = {"router": 1, "gate": 2}
 BALANCE_CODE = {"cv2": 0, "band": 1}
 GATE_TARGET_CODE = {"router": 0, "benefit": 1}
-TERMS_LEN = 6  # loss, seg, collab, gate, coherence, balance
+TERMS_LEN = 1 + len(TERM_NAMES)  # the loss, then the terms in TERM_NAMES order
+
+
+# ------------------------------------------------------------------ stats layout
+# Where each entry of the stats vector of E experts sits (the layout of the module
+# docstring), named as the accessors of csrc/loss_pixel.h. Entries 0 .. E hold the sums
+# S_0 .. S_E; every other entry sits at E + its offset below, which the Triton kernels
+# read (as constexpr globals) and the functions after them return for a given E.
+MAX_SPATIAL = 3  # spatial axes a logits tensor may have
+STAT_COUNT = 1  # N_V, the valid pixels of this call
+STAT_WEIGHT = 2  # W, the class-weight mass of the valid pixels
+STAT_PAIRS = 3  # + d: the valid neighbour pairs along spatial axis d < MAX_SPATIAL
+STAT_BAD = STAT_PAIRS + MAX_SPATIAL  # the labels out of range
+STAT_BALANCE_COUNT = STAT_BAD + 1  # N_B, pbar's denominator: the optional last entry
 
 
 def stats_len(num_experts: int) -> int:
-    return num_experts + 7
+    """The stats op's output length (without the optional N_B)."""
+    return num_experts + STAT_BALANCE_COUNT
+
+
+def stat_count(num_experts: int) -> int:
+    return num_experts + STAT_COUNT
+
+
+def stat_weight(num_experts: int) -> int:
+    return num_experts + STAT_WEIGHT
+
+
+def stat_pairs(num_experts: int, axis: int) -> int:
+    return num_experts + STAT_PAIRS + axis
+
+
+def stat_bad(num_experts: int) -> int:
+    return num_experts + STAT_BAD
+
+
+def stat_balance_count(num_experts: int) -> int:
+    return num_experts + STAT_BALANCE_COUNT
 
 
 def int_params(opts: LossOptions) -> List[int]:
@@ -199,10 +238,11 @@ def _balance_stats(stats: torch.Tensor, num_experts: int, sync: bool):
     E = num_experts
     if not (dist.is_available() and dist.is_initialized()):
         return stats, 1.0
-    head = stats[: E + 2].clone()
+    at_count = stat_count(E)  # S_0 .. S_E come before N_V
+    head = stats[: at_count + 1].clone()  # S_0 .. S_E and N_V
     dist.all_reduce(head)
     # Global S_0..S_E, this rank's N_V .. bad, then the global count N_B.
-    synced = torch.cat([head[: E + 1], stats[E + 1:], head[E + 1:]])
+    synced = torch.cat([head[:at_count], stats[at_count:], head[at_count:]])
     # DistributedDataParallel averages gradients over ranks; scaling the balance
     # gradient by the world size makes that average the single-process gradient.
     return synced, float(dist.get_world_size())
@@ -231,7 +271,7 @@ def fused_loss(stats_op: Callable, loss_op: Callable, logits: torch.Tensor,
     # without an autograd formula must not sit on the backward graph).
     stats = stats_op(logits.detach(), target, expert_labels, class_weight, K, E,
                      opts.ignore_index, check_now and not experts_in_loss)
-    if check_now and stats.tolist()[E + 6] > 0:  # (one call; stats[i].item() is two ops)
+    if check_now and stats.tolist()[stat_bad(E)] > 0:  # (one call; stats[i].item() is two ops)
         check_label_range(target, expert_labels, opts.num_labels, opts.ignore_index)
         raise ValueError("target must hold labels in "
                          f"[0, {opts.num_labels}) or ignore_index={opts.ignore_index}")
@@ -254,13 +294,13 @@ def fused_loss(stats_op: Callable, loss_op: Callable, logits: torch.Tensor,
     if not check_now:
         # A target out of range (not checked eagerly on GPU or while compiling) makes
         # the loss NaN, never an out-of-bounds read. (Checked eagerly, it has raised.)
-        loss = torch.where(stats[E + 6] > 0, torch.full_like(loss, float("nan")), loss)
+        loss = torch.where(stats[stat_bad(E)] > 0, torch.full_like(loss, float("nan")), loss)
     if not return_terms:
         return loss
-    count = stats[E + 7] if stats.numel() > E + 7 else stats[E + 1]  # N_B, or N_V
-    pbar = (stats[: E + 1] / count.clamp_min(1)).to(terms.dtype)
-    out = {name: terms[i + 1].detach() for i, name in
-           enumerate(("seg", "collab", "gate", "coherence", "balance"))}
+    has_nb = stats.numel() > stat_balance_count(E)
+    count = stats[stat_balance_count(E) if has_nb else stat_count(E)]  # N_B, or N_V
+    pbar = (stats[: stat_count(E)] / count.clamp_min(1)).to(terms.dtype)  # S_k / count
+    out = {name: terms[i + 1].detach() for i, name in enumerate(TERM_NAMES)}
     out["pbar"] = pbar.detach()
     return loss, out
 

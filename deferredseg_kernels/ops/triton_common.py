@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import compute_dtype as acc_dtype  # noqa: F401  (the kernels' accumulation dtype)
+from ..types import compute_dtype as acc_dtype  # noqa: F401  (the kernels' accumulation dtype)
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""Triton kernels of the DeferredSeg objective (SPEC section 3) and its gradient.
+"""Triton kernels of the DeferredSeg objective (docs/objective.md section 3) and its gradient.
 
 The two ops implement the contract of :mod:`deferredseg_kernels.ops.fused` (read it
 first: the layout of ``stats``, ``fparams``, ``iparams`` and ``terms``):
@@ -13,7 +13,7 @@ first: the layout of ``stats``, ``fparams``, ``iparams`` and ``terms``):
     same bits.
 
 ``deferredseg_triton::loss_fused``
-    ``_loss_kernel``: one pass computing every term of SPEC section 3 per pixel and,
+    ``_loss_kernel``: one pass computing every term of docs/objective.md section 3 per pixel and,
     when ``COMPUTE_GRAD``, the gradient of the total loss with respect to every
     packed channel, written once per pixel into its own buffer (in the logits'
     memory format). Spatial coherence pairs a pixel with its neighbours: the
@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..types import LOGITS_DTYPES
 from . import fused
 from .triton_common import (INTERPRET, acc_dtype, argmax_first, can_merge, define_op, flat,
                             launcher, load_channels, next_pow2, pixel_block, router_softmax,
@@ -49,6 +50,13 @@ LOSS_OP = "deferredseg_triton::loss_fused"
 N_PART = 9  # seg, collab, gate, coherence(router) x 3 axes, coherence(gate) x 3 axes
 _REDUCE_ROWS = 4096  # elements of a reduction tile
 _CHUNK_ITERS = 16  # tiles per program of the first reduction level
+# The stats layout of ops/fused.py (entry E + offset), as constexpr globals: the only
+# globals a compiled kernel may read, and their values enter the kernels' cache key.
+_STAT_COUNT = tl.constexpr(fused.STAT_COUNT)
+_STAT_WEIGHT = tl.constexpr(fused.STAT_WEIGHT)
+_STAT_PAIRS = tl.constexpr(fused.STAT_PAIRS)
+_STAT_BAD = tl.constexpr(fused.STAT_BAD)
+_STAT_BALANCE_COUNT = tl.constexpr(fused.STAT_BALANCE_COUNT)
 
 
 # ----------------------------------------------------------------------------------
@@ -100,8 +108,9 @@ def _stats_kernel(x_ptr, t_ptr, l_ptr, cw_ptr, part_ptr,
         w = to_acc(tl.load(cw_ptr + yc, mask=valid, other=0.0), IS_FP64)
     else:
         w = vf
-    tl.store(part_ptr + (E + 1) * n_prog + pid, tl.sum(vf, axis=0))
-    tl.store(part_ptr + (E + 2) * n_prog + pid, tl.sum(tl.where(valid, w, 0.0), axis=0))
+    tl.store(part_ptr + (E + _STAT_COUNT) * n_prog + pid, tl.sum(vf, axis=0))
+    tl.store(part_ptr + (E + _STAT_WEIGHT) * n_prog + pid,
+             tl.sum(tl.where(valid, w, 0.0), axis=0))
 
     # Valid neighbour pairs (p, p + e_d) per spatial axis d.
     i0, i1, i2 = _pixel_coords(p, S1, S2, NDIM)
@@ -120,7 +129,7 @@ def _stats_kernel(x_ptr, t_ptr, l_ptr, cw_ptr, part_ptr,
             pairs = tl.sum((inside & (yq != ignore_index)).to(psum.dtype), axis=0)
         else:
             pairs = tl.sum(vf * 0.0, axis=0)
-        tl.store(part_ptr + (E + 3 + d) * n_prog + pid, pairs)
+        tl.store(part_ptr + (E + _STAT_PAIRS + d) * n_prog + pid, pairs)
 
     nbad = tl.sum(bad.to(psum.dtype), axis=0)
     if CHECK_EXPERTS:
@@ -129,7 +138,7 @@ def _stats_kernel(x_ptr, t_ptr, l_ptr, cw_ptr, part_ptr,
                       mask=ecm[:, None] & pm[None, :], other=0).to(tl.int64)
         lbad = ecm[:, None] & pm[None, :] & (lab != ignore_index) & ((lab < 0) | (lab >= nlab))
         nbad += tl.sum(tl.sum(lbad.to(psum.dtype), axis=1), axis=0)
-    tl.store(part_ptr + (E + 6) * n_prog + pid, nbad)
+    tl.store(part_ptr + (E + _STAT_BAD) * n_prog + pid, nbad)
 
 
 @triton.jit
@@ -175,14 +184,16 @@ def _loss_coefs(stats_ptr, low_ptr, high_ptr, kr, E: tl.constexpr, BAL_BAND: tl.
     """From the (float64) stats: 1/N_V, 1/W, 1/pairs per axis (0 where empty), the
     balance term and its gradient dBAL/dS_k for each routing channel k (float64)."""
     rcm = kr < E + 1
-    nv = tl.load(stats_ptr + (E + 1)).to(tl.float64)
+    nv = tl.load(stats_ptr + (E + _STAT_COUNT)).to(tl.float64)
     inv_nv = _safe_inv(nv)
-    nb = tl.load(stats_ptr + (E + 7)).to(tl.float64)  # pbar's denominator (global under sync)
+    # pbar's denominator N_B (global under sync)
+    nb = tl.load(stats_ptr + (E + _STAT_BALANCE_COUNT)).to(tl.float64)
     inv_nb = _safe_inv(nb)
-    inv_w = _safe_inv(tl.load(stats_ptr + (E + 2)).to(tl.float64))
-    inv_n0 = _safe_inv(tl.load(stats_ptr + (E + 3)).to(tl.float64))
-    inv_n1 = _safe_inv(tl.load(stats_ptr + (E + 4)).to(tl.float64))
-    inv_n2 = _safe_inv(tl.load(stats_ptr + (E + 5)).to(tl.float64))
+    inv_w = _safe_inv(tl.load(stats_ptr + (E + _STAT_WEIGHT)).to(tl.float64))
+    inv_n0 = _safe_inv(tl.load(stats_ptr + (E + _STAT_PAIRS + 0)).to(tl.float64))
+    inv_n1 = _safe_inv(tl.load(stats_ptr + (E + _STAT_PAIRS + 1)).to(tl.float64))
+    inv_n2 = _safe_inv(tl.load(stats_ptr + (E + _STAT_PAIRS + 2)).to(tl.float64))
+    # S_k, the entries k <= E before N_V
     pbar = tl.load(stats_ptr + kr, mask=rcm, other=0.0).to(tl.float64) * inv_nb
     if BAL_BAND:
         lo = tl.load(low_ptr + kr, mask=rcm, other=0.0).to(tl.float64)
@@ -485,7 +496,7 @@ def _finalize_kernel(part_ptr, stats_ptr, low_ptr, high_ptr, terms_ptr, n_rows,
 
 
 def _check_dtype(logits: torch.Tensor) -> None:
-    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+    if logits.dtype not in LOGITS_DTYPES:
         raise TypeError("deferredseg triton kernels: logits must be float32, bfloat16, float16 "
                         f"or float64, got dtype {logits.dtype}")
 
@@ -585,7 +596,8 @@ def _loss_fused_impl(logits: torch.Tensor, target: torch.Tensor, expert_labels: 
         raise ValueError(f"stats must be a float64 vector of {fused.stats_len(E) + 1} values "
                          f"(or {fused.stats_len(E)}), got {stats.dtype} of shape {tuple(stats.shape)}")
     if stats.numel() == fused.stats_len(E):  # no N_B entry: pbar over this call's N_V
-        stats = torch.cat([stats, stats[E + 1:E + 2]])
+        at_count = fused.stat_count(E)
+        stats = torch.cat([stats, stats[at_count:at_count + 1]])
     cdt = acc_dtype(logits.dtype)
     dummy = stats
     low = balance_low if balance_low is not None else dummy

@@ -1,4 +1,4 @@
-"""Triton kernel of the inference routing (SPEC section 4).
+"""Triton kernel of the inference routing (docs/objective.md section 4).
 
 ``deferredseg_triton::route`` takes the arguments of the C++ ``deferredseg::route`` op and
 returns the same four tensors (assignment, defer_prob, model_pred, final).
@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import RouteResult
+from ..types import LOGITS_DTYPES, RouteResult
 from . import fused
 from .triton_common import (acc_dtype, argmax_first, define_op, flat, launcher, load_channels,
                             next_pow2, pixel_block, router_softmax, sigmoid, to_acc)
@@ -111,7 +111,7 @@ def _route_impl(logits: torch.Tensor, num_classes: int, num_experts: int,
                 decision_threshold: float, mode: str, expert_labels: Optional[torch.Tensor],
                 expert_cost: Optional[torch.Tensor], scores: str
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+    if logits.dtype not in LOGITS_DTYPES:
         raise TypeError("deferredseg triton route: logits must be float32, bfloat16, float16 or "
                         f"float64, got dtype {logits.dtype}")
     K, E = int(num_classes), int(num_experts)
