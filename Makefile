@@ -129,13 +129,14 @@ test-cpu-only:
 STACK ?= 2.11
 STACK_TREE := build/stack-$(STACK)-tree
 STACK_VENV := $(abspath .venv-torch-$(STACK))
-STACK_TESTS ?= tests/test_triton.py tests/test_cpu_kernel.py tests/test_route.py
+STACK_TESTS ?= tests/test_conformance.py tests/test_triton.py tests/test_cpu_kernel.py tests/test_route.py
 test-stack:
 	@mkdir -p $(STACK_TREE)
 	git ls-files -z --cached --others --exclude-standard | xargs -0 cp -p --parents -t $(STACK_TREE)
 	DS_FORCE_CPU=1 $(MAKE) -C $(STACK_TREE) build VENV=$(STACK_VENV) REQS=requirements/torch-$(STACK).txt PYTHON=$(PYTHON)
 	cd $(STACK_TREE) && env -u TRITON_INTERPRET $(STACK_VENV)/bin/python .ci/import_check.py --expect-ext
-	$(MAKE) -C $(STACK_TREE) test VENV=$(STACK_VENV) REQS=requirements/torch-$(STACK).txt PYTHON=$(PYTHON) \
+	DS_TEST_BACKENDS=cpu,triton $(MAKE) -C $(STACK_TREE) test VENV=$(STACK_VENV) \
+	  REQS=requirements/torch-$(STACK).txt PYTHON=$(PYTHON) \
 	  PYTEST_ARGS="$(PYTEST_ARGS) $(STACK_TESTS)"
 
 clean:
