@@ -89,9 +89,10 @@ from deferredseg_kernels import _dispatch as d; print({b: d.why_unavailable(b) f
 sed 's/^/    /' "$LOG/backends.log" | tee -a "$SUMMARY"
 
 # Triton compiles one binary per kernel variant (about a second each): the GPU-marked
-# tests cover the variants that matter most; the whole Triton test file on CUDA tensors
-# runs after the main benchmark, with the time that is left.
-run tests_gpu 150 "$PY" -m pytest tests/test_cuda_kernel.py tests/test_triton.py tests/test_route.py \
+# tests cover the variants that matter most (and the C++ CUDA entries of the conformance
+# suite); Triton's own tests and its conformance entries on CUDA tensors run after the main benchmark, with the time that is left.
+run tests_gpu 150 "$PY" -m pytest tests/test_conformance.py tests/test_cuda_kernel.py \
+  tests/test_triton.py tests/test_route.py \
   -m gpu -q -rs -p no:cacheprovider
 tail -n 1 "$LOG/tests_gpu.log" | sed 's/^/    /' | tee -a "$SUMMARY"
 grep -E "^(FAILED|ERROR)" "$LOG/tests_gpu.log" | head -20 | sed 's/^/    /' | tee -a "$SUMMARY"
@@ -107,7 +108,8 @@ run train_step 60 "$PY" benchmarks/bench_train_step.py --repeats 20
 sed 's/^/    /' "$LOG/train_step.log" | tee -a "$SUMMARY"
 
 T_LEFT=$(( $(left) - 100 ))
-run tests_triton_cuda $(( T_LEFT > 20 ? T_LEFT : 20 )) "$PY" -m pytest tests/test_triton.py -q -rs \
+DS_TEST_BACKENDS=triton run tests_triton_cuda $(( T_LEFT > 20 ? T_LEFT : 20 )) "$PY" -m pytest \
+  tests/test_triton.py tests/test_conformance.py -q -rs \
   -p no:cacheprovider
 tail -n 1 "$LOG/tests_triton_cuda.log" | sed 's/^/    /' | tee -a "$SUMMARY"
 grep -E "^(FAILED|ERROR)" "$LOG/tests_triton_cuda.log" | head -20 | sed 's/^/    /' | tee -a "$SUMMARY"

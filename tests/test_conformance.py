@@ -89,6 +89,10 @@ def pytest_generate_tests(metafunc):
         why = spec.unavailable()
         if only and spec.name not in only:
             why = f"{spec.name}: not in DS_TEST_BACKENDS={','.join(only)}"
+        if spec.name == "cuda":
+            # `pytest -m gpu` on a GPU machine runs the C++ CUDA entries (benchmarks/gpu_check.sh);
+            # Triton's entries run there in their own, longer step.
+            marks.append(pytest.mark.gpu)
         if why is not None:
             marks.append(pytest.mark.skipif(True, reason=why))
         for cap in getattr(metafunc.function, "capabilities", ()):
