@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _checkpoint(path: Path, dims: int, size: int) -> Path:
+    from deferredseg.train.builders import build_model
     from deferredseg.train.checkpoint import save_checkpoint
     from deferredseg.train.config import TrainConfig
-    from deferredseg.train.builders import build_model
 
     cfg = TrainConfig(spatial_dims=dims, image_size=size, features=16, backend="auto", device="cpu")
     torch.manual_seed(0)

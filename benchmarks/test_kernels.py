@@ -41,8 +41,13 @@ import pytest
 import torch
 
 import deferredseg_kernels as dk
-from deferredseg_kernels import (deferredseg_loss_reference, make_options, route_reference,
-                                 threshold_logit, why_unavailable)
+from deferredseg_kernels import (
+    deferredseg_loss_reference,
+    make_options,
+    route_reference,
+    threshold_logit,
+    why_unavailable,
+)
 
 
 class Shape(NamedTuple):

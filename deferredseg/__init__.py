@@ -6,7 +6,12 @@ subpackages, imported on demand so that ``import deferredseg`` stays light.
 The tensor ops live in ``deferredseg_kernels``.
 """
 
-from deferredseg_kernels import (__version__, available_backends, deferredseg_loss, route,
-                                 split_logits)
+from deferredseg_kernels import (
+                                 __version__,
+                                 available_backends,
+                                 deferredseg_loss,
+                                 route,
+                                 split_logits,
+)
 
 __all__ = ["available_backends", "deferredseg_loss", "route", "split_logits", "__version__"]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import typing
@@ -28,9 +27,21 @@ from typing import Any, Dict, List, Optional
 from deferredseg_kernels import BACKENDS
 
 from .stats import ci95  # noqa: F401  (re-exported: deferredseg.cli.ci95)
-from .train.config import (BALANCES, GATE_TARGETS, HEADS, LAYOUTS, METHODS, PROFILES, ROUTE_MODES,
-                           SCHEDULES, SELECTIONS, SURROGATES, TRAININGS, TrainConfig,
-                           load_config_file)
+from .train.config import (
+    BALANCES,
+    GATE_TARGETS,
+    HEADS,
+    LAYOUTS,
+    METHODS,
+    PROFILES,
+    ROUTE_MODES,
+    SCHEDULES,
+    SELECTIONS,
+    SURROGATES,
+    TRAININGS,
+    TrainConfig,
+    load_config_file,
+)
 from .train.methods import REGISTRY as METHOD_REGISTRY
 from .train.validate import describe_type
 

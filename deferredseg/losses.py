@@ -17,10 +17,24 @@ from typing import Any, Dict, Optional, Sequence, Union
 import torch
 from torch.nn.modules.loss import _Loss
 
-from deferredseg_kernels import (BACKENDS, BALANCES, COHERENCES, LABEL_DTYPES, SURROGATES,
-                                 balance_penalty, check_choice, check_float, check_int,
-                                 check_label_range, coherence_penalty, collab_pixelwise,
-                                 compute_dtype, loss_with_options, make_options, model_correct)
+from deferredseg_kernels import (
+    BACKENDS,
+    BALANCES,
+    COHERENCES,
+    LABEL_DTYPES,
+    SURROGATES,
+    balance_penalty,
+    check_choice,
+    check_float,
+    check_int,
+    check_label_range,
+    coherence_penalty,
+    collab_pixelwise,
+    compute_dtype,
+    loss_with_options,
+    make_options,
+    model_correct,
+)
 
 __all__ = ["DeferredSegLoss", "SurrogateCollaborationLoss", "SpatialCoherenceLoss",
            "LoadBalancingLoss"]

@@ -45,8 +45,13 @@ def per_image_scores(pred: torch.Tensor, target: torch.Tensor, num_labels: int,
     compared (e.g. the expert-routed ones). A value is NaN for an image whose
     region holds no foreground in the ground truth.
     """
-    from monai.metrics import (compute_confusion_matrix_metric, compute_dice,
-                               compute_hausdorff_distance, compute_iou, get_confusion_matrix)
+    from monai.metrics import (
+        compute_confusion_matrix_metric,
+        compute_dice,
+        compute_hausdorff_distance,
+        compute_iou,
+        get_confusion_matrix,
+    )
 
     mask = target != ignore_index
     if region is not None:

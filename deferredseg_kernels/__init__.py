@@ -17,18 +17,44 @@ from typing import Any, Optional, Sequence
 import torch
 
 from . import _dispatch
-from ._checks import (ROUTE_MODES, ROUTE_SCORES, check_choice, check_expert_cost, check_float,
-                      check_inputs, check_int, check_label_range, check_labels, check_logits,
-                      is_compiling, route_threshold, threshold_logit)
+from ._checks import (
+    ROUTE_MODES,
+    ROUTE_SCORES,
+    check_choice,
+    check_expert_cost,
+    check_float,
+    check_inputs,
+    check_int,
+    check_label_range,
+    check_labels,
+    check_logits,
+    is_compiling,
+    route_threshold,
+    threshold_logit,
+)
 from ._dispatch import BACKENDS, available_backends, register, runs_on, why_unavailable
 from ._ext import EXT as _EXT
 from ._version import __version__
-from .options import (BALANCES, COHERENCE_MAPS, COHERENCES, GATE_TARGETS, OPTION_NAMES,
-                      SURROGATES, LossOptions, make_options)
-from .reference import (balance_penalty, coherence_penalty, collab_pixelwise,
-                        deferredseg_loss_reference, model_correct, route_reference, split_logits)
-from .types import (LABEL_DTYPES, LOGITS_DTYPES, MAX_EXPERTS, TERM_NAMES, RouteResult,
-                    compute_dtype)
+from .options import (
+    BALANCES,
+    COHERENCE_MAPS,
+    COHERENCES,
+    GATE_TARGETS,
+    OPTION_NAMES,
+    SURROGATES,
+    LossOptions,
+    make_options,
+)
+from .reference import (
+    balance_penalty,
+    coherence_penalty,
+    collab_pixelwise,
+    deferredseg_loss_reference,
+    model_correct,
+    route_reference,
+    split_logits,
+)
+from .types import LABEL_DTYPES, LOGITS_DTYPES, MAX_EXPERTS, TERM_NAMES, RouteResult, compute_dtype
 
 __all__ = [
     "__version__",

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Optional, Sequence, Tuple
 
-from ._checks import type_name, check_choice, check_float, check_float_vector, check_int
+from ._checks import check_choice, check_float, check_float_vector, check_int, type_name
 from .types import MAX_EXPERTS
 
 SURROGATES = ("softmax", "paper", "ova")

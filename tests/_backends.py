@@ -29,11 +29,10 @@ import os
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
+from _inputs import TERMS, assert_results_close, option_id, option_matrix
 
 from deferredseg_kernels import available_backends, check_inputs, deferredseg_loss, make_options
 from deferredseg_kernels.ops import fused
-
-from _inputs import TERMS, assert_results_close, option_id, option_matrix
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

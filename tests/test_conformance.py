@@ -24,12 +24,22 @@ import os
 
 import pytest
 import torch
+from _backends import (
+    BACKENDS,
+    LAYOUTS,
+    assert_close_to_max,
+    assert_matches,
+    check_results,
+    float_params,
+    int_params,
+    layouts,
+    load,
+    run,
+    unchecked_loss,
+)
+from _inputs import TERMS, iter_shapes, make_inputs, option_id, option_matrix
 
 from deferredseg_kernels import available_backends, make_options
-
-from _backends import (BACKENDS, LAYOUTS, assert_close_to_max, assert_matches, check_results,
-                       float_params, int_params, layouts, load, run, unchecked_loss)
-from _inputs import TERMS, iter_shapes, make_inputs, option_id, option_matrix
 
 # --------------------------------------------------------------------------- parametrization
 

@@ -15,14 +15,13 @@ import subprocess
 import sys
 import textwrap
 
+import _backends
 import pytest
 import torch
-
-from deferredseg_kernels import available_backends, deferredseg_loss, make_options
-
-import _backends
 from _backends import float_params, int_params, run
 from _inputs import TERMS, make_inputs
+
+from deferredseg_kernels import available_backends, deferredseg_loss, make_options
 
 pytestmark = pytest.mark.skipif("cpu" not in available_backends("loss"),
                                 reason="the C++ CPU kernels are not built")
@@ -210,8 +209,12 @@ def test_gradient_buffer_reused_only_when_free():
     for kind in ("tensor", "view", "storage"):
         g1 = grad_of(logits)
         ptr = g1.data_ptr()
-        held = {"tensor": lambda: g1, "view": lambda: g1[0, 2],
-                "storage": lambda: g1.untyped_storage()}[kind]()
+        if kind == "tensor":
+            held = g1
+        elif kind == "view":
+            held = g1[0, 2]
+        else:
+            held = g1.untyped_storage()
         del g1
         gc.collect()
         g2 = grad_of(logits * 0.5)  # must not be written into what is held

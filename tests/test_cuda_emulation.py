@@ -20,13 +20,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from deferredseg_kernels import (check_expert_cost, deferredseg_loss, route, route_threshold,
-                                 threshold_logit)
-from deferredseg_kernels.reference import route_reference
-
 from _backends import emulation_loss, emulation_ops, route_with
 from _inputs import iter_shapes, make_inputs
+
+from deferredseg_kernels import (
+    check_expert_cost,
+    deferredseg_loss,
+    route,
+    route_threshold,
+    threshold_logit,
+)
+from deferredseg_kernels.reference import route_reference
 
 
 @pytest.fixture(scope="module")

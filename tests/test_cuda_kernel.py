@@ -9,13 +9,12 @@ without one.
 
 import pytest
 import torch
-
-from deferredseg_kernels import available_backends, deferredseg_loss
-from deferredseg_kernels._ext import EXT
-
 from _backends import run
 from _inputs import make_inputs
 from conftest import requires_cuda
+
+from deferredseg_kernels import available_backends, deferredseg_loss
+from deferredseg_kernels._ext import EXT
 
 needs_backend = pytest.mark.skipif("cuda" not in available_backends("loss"),
                                    reason="the C++ CUDA kernels cannot run here (no GPU or "

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
+from _inputs import make_inputs
 
 from deferredseg_kernels import available_backends, deferredseg_loss, route
-
-from _inputs import make_inputs
 
 K, E = 3, 2
 BACKENDS = available_backends("loss")

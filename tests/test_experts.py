@@ -4,10 +4,26 @@
 import pytest
 import torch
 
-from deferredseg.experts import (PROFILES, BoundaryShiftExpert, ChainExpert, DiscrepancyExpert, ExpertPanel,
-                                 MissedComponentsExpert, RegionSkillExpert, SmoothBoundaryExpert,
-                                 boundary_band, connected_components, consensus_target, dilate, erode,
-                                 make_experts, majority_vote, simulated_experts, staple, structured_experts)
+from deferredseg.experts import (
+    PROFILES,
+    BoundaryShiftExpert,
+    ChainExpert,
+    DiscrepancyExpert,
+    ExpertPanel,
+    MissedComponentsExpert,
+    RegionSkillExpert,
+    SmoothBoundaryExpert,
+    boundary_band,
+    connected_components,
+    consensus_target,
+    dilate,
+    erode,
+    majority_vote,
+    make_experts,
+    simulated_experts,
+    staple,
+    structured_experts,
+)
 
 
 def disc_labels(shape, centres, radii, labels=None):

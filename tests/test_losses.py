@@ -2,13 +2,16 @@
 
 import pytest
 import torch
+from _inputs import make_inputs
 from torch.nn.modules.loss import _Loss
 
-from deferredseg.losses import (DeferredSegLoss, LoadBalancingLoss, SpatialCoherenceLoss,
-                                SurrogateCollaborationLoss)
+from deferredseg.losses import (
+    DeferredSegLoss,
+    LoadBalancingLoss,
+    SpatialCoherenceLoss,
+    SurrogateCollaborationLoss,
+)
 from deferredseg_kernels import deferredseg_loss, split_logits
-
-from _inputs import make_inputs
 
 
 def terms_of(logits, target, experts, K, E, **kw):

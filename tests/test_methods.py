@@ -9,8 +9,16 @@ import torch
 
 from deferredseg.train.builders import build_model
 from deferredseg.train.config import TrainConfig
-from deferredseg.train.methods import (BASE_METHOD, HEADS, METHODS, REGISTRY, ROUTING_WEIGHTS,
-                                       method_of, packed_logits, route_mode)
+from deferredseg.train.methods import (
+    BASE_METHOD,
+    HEADS,
+    METHODS,
+    REGISTRY,
+    ROUTING_WEIGHTS,
+    method_of,
+    packed_logits,
+    route_mode,
+)
 from deferredseg.train.two_stage import base_config
 
 LAMBDAS = {f.name for f in dataclasses.fields(TrainConfig) if f.name.startswith("lambda_")}

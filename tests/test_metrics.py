@@ -5,8 +5,12 @@ import math
 import pytest
 import torch
 
-from deferredseg.metrics import (DeferralEvaluator, count_components, per_image_scores,
-                                 risk_coverage_auc)
+from deferredseg.metrics import (
+    DeferralEvaluator,
+    count_components,
+    per_image_scores,
+    risk_coverage_auc,
+)
 
 
 def test_dice_iou_sensitivity_by_hand():

@@ -4,11 +4,10 @@ import math
 
 import pytest
 import torch
+from _inputs import make_inputs, option_id, option_matrix
+from naive_oracle import naive_loss
 
 from deferredseg_kernels import deferredseg_loss, split_logits
-
-from _inputs import make_inputs, option_matrix, option_id
-from naive_oracle import naive_loss
 
 LN2 = math.log(2.0)
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from review_case import get as _get
 from review_case import make_review_folder, make_review_folder_3d
 from review_case import start_server as _start

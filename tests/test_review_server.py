@@ -6,12 +6,11 @@ import time
 
 import numpy as np
 import pytest
+from review_case import SIDE, make_review_folder
 from starlette.testclient import TestClient
 
 from deferredseg.review.db import ReviewDB
 from deferredseg.review.server import CROP_MARGIN, create_app
-
-from review_case import SIDE, make_review_folder
 
 
 @pytest.fixture()

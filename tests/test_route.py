@@ -4,13 +4,12 @@ import math
 
 import pytest
 import torch
+from _inputs import iter_shapes, make_inputs
+from conftest import HAS_CUDA, requires_cuda
 
 import deferredseg_kernels as dk
 from deferredseg_kernels import available_backends, route
 from deferredseg_kernels._ext import EXT, ExtensionMismatchError, check_build, has_cuda_kernels
-
-from _inputs import iter_shapes, make_inputs
-from conftest import HAS_CUDA, requires_cuda
 
 ROUTE_BACKENDS = [b for b in available_backends("route") if b != "reference"]
 

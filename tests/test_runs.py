@@ -403,8 +403,8 @@ def test_label_map_option(tmp_path, capsys):
 
 def test_target_by_index_or_name(tmp_path, capsys):
     data = make_set(tmp_path / "d")
-    from deferredseg.train.config import TrainConfig
     from deferredseg.train.builders import build_data
+    from deferredseg.train.config import TrainConfig
 
     by_index = build_data(TrainConfig(layout="multirater", data=str(data), target="1"), "train")
     by_name = build_data(TrainConfig(layout="multirater", data=str(data), target="r2"), "train")

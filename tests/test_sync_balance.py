@@ -7,10 +7,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _inputs import make_inputs
 
 from deferredseg_kernels import available_backends, deferredseg_loss
-
-from _inputs import make_inputs
 
 K, E = 2, 3
 WORLD = 2

@@ -19,13 +19,12 @@ import math
 
 import pytest
 import torch
-
-import deferredseg_kernels as dk
-from deferredseg_kernels import make_options
-
 from _backends import assert_close_to_max, check_results_to_max, run
 from _inputs import TERMS, make_inputs, option_matrix
 from conftest import HAS_CUDA, requires_cuda
+
+import deferredseg_kernels as dk
+from deferredseg_kernels import make_options
 
 if "triton" not in dk.available_backends():
     pytest.skip(f"triton backend unavailable: {dk._dispatch.why_unavailable('triton')}",

@@ -10,8 +10,14 @@ import pytest
 import torch
 
 from deferredseg.data import build_dataset
-from deferredseg.data.benchmark import (PANELS, ambiguous_case, oracle_and_best_expert, panel_labels,
-                                        panel_names, write_benchmark)
+from deferredseg.data.benchmark import (
+    PANELS,
+    ambiguous_case,
+    oracle_and_best_expert,
+    panel_labels,
+    panel_names,
+    write_benchmark,
+)
 from deferredseg.train.checkpoint import load_checkpoint
 from deferredseg.train.config import TrainConfig
 from deferredseg.train.evaluation import evaluate

@@ -14,11 +14,26 @@ Every simulated expert runs vectorised on the target's device and is seeded
 through an :class:`ExpertPanel`, which returns ``expert_labels`` (B, E, *S) int64.
 """
 
-from .consensus import CONSENSUS_METHODS, StapleResult, consensus_target, majority_vote, staple
-from .simulated import PROFILES, DiscrepancyExpert, ExpertModel, ExpertPanel, derive_seed, simulated_experts
-from .structured import (BoundaryShiftExpert, ChainExpert, MissedComponentsExpert, RegionSkillExpert,
-                         SmoothBoundaryExpert, dilate_labels, erode_labels, structured_experts)
 from ._morph import boundary_band, connected_components, dilate, erode
+from .consensus import CONSENSUS_METHODS, StapleResult, consensus_target, majority_vote, staple
+from .simulated import (
+    PROFILES,
+    DiscrepancyExpert,
+    ExpertModel,
+    ExpertPanel,
+    derive_seed,
+    simulated_experts,
+)
+from .structured import (
+    BoundaryShiftExpert,
+    ChainExpert,
+    MissedComponentsExpert,
+    RegionSkillExpert,
+    SmoothBoundaryExpert,
+    dilate_labels,
+    erode_labels,
+    structured_experts,
+)
 
 __all__ = [
     "CONSENSUS_METHODS", "StapleResult", "consensus_target", "majority_vote", "staple",

@@ -1,7 +1,7 @@
 """Training and evaluation: the slim loop, checkpoints, configuration and figures."""
 
-from .config import METHODS, TrainConfig, load_config_file
 from .checkpoint import load_checkpoint, save_checkpoint
+from .config import METHODS, TrainConfig, load_config_file
 
 __all__ = ["METHODS", "TrainConfig", "load_config_file", "load_checkpoint", "save_checkpoint",
            "train", "evaluate"]

@@ -41,9 +41,23 @@ import triton.language as tl
 
 from ..types import LOGITS_DTYPES
 from . import fused
-from .triton_common import (INTERPRET, acc_dtype, argmax_first, can_merge, define_op, flat,
-                            launcher, load_channels, next_pow2, pixel_block, router_softmax,
-                            sigmoid, softplus, store_as, to_acc)
+from .triton_common import (
+    INTERPRET,
+    acc_dtype,
+    argmax_first,
+    can_merge,
+    define_op,
+    flat,
+    launcher,
+    load_channels,
+    next_pow2,
+    pixel_block,
+    router_softmax,
+    sigmoid,
+    softplus,
+    store_as,
+    to_acc,
+)
 
 STATS_OP = "deferredseg_triton::loss_stats"
 LOSS_OP = "deferredseg_triton::loss_fused"

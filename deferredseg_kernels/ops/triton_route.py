@@ -27,8 +27,19 @@ import triton.language as tl
 
 from ..types import LOGITS_DTYPES, RouteResult
 from . import fused
-from .triton_common import (acc_dtype, argmax_first, define_op, flat, launcher, load_channels,
-                            next_pow2, pixel_block, router_softmax, sigmoid, to_acc)
+from .triton_common import (
+    acc_dtype,
+    argmax_first,
+    define_op,
+    flat,
+    launcher,
+    load_channels,
+    next_pow2,
+    pixel_block,
+    router_softmax,
+    sigmoid,
+    to_acc,
+)
 
 ROUTE_OP = "deferredseg_triton::route"
 
