@@ -56,28 +56,37 @@ def _extensions():
         import torch
         from torch.utils import cpp_extension
     except ImportError:
-        print("deferredseg: torch is not importable in the build environment, so the C++ "
-              "extension is skipped. Install torch first and use "
-              "`pip install --no-build-isolation .` to build it.", file=sys.stderr)
+        print(
+            "deferredseg: torch is not importable in the build environment, so the C++ "
+            "extension is skipped. Install torch first and use "
+            "`pip install --no-build-isolation .` to build it.",
+            file=sys.stderr,
+        )
         return [], {}
 
     force_cuda, force_cpu = _flag("DS_FORCE_CUDA"), _flag("DS_FORCE_CPU")
     if force_cuda and force_cpu:
         raise SystemExit("deferredseg: DS_FORCE_CUDA=1 and DS_FORCE_CPU=1 contradict each other")
     nvcc_found = cpp_extension.CUDA_HOME is not None and os.path.exists(
-        os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
+        os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
+    )
     if force_cuda:
         if torch.version.cuda is None:
-            raise SystemExit(f"deferredseg: DS_FORCE_CUDA=1 but the installed torch "
-                             f"{torch.__version__} is a CPU-only build; a CUDA extension needs a "
-                             f"CUDA build of torch")
+            raise SystemExit(
+                f"deferredseg: DS_FORCE_CUDA=1 but the installed torch "
+                f"{torch.__version__} is a CPU-only build; a CUDA extension needs a "
+                f"CUDA build of torch"
+            )
         if not nvcc_found:
-            raise SystemExit("deferredseg: DS_FORCE_CUDA=1 but nvcc was not found; set CUDA_HOME "
-                             "to the CUDA toolkit (e.g. CUDA_HOME=/usr/local/cuda)")
+            raise SystemExit(
+                "deferredseg: DS_FORCE_CUDA=1 but nvcc was not found; set CUDA_HOME "
+                "to the CUDA toolkit (e.g. CUDA_HOME=/usr/local/cuda)"
+            )
     with_cuda = not force_cpu and torch.version.cuda is not None and nvcc_found
 
     sources = [os.path.join("csrc", "deferredseg.cpp")] + sorted(
-        glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+        glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
+    )
     cxx = ["-O3", "-fdiagnostics-color=always"]
     link = []
     if torch.backends.openmp.is_available():
@@ -87,8 +96,9 @@ def _extensions():
     # Py_LIMITED_API: only the stable ABI of Python 3.10 (recent torch adds the same flag
     # for py_limited_api extensions; defined here too for the torch versions that do not).
     macros = [("DS_TORCH_VERSION", f'"{torch.__version__}"'), ("Py_LIMITED_API", LIMITED_API_HEX)]
-    kwargs = dict(extra_link_args=link, include_dirs=[os.path.join(HERE, "csrc")],
-                  py_limited_api=True)
+    kwargs = dict(
+        extra_link_args=link, include_dirs=[os.path.join(HERE, "csrc")], py_limited_api=True
+    )
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
@@ -96,16 +106,29 @@ def _extensions():
         nvcc = ["-O3", "--threads", os.environ.get("NVCC_THREADS", "2"), "-lineinfo"]
         kwargs["include_dirs"] += _nvidia_wheel_includes()
         ext = cpp_extension.CUDAExtension(
-            "deferredseg_kernels._C", sources, define_macros=macros,
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
-        print(f"deferredseg: building CPU and CUDA kernels (CUDA {torch.version.cuda}, "
-              f"arch {os.environ['TORCH_CUDA_ARCH_LIST']})")
+            "deferredseg_kernels._C",
+            sources,
+            define_macros=macros,
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            **kwargs,
+        )
+        print(
+            f"deferredseg: building CPU and CUDA kernels (CUDA {torch.version.cuda}, "
+            f"arch {os.environ['TORCH_CUDA_ARCH_LIST']})"
+        )
     else:
         ext = cpp_extension.CppExtension(
-            "deferredseg_kernels._C", sources, define_macros=macros,
-            extra_compile_args={"cxx": cxx}, **kwargs)
-        why = "DS_FORCE_CPU=1" if force_cpu else (
-            "torch is a CPU-only build" if torch.version.cuda is None else "nvcc not found")
+            "deferredseg_kernels._C",
+            sources,
+            define_macros=macros,
+            extra_compile_args={"cxx": cxx},
+            **kwargs,
+        )
+        why = (
+            "DS_FORCE_CPU=1"
+            if force_cpu
+            else ("torch is a CPU-only build" if torch.version.cuda is None else "nvcc not found")
+        )
         print(f"deferredseg: building CPU kernels only ({why})")
 
     class BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
@@ -135,8 +158,9 @@ def _remove_stale_inplace_builds(cmd):
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=find_packages(include=["deferredseg", "deferredseg.*",
-                                    "deferredseg_kernels", "deferredseg_kernels.*"]),
+    packages=find_packages(
+        include=["deferredseg", "deferredseg.*", "deferredseg_kernels", "deferredseg_kernels.*"]
+    ),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     # abi3 wheel tag; a pure-Python install (no extension) stays py3-none-any.

@@ -22,16 +22,23 @@ from pathlib import Path
 from typing import List
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILD_FILES = ("README.md", "LICENSE", "pyproject.toml", "setup.py", "MANIFEST.in",
-               "deferredseg_kernels/_version.py")
+BUILD_FILES = (
+    "README.md",
+    "LICENSE",
+    "pyproject.toml",
+    "setup.py",
+    "MANIFEST.in",
+    "deferredseg_kernels/_version.py",
+)
 SKIP_SUFFIXES = (".o", ".so", ".pyc")
 
 
 def source_version(root: Path) -> str:
     tree = ast.parse((root / "deferredseg_kernels" / "_version.py").read_text())
     for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "__version__"
-                                                for t in node.targets):
+        if isinstance(node, ast.Assign) and any(
+            getattr(t, "id", "") == "__version__" for t in node.targets
+        ):
             return ast.literal_eval(node.value)
     raise SystemExit("deferredseg_kernels/_version.py does not assign __version__")
 
@@ -54,8 +61,9 @@ def check_sdist(path: Path, root: Path, version: str) -> List[str]:
         pkg_info = tar.extractfile(f"{top}/PKG-INFO") if f"{top}/PKG-INFO" in names else None
         meta = email.parser.Parser().parsestr(pkg_info.read().decode()) if pkg_info else None
     if not path.name.startswith(top + "."):
-        errors.append(f"sdist {path.name}: expected version {version} "
-                      f"(deferredseg_kernels/_version.py)")
+        errors.append(
+            f"sdist {path.name}: expected version {version} (deferredseg_kernels/_version.py)"
+        )
     missing = [f for f in expected_sdist_files(root) if f"{top}/{f}" not in names]
     if missing:
         errors.append(f"sdist lacks {len(missing)} file(s) the build needs: {missing}")
@@ -71,13 +79,16 @@ def check_metadata(meta, version: str, what: str) -> List[str]:
     if meta["Version"] != version:
         errors.append(f"{what}: metadata version {meta['Version']!r}, expected {version!r}")
     if meta["License-Expression"] != "Apache-2.0":
-        errors.append(f"{what}: License-Expression {meta['License-Expression']!r}, "
-                      f"expected 'Apache-2.0'")
+        errors.append(
+            f"{what}: License-Expression {meta['License-Expression']!r}, expected 'Apache-2.0'"
+        )
     if "LICENSE" not in (meta.get_all("License-File") or []):
         errors.append(f"{what}: no License-File: LICENSE in the metadata")
     if meta["Description-Content-Type"] != "text/markdown":
-        errors.append(f"{what}: the README is not the markdown long description "
-                      f"(Description-Content-Type {meta['Description-Content-Type']!r})")
+        errors.append(
+            f"{what}: the README is not the markdown long description "
+            f"(Description-Content-Type {meta['Description-Content-Type']!r})"
+        )
     return errors
 
 
@@ -95,18 +106,24 @@ def check_wheel(path: Path, version: str) -> List[str]:
     with zipfile.ZipFile(path) as zf:
         names = set(zf.namelist())
         wheel_meta = zf.read(f"{info}/WHEEL").decode() if f"{info}/WHEEL" in names else ""
-        meta = (email.parser.Parser().parsestr(zf.read(f"{info}/METADATA").decode())
-                if f"{info}/METADATA" in names else None)
-    wheel_tags = [line.split(":", 1)[1].strip() for line in wheel_meta.splitlines()
-                  if line.startswith("Tag:")]
+        meta = (
+            email.parser.Parser().parsestr(zf.read(f"{info}/METADATA").decode())
+            if f"{info}/METADATA" in names
+            else None
+        )
+    wheel_tags = [
+        line.split(":", 1)[1].strip() for line in wheel_meta.splitlines() if line.startswith("Tag:")
+    ]
     if sorted(wheel_tags) != tag_strs:
         errors.append(f"wheel {path.name}: WHEEL tags {wheel_tags} differ from the file name's")
     if "Root-Is-Purelib: false" not in wheel_meta:
         errors.append(f"wheel {path.name}: not a platform wheel (Root-Is-Purelib is not false)")
     exts = sorted(n for n in names if n.startswith("deferredseg_kernels/_C") and n.endswith(".so"))
     if exts != ["deferredseg_kernels/_C.abi3.so"]:
-        errors.append(f"wheel {path.name}: extension files {exts}, expected "
-                      f"['deferredseg_kernels/_C.abi3.so']")
+        errors.append(
+            f"wheel {path.name}: extension files {exts}, expected "
+            f"['deferredseg_kernels/_C.abi3.so']"
+        )
     if f"{info}/licenses/LICENSE" not in names:
         errors.append(f"wheel {path.name}: lacks {info}/licenses/LICENSE")
     for required in ("deferredseg_kernels/_version.py", "deferredseg/cli.py"):

@@ -28,8 +28,10 @@ except ImportError as exc:
 import deferredseg_kernels as dk  # noqa: E402  (registers every op, or raises)
 from deferredseg_kernels.ops import triton_support  # noqa: E402
 
-print(f"torch {torch.__version__}, triton {triton.__version__}, deferredseg_kernels "
-      f"{dk.__version__} from {os.path.dirname(dk.__file__)}")
+print(
+    f"torch {torch.__version__}, triton {triton.__version__}, deferredseg_kernels "
+    f"{dk.__version__} from {os.path.dirname(dk.__file__)}"
+)
 reason = triton_support.why_unavailable()
 if reason is not None:
     sys.exit(f"import_check: the Triton backend is unavailable: {reason}")
@@ -38,14 +40,19 @@ from deferredseg_kernels.ops import triton_common, triton_loss, triton_route  # 
 
 if triton_common.INTERPRET:
     sys.exit("import_check: the kernels are interpreted; expected compiled kernels")
-declared = {"loss_stats": triton_loss._STATS_SCHEMA, "loss_fused": triton_loss._LOSS_SCHEMA,
-            "route": triton_route._ROUTE_SCHEMA}
+declared = {
+    "loss_stats": triton_loss._STATS_SCHEMA,
+    "loss_fused": triton_loss._LOSS_SCHEMA,
+    "route": triton_route._ROUTE_SCHEMA,
+}
 for name, schema in declared.items():
     registered = str(getattr(torch.ops.deferredseg_triton, name).default._schema)
     expected = f"deferredseg_triton::{name}{schema}"
     if registered != expected:
-        sys.exit(f"import_check: deferredseg_triton::{name} is registered as {registered}, "
-                 f"expected {expected}")
+        sys.exit(
+            f"import_check: deferredseg_triton::{name} is registered as {registered}, "
+            f"expected {expected}"
+        )
     print(f"  {registered}")
 if args.expect_ext:
     from deferredseg_kernels._ext import EXT, EXT_MISSING_REASON

@@ -14,8 +14,11 @@ import torch
 p = argparse.ArgumentParser()
 p.add_argument("--expect-backend", action="append", default=[])
 p.add_argument("--no-cuda", action="store_true", help="the build must not contain CUDA kernels")
-p.add_argument("--expect-abi3", action="store_true",
-               help="the extension must be the limited-API build (_C.abi3.so)")
+p.add_argument(
+    "--expect-abi3",
+    action="store_true",
+    help="the extension must be the limited-API build (_C.abi3.so)",
+)
 args = p.parse_args()
 
 import deferredseg  # noqa: E402
@@ -24,12 +27,15 @@ from deferredseg.losses import DeferredSegLoss  # noqa: E402
 
 here = os.path.dirname(os.path.abspath(dk.__file__))
 assert "site-packages" in here, f"imported from the source tree, not the install: {here}"
-print(f"deferredseg {deferredseg.__version__} from {here}; torch {torch.__version__}; "
-      f"backends {dk.available_backends()}")
+print(
+    f"deferredseg {deferredseg.__version__} from {here}; torch {torch.__version__}; "
+    f"backends {dk.available_backends()}"
+)
 installed = importlib.metadata.version("deferredseg")
 assert deferredseg.__version__ == dk.__version__ == installed, (
     f"versions differ: deferredseg {deferredseg.__version__}, deferredseg_kernels "
-    f"{dk.__version__}, installed distribution {installed}")
+    f"{dk.__version__}, installed distribution {installed}"
+)
 if args.expect_abi3:
     import deferredseg_kernels._C as ext
 
@@ -39,6 +45,7 @@ for name in args.expect_backend:
     assert name in dk.available_backends(), f"backend {name!r} missing: {dk.available_backends()}"
 if args.no_cuda:
     from deferredseg_kernels._ext import has_cuda_kernels
+
     assert not has_cuda_kernels(), "a CPU-only torch build must not report CUDA kernels"
 
 K, E = 1, 3
@@ -52,10 +59,14 @@ for backend in dk.available_backends("loss"):
     assert torch.allclose(val, ref, rtol=1e-5), (backend, val.item(), ref.item())
 for backend in dk.available_backends("route"):
     out = dk.route(x, K, E, expert_labels=m, backend=backend)
-    assert torch.equal(out.assignment, dk.route(x, K, E, expert_labels=m, backend="reference").assignment)
+    assert torch.equal(
+        out.assignment, dk.route(x, K, E, expert_labels=m, backend="reference").assignment
+    )
 from deferredseg.review.server import STATIC  # noqa: E402
 
 for page in ("review.html", "review.js", "overview.html", "overview.js", "style.css"):
-    assert (STATIC / page).is_file(), f"the review page {page} is missing from the install: {STATIC}"
+    assert (STATIC / page).is_file(), (
+        f"the review page {page} is missing from the install: {STATIC}"
+    )
 print("installed package OK")
 sys.exit(0)

@@ -48,8 +48,9 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def make_inputs(shape: Sequence[int], K: int, E: int, seed: int = 0
-                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def make_inputs(
+    shape: Sequence[int], K: int, E: int, seed: int = 0
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Packed logits (B, K + E + 2, *S) float32, target with 10 % ignored, expert labels."""
     g = torch.Generator().manual_seed(seed)
     B, C, S = shape[0], shape[1], tuple(shape[2:])
@@ -70,13 +71,16 @@ def percentiles(ts: List[float]) -> Tuple[float, float, float]:
 
 def make_step(fn: Callable, x: torch.Tensor, mode: str) -> Callable[[], None]:
     if mode == "fwd+bwd":
+
         def step():
             x.grad = None
             fn(x).backward()
     else:
+
         def step():
             with torch.no_grad():
                 fn(x)
+
     return step
 
 
@@ -94,8 +98,16 @@ def parse_loss_options(items: Sequence[str]) -> Dict[str, object]:
     return out
 
 
-def bench_shape(shape: Sequence[int], K: int, E: int, modes: Sequence[str], warmup: int,
-                repeats: int, use_compile: bool, options: Dict[str, object]) -> List[Dict]:
+def bench_shape(
+    shape: Sequence[int],
+    K: int,
+    E: int,
+    modes: Sequence[str],
+    warmup: int,
+    repeats: int,
+    use_compile: bool,
+    options: Dict[str, object],
+) -> List[Dict]:
     logits, target, experts = make_inputs(shape, K, E)
     x = logits.clone().requires_grad_(True)
 
@@ -127,28 +139,43 @@ def bench_shape(shape: Sequence[int], K: int, E: int, modes: Sequence[str], warm
         res = {name: percentiles(ts) for name, ts in times.items()}
         kern = res["cpu_kernel"][0]
         opt_text = " ".join(f"{k}={v}" for k, v in options.items()) or "default options"
-        print(f"\nshape {tuple(shape)} fp32 K={K} E={E}  {opt_text}  mode {mode}  "
-              f"(threads {torch.get_num_threads()}, warm-up {warm_s:.1f} s)")
+        print(
+            f"\nshape {tuple(shape)} fp32 K={K} E={E}  {opt_text}  mode {mode}  "
+            f"(threads {torch.get_num_threads()}, warm-up {warm_s:.1f} s)"
+        )
         print(f"  {'impl':<12}{'median ms':>11}{'p20 ms':>10}{'p80 ms':>10}{'vs kernel':>11}")
         for name in IMPLS:
             if name not in res:
                 continue
             med, p20, p80 = res[name]
-            print(f"  {name:<12}{med * 1e3:>11.3f}{p20 * 1e3:>10.3f}{p80 * 1e3:>10.3f}"
-                  f"{med / kern:>10.1f}x")
+            print(
+                f"  {name:<12}{med * 1e3:>11.3f}{p20 * 1e3:>10.3f}{p80 * 1e3:>10.3f}"
+                f"{med / kern:>10.1f}x"
+            )
             row = dict(shape="x".join(map(str, shape)), dtype="float32", K=K, E=E)
             if options:  # (the default options' CSV keeps its columns)
                 row["options"] = opt_text
-            rows.append(dict(row, mode=mode, impl=name, median_ms=round(med * 1e3, 4),
-                             p20_ms=round(p20 * 1e3, 4), p80_ms=round(p80 * 1e3, 4),
-                             speedup_of_kernel=round(med / kern, 2)))
+            rows.append(
+                dict(
+                    row,
+                    mode=mode,
+                    impl=name,
+                    median_ms=round(med * 1e3, 4),
+                    p20_ms=round(p20 * 1e3, 4),
+                    p80_ms=round(p80 * 1e3, 4),
+                    speedup_of_kernel=round(med / kern, 2),
+                )
+            )
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", action="append",
-                    help="B,C,*S (repeatable); default: " + " and ".join(DEFAULT_SHAPES))
+    ap.add_argument(
+        "--shape",
+        action="append",
+        help="B,C,*S (repeatable); default: " + " and ".join(DEFAULT_SHAPES),
+    )
     ap.add_argument("--num-classes", type=int, default=1)
     ap.add_argument("--num-experts", type=int, default=3)
     ap.add_argument("--modes", default="fwd+bwd,fwd")
@@ -156,12 +183,20 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    ap.add_argument("--loss-option", action="append", default=[], metavar="NAME=VALUE",
-                    help="a loss option for every implementation (repeatable), e.g. "
-                         "surrogate=ova or gate_target=benefit")
-    ap.add_argument("--csv", default=None,
-                    help="CSV to append to; default results/loss_cpu.csv, or "
-                         "results/loss_cpu_options.csv (one more column) with --loss-option")
+    ap.add_argument(
+        "--loss-option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a loss option for every implementation (repeatable), e.g. "
+        "surrogate=ova or gate_target=benefit",
+    )
+    ap.add_argument(
+        "--csv",
+        default=None,
+        help="CSV to append to; default results/loss_cpu.csv, or "
+        "results/loss_cpu_options.csv (one more column) with --loss-option",
+    )
     args = ap.parse_args()
     if args.csv is None:
         name = "loss_cpu_options.csv" if args.loss_option else "loss_cpu.csv"
@@ -178,15 +213,27 @@ def main() -> None:
         if m not in ("fwd+bwd", "fwd"):
             raise SystemExit(f"--modes: unknown mode {m!r} (fwd+bwd, fwd)")
 
-    key = dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
-               machine=platform.node(), cpu=cpu_name(), cores=os.cpu_count(),
-               threads=torch.get_num_threads(), torch=torch.__version__)
+    key = dict(
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        machine=platform.node(),
+        cpu=cpu_name(),
+        cores=os.cpu_count(),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+    )
     print(f"{key['cpu']} ({key['cores']} cores, {key['threads']} threads), torch {key['torch']}")
     rows = []
     for shape in shapes:
-        rows += bench_shape(shape, args.num_classes, args.num_experts, modes, args.warmup,
-                            args.repeats, not args.no_compile,
-                            parse_loss_options(args.loss_option))
+        rows += bench_shape(
+            shape,
+            args.num_classes,
+            args.num_experts,
+            modes,
+            args.warmup,
+            args.repeats,
+            not args.no_compile,
+            parse_loss_options(args.loss_option),
+        )
 
     os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
     fields = list(key) + list(rows[0]) if rows else list(key)

@@ -39,9 +39,17 @@ def _checkpoint(path: Path, dims: int, size: int) -> Path:
     cfg = TrainConfig(spatial_dims=dims, image_size=size, features=16, backend="auto", device="cpu")
     torch.manual_seed(0)
     model = build_model(cfg, 1, 5)
-    save_checkpoint(path, {"model": model.state_dict(), "config": cfg.to_dict(), "num_experts": 5,
-                           "in_channels": 1, "best_expert": 0,
-                           "expert_names": [f"e{j}" for j in range(5)]})
+    save_checkpoint(
+        path,
+        {
+            "model": model.state_dict(),
+            "config": cfg.to_dict(),
+            "num_experts": 5,
+            "in_channels": 1,
+            "best_expert": 0,
+            "expert_names": [f"e{j}" for j in range(5)],
+        },
+    )
     return path
 
 
@@ -55,18 +63,26 @@ def bench_predict(root: Path, dims: int, size: int, n: int) -> dict:
     images.mkdir()
     rs = np.random.RandomState(0)
     for i in range(n):
-        img = (create_test_image_2d(size, size, random_state=rs)[0] if dims == 2
-               else create_test_image_3d(size, size, size, random_state=rs)[0])
+        img = (
+            create_test_image_2d(size, size, random_state=rs)[0]
+            if dims == 2
+            else create_test_image_3d(size, size, size, random_state=rs)[0]
+        )
         np.save(images / f"img{i:03d}.npy", img.astype(np.float32))
     t0 = time.perf_counter()
     s = predict(ck, images, root / f"out{dims}d", threshold=0.5, device="cpu", progress=False)
     total = time.perf_counter() - t0
     assert len(s.done) == n and not s.failed, s.failed
     sec = s.seconds
-    return {"case": f"{'x'.join([str(size)] * dims)} ({dims}D)", "images": n,
-            "images_per_s": n / total, "total_s": total, "tasks": s.tasks,
-            **{f"{k}_share": v / total for k, v in sec.items()},
-            "route_plus_tasks_vs_network": (sec["route"] + sec["tasks"]) / max(sec["network"], 1e-9)}
+    return {
+        "case": f"{'x'.join([str(size)] * dims)} ({dims}D)",
+        "images": n,
+        "images_per_s": n / total,
+        "total_s": total,
+        "tasks": s.tasks,
+        **{f"{k}_share": v / total for k, v in sec.items()},
+        "route_plus_tasks_vs_network": (sec["route"] + sec["tasks"]) / max(sec["network"], 1e-9),
+    }
 
 
 def _many_tasks(root: Path, images: int = 10, side: int = 320) -> Path:
@@ -86,7 +102,7 @@ def _many_tasks(root: Path, images: int = 10, side: int = 320) -> Path:
         k = 0
         for y in range(2, side - 4, 10):
             for x in range(2, side - 4, 10):
-                a[y:y + 4, x:x + 4] = k % 5
+                a[y : y + 4, x : x + 4] = k % 5
                 k += 1
         src = root / "src" / f"img{i}.npy"
         np.save(src, rs.rand(side, side).astype(np.float32))
@@ -94,8 +110,17 @@ def _many_tasks(root: Path, images: int = 10, side: int = 320) -> Path:
         write_like(out / "model" / f"img{i}", (rs.rand(side, side) > 0.5).astype(np.uint8), meta)
         regions, tasks, dropped = extract_tasks(a, 5)
         atomic_save_npy(out / "regions" / f"img{i}.npy", regions)
-        db.add_image(f"img{i}", str(src), ".npy", _fingerprint(src), (side, side), side * side,
-                     int((a >= 0).sum()), dropped, tasks)
+        db.add_image(
+            f"img{i}",
+            str(src),
+            ".npy",
+            _fingerprint(src),
+            (side, side),
+            side * side,
+            int((a >= 0).sum()),
+            dropped,
+            tasks,
+        )
     return out
 
 
@@ -112,8 +137,9 @@ def bench_serve(root: Path, requests: int) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(out), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(out), host="127.0.0.1", port=port, log_level="warning")
+    )
     th = threading.Thread(target=server.run, daemon=True)
     th.start()
     while not server.started:
@@ -142,13 +168,20 @@ def bench_serve(root: Path, requests: int) -> dict:
         server.should_exit = True
         th.join(timeout=10)
     q = lambda v, p: float(np.percentile(v, p)) * 1000  # noqa: E731
-    return {"tasks_in_db": int(n_tasks), "requests": requests,
-            "task_page_ms_median": q(page, 50), "task_page_ms_p90": q(page, 90),
-            "answer_ms_median": q(answer, 50), "answer_ms_p90": q(answer, 90)}
+    return {
+        "tasks_in_db": int(n_tasks),
+        "requests": requests,
+        "task_page_ms_median": q(page, 50),
+        "task_page_ms_p90": q(page, 90),
+        "answer_ms_median": q(answer, 50),
+        "answer_ms_p90": q(answer, 90),
+    }
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--images", type=int, default=16, help="256x256 images to predict")
     p.add_argument("--volumes", type=int, default=1, help="128^3 volumes to predict")
     p.add_argument("--requests", type=int, default=50, help="task pages and answers to time")
@@ -159,19 +192,31 @@ def main(argv=None) -> int:
         root = Path(tmp)
         rows = [bench_predict(root, 2, 256, a.images), bench_predict(root, 3, 128, a.volumes)]
         srv = bench_serve(root, a.requests)
-    print(f"predict on the CPU ({torch.get_num_threads()} threads), untrained UNet (features 16), E = 5:\n")
-    print("| images | count | images/s | network | routing | task extraction | read + write | "
-          "(routing + tasks) / network |")
+    print(
+        f"predict on the CPU ({torch.get_num_threads()} threads), untrained UNet (features 16), E = 5:\n"
+    )
+    print(
+        "| images | count | images/s | network | routing | task extraction | read + write | "
+        "(routing + tasks) / network |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} | {r['images']} | {r['images_per_s']:.2f} | {r['network_share']:.1%} | "
-              f"{r['route_share']:.1%} | {r['tasks_share']:.1%} | "
-              f"{r['load_share'] + r['write_share']:.1%} | {r['route_plus_tasks_vs_network']:.1%} |")
-    print(f"\nreview server, {srv['tasks_in_db']} tasks in the database, {srv['requests']} requests:")
-    print(f"task page (queue + task + data): median {srv['task_page_ms_median']:.1f} ms, "
-          f"p90 {srv['task_page_ms_p90']:.1f} ms")
-    print(f"answer (with the merge of its image; the report follows in the background): median {srv['answer_ms_median']:.1f} ms, "
-          f"p90 {srv['answer_ms_p90']:.1f} ms")
+        print(
+            f"| {r['case']} | {r['images']} | {r['images_per_s']:.2f} | {r['network_share']:.1%} | "
+            f"{r['route_share']:.1%} | {r['tasks_share']:.1%} | "
+            f"{r['load_share'] + r['write_share']:.1%} | {r['route_plus_tasks_vs_network']:.1%} |"
+        )
+    print(
+        f"\nreview server, {srv['tasks_in_db']} tasks in the database, {srv['requests']} requests:"
+    )
+    print(
+        f"task page (queue + task + data): median {srv['task_page_ms_median']:.1f} ms, "
+        f"p90 {srv['task_page_ms_p90']:.1f} ms"
+    )
+    print(
+        f"answer (with the merge of its image; the report follows in the background): median {srv['answer_ms_median']:.1f} ms, "
+        f"p90 {srv['answer_ms_p90']:.1f} ms"
+    )
     if a.json:
         Path(a.json).write_text(json.dumps({"predict": rows, "serve": srv}, indent=2))
     return 0

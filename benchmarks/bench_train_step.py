@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--repeats", type=int, default=30)
@@ -44,7 +45,9 @@ def main(argv=None) -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(a.batch, 1, a.size, a.size, device=dev)
     t = (torch.rand(a.batch, a.size, a.size, device=dev) > 0.7).long()
-    m = torch.where(torch.rand(a.batch, 3, a.size, a.size, device=dev) < 0.1, 1 - t[:, None], t[:, None])
+    m = torch.where(
+        torch.rand(a.batch, 3, a.size, a.size, device=dev) < 0.1, 1 - t[:, None], t[:, None]
+    )
 
     def step(loss_fn):
         opt.zero_grad(set_to_none=True)
@@ -57,7 +60,7 @@ def main(argv=None) -> int:
     for b in a.backends:
         if b in available_backends("loss"):
             crit = DeferredSegLoss(1, 3, backend=b)
-            losses[b] = (lambda c: (lambda out: c(out, t, m)))(crit)
+            losses[b] = (lambda c: lambda out: c(out, t, m))(crit)
     times = {k: [] for k in losses}
     for name, fn in losses.items():
         for _ in range(a.warmup):
@@ -72,14 +75,18 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
             times[name].append(s.elapsed_time(e))
     base = statistics.median(times["trivial"])
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: UNet step, "
-          f"batch {a.batch}x1x{a.size}x{a.size}, bf16 autocast")
+    print(
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}: UNet step, "
+        f"batch {a.batch}x1x{a.size}x{a.size}, bf16 autocast"
+    )
     print("| loss | median ms | p20 | p80 | vs trivial loss |")
     print("|---|---|---|---|---|")
     for name, ts in times.items():
         q = statistics.quantiles(ts, n=5)
-        print(f"| {name} | {statistics.median(ts):.3f} | {q[0]:.3f} | {q[3]:.3f} | "
-              f"{100 * (statistics.median(ts) / base - 1):+.1f}% |")
+        print(
+            f"| {name} | {statistics.median(ts):.3f} | {q[0]:.3f} | {q[3]:.3f} | "
+            f"{100 * (statistics.median(ts) / base - 1):+.1f}% |"
+        )
     return 0
 
 

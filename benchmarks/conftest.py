@@ -15,11 +15,17 @@ import torch
 
 def pytest_addoption(parser):
     group = parser.getgroup("deferredseg benchmarks")
-    group.addoption("--bench-smoke", action="store_true",
-                    help="tiny shapes only: checks that every benchmark still runs (CI)")
-    group.addoption("--bench-device", choices=("all", "cpu", "cuda"), default="all",
-                    help="benchmark CPU tensors, CUDA tensors or both (default: every device "
-                         "present)")
+    group.addoption(
+        "--bench-smoke",
+        action="store_true",
+        help="tiny shapes only: checks that every benchmark still runs (CI)",
+    )
+    group.addoption(
+        "--bench-device",
+        choices=("all", "cpu", "cuda"),
+        default="all",
+        help="benchmark CPU tensors, CUDA tensors or both (default: every device present)",
+    )
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

@@ -75,11 +75,27 @@ LABELS = {
 
 def base_config(quick: bool, backend: str) -> TrainConfig:
     if quick:
-        return TrainConfig(layout="multirater", target="label", features=8, epochs=1, head_epochs=1,
-                           batch_size=8, progress=False, backend=backend)
+        return TrainConfig(
+            layout="multirater",
+            target="label",
+            features=8,
+            epochs=1,
+            head_epochs=1,
+            batch_size=8,
+            progress=False,
+            backend=backend,
+        )
     # the base segmentor's schedule; the heads' (head_epochs, head_lr) are the defaults
-    return TrainConfig(layout="multirater", target="label", features=16, epochs=12,
-                       batch_size=8, lr=3e-3, progress=False, backend=backend)
+    return TrainConfig(
+        layout="multirater",
+        target="label",
+        features=16,
+        epochs=12,
+        batch_size=8,
+        lr=3e-3,
+        progress=False,
+        backend=backend,
+    )
 
 
 def head_variants(panel: str, num_experts: int) -> Dict[str, dict]:
@@ -88,16 +104,21 @@ def head_variants(panel: str, num_experts: int) -> Dict[str, dict]:
     released = dict(faithful, surrogate="paper", route_mode="router")
     if num_experts == 3:
         released.update(balance="band", balance_low=RELEASED_BAND[0], balance_high=RELEASED_BAND[1])
-    v = {"released": released, "faithful": faithful, "improved": {},
-         "l2d": dict(method="l2d-single")}
+    v = {
+        "released": released,
+        "faithful": faithful,
+        "improved": {},
+        "l2d": dict(method="l2d-single"),
+    }
     if panel == "A":
         v["no-coherence"] = dict(lambda_coherence=0.0)
         v["no-balance"] = dict(lambda_balance=0.0)
     return v
 
 
-def evaluate_all(ck: Path, overrides: Optional[dict], budgets, cache: Optional[Path] = None
-                 ) -> Dict[str, dict]:
+def evaluate_all(
+    ck: Path, overrides: Optional[dict], budgets, cache: Optional[Path] = None
+) -> Dict[str, dict]:
     """Metrics at each budget (val threshold and matched test rate), or the router's own rate.
 
     With ``cache``, results are kept in that JSON file and reused while the
@@ -107,8 +128,15 @@ def evaluate_all(ck: Path, overrides: Optional[dict], budgets, cache: Optional[P
         return json.loads(cache.read_text())
     out = {}
     for b in budgets:
-        m = evaluate(ck, budget=b, overrides=overrides, figures=False, with_hd95=False, matched=True,
-                     sweep=False)
+        m = evaluate(
+            ck,
+            budget=b,
+            overrides=overrides,
+            figures=False,
+            with_hd95=False,
+            matched=True,
+            sweep=False,
+        )
         m.pop("risk_coverage", None)
         out[f"{b:g}"] = m
         if m.get("route_mode") == "router" or m.get("budget") is None:
@@ -121,8 +149,15 @@ def evaluate_all(ck: Path, overrides: Optional[dict], budgets, cache: Optional[P
 
 def run(args) -> Dict:
     out_root = Path(args.out)
-    results: Dict = {"budgets": list(BUDGETS), "seeds": args.seeds, "panels": args.panels,
-                     "cases": args.cases, "size": args.size, "runs": {}, "panel_info": {}}
+    results: Dict = {
+        "budgets": list(BUDGETS),
+        "seeds": args.seeds,
+        "panels": args.panels,
+        "cases": args.cases,
+        "size": args.size,
+        "runs": {},
+        "panel_info": {},
+    }
     t0 = time.time()
     cfg0 = base_config(args.quick, args.backend)
 
@@ -140,13 +175,20 @@ def run(args) -> Dict:
         log(f"seed {seed}: data written")
 
         def cfg_for(panel, name, **kw):
-            return dataclasses.replace(cfg0, data=str(data[panel]), split_file=str(data[panel] / "split.json"),
-                                       seed=seed, out=str(out_root / f"seed{seed}" / panel / name), **kw)
+            return dataclasses.replace(
+                cfg0,
+                data=str(data[panel]),
+                split_file=str(data[panel] / "split.json"),
+                seed=seed,
+                out=str(out_root / f"seed{seed}" / panel / name),
+                **kw,
+            )
 
         base_dir = out_root / f"seed{seed}" / "base"
         if not (base_dir / "best.pt").exists():
-            bcfg = dataclasses.replace(cfg_for(args.panels[0], "base", method="model-only"),
-                                       out=str(base_dir))
+            bcfg = dataclasses.replace(
+                cfg_for(args.panels[0], "base", method="model-only"), out=str(base_dir)
+            )
             train(bcfg)
         base_ck = base_dir / "best.pt"
         log(f"seed {seed}: base segmentor trained")
@@ -155,28 +197,41 @@ def run(args) -> Dict:
             key = f"{seed}/{p}"
             evals = out_root / f"seed{seed}" / p / "evals"
             results["runs"][f"{key}/base"] = evaluate_all(
-                base_ck, dict(data=str(data[p]), split_file=str(data[p] / "split.json")), (0.1,),
-                evals / "base.json")
+                base_ck,
+                dict(data=str(data[p]), split_file=str(data[p] / "split.json")),
+                (0.1,),
+                evals / "base.json",
+            )
             results["runs"][f"{key}/confidence"] = evaluate_all(
-                base_ck, dict(method="confidence", data=str(data[p]),
-                              split_file=str(data[p] / "split.json")), BUDGETS, evals / "confidence.json")
+                base_ck,
+                dict(
+                    method="confidence", data=str(data[p]), split_file=str(data[p] / "split.json")
+                ),
+                BUDGETS,
+                evals / "confidence.json",
+            )
             for name, ov in head_variants(p, E).items():
                 cfg = cfg_for(p, name, base_checkpoint=str(base_ck), **ov)
                 if not (Path(cfg.out) / "best.pt").exists():
                     train(cfg)
                 ck = Path(cfg.out) / "best.pt"
-                results["runs"][f"{key}/{name}"] = evaluate_all(ck, None, BUDGETS, evals / f"{name}.json")
+                results["runs"][f"{key}/{name}"] = evaluate_all(
+                    ck, None, BUDGETS, evals / f"{name}.json"
+                )
                 if name == "improved":
                     results["runs"][f"{key}/confidence-heads"] = evaluate_all(
-                        ck, dict(route_mode="uncertainty"), BUDGETS, evals / "confidence-heads.json")
+                        ck, dict(route_mode="uncertainty"), BUDGETS, evals / "confidence-heads.json"
+                    )
                     results["runs"][f"{key}/improved-gain"] = evaluate_all(
-                        ck, dict(route_mode="gain"), BUDGETS, evals / "improved-gain.json")
+                        ck, dict(route_mode="gain"), BUDGETS, evals / "improved-gain.json"
+                    )
             if args.joint and p == "C":
                 cfg = cfg_for(p, "joint", training="joint")
                 if not (Path(cfg.out) / "best.pt").exists():
                     train(cfg)
-                results["runs"][f"{key}/joint"] = evaluate_all(Path(cfg.out) / "best.pt", None, BUDGETS,
-                                                               evals / "joint.json")
+                results["runs"][f"{key}/joint"] = evaluate_all(
+                    Path(cfg.out) / "best.pt", None, BUDGETS, evals / "joint.json"
+                )
             log(f"seed {seed}: panel {p} done")
     return results
 
@@ -188,7 +243,7 @@ def value(results, seed, panel, method, budget, key):
         return None
     m = r.get(f"{budget:g}") or next(iter(r.values()))
     if key.startswith("matched_") and m.get(key) is None and m.get("deferral_rate") == 0:
-        return m.get(key[len("matched_"):])  # the base segmentor never defers: any rate is its own
+        return m.get(key[len("matched_") :])  # the base segmentor never defers: any rate is its own
     return m.get(key)
 
 
@@ -223,20 +278,27 @@ def verdict(d: Dict, sign: int = +1, margin: float = 0.0) -> str:
 
 def markdown(results: Dict, env: str) -> str:
     seeds = results["seeds"]
-    L = [f"Hard synthetic benchmark (`deferredseg.data.benchmark`), {results['cases']} cases of "
-         f"{results['size']}x{results['size']} per seed, splits 60/20/20, seeds {seeds}; mean ± 95% CI "
-         f"half-width (t) over seeds. Thresholds chosen on validation; \"matched\" is the Dice at the "
-         f"threshold that defers exactly the budget of the test pixels. Produced by "
-         f"`python benchmarks/evidence.py` ({env}).", ""]
+    L = [
+        f"Hard synthetic benchmark (`deferredseg.data.benchmark`), {results['cases']} cases of "
+        f"{results['size']}x{results['size']} per seed, splits 60/20/20, seeds {seeds}; mean ± 95% CI "
+        f'half-width (t) over seeds. Thresholds chosen on validation; "matched" is the Dice at the '
+        f"threshold that defers exactly the budget of the test pixels. Produced by "
+        f"`python benchmarks/evidence.py` ({env}).",
+        "",
+    ]
     for p in results["panels"]:
         info = [results["panel_info"][f"{s}/{p}"] for s in seeds]
         best = ci95([i["best_expert_dice"] for i in info])
         oracle = ci95([i["oracle_dice"] for i in info])
-        L += [f"**Panel {p} ({PANEL_NAMES[p]})**: best single expert Dice {fmt(best)}, per-pixel "
-              f"oracle {fmt(oracle)}.", "",
-              "| method | " + " | ".join(f"Dice @{b:.0%} (rate) | matched @{b:.0%}" for b in BUDGETS)
-              + " | AUROC score / uncertainty |",
-              "|---|" + "---|---|" * len(BUDGETS) + "---|"]
+        L += [
+            f"**Panel {p} ({PANEL_NAMES[p]})**: best single expert Dice {fmt(best)}, per-pixel "
+            f"oracle {fmt(oracle)}.",
+            "",
+            "| method | "
+            + " | ".join(f"Dice @{b:.0%} (rate) | matched @{b:.0%}" for b in BUDGETS)
+            + " | AUROC score / uncertainty |",
+            "|---|" + "---|---|" * len(BUDGETS) + "---|",
+        ]
         for m in methods_of(results, p):
             cells = []
             for b in BUDGETS:
@@ -245,8 +307,14 @@ def markdown(results: Dict, env: str) -> str:
                 md = ci95([value(results, s, p, m, b, "matched_system_dice") for s in seeds])
                 cells += [f"{fmt(d)} ({fmt(r, '.2f')})", fmt(md)]
             a1 = ci95([value(results, s, p, m, 0.1, "auroc_model_wrong_score") for s in seeds])
-            a2 = ci95([value(results, s, p, m, 0.1, "auroc_model_wrong_uncertainty") for s in seeds])
-            L.append(f"| {LABELS[m]} | " + " | ".join(cells) + f" | {fmt(a1, '.2f')} / {fmt(a2, '.2f')} |")
+            a2 = ci95(
+                [value(results, s, p, m, 0.1, "auroc_model_wrong_uncertainty") for s in seeds]
+            )
+            L.append(
+                f"| {LABELS[m]} | "
+                + " | ".join(cells)
+                + f" | {fmt(a1, '.2f')} / {fmt(a2, '.2f')} |"
+            )
         L.append("")
     L += ["Targets (paired over seeds, system Dice at matched test deferral rates):", ""]
     for p in results["panels"]:
@@ -257,35 +325,54 @@ def markdown(results: Dict, env: str) -> str:
             # panel C: the improved default must beat confidence deferral (CI above 0); elsewhere
             # it must be no worse than it by more than 0.005 (CI lower bound above -0.005)
             margin = 0.0 if p == "C" else -0.005
-            L.append(f"- {p} @{b:.0%}: improved > base alone: {verdict(d1)}; improved vs confidence "
-                     f"to the best expert ({'> 0' if p == 'C' else 'no worse than -0.005'}): "
-                     f"{verdict(d2, margin=margin)}")
+            L.append(
+                f"- {p} @{b:.0%}: improved > base alone: {verdict(d1)}; improved vs confidence "
+                f"to the best expert ({'> 0' if p == 'C' else 'no worse than -0.005'}): "
+                f"{verdict(d2, margin=margin)}"
+            )
     for p in results["panels"]:
         sc = [value(results, s, p, "improved", 0.1, "auroc_model_wrong_score") for s in seeds]
         un = [value(results, s, p, "improved", 0.1, "auroc_model_wrong_uncertainty") for s in seeds]
         d = ci95([x - y for x, y in zip(sc, un) if x is not None and y is not None])
-        L.append(f"- {p}: AUROC of the improved gate for the model's wrong pixels minus the "
-                 f"segmentation head's uncertainty's (at least as good: CI lower bound above "
-                 f"-0.005): {verdict(d, margin=-0.005)}")
+        L.append(
+            f"- {p}: AUROC of the improved gate for the model's wrong pixels minus the "
+            f"segmentation head's uncertainty's (at least as good: CI lower bound above "
+            f"-0.005): {verdict(d, margin=-0.005)}"
+        )
     if "A" in results["panels"]:
-        L += ["", "Coherence and balance on panel A (improved default, 10% budget, matched rates):", ""]
+        L += [
+            "",
+            "Coherence and balance on panel A (improved default, 10% budget, matched rates):",
+            "",
+        ]
         for name, key, sign, text in (
-                ("no-coherence", "matched_deferral_components_per_image", -1,
-                 "coherence reduces deferral regions per image"),
-                ("no-coherence", "matched_system_dice", +1, "coherence raises system Dice"),
-                ("no-balance", "matched_system_dice", +1, "balance raises system Dice")):
+            (
+                "no-coherence",
+                "matched_deferral_components_per_image",
+                -1,
+                "coherence reduces deferral regions per image",
+            ),
+            ("no-coherence", "matched_system_dice", +1, "coherence raises system Dice"),
+            ("no-balance", "matched_system_dice", +1, "balance raises system Dice"),
+        ):
             d = paired(results, "A", "improved", name, 0.1, key)
             L.append(f"- {text}: {verdict(d, sign)}")
     return "\n".join(L) + "\n"
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 3, 4, 5])
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 3, 4, 5]
+    )
     p.add_argument("--panels", type=lambda s: s.split(","), default=list(PANELS))
     p.add_argument("--cases", type=int, default=250)
     p.add_argument("--size", type=int, default=48)
-    p.add_argument("--joint", action="store_true", help="also train the improved objective jointly (panel C)")
+    p.add_argument(
+        "--joint", action="store_true", help="also train the improved objective jointly (panel C)"
+    )
     p.add_argument("--backend", default="auto")
     p.add_argument("--out", default=str(ROOT / "build" / "evidence"))
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
@@ -306,8 +393,9 @@ def main(argv=None) -> int:
     res = Path(args.results)
     res.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
-    (res / f"evidence{suffix}.json").write_text(json.dumps({"results": results, "env": env}, indent=1,
-                                                           default=str))
+    (res / f"evidence{suffix}.json").write_text(
+        json.dumps({"results": results, "env": env}, indent=1, default=str)
+    )
     (res / f"evidence{suffix}.md").write_text(md)
     print(md)
     if not args.quick:

@@ -31,7 +31,9 @@ def load(path: str, since: str, machine: str | None) -> List[dict]:
 
 def summarize(rows: List[dict]) -> List[dict]:
     # (shape, mode) -> run date -> impl -> median ms
-    runs: Dict[Tuple[str, str], Dict[str, Dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    runs: Dict[Tuple[str, str], Dict[str, Dict[str, float]]] = defaultdict(
+        lambda: defaultdict(dict)
+    )
     for r in rows:
         runs[(r["shape"], r["mode"])][r["date"]][r["impl"]] = float(r["median_ms"])
     out = []
@@ -62,8 +64,10 @@ def main() -> None:
     if not rows:
         raise SystemExit(f"no rows in {args.csv} since {args.since!r}")
     fmt = lambda t, unit: f"{t[0]:.2f}{unit} ({t[1]:.2f}-{t[2]:.2f})"  # noqa: E731
-    print("| shape | mode | runs | eager | torch.compile | C++ CPU kernel | kernel vs eager "
-          "| kernel vs compile |")
+    print(
+        "| shape | mode | runs | eager | torch.compile | C++ CPU kernel | kernel vs eager "
+        "| kernel vs compile |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for e in summarize(rows):
         cells = [fmt(e[k], " ms") if k in e else "-" for k in ("eager", "compile", "cpu_kernel")]

@@ -60,16 +60,24 @@ class Shape(NamedTuple):
 
 SHAPES = {
     # (device, smoke): shapes
-    ("cpu", False): [Shape("2d-4x256", (4, 6, 256, 256), torch.float32, 1, 3),
-                     Shape("3d-1x64", (1, 6, 64, 64, 64), torch.float32, 1, 3)],
-    ("cpu", True): [Shape("2d-1x32", (1, 6, 32, 32), torch.float32, 1, 3),
-                    Shape("3d-1x8-K3", (1, 3 + 3 + 2, 8, 8, 8), torch.float32, 3, 3)],
-    ("cuda", False): [Shape("2d-16x512", (16, 6, 512, 512), torch.bfloat16, 1, 3),
-                      Shape("2d-16x1024", (16, 6, 1024, 1024), torch.bfloat16, 1, 3),
-                      Shape("3d-2x256", (2, 6, 256, 256, 256), torch.bfloat16, 1, 3),
-                      Shape("2d-8x512-K4", (8, 4 + 3 + 2, 512, 512), torch.bfloat16, 4, 3)],
-    ("cuda", True): [Shape("2d-1x64", (1, 6, 64, 64), torch.bfloat16, 1, 3),
-                     Shape("3d-1x16-K3", (1, 3 + 3 + 2, 16, 16, 16), torch.bfloat16, 3, 3)],
+    ("cpu", False): [
+        Shape("2d-4x256", (4, 6, 256, 256), torch.float32, 1, 3),
+        Shape("3d-1x64", (1, 6, 64, 64, 64), torch.float32, 1, 3),
+    ],
+    ("cpu", True): [
+        Shape("2d-1x32", (1, 6, 32, 32), torch.float32, 1, 3),
+        Shape("3d-1x8-K3", (1, 3 + 3 + 2, 8, 8, 8), torch.float32, 3, 3),
+    ],
+    ("cuda", False): [
+        Shape("2d-16x512", (16, 6, 512, 512), torch.bfloat16, 1, 3),
+        Shape("2d-16x1024", (16, 6, 1024, 1024), torch.bfloat16, 1, 3),
+        Shape("3d-2x256", (2, 6, 256, 256, 256), torch.bfloat16, 1, 3),
+        Shape("2d-8x512-K4", (8, 4 + 3 + 2, 512, 512), torch.bfloat16, 4, 3),
+    ],
+    ("cuda", True): [
+        Shape("2d-1x64", (1, 6, 64, 64), torch.bfloat16, 1, 3),
+        Shape("3d-1x16-K3", (1, 3 + 3 + 2, 16, 16, 16), torch.bfloat16, 3, 3),
+    ],
 }
 IMPLS = {"cpu": ("eager", "compiled", "cpu"), "cuda": ("eager", "compiled", "cuda", "triton")}
 # "backward" last: for torch.compile it needs its own compilation (see test_loss), and the
@@ -104,8 +112,16 @@ def pytest_generate_tests(metafunc):
         for shape in SHAPES[(device, smoke)]:
             for mode in MODES[op]:
                 for impl in IMPLS[device]:
-                    params.append(pytest.param(device, shape, mode, impl, marks=marks,
-                                               id=f"{device}-{shape.name}-{mode}-{impl}"))
+                    params.append(
+                        pytest.param(
+                            device,
+                            shape,
+                            mode,
+                            impl,
+                            marks=marks,
+                            id=f"{device}-{shape.name}-{mode}-{impl}",
+                        )
+                    )
     metafunc.parametrize("device,shape,mode,impl", params)
 
 
@@ -120,8 +136,11 @@ def make_inputs(device: str, shape: Shape):
     logits = (torch.randn(shape.size, device=device, generator=g) * 2).to(shape.dtype)
     nlab = max(shape.K, 2)
     target = torch.randint(0, nlab, (B,) + S, device=device, generator=g)
-    target = torch.where(torch.rand(target.shape, device=device, generator=g) < 0.1,
-                         torch.full_like(target, -100), target)
+    target = torch.where(
+        torch.rand(target.shape, device=device, generator=g) < 0.1,
+        torch.full_like(target, -100),
+        target,
+    )
     experts = torch.randint(0, nlab, (B, shape.E) + S, device=device, generator=g)
     return logits, target, experts
 
@@ -175,21 +194,39 @@ def compiled(fn: Callable, key: tuple) -> Callable:
     return _COMPILED[key]
 
 
-def run_benchmark(benchmark, request, device: str, op: str, shape: Shape, mode: str, impl: str,
-                  step: Callable[[], None], floor: int) -> None:
+def run_benchmark(
+    benchmark,
+    request,
+    device: str,
+    op: str,
+    shape: Shape,
+    mode: str,
+    impl: str,
+    step: Callable[[], None],
+    floor: int,
+) -> None:
     """Warm ``step`` up, record its peak memory, time it and fill ``extra_info``."""
     benchmark.group = f"{op} {device} {shape.name} {mode}"
     for _ in range(2 if impl != "compiled" else 3):  # compile, autotune, first touch
         step()
-    extra = dict(op=op, device=device, shape=list(shape.size), dtype=str(shape.dtype)[6:],
-                 K=shape.K, E=shape.E, mode=mode, impl=impl, floor_bytes=floor)
+    extra = dict(
+        op=op,
+        device=device,
+        shape=list(shape.size),
+        dtype=str(shape.dtype)[6:],
+        K=shape.K,
+        E=shape.E,
+        mode=mode,
+        impl=impl,
+        floor_bytes=floor,
+    )
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         step()
         torch.cuda.synchronize()
-        extra["peak_extra_mib"] = round((torch.cuda.max_memory_allocated() - base) / 2 ** 20, 1)
+        extra["peak_extra_mib"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
     smoke = request.config.getoption("--bench-smoke")
     bandwidth = copy_bandwidth(device, (64 if smoke else (1024 if device == "cuda" else 256)) << 20)
     extra["copy_gbps"] = round(bandwidth / 1e9, 2)
@@ -224,30 +261,39 @@ def test_loss(benchmark, request, device, shape, mode, impl):
         key = ("loss", device, shape, "no-donation" if mode == "backward" else "")
         fn = compiled(reference, key)
     else:
+
         def fn(x, t, m):
             return dk.deferredseg_loss(x, t, m, K, E, backend=impl)
 
     no_donation = impl == "compiled" and mode == "backward"
     patch = torch._functorch.config.patch(donated_buffer=False)
     with patch if no_donation else contextlib.nullcontext():
-        _bench_loss(benchmark, request, device, shape, mode, impl, fn, reference,
-                    logits, target, experts)
+        _bench_loss(
+            benchmark, request, device, shape, mode, impl, fn, reference, logits, target, experts
+        )
 
 
-def _bench_loss(benchmark, request, device, shape, mode, impl, fn, reference, logits, target,
-                experts):
+def _bench_loss(
+    benchmark, request, device, shape, mode, impl, fn, reference, logits, target, experts
+):
     x = logits.detach().requires_grad_(mode != "nograd_forward")
     expected = reference(logits.detach(), target, experts)
     got = fn(x.detach(), target, experts)
-    torch.testing.assert_close(got.float(), expected.float(), rtol=_tolerance(shape.dtype),
-                               atol=1e-5, msg=lambda m: f"{impl} disagrees with the eager "
-                                                        f"reference: {m}")
+    torch.testing.assert_close(
+        got.float(),
+        expected.float(),
+        rtol=_tolerance(shape.dtype),
+        atol=1e-5,
+        msg=lambda m: f"{impl} disagrees with the eager reference: {m}",
+    )
 
     if mode == "full":
+
         def step():
             x.grad = None
             fn(x, target, experts).backward()
     elif mode == "forward":
+
         def step():
             fn(x, target, experts)
     elif mode == "backward":
@@ -257,13 +303,18 @@ def _bench_loss(benchmark, request, device, shape, mode, impl, fn, reference, lo
             x.grad = None
             loss.backward(retain_graph=True)
     else:
+
         def step():
             with torch.no_grad():
                 fn(x, target, experts)
 
     inputs, grad = nbytes(logits, target, experts), nbytes(logits)
-    floor = {"full": inputs + grad, "forward": inputs + grad, "backward": grad,
-             "nograd_forward": inputs}[mode]
+    floor = {
+        "full": inputs + grad,
+        "forward": inputs + grad,
+        "backward": grad,
+        "nograd_forward": inputs,
+    }[mode]
     run_benchmark(benchmark, request, device, "loss", shape, mode, impl, step, floor)
 
 
@@ -282,6 +333,7 @@ def test_route(benchmark, request, device, shape, mode, impl):
     elif impl == "compiled":
         fn = compiled(reference, ("route", device, shape, mode))
     else:
+
         def fn(x, m):
             return dk.route(x, K, E, threshold=THRESHOLD, expert_labels=m, backend=impl)
 

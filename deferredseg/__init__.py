@@ -7,11 +7,11 @@ The tensor ops live in ``deferredseg_kernels``.
 """
 
 from deferredseg_kernels import (
-                                 __version__,
-                                 available_backends,
-                                 deferredseg_loss,
-                                 route,
-                                 split_logits,
+    __version__,
+    available_backends,
+    deferredseg_loss,
+    route,
+    split_logits,
 )
 
 __all__ = ["available_backends", "deferredseg_loss", "route", "split_logits", "__version__"]

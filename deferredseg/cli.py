@@ -47,10 +47,10 @@ from .train.validate import describe_type
 
 HELP = {
     "layout": "data layout: synthetic (generated, no files), medsam-npy (imgs/, gts/), "
-              "multirater (images/, raters/<rater>/, optional labels/)",
+    "multirater (images/, raters/<rater>/, optional labels/)",
     "data": "dataset folder (not needed for synthetic)",
     "target": "training target: label, majority (multirater default), staple, or a rater "
-              "name or index",
+    "name or index",
     "experts": "number of experts E: the first N raters or simulated experts",
     "expert_profile": "simulated experts: same-accuracy (3), complementary (5), structured (5)",
     "resample_experts": "draw simulated expert labels anew at every access",
@@ -59,59 +59,67 @@ HELP = {
     "image_size": "side of the synthetic images",
     "num_images": "number of synthetic images before the train/val/test split",
     "spatial_size": "resize file data to this size, e.g. 128,128 (needed when cases differ in size)",
-    "split_file": "JSON file {\"train\": [ids], \"val\": [...], \"test\": [...]}",
+    "split_file": 'JSON file {"train": [ids], "val": [...], "test": [...]}',
     "backbone": "any monai.networks.nets name, e.g. UNet, BasicUNet, AttentionUnet, SwinUNETR",
     "features": "feature channels of the backbone",
-    "method": "what to train: " + "; ".join(f"{m.name} ({m.summary})"
-                                             for m in METHOD_REGISTRY.values()),
+    "method": "what to train: "
+    + "; ".join(f"{m.name} ({m.summary})" for m in METHOD_REGISTRY.values()),
     "backend": "loss kernels: " + ", ".join(BACKENDS),
-    "epochs": "training epochs", "batch_size": "images per step and rank",
-    "lr": "AdamW learning rate", "weight_decay": "AdamW weight decay",
+    "epochs": "training epochs",
+    "batch_size": "images per step and rank",
+    "lr": "AdamW learning rate",
+    "weight_decay": "AdamW weight decay",
     "grad_accum": "micro-batches accumulated per optimiser step",
     "schedule": "learning-rate schedule: cosine, step, constant",
-    "step_size": "epochs between decays of the step schedule", "gamma": "step-schedule factor",
+    "step_size": "epochs between decays of the step schedule",
+    "gamma": "step-schedule factor",
     "amp": "bf16 autocast (default: on for CUDA, off for CPU)",
     "patience": "early stopping after this many epochs without a better validation system Dice",
     "checkpoint_every": "also write last.pt every N optimiser steps",
     "threshold": "gate threshold: defer where sigmoid(gate) > threshold",
     "val_hd95": "compute HD95 during validation too (slower)",
-    "device": "auto, cpu, cuda", "seed": "random seed",
+    "device": "auto, cpu, cuda",
+    "seed": "random seed",
     "seeds": "several seeds, e.g. 1,2,3: one run each, then mean, std and 95%% CI",
-    "workers": "data-loader worker processes", "progress": "show a progress bar",
+    "workers": "data-loader worker processes",
+    "progress": "show a progress bar",
     "out": "output folder (checkpoints, log.jsonl); default: a new runs/<date>-<time>. A folder "
-           "that already holds a run needs --resume or --overwrite",
+    "that already holds a run needs --resume or --overwrite",
     "resume": "continue the run in --out from its last.pt",
     "max_steps": "stop after this many optimiser steps (0: no limit)",
     "training": "two-stage (base segmentor, then routing heads on its frozen features) or joint",
     "head_epochs": "epochs of the second stage (the routing heads)",
     "head_lr": "AdamW learning rate of the second stage (the routing heads alone)",
     "base_checkpoint": "a trained checkpoint whose backbone and segmentation head stage 2 uses "
-                       "(skips stage 1)",
+    "(skips stage 1)",
     "heads": "routing heads: conv (layers of their own) or linear (default: conv for two-stage)",
     "head_channels": "hidden channels of the conv routing heads",
-    "lambda_seg": "weight of the segmentation loss", "lambda_collab": "weight of the collaboration loss",
-    "lambda_gate": "weight of the gate loss", "lambda_coherence": "weight of the coherence term",
+    "lambda_seg": "weight of the segmentation loss",
+    "lambda_collab": "weight of the collaboration loss",
+    "lambda_gate": "weight of the gate loss",
+    "lambda_coherence": "weight of the coherence term",
     "lambda_balance": "weight of the load-balancing term (see docs/training.md: it hurts with "
-                      "unequal experts)",
+    "unequal experts)",
     "surrogate": "collaboration surrogate: ova (one-vs-all correctness heads), softmax, paper",
     "gate_target": "gate target: benefit (model wrong and chosen expert right) or router (h)",
     "gate_mse": "weight of the gate's pull towards the router's deferral mass",
     "gate_sparsity": "weight of the gate's sparsity penalty",
-    "coherence": "coherence penalty: l1 or l2", "balance": "balance term: cv2 or band",
+    "coherence": "coherence penalty: l1 or l2",
+    "balance": "balance term: cv2 or band",
     "balance_low": "band balance: lower loads of the E + 1 options",
     "balance_high": "band balance: upper loads of the E + 1 options",
     "budget": "deferral budget (share of pixels for the experts): checkpoint selection and evaluation",
     "selection": "checkpoint selection: budget-dice (val system Dice at the budget) or rc-auc",
     "route_mode": "deferral at inference: gate or gain at the budget, router (argmax, own rate), "
-                  "uncertainty (confidence deferral, heads choose the expert)",
+    "uncertainty (confidence deferral, heads choose the expert)",
     "expert_cost": "per-expert cost of asking, e.g. 0,0.1,0.2 (a deferred pixel goes to "
-                   "argmax q_j - cost_j)",
+    "argmax q_j - cost_j)",
     "label_map": "how mask files encode labels: binary (non-zero is 1) or raw:label pairs, "
-                 "e.g. 0:0,128:1 (default: 0/255 masks read as 0/1, other values as labels)",
+    "e.g. 0:0,128:1 (default: 0/255 masks read as 0/1, other values as labels)",
     "overwrite": "start again in an --out that holds a run; the old run is moved aside to "
-                 "OUT.old-<date>-<time>, never deleted",
+    "OUT.old-<date>-<time>, never deleted",
     "resume_with_changes": "let --resume continue with settings that differ from the "
-                           "checkpoint's (model, experts and data shape can never change)",
+    "checkpoint's (model, experts and data shape can never change)",
 }
 
 
@@ -124,7 +132,10 @@ def _parse_list(kind):
         try:
             return [kind(v) for v in str(text).split(",") if v.strip() != ""]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {kind.__name__}s, got {text!r}"
+            )
+
     return parse
 
 
@@ -139,11 +150,21 @@ def _parse_bool(text: str) -> bool:
 
 def _add_config_options(p: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(TrainConfig)
-    choices = {"layout": LAYOUTS, "method": METHODS, "expert_profile": PROFILES,
-               "schedule": SCHEDULES, "backend": BACKENDS,
-               "training": TRAININGS, "heads": HEADS, "surrogate": SURROGATES,
-               "gate_target": GATE_TARGETS, "balance": BALANCES, "route_mode": ROUTE_MODES,
-               "selection": SELECTIONS, "coherence": ("l1", "l2")}
+    choices = {
+        "layout": LAYOUTS,
+        "method": METHODS,
+        "expert_profile": PROFILES,
+        "schedule": SCHEDULES,
+        "backend": BACKENDS,
+        "training": TRAININGS,
+        "heads": HEADS,
+        "surrogate": SURROGATES,
+        "gate_target": GATE_TARGETS,
+        "balance": BALANCES,
+        "route_mode": ROUTE_MODES,
+        "selection": SELECTIONS,
+        "coherence": ("l1", "l2"),
+    }
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
@@ -170,43 +191,64 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="deferredseg", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command",
-                                metavar="{train,evaluate,demo,predict,serve,merge,review-demo}")
+        prog="deferredseg",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(
+        dest="command", metavar="{train,evaluate,demo,predict,serve,merge,review-demo}"
+    )
     sub.required = True
 
-    t = sub.add_parser("train", help="train a model (or one per seed with --seeds)",
-                       description="Train a DeferredSeg model (or a baseline) and write checkpoints "
-                                   "(last.pt, best.pt) and log.jsonl to --out.")
+    t = sub.add_parser(
+        "train",
+        help="train a model (or one per seed with --seeds)",
+        description="Train a DeferredSeg model (or a baseline) and write checkpoints "
+        "(last.pt, best.pt) and log.jsonl to --out.",
+    )
     _add_config_options(t)
 
-    e = sub.add_parser("evaluate", help="evaluate a checkpoint: metrics.json and figures",
-                       description="Evaluate a checkpoint on a data split; writes metrics.json "
-                                   "(system_dice, model_dice, deferral_rate, expert_share, ...) "
-                                   "and figures to --out.")
+    e = sub.add_parser(
+        "evaluate",
+        help="evaluate a checkpoint: metrics.json and figures",
+        description="Evaluate a checkpoint on a data split; writes metrics.json "
+        "(system_dice, model_dice, deferral_rate, expert_share, ...) "
+        "and figures to --out.",
+    )
     e.add_argument("--checkpoint", required=True, help="a best.pt or last.pt written by train")
     e.add_argument("--out", required=True, help="output folder")
     e.add_argument("--data", help="dataset folder (default: the one the model was trained on)")
     e.add_argument("--layout", choices=LAYOUTS, help="data layout (default: the training one)")
     e.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
     e.add_argument("--threshold", type=float, help="a fixed deferral threshold instead of a budget")
-    e.add_argument("--budget", type=float,
-                   help="deferral budget: pick the threshold at which the model defers this "
-                        "fraction of the validation pixels (default: the training budget)")
-    e.add_argument("--route-mode", choices=ROUTE_MODES,
-                   help="deferral at inference (default: the training one): gate, gain, router, "
-                        "uncertainty")
-    e.add_argument("--expert-cost", type=_parse_list(float), metavar="A,B,...",
-                   help="per-expert cost of asking (default: the training one)")
+    e.add_argument(
+        "--budget",
+        type=float,
+        help="deferral budget: pick the threshold at which the model defers this "
+        "fraction of the validation pixels (default: the training budget)",
+    )
+    e.add_argument(
+        "--route-mode",
+        choices=ROUTE_MODES,
+        help="deferral at inference (default: the training one): gate, gain, router, uncertainty",
+    )
+    e.add_argument(
+        "--expert-cost",
+        type=_parse_list(float),
+        metavar="A,B,...",
+        help="per-expert cost of asking (default: the training one)",
+    )
     e.add_argument("--device", default="auto")
     e.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     e.add_argument("--no-hd95", action="store_true", help="skip HD95 (the slowest metric)")
 
-    d = sub.add_parser("demo", help="train and evaluate on synthetic multi-rater data (CPU, minutes)",
-                       description="Train DeferredSeg on the synthetic multi-rater set, evaluate it "
-                                   "and print model-only against system Dice, the workload per "
-                                   "expert and the fragmentation of deferral regions.")
+    d = sub.add_parser(
+        "demo",
+        help="train and evaluate on synthetic multi-rater data (CPU, minutes)",
+        description="Train DeferredSeg on the synthetic multi-rater set, evaluate it "
+        "and print model-only against system Dice, the workload per "
+        "expert and the fragmentation of deferral regions.",
+    )
     d.add_argument("--out", default="deferredseg-demo", help="output folder (default: %(default)s)")
     d.add_argument("--epochs", type=int, default=None, help="training epochs")
     d.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
@@ -232,8 +274,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise CliError(str(exc)) from None
 
 
-SUMMARY_KEYS = ("system_dice", "model_dice", "deferral_rate", "system_hd95",
-                "deferral_components_per_image", "risk_coverage_auc")
+SUMMARY_KEYS = (
+    "system_dice",
+    "model_dice",
+    "deferral_rate",
+    "system_hd95",
+    "deferral_components_per_image",
+    "risk_coverage_auc",
+)
 
 
 def run_train(cfg: TrainConfig) -> int:
@@ -256,7 +304,9 @@ def run_train(cfg: TrainConfig) -> int:
         raise CliError("--seeds needs --out: each seed writes to OUT/seed_<n>")
     runs = []
     for seed in cfg.seeds:
-        one = dataclasses.replace(cfg, seed=seed, seeds=None, out=str(Path(cfg.out) / f"seed_{seed}"))
+        one = dataclasses.replace(
+            cfg, seed=seed, seeds=None, out=str(Path(cfg.out) / f"seed_{seed}")
+        )
         train(one)
         ck = Path(one.out) / "best.pt"
         runs.append(evaluate(ck, out=str(Path(one.out) / "eval"), figures=False))
@@ -280,16 +330,30 @@ def run_evaluate(args: argparse.Namespace) -> int:
     check_output_folder(args.out)  # a bad --out is found before anything is computed
     if args.data:
         args.data = str(Path(args.data).expanduser().resolve())
-    overrides = {"data": args.data, "layout": args.layout, "route_mode": args.route_mode,
-                 "expert_cost": args.expert_cost}
-    m = evaluate(args.checkpoint, out=args.out, split=args.split, threshold=args.threshold,
-                 budget=args.budget, overrides=overrides, figures=not args.no_figures,
-                 device=args.device, with_hd95=not args.no_hd95)
+    overrides = {
+        "data": args.data,
+        "layout": args.layout,
+        "route_mode": args.route_mode,
+        "expert_cost": args.expert_cost,
+    }
+    m = evaluate(
+        args.checkpoint,
+        out=args.out,
+        split=args.split,
+        threshold=args.threshold,
+        budget=args.budget,
+        overrides=overrides,
+        figures=not args.no_figures,
+        device=args.device,
+        with_hd95=not args.no_hd95,
+    )
     from .train.report import metrics_table
 
     budget = "its own rate (router)" if m.get("budget") is None else f"a {m['budget']:.0%} budget"
-    print(f"{m['split']} split ({m.get('images')} images), deferral by {m.get('route_mode')} at "
-          f"{budget}, threshold {m['threshold']:.3f} chosen on the validation split:")
+    print(
+        f"{m['split']} split ({m.get('images')} images), deferral by {m.get('route_mode')} at "
+        f"{budget}, threshold {m['threshold']:.3f} chosen on the validation split:"
+    )
     print("\n".join(metrics_table(m)))
     if m.get("figures"):
         print("figures: " + ", ".join(m["figures"]))
@@ -311,8 +375,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             return run_evaluate(args)
         from .demo import run_demo
 
-        return run_demo(out=args.out, epochs=args.epochs, device=args.device, seed=args.seed,
-                        quick=args.quick)
+        return run_demo(
+            out=args.out, epochs=args.epochs, device=args.device, seed=args.seed, quick=args.quick
+        )
     except CliError as exc:
         parser.error(str(exc))  # exits with status 2
     except Interrupted as exc:  # SIGINT / SIGTERM: last.pt written, one line, 130 / 143

@@ -23,19 +23,43 @@ from .train.config import TrainConfig
 BUDGET = 0.10
 
 
-def demo_config(out: str, epochs: Optional[int], device: str, seed: int, quick: bool) -> TrainConfig:
+def demo_config(
+    out: str, epochs: Optional[int], device: str, seed: int, quick: bool
+) -> TrainConfig:
     data = Path(out) / "data"
-    common = dict(layout="multirater", data=str(data), target="label", split_file=str(data / "split.json"),
-                  out=str(Path(out) / "train"), device=device, seed=seed, budget=BUDGET,
-                  overwrite=True)  # a repeated demo moves the old run aside
+    common = dict(
+        layout="multirater",
+        data=str(data),
+        target="label",
+        split_file=str(data / "split.json"),
+        out=str(Path(out) / "train"),
+        device=device,
+        seed=seed,
+        budget=BUDGET,
+        overwrite=True,
+    )  # a repeated demo moves the old run aside
     if quick:
-        return TrainConfig(epochs=epochs or 1, head_epochs=2, features=8, head_channels=8, batch_size=8,
-                           progress=False, **common)
-    return TrainConfig(epochs=epochs or 12, head_epochs=8, features=16, batch_size=8, lr=3e-3, **common)
+        return TrainConfig(
+            epochs=epochs or 1,
+            head_epochs=2,
+            features=8,
+            head_channels=8,
+            batch_size=8,
+            progress=False,
+            **common,
+        )
+    return TrainConfig(
+        epochs=epochs or 12, head_epochs=8, features=16, batch_size=8, lr=3e-3, **common
+    )
 
 
-def run_demo(out: str = "deferredseg-demo", epochs: Optional[int] = None, device: str = "cpu",
-             seed: int = 0, quick: bool = False) -> int:
+def run_demo(
+    out: str = "deferredseg-demo",
+    epochs: Optional[int] = None,
+    device: str = "cpu",
+    seed: int = 0,
+    quick: bool = False,
+) -> int:
     from .data.benchmark import write_benchmark
     from .train.evaluation import evaluate
     from .train.loop import train
@@ -44,38 +68,62 @@ def run_demo(out: str = "deferredseg-demo", epochs: Optional[int] = None, device
     cases, size = (30, 32) if quick else (250, 48)
     t0 = time.perf_counter()
     info = write_benchmark(cfg.data, "C", num_cases=cases, size=size, seed=seed)
-    print(f"data: {cases} hard synthetic {size}x{size} images, panel C (each reader competent on "
-          f"different content); on the test split the best single expert has Dice "
-          f"{info['best_expert_dice']:.3f}, the per-pixel oracle {info['oracle_dice']:.3f}")
-    print(f"training DeferredSeg ({cfg.backbone}, two-stage: {cfg.epochs} epochs for the base segmentor, "
-          f"{cfg.head_epochs} for the routing heads) on {device} ...")
+    print(
+        f"data: {cases} hard synthetic {size}x{size} images, panel C (each reader competent on "
+        f"different content); on the test split the best single expert has Dice "
+        f"{info['best_expert_dice']:.3f}, the per-pixel oracle {info['oracle_dice']:.3f}"
+    )
+    print(
+        f"training DeferredSeg ({cfg.backbone}, two-stage: {cfg.epochs} epochs for the base segmentor, "
+        f"{cfg.head_epochs} for the routing heads) on {device} ..."
+    )
     train(cfg)
     t_train = time.perf_counter() - t0
-    m = evaluate(Path(cfg.out) / "best.pt", out=str(Path(out) / "eval"), budget=BUDGET, device=device)
-    conf = evaluate(Path(cfg.out) / "base" / "best.pt", budget=BUDGET, device=device, figures=False,
-                    with_hd95=True, overrides={"method": "confidence"})
+    m = evaluate(
+        Path(cfg.out) / "best.pt", out=str(Path(out) / "eval"), budget=BUDGET, device=device
+    )
+    conf = evaluate(
+        Path(cfg.out) / "base" / "best.pt",
+        budget=BUDGET,
+        device=device,
+        figures=False,
+        with_hd95=True,
+        overrides={"method": "confidence"},
+    )
     t_all = time.perf_counter() - t0
 
     def f(v, spec=".4f"):
         return "n/a" if v is None else format(v, spec)
 
-    print(f"\ntest split ({m['images']} images), thresholds chosen on the validation split for a "
-          f"{BUDGET:.0%} deferral budget:\n")
+    print(
+        f"\ntest split ({m['images']} images), thresholds chosen on the validation split for a "
+        f"{BUDGET:.0%} deferral budget:\n"
+    )
     print("| prediction | Dice | HD95 (px) | deferral rate |")
     print("|---|---|---|---|")
     print(f"| model alone | {f(m['model_dice'])} | {f(m['model_hd95'], '.2f')} | 0 |")
-    print(f"| confidence deferral to the best single expert | {f(conf['system_dice'])} | "
-          f"{f(conf['system_hd95'], '.2f')} | {conf['deferral_rate']:.3f} |")
-    print(f"| DeferredSeg (model + experts) | {f(m['system_dice'])} | {f(m['system_hd95'], '.2f')} "
-          f"| {m['deferral_rate']:.3f} |")
+    print(
+        f"| confidence deferral to the best single expert | {f(conf['system_dice'])} | "
+        f"{f(conf['system_hd95'], '.2f')} | {conf['deferral_rate']:.3f} |"
+    )
+    print(
+        f"| DeferredSeg (model + experts) | {f(m['system_dice'])} | {f(m['system_hd95'], '.2f')} "
+        f"| {m['deferral_rate']:.3f} |"
+    )
     names = m.get("expert_names") or [f"expert {j}" for j in range(len(m["expert_share"]))]
-    print("\nworkload per expert (share of the deferred pixels): " + ", ".join(
-        f"{n} {s:.1%}" for n, s in zip(names, m["expert_share"])))
-    print(f"the deferral score ranks the model's wrong pixels with AUROC "
-          f"{f(m.get('auroc_model_wrong_score'), '.3f')} (the segmentation head's own uncertainty: "
-          f"{f(m.get('auroc_model_wrong_uncertainty'), '.3f')})")
-    print(f"fragmentation: {f(m['deferral_components_per_image'], '.1f')} connected deferral "
-          f"regions per image; risk-coverage AUC {f(m['risk_coverage_auc'])}")
+    print(
+        "\nworkload per expert (share of the deferred pixels): "
+        + ", ".join(f"{n} {s:.1%}" for n, s in zip(names, m["expert_share"]))
+    )
+    print(
+        f"the deferral score ranks the model's wrong pixels with AUROC "
+        f"{f(m.get('auroc_model_wrong_score'), '.3f')} (the segmentation head's own uncertainty: "
+        f"{f(m.get('auroc_model_wrong_uncertainty'), '.3f')})"
+    )
+    print(
+        f"fragmentation: {f(m['deferral_components_per_image'], '.1f')} connected deferral "
+        f"regions per image; risk-coverage AUC {f(m['risk_coverage_auc'])}"
+    )
     print("\nfigures: " + ", ".join(m.get("figures", [])))
     print(f"metrics: {Path(out) / 'eval' / 'metrics.json'}; checkpoints and log: {cfg.out}")
     print(f"time: training {t_train:.0f} s, total {t_all:.0f} s")

@@ -36,8 +36,12 @@ from deferredseg_kernels import (
     model_correct,
 )
 
-__all__ = ["DeferredSegLoss", "SurrogateCollaborationLoss", "SpatialCoherenceLoss",
-           "LoadBalancingLoss"]
+__all__ = [
+    "DeferredSegLoss",
+    "SurrogateCollaborationLoss",
+    "SpatialCoherenceLoss",
+    "LoadBalancingLoss",
+]
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -47,21 +51,26 @@ def _check_tensor(name: str, value: Any, floating: bool) -> torch.Tensor:
     if floating and not value.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor, got dtype {value.dtype}")
     if not floating and value.dtype not in LABEL_DTYPES:
-        raise TypeError(f"{name} must have an integer dtype in "
-                        f"{[str(d) for d in LABEL_DTYPES]}, got {value.dtype}")
+        raise TypeError(
+            f"{name} must have an integer dtype in "
+            f"{[str(d) for d in LABEL_DTYPES]}, got {value.dtype}"
+        )
     return value
 
 
-def _valid_mask(target: Optional[torch.Tensor], shape, device, ignore_index: int,
-                name: str = "target") -> torch.Tensor:
+def _valid_mask(
+    target: Optional[torch.Tensor], shape, device, ignore_index: int, name: str = "target"
+) -> torch.Tensor:
     if target is None:
         return torch.ones(shape, dtype=torch.bool, device=device)
     _check_tensor(name, target, floating=False)
     if tuple(target.shape) == (shape[0], 1) + tuple(shape[1:]):
         target = target.squeeze(1)
     if tuple(target.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)} or "
-                         f"{(shape[0], 1) + tuple(shape[1:])}, got {tuple(target.shape)}")
+        raise ValueError(
+            f"{name} must have shape {tuple(shape)} or "
+            f"{(shape[0], 1) + tuple(shape[1:])}, got {tuple(target.shape)}"
+        )
     if target.device != device:
         raise ValueError(f"{name} must be on {device}, got {target.device}")
     return target != ignore_index
@@ -95,8 +104,9 @@ class DeferredSegLoss(_Loss):
         loss.backward()
     """
 
-    def __init__(self, num_classes: int, num_experts: int, backend: str = "auto",
-                 **options: Any) -> None:
+    def __init__(
+        self, num_classes: int, num_experts: int, backend: str = "auto", **options: Any
+    ) -> None:
         super().__init__()
         self.options = make_options(num_classes, num_experts, **options)
         self.backend = check_choice("backend", backend, BACKENDS)
@@ -110,19 +120,23 @@ class DeferredSegLoss(_Loss):
     def num_experts(self) -> int:
         return self.options.num_experts
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor,
-                expert_labels: torch.Tensor) -> torch.Tensor:
-        loss, terms = loss_with_options(logits, target, expert_labels, self.options,
-                                        self.backend, return_terms=True)
+    def forward(
+        self, logits: torch.Tensor, target: torch.Tensor, expert_labels: torch.Tensor
+    ) -> torch.Tensor:
+        loss, terms = loss_with_options(
+            logits, target, expert_labels, self.options, self.backend, return_terms=True
+        )
         self.last_terms = terms
         return loss
 
     def extra_repr(self) -> str:
         o = self.options
-        return (f"num_classes={o.num_classes}, num_experts={o.num_experts}, "
-                f"backend={self.backend!r}, surrogate={o.surrogate!r}, "
-                f"gate_target={o.gate_target!r}, coherence={o.coherence!r}, "
-                f"balance={o.balance!r}")
+        return (
+            f"num_classes={o.num_classes}, num_experts={o.num_experts}, "
+            f"backend={self.backend!r}, surrogate={o.surrogate!r}, "
+            f"gate_target={o.gate_target!r}, coherence={o.coherence!r}, "
+            f"balance={o.balance!r}"
+        )
 
 
 class SurrogateCollaborationLoss(_Loss):
@@ -143,52 +157,75 @@ class SurrogateCollaborationLoss(_Loss):
     predicted labels (B, *S) (integer). The model's correctness is a constant.
     """
 
-    def __init__(self, num_experts: int, surrogate: str = "softmax", paper_eps: float = 1e-8,
-                 ignore_index: int = -100, reduction: str = "mean") -> None:
+    def __init__(
+        self,
+        num_experts: int,
+        surrogate: str = "softmax",
+        paper_eps: float = 1e-8,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+    ) -> None:
         super().__init__(reduction=check_choice("reduction", reduction, REDUCTIONS))
         self.num_experts = check_int("num_experts", num_experts, 1)
         self.surrogate = check_choice("surrogate", surrogate, SURROGATES)
         self.paper_eps = check_float("paper_eps", paper_eps, strictly_positive=True)
-        self.ignore_index = check_int("ignore_index", ignore_index, -(2 ** 63))
+        self.ignore_index = check_int("ignore_index", ignore_index, -(2**63))
 
-    def forward(self, routing_logits: torch.Tensor, target: torch.Tensor,
-                expert_labels: torch.Tensor, model_prediction: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        routing_logits: torch.Tensor,
+        target: torch.Tensor,
+        expert_labels: torch.Tensor,
+        model_prediction: torch.Tensor,
+    ) -> torch.Tensor:
         E = self.num_experts
         _check_tensor("routing_logits", routing_logits, floating=True)
         if routing_logits.dim() < 3 or routing_logits.shape[1] != E + 1:
-            raise ValueError(f"routing_logits must have shape (B, num_experts + 1 = {E + 1}, *S), "
-                             f"got {tuple(routing_logits.shape)}")
+            raise ValueError(
+                f"routing_logits must have shape (B, num_experts + 1 = {E + 1}, *S), "
+                f"got {tuple(routing_logits.shape)}"
+            )
         B, S = routing_logits.shape[0], tuple(routing_logits.shape[2:])
         dev = routing_logits.device
         valid = _valid_mask(target, (B,) + S, dev, self.ignore_index)
         target = target.reshape((B,) + S)
         _check_tensor("expert_labels", expert_labels, floating=False)
         if tuple(expert_labels.shape) != (B, E) + S:
-            raise ValueError(f"expert_labels must have shape {(B, E) + S}, "
-                             f"got {tuple(expert_labels.shape)}")
+            raise ValueError(
+                f"expert_labels must have shape {(B, E) + S}, got {tuple(expert_labels.shape)}"
+            )
         if not isinstance(model_prediction, torch.Tensor):
-            raise TypeError(f"model_prediction must be a torch.Tensor, "
-                            f"got {type(model_prediction).__name__}")
+            raise TypeError(
+                f"model_prediction must be a torch.Tensor, got {type(model_prediction).__name__}"
+            )
         y = torch.where(valid, target.long(), torch.zeros_like(target, dtype=torch.long))
         if model_prediction.is_floating_point():
-            if model_prediction.dim() != len(S) + 2 or model_prediction.shape[0] != B \
-                    or tuple(model_prediction.shape[2:]) != S:
-                raise ValueError(f"model_prediction logits must have shape (B, K) + {S} with "
-                                 f"B = {B}, got {tuple(model_prediction.shape)}")
+            if (
+                model_prediction.dim() != len(S) + 2
+                or model_prediction.shape[0] != B
+                or tuple(model_prediction.shape[2:]) != S
+            ):
+                raise ValueError(
+                    f"model_prediction logits must have shape (B, K) + {S} with "
+                    f"B = {B}, got {tuple(model_prediction.shape)}"
+                )
             K = model_prediction.shape[1]
             check_label_range(target, None, max(K, 2), self.ignore_index)
             c0 = model_correct(model_prediction.detach(), y, K)
         else:
             _check_tensor("model_prediction", model_prediction, floating=False)
             if tuple(model_prediction.shape) != (B,) + S:
-                raise ValueError(f"model_prediction labels must have shape {(B,) + S}, "
-                                 f"got {tuple(model_prediction.shape)}")
+                raise ValueError(
+                    f"model_prediction labels must have shape {(B,) + S}, "
+                    f"got {tuple(model_prediction.shape)}"
+                )
             c0 = model_prediction.long() == y
         x = routing_logits.to(compute_dtype(routing_logits.dtype))
         experts = expert_labels.long()
         cj = (experts == y.unsqueeze(1)) & (experts != self.ignore_index)
-        per_pixel = collab_pixelwise(torch.log_softmax(x, dim=1), c0, cj, self.surrogate,
-                                     self.paper_eps, x)
+        per_pixel = collab_pixelwise(
+            torch.log_softmax(x, dim=1), c0, cj, self.surrogate, self.paper_eps, x
+        )
         per_pixel = torch.where(valid, per_pixel, torch.zeros_like(per_pixel))
         if self.reduction == "none":
             return per_pixel
@@ -210,22 +247,26 @@ class SpatialCoherenceLoss(_Loss):
     deferral probability; pairs touching an ignored pixel of ``target`` are left out.
     """
 
-    def __init__(self, spatial_dims: int = 2, coherence: str = "l1",
-                 ignore_index: int = -100) -> None:
+    def __init__(
+        self, spatial_dims: int = 2, coherence: str = "l1", ignore_index: int = -100
+    ) -> None:
         super().__init__()
         self.spatial_dims = check_int("spatial_dims", spatial_dims, 1, 3)
         self.coherence = check_choice("coherence", coherence, COHERENCES)
-        self.ignore_index = check_int("ignore_index", ignore_index, -(2 ** 63))
+        self.ignore_index = check_int("ignore_index", ignore_index, -(2**63))
 
-    def forward(self, prob_map: torch.Tensor,
-                target: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, prob_map: torch.Tensor, target: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         _check_tensor("prob_map", prob_map, floating=True)
         n = self.spatial_dims
         if prob_map.dim() == n + 2 and prob_map.shape[1] == 1:
             prob_map = prob_map[:, 0]
         if prob_map.dim() != n + 1:
-            raise ValueError(f"prob_map must have shape (B, *S) or (B, 1, *S) with "
-                             f"spatial_dims={n}, got {tuple(prob_map.shape)}")
+            raise ValueError(
+                f"prob_map must have shape (B, *S) or (B, 1, *S) with "
+                f"spatial_dims={n}, got {tuple(prob_map.shape)}"
+            )
         M = prob_map.to(compute_dtype(prob_map.dtype))
         valid = _valid_mask(target, tuple(M.shape), M.device, self.ignore_index)
         return coherence_penalty(M, valid, self.coherence)
@@ -245,24 +286,38 @@ class LoadBalancingLoss(_Loss):
     ``forward(routing_logits, target=None)``; ``last_pbar`` holds the mean loads.
     """
 
-    def __init__(self, num_experts: int, balance: str = "cv2",
-                 balance_low: Optional[Union[Sequence[float], torch.Tensor]] = None,
-                 balance_high: Optional[Union[Sequence[float], torch.Tensor]] = None,
-                 ignore_index: int = -100, sync_balance: bool = False) -> None:
+    def __init__(
+        self,
+        num_experts: int,
+        balance: str = "cv2",
+        balance_low: Optional[Union[Sequence[float], torch.Tensor]] = None,
+        balance_high: Optional[Union[Sequence[float], torch.Tensor]] = None,
+        ignore_index: int = -100,
+        sync_balance: bool = False,
+    ) -> None:
         super().__init__()
         check_choice("balance", balance, BALANCES)
-        self.options = make_options(1, num_experts, balance=balance, balance_low=balance_low,
-                                    balance_high=balance_high, ignore_index=ignore_index,
-                                    sync_balance=sync_balance)
+        self.options = make_options(
+            1,
+            num_experts,
+            balance=balance,
+            balance_low=balance_low,
+            balance_high=balance_high,
+            ignore_index=ignore_index,
+            sync_balance=sync_balance,
+        )
         self.last_pbar: Optional[torch.Tensor] = None
 
-    def forward(self, routing_logits: torch.Tensor,
-                target: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, routing_logits: torch.Tensor, target: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         E = self.options.num_experts
         _check_tensor("routing_logits", routing_logits, floating=True)
         if routing_logits.dim() < 3 or routing_logits.shape[1] != E + 1:
-            raise ValueError(f"routing_logits must have shape (B, num_experts + 1 = {E + 1}, *S), "
-                             f"got {tuple(routing_logits.shape)}")
+            raise ValueError(
+                f"routing_logits must have shape (B, num_experts + 1 = {E + 1}, *S), "
+                f"got {tuple(routing_logits.shape)}"
+            )
         shape = (routing_logits.shape[0],) + tuple(routing_logits.shape[2:])
         valid = _valid_mask(target, shape, routing_logits.device, self.options.ignore_index)
         x = routing_logits.to(compute_dtype(routing_logits.dtype))

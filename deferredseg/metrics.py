@@ -26,7 +26,9 @@ DEFAULT_THRESHOLDS = tuple(i / 20 for i in range(21))
 
 def _one_hot(labels: torch.Tensor, num_labels: int, mask: torch.Tensor) -> torch.Tensor:
     """(B, *S) labels -> (B, C, *S) float one-hot, all zeros outside ``mask``."""
-    safe = torch.where(mask, labels.long().clamp(0, num_labels - 1), torch.zeros_like(labels.long()))
+    safe = torch.where(
+        mask, labels.long().clamp(0, num_labels - 1), torch.zeros_like(labels.long())
+    )
     oh = torch.nn.functional.one_hot(safe, num_labels).movedim(-1, 1).float()
     return oh * mask.unsqueeze(1)
 
@@ -36,9 +38,14 @@ def _nanmean(values: Sequence[float]) -> float:
     return float(sum(finite) / len(finite)) if finite else float("nan")
 
 
-def per_image_scores(pred: torch.Tensor, target: torch.Tensor, num_labels: int,
-                     region: Optional[torch.Tensor] = None, ignore_index: int = -100,
-                     with_hd95: bool = True) -> Dict[str, List[float]]:
+def per_image_scores(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    num_labels: int,
+    region: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    with_hd95: bool = True,
+) -> Dict[str, List[float]]:
     """Dice, IoU, sensitivity (and HD95) of each image, averaged over foreground classes.
 
     ``pred`` and ``target`` are (B, *S) labels; ``region`` restricts the pixels
@@ -92,10 +99,19 @@ class DeferralEvaluator:
     JSON-ready dict (NaN becomes None).
     """
 
-    def __init__(self, num_classes: int, num_experts: int, threshold: float = 0.5,
-                 mode: str = "gate", ignore_index: int = -100, with_hd95: bool = True,
-                 thresholds: Optional[Sequence[float]] = None, backend: str = "auto",
-                 scores: str = "softmax", expert_cost: Optional[Sequence[float]] = None) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        num_experts: int,
+        threshold: float = 0.5,
+        mode: str = "gate",
+        ignore_index: int = -100,
+        with_hd95: bool = True,
+        thresholds: Optional[Sequence[float]] = None,
+        backend: str = "auto",
+        scores: str = "softmax",
+        expert_cost: Optional[Sequence[float]] = None,
+    ) -> None:
         self.K, self.E = num_classes, num_experts
         self.num_labels = max(num_classes, 2)
         self.threshold, self.mode = threshold, mode
@@ -119,12 +135,14 @@ class DeferralEvaluator:
             self.scores.setdefault(f"{prefix}_{k}", []).extend(v)
 
     @torch.no_grad()
-    def update(self, logits: torch.Tensor, target: torch.Tensor,
-               expert_labels: torch.Tensor) -> None:
+    def update(
+        self, logits: torch.Tensor, target: torch.Tensor, expert_labels: torch.Tensor
+    ) -> None:
         if target.dim() == logits.dim():
             target = target.squeeze(1)
-        out = route_logits(logits, self.K, self.E, self.mode, self.threshold, expert_labels,
-                           **self.route_kw)
+        out = route_logits(
+            logits, self.K, self.E, self.mode, self.threshold, expert_labels, **self.route_kw
+        )
         valid = target != self.ignore_index
         deferred = (out.assignment >= 0) & valid
         nl, ii, hd = self.num_labels, self.ignore_index, self.with_hd95
@@ -138,23 +156,27 @@ class DeferralEvaluator:
             self.per_expert[j] += int(((out.assignment == j) & valid).sum())
         self.components += count_components(deferred)
         for i, t in enumerate(self.thresholds):
-            swept = route_logits(logits, self.K, self.E, self.mode, t, expert_labels, **self.route_kw)
+            swept = route_logits(
+                logits, self.K, self.E, self.mode, t, expert_labels, **self.route_kw
+            )
             self.sweep_dice[i] += per_image_scores(swept.final, target, nl, None, ii, False)["dice"]
             self.sweep_deferred[i] += int(((swept.assignment >= 0) & valid).sum())
 
     def risk_coverage(self) -> List[Dict[str, float]]:
         """System Dice against deferral rate, one point per threshold."""
-        return [{"threshold": t, "deferral_rate": d / max(self.valid, 1),
-                 "system_dice": _nanmean(dice)}
-                for t, d, dice in zip(self.thresholds, self.sweep_deferred, self.sweep_dice)]
+        return [
+            {"threshold": t, "deferral_rate": d / max(self.valid, 1), "system_dice": _nanmean(dice)}
+            for t, d, dice in zip(self.thresholds, self.sweep_deferred, self.sweep_dice)
+        ]
 
     def result(self) -> Dict[str, object]:
         res: Dict[str, object] = {k: _nanmean(v) for k, v in self.scores.items()}
         res["deferral_rate"] = self.deferred / max(self.valid, 1)
         total = sum(self.per_expert)
         res["expert_share"] = [n / total if total else 0.0 for n in self.per_expert]
-        res["deferral_components_per_image"] = (float(np.mean(self.components))
-                                                if self.components else float("nan"))
+        res["deferral_components_per_image"] = (
+            float(np.mean(self.components)) if self.components else float("nan")
+        )
         curve = self.risk_coverage()
         res["risk_coverage"] = curve
         res["risk_coverage_auc"] = risk_coverage_auc(curve)
@@ -177,8 +199,9 @@ def risk_coverage_auc(curve: Sequence[Dict[str, float]]) -> float:
     The mean system Dice over the deferral rates the sweep reached; NaN when the
     sweep reached a single rate.
     """
-    pts = sorted((c["deferral_rate"], c["system_dice"]) for c in curve
-                 if not math.isnan(c["system_dice"]))
+    pts = sorted(
+        (c["deferral_rate"], c["system_dice"]) for c in curve if not math.isnan(c["system_dice"])
+    )
     if len(pts) < 2 or pts[-1][0] == pts[0][0]:
         return float("nan")
     area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(pts, pts[1:]))

@@ -41,8 +41,17 @@ from .review.db import ReviewDB, atomic_save_npy, atomic_write_bytes
 from .review.tasks import extract_tasks
 from .train.routing import route_logits  # every routing mode, "uncertainty" included
 
-__all__ = ["predict", "PredictSummary", "load_input", "write_like", "read_like", "InputMeta", "infer_logits",
-           "resolve_routing", "OUTPUT_KINDS"]
+__all__ = [
+    "predict",
+    "PredictSummary",
+    "load_input",
+    "write_like",
+    "read_like",
+    "InputMeta",
+    "infer_logits",
+    "resolve_routing",
+    "OUTPUT_KINDS",
+]
 
 #: The per-image output folders (besides regions/ and final/).
 OUTPUT_KINDS = ("model", "defer_prob", "assignment")
@@ -60,8 +69,9 @@ class InputMeta:
     header: Any = None  # NIfTI only
 
 
-def load_input(path: Union[str, Path], in_channels: int, spatial_dims: int
-               ) -> Tuple[np.ndarray, InputMeta]:
+def load_input(
+    path: Union[str, Path], in_channels: int, spatial_dims: int
+) -> Tuple[np.ndarray, InputMeta]:
     """An image file as ``(C, *S)`` float32 (raw intensities) and its format metadata.
 
     PNG and NIfTI files are read with MONAI's readers (``PILReader``,
@@ -90,7 +100,9 @@ def load_input(path: Union[str, Path], in_channels: int, spatial_dims: int
     except Exception as err:
         raise ValueError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
     if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "biuf":
-        raise ValueError(f"image {path}: expected a numeric array, got dtype {getattr(arr, 'dtype', None)}")
+        raise ValueError(
+            f"image {path}: expected a numeric array, got dtype {getattr(arr, 'dtype', None)}"
+        )
     arr = arr.astype(np.float32, copy=False)
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"image {path} contains NaN or infinite values")
@@ -105,11 +117,15 @@ def load_input(path: Union[str, Path], in_channels: int, spatial_dims: int
         elif arr.shape[-1] == C:
             x = np.moveaxis(arr, -1, 0)
         else:
-            raise ValueError(f"image {path} has shape {arr.shape}; the model takes {C} channel(s) of "
-                             f"{sd}D images: expected (*S), ({C}, *S) or (*S, {C})")
+            raise ValueError(
+                f"image {path} has shape {arr.shape}; the model takes {C} channel(s) of "
+                f"{sd}D images: expected (*S), ({C}, *S) or (*S, {C})"
+            )
     else:
-        raise ValueError(f"image {path} has shape {arr.shape}; the model takes {sd}D images with "
-                         f"{C} channel(s): expected {sd} or {sd + 1} axes")
+        raise ValueError(
+            f"image {path} has shape {arr.shape}; the model takes {sd}D images with "
+            f"{C} channel(s): expected {sd} or {sd + 1} axes"
+        )
     if x.shape[0] != C:
         raise ValueError(f"image {path} has {x.shape[0]} channel(s), the model takes {C}")
     if min(x.shape[1:]) < 1:
@@ -135,8 +151,11 @@ def _encode(arr: np.ndarray, meta: InputMeta) -> bytes:
     import nibabel as nib
 
     header = meta.header.copy() if meta.header is not None else None
-    img = nib.Nifti1Image(np.ascontiguousarray(arr), meta.affine if meta.affine is not None else np.eye(4),
-                          header=header)
+    img = nib.Nifti1Image(
+        np.ascontiguousarray(arr),
+        meta.affine if meta.affine is not None else np.eye(4),
+        header=header,
+    )
     img.set_data_dtype(arr.dtype)
     if header is not None:
         img.header.set_slope_inter(1.0, 0.0)
@@ -183,9 +202,15 @@ def _fingerprint(path: Path) -> str:
 # ----------------------------------------------------------------------------- model
 
 
-def infer_logits(model: torch.nn.Module, x: torch.Tensor, roi_size: Sequence[int],
-                 overlap: float = 0.25, sw_batch_size: int = 4, mode: str = "auto",
-                 amp: bool = False) -> torch.Tensor:
+def infer_logits(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    roi_size: Sequence[int],
+    overlap: float = 0.25,
+    sw_batch_size: int = 4,
+    mode: str = "auto",
+    amp: bool = False,
+) -> torch.Tensor:
     """The model's raw output for ``x`` (B, C, *S), float32.
 
     ``mode="auto"``: a direct pass when ``S`` equals ``roi_size``, MONAI's
@@ -206,15 +231,21 @@ def infer_logits(model: torch.nn.Module, x: torch.Tensor, roi_size: Sequence[int
         if direct:
             out = model(x)
         else:
-            out = sliding_window_inference(x, roi, sw_batch_size, model, overlap=overlap,
-                                           mode="gaussian", progress=False)
+            out = sliding_window_inference(
+                x, roi, sw_batch_size, model, overlap=overlap, mode="gaussian", progress=False
+            )
     if hasattr(out, "as_tensor"):
         out = out.as_tensor()
     return out.float()
 
 
-def resolve_routing(ck: Dict[str, Any], cfg, threshold: Optional[float] = None,
-                    budget: Optional[float] = None, threshold_from_budget=None) -> Dict[str, Any]:
+def resolve_routing(
+    ck: Dict[str, Any],
+    cfg,
+    threshold: Optional[float] = None,
+    budget: Optional[float] = None,
+    threshold_from_budget=None,
+) -> Dict[str, Any]:
     """The routing settings: explicit ``threshold``, else ``budget`` (through
     ``threshold_from_budget(budget)``), else what the checkpoint recorded, else the
     training configuration's threshold. Returns ``{"threshold", "mode", "source", ...}``
@@ -236,8 +267,11 @@ def resolve_routing(ck: Dict[str, Any], cfg, threshold: Optional[float] = None,
     elif budget is not None:
         if threshold_from_budget is None:
             raise ValueError("budget needs the validation data of the checkpoint")
-        out.update(threshold=float(threshold_from_budget(float(budget))),
-                   source=f"--budget {budget} on the validation split", budget=float(budget))
+        out.update(
+            threshold=float(threshold_from_budget(float(budget))),
+            source=f"--budget {budget} on the validation split",
+            budget=float(budget),
+        )
     elif recorded.get("threshold") is not None:
         out.update(threshold=float(recorded["threshold"]), source="checkpoint")
         if recorded.get("budget") is not None:
@@ -247,8 +281,16 @@ def resolve_routing(ck: Dict[str, Any], cfg, threshold: Optional[float] = None,
     from deferredseg_kernels import route
 
     accepted = inspect.signature(route).parameters
-    fixed = ("threshold", "mode", "budget", "logits", "num_classes", "num_experts", "expert_labels",
-             "backend")
+    fixed = (
+        "threshold",
+        "mode",
+        "budget",
+        "logits",
+        "num_classes",
+        "num_experts",
+        "expert_labels",
+        "backend",
+    )
     for k, v in recorded.items():
         if k not in fixed and k in accepted:
             out[k] = v
@@ -266,15 +308,26 @@ class PredictSummary:
     failed: List[Tuple[str, str]] = field(default_factory=list)  # (file, error)
     tasks: int = 0
     routing: Dict[str, Any] = field(default_factory=dict)
-    seconds: Dict[str, float] = field(default_factory=lambda: {"load": 0.0, "network": 0.0,
-                                                               "route": 0.0, "tasks": 0.0,
-                                                               "write": 0.0})
+    seconds: Dict[str, float] = field(
+        default_factory=lambda: {
+            "load": 0.0,
+            "network": 0.0,
+            "route": 0.0,
+            "tasks": 0.0,
+            "write": 0.0,
+        }
+    )
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"out": self.out, "done": len(self.done), "skipped": len(self.skipped),
-                "failed": [{"file": f, "error": e} for f, e in self.failed], "tasks": self.tasks,
-                "routing": _jsonable(self.routing),
-                "seconds": self.seconds}
+        return {
+            "out": self.out,
+            "done": len(self.done),
+            "skipped": len(self.skipped),
+            "failed": [{"file": f, "error": e} for f, e in self.failed],
+            "tasks": self.tasks,
+            "routing": _jsonable(self.routing),
+            "seconds": self.seconds,
+        }
 
 
 def _jsonable(routing: Dict[str, Any]) -> Dict[str, Any]:
@@ -296,19 +349,35 @@ def _jsonable(routing: Dict[str, Any]) -> Dict[str, Any]:
 def _list_images(folder: Path) -> List[Path]:
     if not folder.is_dir():
         raise FileNotFoundError(f"images folder {folder} not found")
-    files = [p for p in sorted(folder.iterdir())
-             if p.is_file() and not p.name.startswith(".") and split_name(p.name) is not None]
+    files = [
+        p
+        for p in sorted(folder.iterdir())
+        if p.is_file() and not p.name.startswith(".") and split_name(p.name) is not None
+    ]
     if not files:
-        raise FileNotFoundError(f"images folder {folder} holds no .png, .npy, .nii or .nii.gz files")
+        raise FileNotFoundError(
+            f"images folder {folder} holds no .png, .npy, .nii or .nii.gz files"
+        )
     return files
 
 
-def predict(checkpoint: Union[str, Path], images: Union[str, Path], out: Union[str, Path],
-            threshold: Optional[float] = None, budget: Optional[float] = None,
-            window: Optional[Sequence[int]] = None, overlap: float = 0.25, sw_batch_size: int = 4,
-            batch_size: int = 4, min_size: int = 4, merge_distance: int = 2,
-            device: str = "auto", backend: Optional[str] = None, progress: bool = True,
-            inference: str = "auto") -> PredictSummary:
+def predict(
+    checkpoint: Union[str, Path],
+    images: Union[str, Path],
+    out: Union[str, Path],
+    threshold: Optional[float] = None,
+    budget: Optional[float] = None,
+    window: Optional[Sequence[int]] = None,
+    overlap: float = 0.25,
+    sw_batch_size: int = 4,
+    batch_size: int = 4,
+    min_size: int = 4,
+    merge_distance: int = 2,
+    device: str = "auto",
+    backend: Optional[str] = None,
+    progress: bool = True,
+    inference: str = "auto",
+) -> PredictSummary:
     """Predict every image of the folder ``images`` into ``out`` (see the module docstring).
 
     ``window``: the sliding window (default: the training image size); ``overlap``
@@ -339,14 +408,24 @@ def predict(checkpoint: Union[str, Path], images: Union[str, Path], out: Union[s
         return threshold_for_budget(model, build_data(cfg, "val"), cfg, E, best_expert, dev, b)
 
     routing = resolve_routing(ck, cfg, threshold, budget, from_budget)
-    route_kw = {k: v for k, v in routing.items() if k not in ("threshold", "mode", "source", "budget")}
+    route_kw = {
+        k: v for k, v in routing.items() if k not in ("threshold", "mode", "source", "budget")
+    }
     out = Path(out)
     db = ReviewDB(out)
     db.ensure_experts(names)
-    db.set_meta({"checkpoint": str(Path(checkpoint).resolve()), "num_classes": K,
-                 "num_labels": max(K, 2), "spatial_dims": sd, "in_channels": C,
-                 "routing": _jsonable(routing),
-                 "min_size": int(min_size), "merge_distance": int(merge_distance)})
+    db.set_meta(
+        {
+            "checkpoint": str(Path(checkpoint).resolve()),
+            "num_classes": K,
+            "num_labels": max(K, 2),
+            "spatial_dims": sd,
+            "in_channels": C,
+            "routing": _jsonable(routing),
+            "min_size": int(min_size),
+            "merge_distance": int(merge_distance),
+        }
+    )
     summary = PredictSummary(out=str(out), routing=routing)
     amp = dev.type == "cuda"
     seen: Dict[str, Path] = {}
@@ -371,8 +450,13 @@ def predict(checkpoint: Union[str, Path], images: Union[str, Path], out: Union[s
                 if row["fingerprint"] == _fingerprint(p) and row["source"] == str(p.resolve()):
                     summary.skipped.append(image_id)
                 else:
-                    summary.failed.append((str(p), f"changed since it was predicted into {out} "
-                                                   f"(from {row['source']}); predict it into a new folder"))
+                    summary.failed.append(
+                        (
+                            str(p),
+                            f"changed since it was predicted into {out} "
+                            f"(from {row['source']}); predict it into a new folder",
+                        )
+                    )
                 continue
             t0 = time.perf_counter()
             try:
@@ -407,9 +491,16 @@ def predict(checkpoint: Union[str, Path], images: Union[str, Path], out: Union[s
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 t1 = time.perf_counter()
-                r = route_logits(logits, K, E, routing["mode"], routing["threshold"],
-                                 scores=route_kw.get("scores", "softmax"),
-                                 expert_cost=route_kw.get("expert_cost"), backend=backend)
+                r = route_logits(
+                    logits,
+                    K,
+                    E,
+                    routing["mode"],
+                    routing["threshold"],
+                    scores=route_kw.get("scores", "softmax"),
+                    expert_cost=route_kw.get("expert_cost"),
+                    backend=backend,
+                )
                 assignment = r.assignment.cpu().numpy()
                 defer_prob = r.defer_prob.float().cpu().numpy()
                 model_pred = r.model_pred.cpu().numpy()
@@ -417,12 +508,26 @@ def predict(checkpoint: Union[str, Path], images: Union[str, Path], out: Union[s
                 summary.seconds["route"] += time.perf_counter() - t1
             except Exception as err:
                 for image_id, p, _, _ in group:
-                    summary.failed.append((str(p), f"inference failed: {type(err).__name__}: {err}"))
+                    summary.failed.append(
+                        (str(p), f"inference failed: {type(err).__name__}: {err}")
+                    )
                 continue
             for b, (image_id, p, xi, meta) in enumerate(group):
                 try:
-                    _finish_image(db, out, image_id, p, meta, model_pred[b], defer_prob[b],
-                                  assignment[b], E, min_size, merge_distance, summary)
+                    _finish_image(
+                        db,
+                        out,
+                        image_id,
+                        p,
+                        meta,
+                        model_pred[b],
+                        defer_prob[b],
+                        assignment[b],
+                        E,
+                        min_size,
+                        merge_distance,
+                        summary,
+                    )
                 except Exception as err:
                     summary.failed.append((str(p), f"{type(err).__name__}: {err}"))
     finally:
@@ -434,20 +539,41 @@ def predict(checkpoint: Union[str, Path], images: Union[str, Path], out: Union[s
     return summary
 
 
-def _finish_image(db: ReviewDB, out: Path, image_id: str, path: Path, meta: InputMeta,
-                  model_pred: np.ndarray, defer_prob: np.ndarray, assignment: np.ndarray,
-                  num_experts: int, min_size: int, merge_distance: int,
-                  summary: PredictSummary) -> None:
+def _finish_image(
+    db: ReviewDB,
+    out: Path,
+    image_id: str,
+    path: Path,
+    meta: InputMeta,
+    model_pred: np.ndarray,
+    defer_prob: np.ndarray,
+    assignment: np.ndarray,
+    num_experts: int,
+    min_size: int,
+    merge_distance: int,
+    summary: PredictSummary,
+) -> None:
     t0 = time.perf_counter()
     regions, tasks, dropped = extract_tasks(assignment, num_experts, min_size, merge_distance)
     t1 = time.perf_counter()
     write_like(out / "model" / image_id, model_pred.astype(np.uint8), meta)
     write_like(out / "defer_prob" / image_id, defer_prob.astype(np.float32), meta)
-    write_like(out / "assignment" / image_id, (assignment.astype(np.int16) + 1).astype(np.uint8), meta)
+    write_like(
+        out / "assignment" / image_id, (assignment.astype(np.int16) + 1).astype(np.uint8), meta
+    )
     atomic_save_npy(out / "regions" / f"{image_id}.npy", regions)
     deferred = int((assignment >= 0).sum())
-    db.add_image(image_id, str(path.resolve()), meta.ext, _fingerprint(path), assignment.shape,
-                 assignment.size, deferred, dropped, tasks)
+    db.add_image(
+        image_id,
+        str(path.resolve()),
+        meta.ext,
+        _fingerprint(path),
+        assignment.shape,
+        assignment.size,
+        deferred,
+        dropped,
+        tasks,
+    )
     summary.seconds["tasks"] += t1 - t0
     summary.seconds["write"] += time.perf_counter() - t1
     summary.done.append(image_id)
@@ -463,9 +589,19 @@ def _write_manifest(db: ReviewDB, out: Path) -> None:
             if t["image_id"] not in sources:
                 row = db.image(t["image_id"])
                 sources = {t["image_id"]: row["source"]}  # tasks come grouped by image
-            f.write(json.dumps({"task": t["id"], "image": t["image_id"],
-                                "source": sources[t["image_id"]], "expert": t["expert"],
-                                "bbox": json.loads(t["bbox"]), "area": t["area"]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "task": t["id"],
+                        "image": t["image_id"],
+                        "source": sources[t["image_id"]],
+                        "expert": t["expert"],
+                        "bbox": json.loads(t["bbox"]),
+                        "area": t["area"],
+                    }
+                )
+                + "\n"
+            )
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, out / "manifest.jsonl")

@@ -23,5 +23,9 @@ def ci95(values: List[Optional[float]]) -> Dict[str, Optional[float]]:
     from scipy import stats
 
     std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
-    return {"mean": mean, "std": std, "ci95": float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n),
-            "n": n}
+    return {
+        "mean": mean,
+        "std": std,
+        "ci95": float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n),
+        "n": n,
+    }

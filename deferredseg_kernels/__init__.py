@@ -59,20 +59,47 @@ from .types import LABEL_DTYPES, LOGITS_DTYPES, MAX_EXPERTS, TERM_NAMES, RouteRe
 __all__ = [
     "__version__",
     # the ops
-    "deferredseg_loss", "loss_with_options", "route", "split_logits", "empty_cache",
+    "deferredseg_loss",
+    "loss_with_options",
+    "route",
+    "split_logits",
+    "empty_cache",
     # their options, arguments and results
-    "LossOptions", "make_options", "OPTION_NAMES", "SURROGATES", "GATE_TARGETS",
-    "COHERENCES", "COHERENCE_MAPS", "BALANCES", "ROUTE_MODES", "ROUTE_SCORES", "RouteResult",
-    "TERM_NAMES", "MAX_EXPERTS",
+    "LossOptions",
+    "make_options",
+    "OPTION_NAMES",
+    "SURROGATES",
+    "GATE_TARGETS",
+    "COHERENCES",
+    "COHERENCE_MAPS",
+    "BALANCES",
+    "ROUTE_MODES",
+    "ROUTE_SCORES",
+    "RouteResult",
+    "TERM_NAMES",
+    "MAX_EXPERTS",
     # dtypes: of the inputs, and the one the ops compute in
-    "LOGITS_DTYPES", "LABEL_DTYPES", "compute_dtype",
+    "LOGITS_DTYPES",
+    "LABEL_DTYPES",
+    "compute_dtype",
     # the backends: what `backend` accepts, and whether / where each one runs
-    "BACKENDS", "available_backends", "why_unavailable", "runs_on",
+    "BACKENDS",
+    "available_backends",
+    "why_unavailable",
+    "runs_on",
     # the checks behind the error messages, for layers that validate their own arguments
-    "check_choice", "check_float", "check_int", "check_label_range", "threshold_logit",
+    "check_choice",
+    "check_float",
+    "check_int",
+    "check_label_range",
+    "threshold_logit",
     # the plain-PyTorch reference and its per-term pieces, for modules of one term
-    "deferredseg_loss_reference", "route_reference", "model_correct", "collab_pixelwise",
-    "coherence_penalty", "balance_penalty",
+    "deferredseg_loss_reference",
+    "route_reference",
+    "model_correct",
+    "collab_pixelwise",
+    "coherence_penalty",
+    "balance_penalty",
 ]
 
 
@@ -82,10 +109,12 @@ def _reference_loss(logits, target, expert_labels, opts: LossOptions, return_ter
     return deferredseg_loss_reference(logits, target, expert_labels, opts, return_terms)
 
 
-def _reference_route(logits, num_classes, num_experts, thr, mode, expert_labels, expert_cost,
-                     scores):
-    return route_reference(logits, num_classes, num_experts, thr, mode, expert_labels,
-                           expert_cost, scores)
+def _reference_route(
+    logits, num_classes, num_experts, thr, mode, expert_labels, expert_cost, scores
+):
+    return route_reference(
+        logits, num_classes, num_experts, thr, mode, expert_labels, expert_cost, scores
+    )
 
 
 def _register_backends() -> None:
@@ -110,9 +139,16 @@ def _register_backends() -> None:
 _register_backends()
 
 
-def deferredseg_loss(logits: torch.Tensor, target: torch.Tensor, expert_labels: torch.Tensor,
-                     num_classes: int, num_experts: int, backend: str = "auto",
-                     return_terms: bool = False, **options: Any):
+def deferredseg_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    expert_labels: torch.Tensor,
+    num_classes: int,
+    num_experts: int,
+    backend: str = "auto",
+    return_terms: bool = False,
+    **options: Any,
+):
     """The DeferredSeg training objective (docs/objective.md section 3) of packed ``logits``.
 
     Args:
@@ -142,8 +178,14 @@ def deferredseg_loss(logits: torch.Tensor, target: torch.Tensor, expert_labels: 
     return loss_with_options(logits, target, expert_labels, opts, backend, return_terms)
 
 
-def loss_with_options(logits: torch.Tensor, target: torch.Tensor, expert_labels: torch.Tensor,
-                      opts: LossOptions, backend: str = "auto", return_terms: bool = False):
+def loss_with_options(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    expert_labels: torch.Tensor,
+    opts: LossOptions,
+    backend: str = "auto",
+    return_terms: bool = False,
+):
     """:func:`deferredseg_loss` with options already validated by :func:`make_options`.
 
     For callers that evaluate the loss many times with the same options (the loss
@@ -154,10 +196,17 @@ def loss_with_options(logits: torch.Tensor, target: torch.Tensor, expert_labels:
     return impl(logits, target, expert_labels, opts, return_terms)
 
 
-def route(logits: torch.Tensor, num_classes: int, num_experts: int, threshold: float = 0.5,
-          mode: str = "gate", expert_labels: Optional[torch.Tensor] = None,
-          expert_cost: Optional[Sequence[float]] = None, scores: str = "softmax",
-          backend: str = "auto") -> RouteResult:
+def route(
+    logits: torch.Tensor,
+    num_classes: int,
+    num_experts: int,
+    threshold: float = 0.5,
+    mode: str = "gate",
+    expert_labels: Optional[torch.Tensor] = None,
+    expert_cost: Optional[Sequence[float]] = None,
+    scores: str = "softmax",
+    backend: str = "auto",
+) -> RouteResult:
     """Inference routing (docs/objective.md section 4): who labels each pixel.
 
     Per-option correctness estimates ``q_k`` (k < E the experts, k = E the model)
@@ -200,8 +249,9 @@ def route(logits: torch.Tensor, num_classes: int, num_experts: int, threshold: f
     cost = check_expert_cost(expert_cost, E)
     if expert_labels is not None:
         B, S = logits.shape[0], tuple(logits.shape[2:])
-        check_labels("expert_labels", expert_labels, logits, (B, E) + S,
-                     allow_singleton_channel=False)
+        check_labels(
+            "expert_labels", expert_labels, logits, (B, E) + S, allow_singleton_channel=False
+        )
     impl = _dispatch.select(backend, "route", logits.device)
     return impl(logits, K, E, thr, mode, expert_labels, cost, scores)
 

@@ -45,8 +45,9 @@ def check_int(name: str, value: Any, minimum: int, maximum: Optional[int] = None
     return value
 
 
-def check_float(name: str, value: Any, minimum: Optional[float] = None,
-                strictly_positive: bool = False) -> float:
+def check_float(
+    name: str, value: Any, minimum: Optional[float] = None, strictly_positive: bool = False
+) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type_name(value)} ({value!r})")
     value = float(value)
@@ -61,26 +62,31 @@ def check_float(name: str, value: Any, minimum: Optional[float] = None,
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
     if not isinstance(value, str):
-        raise TypeError(f"{name} must be one of {list(choices)}, "
-                        f"got {type_name(value)} ({value!r})")
+        raise TypeError(
+            f"{name} must be one of {list(choices)}, got {type_name(value)} ({value!r})"
+        )
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
     return value
 
 
-def check_float_vector(name: str, value: Any, length: int, minimum: Optional[float] = None
-                       ) -> Tuple[float, ...]:
+def check_float_vector(
+    name: str, value: Any, length: int, minimum: Optional[float] = None
+) -> Tuple[float, ...]:
     """A sequence or 1-D tensor of ``length`` finite reals, returned as a tuple."""
     if isinstance(value, torch.Tensor):
         if value.dim() != 1:
-            raise ValueError(f"{name} must be 1-D of length {length}, got shape {tuple(value.shape)}")
+            raise ValueError(
+                f"{name} must be 1-D of length {length}, got shape {tuple(value.shape)}"
+            )
         if value.is_floating_point() or value.dtype in (torch.int32, torch.int64):
             value = value.detach().cpu().double().tolist()
         else:
             raise TypeError(f"{name} must hold real numbers, got dtype {value.dtype}")
     elif isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TypeError(f"{name} must be a sequence or 1-D tensor of {length} numbers, "
-                        f"got {type_name(value)}")
+        raise TypeError(
+            f"{name} must be a sequence or 1-D tensor of {length} numbers, got {type_name(value)}"
+        )
     if len(value) != length:
         raise ValueError(f"{name} must have length {length}, got length {len(value)}")
     out = []
@@ -89,58 +95,85 @@ def check_float_vector(name: str, value: Any, length: int, minimum: Optional[flo
     return tuple(out)
 
 
-def check_logits(logits: Any, num_channels: int, num_classes: int, num_experts: int,
-                 name: str = "logits") -> None:
+def check_logits(
+    logits: Any, num_channels: int, num_classes: int, num_experts: int, name: str = "logits"
+) -> None:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type_name(logits)}")
     if logits.dtype not in LOGITS_DTYPES:
-        raise TypeError(f"{name} must have a floating dtype in "
-                        f"{[str(d) for d in LOGITS_DTYPES]}, got {logits.dtype}")
+        raise TypeError(
+            f"{name} must have a floating dtype in "
+            f"{[str(d) for d in LOGITS_DTYPES]}, got {logits.dtype}"
+        )
     if logits.dim() not in (3, 4, 5):
-        raise ValueError(f"{name} must have shape (B, C, *S) with 1, 2 or 3 spatial dims, "
-                         f"got shape {tuple(logits.shape)}")
+        raise ValueError(
+            f"{name} must have shape (B, C, *S) with 1, 2 or 3 spatial dims, "
+            f"got shape {tuple(logits.shape)}"
+        )
     if logits.shape[1] != num_channels:
         raise ValueError(
             f"{name} must have num_classes + num_experts + 2 = {num_classes} + {num_experts} + 2 "
             f"= {num_channels} channels, got shape {tuple(logits.shape)} "
-            f"({logits.shape[1]} channels)")
+            f"({logits.shape[1]} channels)"
+        )
 
 
-def check_labels(name: str, labels: Any, logits: torch.Tensor, expected: Tuple[int, ...],
-                 allow_singleton_channel: bool) -> torch.Tensor:
+def check_labels(
+    name: str,
+    labels: Any,
+    logits: torch.Tensor,
+    expected: Tuple[int, ...],
+    allow_singleton_channel: bool,
+) -> torch.Tensor:
     """Check an integer label tensor's type, device and shape; return it as (B, *S) or as given."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type_name(labels)}")
     if labels.dtype not in LABEL_DTYPES:
-        raise TypeError(f"{name} must have an integer dtype in "
-                        f"{[str(d) for d in LABEL_DTYPES]}, got {labels.dtype}")
+        raise TypeError(
+            f"{name} must have an integer dtype in "
+            f"{[str(d) for d in LABEL_DTYPES]}, got {labels.dtype}"
+        )
     if labels.device != logits.device:
-        raise ValueError(f"{name} must be on the same device as logits ({logits.device}), "
-                         f"got {labels.device}")
+        raise ValueError(
+            f"{name} must be on the same device as logits ({logits.device}), got {labels.device}"
+        )
     shape = tuple(labels.shape)
-    if allow_singleton_channel and len(shape) == len(expected) + 1 and shape[1] == 1 \
-            and shape[:1] + shape[2:] == expected:
+    if (
+        allow_singleton_channel
+        and len(shape) == len(expected) + 1
+        and shape[1] == 1
+        and shape[:1] + shape[2:] == expected
+    ):
         return labels.squeeze(1)
     if shape != expected:
         extra = f" or {expected[:1] + (1,) + expected[1:]}" if allow_singleton_channel else ""
-        raise ValueError(f"{name} must have shape {expected}{extra} to match logits of shape "
-                         f"{tuple(logits.shape)}, got shape {shape}")
+        raise ValueError(
+            f"{name} must have shape {expected}{extra} to match logits of shape "
+            f"{tuple(logits.shape)}, got shape {shape}"
+        )
     return labels
 
 
-def check_inputs(logits: Any, target: Any, expert_labels: Any, opts: LossOptions
-                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+def check_inputs(
+    logits: Any, target: Any, expert_labels: Any, opts: LossOptions
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Validate the tensors of a loss call; return (target as (B, *S), expert_labels)."""
     check_logits(logits, opts.num_channels, opts.num_classes, opts.num_experts)
     B, S = logits.shape[0], tuple(logits.shape[2:])
     target = check_labels("target", target, logits, (B,) + S, allow_singleton_channel=True)
-    expert_labels = check_labels("expert_labels", expert_labels, logits,
-                                 (B, opts.num_experts) + S, allow_singleton_channel=False)
+    expert_labels = check_labels(
+        "expert_labels",
+        expert_labels,
+        logits,
+        (B, opts.num_experts) + S,
+        allow_singleton_channel=False,
+    )
     return target, expert_labels
 
 
-def check_label_range(target: torch.Tensor, expert_labels: Optional[torch.Tensor],
-                      num_labels: int, ignore_index: int) -> None:
+def check_label_range(
+    target: torch.Tensor, expert_labels: Optional[torch.Tensor], num_labels: int, ignore_index: int
+) -> None:
     """Raise ValueError if a label is outside [0, num_labels) and not ignore_index.
 
     Reads the tensors' values (a device sync on GPU): the reference always runs it,
@@ -154,7 +187,8 @@ def check_label_range(target: torch.Tensor, expert_labels: Optional[torch.Tensor
             values = torch.unique(lab[bad])[:8].tolist()
             raise ValueError(
                 f"{name} must hold labels in [0, {num_labels}) or ignore_index={ignore_index}, "
-                f"got value(s) {values}")
+                f"got value(s) {values}"
+            )
 
 
 def is_compiling() -> bool:

@@ -66,8 +66,10 @@ def _cuda_unavailable() -> Optional[str]:
     if EXT is None:
         return EXT_MISSING_REASON
     if not has_cuda_kernels():
-        return ("the extension was built without CUDA kernels (a CPU-only torch, no nvcc, "
-                "or DS_FORCE_CPU=1 at build time)")
+        return (
+            "the extension was built without CUDA kernels (a CPU-only torch, no nvcc, "
+            "or DS_FORCE_CPU=1 at build time)"
+        )
     if not torch.cuda.is_available():
         return "no CUDA device is available"
     return None
@@ -167,12 +169,17 @@ def _select(backend: str, op: str, device: torch.device) -> Callable:
         return _IMPLS[("reference", op)]
     reason = why_unavailable(backend)
     if reason is not None:
-        raise RuntimeError(f"backend={backend!r} cannot run here: {reason}; "
-                           f"available: {available_backends(op)}")
+        raise RuntimeError(
+            f"backend={backend!r} cannot run here: {reason}; available: {available_backends(op)}"
+        )
     if (backend, op) not in _IMPLS:
-        raise RuntimeError(f"backend={backend!r} does not implement {op!r} in this version; "
-                           f"backends implementing it here: {available_backends(op)}")
+        raise RuntimeError(
+            f"backend={backend!r} does not implement {op!r} in this version; "
+            f"backends implementing it here: {available_backends(op)}"
+        )
     if not runs_on(backend, device):
-        raise ValueError(f"backend={backend!r} runs on {_BY_NAME[backend].devices[0]} tensors, "
-                         f"got logits on {device}")
+        raise ValueError(
+            f"backend={backend!r} runs on {_BY_NAME[backend].devices[0]} tensors, "
+            f"got logits on {device}"
+        )
     return _IMPLS[(backend, op)]

@@ -17,31 +17,37 @@ from typing import Optional
 
 import torch
 
-REBUILD_HINT = ("rebuild it against the installed torch: `pip install --no-build-isolation "
-                "--force-reinstall --no-deps .` in the deferredseg source folder "
-                "(or `make build` in a checkout)")
+REBUILD_HINT = (
+    "rebuild it against the installed torch: `pip install --no-build-isolation "
+    "--force-reinstall --no-deps .` in the deferredseg source folder "
+    "(or `make build` in a checkout)"
+)
 
 
 class ExtensionMismatchError(RuntimeError):
     """The compiled extension does not match the running torch."""
 
 
-def check_build(built_torch: str, built_cuda: str, running_torch: str,
-                running_cuda: Optional[str]) -> None:
+def check_build(
+    built_torch: str, built_cuda: str, running_torch: str, running_cuda: Optional[str]
+) -> None:
     """Raise ExtensionMismatchError when the extension's build does not fit this torch."""
     if built_cuda and running_cuda and built_cuda != running_cuda:
         raise ExtensionMismatchError(
             f"deferredseg_kernels._C was built with CUDA {built_cuda}, but the running torch "
-            f"{running_torch} uses CUDA {running_cuda}; {REBUILD_HINT}")
+            f"{running_torch} uses CUDA {running_cuda}; {REBUILD_HINT}"
+        )
     if built_cuda and running_cuda is None:
         raise ExtensionMismatchError(
             f"deferredseg_kernels._C was built with CUDA {built_cuda} for torch {built_torch}, "
-            f"but the running torch {running_torch} is a CPU-only build; {REBUILD_HINT}")
+            f"but the running torch {running_torch} is a CPU-only build; {REBUILD_HINT}"
+        )
     base = lambda v: v.split("+")[0].split(".")[:2]  # noqa: E731  (major.minor is the ABI)
     if built_torch != "unknown" and base(built_torch) != base(running_torch):
         raise ExtensionMismatchError(
             f"deferredseg_kernels._C was built against torch {built_torch}, but torch "
-            f"{running_torch} is running; {REBUILD_HINT}")
+            f"{running_torch} is running; {REBUILD_HINT}"
+        )
 
 
 def _load() -> "tuple[Optional[ModuleType], Optional[str]]":
@@ -50,12 +56,15 @@ def _load() -> "tuple[Optional[ModuleType], Optional[str]]":
     except ModuleNotFoundError as exc:
         if exc.name != "deferredseg_kernels._C":
             raise
-        return None, ("the C++ extension deferredseg_kernels._C is not built (pure-Python "
-                      "install); build it with `pip install --no-build-isolation .`")
+        return None, (
+            "the C++ extension deferredseg_kernels._C is not built (pure-Python "
+            "install); build it with `pip install --no-build-isolation .`"
+        )
     except (ImportError, OSError) as exc:
         raise ExtensionMismatchError(
             f"deferredseg_kernels._C failed to load ({exc}); it was most likely built against "
-            f"a different torch than the installed {torch.__version__}; {REBUILD_HINT}") from exc
+            f"a different torch than the installed {torch.__version__}; {REBUILD_HINT}"
+        ) from exc
     check_build(ext.torch_version, ext.cuda_version, torch.__version__, torch.version.cuda)
     return ext, None
 
@@ -65,5 +74,8 @@ EXT, EXT_MISSING_REASON = _load()
 
 def has_cuda_kernels() -> bool:
     """Whether the loaded extension contains the CUDA kernels."""
-    return EXT is not None and bool(EXT.with_cuda) and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "deferredseg::route", "CUDA")
+    return (
+        EXT is not None
+        and bool(EXT.with_cuda)
+        and torch._C._dispatch_has_kernel_for_dispatch_key("deferredseg::route", "CUDA")
+    )

@@ -57,8 +57,9 @@ class LossOptions:
 
 
 # The keyword options of make_options / deferredseg_loss: every field but the two counts.
-OPTION_NAMES = tuple(f.name for f in fields(LossOptions)
-                     if f.name not in ("num_classes", "num_experts"))
+OPTION_NAMES = tuple(
+    f.name for f in fields(LossOptions) if f.name not in ("num_classes", "num_experts")
+)
 
 
 # make_options results by a key of the arguments' types and values (see _options_key);
@@ -105,12 +106,20 @@ def _make_options(num_classes: Any, num_experts: Any, options: dict) -> LossOpti
     E = check_int("num_experts", num_experts, 1, MAX_EXPERTS)
     kw: dict = {}
     if "ignore_index" in options:
-        kw["ignore_index"] = check_int("ignore_index", options["ignore_index"], -(2 ** 63))
+        kw["ignore_index"] = check_int("ignore_index", options["ignore_index"], -(2**63))
     if options.get("class_weight") is not None:
-        kw["class_weight"] = check_float_vector("class_weight", options["class_weight"],
-                                                max(K, 2), minimum=0.0)
-    for name in ("lambda_seg", "lambda_collab", "lambda_gate", "lambda_coherence",
-                 "lambda_balance", "gate_mse", "gate_sparsity"):
+        kw["class_weight"] = check_float_vector(
+            "class_weight", options["class_weight"], max(K, 2), minimum=0.0
+        )
+    for name in (
+        "lambda_seg",
+        "lambda_collab",
+        "lambda_gate",
+        "lambda_coherence",
+        "lambda_balance",
+        "gate_mse",
+        "gate_sparsity",
+    ):
         if name in options:
             kw[name] = check_float(name, options[name], minimum=0.0)
     if "paper_eps" in options:
@@ -126,8 +135,10 @@ def _make_options(num_classes: Any, num_experts: Any, options: dict) -> LossOpti
         if isinstance(maps, str):
             maps = (maps,)
         if not isinstance(maps, Sequence):
-            raise TypeError(f"coherence_maps must be a sequence drawn from {list(COHERENCE_MAPS)}, "
-                            f"got {type_name(maps)}")
+            raise TypeError(
+                f"coherence_maps must be a sequence drawn from {list(COHERENCE_MAPS)}, "
+                f"got {type_name(maps)}"
+            )
         checked = tuple(check_choice("coherence_maps", m, COHERENCE_MAPS) for m in maps)
         if len(set(checked)) != len(checked):
             raise ValueError(f"coherence_maps must not repeat a map, got {list(checked)}")
@@ -137,8 +148,10 @@ def _make_options(num_classes: Any, num_experts: Any, options: dict) -> LossOpti
     if balance == "band":
         for name in ("balance_low", "balance_high"):
             if options.get(name) is None:
-                raise ValueError(f"{name} is required with balance='band': a sequence of "
-                                 f"num_experts + 1 = {E + 1} numbers")
+                raise ValueError(
+                    f"{name} is required with balance='band': a sequence of "
+                    f"num_experts + 1 = {E + 1} numbers"
+                )
             kw[name] = check_float_vector(name, options[name], E + 1)
     else:
         for name in ("balance_low", "balance_high"):

@@ -22,14 +22,17 @@ from .options import LossOptions
 from .types import RouteResult, compute_dtype
 
 
-def split_logits(logits: torch.Tensor, num_classes: int, num_experts: int
-                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def split_logits(
+    logits: torch.Tensor, num_classes: int, num_experts: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Views ``(z, r, a)`` of the packed logits: (B, K, *S), (B, E + 1, *S), (B, *S)."""
     K, E = num_classes, num_experts
     if logits.dim() < 2 or logits.shape[1] != K + E + 2:
-        raise ValueError(f"logits must have num_classes + num_experts + 2 = {K + E + 2} channels "
-                         f"in dim 1, got shape {tuple(logits.shape)}")
-    return logits[:, :K], logits[:, K:K + E + 1], logits[:, K + E + 1]
+        raise ValueError(
+            f"logits must have num_classes + num_experts + 2 = {K + E + 2} channels "
+            f"in dim 1, got shape {tuple(logits.shape)}"
+        )
+    return logits[:, :K], logits[:, K : K + E + 1], logits[:, K + E + 1]
 
 
 def _softplus(x: torch.Tensor) -> torch.Tensor:
@@ -64,12 +67,19 @@ def _seg_term(z, y, valid, opts: LossOptions) -> torch.Tensor:
     num = torch.where(valid, w * l_seg, torch.zeros_like(l_seg)).sum()
     den = w.sum()
     # All valid pixels carrying weight 0: the term is 0, not 0/0.
-    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)),
-                       torch.zeros_like(num))
+    return torch.where(
+        den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num)
+    )
 
 
-def collab_pixelwise(logpi: torch.Tensor, c0: torch.Tensor, cj: torch.Tensor, surrogate: str,
-                     paper_eps: float, r: Optional[torch.Tensor] = None) -> torch.Tensor:
+def collab_pixelwise(
+    logpi: torch.Tensor,
+    c0: torch.Tensor,
+    cj: torch.Tensor,
+    surrogate: str,
+    paper_eps: float,
+    r: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """l_collab(p) of every pixel: (B, *S) from log pi (B, E + 1, *S), c0 (B, *S), cj (B, E, *S).
 
     ``r``: the routing logits (B, E + 1, *S), needed by ``surrogate="ova"`` only.
@@ -86,8 +96,9 @@ def collab_pixelwise(logpi: torch.Tensor, c0: torch.Tensor, cj: torch.Tensor, su
         return ova_pixelwise(r, c0, cj)
     # "paper": the authors' released variant, on softmax probabilities plus eps
     pi = logpi.exp()
-    return (-c0 * torch.log(pi[:, E] + paper_eps)
-            + ((1 - 2 * cj) * torch.log(pi[:, :E] + paper_eps)).sum(dim=1))
+    return -c0 * torch.log(pi[:, E] + paper_eps) + (
+        (1 - 2 * cj) * torch.log(pi[:, :E] + paper_eps)
+    ).sum(dim=1)
 
 
 def ova_pixelwise(r: torch.Tensor, c0: torch.Tensor, cj: torch.Tensor) -> torch.Tensor:
@@ -116,9 +127,12 @@ def gate_target(r: torch.Tensor, c0: torch.Tensor, cj: torch.Tensor, kind: str) 
 
 def _gate_term(a, D, hard, valid, opts: LossOptions) -> torch.Tensor:
     s = torch.sigmoid(a)
-    l_gate = (_softplus(a) - hard.to(a.dtype) * a
-              + opts.gate_mse * (s - D.detach()) ** 2
-              + opts.gate_sparsity * s)
+    l_gate = (
+        _softplus(a)
+        - hard.to(a.dtype) * a
+        + opts.gate_mse * (s - D.detach()) ** 2
+        + opts.gate_sparsity * s
+    )
     return _masked_mean(l_gate, valid)
 
 
@@ -166,8 +180,9 @@ def _sync_sums(sums: torch.Tensor, count: torch.Tensor) -> Tuple[torch.Tensor, t
     return local - local.detach() + packed[:-1], packed[-1]
 
 
-def balance_penalty(pi: torch.Tensor, valid: torch.Tensor, opts: LossOptions
-                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+def balance_penalty(
+    pi: torch.Tensor, valid: torch.Tensor, opts: LossOptions
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """BAL and pbar from routing probabilities ``pi`` (B, E + 1, *S) and ``valid`` (B, *S)."""
     E = opts.num_experts
     mask = valid.unsqueeze(1)
@@ -195,9 +210,13 @@ def balance_penalty(pi: torch.Tensor, valid: torch.Tensor, opts: LossOptions
     return bal, pbar
 
 
-def deferredseg_loss_reference(logits: torch.Tensor, target: torch.Tensor,
-                               expert_labels: torch.Tensor, opts: LossOptions,
-                               return_terms: bool = False):
+def deferredseg_loss_reference(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    expert_labels: torch.Tensor,
+    opts: LossOptions,
+    return_terms: bool = False,
+):
     """docs/objective.md section 3, term by term. ``target`` is (B, *S); inputs are validated."""
     K, E = opts.num_classes, opts.num_experts
     x = logits.to(compute_dtype(logits.dtype))
@@ -221,12 +240,16 @@ def deferredseg_loss_reference(logits: torch.Tensor, target: torch.Tensor,
     coherence = _coherence_term({"router": D, "gate": torch.sigmoid(a)}, valid, opts)
     balance, pbar = balance_penalty(pi, valid, opts)
 
-    loss = (opts.lambda_seg * seg + opts.lambda_collab * collab + opts.lambda_gate * gate
-            + opts.lambda_coherence * coherence + opts.lambda_balance * balance)
+    loss = (
+        opts.lambda_seg * seg
+        + opts.lambda_collab * collab
+        + opts.lambda_gate * gate
+        + opts.lambda_coherence * coherence
+        + opts.lambda_balance * balance
+    )
     if not return_terms:
         return loss
-    terms = {"seg": seg, "collab": collab, "gate": gate, "coherence": coherence,
-             "balance": balance}
+    terms = {"seg": seg, "collab": collab, "gate": gate, "coherence": coherence, "balance": balance}
     terms = {k: v.detach() for k, v in terms.items()}
     terms["pbar"] = pbar.detach()
     return loss, terms
@@ -238,10 +261,16 @@ def route_scores(r: torch.Tensor, scores: str) -> torch.Tensor:
     return torch.sigmoid(r) if scores == "sigmoid" else torch.softmax(r, dim=1)
 
 
-def route_reference(logits: torch.Tensor, num_classes: int, num_experts: int,
-                    threshold: float, mode: str, expert_labels: Optional[torch.Tensor],
-                    expert_cost: Optional[Sequence[float]] = None,
-                    scores: str = "softmax") -> RouteResult:
+def route_reference(
+    logits: torch.Tensor,
+    num_classes: int,
+    num_experts: int,
+    threshold: float,
+    mode: str,
+    expert_labels: Optional[torch.Tensor],
+    expert_cost: Optional[Sequence[float]] = None,
+    scores: str = "softmax",
+) -> RouteResult:
     """docs/objective.md section 4 (routing at inference). ``threshold`` is the number
     the decision compares against, see ``_checks.route_threshold``: logit(threshold)
     in modes "gate" and "router" (unused there), the threshold itself in mode "gain".

@@ -34,8 +34,11 @@ from deferredseg_kernels import deferredseg_loss
 
 
 def conv_bn_relu(cin: int, cout: int, dilation: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=dilation, dilation=dilation, bias=False),
-                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=dilation, dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
 
 
 class DenseAtrousBlock(nn.Module):
@@ -45,8 +48,11 @@ class DenseAtrousBlock(nn.Module):
         super().__init__()
         self.b1 = nn.Conv2d(ch, ch, 3, padding=1)
         self.b2 = nn.Sequential(nn.Conv2d(ch, ch, 3, padding=3, dilation=3), nn.Conv2d(ch, ch, 1))
-        self.b3 = nn.Sequential(nn.Conv2d(ch, ch, 3, padding=1), nn.Conv2d(ch, ch, 3, padding=3, dilation=3),
-                                nn.Conv2d(ch, ch, 1))
+        self.b3 = nn.Sequential(
+            nn.Conv2d(ch, ch, 3, padding=1),
+            nn.Conv2d(ch, ch, 3, padding=3, dilation=3),
+            nn.Conv2d(ch, ch, 1),
+        )
 
     def forward(self, x):
         return x + F.relu(self.b1(x)) + F.relu(self.b2(x)) + F.relu(self.b3(x))
@@ -62,8 +68,15 @@ class MultiKernelPooling(nn.Module):
 
     def forward(self, x):
         h, w = x.shape[2:]
-        maps = [F.interpolate(self.conv(F.max_pool2d(x, k, stride=k, ceil_mode=True)), size=(h, w),
-                              mode="bilinear", align_corners=False) for k in self.sizes]
+        maps = [
+            F.interpolate(
+                self.conv(F.max_pool2d(x, k, stride=k, ceil_mode=True)),
+                size=(h, w),
+                mode="bilinear",
+                align_corners=False,
+            )
+            for k in self.sizes
+        ]
         return torch.cat([x] + maps, dim=1)
 
 
@@ -76,7 +89,13 @@ class TinyCENet(nn.Module):
     the submodule named ``"decoder.1"``.
     """
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 1, width: int = 8, return_features: bool = True):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 1,
+        width: int = 8,
+        return_features: bool = True,
+    ):
         super().__init__()
         w = width
         self.enc1 = conv_bn_relu(in_channels, w)
@@ -98,8 +117,15 @@ class TinyCENet(nn.Module):
 
 
 def train(model: nn.Module, steps: int, num_classes: int, num_experts: int, seed: int = 0) -> None:
-    data = build_dataset("synthetic", split="train", num_classes=num_classes, experts="same-accuracy",
-                         num_images=16, image_size=32, seed=seed)
+    data = build_dataset(
+        "synthetic",
+        split="train",
+        num_classes=num_classes,
+        experts="same-accuracy",
+        num_images=16,
+        image_size=32,
+        seed=seed,
+    )
     loader = build_dataloader(data, batch_size=4)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=1e-3)
@@ -107,16 +133,24 @@ def train(model: nn.Module, steps: int, num_classes: int, num_experts: int, seed
     while step < steps:
         for batch in loader:
             logits = model(batch["image"])
-            loss, terms = deferredseg_loss(logits, batch["target"], batch["expert_labels"],
-                                           num_classes=num_classes, num_experts=num_experts,
-                                           backend="reference", return_terms=True)
+            loss, terms = deferredseg_loss(
+                logits,
+                batch["target"],
+                batch["expert_labels"],
+                num_classes=num_classes,
+                num_experts=num_experts,
+                backend="reference",
+                return_terms=True,
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()
             step += 1
             if step % max(1, steps // 4) == 0 or step == steps:
-                print(f"  step {step:3d}  loss {loss.item():.4f}  seg {terms['seg'].item():.4f}  "
-                      f"collab {terms['collab'].item():.4f}  pbar {[round(v, 3) for v in terms['pbar'].tolist()]}")
+                print(
+                    f"  step {step:3d}  loss {loss.item():.4f}  seg {terms['seg'].item():.4f}  "
+                    f"collab {terms['collab'].item():.4f}  pbar {[round(v, 3) for v in terms['pbar'].tolist()]}"
+                )
             if step >= steps:
                 break
     batch = next(iter(build_dataloader(data, batch_size=4, shuffle=False)))
@@ -128,12 +162,16 @@ def train(model: nn.Module, steps: int, num_classes: int, num_experts: int, seed
 
 def pretrain(net: nn.Module, steps: int, seed: int = 0) -> None:
     """Stands in for loading published weights: a few steps of plain binary segmentation training."""
-    data = build_dataset("synthetic", split="train", num_classes=1, num_images=16, image_size=32, seed=seed)
+    data = build_dataset(
+        "synthetic", split="train", num_classes=1, num_images=16, image_size=32, seed=seed
+    )
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     step = 0
     while step < steps:
         for batch in build_dataloader(data, batch_size=4):
-            loss = F.binary_cross_entropy_with_logits(net(batch["image"])[:, 0], batch["target"].float())
+            loss = F.binary_cross_entropy_with_logits(
+                net(batch["image"])[:, 0], batch["target"].float()
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -153,14 +191,28 @@ def main(argv=None) -> None:
 
     print("1. features mode: TinyCENet returns features; DeferredSegmentor adds all three heads")
     net = TinyCENet(in_channels=1, width=8, return_features=True)
-    model = DeferredSegmentor(net, feature_channels=net.width, num_classes=K, num_experts=E, spatial_dims=2)
+    model = DeferredSegmentor(
+        net, feature_channels=net.width, num_classes=K, num_experts=E, spatial_dims=2
+    )
     train(model, args.steps, K, E, args.seed)
 
-    print("2. pretrained mode: TinyCENet keeps its own segmentation head; features from layer 'decoder.1'")
+    print(
+        "2. pretrained mode: TinyCENet keeps its own segmentation head; features from layer 'decoder.1'"
+    )
     net = TinyCENet(in_channels=1, num_classes=K, width=8, return_features=False)
-    pretrain(net, 2 * args.steps, args.seed)  # with the real CENet: net.load_state_dict(torch.load(...))
-    model = DeferredSegmentor(net, feature_channels=net.width, num_classes=K, num_experts=E, spatial_dims=2,
-                              keep_backbone_seg=True, feature_layer="decoder.1", freeze_backbone=True)
+    pretrain(
+        net, 2 * args.steps, args.seed
+    )  # with the real CENet: net.load_state_dict(torch.load(...))
+    model = DeferredSegmentor(
+        net,
+        feature_channels=net.width,
+        num_classes=K,
+        num_experts=E,
+        spatial_dims=2,
+        keep_backbone_seg=True,
+        feature_layer="decoder.1",
+        freeze_backbone=True,
+    )
     train(model, args.steps, K, E, args.seed)
 
 

@@ -70,8 +70,11 @@ def _wide_cases():
             opts = dict(option_matrix(16)[i])
             if "balance_low" in opts:  # option_matrix(16) sized them for E = 16
                 opts.update(_band(E))
-            out.append(Case(f"K{K}-E{E}-{option_id(opts)}", K, E, (3, 9, 10),
-                            extra=dict(B=1, runs=(opts,))))
+            out.append(
+                Case(
+                    f"K{K}-E{E}-{option_id(opts)}", K, E, (3, 9, 10), extra=dict(B=1, runs=(opts,))
+                )
+            )
     return tuple(out)
 
 
@@ -80,8 +83,15 @@ def _triton_wide_cases():
     for K, E, spatial in ((32, 3, (5, 6)), (3, 16, (4, 7)), (32, 16, (3, 2, 4))):
         # "random": class weights drawn when the case runs
         runs = (dict(class_weight="random"), dict(surrogate="ova", gate_target="benefit"))
-        out.append(Case(f"K{K}-E{E}-{'x'.join(map(str, spatial))}", K, E, spatial,
-                        extra=dict(B=2, runs=runs)))
+        out.append(
+            Case(
+                f"K{K}-E{E}-{'x'.join(map(str, spatial))}",
+                K,
+                E,
+                spatial,
+                extra=dict(B=2, runs=runs),
+            )
+        )
     return tuple(out)
 
 
@@ -90,27 +100,71 @@ _GC_COMMON = dict(lambda_coherence=0.7, gate_mse=0.0, coherence="l2")
 _W3 = [0.5, 1.0, 2.0]
 _GRADCHECK = (
     Case("binary", 1, 2, (3, 4), dict(_GC_COMMON, lambda_balance=0.9)),
-    Case("multiclass-paper-band", 3, 2, (3, 4),
-         dict(_GC_COMMON, lambda_balance=0.9, surrogate="paper", balance="band",
-              balance_low=[0.2, 0.1, 0.3], balance_high=[0.3, 0.5, 0.6], class_weight=_W3)),
-    Case("binary-ova-benefit", 1, 2, (3, 4),
-         dict(_GC_COMMON, lambda_balance=0.9, surrogate="ova", gate_target="benefit")),
-    Case("multiclass-ova-benefit", 3, 2, (3, 4),
-         dict(_GC_COMMON, lambda_balance=0.9, surrogate="ova", coherence_maps=("router",),
-              gate_target="benefit", class_weight=_W3)),
+    Case(
+        "multiclass-paper-band",
+        3,
+        2,
+        (3, 4),
+        dict(
+            _GC_COMMON,
+            lambda_balance=0.9,
+            surrogate="paper",
+            balance="band",
+            balance_low=[0.2, 0.1, 0.3],
+            balance_high=[0.3, 0.5, 0.6],
+            class_weight=_W3,
+        ),
+    ),
+    Case(
+        "binary-ova-benefit",
+        1,
+        2,
+        (3, 4),
+        dict(_GC_COMMON, lambda_balance=0.9, surrogate="ova", gate_target="benefit"),
+    ),
+    Case(
+        "multiclass-ova-benefit",
+        3,
+        2,
+        (3, 4),
+        dict(
+            _GC_COMMON,
+            lambda_balance=0.9,
+            surrogate="ova",
+            coherence_maps=("router",),
+            gate_target="benefit",
+            class_weight=_W3,
+        ),
+    ),
     Case("multiclass", 3, 2, (3, 4), dict(_GC_COMMON)),
-    Case("multiclass-paper-benefit", 3, 2, (3, 4),
-         dict(_GC_COMMON, surrogate="paper", gate_target="benefit")),
-    Case("multiclass-ova-benefit-maps", 3, 2, (3, 4),
-         dict(_GC_COMMON, surrogate="ova", gate_target="benefit")),
+    Case(
+        "multiclass-paper-benefit",
+        3,
+        2,
+        (3, 4),
+        dict(_GC_COMMON, surrogate="paper", gate_target="benefit"),
+    ),
+    Case(
+        "multiclass-ova-benefit-maps",
+        3,
+        2,
+        (3, 4),
+        dict(_GC_COMMON, surrogate="ova", gate_target="benefit"),
+    ),
 )
-_GC_TRITON = dict(coherence="l2", lambda_coherence=1.0, lambda_balance=1.0, lambda_seg=0.5,
-                  gate_mse=0.0)
+_GC_TRITON = dict(
+    coherence="l2", lambda_coherence=1.0, lambda_balance=1.0, lambda_seg=0.5, gate_mse=0.0
+)
 _TRITON_GRADCHECK = (
-    Case("binary-paper-2x3", 1, 2, (2, 3), dict(_GC_TRITON, surrogate="paper"),
-         dict(atol=1e-5)),
-    Case("binary-ova-benefit-2x3", 1, 2, (2, 3),
-         dict(_GC_TRITON, surrogate="ova", gate_target="benefit"), dict(atol=1e-5)),
+    Case("binary-paper-2x3", 1, 2, (2, 3), dict(_GC_TRITON, surrogate="paper"), dict(atol=1e-5)),
+    Case(
+        "binary-ova-benefit-2x3",
+        1,
+        2,
+        (2, 3),
+        dict(_GC_TRITON, surrogate="ova", gate_target="benefit"),
+        dict(atol=1e-5),
+    ),
 )
 
 
@@ -128,16 +182,31 @@ class Plan:
     shape_extra: Tuple[Tuple[int, ...], ...] = ()
     shape_KE: Tuple[Tuple[int, int], ...] = ((1, 1), (3, 3), (1, 16), (12, 3))
     shape_opts: Tuple[Tuple[str, object], ...] = ()
-    wide: Tuple[Case, ...] = (_wide_cases() + _triton_wide_cases() + (
-        Case("K2-E127-most-experts", 2, 127, (9, 11), extra=dict(B=1, runs=({},), scale=1.0,
-                                                                 rtol=2e-5)),))
+    wide: Tuple[Case, ...] = (
+        _wide_cases()
+        + _triton_wide_cases()
+        + (
+            Case(
+                "K2-E127-most-experts",
+                2,
+                127,
+                (9, 11),
+                extra=dict(B=1, runs=({},), scale=1.0, rtol=2e-5),
+            ),
+        )
+    )
     # benefit target at ties: K, E, spatial, opts["coherence_maps"]
     ties: Tuple[Case, ...] = tuple(
         Case(f"K{K}-E{E}-{mname}", K, E, (9, 31), dict(coherence_maps=maps))
         for K, E in ((1, 3), (3, 2), (2, 6))
-        for mname, maps in (("nomaps", ()), ("gatemap", ("gate",))))
+        for mname, maps in (("nomaps", ()), ("gatemap", ("gate",)))
+    )
     label_cases: Tuple[Tuple[torch.dtype, int], ...] = (
-        (torch.uint8, 255), (torch.int32, -100), (torch.int64, -1), (torch.int64, 2 ** 40))
+        (torch.uint8, 255),
+        (torch.int32, -100),
+        (torch.int64, -1),
+        (torch.int64, 2**40),
+    )
     label_spatial: Tuple[int, ...] = (6, 9)
     low_precision: Tuple[Case, ...] = (Case("K1-E3", 1, 3, (9, 11)), Case("K3-E3", 3, 3, (9, 11)))
     layout_spatial: Tuple[int, int] = (7, 9)
@@ -158,10 +227,14 @@ EMULATION_PLAN = Plan(
     shape_KE=((1, 1), (3, 3), (2, 5), (1, 16), (12, 3)),
     shape_opts=(("coherence", "l2"), ("lambda_coherence", 0.8)),
     # 2 x 29 x 31 pixels take several grid-stride steps.
-    ties=tuple(Case(f"K{K}-E{E}-gatemap", K, E, (29, 31), dict(coherence_maps=("gate",)))
-               for K, E in ((1, 3), (3, 2), (2, 9), (2, 6))) + tuple(
+    ties=tuple(
+        Case(f"K{K}-E{E}-gatemap", K, E, (29, 31), dict(coherence_maps=("gate",)))
+        for K, E in ((1, 3), (3, 2), (2, 9), (2, 6))
+    )
+    + tuple(
         Case(f"K{K}-E{E}-nomaps", K, E, (9, 31), dict(coherence_maps=()))
-        for K, E in ((1, 3), (3, 2), (2, 6))),
+        for K, E in ((1, 3), (3, 2), (2, 6))
+    ),
     label_spatial=(26, 19),
     low_precision=(Case("K3-E3", 3, 3, (29, 31)), Case("K1-E3", 1, 3, (9, 11))),
     layout_spatial=(21, 33),
@@ -169,8 +242,11 @@ EMULATION_PLAN = Plan(
     stats_spatial=(24, 26),
     sync_spatial=(25, 22),
     # (about 12 s each: every evaluation runs 3 blocks of 256 fibers)
-    gradcheck=tuple(c for c in _GRADCHECK if c.name in (
-        "multiclass", "multiclass-ova-benefit-maps", "multiclass-paper-benefit")),
+    gradcheck=tuple(
+        c
+        for c in _GRADCHECK
+        if c.name in ("multiclass", "multiclass-ova-benefit-maps", "multiclass-paper-benefit")
+    ),
 )
 
 # The interpreter runs a program in numpy: small shapes, the option matrix for one K
@@ -180,11 +256,15 @@ TRITON_PLAN = Plan(
     shape_KE=((1, 1), (3, 3), (2, 1), (1, 3)),
     shape_opts=(("lambda_coherence", 1.0),),
     wide=_triton_wide_cases(),
-    ties=tuple(Case(f"K{K}-E{E}-gatemap", K, E, (9, 11), dict(coherence_maps=("gate",)))
-               for K, E in ((1, 3), (3, 2), (2, 6))),
+    ties=tuple(
+        Case(f"K{K}-E{E}-gatemap", K, E, (9, 11), dict(coherence_maps=("gate",)))
+        for K, E in ((1, 3), (3, 2), (2, 6))
+    ),
     label_spatial=(5, 6),
-    low_precision=(Case("K3-E2", 3, 2, (9, 10), dict(lambda_coherence=1.0)),
-                   Case("K1-E3", 1, 3, (2, 3, 5), dict(lambda_coherence=1.0))),
+    low_precision=(
+        Case("K3-E2", 3, 2, (9, 10), dict(lambda_coherence=1.0)),
+        Case("K1-E3", 1, 3, (2, 3, 5), dict(lambda_coherence=1.0)),
+    ),
     layout_spatial=(5, 7),
     determinism_spatial=(6, 7),
     stats_spatial=(4, 6),
@@ -193,9 +273,13 @@ TRITON_PLAN = Plan(
 )
 
 CUDA_PLAN = dataclasses.replace(
-    Plan(), ties=Plan().ties + tuple(
+    Plan(),
+    ties=Plan().ties
+    + tuple(
         Case(f"K{K}-E{E}-gatemap-29x31", K, E, (29, 31), dict(coherence_maps=("gate",)))
-        for K, E in ((1, 3), (3, 2), (2, 9))))
+        for K, E in ((1, 3), (3, 2), (2, 9))
+    ),
+)
 
 # --------------------------------------------------------------------------- backends
 
@@ -249,8 +333,9 @@ def _api_backend(name: str, namespace: str):
         ns = getattr(torch.ops, namespace)
 
         def loss(logits, target, experts, K, E, return_terms=False, **opts):
-            return deferredseg_loss(logits, target, experts, K, E, backend=name,
-                                    return_terms=return_terms, **opts)
+            return deferredseg_loss(
+                logits, target, experts, K, E, backend=name, return_terms=return_terms, **opts
+            )
 
         return Ops(spec, loss, ns.loss_stats.default, ns.loss_fused.default)
 
@@ -271,10 +356,19 @@ def emulation_ops():
 
     build = os.path.join(ROOT, "build", f"cuda_emu-torch{torch.__version__}")
     os.makedirs(build, exist_ok=True)
-    load(name="deferredseg_cuda_emu", sources=[os.path.join(HERE, "cuda_emu", "emu_ops.cpp")],
-         extra_cflags=["-O2", "-DDS_CUDA_EMULATION", f"-DDS_CUDA_EMU_MAX_BLOCKS={EMU_MAX_BLOCKS}",
-                       "-fvisibility=hidden"],
-         build_directory=build, is_python_module=False, verbose=False)
+    load(
+        name="deferredseg_cuda_emu",
+        sources=[os.path.join(HERE, "cuda_emu", "emu_ops.cpp")],
+        extra_cflags=[
+            "-O2",
+            "-DDS_CUDA_EMULATION",
+            f"-DDS_CUDA_EMU_MAX_BLOCKS={EMU_MAX_BLOCKS}",
+            "-fvisibility=hidden",
+        ],
+        build_directory=build,
+        is_python_module=False,
+        verbose=False,
+    )
     return torch.ops.deferredseg_cuda_emu
 
 
@@ -283,8 +377,16 @@ def emulation_loss(ops, logits, target, experts, K, E, return_terms=False, **opt
     the real ones (labels not checked eagerly: a bad target makes the loss NaN)."""
     opts = make_options(K, E, **options)
     target, experts = check_inputs(logits, target, experts, opts)
-    return fused.fused_loss(ops.loss_stats, ops.loss_fused, logits, target, experts, opts,
-                            return_terms, check_labels_eagerly=False)
+    return fused.fused_loss(
+        ops.loss_stats,
+        ops.loss_fused,
+        logits,
+        target,
+        experts,
+        opts,
+        return_terms,
+        check_labels_eagerly=False,
+    )
 
 
 def route_with(op, *args, **kwargs):
@@ -294,8 +396,9 @@ def route_with(op, *args, **kwargs):
 
 def _load_emulation(spec: Backend) -> Ops:
     ops = emulation_ops()
-    return Ops(spec, functools.partial(emulation_loss, ops), ops.loss_stats.default,
-               ops.loss_fused.default)
+    return Ops(
+        spec, functools.partial(emulation_loss, ops), ops.loss_stats.default, ops.loss_fused.default
+    )
 
 
 def _cpu_unavailable():
@@ -325,23 +428,47 @@ TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 # emu_ops.cpp defines each op with its kernel (m.def(schema, fn)): a
 # CompositeImplicitAutograd kernel, for which torch.library refuses a fake kernel, so
 # the ops cannot be traced. (The real CUDA ops are checked on a GPU.)
-_NO_FAKE = ("the emulated ops have no fake kernel (emu_ops.cpp registers them as "
-            "CompositeImplicitAutograd), so they cannot be traced")
+_NO_FAKE = (
+    "the emulated ops have no fake kernel (emu_ops.cpp registers them as "
+    "CompositeImplicitAutograd), so they cannot be traced"
+)
 
 BACKENDS: Tuple[Backend, ...] = (
-    Backend("cpu", "cpu", _cpu_unavailable, _api_backend("cpu", "deferredseg"),
-            checks_labels_eagerly=True),
-    Backend("cuda", "cuda", _cuda_unavailable, _api_backend("cuda", "deferredseg"),
-            checks_labels_eagerly=False, plan=CUDA_PLAN),
-    Backend("cuda_emu", "cpu", _emulation_unavailable, _load_emulation,
-            checks_labels_eagerly=False, plan=EMULATION_PLAN, lacks=(
-                ("opcheck", _NO_FAKE), ("compile", _NO_FAKE))),
+    Backend(
+        "cpu",
+        "cpu",
+        _cpu_unavailable,
+        _api_backend("cpu", "deferredseg"),
+        checks_labels_eagerly=True,
+    ),
+    Backend(
+        "cuda",
+        "cuda",
+        _cuda_unavailable,
+        _api_backend("cuda", "deferredseg"),
+        checks_labels_eagerly=False,
+        plan=CUDA_PLAN,
+    ),
+    Backend(
+        "cuda_emu",
+        "cpu",
+        _emulation_unavailable,
+        _load_emulation,
+        checks_labels_eagerly=False,
+        plan=EMULATION_PLAN,
+        lacks=(("opcheck", _NO_FAKE), ("compile", _NO_FAKE)),
+    ),
     # On a machine without a GPU, Triton runs its kernels on CPU tensors in the
     # interpreter (tests/conftest.py sets TRITON_INTERPRET=1); labels on the CPU are
     # range-checked eagerly, with the reference's message.
-    Backend("triton", TRITON_DEVICE, _triton_unavailable,
-            _api_backend("triton", "deferredseg_triton"),
-            checks_labels_eagerly=TRITON_DEVICE == "cpu", plan=TRITON_PLAN),
+    Backend(
+        "triton",
+        TRITON_DEVICE,
+        _triton_unavailable,
+        _api_backend("triton", "deferredseg_triton"),
+        checks_labels_eagerly=TRITON_DEVICE == "cpu",
+        plan=TRITON_PLAN,
+    ),
 )
 
 BY_NAME = {b.name: b for b in BACKENDS}
@@ -362,8 +489,9 @@ def run(backend, logits, target, experts, K, E, grad_scale=1.0, **opts):
     logits' memory and strides (views reach the kernels as they are)."""
     x = logits.detach().requires_grad_(True)
     if isinstance(backend, str):
-        loss, terms = deferredseg_loss(x, target, experts, K, E, backend=backend,
-                                       return_terms=True, **opts)
+        loss, terms = deferredseg_loss(
+            x, target, experts, K, E, backend=backend, return_terms=True, **opts
+        )
     else:
         loss, terms = backend.loss(x, target, experts, K, E, True, **opts)
     go = torch.as_tensor(grad_scale, dtype=loss.dtype, device=loss.device)
@@ -378,8 +506,14 @@ def assert_close_to_max(actual, expected, what, rtol=1e-5, atol_rel=1e-5, atol_a
     scale = float(expected.detach().abs().max()) if expected.numel() else 0.0
     if not math.isfinite(scale):
         scale = 0.0
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol_rel * scale + atol_abs,
-                               equal_nan=True, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual,
+        expected,
+        rtol=rtol,
+        atol=atol_rel * scale + atol_abs,
+        equal_nan=True,
+        msg=lambda m: f"{what}: {m}",
+    )
 
 
 def check_results_to_max(got, want, rtol=1e-5, logits: Optional[torch.Tensor] = None):
@@ -391,8 +525,7 @@ def check_results_to_max(got, want, rtol=1e-5, logits: Optional[torch.Tensor] = 
     floor = 1e-6 if got[2].dtype != torch.float64 else 1e-12
     assert_close_to_max(got[0], want[0], "loss", rtol=rtol)
     for name in TERMS:
-        assert_close_to_max(got[1][name], want[1][name], f"term {name}", rtol=rtol,
-                            atol_abs=floor)
+        assert_close_to_max(got[1][name], want[1][name], f"term {name}", rtol=rtol, atol_abs=floor)
     assert_close_to_max(got[2], want[2], "grad", rtol=rtol)
     if logits is not None and logits.is_contiguous():
         assert got[2].stride() == logits.stride()
@@ -419,8 +552,16 @@ def assert_matches(backend, logits, target, experts, K, E, rtol=1e-5, grad_scale
 def unchecked_loss(backend: Ops, logits, target, experts, opts, return_terms=False):
     """The backend's two ops driven as under torch.compile or on a GPU: labels are not
     range-checked eagerly (a bad target makes the loss NaN)."""
-    return fused.fused_loss(backend.stats_op, backend.loss_op, logits, target, experts, opts,
-                            return_terms, check_labels_eagerly=False)
+    return fused.fused_loss(
+        backend.stats_op,
+        backend.loss_op,
+        logits,
+        target,
+        experts,
+        opts,
+        return_terms,
+        check_labels_eagerly=False,
+    )
 
 
 def layouts(K: int, E: int, spatial: Sequence[int], device) -> Dict[str, torch.Tensor]:
@@ -429,7 +570,7 @@ def layouts(K: int, E: int, spatial: Sequence[int], device) -> Dict[str, torch.T
     H, W = spatial
     base = (torch.randn(3, C + 4, H, W, dtype=torch.float64) * 2).float().to(device)
     return {
-        "channel_slice": base[:2, 2:2 + C],  # not dense
+        "channel_slice": base[:2, 2 : 2 + C],  # not dense
         "channels_last": base[:2, :C].contiguous(memory_format=torch.channels_last),
         "permuted_batch": base[:2, :C].transpose(0, 1).contiguous().transpose(0, 1),
         # dense, but the spatial dims cannot be flattened as a view
@@ -438,9 +579,18 @@ def layouts(K: int, E: int, spatial: Sequence[int], device) -> Dict[str, torch.T
         "batch_stride": torch.randn(4, C, H, W, device=device)[::2],
         "expanded_batch": (torch.randn(1, C, H, W, device=device) * 2).expand(2, C, H, W),
         "channels_last_3d": (torch.randn(2, C, 3, 4, 5, device=device) * 2).to(
-            memory_format=torch.channels_last_3d),
+            memory_format=torch.channels_last_3d
+        ),
     }
 
 
-LAYOUTS = ("channel_slice", "channels_last", "permuted_batch", "transposed_spatial",
-           "strided_pixels", "batch_stride", "expanded_batch", "channels_last_3d")
+LAYOUTS = (
+    "channel_slice",
+    "channels_last",
+    "permuted_batch",
+    "transposed_spatial",
+    "strided_pixels",
+    "batch_stride",
+    "expanded_batch",
+    "channels_last_3d",
+)

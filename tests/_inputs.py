@@ -12,18 +12,27 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 
-def make_inputs(B: int, K: int, E: int, spatial: Sequence[int], dtype=torch.float32,
-                label_dtype=torch.int64, ignore_frac: float = 0.1, ignore_index: int = -100,
-                expert_ignore_frac: float = 0.05, device="cpu", scale: float = 2.0,
-                generator: Optional[torch.Generator] = None
-                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def make_inputs(
+    B: int,
+    K: int,
+    E: int,
+    spatial: Sequence[int],
+    dtype=torch.float32,
+    label_dtype=torch.int64,
+    ignore_frac: float = 0.1,
+    ignore_index: int = -100,
+    expert_ignore_frac: float = 0.05,
+    device="cpu",
+    scale: float = 2.0,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logits, target, expert_labels) with some ignored pixels.
 
     With uint8 labels, ``ignore_index`` must be representable (pass 255).
     """
     g = generator
     C = K + E + 2
-    logits = (torch.randn((B, C, *spatial), generator=g, dtype=torch.float64) * scale)
+    logits = torch.randn((B, C, *spatial), generator=g, dtype=torch.float64) * scale
     logits = logits.to(dtype).to(device)
     nlab = max(K, 2)
     target = torch.randint(0, nlab, (B, *spatial), generator=g)
@@ -32,11 +41,17 @@ def make_inputs(B: int, K: int, E: int, spatial: Sequence[int], dtype=torch.floa
     flip = torch.rand(experts.shape, generator=g) < 0.3
     experts = torch.where(flip, torch.randint(0, nlab, experts.shape, generator=g), experts)
     if ignore_frac > 0:
-        target = torch.where(torch.rand(target.shape, generator=g) < ignore_frac,
-                             torch.full_like(target, ignore_index), target)
+        target = torch.where(
+            torch.rand(target.shape, generator=g) < ignore_frac,
+            torch.full_like(target, ignore_index),
+            target,
+        )
     if expert_ignore_frac > 0:
-        experts = torch.where(torch.rand(experts.shape, generator=g) < expert_ignore_frac,
-                              torch.full_like(experts, ignore_index), experts)
+        experts = torch.where(
+            torch.rand(experts.shape, generator=g) < expert_ignore_frac,
+            torch.full_like(experts, ignore_index),
+            experts,
+        )
     return logits, target.to(label_dtype).to(device), experts.to(label_dtype).to(device)
 
 
@@ -51,11 +66,19 @@ def option_matrix(E: int) -> List[Dict]:
     high = [1.5 / (E + 1)] * (E + 1)
     out = []
     for surrogate, coherence, maps, balance in itertools.product(
-            ("softmax", "paper", "ova"), ("l1", "l2"),
-            (("router", "gate"), ("router",), ("gate",), ()), ("cv2", "band")):
+        ("softmax", "paper", "ova"),
+        ("l1", "l2"),
+        (("router", "gate"), ("router",), ("gate",), ()),
+        ("cv2", "band"),
+    ):
         gate_target = "benefit" if (coherence == "l2") != (balance == "band") else "router"
-        opts = dict(surrogate=surrogate, coherence=coherence, coherence_maps=maps,
-                    balance=balance, gate_target=gate_target)
+        opts = dict(
+            surrogate=surrogate,
+            coherence=coherence,
+            coherence_maps=maps,
+            balance=balance,
+            gate_target=gate_target,
+        )
         if balance == "band":
             opts.update(balance_low=low, balance_high=high)
         out.append(opts)
@@ -64,8 +87,10 @@ def option_matrix(E: int) -> List[Dict]:
 
 def option_id(opts: Dict) -> str:
     maps = "+".join(opts["coherence_maps"]) or "nomaps"
-    return (f"{opts['surrogate']}-{opts['coherence']}-{maps}-{opts['balance']}"
-            f"-{opts.get('gate_target', 'router')}")
+    return (
+        f"{opts['surrogate']}-{opts['coherence']}-{maps}-{opts['balance']}"
+        f"-{opts.get('gate_target', 'router')}"
+    )
 
 
 def iter_shapes() -> Iterator[Tuple[int, ...]]:
@@ -95,9 +120,11 @@ def assert_results_close(got, want, rtol: float = 1e-5):
     floor = rtol * 0.1 * max(1.0, float(rloss.abs()))
     torch.testing.assert_close(loss, rloss, rtol=rtol, atol=floor)
     for name in TERMS:
-        torch.testing.assert_close(terms[name], rterms[name], rtol=rtol, atol=floor,
-                                   msg=lambda m: f"term {name}: {m}")
+        torch.testing.assert_close(
+            terms[name], rterms[name], rtol=rtol, atol=floor, msg=lambda m: f"term {name}: {m}"
+        )
     assert grad.shape == rgrad.shape and grad.dtype == rgrad.dtype
     scale = float(rgrad.abs().max()) if rgrad.numel() else 0.0
-    torch.testing.assert_close(grad, rgrad, rtol=rtol, atol=rtol * max(scale, 1e-12),
-                               msg=lambda m: f"gradient: {m}")
+    torch.testing.assert_close(
+        grad, rgrad, rtol=rtol, atol=rtol * max(scale, 1e-12), msg=lambda m: f"gradient: {m}"
+    )

@@ -32,12 +32,30 @@ def _argmax(v: Sequence[float]) -> int:
     return best
 
 
-def naive_loss(logits: torch.Tensor, target: torch.Tensor, experts: torch.Tensor, K: int,
-               E: int, ignore_index=-100, class_weight=None, lambda_seg=1.0, lambda_collab=1.0,
-               lambda_gate=1.0, lambda_coherence=0.1, lambda_balance=0.1, surrogate="softmax",
-               paper_eps=1e-8, gate_target="router", gate_mse=0.5, gate_sparsity=0.1,
-               coherence="l1", coherence_maps=("router", "gate"), balance="cv2", balance_low=None,
-               balance_high=None) -> Dict[str, float]:
+def naive_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    experts: torch.Tensor,
+    K: int,
+    E: int,
+    ignore_index=-100,
+    class_weight=None,
+    lambda_seg=1.0,
+    lambda_collab=1.0,
+    lambda_gate=1.0,
+    lambda_coherence=0.1,
+    lambda_balance=0.1,
+    surrogate="softmax",
+    paper_eps=1e-8,
+    gate_target="router",
+    gate_mse=0.5,
+    gate_sparsity=0.1,
+    coherence="l1",
+    coherence_maps=("router", "gate"),
+    balance="cv2",
+    balance_low=None,
+    balance_high=None,
+) -> Dict[str, float]:
     x = logits.double().tolist()
     t = target.tolist()
     m = experts.tolist()
@@ -85,16 +103,21 @@ def naive_loss(logits: torch.Tensor, target: torch.Tensor, experts: torch.Tensor
                 c0 = 1.0 if (z[0] > 0) == (y == 1) else 0.0
             seg_num += w[y] * lseg
             seg_den += w[y]
-            cj = [1.0 if (lab(m, b, (j,) + idx) == y and lab(m, b, (j,) + idx) != ignore_index)
-                  else 0.0 for j in range(E)]
+            cj = [
+                1.0
+                if (lab(m, b, (j,) + idx) == y and lab(m, b, (j,) + idx) != ignore_index)
+                else 0.0
+                for j in range(E)
+            ]
             if surrogate == "softmax":
                 lc = -c0 * lp[E] - sum(cj[j] * lp[j] for j in range(E))
             elif surrogate == "ova":
                 ck = cj + [c0]
                 lc = sum(_softplus(r[k]) - ck[k] * r[k] for k in range(E + 1))
             else:
-                lc = (-c0 * math.log(pi[E] + paper_eps)
-                      + sum((1 - 2 * cj[j]) * math.log(pi[j] + paper_eps) for j in range(E)))
+                lc = -c0 * math.log(pi[E] + paper_eps) + sum(
+                    (1 - 2 * cj[j]) * math.log(pi[j] + paper_eps) for j in range(E)
+                )
             collab += lc
             if gate_target == "router":
                 h = 1.0 if _argmax(r) < E else 0.0
@@ -127,11 +150,22 @@ def naive_loss(logits: torch.Tensor, target: torch.Tensor, experts: torch.Tensor
             P = pbar[:E]
             bal = 0.0 if E == 1 else E * sum(p * p for p in P) / sum(P) ** 2 - 1
         else:
-            bal = sum(max(pbar[k] - balance_high[k], 0.0) + max(balance_low[k] - pbar[k], 0.0)
-                      for k in range(E + 1))
-        terms = dict(seg=seg_num / seg_den if seg_den > 0 else 0.0, collab=collab / nv,
-                     gate=gate / nv, coherence=coh, balance=bal)
-    terms["loss"] = (lambda_seg * terms["seg"] + lambda_collab * terms["collab"]
-                     + lambda_gate * terms["gate"] + lambda_coherence * terms["coherence"]
-                     + lambda_balance * terms["balance"])
+            bal = sum(
+                max(pbar[k] - balance_high[k], 0.0) + max(balance_low[k] - pbar[k], 0.0)
+                for k in range(E + 1)
+            )
+        terms = dict(
+            seg=seg_num / seg_den if seg_den > 0 else 0.0,
+            collab=collab / nv,
+            gate=gate / nv,
+            coherence=coh,
+            balance=bal,
+        )
+    terms["loss"] = (
+        lambda_seg * terms["seg"]
+        + lambda_collab * terms["collab"]
+        + lambda_gate * terms["gate"]
+        + lambda_coherence * terms["coherence"]
+        + lambda_balance * terms["balance"]
+    )
     return terms

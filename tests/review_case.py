@@ -31,8 +31,12 @@ def make_review_folder(root: Path) -> Path:
     images.mkdir(parents=True, exist_ok=True)
     yy, xx = np.mgrid[:SIDE, :SIDE]
     rng = np.random.RandomState(0)
-    image = (100.0 + 80.0 * (((yy - 20) ** 2 + (xx - 20) ** 2) < 120) + 0.8 * xx
-             + rng.normal(0, 6, (SIDE, SIDE))).astype(np.float32)
+    image = (
+        100.0
+        + 80.0 * (((yy - 20) ** 2 + (xx - 20) ** 2) < 120)
+        + 0.8 * xx
+        + rng.normal(0, 6, (SIDE, SIDE))
+    ).astype(np.float32)
     np.save(images / "scan1.npy", image)
     model = ((yy - 20) ** 2 + (xx - 20) ** 2 < 100).astype(np.uint8)
     model[4:8, 4:8] = 1  # something inside the first region, so the proposal shows
@@ -47,12 +51,22 @@ def make_review_folder(root: Path) -> Path:
     db.set_meta({"num_classes": 1, "num_labels": 2, "spatial_dims": 2, "in_channels": 1})
     meta = InputMeta(ext=".npy")
     write_like(out / "model" / "scan1", model, meta)
-    write_like(out / "assignment" / "scan1", (assignment.astype(np.int16) + 1).astype(np.uint8), meta)
+    write_like(
+        out / "assignment" / "scan1", (assignment.astype(np.int16) + 1).astype(np.uint8), meta
+    )
     regions, tasks, dropped = extract_tasks(assignment, 2, min_size=1, merge_distance=0)
     atomic_save_npy(out / "regions" / "scan1.npy", regions)
-    db.add_image("scan1", str((images / "scan1.npy").resolve()), ".npy",
-                 _fingerprint(images / "scan1.npy"), (SIDE, SIDE), SIDE * SIDE,
-                 int((assignment >= 0).sum()), dropped, tasks)
+    db.add_image(
+        "scan1",
+        str((images / "scan1.npy").resolve()),
+        ".npy",
+        _fingerprint(images / "scan1.npy"),
+        (SIDE, SIDE),
+        SIDE * SIDE,
+        int((assignment >= 0).sum()),
+        dropped,
+        tasks,
+    )
     db.close()
     return out
 
@@ -78,8 +92,17 @@ def make_review_folder_3d(root: Path) -> Path:
     write_like(out / "model" / "vol1", model, meta)
     regions, tasks, dropped = extract_tasks(assignment, 2)
     atomic_save_npy(out / "regions" / "vol1.npy", regions)
-    db.add_image("vol1", str((images / "vol1.npy").resolve()), ".npy", _fingerprint(images / "vol1.npy"),
-                 (24, 24, 8), 24 * 24 * 8, int((assignment >= 0).sum()), dropped, tasks)
+    db.add_image(
+        "vol1",
+        str((images / "vol1.npy").resolve()),
+        ".npy",
+        _fingerprint(images / "vol1.npy"),
+        (24, 24, 8),
+        24 * 24 * 8,
+        int((assignment >= 0).sum()),
+        dropped,
+        tasks,
+    )
     db.close()
     return out
 
@@ -105,9 +128,13 @@ def get(url, token=None, host=None):
 def start_server(out, *extra):
     """`deferredseg serve OUT` on a free port; returns (process, base URL, links printed)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "deferredseg", "serve", str(out), "--port", str(port),
-                             *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deferredseg", "serve", str(out), "--port", str(port), *extra],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     links, printed = {}, []
     for line in proc.stdout:
         printed.append(line)

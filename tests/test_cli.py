@@ -15,13 +15,30 @@ from deferredseg.train.evaluation import evaluate
 from deferredseg.train.methods import METHODS, REGISTRY
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--num-images", "12", "--image-size", "24", "--features", "4", "--batch-size", "4",
-        "--progress", "false", "--backend", "reference"]
+TINY = [
+    "--num-images",
+    "12",
+    "--image-size",
+    "24",
+    "--features",
+    "4",
+    "--batch-size",
+    "4",
+    "--progress",
+    "false",
+    "--backend",
+    "reference",
+]
 
 
 def run_cli(*args, expect=0):
-    proc = subprocess.run([sys.executable, "-m", "deferredseg", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "deferredseg", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == expect, proc.stdout + proc.stderr
     return proc
 
@@ -32,7 +49,9 @@ def test_train_then_evaluate_writes_checkpoints_log_metrics_and_figures(tmp_path
     for name in ("last.pt", "best.pt", "log.jsonl", "base/best.pt", "base/log.jsonl"):
         assert (out / name).is_file(), name
     # two-stage: the base segmentor's two epochs, then the heads untrained and after each epoch
-    base = [json.loads(line)["event"] for line in (out / "base" / "log.jsonl").read_text().splitlines()]
+    base = [
+        json.loads(line)["event"] for line in (out / "base" / "log.jsonl").read_text().splitlines()
+    ]
     assert base.count("epoch") == 2 and "step" in base
     events = [json.loads(line)["event"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert events.count("epoch") == 3 and "step" in events and "best" in events
@@ -40,13 +59,28 @@ def test_train_then_evaluate_writes_checkpoints_log_metrics_and_figures(tmp_path
     assert ck["config"]["epochs"] == 2 and ck["num_experts"] == 5
 
     ev = tmp_path / "eval"
-    assert main(["evaluate", "--checkpoint", str(out / "best.pt"), "--out", str(ev),
-                 "--budget", "0.2"]) == 0
+    assert (
+        main(
+            ["evaluate", "--checkpoint", str(out / "best.pt"), "--out", str(ev), "--budget", "0.2"]
+        )
+        == 0
+    )
     m = json.loads((ev / "metrics.json").read_text())
-    for key in ("system_dice", "model_dice", "deferral_rate", "expert_share", "system_iou",
-                "system_sensitivity", "system_hd95", "model_hd95", "expert_region_dice",
-                "model_region_dice", "deferral_components_per_image", "risk_coverage",
-                "risk_coverage_auc"):
+    for key in (
+        "system_dice",
+        "model_dice",
+        "deferral_rate",
+        "expert_share",
+        "system_iou",
+        "system_sensitivity",
+        "system_hd95",
+        "model_hd95",
+        "expert_region_dice",
+        "model_region_dice",
+        "deferral_components_per_image",
+        "risk_coverage",
+        "risk_coverage_auc",
+    ):
         assert key in m, key
     assert len(m["expert_share"]) == 5
     if m["deferral_rate"] > 0:
@@ -62,12 +96,20 @@ def test_train_then_evaluate_writes_checkpoints_log_metrics_and_figures(tmp_path
 def test_config_file_yaml_and_json_with_command_line_winning(tmp_path):
     from deferredseg.cli import build_parser, config_from_args
 
-    (tmp_path / "c.yaml").write_text("epochs: 7\nbatch-size: 3\nlambda_coherence: 0.5\nmethod: no-balance\n")
+    (tmp_path / "c.yaml").write_text(
+        "epochs: 7\nbatch-size: 3\nlambda_coherence: 0.5\nmethod: no-balance\n"
+    )
     (tmp_path / "c.json").write_text(json.dumps({"epochs": 5, "lr": 0.01}))
     p = build_parser()
-    cfg = config_from_args(p.parse_args(["train", "--config", str(tmp_path / "c.yaml"),
-                                         "--epochs", "2"]))
-    assert (cfg.epochs, cfg.batch_size, cfg.lambda_coherence, cfg.method) == (2, 3, 0.5, "no-balance")
+    cfg = config_from_args(
+        p.parse_args(["train", "--config", str(tmp_path / "c.yaml"), "--epochs", "2"])
+    )
+    assert (cfg.epochs, cfg.batch_size, cfg.lambda_coherence, cfg.method) == (
+        2,
+        3,
+        0.5,
+        "no-balance",
+    )
     cfg = config_from_args(p.parse_args(["train", "--config", str(tmp_path / "c.json")]))
     assert (cfg.epochs, cfg.lr) == (5, 0.01)
 
@@ -82,16 +124,19 @@ def run_main(args, capsys):
     return code, out.out, out.err
 
 
-@pytest.mark.parametrize("args,words", [
-    (["train", "--layout", "nifti"], "invalid choice"),
-    (["train", "--epochs", "zero"], "invalid int value"),
-    (["train", "--epochs", "0"], "epochs must be >= 1"),
-    (["train", "--layout", "multirater"], "needs --data"),
-    (["train", "--config", "/nonexistent.yaml"], "does not exist"),
-    (["train", "--seeds", "1,x"], "comma-separated"),
-    (["evaluate", "--out", "x"], "--checkpoint"),
-    (["fly"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["train", "--layout", "nifti"], "invalid choice"),
+        (["train", "--epochs", "zero"], "invalid int value"),
+        (["train", "--epochs", "0"], "epochs must be >= 1"),
+        (["train", "--layout", "multirater"], "needs --data"),
+        (["train", "--config", "/nonexistent.yaml"], "does not exist"),
+        (["train", "--seeds", "1,x"], "comma-separated"),
+        (["evaluate", "--out", "x"], "--checkpoint"),
+        (["fly"], "invalid choice"),
+    ],
+)
 def test_bad_arguments_exit_2_with_a_message(args, words, capsys):
     code, _, err = run_main(args, capsys)
     assert code == 2 and words in err, err
@@ -101,8 +146,9 @@ def test_bad_config_key_and_missing_checkpoint(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text("epochz: 3\n")
     code, _, err = run_main(["train", "--config", tmp_path / "c.yaml"], capsys)
     assert code == 2 and "unknown option(s) ['epochz']" in err
-    code, _, err = run_main(["evaluate", "--checkpoint", tmp_path / "nope.pt", "--out", tmp_path],
-                            capsys)
+    code, _, err = run_main(
+        ["evaluate", "--checkpoint", tmp_path / "nope.pt", "--out", tmp_path], capsys
+    )
     assert code == 2 and "nope.pt" in err
 
 
@@ -135,8 +181,18 @@ def _weights(path):
 
 
 def test_two_stage_resumed_in_stage_one_reaches_the_same_weights(tmp_path):
-    common = ["--epochs", "2", "--head-epochs", "2", "--seed", "3", "--batch-size", "2", *TINY[:6],
-              *TINY[8:]]
+    common = [
+        "--epochs",
+        "2",
+        "--head-epochs",
+        "2",
+        "--seed",
+        "3",
+        "--batch-size",
+        "2",
+        *TINY[:6],
+        *TINY[8:],
+    ]
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(["train", "--out", str(full), *common]) == 0
     assert main(["train", "--out", str(part), "--max-steps", "3", *common]) == 0
@@ -149,8 +205,20 @@ def test_two_stage_resumed_in_stage_one_reaches_the_same_weights(tmp_path):
 
 
 def test_resume_after_a_stop_mid_epoch_reaches_the_same_weights(tmp_path):
-    common = ["--epochs", "2", "--seed", "3", "--grad-accum", "2", "--batch-size", "2", *TINY[:6],
-              *TINY[8:], "--training", "joint"]
+    common = [
+        "--epochs",
+        "2",
+        "--seed",
+        "3",
+        "--grad-accum",
+        "2",
+        "--batch-size",
+        "2",
+        *TINY[:6],
+        *TINY[8:],
+        "--training",
+        "joint",
+    ]
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(["train", "--out", str(full), *common]) == 0
     # 8 training images, batch 2, 2 micro-batches per step: 2 steps per epoch; stop inside epoch 2
@@ -187,13 +255,15 @@ def test_multi_seed_summary_with_confidence_intervals(tmp_path):
     assert main(["train", "--out", str(out), "--epochs", "1", "--seeds", "1,2", *TINY]) == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["seeds"] == [1, 2] and s["system_dice"]["n"] == 2
-    assert (out / "seed_1" / "best.pt").is_file() and (out / "seed_2" / "eval" / "metrics.json").is_file()
+    assert (out / "seed_1" / "best.pt").is_file() and (
+        out / "seed_2" / "eval" / "metrics.json"
+    ).is_file()
 
 
 def test_ci95_by_hand():
     s = ci95([1.0, 2.0, 3.0])
     assert s["mean"] == 2.0 and s["std"] == 1.0
-    assert s["ci95"] == pytest.approx(4.302652729911275 / 3 ** 0.5)  # t_{0.975, 2}
+    assert s["ci95"] == pytest.approx(4.302652729911275 / 3**0.5)  # t_{0.975, 2}
     assert ci95([]) == {"mean": None, "std": None, "ci95": None, "n": 0}
 
 
@@ -229,9 +299,14 @@ def _ddp_worker(rank, init_file, out_dir):
         crit = DeferredSegLoss(1, 3, backend="reference", sync_balance=True)
         loss = crit(ddp(x[sl]), t[sl], m[sl])
         loss.backward()
-        torch.save({"loss": loss.detach(), "balance": crit.last_terms["balance"],
-                    "grads": {n: p.grad for n, p in model.named_parameters()}},
-                   os.path.join(out_dir, f"ddp{rank}.pt"))
+        torch.save(
+            {
+                "loss": loss.detach(),
+                "balance": crit.last_terms["balance"],
+                "grads": {n: p.grad for n, p in model.named_parameters()},
+            },
+            os.path.join(out_dir, f"ddp{rank}.pt"),
+        )
         # Both ranks are done with the group before either tears it down.
         dist.barrier()
         del ddp, loss
@@ -248,8 +323,13 @@ def _ddp_worker(rank, init_file, out_dir):
 def _tiny_model():
     from deferredseg.models import DeferredSegmentor
 
-    return DeferredSegmentor.from_monai("UNet", num_classes=1, num_experts=3, features=4,
-                                        net_kwargs={"channels": (4, 8), "strides": (2,)})
+    return DeferredSegmentor.from_monai(
+        "UNet",
+        num_classes=1,
+        num_experts=3,
+        features=4,
+        net_kwargs={"channels": (4, 8), "strides": (2,)},
+    )
 
 
 def _global_batch():
@@ -286,10 +366,29 @@ def test_two_cpu_ranks_equal_one_process_on_the_global_batch(tmp_path):
 def test_torchrun_two_ranks_train_end_to_end(tmp_path):
     out = tmp_path / "ddp"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-         "-m", "deferredseg", "train", "--out", str(out), "--epochs", "1", "--device", "cpu", *TINY],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29533",
+            "-m",
+            "deferredseg",
+            "train",
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            *TINY,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (out / "best.pt").is_file() and (out / "last.pt").is_file()
     lines = (out / "base" / "log.jsonl").read_text().splitlines()  # stage 1, the DDP loop

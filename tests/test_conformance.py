@@ -46,17 +46,21 @@ from deferredseg_kernels import available_backends, make_options
 
 def plan(field):
     """The test takes ``case``, one per item of the backend's plan ``field``."""
+
     def mark(fn):
         fn.plan_field = field
         return fn
+
     return mark
 
 
 def needs(*capabilities):
     """Skip the test, with the entry's reason, on a backend that lacks a capability."""
+
     def mark(fn):
         fn.capabilities = capabilities
         return fn
+
     return mark
 
 
@@ -67,18 +71,29 @@ def _label_id(dtype, ignore_index):
 def _cases(p, field):
     """(id, case) of a plan field."""
     if field == "matrix":
-        return [(f"{c.name}-{option_id(o)}", (c, i, o))
-                for c in p.matrix for i, o in enumerate(option_matrix(c.E))]
+        return [
+            (f"{c.name}-{option_id(o)}", (c, i, o))
+            for c in p.matrix
+            for i, o in enumerate(option_matrix(c.E))
+        ]
     if field == "shapes":
-        return [(f"{s}-K{K}-E{E}", (s, K, E, dict(p.shape_opts)))
-                for s in list(iter_shapes()) + list(p.shape_extra) for K, E in p.shape_KE]
+        return [
+            (f"{s}-K{K}-E{E}", (s, K, E, dict(p.shape_opts)))
+            for s in list(iter_shapes()) + list(p.shape_extra)
+            for K, E in p.shape_KE
+        ]
     if field == "labels":
-        return [(f"{_label_id(d, i)}-{'singleton' if one else 'plain'}", (d, i, one,
-                                                                          p.label_spatial))
-                for d, i in p.label_cases for one in (False, True)]
+        return [
+            (f"{_label_id(d, i)}-{'singleton' if one else 'plain'}", (d, i, one, p.label_spatial))
+            for d, i in p.label_cases
+            for one in (False, True)
+        ]
     if field == "low_precision":
-        return [(f"{c.name}-{str(d).replace('torch.', '')}", (c, d))
-                for c in p.low_precision for d in (torch.bfloat16, torch.float16)]
+        return [
+            (f"{c.name}-{str(d).replace('torch.', '')}", (c, d))
+            for c in p.low_precision
+            for d in (torch.bfloat16, torch.float16)
+        ]
     return [(c.name, c) for c in getattr(p, field)]
 
 
@@ -92,8 +107,10 @@ def pytest_generate_tests(metafunc):
     only = [b for b in os.environ.get("DS_TEST_BACKENDS", "").split(",") if b]
     unknown = sorted(set(only) - {spec.name for spec in BACKENDS})
     if unknown:
-        raise pytest.UsageError(f"DS_TEST_BACKENDS names unknown backends {unknown}; "
-                                f"expected some of {[spec.name for spec in BACKENDS]}")
+        raise pytest.UsageError(
+            f"DS_TEST_BACKENDS names unknown backends {unknown}; "
+            f"expected some of {[spec.name for spec in BACKENDS]}"
+        )
     for spec in BACKENDS:
         marks = []
         why = spec.unavailable()
@@ -111,8 +128,10 @@ def pytest_generate_tests(metafunc):
         if field is None:
             params.append(pytest.param(spec.name, id=spec.name, marks=marks))
         else:
-            params += [pytest.param(spec.name, case, id=f"{spec.name}-{cid}", marks=marks)
-                       for cid, case in _cases(spec.plan, field)]
+            params += [
+                pytest.param(spec.name, case, id=f"{spec.name}-{cid}", marks=marks)
+                for cid, case in _cases(spec.plan, field)
+            ]
     names = "backend" if field is None else ("backend", "case")
     metafunc.parametrize(names, params, indirect=["backend"])
 
@@ -138,34 +157,54 @@ def test_option_matrix(backend, case):
     logits, target, experts = make_inputs(2, K, E, c.spatial, generator=g, device=backend.device)
     extra = {}
     if c.extra.get("varied") and idx % 2:
-        extra.update(class_weight=([0.3, 1.7, 1.1] * K)[:max(K, 2)], lambda_coherence=1.0,
-                     lambda_balance=1.0)
+        extra.update(
+            class_weight=([0.3, 1.7, 1.1] * K)[: max(K, 2)],
+            lambda_coherence=1.0,
+            lambda_balance=1.0,
+        )
     if c.extra.get("varied") and idx % 4 == 1:
-        extra.update(gate_mse=1.3, gate_sparsity=0.25, lambda_seg=0.7, lambda_gate=1.9,
-                     paper_eps=1e-6)
-    assert_matches(backend, logits, target, experts, K, E,
-                   grad_scale=float(torch.randn((), generator=g)), **opts, **extra)
+        extra.update(
+            gate_mse=1.3, gate_sparsity=0.25, lambda_seg=0.7, lambda_gate=1.9, paper_eps=1e-6
+        )
+    assert_matches(
+        backend,
+        logits,
+        target,
+        experts,
+        K,
+        E,
+        grad_scale=float(torch.randn((), generator=g)),
+        **opts,
+        **extra,
+    )
 
 
 @plan("shapes")
 def test_shapes(backend, case):
     spatial, K, E, opts = case
     logits, target, experts = make_inputs(2, K, E, spatial, device=backend.device)
-    assert_matches(backend, logits, target, experts, K, E, grad_scale=float(torch.randn(())),
-                   **opts)
+    assert_matches(
+        backend, logits, target, experts, K, E, grad_scale=float(torch.randn(())), **opts
+    )
 
 
 @plan("wide")
 def test_wide_channels(backend, case):
     K, E = case.K, case.E
-    logits, target, experts = make_inputs(case.extra["B"], K, E, case.spatial,
-                                          scale=case.extra.get("scale", 2.0),
-                                          device=backend.device)
+    logits, target, experts = make_inputs(
+        case.extra["B"],
+        K,
+        E,
+        case.spatial,
+        scale=case.extra.get("scale", 2.0),
+        device=backend.device,
+    )
     for opts in case.extra["runs"]:
         if opts.get("class_weight") == "random":
             opts = dict(opts, class_weight=torch.rand(max(K, 2)).tolist())
-        assert_matches(backend, logits, target, experts, K, E,
-                       rtol=case.extra.get("rtol", 1e-5), **opts)
+        assert_matches(
+            backend, logits, target, experts, K, E, rtol=case.extra.get("rtol", 1e-5), **opts
+        )
 
 
 @plan("ties")
@@ -177,9 +216,19 @@ def test_benefit_target_at_ties(backend, case):
     logits, target, experts = make_inputs(2, K, E, case.spatial, device=backend.device)
     logits = logits.round().clamp(-1, 1)
     for surrogate in ("softmax", "ova"):
-        assert_matches(backend, logits, target, experts, K, E, grad_scale=0.8,
-                       gate_target="benefit", surrogate=surrogate, lambda_coherence=0.5,
-                       **case.opts)
+        assert_matches(
+            backend,
+            logits,
+            target,
+            experts,
+            K,
+            E,
+            grad_scale=0.8,
+            gate_target="benefit",
+            surrogate=surrogate,
+            lambda_coherence=0.5,
+            **case.opts,
+        )
 
 
 @pytest.mark.parametrize("K", [1, 3])
@@ -190,8 +239,9 @@ def test_extreme_logits_against_float64(backend, K):
     E = 3
     logits, target, experts = make_inputs(2, K, E, (16, 24), dtype=torch.float64)
     g = torch.Generator().manual_seed(7)
-    mags = torch.tensor([0.0, 1e-7, 1e-3, 0.5, 3.0, 20.0, 86.5, 87.5, 95.0, 1e4],
-                        dtype=torch.float64)
+    mags = torch.tensor(
+        [0.0, 1e-7, 1e-3, 0.5, 3.0, 20.0, 86.5, 87.5, 95.0, 1e4], dtype=torch.float64
+    )
     pick = torch.randint(0, mags.numel(), logits.shape, generator=g)
     sign = torch.where(torch.rand(logits.shape, generator=g) < 0.5, -1.0, 1.0).double()
     logits = (mags[pick] * sign).float()
@@ -212,8 +262,9 @@ def test_float64_matches_reference(backend):
     """float64 logits: float64 loss and gradient, within 1e-7 of the reference (the
     lambdas and eps may reach a kernel as float32 scalars)."""
     K, E = 2, 2
-    logits, target, experts = make_inputs(2, K, E, (4, 5), dtype=torch.float64,
-                                          device=backend.device)
+    logits, target, experts = make_inputs(
+        2, K, E, (4, 5), dtype=torch.float64, device=backend.device
+    )
     got = assert_matches(backend, logits, target, experts, K, E, rtol=1e-7, lambda_coherence=1.0)
     assert got[0].dtype == torch.float64 and got[2].dtype == torch.float64
 
@@ -222,9 +273,10 @@ def test_float64_matches_reference(backend):
 
 
 def _make_labelled(K, E, spatial, label_dtype, ignore_index, device):
-    if ignore_index < 2 ** 31:
-        return make_inputs(2, K, E, spatial, label_dtype=label_dtype, ignore_index=ignore_index,
-                           device=device)
+    if ignore_index < 2**31:
+        return make_inputs(
+            2, K, E, spatial, label_dtype=label_dtype, ignore_index=ignore_index, device=device
+        )
     # an ignore_index that needs 64 bits
     logits, target, experts = make_inputs(2, K, E, spatial, ignore_index=-7, device=device)
     target = torch.where(target == -7, torch.full_like(target, ignore_index), target)
@@ -237,24 +289,26 @@ def test_label_dtypes(backend, case):
     """Plain targets; (B, 1, *S) targets with class weights; all pixels ignored."""
     label_dtype, ignore_index, singleton, spatial = case
     K, E = 3, 2
-    logits, target, experts = _make_labelled(K, E, spatial, label_dtype, ignore_index,
-                                             backend.device)
+    logits, target, experts = _make_labelled(
+        K, E, spatial, label_dtype, ignore_index, backend.device
+    )
     opts = dict(ignore_index=ignore_index)
     if singleton:
         target = target.unsqueeze(1)
         opts.update(class_weight=[0.3, 1.0, 2.0])
     assert_matches(backend, logits, target, experts, K, E, **opts)
     none = torch.full_like(target, ignore_index)
-    loss, terms, grad = assert_matches(backend, logits, none, experts, K, E,
-                                       ignore_index=ignore_index)
+    loss, terms, grad = assert_matches(
+        backend, logits, none, experts, K, E, ignore_index=ignore_index
+    )
     assert loss.item() == 0.0 and torch.all(grad == 0)
 
 
 def test_mixed_label_dtypes(backend):
-    logits, target, experts = make_inputs(1, 2, 2, (5, 7), ignore_index=255,
-                                          device=backend.device)
-    assert_matches(backend, logits, target.to(torch.uint8), experts.to(torch.int32), 2, 2,
-                   ignore_index=255)
+    logits, target, experts = make_inputs(1, 2, 2, (5, 7), ignore_index=255, device=backend.device)
+    assert_matches(
+        backend, logits, target.to(torch.uint8), experts.to(torch.int32), 2, 2, ignore_index=255
+    )
 
 
 @pytest.mark.parametrize("K", [1, 4])
@@ -275,8 +329,7 @@ def test_class_weight_zero_mass(backend, present):
         logits, target, experts = make_inputs(2, 3, 2, (4, 4), device=backend.device)
         target = torch.where(target >= 0, torch.zeros_like(target), target)
         weights = [0.0, 1.0, 1.0]
-    loss, terms, grad = assert_matches(backend, logits, target, experts, 3, 2,
-                                       class_weight=weights)
+    loss, terms, grad = assert_matches(backend, logits, target, experts, 3, 2, class_weight=weights)
     assert terms["seg"].item() == 0.0
     assert torch.all(grad[:, :3] == 0)
 
@@ -286,7 +339,7 @@ def test_all_ignored(backend, K):
     E = 3
     logits, target, experts = make_inputs(2, K, E, (6, 7), device=backend.device)
     target = torch.full_like(target, -100)
-    weights = [1.0, 2.0, 3.0][:max(K, 2)]
+    weights = [1.0, 2.0, 3.0][: max(K, 2)]
     n = E + 1
     band = dict(balance="band", balance_low=[0.5 / n] * n, balance_high=[1.5 / n] * n)
     for opts in ({}, dict(class_weight=weights, **band)):
@@ -296,15 +349,26 @@ def test_all_ignored(backend, K):
         assert torch.all(grad == 0)
 
 
-@pytest.mark.parametrize("label_dtype,ignore_index", [(torch.uint8, 255), (torch.int64, -100)],
-                         ids=["uint8-255", "int64--100"])
+@pytest.mark.parametrize(
+    "label_dtype,ignore_index",
+    [(torch.uint8, 255), (torch.int64, -100)],
+    ids=["uint8-255", "int64--100"],
+)
 def test_heavily_ignored(backend, label_dtype, ignore_index):
     K, E = 3, 2
-    logits, target, experts = make_inputs(2, K, E, (6, 5), ignore_frac=0.7,
-                                          ignore_index=ignore_index, label_dtype=label_dtype,
-                                          device=backend.device)
-    assert_matches(backend, logits, target, experts, K, E, ignore_index=ignore_index,
-                   class_weight=[1, 2, 3])
+    logits, target, experts = make_inputs(
+        2,
+        K,
+        E,
+        (6, 5),
+        ignore_frac=0.7,
+        ignore_index=ignore_index,
+        label_dtype=label_dtype,
+        device=backend.device,
+    )
+    assert_matches(
+        backend, logits, target, experts, K, E, ignore_index=ignore_index, class_weight=[1, 2, 3]
+    )
 
 
 # --------------------------------------------------------------------------- low precision
@@ -333,8 +397,9 @@ def test_low_precision(backend, case):
     assert err <= 2 * ref_err + 4e-7 * hloss + 1e-7, (err, ref_err)
     for name in TERMS:
         floor = 4e-7 * float(truth[1][name].abs().max()) + 1e-6
-        assert _err(got[1][name], truth[1][name]) <= 2 * _err(ref[1][name], truth[1][name]) \
-            + floor, name
+        assert (
+            _err(got[1][name], truth[1][name]) <= 2 * _err(ref[1][name], truth[1][name]) + floor
+        ), name
     gerr, ref_gerr = _err(got[2], truth[2]), _err(ref[2], truth[2])
     assert gerr <= 2 * ref_gerr + 1e-7 * float(truth[2].abs().max()), (gerr, ref_gerr)
 
@@ -392,8 +457,9 @@ def test_deterministic(backend):
     """Two runs give the same bits; a backend other than the C++ CPU kernels agrees with
     them (value and gradient within 1e-5)."""
     K, E = 1, 3
-    logits, target, experts = make_inputs(2, K, E, backend.spec.plan.determinism_spatial,
-                                          device=backend.device)
+    logits, target, experts = make_inputs(
+        2, K, E, backend.spec.plan.determinism_spatial, device=backend.device
+    )
     cpu = _cpu_kernel()
     for opts in (dict(), dict(surrogate="ova", gate_target="benefit")):
         a = run(backend, logits, target, experts, K, E, **opts)
@@ -406,8 +472,7 @@ def test_deterministic(backend):
             pytest.skip("the C++ CPU kernels are not built: nothing to compare with")
         c = run(cpu, logits.cpu(), target.cpu(), experts.cpu(), K, E, **opts)
         torch.testing.assert_close(a[0].cpu(), c[0], rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(a[2].cpu(), c[2], rtol=1e-5,
-                                   atol=1e-5 * float(c[2].abs().max()))
+        torch.testing.assert_close(a[2].cpu(), c[2], rtol=1e-5, atol=1e-5 * float(c[2].abs().max()))
 
 
 # --------------------------------------------------------------------------- NaN, bad labels
@@ -415,8 +480,7 @@ def test_deterministic(backend):
 
 def test_nan_and_inf_propagate(backend):
     K, E = 3, 2
-    logits, target, experts = make_inputs(1, K, E, (4, 5), ignore_frac=0.0,
-                                          device=backend.device)
+    logits, target, experts = make_inputs(1, K, E, (4, 5), ignore_frac=0.0, device=backend.device)
     target[0, 1, 2] = 1
     for channel in (0, K, K + E + 1):  # a segmentation, a routing and the gate logit
         x = logits.clone()
@@ -434,8 +498,7 @@ def test_nan_in_ignored_pixel_does_not_leak(backend):
     # gradient there is NaN: autograd through torch.where multiplies 0 by NaN; the
     # kernels give 0, the gradient of a term the pixel is not in.)
     K, E = 1, 2
-    logits, target, experts = make_inputs(1, K, E, (4, 5), ignore_frac=0.0,
-                                          device=backend.device)
+    logits, target, experts = make_inputs(1, K, E, (4, 5), ignore_frac=0.0, device=backend.device)
     target[0, 1, 2] = -100
     x = logits.clone()
     x[0, :, 1, 2] = float("nan")
@@ -466,7 +529,7 @@ def test_bad_labels(backend):
     else:
         assert torch.isnan(backend.loss(logits, bad_t, experts, K, E))
         huge = target.clone()
-        huge[0, 0, :2] = torch.tensor([10 ** 12, -7], device=backend.device)
+        huge[0, 0, :2] = torch.tensor([10**12, -7], device=backend.device)
         assert torch.isnan(backend.loss(logits, huge, experts, K, E))
 
 
@@ -476,16 +539,29 @@ def test_ops_count_bad_labels_and_never_read_out_of_bounds(backend):
     K, E = 3, 2
     dev = backend.device
     logits, target, experts = make_inputs(1, K, E, (6, 7), device=dev)
-    target[0, 0, :3] = torch.tensor([10 ** 12, -5, 3], device=dev)
-    experts[0, 0, 1, :2] = torch.tensor([-(10 ** 12), 99], device=dev)
+    target[0, 0, :3] = torch.tensor([10**12, -5, 3], device=dev)
+    experts[0, 0, 1, :2] = torch.tensor([-(10**12), 99], device=dev)
     w = torch.ones(3, device=dev)
     opts = make_options(K, E)
     stats = backend.stats_op(logits, target, experts, w, K, E, -100, True)
     assert stats[E + 6].item() == 5
     stats_t = backend.stats_op(logits, target, experts, w, K, E, -100, False)
     assert stats_t[E + 6].item() == 3
-    terms, grad = backend.loss_op(logits, target, experts, w, stats, None, None, K, E, -100,
-                                  float_params(opts, 1.0), int_params(opts), True)
+    terms, grad = backend.loss_op(
+        logits,
+        target,
+        experts,
+        w,
+        stats,
+        None,
+        None,
+        K,
+        E,
+        -100,
+        float_params(opts, 1.0),
+        int_params(opts),
+        True,
+    )
     assert torch.isfinite(terms).all() and torch.isfinite(grad).all()
     assert torch.isnan(unchecked_loss(backend, logits, target, experts, opts))
 
@@ -503,23 +579,24 @@ def test_stats_layout(backend):
     stats = backend.stats_op(logits, target, experts, w, K, E, -100, True)
     assert stats.dtype == torch.float64 and stats.shape == (E + 7,)
     valid = target != -100
-    pi = torch.softmax(logits[:, K:K + E + 1].double(), 1)
-    torch.testing.assert_close(stats[:E + 1], (pi * valid.unsqueeze(1)).sum((0, 2, 3)),
-                               rtol=1e-6, atol=1e-6)
+    pi = torch.softmax(logits[:, K : K + E + 1].double(), 1)
+    torch.testing.assert_close(
+        stats[: E + 1], (pi * valid.unsqueeze(1)).sum((0, 2, 3)), rtol=1e-6, atol=1e-6
+    )
     assert stats[E + 1].item() == valid.sum().item()
-    torch.testing.assert_close(stats[E + 2], w.double()[target.clamp_min(0)][valid].sum(),
-                               rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        stats[E + 2], w.double()[target.clamp_min(0)][valid].sum(), rtol=1e-6, atol=0
+    )
     pairs0 = (valid[:, 1:] & valid[:, :-1]).sum().item()
     pairs1 = (valid[:, :, 1:] & valid[:, :, :-1]).sum().item()
-    assert stats[E + 3:].tolist() == [pairs0, pairs1, 0.0, 0.0]
+    assert stats[E + 3 :].tolist() == [pairs0, pairs1, 0.0, 0.0]
     cpu = _cpu_kernel()
     if backend.name == "cpu" or cpu is None:
         return
     experts[0, 1, 3, 4] = 7  # out of range: counted when checked
     for check in (False, True):
         stats = backend.stats_op(logits, target, experts, w, K, E, -100, check)
-        want = cpu.stats_op(logits.cpu(), target.cpu(), experts.cpu(), w.cpu(), K, E, -100,
-                            check)
+        want = cpu.stats_op(logits.cpu(), target.cpu(), experts.cpu(), w.cpu(), K, E, -100, check)
         torch.testing.assert_close(stats.cpu(), want, rtol=1e-6, atol=1e-6)
         assert stats[E + 6].item() == (1.0 if check else 0.0)
 
@@ -534,43 +611,71 @@ def test_sync_stats_layout(backend):
     fp, ip = float_params(opts, 1.0), int_params(opts)
     stats = backend.stats_op(logits, target, experts, None, K, E, -100, False)
     # As if a second rank had the same pixels again: sums and N_B doubled.
-    synced = torch.cat([2 * stats[:E + 1], stats[E + 1:], 2 * stats[E + 1:E + 2]])
-    terms, _ = backend.loss_op(logits, target, experts, None, stats, None, None, K, E, -100,
-                               fp, ip, True)
-    terms2, _ = backend.loss_op(logits, target, experts, None, synced, None, None, K, E, -100,
-                                fp, ip, True)
+    synced = torch.cat([2 * stats[: E + 1], stats[E + 1 :], 2 * stats[E + 1 : E + 2]])
+    terms, _ = backend.loss_op(
+        logits, target, experts, None, stats, None, None, K, E, -100, fp, ip, True
+    )
+    terms2, _ = backend.loss_op(
+        logits, target, experts, None, synced, None, None, K, E, -100, fp, ip, True
+    )
     torch.testing.assert_close(terms2, terms)  # pbar unchanged, every mean per rank
     # The balance gradient of each pixel halves (pbar = S / N_B with N_B doubled).
-    opts_b = make_options(K, E, lambda_seg=0.0, lambda_collab=0.0, lambda_gate=0.0,
-                          lambda_coherence=0.0, lambda_balance=1.0)
+    opts_b = make_options(
+        K,
+        E,
+        lambda_seg=0.0,
+        lambda_collab=0.0,
+        lambda_gate=0.0,
+        lambda_coherence=0.0,
+        lambda_balance=1.0,
+    )
     fb, ib = float_params(opts_b, 1.0), int_params(opts_b)
-    _, gb = backend.loss_op(logits, target, experts, None, stats, None, None, K, E, -100,
-                            fb, ib, True)
-    _, gb2 = backend.loss_op(logits, target, experts, None, synced, None, None, K, E, -100,
-                             fb, ib, True)
+    _, gb = backend.loss_op(
+        logits, target, experts, None, stats, None, None, K, E, -100, fb, ib, True
+    )
+    _, gb2 = backend.loss_op(
+        logits, target, experts, None, synced, None, None, K, E, -100, fb, ib, True
+    )
     torch.testing.assert_close(gb2, gb / 2)
 
-    opts = make_options(K, E, lambda_balance=1.5, balance="band", balance_low=[0.2] * 4,
-                        balance_high=[0.3] * 4)
+    opts = make_options(
+        K, E, lambda_balance=1.5, balance="band", balance_low=[0.2] * 4, balance_high=[0.3] * 4
+    )
     fp, ip = float_params(opts, 2.0), int_params(opts)
     low = torch.tensor(opts.balance_low, device=dev)
     high = torch.tensor(opts.balance_high, device=dev)
-    synced = torch.cat([3 * stats[:E + 1], stats[E + 1:], 3 * stats[E + 1:E + 2]])
+    synced = torch.cat([3 * stats[: E + 1], stats[E + 1 :], 3 * stats[E + 1 : E + 2]])
     cpu = _cpu_kernel()
     for st in (stats, synced):
-        terms, grad = backend.loss_op(logits, target, experts, None, st, low, high, K, E, -100,
-                                      fp, ip, True)
-        noterms, nograd = backend.loss_op(logits, target, experts, None, st, low, high, K, E,
-                                          -100, fp, ip, False)
+        terms, grad = backend.loss_op(
+            logits, target, experts, None, st, low, high, K, E, -100, fp, ip, True
+        )
+        noterms, nograd = backend.loss_op(
+            logits, target, experts, None, st, low, high, K, E, -100, fp, ip, False
+        )
         assert nograd.shape == (0,)
         torch.testing.assert_close(noterms, terms, rtol=0, atol=0)
         if backend.name == "cpu" or cpu is None:
             continue
-        cterms, cgrad = cpu.loss_op(logits.cpu(), target.cpu(), experts.cpu(), None, st.cpu(),
-                                    low.cpu(), high.cpu(), K, E, -100, fp, ip, True)
+        cterms, cgrad = cpu.loss_op(
+            logits.cpu(),
+            target.cpu(),
+            experts.cpu(),
+            None,
+            st.cpu(),
+            low.cpu(),
+            high.cpu(),
+            K,
+            E,
+            -100,
+            fp,
+            ip,
+            True,
+        )
         torch.testing.assert_close(terms.cpu(), cterms, rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(grad.cpu(), cgrad, rtol=1e-5,
-                                   atol=1e-5 * float(cgrad.abs().max()))
+        torch.testing.assert_close(
+            grad.cpu(), cgrad, rtol=1e-5, atol=1e-5 * float(cgrad.abs().max())
+        )
 
 
 def test_sync_balance_single_process_group(backend, tmp_path):
@@ -580,8 +685,9 @@ def test_sync_balance_single_process_group(backend, tmp_path):
     logits, target, experts = make_inputs(2, K, E, (4, 5), device=backend.device)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
     try:
-        assert_matches(backend, logits, target, experts, K, E, sync_balance=True,
-                       lambda_balance=1.0)
+        assert_matches(
+            backend, logits, target, experts, K, E, sync_balance=True, lambda_balance=1.0
+        )
     finally:
         dist.destroy_process_group()
 
@@ -590,11 +696,34 @@ def test_balance_grad_scale(backend):
     """fparams[8] scales only the balance gradient (DDP sync), never the value."""
     K, E = 2, 3
     logits, target, experts = make_inputs(2, K, E, (5, 5), device=backend.device)
-    opts = make_options(K, E, lambda_seg=0.0, lambda_collab=0.0, lambda_gate=0.0,
-                        lambda_coherence=0.0, lambda_balance=1.0)
+    opts = make_options(
+        K,
+        E,
+        lambda_seg=0.0,
+        lambda_collab=0.0,
+        lambda_gate=0.0,
+        lambda_coherence=0.0,
+        lambda_balance=1.0,
+    )
     stats = backend.stats_op(logits, target, experts, None, K, E, -100, False)
-    out = [backend.loss_op(logits, target, experts, None, stats, None, None, K, E, -100,
-                           float_params(opts, s), int_params(opts), True) for s in (1.0, 2.5)]
+    out = [
+        backend.loss_op(
+            logits,
+            target,
+            experts,
+            None,
+            stats,
+            None,
+            None,
+            K,
+            E,
+            -100,
+            float_params(opts, s),
+            int_params(opts),
+            True,
+        )
+        for s in (1.0, 2.5)
+    ]
     assert torch.equal(out[0][0], out[1][0])
     torch.testing.assert_close(out[1][1], 2.5 * out[0][1])
     assert_close_to_max(out[1][1], 2.5 * out[0][1], "scaled balance gradient")
@@ -613,8 +742,21 @@ def test_no_grad(backend, K):
     assert torch.equal(a, b.detach())
     opts = make_options(K, E)
     stats = backend.stats_op(logits, target, experts, None, K, E, -100, False)
-    terms, grad = backend.loss_op(logits, target, experts, None, stats, None, None, K, E, -100,
-                                  float_params(opts, 1.0), int_params(opts), False)
+    terms, grad = backend.loss_op(
+        logits,
+        target,
+        experts,
+        None,
+        stats,
+        None,
+        None,
+        K,
+        E,
+        -100,
+        float_params(opts, 1.0),
+        int_params(opts),
+        False,
+    )
     assert grad.numel() == 0 and torch.equal(terms[0], a)
 
 
@@ -626,8 +768,21 @@ def test_empty_batch(backend, K, E):
     opts = make_options(K, E)
     stats = backend.stats_op(logits, target, experts, None, K, E, -100, True)
     assert torch.all(stats == 0)
-    terms, grad = backend.loss_op(logits, target, experts, None, stats, None, None, K, E, -100,
-                                  float_params(opts, 1.0), int_params(opts), True)
+    terms, grad = backend.loss_op(
+        logits,
+        target,
+        experts,
+        None,
+        stats,
+        None,
+        None,
+        K,
+        E,
+        -100,
+        float_params(opts, 1.0),
+        int_params(opts),
+        True,
+    )
     assert torch.all(terms == 0) and grad.shape == logits.shape
 
 
@@ -640,7 +795,7 @@ def test_gradcheck_float64(backend, case):
     g = torch.Generator().manual_seed(3)
     C, P = K + E + 2, math.prod(case.spatial)
     # Well separated logits (no argmax tie or z = 0 within the finite-difference step).
-    x = ((torch.randperm(C * P, generator=g).double() + 0.5) / 7 - 3)
+    x = (torch.randperm(C * P, generator=g).double() + 0.5) / 7 - 3
     x = x.reshape(1, C, *case.spatial).to(backend.device).requires_grad_(True)
     _, target, experts = make_inputs(1, K, E, case.spatial, generator=g, device=backend.device)
     target.view(-1)[0] = -100
@@ -649,8 +804,7 @@ def test_gradcheck_float64(backend, case):
     def f(v):
         return backend.loss(v, target, experts, K, E, **case.opts)
 
-    assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=case.extra.get("atol", 1e-6),
-                                    rtol=1e-5)
+    assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=case.extra.get("atol", 1e-6), rtol=1e-5)
 
 
 @needs("opcheck")
@@ -663,23 +817,52 @@ def test_opcheck(backend):
     torch.library.opcheck(backend.stats_op, (logits, target, experts, w, K, E, -100, True))
     torch.library.opcheck(backend.stats_op, (logits, target, experts, None, K, E, -100, False))
     stats = backend.stats_op(logits, target, experts, w, K, E, -100, False)
-    band = make_options(K, E, surrogate="paper", coherence="l2", balance="band",
-                        balance_low=[0.1] * 3, balance_high=[0.5] * 3)
+    band = make_options(
+        K,
+        E,
+        surrogate="paper",
+        coherence="l2",
+        balance="band",
+        balance_low=[0.1] * 3,
+        balance_high=[0.5] * 3,
+    )
     ova = make_options(K, E, surrogate="ova", gate_target="benefit")
-    for opts, lo, hi, compute_grad in ((make_options(K, E), None, None, True),
-                                       (band, low, high, True), (band, low, high, False),
-                                       (ova, None, None, True)):
+    for opts, lo, hi, compute_grad in (
+        (make_options(K, E), None, None, True),
+        (band, low, high, True),
+        (band, low, high, False),
+        (ova, None, None, True),
+    ):
         x = logits.clone().requires_grad_(compute_grad)
-        torch.library.opcheck(backend.loss_op, (x, target, experts, w, stats, lo, hi, K, E, -100,
-                                                float_params(opts, 1.0), int_params(opts),
-                                                compute_grad))
+        torch.library.opcheck(
+            backend.loss_op,
+            (
+                x,
+                target,
+                experts,
+                w,
+                stats,
+                lo,
+                hi,
+                K,
+                E,
+                -100,
+                float_params(opts, 1.0),
+                int_params(opts),
+                compute_grad,
+            ),
+        )
 
 
 @needs("compile")
-@pytest.mark.parametrize("K,E,spatial,scale,opts", [
-    (1, 3, (6, 7), 1.5, dict(coherence="l2")),
-    (3, 2, (5, 6), 2.0, dict()),
-], ids=["binary-l2", "multiclass"])
+@pytest.mark.parametrize(
+    "K,E,spatial,scale,opts",
+    [
+        (1, 3, (6, 7), 1.5, dict(coherence="l2")),
+        (3, 2, (5, 6), 2.0, dict()),
+    ],
+    ids=["binary-l2", "multiclass"],
+)
 def test_torch_compile_fullgraph(backend, K, E, spatial, scale, opts):
     """No graph break; the same values as eager, the same gradient to within 1e-6."""
     logits, target, experts = make_inputs(2, K, E, spatial, device=backend.device)

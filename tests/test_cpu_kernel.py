@@ -23,14 +23,16 @@ from _inputs import TERMS, make_inputs
 
 from deferredseg_kernels import available_backends, deferredseg_loss, make_options
 
-pytestmark = pytest.mark.skipif("cpu" not in available_backends("loss"),
-                                reason="the C++ CPU kernels are not built")
+pytestmark = pytest.mark.skipif(
+    "cpu" not in available_backends("loss"), reason="the C++ CPU kernels are not built"
+)
 
 
 def assert_matches(logits, target, experts, K, E, rtol=1e-5, grad_scale=1.0, **opts):
     """The CPU kernels vs the reference (_backends.check_results); returns the kernel's."""
-    return _backends.assert_matches(_backends.load("cpu"), logits, target, experts, K, E, rtol,
-                                    grad_scale, **opts)
+    return _backends.assert_matches(
+        _backends.load("cpu"), logits, target, experts, K, E, rtol, grad_scale, **opts
+    )
 
 
 # --------------------------------------------------------------------------- values and gradients
@@ -39,11 +41,35 @@ def assert_matches(logits, target, experts, K, E, rtol=1e-5, grad_scale=1.0, **o
 def test_many_tiles_and_options():
     # More pixels than one tile, both coherence maps, 3D, and non-default weights.
     logits, target, experts = make_inputs(2, 3, 3, (6, 17, 21), ignore_frac=0.3)
-    assert_matches(logits, target, experts, 3, 3, grad_scale=-0.7, lambda_seg=0.3,
-                   lambda_collab=1.7, lambda_gate=0.9, lambda_coherence=0.8, lambda_balance=1.3,
-                   gate_mse=0.2, gate_sparsity=0.05, paper_eps=1e-4, surrogate="paper")
-    assert_matches(logits, target, experts, 3, 3, grad_scale=1.3, lambda_collab=0.6,
-                   lambda_coherence=0.8, surrogate="ova", gate_target="benefit")
+    assert_matches(
+        logits,
+        target,
+        experts,
+        3,
+        3,
+        grad_scale=-0.7,
+        lambda_seg=0.3,
+        lambda_collab=1.7,
+        lambda_gate=0.9,
+        lambda_coherence=0.8,
+        lambda_balance=1.3,
+        gate_mse=0.2,
+        gate_sparsity=0.05,
+        paper_eps=1e-4,
+        surrogate="paper",
+    )
+    assert_matches(
+        logits,
+        target,
+        experts,
+        3,
+        3,
+        grad_scale=1.3,
+        lambda_collab=0.6,
+        lambda_coherence=0.8,
+        surrogate="ova",
+        gate_target="benefit",
+    )
 
 
 @pytest.mark.parametrize("spatial", [(40, 300), (8, 32, 40)], ids=str)
@@ -52,13 +78,23 @@ def test_map_window_slides(spatial):
     # ceil(prod(S[1:]) / 256)), so the window compacts while a thread walks its tiles.
     logits, target, experts = make_inputs(1, 1, 2, spatial, ignore_frac=0.2)
     assert_matches(logits, target, experts, 1, 2, lambda_coherence=1.0)
-    assert_matches(logits, target, experts, 1, 2, lambda_coherence=1.0, coherence="l2",
-                   coherence_maps=("gate",))
+    assert_matches(
+        logits,
+        target,
+        experts,
+        1,
+        2,
+        lambda_coherence=1.0,
+        coherence="l2",
+        coherence_maps=("gate",),
+    )
 
 
-@pytest.mark.parametrize("spatial", [(20000,), (3, 9000), (5, 3, 700), (2, 130, 64), (2, 40, 300),
-                                     (2, 10, 1024)],
-                         ids=str)
+@pytest.mark.parametrize(
+    "spatial",
+    [(20000,), (3, 9000), (5, 3, 700), (2, 130, 64), (2, 40, 300), (2, 10, 1024)],
+    ids=str,
+)
 def test_neighbour_masks_every_path(spatial):
     # The kernel takes a tile's neighbour masks along an axis from a table (period
     # S[d] * st[d] of at most 8192 pixels), as a row of ones or zeros (every pixel of
@@ -69,8 +105,16 @@ def test_neighbour_masks_every_path(spatial):
     # give either sign; on (2, 40, 300) one such pair made the gradient differ).
     logits, target, experts = make_inputs(1, 1, 2, spatial, ignore_frac=0.2)
     assert_matches(logits, target, experts, 1, 2, lambda_coherence=1.0, coherence="l2")
-    assert_matches(logits, target, experts, 1, 2, lambda_coherence=1.0, coherence="l2",
-                   coherence_maps=("gate",))
+    assert_matches(
+        logits,
+        target,
+        experts,
+        1,
+        2,
+        lambda_coherence=1.0,
+        coherence="l2",
+        coherence_maps=("gate",),
+    )
 
 
 # --------------------------------------------------------------------------- determinism
@@ -139,13 +183,26 @@ def test_every_instruction_set_variant():
     root = os.path.dirname(tests)
     script = _ISA_SCRIPT.format(tests=tests)
     procs = {}
-    variants = {"base": dict(DEFERREDSEG_CPU_ISA="base"), "v3": dict(DEFERREDSEG_CPU_ISA="v3"),
-                "generic": dict(DEFERREDSEG_CPU_GENERIC="1")}
+    variants = {
+        "base": dict(DEFERREDSEG_CPU_ISA="base"),
+        "v3": dict(DEFERREDSEG_CPU_ISA="v3"),
+        "generic": dict(DEFERREDSEG_CPU_GENERIC="1"),
+    }
     for isa, extra in variants.items():
-        env = dict(os.environ, OMP_NUM_THREADS="1", **extra,
-                   PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        procs[isa] = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=root,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS="1",
+            **extra,
+            PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        )
+        procs[isa] = subprocess.Popen(
+            [sys.executable, "-c", script],
+            env=env,
+            cwd=root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     for isa, p in procs.items():
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, f"{isa}: {err[-2000:]}"
@@ -163,15 +220,15 @@ def test_loss_op_checks_expert_labels_when_asked():
     logits, target, experts = make_inputs(1, K, E, (5, 6))
     opts = make_options(K, E)
     stats = torch.ops.deferredseg.loss_stats(logits, target, experts, None, K, E, -100, False)
-    stats = torch.cat([stats, stats[E + 1:E + 2]])
-    args = (logits, target, experts, None, stats, None, None, K, E, -100,
-            float_params(opts, 1.0))
+    stats = torch.cat([stats, stats[E + 1 : E + 2]])
+    args = (logits, target, experts, None, stats, None, None, K, E, -100, float_params(opts, 1.0))
     bad = experts.clone()
     bad[0, 2, 4, 5] = 2  # K' = 2 labels
     with pytest.raises(ValueError, match=r"expert_labels must hold labels in \[0, 2\)"):
         torch.ops.deferredseg.loss_fused(*args[:2], bad, *args[3:], int_params(opts) + [1], True)
-    terms, grad = torch.ops.deferredseg.loss_fused(*args[:2], bad, *args[3:], int_params(opts),
-                                                   True)
+    terms, grad = torch.ops.deferredseg.loss_fused(
+        *args[:2], bad, *args[3:], int_params(opts), True
+    )
     assert torch.isfinite(terms).all() and torch.isfinite(grad).all()
     torch.ops.deferredseg.loss_fused(*args, int_params(opts) + [1], True)  # good labels pass
     with pytest.raises(RuntimeError, match="iparams must have 5 or 6 values"):
@@ -241,10 +298,11 @@ def test_stats_over_many_tiles(spatial, E):
     logits, target, experts = make_inputs(2, K, E, spatial)
     stats = torch.ops.deferredseg.loss_stats(logits, target, experts, None, K, E, -100, False)
     valid = target != -100
-    pi = torch.softmax(logits[:, K:K + E + 1].double(), 1)
+    pi = torch.softmax(logits[:, K : K + E + 1].double(), 1)
     valid_c = valid.unsqueeze(1)
-    torch.testing.assert_close(stats[:E + 1], (pi * valid_c).sum([0] + list(range(2, pi.dim()))),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        stats[: E + 1], (pi * valid_c).sum([0] + list(range(2, pi.dim()))), rtol=1e-5, atol=1e-5
+    )
     assert stats[E + 1].item() == valid.sum().item() == stats[E + 2].item()
     pairs = []
     for d in range(3):
@@ -254,7 +312,7 @@ def test_stats_over_many_tiles(spatial, E):
             pairs.append(float((a & b).sum()))
         else:
             pairs.append(0.0)
-    assert stats[E + 3:E + 6].tolist() == pairs
+    assert stats[E + 3 : E + 6].tolist() == pairs
     assert stats[E + 6].item() == 0
 
 
@@ -296,11 +354,22 @@ def test_sync_balance_two_processes(tmp_path):
     tests = os.path.dirname(os.path.abspath(__file__))
     root = os.path.dirname(tests)
     script = _SYNC_SCRIPT.format(tests=tests, store=str(tmp_path / "store"))
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(r)], env=env, cwd=root,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r in range(2)]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(r)],
+            env=env,
+            cwd=root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
     for r, p in enumerate(procs):
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, f"rank {r}: {err[-2000:]}"
@@ -315,8 +384,7 @@ def test_loss_op_rejects_unknown_option_codes():
     logits, target, experts = make_inputs(1, K, E, (4, 5))
     opts = make_options(K, E)
     stats = torch.ops.deferredseg.loss_stats(logits, target, experts, None, K, E, -100, False)
-    args = (logits, target, experts, None, stats, None, None, K, E, -100,
-            float_params(opts, 1.0))
+    args = (logits, target, experts, None, stats, None, None, K, E, -100, float_params(opts, 1.0))
     ip = int_params(opts)
     for index, code, words in ((0, 3, "surrogate code 3"), (4, 2, "gate_target code 2")):
         bad = list(ip)
@@ -333,9 +401,21 @@ def test_opcheck_with_the_cached_gradient_buffer():
     opts = make_options(K, E)
     stats = torch.ops.deferredseg.loss_stats(logits, target, experts, None, K, E, -100, False)
     x = logits.clone().requires_grad_(True)
-    torch.library.opcheck(torch.ops.deferredseg.loss_fused.default,
-                          (x, target, experts, None, torch.cat([stats, stats[E + 1:E + 2]]), None,
-                           None, K, E, -100, float_params(opts, 1.0), int_params(opts),
-                           True))
-
-
+    torch.library.opcheck(
+        torch.ops.deferredseg.loss_fused.default,
+        (
+            x,
+            target,
+            experts,
+            None,
+            torch.cat([stats, stats[E + 1 : E + 2]]),
+            None,
+            None,
+            K,
+            E,
+            -100,
+            float_params(opts, 1.0),
+            int_params(opts),
+            True,
+        ),
+    )

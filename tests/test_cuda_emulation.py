@@ -66,8 +66,17 @@ def test_route_costs_scores_and_gain_match_reference(emu, dtype, scores, K, E):
     from test_route import check_route_matrix
 
     def run(logits, K, E, thr, mode, experts, cost, scores):
-        return route_with(emu.route, logits, K, E, route_threshold(thr, mode), mode,
-                                experts, check_expert_cost(cost, E), scores)
+        return route_with(
+            emu.route,
+            logits,
+            K,
+            E,
+            route_threshold(thr, mode),
+            mode,
+            experts,
+            check_expert_cost(cost, E),
+            scores,
+        )
 
     check_route_matrix(run, K, E, dtype, scores, shapes=((37,), (40, 33)))
 
@@ -76,8 +85,17 @@ def test_route_new_options_nan_and_inf(emu):
     from test_route import check_route_nan_and_inf
 
     def run(logits, K, E, thr, mode, experts, cost, scores):
-        return route_with(emu.route, logits, K, E, route_threshold(thr, mode), mode,
-                                experts, check_expert_cost(cost, E), scores)
+        return route_with(
+            emu.route,
+            logits,
+            K,
+            E,
+            route_threshold(thr, mode),
+            mode,
+            experts,
+            check_expert_cost(cost, E),
+            scores,
+        )
 
     check_route_nan_and_inf(run)
 
@@ -85,13 +103,23 @@ def test_route_new_options_nan_and_inf(emu):
 def test_route_label_dtypes_and_layouts(emu):
     K, E = 3, 3
     for label_dtype in (torch.uint8, torch.int32, torch.int64):
-        logits, _, experts = make_inputs(2, K, E, (26, 27), label_dtype=label_dtype,
-                                         ignore_frac=0, expert_ignore_frac=0)
+        logits, _, experts = make_inputs(
+            2, K, E, (26, 27), label_dtype=label_dtype, ignore_frac=0, expert_ignore_frac=0
+        )
         want = route_reference(logits, K, E, 0.0, "gate", experts)
-        for x in (logits.contiguous(memory_format=torch.channels_last),
-                  logits.transpose(2, 3).contiguous().transpose(2, 3)):
-            got = route_with(emu.route, x, K, E, 0.0, "gate",
-                                   experts.transpose(2, 3).contiguous().transpose(2, 3))
+        for x in (
+            logits.contiguous(memory_format=torch.channels_last),
+            logits.transpose(2, 3).contiguous().transpose(2, 3),
+        ):
+            got = route_with(
+                emu.route,
+                x,
+                K,
+                E,
+                0.0,
+                "gate",
+                experts.transpose(2, 3).contiguous().transpose(2, 3),
+            )
             assert torch.equal(got.assignment, want.assignment)
             assert torch.equal(got.final, want.final)
             assert torch.equal(got.model_pred, want.model_pred)
@@ -102,8 +130,8 @@ def test_offsets_beyond_int32(emu):
     fp16 storage, of which only the pages the view touches are ever written)."""
     K, E = 1, 2
     C = K + E + 2
-    storage = torch.empty(2 ** 31 + C * 64, dtype=torch.float16)
-    x = storage.as_strided((2, C, 8, 8), (2 ** 31, 64, 8, 1))
+    storage = torch.empty(2**31 + C * 64, dtype=torch.float16)
+    x = storage.as_strided((2, C, 8, 8), (2**31, 64, 8, 1))
     x.copy_(torch.randn(2, C, 8, 8))
     _, target, experts = make_inputs(2, K, E, (8, 8))
     leaf = x.detach().requires_grad_(True)  # no copy: the kernels read at offset 2^31

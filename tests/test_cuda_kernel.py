@@ -16,9 +16,10 @@ from conftest import requires_cuda
 from deferredseg_kernels import available_backends, deferredseg_loss
 from deferredseg_kernels._ext import EXT
 
-needs_backend = pytest.mark.skipif("cuda" not in available_backends("loss"),
-                                   reason="the C++ CUDA kernels cannot run here (no GPU or "
-                                          "not built with CUDA)")
+needs_backend = pytest.mark.skipif(
+    "cuda" not in available_backends("loss"),
+    reason="the C++ CUDA kernels cannot run here (no GPU or not built with CUDA)",
+)
 
 
 def test_cuda_build_contains_the_loss_kernels():
@@ -56,12 +57,12 @@ def test_runs_on_the_current_stream():
 def test_offsets_beyond_int32():
     """A batch stride of 2^31 elements: every offset is computed in int64."""
     free, _ = torch.cuda.mem_get_info()
-    if free < 8 * 2 ** 30:
+    if free < 8 * 2**30:
         pytest.skip("needs 8 GiB of free GPU memory")
     K, E = 1, 2
     C = K + E + 2
-    storage = torch.zeros(2 ** 31 + C * 64, dtype=torch.float16, device="cuda")
-    x = storage.as_strided((2, C, 8, 8), (2 ** 31, 64, 8, 1))
+    storage = torch.zeros(2**31 + C * 64, dtype=torch.float16, device="cuda")
+    x = storage.as_strided((2, C, 8, 8), (2**31, 64, 8, 1))
     x.copy_(torch.randn(2, C, 8, 8, device="cuda"))
     _, target, experts = _inputs(2, K, E, (8, 8))
     leaf = x.detach().requires_grad_(True)  # no copy: the kernel reads at offset 2^31
@@ -77,15 +78,25 @@ def test_offsets_beyond_int32():
 def _cuda_route_run(logits, K, E, thr, mode, experts, cost, scores):
     from deferredseg_kernels import route
 
-    out = route(logits.cuda(), K, E, thr, mode, experts.cuda(), expert_cost=cost, scores=scores,
-                backend="cuda")
+    out = route(
+        logits.cuda(),
+        K,
+        E,
+        thr,
+        mode,
+        experts.cuda(),
+        expert_cost=cost,
+        scores=scores,
+        backend="cuda",
+    )
     return type(out)(*[t.cpu() if t is not None else None for t in out])
 
 
 @requires_cuda
-@pytest.mark.skipif("cuda" not in available_backends("route"),
-                    reason="the C++ CUDA route kernel cannot run here (no GPU or not built "
-                           "with CUDA)")
+@pytest.mark.skipif(
+    "cuda" not in available_backends("route"),
+    reason="the C++ CUDA route kernel cannot run here (no GPU or not built with CUDA)",
+)
 @pytest.mark.parametrize("scores", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
 def test_route_costs_scores_and_gain(dtype, scores):
@@ -94,6 +105,7 @@ def test_route_costs_scores_and_gain(dtype, scores):
     from test_route import check_route_matrix, check_route_nan_and_inf
 
     for K, E in ((1, 1), (4, 3), (2, 16)):
-        check_route_matrix(_cuda_route_run, K, E, dtype, scores,
-                           shapes=((1000,), (65, 77), (9, 17, 13)))
+        check_route_matrix(
+            _cuda_route_run, K, E, dtype, scores, shapes=((1000,), (65, 77), (9, 17, 13))
+        )
     check_route_nan_and_inf(_cuda_route_run)

@@ -31,24 +31,33 @@ def blob(shape, seed, value=1):
     """A random box of label ``value`` in a zero array of ``shape``."""
     rs = np.random.RandomState(seed)
     m = np.zeros(shape, np.uint8)
-    sl = tuple(slice(int(a), int(a) + int(b)) for a, b in zip(rs.randint(1, [s // 3 for s in shape]),
-                                                              rs.randint(2, [s // 2 for s in shape])))
+    sl = tuple(
+        slice(int(a), int(a) + int(b))
+        for a, b in zip(
+            rs.randint(1, [s // 3 for s in shape]), rs.randint(2, [s // 2 for s in shape])
+        )
+    )
     m[sl] = value
     return m
 
 
-def make_multirater(root: Path, ext: str, shape, n=4, raters=("r1", "r2", "r3"), labels=False, channels=None,
-                    fg=1):
+def make_multirater(
+    root: Path, ext: str, shape, n=4, raters=("r1", "r2", "r3"), labels=False, channels=None, fg=1
+):
     for i in range(n):
         cid = f"case{i}"
         img = np.random.RandomState(i).rand(*shape) * 200
         if channels:
             img = np.stack([img] * channels, axis=-1)
-        write(root / "images" / f"{cid}{ext}", img.astype(np.uint8 if ext == ".png" else np.float32))
+        write(
+            root / "images" / f"{cid}{ext}", img.astype(np.uint8 if ext == ".png" else np.float32)
+        )
         truth = blob(shape, i)
         for j, r in enumerate(raters):
             m = truth.copy()
-            m[tuple(np.random.RandomState(100 * i + j).randint(0, s) for s in shape)] ^= 1  # one disagreement
+            m[tuple(np.random.RandomState(100 * i + j).randint(0, s) for s in shape)] ^= (
+                1  # one disagreement
+            )
             write(root / "raters" / r / f"{cid}{ext}", m * fg)
         if labels:
             write(root / "labels" / f"{cid}{ext}", truth * fg)
@@ -71,12 +80,23 @@ def check_batch(b, B, C, S, E, num_labels):
 
 # --- synthetic ---------------------------------------------------------------------------------
 
+
 def test_synthetic_default_2d_and_3d():
     ds = build_dataset(num_images=6, image_size=32)  # the default layout: no files needed
-    assert ds.info.layout == "synthetic" and ds.info.num_experts == 5 and len(ds) == len(ds.info.ids)
+    assert (
+        ds.info.layout == "synthetic" and ds.info.num_experts == 5 and len(ds) == len(ds.info.ids)
+    )
     check_batch(one_batch(ds), 2, 1, (32, 32), 5, 2)
-    ds3 = build_dataset("synthetic", split="all", num_classes=3, spatial_dims=3, image_size=(16, 18, 20),
-                        num_images=2, experts="complementary", target="staple")
+    ds3 = build_dataset(
+        "synthetic",
+        split="all",
+        num_classes=3,
+        spatial_dims=3,
+        image_size=(16, 18, 20),
+        num_images=2,
+        experts="complementary",
+        target="staple",
+    )
     b = one_batch(ds3)
     check_batch(b, 2, 1, (16, 18, 20), 5, 3)
     assert torch.equal(b["target"], staple(b["expert_labels"], 3).labels)
@@ -91,8 +111,9 @@ def test_synthetic_is_reproducible_and_experts_fixed_or_resampled():
     assert not torch.equal(a["image"], c["image"])
     fixed = build_dataset(num_images=4, image_size=32, split="all", experts="same-accuracy")
     assert torch.equal(fixed[0]["expert_labels"], fixed[0]["expert_labels"])  # fixed per image
-    resampled = build_dataset(num_images=4, image_size=32, split="all", experts="same-accuracy",
-                              resample_experts=True)
+    resampled = build_dataset(
+        num_images=4, image_size=32, split="all", experts="same-accuracy", resample_experts=True
+    )
     first, second = resampled[0]["expert_labels"], resampled[0]["expert_labels"]
     assert not torch.equal(first, second)  # new expert labels at every access
     assert torch.equal(resampled[0]["target"], fixed[0]["target"])
@@ -103,15 +124,30 @@ def test_workers_cache_and_pickling():
 
     fixed = build_dataset(num_images=4, image_size=32, split="all", experts="same-accuracy")
     serial = [b["expert_labels"] for b in build_dataloader(fixed, batch_size=2, shuffle=False)]
-    workers = [b["expert_labels"] for b in build_dataloader(fixed, batch_size=2, shuffle=False, num_workers=2)]
-    assert all(torch.equal(a, b) for a, b in zip(serial, workers))  # fixed experts do not depend on workers
-    cached = build_dataset(num_images=4, image_size=32, split="all", experts="same-accuracy", cache=True)
-    assert all(torch.equal(a, b) for a, b in zip(serial, (b["expert_labels"] for b in build_dataloader(
-        cached, batch_size=2, shuffle=False))))
-    assert len(pickle.loads(pickle.dumps(fixed))) == 4  # spawn-started workers need a picklable dataset
+    workers = [
+        b["expert_labels"]
+        for b in build_dataloader(fixed, batch_size=2, shuffle=False, num_workers=2)
+    ]
+    assert all(
+        torch.equal(a, b) for a, b in zip(serial, workers)
+    )  # fixed experts do not depend on workers
+    cached = build_dataset(
+        num_images=4, image_size=32, split="all", experts="same-accuracy", cache=True
+    )
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            serial,
+            (b["expert_labels"] for b in build_dataloader(cached, batch_size=2, shuffle=False)),
+        )
+    )
+    assert (
+        len(pickle.loads(pickle.dumps(fixed))) == 4
+    )  # spawn-started workers need a picklable dataset
 
 
 # --- multirater ---------------------------------------------------------------------------------
+
 
 def test_multirater_png_2d_binary_0_255(tmp_path):
     root = make_multirater(tmp_path / "ds", ".png", (20, 24), channels=3, fg=255)
@@ -122,7 +158,9 @@ def test_multirater_png_2d_binary_0_255(tmp_path):
     assert set(b["expert_labels"].unique().tolist()) == {0, 1}  # 0/255 masks read as 0/1
     assert torch.equal(b["target"], majority_vote(b["expert_labels"], 2))
     raw = np.asarray(Image.open(root / "raters" / "r2" / f"{b['id'][1]}.png"))
-    assert np.array_equal(b["expert_labels"][1, 1].numpy(), raw // 255)  # PNG orientation kept (H, W)
+    assert np.array_equal(
+        b["expert_labels"][1, 1].numpy(), raw // 255
+    )  # PNG orientation kept (H, W)
     one = build_dataset("multirater", root, split="all", target="r2", raters=["r3", "r1"])
     b1 = one_batch(one, 4)
     assert one.info.expert_names == ("r3", "r1")
@@ -159,7 +197,9 @@ def test_label_map_encodings(tmp_path):
         m[2:5, 2:5], m[5:7, 5:7] = 128, 255
         for r in ("x", "y"):
             write(root / "raters" / r / f"c{i}.png", m)
-    ds = build_dataset("multirater", root, split="all", num_classes=3, label_map={0: 0, 128: 1, 255: 2})
+    ds = build_dataset(
+        "multirater", root, split="all", num_classes=3, label_map={0: 0, 128: 1, 255: 2}
+    )
     b = one_batch(ds)
     assert b["target"][0, 3, 3] == 1 and b["target"][0, 6, 6] == 2 and b["target"][0, 0, 0] == 0
     binary = one_batch(build_dataset("multirater", root, split="all", label_map="binary"))
@@ -172,40 +212,63 @@ def test_label_map_encodings(tmp_path):
 
 # --- medsam-npy ----------------------------------------------------------------------------------
 
+
 def test_medsam_npy_layout(tmp_path):
     root = tmp_path / "medsam"
     for i in range(5):
-        write(root / "imgs" / f"CT_{i}.npy", np.random.RandomState(i).rand(24, 24, 3).astype(np.float32))
+        write(
+            root / "imgs" / f"CT_{i}.npy",
+            np.random.RandomState(i).rand(24, 24, 3).astype(np.float32),
+        )
         gt = blob((24, 24), i, value=1 + i % 3)  # organ ids as in MedSAM's gts
         write(root / "gts" / f"CT_{i}.npy", gt)
     ds = build_dataset("medsam-npy", root, split="all", num_classes=4)
     assert ds.info.expert_names == ("same-accuracy-0", "same-accuracy-1", "same-accuracy-2")
     check_batch(one_batch(ds, 5), 5, 3, (24, 24), 3, 4)
-    binary = build_dataset("medsam-npy", root, split="train", label_map="binary", experts="complementary", seed=1)
+    binary = build_dataset(
+        "medsam-npy", root, split="train", label_map="binary", experts="complementary", seed=1
+    )
     b = one_batch(binary)
     check_batch(b, 2, 3, (24, 24), 5, 2)
     assert len(binary) == 3  # 5 cases: 3 train, 1 val, 1 test
     img = np.load(root / "imgs" / f"{b['id'][0]}.npy")
-    assert np.allclose(b["image"][0].numpy(), np.moveaxis((img - img.min()) / (img.max() - img.min()), -1, 0),
-                       atol=1e-6)
+    assert np.allclose(
+        b["image"][0].numpy(),
+        np.moveaxis((img - img.min()) / (img.max() - img.min()), -1, 0),
+        atol=1e-6,
+    )
 
 
 # --- splits ---------------------------------------------------------------------------------------
+
 
 def test_seeded_split_and_split_file(tmp_path):
     ids = [f"id{i:02d}" for i in range(20)]
     s = split_ids(ids, (0.6, 0.2, 0.2), seed=7)
     assert [len(s[k]) for k in ("train", "val", "test")] == [12, 4, 4]
     assert sorted(s["train"] + s["val"] + s["test"]) == ids
-    assert s == split_ids(list(reversed(ids)), (0.6, 0.2, 0.2), seed=7)  # listing order does not matter
+    assert s == split_ids(
+        list(reversed(ids)), (0.6, 0.2, 0.2), seed=7
+    )  # listing order does not matter
     assert s != split_ids(ids, (0.6, 0.2, 0.2), seed=8)
-    parts = {k: build_dataset(num_images=10, image_size=32, split=k).info.ids for k in ("train", "val", "test")}
-    assert sum(len(v) for v in parts.values()) == 10 and not set(parts["train"]) & set(parts["test"])
+    parts = {
+        k: build_dataset(num_images=10, image_size=32, split=k).info.ids
+        for k in ("train", "val", "test")
+    }
+    assert sum(len(v) for v in parts.values()) == 10 and not set(parts["train"]) & set(
+        parts["test"]
+    )
     f = tmp_path / "split.json"
-    f.write_text(json.dumps({"train": ["case_0001", "case_0003"], "validation": ["case_0000"], "test": []}))
-    assert build_dataset(num_images=5, image_size=32, split="train", split_file=f).info.ids == ("case_0001",
-                                                                                                "case_0003")
-    assert build_dataset(num_images=5, image_size=32, split="val", split_file=f).info.ids == ("case_0000",)
+    f.write_text(
+        json.dumps({"train": ["case_0001", "case_0003"], "validation": ["case_0000"], "test": []})
+    )
+    assert build_dataset(num_images=5, image_size=32, split="train", split_file=f).info.ids == (
+        "case_0001",
+        "case_0003",
+    )
+    assert build_dataset(num_images=5, image_size=32, split="val", split_file=f).info.ids == (
+        "case_0000",
+    )
     f.write_text(json.dumps({"train": ["case_0001", "nope"]}))
     with pytest.raises(ValueError, match=r"split\.json.*'nope'"):
         build_dataset(num_images=5, image_size=32, split_file=f)
@@ -217,6 +280,7 @@ def test_seeded_split_and_split_file(tmp_path):
 
 
 # --- bad data --------------------------------------------------------------------------------------
+
 
 def _multirater(tmp_path, ext=".npy", **kw):
     return make_multirater(tmp_path / "ds", ext, (8, 8), n=2, **kw)
@@ -269,7 +333,9 @@ def test_error_unreadable_files(tmp_path):
     root = _multirater(tmp_path, ext=".png")
     bad = root / "raters" / "r1" / "case0.png"
     bad.write_bytes(b"this is not a png")
-    with pytest.raises(ValueError, match=r"cannot read rater 'r1' label .*raters/r1/case0\.png.*PNG"):
+    with pytest.raises(
+        ValueError, match=r"cannot read rater 'r1' label .*raters/r1/case0\.png.*PNG"
+    ):
         build_dataset("multirater", root, split="all")[0]
     root2 = _multirater(tmp_path / "two")
     pickled = root2 / "images" / "case0.npy"
@@ -287,7 +353,9 @@ def test_error_unreadable_files(tmp_path):
 def test_error_shape_mismatches(tmp_path):
     root = _multirater(tmp_path)
     write(root / "raters" / "r3" / "case1.npy", np.zeros((8, 9), np.uint8))
-    with pytest.raises(ValueError, match=r"shape mismatch: rater 'r3' label .*raters/r3/case1\.npy.*\(8, 9\)"):
+    with pytest.raises(
+        ValueError, match=r"shape mismatch: rater 'r3' label .*raters/r3/case1\.npy.*\(8, 9\)"
+    ):
         build_dataset("multirater", root, split="all")[1]
     root2 = _multirater(tmp_path / "two")
     write(root2 / "images" / "case0.npy", np.zeros((7, 8), np.float32))

@@ -20,19 +20,22 @@ def call(logits, target, experts, backend="reference", **kw):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case,exc,words", [
-    ("channels", ValueError, ["logits", "7 channels", "(2, 6, 4, 5)"]),
-    ("spatial", ValueError, ["target", "(2, 4, 5)", "(2, 4, 6)"]),
-    ("experts_shape", ValueError, ["expert_labels", "(2, 2, 4, 5)", "(2, 3, 4, 5)"]),
-    ("float_target", TypeError, ["target", "torch.float32"]),
-    ("int16_target", TypeError, ["target", "torch.int16"]),
-    ("float_experts", TypeError, ["expert_labels", "torch.float32"]),
-    ("int_logits", TypeError, ["logits", "torch.int64"]),
-    ("logits_not_tensor", TypeError, ["logits", "list"]),
-    ("logits_2d", ValueError, ["logits", "spatial"]),
-    ("logits_6d", ValueError, ["logits", "spatial"]),
-    ("target_device", ValueError, ["target", "meta"]),
-])
+@pytest.mark.parametrize(
+    "case,exc,words",
+    [
+        ("channels", ValueError, ["logits", "7 channels", "(2, 6, 4, 5)"]),
+        ("spatial", ValueError, ["target", "(2, 4, 5)", "(2, 4, 6)"]),
+        ("experts_shape", ValueError, ["expert_labels", "(2, 2, 4, 5)", "(2, 3, 4, 5)"]),
+        ("float_target", TypeError, ["target", "torch.float32"]),
+        ("int16_target", TypeError, ["target", "torch.int16"]),
+        ("float_experts", TypeError, ["expert_labels", "torch.float32"]),
+        ("int_logits", TypeError, ["logits", "torch.int64"]),
+        ("logits_not_tensor", TypeError, ["logits", "list"]),
+        ("logits_2d", ValueError, ["logits", "spatial"]),
+        ("logits_6d", ValueError, ["logits", "spatial"]),
+        ("target_device", ValueError, ["target", "meta"]),
+    ],
+)
 def test_bad_tensors(good, backend, case, exc, words):
     logits, target, experts = good
     if case == "channels":
@@ -79,26 +82,29 @@ def test_labels_out_of_range(good, backend, which, value):
     assert which in str(info.value) and str(value) in str(info.value)
 
 
-@pytest.mark.parametrize("opt,value,exc,words", [
-    ("surrogate", "hinge", ValueError, ["surrogate", "hinge", "softmax"]),
-    ("surrogate", "OVA", ValueError, ["surrogate", "OVA", "ova"]),
-    ("gate_target", "model", ValueError, ["gate_target", "model", "router", "benefit"]),
-    ("gate_target", 1, TypeError, ["gate_target", "int", "router"]),
-    ("coherence", "l3", ValueError, ["coherence", "l3"]),
-    ("coherence_maps", ("router", "entropy"), ValueError, ["coherence_maps", "entropy"]),
-    ("coherence_maps", 3, TypeError, ["coherence_maps", "int"]),
-    ("balance", "even", ValueError, ["balance", "even", "cv2"]),
-    ("lambda_seg", -1.0, ValueError, ["lambda_seg", "-1.0"]),
-    ("lambda_gate", float("nan"), ValueError, ["lambda_gate", "finite"]),
-    ("lambda_balance", "0.1", TypeError, ["lambda_balance", "str"]),
-    ("paper_eps", 0.0, ValueError, ["paper_eps", "> 0"]),
-    ("class_weight", [1.0, 2.0], ValueError, ["class_weight", "length 3", "length 2"]),
-    ("class_weight", [1.0, -2.0, 1.0], ValueError, ["class_weight[1]", ">= 0"]),
-    ("ignore_index", 2.5, TypeError, ["ignore_index", "float"]),
-    ("sync_balance", 1, TypeError, ["sync_balance", "bool"]),
-    ("balance_low", [0.1, 0.2], ValueError, ["balance_low", "length 3"]),
-    ("color", "red", TypeError, ["color", "unknown option"]),
-])
+@pytest.mark.parametrize(
+    "opt,value,exc,words",
+    [
+        ("surrogate", "hinge", ValueError, ["surrogate", "hinge", "softmax"]),
+        ("surrogate", "OVA", ValueError, ["surrogate", "OVA", "ova"]),
+        ("gate_target", "model", ValueError, ["gate_target", "model", "router", "benefit"]),
+        ("gate_target", 1, TypeError, ["gate_target", "int", "router"]),
+        ("coherence", "l3", ValueError, ["coherence", "l3"]),
+        ("coherence_maps", ("router", "entropy"), ValueError, ["coherence_maps", "entropy"]),
+        ("coherence_maps", 3, TypeError, ["coherence_maps", "int"]),
+        ("balance", "even", ValueError, ["balance", "even", "cv2"]),
+        ("lambda_seg", -1.0, ValueError, ["lambda_seg", "-1.0"]),
+        ("lambda_gate", float("nan"), ValueError, ["lambda_gate", "finite"]),
+        ("lambda_balance", "0.1", TypeError, ["lambda_balance", "str"]),
+        ("paper_eps", 0.0, ValueError, ["paper_eps", "> 0"]),
+        ("class_weight", [1.0, 2.0], ValueError, ["class_weight", "length 3", "length 2"]),
+        ("class_weight", [1.0, -2.0, 1.0], ValueError, ["class_weight[1]", ">= 0"]),
+        ("ignore_index", 2.5, TypeError, ["ignore_index", "float"]),
+        ("sync_balance", 1, TypeError, ["sync_balance", "bool"]),
+        ("balance_low", [0.1, 0.2], ValueError, ["balance_low", "length 3"]),
+        ("color", "red", TypeError, ["color", "unknown option"]),
+    ],
+)
 def test_bad_options(good, opt, value, exc, words):
     with pytest.raises(exc) as info:
         call(*good, **{opt: value})
@@ -111,10 +117,15 @@ def test_band_balance_needs_bounds(good):
         call(*good, balance="band")
 
 
-@pytest.mark.parametrize("name,value,exc", [("num_classes", 0, ValueError),
-                                            ("num_experts", 0, ValueError),
-                                            ("num_experts", 128, ValueError),
-                                            ("num_classes", 2.0, TypeError)])
+@pytest.mark.parametrize(
+    "name,value,exc",
+    [
+        ("num_classes", 0, ValueError),
+        ("num_experts", 0, ValueError),
+        ("num_experts", 128, ValueError),
+        ("num_classes", 2.0, TypeError),
+    ],
+)
 def test_bad_counts(good, name, value, exc):
     kw = dict(num_classes=K, num_experts=E)
     kw[name] = value
@@ -130,14 +141,20 @@ def test_unknown_backend_and_unavailable_backend(good):
             call(*good, backend="cuda")
 
 
-@pytest.mark.parametrize("kw,exc,words", [
-    (dict(mode="soft"), ValueError, ["mode", "soft"]),
-    (dict(threshold=1.5), ValueError, ["threshold", "[0, 1]"]),
-    (dict(threshold="high"), TypeError, ["threshold", "str"]),
-    (dict(expert_labels=torch.zeros(2, 3, 4, 5, dtype=torch.long)), ValueError,
-     ["expert_labels", "(2, 2, 4, 5)"]),
-    (dict(expert_labels=torch.zeros(2, 2, 4, 5)), TypeError, ["expert_labels", "float32"]),
-])
+@pytest.mark.parametrize(
+    "kw,exc,words",
+    [
+        (dict(mode="soft"), ValueError, ["mode", "soft"]),
+        (dict(threshold=1.5), ValueError, ["threshold", "[0, 1]"]),
+        (dict(threshold="high"), TypeError, ["threshold", "str"]),
+        (
+            dict(expert_labels=torch.zeros(2, 3, 4, 5, dtype=torch.long)),
+            ValueError,
+            ["expert_labels", "(2, 2, 4, 5)"],
+        ),
+        (dict(expert_labels=torch.zeros(2, 2, 4, 5)), TypeError, ["expert_labels", "float32"]),
+    ],
+)
 def test_route_bad_arguments(good, kw, exc, words):
     with pytest.raises(exc) as info:
         route(good[0], K, E, **kw)

@@ -1,6 +1,5 @@
 """Experts: simulated discrepancy experts, structured experts, consensus (majority, STAPLE)."""
 
-
 import pytest
 import torch
 
@@ -89,7 +88,9 @@ def test_discrepancy_edge_boost_is_capped_at_one():
 
 def test_discrepancy_multiclass_wrong_labels_are_uniform_over_the_others():
     L = 4
-    target = disc_labels((4, 80, 80), [(20, 20), (55, 30), (40, 62)], [12, 14, 10], labels=[1, 2, 3])
+    target = disc_labels(
+        (4, 80, 80), [(20, 20), (55, 30), (40, 62)], [12, 14, 10], labels=[1, 2, 3]
+    )
     expert = DiscrepancyExpert(0.6, 0.7, 0.0, edge_radius=1)
     out = ExpertPanel([expert], num_labels=L, seed=3)(target)[:, 0]
     assert out.min() >= 0 and out.max() < L
@@ -98,12 +99,17 @@ def test_discrepancy_multiclass_wrong_labels_are_uniform_over_the_others():
     assert binomial_consistent(int(correct[fg].sum()), int(fg.sum()), 0.6)
     assert binomial_consistent(int(correct[~fg].sum()), int((~fg).sum()), 0.7)
     wrong = ~correct
-    for c in range(L):  # given the truth is c, a wrong label is each other label with probability 1/(L-1)
+    for c in range(
+        L
+    ):  # given the truth is c, a wrong label is each other label with probability 1/(L-1)
         sel = wrong & (target == c)
         n = int(sel.sum())
         for other in range(L):
             if other != c:
-                assert binomial_consistent(int((out[sel] == other).sum()), n, 1.0 / (L - 1)), (c, other)
+                assert binomial_consistent(int((out[sel] == other).sum()), n, 1.0 / (L - 1)), (
+                    c,
+                    other,
+                )
 
 
 def test_discrepancy_3d_and_1d():
@@ -122,7 +128,9 @@ def test_reproducible_by_seed_and_resampled_each_call():
     a1, a2 = simulated_experts(seed=5), simulated_experts(seed=5)
     first, second = a1(target), a1(target)
     assert not torch.equal(first, second)  # resampled every call
-    assert torch.equal(first, a2(target)) and torch.equal(second, a2(target))  # same seed, same stream
+    assert torch.equal(first, a2(target)) and torch.equal(
+        second, a2(target)
+    )  # same seed, same stream
     assert not torch.equal(first, simulated_experts(seed=6)(target))
     a1.reseed_stream(5)
     assert torch.equal(a1(target), first)
@@ -131,10 +139,16 @@ def test_reproducible_by_seed_and_resampled_each_call():
 
 
 def test_fixed_per_image_is_keyed_by_id_not_by_order_or_call():
-    target = torch.stack([disc_labels((1, 40, 40), [(20, 20)], [8])[0],
-                          disc_labels((1, 40, 40), [(15, 25)], [11])[0]])
-    for panel in (simulated_experts("complementary", seed=4, resample=False),
-                  structured_experts(seed=4, resample=False)):
+    target = torch.stack(
+        [
+            disc_labels((1, 40, 40), [(20, 20)], [8])[0],
+            disc_labels((1, 40, 40), [(15, 25)], [11])[0],
+        ]
+    )
+    for panel in (
+        simulated_experts("complementary", seed=4, resample=False),
+        structured_experts(seed=4, resample=False),
+    ):
         ab = panel(target, ids=["a", "b"])
         assert torch.equal(ab, panel(target, ids=["a", "b"]))  # the same at every epoch
         ba = panel(target.flip(0), ids=["b", "a"])
@@ -166,6 +180,7 @@ def test_panel_errors_and_ignore_index():
 
 # --- structured experts ---------------------------------------------------------------------
 
+
 def _changed_only_near_boundaries(target, out, reach):
     changed = out != target
     near = boundary_band(target, reach)
@@ -191,9 +206,12 @@ def test_boundary_shift_changes_boundaries_not_far_pixels(shape):
 def test_structured_experts_multiclass_only_touch_boundaries():
     target = disc_labels((2, 64, 64), [(20, 20), (44, 40), (50, 12)], [10, 12, 3], labels=[1, 2, 3])
     g = torch.Generator().manual_seed(1)
-    for expert, reach in ((BoundaryShiftExpert(2), 2), (BoundaryShiftExpert(-2), 2),
-                          (SmoothBoundaryExpert(amplitude=2.5, scale=6), 3),
-                          (RegionSkillExpert(BoundaryShiftExpert(3), classes=[2]), 3)):
+    for expert, reach in (
+        (BoundaryShiftExpert(2), 2),
+        (BoundaryShiftExpert(-2), 2),
+        (SmoothBoundaryExpert(amplitude=2.5, scale=6), 3),
+        (RegionSkillExpert(BoundaryShiftExpert(3), classes=[2]), 3),
+    ):
         out = expert.sample(target, 4, g)
         assert out.min() >= 0 and out.max() < 4
         assert _changed_only_near_boundaries(target, out, reach), expert
@@ -225,22 +243,33 @@ def test_region_skill_changes_only_its_region():
 
 
 def test_missed_components_drop_only_small_components():
-    target = disc_labels((2, 64, 64), [(20, 20), (50, 50), (10, 55), (55, 8)], [12, 2, 1, 2], labels=[1, 1, 2, 1])
+    target = disc_labels(
+        (2, 64, 64), [(20, 20), (50, 50), (10, 55), (55, 8)], [12, 2, 1, 2], labels=[1, 1, 2, 1]
+    )
     sizes = {}
     comp = connected_components(target, 3)
     for v in comp[0].unique().tolist():
         if v:
             sizes[v] = int((comp[0] == v).sum())
     assert len(sizes) == 4 and max(sizes.values()) > 400 and sorted(sizes.values())[-2] <= 13
-    all_missed = MissedComponentsExpert(max_size=20, miss_prob=1.0).sample(target, 3, torch.Generator())
+    all_missed = MissedComponentsExpert(max_size=20, miss_prob=1.0).sample(
+        target, 3, torch.Generator()
+    )
     big = comp == max(sizes, key=sizes.get)
     assert torch.equal(all_missed[big], target[big])
     assert (all_missed[~big] == 0).all()
-    none_missed = MissedComponentsExpert(max_size=20, miss_prob=0.0).sample(target, 3, torch.Generator())
+    none_missed = MissedComponentsExpert(max_size=20, miss_prob=0.0).sample(
+        target, 3, torch.Generator()
+    )
     assert torch.equal(none_missed, target)
     some = MissedComponentsExpert(max_size=20, miss_prob=0.5).sample(
-        target[:1].expand(64, -1, -1).clone(), 3, torch.Generator().manual_seed(0))
-    kept = [(some[:, comp[0] == v] != 0).all(dim=1).float().mean().item() for v in sizes if sizes[v] <= 20]
+        target[:1].expand(64, -1, -1).clone(), 3, torch.Generator().manual_seed(0)
+    )
+    kept = [
+        (some[:, comp[0] == v] != 0).all(dim=1).float().mean().item()
+        for v in sizes
+        if sizes[v] <= 20
+    ]
     assert all(0.2 < k < 0.8 for k in kept)  # each small component missed about half of the time
     for v in sizes:  # a component is dropped whole or not at all
         sel = some[:, comp[0] == v]
@@ -260,8 +289,11 @@ def test_connected_components_3d_and_chain():
 
 # --- consensus --------------------------------------------------------------------------------
 
+
 def test_majority_vote_ties_and_ignore():
-    r = torch.tensor([[[0, 1, 1, 2, -100]], [[1, 1, 0, 2, -100]], [[0, 2, 2, 1, -100]]])  # (R=3, 1, 5)
+    r = torch.tensor(
+        [[[0, 1, 1, 2, -100]], [[1, 1, 0, 2, -100]], [[0, 2, 2, 1, -100]]]
+    )  # (R=3, 1, 5)
     out = majority_vote(r, 3, rater_dim=0)
     assert out.tolist() == [[0, 1, 0, 2, -100]]  # a three-way tie goes to the lowest label
     tie = torch.tensor([[0, 1], [1, 0]])  # (R=2, S=2): ties go to the lowest label

@@ -30,7 +30,8 @@ def test_missing_extension_leaves_reference_working_and_backends_truthful():
             raise AssertionError("backend='cpu' must fail without the extension")
         print("ok")
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("ok")

@@ -15,13 +15,18 @@ from deferredseg_kernels import deferredseg_loss, split_logits
 
 
 def terms_of(logits, target, experts, K, E, **kw):
-    return deferredseg_loss(logits, target, experts, K, E, backend="reference",
-                            return_terms=True, **kw)[1]
+    return deferredseg_loss(
+        logits, target, experts, K, E, backend="reference", return_terms=True, **kw
+    )[1]
 
 
 def test_all_modules_are_monai_style_losses():
-    for cls in (DeferredSegLoss, SurrogateCollaborationLoss, SpatialCoherenceLoss,
-                LoadBalancingLoss):
+    for cls in (
+        DeferredSegLoss,
+        SurrogateCollaborationLoss,
+        SpatialCoherenceLoss,
+        LoadBalancingLoss,
+    ):
         assert issubclass(cls, _Loss)
 
 
@@ -31,8 +36,17 @@ def test_deferredseg_loss_module_matches_function_and_keeps_terms(K, E):
     logits.requires_grad_(True)
     crit = DeferredSegLoss(K, E, backend="reference", lambda_coherence=0.3, surrogate="paper")
     loss = crit(logits, target, experts)
-    want, terms = deferredseg_loss(logits, target, experts, K, E, backend="reference",
-                                   lambda_coherence=0.3, surrogate="paper", return_terms=True)
+    want, terms = deferredseg_loss(
+        logits,
+        target,
+        experts,
+        K,
+        E,
+        backend="reference",
+        lambda_coherence=0.3,
+        surrogate="paper",
+        return_terms=True,
+    )
     assert torch.equal(loss, want)
     assert set(crit.last_terms) == set(terms)
     for k in terms:
@@ -46,8 +60,17 @@ def test_deferredseg_loss_module_takes_the_ova_surrogate_and_benefit_gate_target
     K, E = 3, 2
     logits, target, experts = make_inputs(2, K, E, (6, 5))
     crit = DeferredSegLoss(K, E, backend="reference", surrogate="ova", gate_target="benefit")
-    want, terms = deferredseg_loss(logits, target, experts, K, E, backend="reference",
-                                   surrogate="ova", gate_target="benefit", return_terms=True)
+    want, terms = deferredseg_loss(
+        logits,
+        target,
+        experts,
+        K,
+        E,
+        backend="reference",
+        surrogate="ova",
+        gate_target="benefit",
+        return_terms=True,
+    )
     assert torch.equal(crit(logits, target, experts), want)
     default = terms_of(logits, target, experts, K, E)
     assert crit.last_terms["collab"] != default["collab"]
@@ -78,8 +101,12 @@ def test_surrogate_collaboration_matches_collab_term(surrogate, K):
     pred = z.argmax(1) if K >= 2 else (z[:, 0] > 0).long()
     torch.testing.assert_close(crit(r, target, experts, pred), want)
     # reductions agree with each other; "none" is zero at ignored pixels
-    none = SurrogateCollaborationLoss(E, surrogate=surrogate, reduction="none")(r, target, experts, z)
-    total = SurrogateCollaborationLoss(E, surrogate=surrogate, reduction="sum")(r, target, experts, z)
+    none = SurrogateCollaborationLoss(E, surrogate=surrogate, reduction="none")(
+        r, target, experts, z
+    )
+    total = SurrogateCollaborationLoss(E, surrogate=surrogate, reduction="sum")(
+        r, target, experts, z
+    )
     assert none.shape == target.shape
     assert (none[target == -100] == 0).all()
     torch.testing.assert_close(none.sum(), total)
@@ -89,7 +116,7 @@ def test_surrogate_collaboration_matches_collab_term(surrogate, K):
 def test_surrogate_collaboration_none_reduction_gradient_is_per_pixel():
     E = 2
     logits, target, experts = make_inputs(1, 1, E, (4, 4), dtype=torch.float64)
-    r = logits[:, 1:1 + E + 1].clone().requires_grad_(True)
+    r = logits[:, 1 : 1 + E + 1].clone().requires_grad_(True)
     z = logits[:, :1]
     none = SurrogateCollaborationLoss(E, reduction="none")(r, target, experts, z)
     w = torch.rand_like(none)
@@ -98,7 +125,9 @@ def test_surrogate_collaboration_none_reduction_gradient_is_per_pixel():
     for idx in [(0, 0), (1, 2), (3, 3)]:
         one = SurrogateCollaborationLoss(E, reduction="none")(r, target, experts, z)[(0,) + idx]
         (gp,) = torch.autograd.grad(one, r)
-        torch.testing.assert_close(g[(0, slice(None)) + idx], w[(0,) + idx] * gp[(0, slice(None)) + idx])
+        torch.testing.assert_close(
+            g[(0, slice(None)) + idx], w[(0,) + idx] * gp[(0, slice(None)) + idx]
+        )
     ignored = target[0] == -100
     assert (g[0][:, ignored] == 0).all()
 
@@ -109,8 +138,9 @@ def test_spatial_coherence_matches_router_map_term(coherence):
     logits, target, experts = make_inputs(2, K, E, (5, 7), dtype=torch.float64)
     _, r, _ = split_logits(logits, K, E)
     D = torch.softmax(r, dim=1)[:, :E].sum(1)
-    want = terms_of(logits, target, experts, K, E, coherence=coherence,
-                    coherence_maps=("router",))["coherence"]
+    want = terms_of(logits, target, experts, K, E, coherence=coherence, coherence_maps=("router",))[
+        "coherence"
+    ]
     crit = SpatialCoherenceLoss(spatial_dims=2, coherence=coherence)
     torch.testing.assert_close(crit(D, target), want)
     torch.testing.assert_close(crit(D.unsqueeze(1), target.unsqueeze(1)), want)
@@ -139,19 +169,24 @@ def test_load_balancing_matches_balance_term(balance):
     torch.testing.assert_close(crit.last_pbar, t["pbar"])
 
 
-@pytest.mark.parametrize("make,words", [
-    (lambda: DeferredSegLoss(0, 3), ["num_classes", ">= 1", "0"]),
-    (lambda: DeferredSegLoss(1, 3, backend="gpu"), ["backend", "gpu"]),
-    (lambda: DeferredSegLoss(1, 3, coherence="huber"), ["coherence", "huber"]),
-    (lambda: DeferredSegLoss(1, 3, gate_target="oracle"), ["gate_target", "oracle", "benefit"]),
-    (lambda: DeferredSegLoss(1, 3, foo=1), ["foo"]),
-    (lambda: SurrogateCollaborationLoss(3, reduction="max"), ["reduction", "max"]),
-    (lambda: SurrogateCollaborationLoss(3, surrogate="hinge"), ["surrogate", "hinge"]),
-    (lambda: SpatialCoherenceLoss(spatial_dims=4), ["spatial_dims", "4"]),
-    (lambda: LoadBalancingLoss(3, balance="band"), ["balance_low"]),
-    (lambda: LoadBalancingLoss(3, balance="band", balance_low=[0] * 4, balance_high=[1] * 3),
-     ["balance_high", "length 4", "length 3"]),
-])
+@pytest.mark.parametrize(
+    "make,words",
+    [
+        (lambda: DeferredSegLoss(0, 3), ["num_classes", ">= 1", "0"]),
+        (lambda: DeferredSegLoss(1, 3, backend="gpu"), ["backend", "gpu"]),
+        (lambda: DeferredSegLoss(1, 3, coherence="huber"), ["coherence", "huber"]),
+        (lambda: DeferredSegLoss(1, 3, gate_target="oracle"), ["gate_target", "oracle", "benefit"]),
+        (lambda: DeferredSegLoss(1, 3, foo=1), ["foo"]),
+        (lambda: SurrogateCollaborationLoss(3, reduction="max"), ["reduction", "max"]),
+        (lambda: SurrogateCollaborationLoss(3, surrogate="hinge"), ["surrogate", "hinge"]),
+        (lambda: SpatialCoherenceLoss(spatial_dims=4), ["spatial_dims", "4"]),
+        (lambda: LoadBalancingLoss(3, balance="band"), ["balance_low"]),
+        (
+            lambda: LoadBalancingLoss(3, balance="band", balance_low=[0] * 4, balance_high=[1] * 3),
+            ["balance_high", "length 4", "length 3"],
+        ),
+    ],
+)
 def test_bad_arguments_fail_in_init(make, words):
     with pytest.raises((ValueError, TypeError)) as info:
         make()

@@ -60,14 +60,15 @@ def test_the_base_method_is_the_segmentor_alone():
 @pytest.mark.parametrize("name", METHODS)
 def test_every_method_packs_its_output_into_the_packed_logits(name, training):
     K, E, best = 1, 3, 2
-    cfg = TrainConfig(method=name, training=training, features=4, head_channels=4,
-                      image_size=16, num_classes=K)
+    cfg = TrainConfig(
+        method=name, training=training, features=4, head_channels=4, image_size=16, num_classes=K
+    )
     torch.manual_seed(0)
     model = build_model(cfg, 1, E).eval()
     with torch.no_grad():
         logits = packed_logits(cfg, model(torch.randn(2, 1, 16, 16)), E, best)
     assert logits.shape == (2, K + E + 2, 16, 16) and logits.dtype == torch.float32
-    r, gate = logits[:, K:K + E + 1], logits[:, -1]
+    r, gate = logits[:, K : K + E + 1], logits[:, -1]
     if REGISTRY[name].single_expert:  # routing allows the best expert (and the model) only
         others = [j for j in range(E) if j != best]
         assert (r[:, others] <= -1e3).all() and (r[:, best] > -1e3).all()

@@ -63,8 +63,11 @@ def test_count_components():
 
 
 def test_risk_coverage_auc_by_hand():
-    curve = [{"deferral_rate": 0.0, "system_dice": 0.6}, {"deferral_rate": 0.5, "system_dice": 0.8},
-             {"deferral_rate": 1.0, "system_dice": 1.0}]
+    curve = [
+        {"deferral_rate": 0.0, "system_dice": 0.6},
+        {"deferral_rate": 0.5, "system_dice": 0.8},
+        {"deferral_rate": 1.0, "system_dice": 1.0},
+    ]
     assert risk_coverage_auc(curve) == pytest.approx(0.8)
     assert risk_coverage_auc(curve[:1]) != risk_coverage_auc(curve[:1])  # NaN: one point
 

@@ -21,7 +21,9 @@ class TinyNet(nn.Module):
     def __init__(self, dims=2, cin=1, feat=5, num_classes=None, mode="features"):
         super().__init__()
         conv = CONV[dims]
-        self.body = nn.Sequential(conv(cin, 8, 3, padding=1), nn.ReLU(), conv(8, feat, 3, padding=1))
+        self.body = nn.Sequential(
+            conv(cin, 8, 3, padding=1), nn.ReLU(), conv(8, feat, 3, padding=1)
+        )
         self.head = conv(feat, num_classes, 1) if num_classes else None
         self.mode = mode
 
@@ -46,7 +48,9 @@ def make_batch(K, E, shape, seed=0):
 def test_output_shape_and_channel_order(dims, K, E):
     size = {1: (40,), 2: (12, 10), 3: (6, 5, 4)}[dims]
     net = TinyNet(dims, cin=2, feat=5)
-    model = DeferredSegmentor(net, feature_channels=5, num_classes=K, num_experts=E, spatial_dims=dims)
+    model = DeferredSegmentor(
+        net, feature_channels=5, num_classes=K, num_experts=E, spatial_dims=dims
+    )
     x = torch.randn(3, 2, *size)
     out = model(x)
     assert out.shape == (3, K + E + 2) + size and model.out_channels == K + E + 2
@@ -90,11 +94,14 @@ MONAI_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,dims,size,kw", MONAI_CASES, ids=[f"{c[0]}-{c[1]}d" for c in MONAI_CASES])
+@pytest.mark.parametrize(
+    "name,dims,size,kw", MONAI_CASES, ids=[f"{c[0]}-{c[1]}d" for c in MONAI_CASES]
+)
 def test_monai_backbones(name, dims, size, kw):
     K, E, F = 2, 3, 6
-    model = DeferredSegmentor.from_monai(name, num_classes=K, num_experts=E, spatial_dims=dims, in_channels=1,
-                                         features=F, **kw)
+    model = DeferredSegmentor.from_monai(
+        name, num_classes=K, num_experts=E, spatial_dims=dims, in_channels=1, features=F, **kw
+    )
     assert type(model.backbone).__name__ == name
     x = torch.randn(2, 1, *([size] * dims))
     out = model(x)
@@ -106,7 +113,9 @@ def test_monai_backbones(name, dims, size, kw):
 
 
 def test_build_backbone_defaults_and_errors():
-    net = build_backbone("unet", spatial_dims=2, in_channels=3, features=7)  # case-insensitive, UNet defaults
+    net = build_backbone(
+        "unet", spatial_dims=2, in_channels=3, features=7
+    )  # case-insensitive, UNet defaults
     assert net(torch.randn(1, 3, 16, 16)).shape == (1, 7, 16, 16)
     with pytest.raises(ValueError, match="unknown MONAI network 'NoSuchNet'"):
         build_backbone("NoSuchNet")
@@ -124,10 +133,17 @@ def test_keep_backbone_seg_tuple_and_hook():
         out = model(x)
         seg = net(x)[0] if mode == "tuple" else net(x)
         torch.testing.assert_close(out[:, :K], seg)  # the pretrained segmentation is kept as is
-        torch.testing.assert_close(out[:, K:K + E + 1], model.route_head(net.body(x)))
+        torch.testing.assert_close(out[:, K : K + E + 1], model.route_head(net.body(x)))
         _assert_all_heads_get_gradients(model, x, K, E)
-    frozen = DeferredSegmentor(TinyNet(2, feat=5, num_classes=K, mode="seg"), 5, K, E, keep_backbone_seg=True,
-                               feature_layer="body.2", freeze_backbone=True)
+    frozen = DeferredSegmentor(
+        TinyNet(2, feat=5, num_classes=K, mode="seg"),
+        5,
+        K,
+        E,
+        keep_backbone_seg=True,
+        feature_layer="body.2",
+        freeze_backbone=True,
+    )
     frozen.train()
     assert not frozen.backbone.training
     _assert_all_heads_get_gradients(frozen, x, K, E, frozen=("backbone.",))
@@ -152,7 +168,14 @@ def test_wrapper_errors():
     with pytest.raises(ValueError, match="feature_layer"):
         DeferredSegmentor(TinyNet(), 5, 1, 2, feature_layer="body")
     with pytest.raises(ValueError, match="not a submodule"):
-        DeferredSegmentor(TinyNet(num_classes=1, mode="seg"), 5, 1, 2, keep_backbone_seg=True, feature_layer="nope")
+        DeferredSegmentor(
+            TinyNet(num_classes=1, mode="seg"),
+            5,
+            1,
+            2,
+            keep_backbone_seg=True,
+            feature_layer="nope",
+        )
     model = DeferredSegmentor(TinyNet(feat=5), 4, 1, 2)  # wrong feature_channels
     with pytest.raises(ValueError, match=r"\(B=1, 4, \*S\)"):
         model(torch.randn(1, 1, 8, 8))
@@ -171,7 +194,15 @@ def test_predict_matches_route_and_restores_mode():
     res = model.predict(x, threshold=0.3, mode="router", expert_labels=experts, backend="reference")
     assert model.training
     with torch.no_grad():
-        ref = route(model.eval()(x), K, E, threshold=0.3, mode="router", expert_labels=experts, backend="reference")
+        ref = route(
+            model.eval()(x),
+            K,
+            E,
+            threshold=0.3,
+            mode="router",
+            expert_labels=experts,
+            backend="reference",
+        )
     for a, b in zip(res, ref):
         assert torch.equal(a, b)
     assert res.assignment.dtype == torch.int8 and res.final.shape == (2, 9, 11)
@@ -179,8 +210,15 @@ def test_predict_matches_route_and_restores_mode():
 
 def test_checkpoint_round_trip(tmp_path):
     K, E = 2, 3
-    model = DeferredSegmentor.from_monai("UNet", num_classes=K, num_experts=E, features=4,
-                                         channels=(4, 8), strides=(2,), num_res_units=1)
+    model = DeferredSegmentor.from_monai(
+        "UNet",
+        num_classes=K,
+        num_experts=E,
+        features=4,
+        channels=(4, 8),
+        strides=(2,),
+        num_res_units=1,
+    )
     x = torch.randn(2, 1, 16, 16)
     _assert_all_heads_get_gradients(model, x, K, E)  # then move every weight a little
     with torch.no_grad():
@@ -188,8 +226,15 @@ def test_checkpoint_round_trip(tmp_path):
             p.add_(0.01 * p.grad.sign())
     path = tmp_path / "model.pt"
     torch.save(model.state_dict(), path)
-    clone = DeferredSegmentor.from_monai("UNet", num_classes=K, num_experts=E, features=4,
-                                         channels=(4, 8), strides=(2,), num_res_units=1)
+    clone = DeferredSegmentor.from_monai(
+        "UNet",
+        num_classes=K,
+        num_experts=E,
+        features=4,
+        channels=(4, 8),
+        strides=(2,),
+        num_res_units=1,
+    )
     clone.load_state_dict(torch.load(path, weights_only=True))
     model.eval(), clone.eval()
     with torch.no_grad():
@@ -202,11 +247,25 @@ import importlib.util  # noqa: E402
 
 from deferredseg.models import sam as sam_mod  # noqa: E402
 
-requires_sam = pytest.mark.skipif(importlib.util.find_spec("segment_anything") is None,
-                                  reason="segment-anything is not installed (pip install 'deferredseg[sam]')")
-TINY_SAM = dict(image_size=64, patch_size=16, prompt_embed_dim=32, window_size=2, encoder_embed_dim=32,
-                encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(1,), decoder_depth=1,
-                decoder_num_heads=2, decoder_mlp_dim=64, iou_head_hidden_dim=32, mask_in_chans=4)
+requires_sam = pytest.mark.skipif(
+    importlib.util.find_spec("segment_anything") is None,
+    reason="segment-anything is not installed (pip install 'deferredseg[sam]')",
+)
+TINY_SAM = dict(
+    image_size=64,
+    patch_size=16,
+    prompt_embed_dim=32,
+    window_size=2,
+    encoder_embed_dim=32,
+    encoder_depth=2,
+    encoder_num_heads=2,
+    encoder_global_attn_indexes=(1,),
+    decoder_depth=1,
+    decoder_num_heads=2,
+    decoder_mlp_dim=64,
+    iou_head_hidden_dim=32,
+    mask_in_chans=4,
+)
 
 
 @pytest.fixture(scope="module")
@@ -234,12 +293,20 @@ def test_boxes_from_labels():
     t[0, 4:9, 10:21] = 1
     t[1, 0:3, 0:2] = 2
     boxes = sam_mod.boxes_from_labels(t)
-    assert boxes.tolist() == [[10, 4, 20, 8], [0, 0, 1, 2], [0, 0, 29, 19]]  # empty label: the whole image
+    assert boxes.tolist() == [
+        [10, 4, 20, 8],
+        [0, 0, 1, 2],
+        [0, 0, 29, 19],
+    ]  # empty label: the whole image
     g = torch.Generator().manual_seed(0)
     for _ in range(20):
         s = sam_mod.boxes_from_labels(t[:1].expand(50, -1, -1), shift=3, generator=g)
-        assert (s[:, :2] <= torch.tensor([10.0, 4.0])).all() and (s[:, :2] >= torch.tensor([7.0, 1.0])).all()
-        assert (s[:, 2:] >= torch.tensor([20.0, 8.0])).all() and (s[:, 2:] <= torch.tensor([23.0, 11.0])).all()
+        assert (s[:, :2] <= torch.tensor([10.0, 4.0])).all() and (
+            s[:, :2] >= torch.tensor([7.0, 1.0])
+        ).all()
+        assert (s[:, 2:] >= torch.tensor([20.0, 8.0])).all() and (
+            s[:, 2:] <= torch.tensor([23.0, 11.0])
+        ).all()
     assert len(set(map(tuple, s.tolist()))) > 1
 
 
@@ -256,13 +323,23 @@ def test_sam_end_to_end_only_decoder_and_heads_train(tiny_sam_state):
     loss = deferredseg_loss(out, target, experts, num_classes=1, num_experts=E, backend="reference")
     loss.backward()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(n.startswith(("sam.mask_decoder.", "route_tokens", "route_mlps", "gate_head"))
-                             for n in trainable)
+    assert trainable and all(
+        n.startswith(("sam.mask_decoder.", "route_tokens", "route_mlps", "gate_head"))
+        for n in trainable
+    )
     for n, p in model.named_parameters():
         if n.startswith(("sam.image_encoder.", "sam.prompt_encoder.")):
             assert not p.requires_grad and p.grad is None, n
-        if n.startswith(("route_tokens", "route_mlps", "gate_head", "sam.mask_decoder.output_upscaling",
-                         "sam.mask_decoder.transformer", "sam.mask_decoder.output_hypernetworks_mlps.0")):
+        if n.startswith(
+            (
+                "route_tokens",
+                "route_mlps",
+                "gate_head",
+                "sam.mask_decoder.output_upscaling",
+                "sam.mask_decoder.transformer",
+                "sam.mask_decoder.output_hypernetworks_mlps.0",
+            )
+        ):
             assert p.grad is not None and p.grad.abs().sum() > 0, n
     assert not model.sam.image_encoder.training
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
@@ -270,7 +347,9 @@ def test_sam_end_to_end_only_decoder_and_heads_train(tiny_sam_state):
     opt.step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and changed <= trainable
-    res = model.predict(x, boxes=sam_mod.boxes_from_labels(target), expert_labels=experts, backend="reference")
+    res = model.predict(
+        x, boxes=sam_mod.boxes_from_labels(target), expert_labels=experts, backend="reference"
+    )
     assert res.assignment.shape == (2, 48, 48) and res.final.shape == (2, 48, 48)
     with pytest.raises(ValueError, match="num_classes must be 1"):
         sam_mod.SamDeferredSegmentor(tiny_sam(tiny_sam_state), num_experts=E, num_classes=2)
@@ -283,7 +362,9 @@ def test_sam_checkpoint_loading_and_round_trip(tmp_path, tiny_sam_state):
     path = tmp_path / "medsam_tiny.pth"
     torch.save(wrapped, path)
     torch.manual_seed(1)
-    model = sam_mod.SamDeferredSegmentor.from_checkpoint(path, num_experts=2, variant=None, sam_kwargs=TINY_SAM)
+    model = sam_mod.SamDeferredSegmentor.from_checkpoint(
+        path, num_experts=2, variant=None, sam_kwargs=TINY_SAM
+    )
     for k, v in model.sam.state_dict().items():
         assert torch.equal(v, tiny_sam_state[k]), k
     # The whole DeferredSeg model round-trips through weights_only loading.

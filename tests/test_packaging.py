@@ -62,17 +62,34 @@ def test_release_metadata():
 @pytest.fixture(scope="module")
 def sdist(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    proc = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--sdist",
-                           "--outdir", str(out), str(ROOT)], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "build",
+            "--no-isolation",
+            "--sdist",
+            "--outdir",
+            str(out),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (path,) = out.glob("deferredseg-*.tar.gz")
     return path
 
 
 def _check(*args):
-    return subprocess.run([sys.executable, str(CHECK_DIST), *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(CHECK_DIST), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.slow
@@ -82,8 +99,15 @@ def test_sdist_holds_every_build_file(sdist):
     with tarfile.open(sdist) as tar:
         names = {m.name.split("/", 1)[1] for m in tar.getmembers() if "/" in m.name}
     # The headers the CPU kernels include, which an earlier sdist lacked.
-    assert {"csrc/dispatch.h", "csrc/common.h", "csrc/loss_pixel.h", "csrc/route_pixel.h",
-            "csrc/cuda/cuda_compat.h", "README.md", "LICENSE"} <= names
+    assert {
+        "csrc/dispatch.h",
+        "csrc/common.h",
+        "csrc/loss_pixel.h",
+        "csrc/route_pixel.h",
+        "csrc/cuda/cuda_compat.h",
+        "README.md",
+        "LICENSE",
+    } <= names
     assert "tests/conftest.py" in names, "the test suite comes whole"
     assert not any(n.endswith((".so", ".pyc", ".o")) for n in names), "build products"
 

@@ -15,8 +15,17 @@ from deferredseg.train.loop import train
 
 
 def _train(out, **kw):
-    cfg = TrainConfig(out=str(out), epochs=1, num_images=8, features=4, batch_size=4,
-                      backend="reference", progress=False, device="cpu", **kw)
+    cfg = TrainConfig(
+        out=str(out),
+        epochs=1,
+        num_images=8,
+        features=4,
+        batch_size=4,
+        backend="reference",
+        progress=False,
+        device="cpu",
+        **kw,
+    )
     train(cfg)
     return out / "best.pt"
 
@@ -45,10 +54,10 @@ def _synthetic(size, seed):
 
 def test_tasks_are_regions_per_expert_with_min_size_and_merge_distance():
     a = np.full((12, 12), -1, dtype=np.int8)
-    a[1:3, 1:3] = 0          # 4 pixels, expert 0
-    a[1:3, 5:7] = 0          # 4 pixels, 2 columns away from the first
-    a[8, 8] = 0              # a single speck
-    a[8:11, 1:4] = 1         # 9 pixels, expert 1
+    a[1:3, 1:3] = 0  # 4 pixels, expert 0
+    a[1:3, 5:7] = 0  # 4 pixels, 2 columns away from the first
+    a[8, 8] = 0  # a single speck
+    a[8:11, 1:4] = 1  # 9 pixels, expert 1
     regions, tasks, dropped = extract_tasks(a, 2, min_size=2, merge_distance=0)
     assert [(t.expert, t.area) for t in tasks] == [(0, 4), (0, 4), (1, 9)]
     assert dropped == 1 and regions[8, 8] == 0
@@ -112,8 +121,23 @@ def test_predict_cli_exit_code_says_there_were_failures(ck2d, tmp_path):
     images.mkdir()
     np.save(images / "good.npy", _synthetic((32, 32), 3)[0].astype(np.float32))
     (images / "bad.npy").write_bytes(b"\x93NUMPY garbage")
-    assert main(["predict", "--checkpoint", str(ck2d), "--images", str(images), "--out",
-                 str(tmp_path / "out"), "--no-progress", "--threshold", "0.5"]) == 1
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(ck2d),
+                "--images",
+                str(images),
+                "--out",
+                str(tmp_path / "out"),
+                "--no-progress",
+                "--threshold",
+                "0.5",
+            ]
+        )
+        == 1
+    )
     assert (tmp_path / "out" / "model" / "good.npy").is_file()
     assert main(["merge", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "final" / "good.npy").is_file()
@@ -144,7 +168,9 @@ def test_predict_nifti_3d_keeps_affine_and_spacing(ck3d, tmp_path):
     final = nib.load(out / "final" / "vol.nii.gz")
     np.testing.assert_allclose(final.affine, affine)
     # no answers yet: the final mask is the model's
-    np.testing.assert_array_equal(np.asarray(final.dataobj), np.asarray(nib.load(out / "model" / "vol.nii.gz").dataobj))
+    np.testing.assert_array_equal(
+        np.asarray(final.dataobj), np.asarray(nib.load(out / "model" / "vol.nii.gz").dataobj)
+    )
     # the review server serves 3D crops and takes a 3D edit; the merged NIfTI keeps the affine
     import base64
 
@@ -159,9 +185,16 @@ def test_predict_nifti_3d_keeps_affine_and_spacing(ck3d, tmp_path):
     shape = meta["crop_shape"]
     assert len(shape) == 3
     n = int(np.prod(shape))
-    assert len(client.get(f"/api/experts/{task['expert']}/tasks/{task['id']}/data").content) == 6 * n
-    r = client.post(f"/api/experts/{task['expert']}/tasks/{task['id']}/answer",
-                    json={"action": "edited", "mask": base64.b64encode(np.ones(n, np.uint8).tobytes()).decode()})
+    assert (
+        len(client.get(f"/api/experts/{task['expert']}/tasks/{task['id']}/data").content) == 6 * n
+    )
+    r = client.post(
+        f"/api/experts/{task['expert']}/tasks/{task['id']}/answer",
+        json={
+            "action": "edited",
+            "mask": base64.b64encode(np.ones(n, np.uint8).tobytes()).decode(),
+        },
+    )
     assert r.status_code == 200, r.text
     final = nib.load(out / "final" / "vol.nii.gz")
     np.testing.assert_allclose(final.affine, affine)
@@ -183,9 +216,14 @@ def test_large_image_goes_through_sliding_windows(ck2d, tmp_path):
     out2 = tmp_path / "out2"
     predict(ck2d, images, out2, threshold=0.5, progress=False, inference="window", overlap=0.5)
     for kind in ("model", "assignment"):
-        np.testing.assert_array_equal(np.load(out / kind / "same.npy"), np.load(out2 / kind / "same.npy"))
-    np.testing.assert_allclose(np.load(out / "defer_prob" / "same.npy"),
-                               np.load(out2 / "defer_prob" / "same.npy"), atol=1e-5)
+        np.testing.assert_array_equal(
+            np.load(out / kind / "same.npy"), np.load(out2 / kind / "same.npy")
+        )
+    np.testing.assert_allclose(
+        np.load(out / "defer_prob" / "same.npy"),
+        np.load(out2 / "defer_prob" / "same.npy"),
+        atol=1e-5,
+    )
 
 
 def test_sliding_window_equals_direct_pass_for_a_pointwise_model():
@@ -232,27 +270,35 @@ def test_merge_equals_a_hand_computed_fusion(tmp_path):
     db = ReviewDB(out)
     db.ensure_experts(["a", "b"])
     db.set_meta({"num_labels": 2, "spatial_dims": 2})
-    model = np.array([[0, 0, 1, 1, 0, 0],
-                      [0, 0, 1, 1, 0, 0],
-                      [0, 0, 0, 0, 0, 0],
-                      [1, 1, 0, 0, 0, 0],
-                      [1, 1, 0, 0, 1, 1],
-                      [0, 0, 0, 0, 1, 1]], np.uint8)
+    model = np.array(
+        [
+            [0, 0, 1, 1, 0, 0],
+            [0, 0, 1, 1, 0, 0],
+            [0, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 0, 0, 1, 1],
+            [0, 0, 0, 0, 1, 1],
+        ],
+        np.uint8,
+    )
     regions = np.zeros((6, 6), np.int32)
-    regions[0:2, 0:2] = 1   # expert a, edited
-    regions[3:5, 0:2] = 2   # expert b, accepted
-    regions[4:6, 4:6] = 3   # expert a, unanswered
-    regions[4, 4] = 0       # not part of the region although inside its bbox
+    regions[0:2, 0:2] = 1  # expert a, edited
+    regions[3:5, 0:2] = 2  # expert b, accepted
+    regions[4:6, 4:6] = 3  # expert a, unanswered
+    regions[4, 4] = 0  # not part of the region although inside its bbox
     meta = InputMeta(ext=".npy")
     write_like(out / "model" / "img", model, meta)
     (out / "regions").mkdir()
     np.save(out / "regions" / "img.npy", regions)
-    tasks = [Task(0, 1, ((0, 2), (0, 2)), 4), Task(1, 2, ((3, 5), (0, 2)), 4),
-             Task(0, 3, ((4, 6), (4, 6)), 3)]
+    tasks = [
+        Task(0, 1, ((0, 2), (0, 2)), 4),
+        Task(1, 2, ((3, 5), (0, 2)), 4),
+        Task(0, 3, ((4, 6), (4, 6)), 3),
+    ]
     ids = db.add_image("img", str(tmp_path / "img.npy"), ".npy", "0:0", (6, 6), 36, 11, 0, tasks)
     edit = np.array([[1, 0], [1, 1]], np.uint8)
     db.add_answer(ids[0], 0, "edited", np.array([[0, 0], [0, 0]], np.uint8))
-    db.add_answer(ids[0], 0, "edited", edit)   # an edit of an edit: the latest counts
+    db.add_answer(ids[0], 0, "edited", edit)  # an edit of an edit: the latest counts
     db.add_answer(ids[1], 1, "accepted")
     rep = merge(out, db)
     expected = model.copy()
@@ -271,8 +317,18 @@ def test_merge_equals_a_hand_computed_fusion(tmp_path):
     assert (by["b"]["tasks"], by["b"]["done"], by["b"]["accepted"]) == (1, 1, 1)
     assert (out / "report.md").read_text().count("|") > 10
     # the region's pixels only: (4, 4) lies in task 3's bbox but not in its region
-    fused = fuse(model, regions, [{"region": 3, "bbox": [[4, 6], [4, 6]], "action": "edited",
-                                   "mask": np.zeros((2, 2), np.uint8)}])
+    fused = fuse(
+        model,
+        regions,
+        [
+            {
+                "region": 3,
+                "bbox": [[4, 6], [4, 6]],
+                "action": "edited",
+                "mask": np.zeros((2, 2), np.uint8),
+            }
+        ],
+    )
     assert fused[4, 4] == 1 and fused[5, 5] == 0 and fused[4, 5] == 0
 
 
@@ -286,7 +342,12 @@ def test_routing_comes_from_the_checkpoint_unless_overridden():
     assert resolve_routing({}, cfg)["source"] == "training configuration"
     ck = {"routing": {"threshold": 0.7, "mode": "router", "budget": 0.1, "not_a_route_option": 1}}
     r = resolve_routing(ck, cfg)
-    assert (r["threshold"], r["mode"], r["source"], r["budget"]) == (0.7, "router", "checkpoint", 0.1)
+    assert (r["threshold"], r["mode"], r["source"], r["budget"]) == (
+        0.7,
+        "router",
+        "checkpoint",
+        0.1,
+    )
     assert "not_a_route_option" not in r  # only keywords that route() takes are passed on
     assert resolve_routing({"threshold": 0.66}, cfg)["threshold"] == 0.66
     assert resolve_routing(ck, cfg, threshold=0.2)["threshold"] == 0.2
@@ -295,8 +356,10 @@ def test_routing_comes_from_the_checkpoint_unless_overridden():
     assert resolve_routing(ck, TrainConfig(method="model-only"))["threshold"] == 1.0
     with pytest.raises(ValueError, match="threshold must be in"):
         resolve_routing({}, cfg, threshold=1.5)
-    assert _jsonable({"t": 0.5, "c": torch.tensor([1.0, 2.0]), "big": torch.zeros(100)}) == \
-        {"t": 0.5, "c": [1.0, 2.0]}
+    assert _jsonable({"t": 0.5, "c": torch.tensor([1.0, 2.0]), "big": torch.zeros(100)}) == {
+        "t": 0.5,
+        "c": [1.0, 2.0],
+    }
 
 
 def test_help_of_the_review_commands(capsys):

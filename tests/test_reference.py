@@ -13,8 +13,9 @@ LN2 = math.log(2.0)
 
 
 def ref(logits, target, experts, K, E, **kw):
-    return deferredseg_loss(logits, target, experts, K, E, backend="reference",
-                            return_terms=True, **kw)
+    return deferredseg_loss(
+        logits, target, experts, K, E, backend="reference", return_terms=True, **kw
+    )
 
 
 # --------------------------------------------------------------------------- by hand
@@ -27,7 +28,9 @@ def test_single_pixel_all_zero_logits_by_hand():
     # gate = softplus(0) - 0 + 0.5 * (1/2 - 1/2)^2 + 0.1 * 1/2 = ln2 + 0.05.
     # One pixel: no neighbour pairs, coherence 0; E = 1: balance 0.
     logits = torch.zeros(1, 4, 1, dtype=torch.float64)
-    loss, t = ref(logits, torch.ones(1, 1, dtype=torch.long), torch.ones(1, 1, 1, dtype=torch.long), 1, 1)
+    loss, t = ref(
+        logits, torch.ones(1, 1, dtype=torch.long), torch.ones(1, 1, 1, dtype=torch.long), 1, 1
+    )
     assert t["seg"].item() == pytest.approx(LN2)
     assert t["collab"].item() == pytest.approx(LN2)
     assert t["gate"].item() == pytest.approx(LN2 + 0.05)
@@ -64,17 +67,27 @@ def test_cv2_balance_by_hand():
     # E=2, loads P = (pbar_0, pbar_1). cv2 = 2 (P0^2 + P1^2) / (P0 + P1)^2 - 1.
     K, E = 1, 2
     logits = torch.zeros(1, K + E + 2, 1, dtype=torch.float64)
-    logits[0, K:K + 3, 0] = torch.log(torch.tensor([0.6, 0.2, 0.2], dtype=torch.float64))
-    _, t = ref(logits, torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 2, 1, dtype=torch.long), K, E)
+    logits[0, K : K + 3, 0] = torch.log(torch.tensor([0.6, 0.2, 0.2], dtype=torch.float64))
+    _, t = ref(
+        logits, torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 2, 1, dtype=torch.long), K, E
+    )
     assert t["balance"].item() == pytest.approx(2 * (0.36 + 0.04) / 0.64 - 1)
 
 
 def test_band_balance_by_hand():
     K, E = 1, 2
     logits = torch.zeros(1, K + E + 2, 1, dtype=torch.float64)
-    logits[0, K:K + 3, 0] = torch.log(torch.tensor([0.6, 0.1, 0.3], dtype=torch.float64))
-    _, t = ref(logits, torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 2, 1, dtype=torch.long), K, E,
-               balance="band", balance_low=[0.2, 0.2, 0.0], balance_high=[0.5, 0.4, 1.0])
+    logits[0, K : K + 3, 0] = torch.log(torch.tensor([0.6, 0.1, 0.3], dtype=torch.float64))
+    _, t = ref(
+        logits,
+        torch.zeros(1, 1, dtype=torch.long),
+        torch.zeros(1, 2, 1, dtype=torch.long),
+        K,
+        E,
+        balance="band",
+        balance_low=[0.2, 0.2, 0.0],
+        balance_high=[0.5, 0.4, 1.0],
+    )
     # 0.6 > 0.5 by 0.1; 0.1 < 0.2 by 0.1; 0.3 inside its band.
     assert t["balance"].item() == pytest.approx(0.2)
 
@@ -83,8 +96,14 @@ def test_paper_surrogate_by_hand():
     K, E = 1, 1
     logits = torch.zeros(1, K + E + 2, 1, dtype=torch.float64)
     logits[0, 0, 0] = 1.0  # model predicts 1, target 1: c0 = 1
-    _, t = ref(logits, torch.ones(1, 1, dtype=torch.long), torch.zeros(1, 1, 1, dtype=torch.long), K, E,
-               surrogate="paper")
+    _, t = ref(
+        logits,
+        torch.ones(1, 1, dtype=torch.long),
+        torch.zeros(1, 1, 1, dtype=torch.long),
+        K,
+        E,
+        surrogate="paper",
+    )
     # expert wrong: + (1 - 0) log(1/2 + eps); model right: - log(1/2 + eps)
     eps = 1e-8
     assert t["collab"].item() == pytest.approx(-math.log(0.5 + eps) + math.log(0.5 + eps))
@@ -97,19 +116,29 @@ def test_ova_surrogate_by_hand():
     K, E = 1, 2
     logits = torch.zeros(1, K + E + 2, 1, dtype=torch.float64)
     logits[0, 0, 0] = 1.0
-    logits[0, K:K + E + 1, 0] = torch.tensor([0.0, math.log(3.0), -1.0], dtype=torch.float64)
+    logits[0, K : K + E + 1, 0] = torch.tensor([0.0, math.log(3.0), -1.0], dtype=torch.float64)
     logits.requires_grad_(True)
     target = torch.ones(1, 1, dtype=torch.long)
     experts = torch.tensor([[[1], [0]]])
-    loss, t = ref(logits, target, experts, K, E, surrogate="ova", lambda_seg=0.0,
-                  lambda_gate=0.0, lambda_coherence=0.0, lambda_balance=0.0)
+    loss, t = ref(
+        logits,
+        target,
+        experts,
+        K,
+        E,
+        surrogate="ova",
+        lambda_seg=0.0,
+        lambda_gate=0.0,
+        lambda_coherence=0.0,
+        lambda_balance=0.0,
+    )
     want = LN2 + 2 * LN2 + math.log1p(math.exp(-1.0)) + 1.0
     assert t["collab"].item() == pytest.approx(want)
     assert loss.item() == pytest.approx(want)
     # d/dr_k = sigmoid(r_k) - c_k: (1/2 - 1, 3/4 - 0, sigmoid(-1) - 1); nothing reaches z or a.
     (g,) = torch.autograd.grad(loss, logits)
     sig = 1.0 / (1.0 + math.exp(1.0))
-    assert g[0, K:K + E + 1, 0].tolist() == pytest.approx([-0.5, 0.75, sig - 1.0])
+    assert g[0, K : K + E + 1, 0].tolist() == pytest.approx([-0.5, 0.75, sig - 1.0])
     assert g[0, 0, 0].item() == 0.0 and g[0, -1, 0].item() == 0.0
     # The other terms still use pi = softmax(r): the same D, pbar and gate as "softmax".
     _, ts = ref(logits.detach(), target, experts, K, E)
@@ -128,14 +157,20 @@ def test_benefit_gate_target_by_hand():
     logits = torch.zeros(1, K + E + 2, 3, dtype=torch.float64)
     logits[0, 0] = torch.tensor([0.0, 0.0, 1.0])  # z = (0, 1) at p0, p1: predicts 1
     logits[0, 1] = torch.tensor([1.0, 1.0, 0.0])  # z = (1, 0) at p2: predicts 0
-    logits[0, K:K + E + 1] = torch.tensor([[2.0, 0.0, 3.0], [1.0, 0.0, 0.0], [0.0, 5.0, 0.0]])
+    logits[0, K : K + E + 1] = torch.tensor([[2.0, 0.0, 3.0], [1.0, 0.0, 0.0], [0.0, 5.0, 0.0]])
     a = torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64)
     logits[0, -1] = a
     logits.requires_grad_(True)
     target = torch.tensor([[0, 0, 0]])
     experts = torch.tensor([[[0, 1, 1], [1, 0, 1]]])
-    kw = dict(gate_mse=0.0, gate_sparsity=0.0, lambda_seg=0.0, lambda_collab=0.0,
-              lambda_coherence=0.0, lambda_balance=0.0)
+    kw = dict(
+        gate_mse=0.0,
+        gate_sparsity=0.0,
+        lambda_seg=0.0,
+        lambda_collab=0.0,
+        lambda_coherence=0.0,
+        lambda_balance=0.0,
+    )
     t_benefit = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
     t_router = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
     for name, tgt in (("benefit", t_benefit), ("router", t_router)):
@@ -145,8 +180,16 @@ def test_benefit_gate_target_by_hand():
         (g,) = torch.autograd.grad(loss, logits)
         assert g[0, -1].tolist() == pytest.approx(((torch.sigmoid(a) - tgt) / 3).tolist()), name
     # The target is a constant: with the mse term on, still no gradient reaches z or r.
-    loss = deferredseg_loss(logits, target, experts, K, E, backend="reference",
-                            gate_target="benefit", **dict(kw, gate_mse=0.5, gate_sparsity=0.1))
+    loss = deferredseg_loss(
+        logits,
+        target,
+        experts,
+        K,
+        E,
+        backend="reference",
+        gate_target="benefit",
+        **dict(kw, gate_mse=0.5, gate_sparsity=0.1),
+    )
     (g,) = torch.autograd.grad(loss, logits)
     assert torch.count_nonzero(g[0, :-1]).item() == 0
 
@@ -156,7 +199,9 @@ def test_class_weight_by_hand():
     logits = torch.zeros(1, K + E + 2, 2, dtype=torch.float64)
     logits[0, 0, 0] = 1.0  # pixel 0: z = (1, 0), target 0; pixel 1: z = (0, 0), target 1
     target = torch.tensor([[0, 1]])
-    _, t = ref(logits, target, torch.zeros(1, 1, 2, dtype=torch.long), K, E, class_weight=[1.0, 3.0])
+    _, t = ref(
+        logits, target, torch.zeros(1, 1, 2, dtype=torch.long), K, E, class_weight=[1.0, 3.0]
+    )
     l0 = -(1 - math.log(math.e + 1))
     l1 = LN2
     assert t["seg"].item() == pytest.approx((1 * l0 + 3 * l1) / 4)
@@ -167,8 +212,15 @@ def test_l2_coherence_and_gate_map_by_hand():
     logits = torch.zeros(1, K + E + 2, 3, dtype=torch.float64)
     logits[0, K + E + 1] = torch.tensor([0.0, math.log(3.0), 0.0])  # s = (1/2, 3/4, 1/2)
     target = torch.tensor([[0, 0, 0]])
-    _, t = ref(logits, target, torch.zeros(1, 1, 3, dtype=torch.long), K, E,
-               coherence="l2", coherence_maps=("gate",))
+    _, t = ref(
+        logits,
+        target,
+        torch.zeros(1, 1, 3, dtype=torch.long),
+        K,
+        E,
+        coherence="l2",
+        coherence_maps=("gate",),
+    )
     assert t["coherence"].item() == pytest.approx(((0.25) ** 2 + (0.25) ** 2) / 2)
 
 
@@ -177,8 +229,9 @@ def test_coherence_only_counts_pairs_of_valid_pixels():
     logits = torch.zeros(1, K + E + 2, 3, dtype=torch.float64)
     logits[0, K + E + 1] = torch.tensor([0.0, math.log(3.0), 5.0])
     target = torch.tensor([[0, 0, -100]])  # pixel 2 ignored: only the pair (0, 1) counts
-    _, t = ref(logits, target, torch.zeros(1, 1, 3, dtype=torch.long), K, E,
-               coherence_maps=("gate",))
+    _, t = ref(
+        logits, target, torch.zeros(1, 1, 3, dtype=torch.long), K, E, coherence_maps=("gate",)
+    )
     assert t["coherence"].item() == pytest.approx(0.25)
 
 
@@ -201,22 +254,33 @@ def test_matches_scalar_oracle_over_options(opts, K):
 def test_matches_scalar_oracle_shapes_and_weights(spatial, K, E):
     logits, target, experts = make_inputs(2, K, E, spatial, dtype=torch.float64)
     cw = [0.5 + i for i in range(max(K, 2))]
-    kw = dict(class_weight=cw, lambda_seg=0.7, lambda_collab=1.3, lambda_gate=0.4,
-              lambda_coherence=0.9, lambda_balance=2.0, gate_mse=0.3, gate_sparsity=0.2)
+    kw = dict(
+        class_weight=cw,
+        lambda_seg=0.7,
+        lambda_collab=1.3,
+        lambda_gate=0.4,
+        lambda_coherence=0.9,
+        lambda_balance=2.0,
+        gate_mse=0.3,
+        gate_sparsity=0.2,
+    )
     loss, t = ref(logits, target, experts, K, E, **kw)
     want = naive_loss(logits, target, experts, K, E, **kw)
     assert loss.item() == pytest.approx(want["loss"], rel=1e-9)
 
 
-@pytest.mark.parametrize("label_dtype,ignore", [(torch.uint8, 255), (torch.int32, -1),
-                                                (torch.int64, -100)])
+@pytest.mark.parametrize(
+    "label_dtype,ignore", [(torch.uint8, 255), (torch.int32, -1), (torch.int64, -100)]
+)
 def test_label_dtypes_and_singleton_channel_target(label_dtype, ignore):
     K, E = 3, 2
-    logits, target, experts = make_inputs(2, K, E, (4, 5), dtype=torch.float64,
-                                          label_dtype=label_dtype, ignore_index=ignore)
+    logits, target, experts = make_inputs(
+        2, K, E, (4, 5), dtype=torch.float64, label_dtype=label_dtype, ignore_index=ignore
+    )
     loss = deferredseg_loss(logits, target, experts, K, E, backend="reference", ignore_index=ignore)
-    loss1 = deferredseg_loss(logits, target.unsqueeze(1), experts, K, E, backend="reference",
-                             ignore_index=ignore)
+    loss1 = deferredseg_loss(
+        logits, target.unsqueeze(1), experts, K, E, backend="reference", ignore_index=ignore
+    )
     want = naive_loss(logits, target.long(), experts.long(), K, E, ignore_index=ignore)
     assert loss.item() == pytest.approx(want["loss"], rel=1e-9)
     assert loss1.item() == loss.item()
@@ -228,8 +292,16 @@ def test_all_pixels_ignored_gives_zero_loss_and_zero_gradient():
     logits.requires_grad_(True)
     target = torch.full((2, 4, 4), -100)
     for balance in ("cv2", "band"):
-        loss, t = ref(logits, target, experts, K, E, balance=balance,
-                      balance_low=[0.3] * 4, balance_high=[0.5] * 4)
+        loss, t = ref(
+            logits,
+            target,
+            experts,
+            K,
+            E,
+            balance=balance,
+            balance_low=[0.3] * 4,
+            balance_high=[0.5] * 4,
+        )
         assert loss.item() == 0.0
         assert all(v.abs().sum().item() == 0.0 for k, v in t.items() if k != "pbar")
         (g,) = torch.autograd.grad(loss, logits)
@@ -265,16 +337,32 @@ def _separated_inputs(K, E, spatial, seed):
 def test_gradcheck_over_options(opts):
     K, E = 3, 2
     logits, target, experts = _separated_inputs(K, E, (3, 4), seed=1)
-    f = lambda x: deferredseg_loss(x, target, experts, K, E, backend="reference",  # noqa: E731
-                                   class_weight=[1.0, 2.0, 0.5], gate_mse=0.0, **opts)
+    f = lambda x: deferredseg_loss(
+        x,
+        target,
+        experts,
+        K,
+        E,
+        backend="reference",  # noqa: E731
+        class_weight=[1.0, 2.0, 0.5],
+        gate_mse=0.0,
+        **opts,
+    )
     assert torch.autograd.gradcheck(f, (logits,), eps=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("K,E,spatial", [(1, 1, (7,)), (1, 3, (3, 4)), (4, 1, (2, 2, 3))])
 def test_gradcheck_shapes(K, E, spatial):
     logits, target, experts = _separated_inputs(K, E, spatial, seed=2)
-    f = lambda x: deferredseg_loss(x, target, experts, K, E, backend="reference",  # noqa: E731
-                                   gate_mse=0.0)
+    f = lambda x: deferredseg_loss(
+        x,
+        target,
+        experts,
+        K,
+        E,
+        backend="reference",  # noqa: E731
+        gate_mse=0.0,
+    )
     assert torch.autograd.gradcheck(f, (logits,), eps=1e-6, atol=1e-6)
 
 
@@ -285,8 +373,9 @@ def test_gradcheck_gate_mse_through_gate_logit():
     gate = logits[:, -1:].detach().clone().requires_grad_(True)
 
     def f(a):
-        return deferredseg_loss(torch.cat([fixed, a], dim=1), target, experts, K, E,
-                                backend="reference", gate_mse=0.7)
+        return deferredseg_loss(
+            torch.cat([fixed, a], dim=1), target, experts, K, E, backend="reference", gate_mse=0.7
+        )
 
     assert torch.autograd.gradcheck(f, (gate,), eps=1e-6, atol=1e-6)
 
@@ -294,8 +383,18 @@ def test_gradcheck_gate_mse_through_gate_logit():
 def test_no_gradient_reaches_router_through_the_gate_term():
     K, E = 1, 2
     logits, target, experts = _separated_inputs(K, E, (4, 4), seed=3)
-    loss = deferredseg_loss(logits, target, experts, K, E, backend="reference", lambda_seg=0,
-                            lambda_collab=0, lambda_coherence=0, lambda_balance=0)
+    loss = deferredseg_loss(
+        logits,
+        target,
+        experts,
+        K,
+        E,
+        backend="reference",
+        lambda_seg=0,
+        lambda_collab=0,
+        lambda_coherence=0,
+        lambda_balance=0,
+    )
     (g,) = torch.autograd.grad(loss, logits)
     _, gr, ga = split_logits(g, K, E)
     assert torch.count_nonzero(gr).item() == 0
@@ -316,7 +415,7 @@ def test_coherence_is_zero_on_constant_maps():
 def test_cv2_balance_zero_at_equal_loads_and_positive_otherwise():
     K, E = 1, 4
     logits, target, experts = make_inputs(2, K, E, (5, 6), dtype=torch.float64)
-    logits[:, K:K + E] = 0.3  # every expert equally likely at every pixel
+    logits[:, K : K + E] = 0.3  # every expert equally likely at every pixel
     _, t = ref(logits, target, experts, K, E)
     assert t["balance"].item() == pytest.approx(0.0, abs=1e-14)
     logits[:, K] += 1.0
@@ -328,7 +427,9 @@ def test_terms_are_detached_and_pbar_sums_to_one():
     K, E = 3, 3
     logits, target, experts = make_inputs(2, K, E, (5, 6))
     logits.requires_grad_(True)
-    loss, t = deferredseg_loss(logits, target, experts, K, E, backend="reference", return_terms=True)
+    loss, t = deferredseg_loss(
+        logits, target, experts, K, E, backend="reference", return_terms=True
+    )
     assert loss.requires_grad
     assert set(t) == {"seg", "collab", "gate", "coherence", "balance", "pbar"}
     assert not any(v.requires_grad for v in t.values())

@@ -52,7 +52,9 @@ def server(tmp_path):
 
 
 def _launch(p):
-    return p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
+    return p.chromium.launch(
+        executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"]
+    )
 
 
 def test_review_page_accept_edit_reject_in_chromium(server, tmp_path):
@@ -135,9 +137,15 @@ def test_review_page_accept_edit_reject_in_chromium(server, tmp_path):
     # the merged mask equals the fusion of the model's mask and the answers
     model = np.load(out / "model" / "scan1.npy")
     regions = np.load(out / "regions" / "scan1.npy")
-    answers = [{"region": db.task(t)["region"], "bbox": json.loads(db.task(t)["bbox"]),
-                "action": db.latest_answer(t)["action"], "mask": db.load_answer_mask(db.latest_answer(t))}
-               for t in (t1, t2, t3)]
+    answers = [
+        {
+            "region": db.task(t)["region"],
+            "bbox": json.loads(db.task(t)["bbox"]),
+            "action": db.latest_answer(t)["action"],
+            "mask": db.load_answer_mask(db.latest_answer(t)),
+        }
+        for t in (t1, t2, t3)
+    ]
     final = np.load(out / "final" / "scan1.npy")
     np.testing.assert_array_equal(final, fuse(model, regions, answers))
     in_t2 = regions == t2row["region"]
@@ -160,7 +168,9 @@ def test_review_page_scrolls_the_slices_of_a_3d_task(tmp_path):
                 page.wait_for_selector("body[data-state=ready]")
                 assert page.is_visible("#slicebar")
                 first = page.inner_text("#sliceval")
-                assert first == "3 / 8"  # the crop holds every slice; it opens on the region's first
+                assert (
+                    first == "3 / 8"
+                )  # the crop holds every slice; it opens on the region's first
                 page.keyboard.press("ArrowUp")
                 assert page.inner_text("#sliceval") == "4 / 8"
                 page.mouse.move(10, 10)

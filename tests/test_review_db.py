@@ -22,10 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def _make(out, per_expert, side=4):
     db = ReviewDB(out)
     db.ensure_experts(["ana", "ben"])
-    tasks = [Task(j, 1 + j * per_expert + k, ((0, side), (0, side)), side * side)
-             for j in range(2) for k in range(per_expert)]
-    ids = db.add_image("img", "/nowhere/img.npy", ".npy", "0:0", (side, side), side * side,
-                       side * side, 0, tasks)
+    tasks = [
+        Task(j, 1 + j * per_expert + k, ((0, side), (0, side)), side * side)
+        for j in range(2)
+        for k in range(per_expert)
+    ]
+    ids = db.add_image(
+        "img", "/nowhere/img.npy", ".npy", "0:0", (side, side), side * side, side * side, 0, tasks
+    )
     return db, ids
 
 
@@ -40,7 +44,9 @@ def test_wal_mode_schema_version_and_reopen_shows_the_same_state(tmp_path):
     again = ReviewDB(tmp_path, create=False)
     assert again.overview() == before
     assert [a["action"] for a in again.answers(ids[0])] == ["edited"]
-    np.testing.assert_array_equal(again.load_answer_mask(again.latest_answer(ids[0])), np.ones((4, 4)))
+    np.testing.assert_array_equal(
+        again.load_answer_mask(again.latest_answer(ids[0])), np.ones((4, 4))
+    )
     assert again.next_task(0) == ids[2]
     # a database from a newer deferredseg is refused with a clear message
     c = sqlite3.connect(tmp_path / "review.db")
@@ -85,7 +91,7 @@ def test_two_experts_answering_at_once_lose_nothing(tmp_path):
 
     def work(expert):
         try:
-            for k, tid in enumerate(ids[expert * n:(expert + 1) * n]):
+            for k, tid in enumerate(ids[expert * n : (expert + 1) * n]):
                 if k % 3 == 0:
                     db.add_answer(tid, expert, "edited", np.full((4, 4), tid % 2, np.uint8))
                 else:
@@ -126,9 +132,22 @@ def test_two_processes_and_a_writer_killed_mid_write_leave_no_partial_state(tmp_
     n = 8
     db, ids = _make(tmp_path, n, side=256)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path), str(j),
-                               ",".join(map(str, ids[j * n:(j + 1) * n]))],
-                              stdout=subprocess.PIPE, env=env, cwd=ROOT) for j in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _WRITER,
+                str(tmp_path),
+                str(j),
+                ",".join(map(str, ids[j * n : (j + 1) * n])),
+            ],
+            stdout=subprocess.PIPE,
+            env=env,
+            cwd=ROOT,
+        )
+        for j in (0, 1)
+    ]
     try:
         for p in procs:
             assert p.stdout.readline().strip() == b"ready"

@@ -10,7 +10,10 @@ from deferredseg.review.db import ReviewDB
 
 def test_review_demo_closes_the_loop(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["review-demo", "--quick", "--simulate-experts", "--out", str(out), "--images", "3"]) == 0
+    assert (
+        main(["review-demo", "--quick", "--simulate-experts", "--out", str(out), "--images", "3"])
+        == 0
+    )
     text = capsys.readouterr().out
     assert "model alone" in text and "merged after review" in text
     review = out / "review"

@@ -24,18 +24,23 @@ def test_queue_task_data_and_answers_update_db_and_merged_mask(folder):
     q = client.get("/api/experts/ana/queue").json()
     assert q["counts"] == {"total": 3, "done": 0, "left": 3}
     t = client.get(f"/api/experts/ana/tasks/{q['next']}").json()
-    assert t["bbox"] == [[2, 10], [2, 10]] and t["crop"] == [[0, 10 + CROP_MARGIN], [0, 10 + CROP_MARGIN]]
+    assert t["bbox"] == [[2, 10], [2, 10]] and t["crop"] == [
+        [0, 10 + CROP_MARGIN],
+        [0, 10 + CROP_MARGIN],
+    ]
     shape = t["crop_shape"]
     n = shape[0] * shape[1]
     data = client.get(f"/api/experts/ana/tasks/{t['id']}/data").content
     assert len(data) == 6 * n
-    img = np.frombuffer(data[:4 * n], "<f4").reshape(shape)
-    region = np.frombuffer(data[5 * n:], np.uint8).reshape(shape)
+    img = np.frombuffer(data[: 4 * n], "<f4").reshape(shape)
+    region = np.frombuffer(data[5 * n :], np.uint8).reshape(shape)
     assert img.shape == tuple(shape) and region.sum() == 64
     # edit: label the whole crop 1; only the region's pixels count
     mask = np.ones(shape, np.uint8)
-    r = client.post(f"/api/experts/ana/tasks/{t['id']}/answer",
-                    json={"action": "edited", "mask": base64.b64encode(mask.tobytes()).decode()})
+    r = client.post(
+        f"/api/experts/ana/tasks/{t['id']}/answer",
+        json={"action": "edited", "mask": base64.b64encode(mask.tobytes()).decode()},
+    )
     assert r.status_code == 200, r.text
     assert r.json()["counts"]["done"] == 1 and r.json()["next"] != t["id"]
     final = np.load(folder / "final" / "scan1.npy")  # merged as the answer arrived
@@ -50,14 +55,22 @@ def test_queue_task_data_and_answers_update_db_and_merged_mask(folder):
     n = s2[0] * s2[1]
     # wrong shape, bad label, bad action, not JSON: refused with a message
     for payload, status, words in [
-            ({"action": "edited", "mask": base64.b64encode(b"\x01" * (n - 1)).decode()}, 422, "values"),
-            ({"action": "edited", "mask": base64.b64encode(b"\x07" * n).decode()}, 422, "labels must be in"),
-            ({"action": "edited", "mask": "%%%"}, 422, "base64"),
-            ({"action": "approve"}, 422, "action must be one of")]:
+        ({"action": "edited", "mask": base64.b64encode(b"\x01" * (n - 1)).decode()}, 422, "values"),
+        (
+            {"action": "edited", "mask": base64.b64encode(b"\x07" * n).decode()},
+            422,
+            "labels must be in",
+        ),
+        ({"action": "edited", "mask": "%%%"}, 422, "base64"),
+        ({"action": "approve"}, 422, "action must be one of"),
+    ]:
         r = client.post(f"/api/experts/ana/tasks/{nxt}/answer", json=payload)
         assert r.status_code == status and words in r.json()["error"], r.text
-    r = client.post(f"/api/experts/ana/tasks/{t['id']}/answer", content=b"{not json",
-                    headers={"content-type": "application/json"})
+    r = client.post(
+        f"/api/experts/ana/tasks/{t['id']}/answer",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 400
 
 
@@ -74,22 +87,29 @@ def test_expert_cannot_touch_another_experts_task_and_ids_are_validated(folder):
     assert client.get(f"/api/experts/ben/tasks/{ben_task}", headers=h_ana).status_code == 403
     r = client.get(f"/api/experts/ana/tasks/{ben_task}", headers=h_ana)
     assert r.status_code == 404 and "ana" in r.json()["error"]
-    r = client.post(f"/api/experts/ana/tasks/{ben_task}/answer", headers=h_ana, json={"action": "accepted"})
+    r = client.post(
+        f"/api/experts/ana/tasks/{ben_task}/answer", headers=h_ana, json={"action": "accepted"}
+    )
     assert r.status_code == 404 and db.answers(ben_task) == []
     # the token in the link works too; the overview needs its own token
     assert client.get(f"/api/experts/ana/queue?token={toks['ana']}").status_code == 200
     assert client.get("/api/overview", headers=h_ana).status_code == 403
     assert client.get("/api/overview", headers={"X-Review-Token": toks[""]}).status_code == 200
     # path traversal and malformed ids
-    for url in ["/api/experts/ana/tasks/..%2F..%2Freview.db", "/api/experts/ana/tasks/1.5",
-                "/api/experts/..%2F..%2Fetc/queue", "/static/..%2F..%2Fdb.py", "/static/../server.py",
-                "/review/..%2Fana", "/api/experts/ana/tasks/-1"]:
+    for url in [
+        "/api/experts/ana/tasks/..%2F..%2Freview.db",
+        "/api/experts/ana/tasks/1.5",
+        "/api/experts/..%2F..%2Fetc/queue",
+        "/static/..%2F..%2Fdb.py",
+        "/static/../server.py",
+        "/review/..%2Fana",
+        "/api/experts/ana/tasks/-1",
+    ]:
         r = client.get(url, headers=h_ana)
         assert r.status_code in (403, 404), (url, r.status_code)
         assert b"sqlite" not in r.content.lower() and b"import" not in r.content
     # uploads are size limited
-    r = client.post(f"/api/experts/ana/tasks/{ana_task}/answer", headers=h_ana,
-                    content=b"x" * 5000)
+    r = client.post(f"/api/experts/ana/tasks/{ana_task}/answer", headers=h_ana, content=b"x" * 5000)
     assert r.status_code == 413 and "at most 1000 bytes" in r.json()["error"]
     assert client.get("/static/review.js").status_code == 200
     r = client.get("/review/ana")
@@ -116,7 +136,12 @@ def test_binding_elsewhere_requires_tokens(folder, monkeypatch, capsys):
 def test_report_follows_the_answers_by_the_time_the_server_stops(folder):
     with TestClient(create_app(folder)) as client:  # runs the lifespan: shutdown flushes the report
         tid = client.get("/api/experts/ben/queue").json()["next"]
-        assert client.post(f"/api/experts/ben/tasks/{tid}/answer", json={"action": "rejected"}).status_code == 200
+        assert (
+            client.post(
+                f"/api/experts/ben/tasks/{tid}/answer", json={"action": "rejected"}
+            ).status_code
+            == 200
+        )
     rep = json.loads((folder / "report.json").read_text())
     ben = [e for e in rep["experts"] if e["expert"] == "ben"][0]
     assert (ben["done"], ben["rejected"]) == (1, 1)
@@ -133,7 +158,9 @@ def test_server_killed_while_answers_arrive_leaves_whole_files_and_rows(folder):
 
     proc, base, _ = start_server(folder)
     db = ReviewDB(folder)
-    tasks = {name: [t["id"] for t in db.iter_tasks() if t["expert"] == name] for name in ("ana", "ben")}
+    tasks = {
+        name: [t["id"] for t in db.iter_tasks() if t["expert"] == name] for name in ("ana", "ben")
+    }
     stop = threading.Event()
     sent = []
 
@@ -142,12 +169,20 @@ def test_server_killed_while_answers_arrive_leaves_whole_files_and_rows(folder):
         while not stop.is_set():
             tid = tasks[name][i % len(tasks[name])]
             try:
-                shape = json.loads(urllib.request.urlopen(f"{base}/api/experts/{name}/tasks/{tid}",
-                                                          timeout=30).read())["crop_shape"]
+                shape = json.loads(
+                    urllib.request.urlopen(
+                        f"{base}/api/experts/{name}/tasks/{tid}", timeout=30
+                    ).read()
+                )["crop_shape"]
                 mask = np.full(shape, i % 2, np.uint8)
-                body = json.dumps({"action": "edited", "mask": base64.b64encode(mask.tobytes()).decode()})
-                req = urllib.request.Request(f"{base}/api/experts/{name}/tasks/{tid}/answer",
-                                             data=body.encode(), headers={"Content-Type": "application/json"})
+                body = json.dumps(
+                    {"action": "edited", "mask": base64.b64encode(mask.tobytes()).decode()}
+                )
+                req = urllib.request.Request(
+                    f"{base}/api/experts/{name}/tasks/{tid}/answer",
+                    data=body.encode(),
+                    headers={"Content-Type": "application/json"},
+                )
                 urllib.request.urlopen(req, timeout=30).read()
                 sent.append((name, tid))
             except OSError:

@@ -109,8 +109,7 @@ def test_backends_match_reference_bit_for_bit(backend, dtype, mode, K, E):
             logits, experts = _near_threshold_logits(K, E, spatial, dtype, threshold)
             want = route(logits, K, E, threshold, mode, experts, backend="reference")
             for scores in ("softmax", "sigmoid"):
-                got = route(logits, K, E, threshold, mode, experts, scores=scores,
-                            backend=backend)
+                got = route(logits, K, E, threshold, mode, experts, scores=scores, backend=backend)
                 _assert_same_route(got, want)
 
 
@@ -124,7 +123,7 @@ TIE_TOL = 1e-4
 
 
 def _scores64(logits, K, E, scores):
-    r = logits.detach().cpu().double()[:, K:K + E + 1]
+    r = logits.detach().cpu().double()[:, K : K + E + 1]
     return torch.sigmoid(r) if scores == "sigmoid" else torch.softmax(r, dim=1)
 
 
@@ -147,7 +146,7 @@ def near_ties(logits, K, E, threshold, mode, expert_cost=None, scores="softmax")
         if E >= 2:
             near |= (top[:, 0] - top[:, 1]) < TIE_TOL
     else:
-        chosen = logits.detach().cpu().double()[:, K:K + E].argmax(dim=1, keepdim=True)
+        chosen = logits.detach().cpu().double()[:, K : K + E].argmax(dim=1, keepdim=True)
         best = q[:, :E].gather(1, chosen).squeeze(1)
     gain = best - q[:, E]
     if mode == "gain":
@@ -172,14 +171,16 @@ def assert_route_agrees(got, want, near, mode, expert_cost):
         assert torch.equal(got.assignment[both], want.assignment[both]), "argmax r is exact"
     differ = got.assignment != want.assignment
     assert not bool((differ & ~near).any()), (
-        f"{int((differ & ~near).sum())} pixel(s) routed differently away from a near tie")
+        f"{int((differ & ~near).sum())} pixel(s) routed differently away from a near tie"
+    )
     assert (got.final is None) == (want.final is None)
     if want.final is not None:
         assert not bool(((got.final != want.final) & ~near).any())
     assert got.defer_prob.dtype == want.defer_prob.dtype
     atol = 1e-6 if mode == "gain" and got.defer_prob.dtype != torch.float64 else 1e-7
-    torch.testing.assert_close(got.defer_prob, want.defer_prob, rtol=2e-6, atol=atol,
-                               equal_nan=True)
+    torch.testing.assert_close(
+        got.defer_prob, want.defer_prob, rtol=2e-6, atol=atol, equal_nan=True
+    )
 
 
 def _costs(E):
@@ -209,8 +210,17 @@ def check_route_matrix(run, K, E, dtype, scores, shapes=((37,), (7, 13), (3, 5, 
         logits, experts = _matrix_logits(K, E, spatial, dtype)
         for mode, thr in MODE_THRESHOLDS:
             for cost in (None, _costs(E), [0.0] * E):
-                want = route(logits, K, E, thr, mode, experts, expert_cost=cost, scores=scores,
-                             backend="reference")
+                want = route(
+                    logits,
+                    K,
+                    E,
+                    thr,
+                    mode,
+                    experts,
+                    expert_cost=cost,
+                    scores=scores,
+                    backend="reference",
+                )
                 got = run(logits, K, E, thr, mode, experts, cost, scores)
                 near = near_ties(logits, K, E, thr, mode, cost, scores)
                 # The forced ties are about one pixel in 8; other near ties are rare.
@@ -224,8 +234,9 @@ def check_route_matrix(run, K, E, dtype, scores, shapes=((37,), (7, 13), (3, 5, 
 @pytest.mark.parametrize("K,E", [(1, 1), (3, 2), (5, 16)])
 def test_backends_match_reference_with_costs_scores_and_gain(backend, dtype, scores, K, E):
     def run(logits, K, E, thr, mode, experts, cost, scores):
-        return route(logits, K, E, thr, mode, experts, expert_cost=cost, scores=scores,
-                     backend=backend)
+        return route(
+            logits, K, E, thr, mode, experts, expert_cost=cost, scores=scores, backend=backend
+        )
 
     check_route_matrix(run, K, E, dtype, scores)
 
@@ -234,7 +245,7 @@ def test_backends_match_reference_with_costs_scores_and_gain(backend, dtype, sco
 def test_backends_equal_costs_resolve_exact_ties_to_the_lowest_index(backend):
     K, E = 2, 4
     logits, _, experts = make_inputs(2, K, E, (9, 11))
-    logits[:, K + 1] = logits[:, K]      # experts 0 and 1: identical logits
+    logits[:, K + 1] = logits[:, K]  # experts 0 and 1: identical logits
     logits[:, K + 3] = logits[:, K + 2]  # experts 2 and 3 too
     for scores in ("softmax", "sigmoid"):
         for mode in ("gate", "router", "gain"):
@@ -258,26 +269,37 @@ def check_route_nan_and_inf(run):
     score wins an argmax, a NaN gain defers nothing), ``run`` as in check_route_matrix."""
     K, E = 3, 3
     logits, _, experts = make_inputs(1, K, E, (5, 5))
-    logits[0, K + 1, 0, 0] = float("nan")   # an expert's routing logit
-    logits[0, K + E, 1, 1] = float("nan")   # the model's routing logit
+    logits[0, K + 1, 0, 0] = float("nan")  # an expert's routing logit
+    logits[0, K + E, 1, 1] = float("nan")  # the model's routing logit
     logits[0, K + 2, 2, 2] = float("inf")
     logits[0, K, 3, 3] = float("-inf")
     logits[0, K + E, 4, 4] = float("-inf")
     for scores in ("softmax", "sigmoid"):
         for mode, thr in MODE_THRESHOLDS:
             for cost in (None, [0.05, 0.0, 0.1]):
-                want = route(logits, K, E, thr, mode, experts, expert_cost=cost, scores=scores,
-                             backend="reference")
+                want = route(
+                    logits,
+                    K,
+                    E,
+                    thr,
+                    mode,
+                    experts,
+                    expert_cost=cost,
+                    scores=scores,
+                    backend="reference",
+                )
                 got = run(logits, K, E, thr, mode, experts, cost, scores)
-                assert_route_agrees(got, want, near_ties(logits, K, E, thr, mode, cost, scores),
-                                    mode, cost)
+                assert_route_agrees(
+                    got, want, near_ties(logits, K, E, thr, mode, cost, scores), mode, cost
+                )
 
 
 @pytest.mark.parametrize("backend", ROUTE_BACKENDS)
 def test_backends_new_options_nan_and_inf(backend):
     def run(logits, K, E, thr, mode, experts, cost, scores):
-        return route(logits, K, E, thr, mode, experts, expert_cost=cost, scores=scores,
-                     backend=backend)
+        return route(
+            logits, K, E, thr, mode, experts, expert_cost=cost, scores=scores, backend=backend
+        )
 
     check_route_nan_and_inf(run)
 
@@ -309,18 +331,19 @@ def _naive_route(r, a, E, threshold, mode, cost, scores):
 
 
 @pytest.mark.parametrize("scores", ["softmax", "sigmoid"])
-@pytest.mark.parametrize("mode,threshold", [("gate", 0.4), ("router", 0.5), ("gain", 0.1),
-                                            ("gain", -0.3)])
+@pytest.mark.parametrize(
+    "mode,threshold", [("gate", 0.4), ("router", 0.5), ("gain", 0.1), ("gain", -0.3)]
+)
 @pytest.mark.parametrize("cost", [None, (0.0, 0.15, 0.05)])
 def test_reference_follows_the_spec_pixel_by_pixel(scores, mode, threshold, cost):
     K, E = 2, 3
     logits, _, _ = make_inputs(1, K, E, (40,), dtype=torch.float64)
-    out = route(logits, K, E, threshold, mode, expert_cost=cost, scores=scores,
-                backend="reference")
+    out = route(logits, K, E, threshold, mode, expert_cost=cost, scores=scores, backend="reference")
     for p in range(40):
-        r = logits[0, K:K + E + 1, p].tolist()
-        assignment, prob = _naive_route(r, float(logits[0, K + E + 1, p]), E, threshold, mode,
-                                        cost, scores)
+        r = logits[0, K : K + E + 1, p].tolist()
+        assignment, prob = _naive_route(
+            r, float(logits[0, K + E + 1, p]), E, threshold, mode, cost, scores
+        )
         assert int(out.assignment[0, p]) == assignment, p
         assert float(out.defer_prob[0, p]) == pytest.approx(prob, abs=1e-12), p
 
@@ -330,19 +353,22 @@ def test_gain_mode_and_costs_by_hand():
     # Routing logits (expert 0, expert 1, model) of 3 pixels, in float64.
     r = torch.tensor([[2.0, 0.0, 1.0], [0.0, 0.0, 3.0], [1.0, 0.9, -1.0]], dtype=torch.float64)
     logits = torch.zeros(1, K + E + 2, 3, dtype=torch.float64)
-    logits[0, K:K + E + 1] = r.T
+    logits[0, K : K + E + 1] = r.T
     q = torch.softmax(r, dim=1)
     out = route(logits, K, E, 0.0, "gain", backend="reference")
     # No costs: the first maximum of r among the experts; gain = q_jhat - q_model.
     assert out.defer_prob[0].tolist() == pytest.approx(
-        [float(q[0, 0] - q[0, 2]), float(q[1, 0] - q[1, 2]), float(q[2, 0] - q[2, 2])])
+        [float(q[0, 0] - q[0, 2]), float(q[1, 0] - q[1, 2]), float(q[2, 0] - q[2, 2])]
+    )
     assert out.assignment.tolist() == [[0, -1, 0]]
     # A cost on expert 0 moves pixel 2 to expert 1 (q are 0.49 and 0.44 there).
     out = route(logits, K, E, 0.0, "gain", expert_cost=[0.1, 0.0], backend="reference")
     assert out.assignment.tolist() == [[0, -1, 1]]
     assert float(out.defer_prob[0, 2]) == pytest.approx(float(q[2, 1] - q[2, 2]))
     # Pixel 0: q = (0.665, 0.090, 0.245): deferring gains 0.42, so threshold 0.5 keeps it.
-    assert route(logits, K, E, 0.5, "gain", backend="reference").assignment.tolist() == [[-1, -1, -1]]
+    assert route(logits, K, E, 0.5, "gain", backend="reference").assignment.tolist() == [
+        [-1, -1, -1]
+    ]
     # sigmoid scores: each option on its own; model logit 3 at pixel 1 still keeps it.
     out = route(logits, K, E, 0.0, "gain", scores="sigmoid", backend="reference")
     s = torch.sigmoid(r)
@@ -358,12 +384,15 @@ def test_router_mode_with_costs_defers_at_a_gain_of_at_least_zero():
     assert out.assignment.tolist() == [[0, 0]]  # argmax r: the tie goes to the expert
     out = route(logits, K, E, mode="router", expert_cost=[0.0], backend="reference")
     assert out.assignment.tolist() == [[0, 0]]  # g = 0 and g > 0: both deferred
-    assert out.defer_prob[0].tolist() == pytest.approx([0.5, float(torch.sigmoid(torch.tensor(0.5)))])
+    assert out.defer_prob[0].tolist() == pytest.approx(
+        [0.5, float(torch.sigmoid(torch.tensor(0.5)))]
+    )
     out = route(logits, K, E, mode="router", expert_cost=[0.2], backend="reference")
     # g = softmax gap - 0.2: -0.2 at pixel 0; sigmoid(0.5) - sigmoid(-0.5) - 0.2 = 0.045 at 1
     assert out.assignment.tolist() == [[-1, 0]]
-    out = route(logits, K, E, mode="router", expert_cost=[0.2], scores="sigmoid",
-                backend="reference")
+    out = route(
+        logits, K, E, mode="router", expert_cost=[0.2], scores="sigmoid", backend="reference"
+    )
     # sigmoid(0.5) - 0.2 - sigmoid(0) = -0.078: kept
     assert out.assignment.tolist() == [[-1, -1]]
 
@@ -373,12 +402,25 @@ def test_defaults_are_todays_routing_and_costs_accept_tensors():
     logits, _, experts = make_inputs(2, K, E, (6, 7))
     for mode in ("gate", "router"):
         base = route(logits, K, E, 0.4, mode, experts, backend="reference")
-        same = route(logits, K, E, 0.4, mode, experts, expert_cost=None, scores="softmax",
-                     backend="reference")
+        same = route(
+            logits,
+            K,
+            E,
+            0.4,
+            mode,
+            experts,
+            expert_cost=None,
+            scores="softmax",
+            backend="reference",
+        )
         _assert_same_route(same, base)
         assert torch.equal(base.defer_prob, same.defer_prob)
     by_list = route(logits, K, E, 0.1, "gain", experts, expert_cost=[0.2, 0.05])
-    for cost in ((0.2, 0.05), torch.tensor([0.2, 0.05]), torch.tensor([0.2, 0.05], dtype=torch.float64)):
+    for cost in (
+        (0.2, 0.05),
+        torch.tensor([0.2, 0.05]),
+        torch.tensor([0.2, 0.05], dtype=torch.float64),
+    ):
         _assert_same_route(route(logits, K, E, 0.1, "gain", experts, expert_cost=cost), by_list)
     ints = route(logits, K, E, 0.1, "gain", experts, expert_cost=torch.tensor([1, 0]))
     _assert_same_route(ints, route(logits, K, E, 0.1, "gain", experts, expert_cost=[1.0, 0.0]))
@@ -389,23 +431,30 @@ def test_defaults_are_todays_routing_and_costs_accept_tensors():
 
 
 @pytest.mark.parametrize("backend", ["reference"] + ROUTE_BACKENDS)
-@pytest.mark.parametrize("kw,exc,words", [
-    (dict(expert_cost=[0.1]), ValueError, ["expert_cost", "length 2", "length 1"]),
-    (dict(expert_cost=[0.1, float("nan")]), ValueError, ["expert_cost[1]", "finite"]),
-    (dict(expert_cost=[0.1, -0.2]), ValueError, ["expert_cost[1]", ">= 0", "-0.2"]),
-    (dict(expert_cost=[0.1, "x"]), TypeError, ["expert_cost[1]", "real number", "str"]),
-    (dict(expert_cost="cheap"), TypeError, ["expert_cost", "str"]),
-    (dict(expert_cost=0.1), TypeError, ["expert_cost", "float"]),
-    (dict(expert_cost=torch.zeros(2, 1)), ValueError, ["expert_cost", "1-D", "(2, 1)"]),
-    (dict(expert_cost=torch.zeros(2, dtype=torch.bool)), TypeError, ["expert_cost", "torch.bool"]),
-    (dict(scores="probit"), ValueError, ["scores", "probit", "sigmoid"]),
-    (dict(scores=None), TypeError, ["scores", "None"]),
-    (dict(mode="gain", threshold=float("inf")), ValueError, ["threshold", "finite"]),
-    (dict(mode="gain", threshold="high"), TypeError, ["threshold", "str"]),
-    (dict(mode="gate", threshold=-0.1), ValueError, ["threshold", "[0, 1]", "'gate'"]),
-    (dict(mode="router", threshold=2.0), ValueError, ["threshold", "[0, 1]", "'router'"]),
-    (dict(mode="benefit"), ValueError, ["mode", "benefit", "gain"]),
-])
+@pytest.mark.parametrize(
+    "kw,exc,words",
+    [
+        (dict(expert_cost=[0.1]), ValueError, ["expert_cost", "length 2", "length 1"]),
+        (dict(expert_cost=[0.1, float("nan")]), ValueError, ["expert_cost[1]", "finite"]),
+        (dict(expert_cost=[0.1, -0.2]), ValueError, ["expert_cost[1]", ">= 0", "-0.2"]),
+        (dict(expert_cost=[0.1, "x"]), TypeError, ["expert_cost[1]", "real number", "str"]),
+        (dict(expert_cost="cheap"), TypeError, ["expert_cost", "str"]),
+        (dict(expert_cost=0.1), TypeError, ["expert_cost", "float"]),
+        (dict(expert_cost=torch.zeros(2, 1)), ValueError, ["expert_cost", "1-D", "(2, 1)"]),
+        (
+            dict(expert_cost=torch.zeros(2, dtype=torch.bool)),
+            TypeError,
+            ["expert_cost", "torch.bool"],
+        ),
+        (dict(scores="probit"), ValueError, ["scores", "probit", "sigmoid"]),
+        (dict(scores=None), TypeError, ["scores", "None"]),
+        (dict(mode="gain", threshold=float("inf")), ValueError, ["threshold", "finite"]),
+        (dict(mode="gain", threshold="high"), TypeError, ["threshold", "str"]),
+        (dict(mode="gate", threshold=-0.1), ValueError, ["threshold", "[0, 1]", "'gate'"]),
+        (dict(mode="router", threshold=2.0), ValueError, ["threshold", "[0, 1]", "'router'"]),
+        (dict(mode="benefit"), ValueError, ["mode", "benefit", "gain"]),
+    ],
+)
 def test_new_route_arguments_are_checked_by_name(backend, kw, exc, words):
     K, E = 2, 2
     logits, _, _ = make_inputs(2, K, E, (4, 5))
@@ -420,7 +469,9 @@ def test_cpp_route_op_rejects_bad_mode_scores_and_cost_shape():
     K, E = 2, 2
     logits, _, _ = make_inputs(1, K, E, (3, 4))
     op = torch.ops.deferredseg.route
-    with pytest.raises(RuntimeError, match="mode must be one of 'gate', 'router', 'gain', got 'soft'"):
+    with pytest.raises(
+        RuntimeError, match="mode must be one of 'gate', 'router', 'gain', got 'soft'"
+    ):
         op(logits, K, E, 0.0, "soft", None, None, "softmax")
     with pytest.raises(RuntimeError, match="scores must be 'softmax' or 'sigmoid', got 'probit'"):
         op(logits, K, E, 0.0, "gate", None, None, "probit")
@@ -432,14 +483,15 @@ def test_cpp_route_op_rejects_bad_mode_scores_and_cost_shape():
 @pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int32, torch.int64])
 def test_backends_label_dtypes_and_layouts(backend, label_dtype):
     K, E = 3, 3
-    logits, _, experts = make_inputs(2, K, E, (6, 7), label_dtype=label_dtype, ignore_frac=0,
-                                     expert_ignore_frac=0)
+    logits, _, experts = make_inputs(
+        2, K, E, (6, 7), label_dtype=label_dtype, ignore_frac=0, expert_ignore_frac=0
+    )
     big = torch.randn(2, K + E + 5, 6, 7)
-    big[:, 2:2 + K + E + 2] = logits
+    big[:, 2 : 2 + K + E + 2] = logits
     variants = {
         "contiguous": logits,
         "channels_last": logits.contiguous(memory_format=torch.channels_last),
-        "channel_slice": big[:, 2:2 + K + E + 2],
+        "channel_slice": big[:, 2 : 2 + K + E + 2],
         "batch_flip": logits.flip(0).contiguous().flip(0),
         "spatial_transpose": logits.transpose(2, 3).contiguous().transpose(2, 3),
         "spatial_step": torch.repeat_interleave(logits, 2, dim=3)[..., ::2],
@@ -505,19 +557,31 @@ def test_cpp_route_under_torch_compile_fullgraph():
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def g(x, m):
-        out = route(x, K, E, 0.05, "gain", m, expert_cost=[0.1, 0.0, 0.2], scores="sigmoid",
-                    backend="cpu")
+        out = route(
+            x, K, E, 0.05, "gain", m, expert_cost=[0.1, 0.0, 0.2], scores="sigmoid", backend="cpu"
+        )
         return out.assignment, out.defer_prob, out.final
 
     a, prob, fin = g(logits, experts)
-    eager = route(logits, K, E, 0.05, "gain", experts, expert_cost=[0.1, 0.0, 0.2],
-                  scores="sigmoid", backend="cpu")
+    eager = route(
+        logits,
+        K,
+        E,
+        0.05,
+        "gain",
+        experts,
+        expert_cost=[0.1, 0.0, 0.2],
+        scores="sigmoid",
+        backend="cpu",
+    )
     assert torch.equal(a, eager.assignment) and torch.equal(fin, eager.final)
     assert torch.equal(prob, eager.defer_prob)
 
 
-@pytest.mark.skipif(torch.version.cuda is None or EXT is None or not EXT.with_cuda,
-                    reason="not a CUDA-enabled build")
+@pytest.mark.skipif(
+    torch.version.cuda is None or EXT is None or not EXT.with_cuda,
+    reason="not a CUDA-enabled build",
+)
 def test_cuda_enabled_build_has_cuda_kernels():
     assert has_cuda_kernels()
     assert EXT.cuda_version == torch.version.cuda
@@ -569,8 +633,17 @@ def test_gpu_route_matches_reference(backend):
         _assert_same_route(type(want)(*[t.cpu() if t is not None else None for t in got]), want)
 
     def run(logits, K, E, thr, mode, experts, cost, scores):
-        out = route(logits.cuda(), K, E, thr, mode, experts.cuda(), expert_cost=cost,
-                    scores=scores, backend=backend)
+        out = route(
+            logits.cuda(),
+            K,
+            E,
+            thr,
+            mode,
+            experts.cuda(),
+            expert_cost=cost,
+            scores=scores,
+            backend=backend,
+        )
         return type(out)(*[t.cpu() if t is not None else None for t in out])
 
     for dtype in (torch.float32, torch.bfloat16, torch.float64):

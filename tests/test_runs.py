@@ -27,10 +27,32 @@ from deferredseg.cli import main
 from deferredseg.train.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--num-images", "12", "--image-size", "24", "--features", "4", "--batch-size", "4",
-        "--progress", "false", "--backend", "reference"]
-FILES = ["--features", "4", "--batch-size", "4", "--progress", "false", "--backend", "reference",
-         "--epochs", "1"]
+TINY = [
+    "--num-images",
+    "12",
+    "--image-size",
+    "24",
+    "--features",
+    "4",
+    "--batch-size",
+    "4",
+    "--progress",
+    "false",
+    "--backend",
+    "reference",
+]
+FILES = [
+    "--features",
+    "4",
+    "--batch-size",
+    "4",
+    "--progress",
+    "false",
+    "--backend",
+    "reference",
+    "--epochs",
+    "1",
+]
 
 
 def run_main(args, capsys):
@@ -54,8 +76,16 @@ def write(path: Path, arr: np.ndarray) -> Path:
     return path
 
 
-def make_set(root: Path, n=12, shape=(24, 24), ext=".png", raters=("r1", "r2", "r3"), fg=255,
-             labels=False, sizes=None):
+def make_set(
+    root: Path,
+    n=12,
+    shape=(24, 24),
+    ext=".png",
+    raters=("r1", "r2", "r3"),
+    fg=255,
+    labels=False,
+    sizes=None,
+):
     """``n`` cases of a multirater set; rater masks 0/``fg``; ``sizes``: a shape per case."""
     for i in range(n):
         s = sizes[i] if sizes else shape
@@ -63,7 +93,10 @@ def make_set(root: Path, n=12, shape=(24, 24), ext=".png", raters=("r1", "r2", "
         img = rs.rand(*s) * 200
         truth = np.zeros(s, np.uint8)
         truth[tuple(slice(2, 2 + k // 2) for k in s)] = 1
-        write(root / "images" / f"c{i:02d}{ext}", img.astype(np.uint8 if ext == ".png" else np.float32))
+        write(
+            root / "images" / f"c{i:02d}{ext}",
+            img.astype(np.uint8 if ext == ".png" else np.float32),
+        )
         for j, r in enumerate(raters):
             m = truth.copy()
             m[tuple(np.random.RandomState(100 * i + j).randint(0, k) for k in s)] ^= 1
@@ -96,9 +129,12 @@ def test_reused_out_is_refused_and_overwrite_moves_the_old_run_aside(tmp_path, c
 
 def test_a_second_training_into_a_locked_out_fails_naming_the_first(tmp_path, capsys):
     out = tmp_path / "r"
-    first = subprocess.Popen([sys.executable, "-m", "deferredseg", "train", "--out", str(out),
-                              "--epochs", "50", *TINY], cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "deferredseg", "train", "--out", str(out), "--epochs", "50", *TINY],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 300
         while not (out / "log.jsonl").exists() and time.time() < deadline and first.poll() is None:
@@ -107,7 +143,9 @@ def test_a_second_training_into_a_locked_out_fails_naming_the_first(tmp_path, ca
         assert lock["pid"] == first.pid and lock["host"] == socket.gethostname()
         code, _, err = run_main(["train", "--out", out, "--epochs", "1", *TINY], capsys)
         assert code == 2 and "in use by another training" in err and f"process {first.pid}" in err
-        code, _, err = run_main(["train", "--out", out, "--overwrite", "--epochs", "1", *TINY], capsys)
+        code, _, err = run_main(
+            ["train", "--out", out, "--overwrite", "--epochs", "1", *TINY], capsys
+        )
         assert code == 2 and f"process {first.pid}" in err  # --overwrite does not break a lock
     finally:
         first.kill()  # SIGKILL: no chance to remove its lock
@@ -134,8 +172,9 @@ def test_unwritable_out_is_found_before_training(tmp_path, capsys):
     code, _, err = run_main(["train", "--out", blocker / "sub", "--epochs", "1", *TINY], capsys)
     assert code == 2 and "cannot be created" in err
     assert "epoch 1/1" not in capsys.readouterr().out
-    code, _, err = run_main(["evaluate", "--checkpoint", tmp_path / "no.pt", "--out", blocker],
-                            capsys)
+    code, _, err = run_main(
+        ["evaluate", "--checkpoint", tmp_path / "no.pt", "--out", blocker], capsys
+    )
     assert code == 2 and "is a file" in err  # checked before the checkpoint is even read
     if os.geteuid() != 0:  # root writes anywhere
         ro = tmp_path / "ro"
@@ -159,15 +198,34 @@ def test_a_full_disk_is_found_before_training(tmp_path, capsys, monkeypatch):
     assert list((tmp_path / "r").iterdir()) == []  # no probe, no lock left behind
 
 
-STEPS = ["--epochs", "4", "--max-steps", "10", "--seed", "3", "--batch-size", "2",
-         "--num-images", "12", "--image-size", "24", "--features", "4", "--progress", "false",
-         "--backend", "reference", "--training", "joint"]  # the loop itself (stage 1 of two-stage)
+STEPS = [
+    "--epochs",
+    "4",
+    "--max-steps",
+    "10",
+    "--seed",
+    "3",
+    "--batch-size",
+    "2",
+    "--num-images",
+    "12",
+    "--image-size",
+    "24",
+    "--features",
+    "4",
+    "--progress",
+    "false",
+    "--backend",
+    "reference",
+    "--training",
+    "joint",
+]  # the loop itself (stage 1 of two-stage)
 
 
 def test_sigint_writes_a_resumable_checkpoint_and_resume_is_bitwise_identical(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     threads = torch.get_num_threads()  # the same thread count in and out of this process:
-    torch.set_num_threads(1)           # float sums in the convolutions depend on it
+    torch.set_num_threads(1)  # float sums in the convolutions depend on it
     try:
         _interrupt_and_resume(full, part)
     finally:
@@ -176,9 +234,14 @@ def test_sigint_writes_a_resumable_checkpoint_and_resume_is_bitwise_identical(tm
 
 def _interrupt_and_resume(full, part):
     assert main(["train", "--out", str(full), *STEPS]) == 0
-    proc = subprocess.Popen([sys.executable, "-m", "deferredseg", "train", "--out", str(part), *STEPS],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deferredseg", "train", "--out", str(part), *STEPS],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     log = part / "log.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -218,16 +281,47 @@ def test_sigterm_in_process_exits_143_after_writing_last_pt(tmp_path, capsys):
 
 def test_resume_with_changed_settings_is_refused_with_the_differences(tmp_path, capsys):
     out = tmp_path / "r"
-    assert run_main(["train", "--out", out, "--epochs", "2", "--max-steps", "1", *TINY], capsys)[0] == 0
-    code, _, err = run_main(["train", "--out", out, "--resume", "--epochs", "2", "--lr", "0.01",
-                             *TINY], capsys)
+    assert (
+        run_main(["train", "--out", out, "--epochs", "2", "--max-steps", "1", *TINY], capsys)[0]
+        == 0
+    )
+    code, _, err = run_main(
+        ["train", "--out", out, "--resume", "--epochs", "2", "--lr", "0.01", *TINY], capsys
+    )
     assert code == 2 and "settings differ" in err and "lr: 0.003 -> 0.01" in err
     assert "--resume-with-changes" in err
-    code, _, err = run_main(["train", "--out", out, "--resume", "--epochs", "2", "--features", "8",
-                             "--resume-with-changes", *TINY[:4], *TINY[6:]], capsys)
+    code, _, err = run_main(
+        [
+            "train",
+            "--out",
+            out,
+            "--resume",
+            "--epochs",
+            "2",
+            "--features",
+            "8",
+            "--resume-with-changes",
+            *TINY[:4],
+            *TINY[6:],
+        ],
+        capsys,
+    )
     assert code == 2 and "cannot change" in err and "features: 4 -> 8" in err
-    code, _, _ = run_main(["train", "--out", out, "--resume", "--epochs", "2", "--lr", "0.01",
-                           "--resume-with-changes", *TINY], capsys)
+    code, _, _ = run_main(
+        [
+            "train",
+            "--out",
+            out,
+            "--resume",
+            "--epochs",
+            "2",
+            "--lr",
+            "0.01",
+            "--resume-with-changes",
+            *TINY,
+        ],
+        capsys,
+    )
     assert code == 0
     assert load_checkpoint(out / "last.pt")["config"]["lr"] == 0.01
 
@@ -235,8 +329,20 @@ def test_resume_with_changed_settings_is_refused_with_the_differences(tmp_path, 
 def test_resume_refuses_rater_folders_that_changed_under_the_same_path(tmp_path, capsys):
     data = make_set(tmp_path / "d", raters=("a", "b"))
     out = tmp_path / "r"
-    args = ["train", "--layout", "multirater", "--data", data, "--out", out, *FILES[:-2],
-            "--epochs", "2", "--max-steps", "1"]
+    args = [
+        "train",
+        "--layout",
+        "multirater",
+        "--data",
+        data,
+        "--out",
+        out,
+        *FILES[:-2],
+        "--epochs",
+        "2",
+        "--max-steps",
+        "1",
+    ]
     assert run_main(args, capsys)[0] == 0
     (data / "raters" / "b").rename(data / "raters" / "c")
     code, _, err = run_main(args + ["--resume"], capsys)
@@ -262,14 +368,44 @@ def test_evaluate_maps_raters_by_name_or_refuses_renamed_ones(tmp_path, capsys, 
     data = make_set(tmp_path / "data", raters=("b", "c"), labels=True)
     monkeypatch.chdir(tmp_path)  # a relative --data, stored absolute
     out = tmp_path / "r"
-    assert run_main(["train", "--layout", "multirater", "--data", "data", "--target", "label",
-                     "--out", out, *FILES], capsys)[0] == 0
+    assert (
+        run_main(
+            [
+                "train",
+                "--layout",
+                "multirater",
+                "--data",
+                "data",
+                "--target",
+                "label",
+                "--out",
+                out,
+                *FILES,
+            ],
+            capsys,
+        )[0]
+        == 0
+    )
     ck = load_checkpoint(out / "best.pt")
     assert ck["config"]["data"] == str(data) and ck["data_root"] == str(data)
     assert ck["expert_names"] == ["b", "c"] and len(ck["label_fingerprint"]) == 16
     monkeypatch.chdir(ROOT)  # evaluate from another folder finds the data
-    assert run_main(["evaluate", "--checkpoint", out / "best.pt", "--out", tmp_path / "e0",
-                     "--no-figures", "--split", "all"], capsys)[0] == 0
+    assert (
+        run_main(
+            [
+                "evaluate",
+                "--checkpoint",
+                out / "best.pt",
+                "--out",
+                tmp_path / "e0",
+                "--no-figures",
+                "--split",
+                "all",
+            ],
+            capsys,
+        )[0]
+        == 0
+    )
     ref = json.loads((tmp_path / "e0" / "metrics.json").read_text())
 
     # an extra rater "a" sorts first: by position it would become channel 0; by name it is left out
@@ -278,8 +414,21 @@ def test_evaluate_maps_raters_by_name_or_refuses_renamed_ones(tmp_path, capsys, 
     shutil.copytree(more / "raters" / "c", more / "raters" / "a")
     for p in (more / "raters" / "a").iterdir():
         write(p, 255 - np.asarray(Image.open(p)))
-    code, _, err = run_main(["evaluate", "--checkpoint", out / "best.pt", "--out", tmp_path / "e1",
-                             "--no-figures", "--split", "all", "--data", more], capsys)
+    code, _, err = run_main(
+        [
+            "evaluate",
+            "--checkpoint",
+            out / "best.pt",
+            "--out",
+            tmp_path / "e1",
+            "--no-figures",
+            "--split",
+            "all",
+            "--data",
+            more,
+        ],
+        capsys,
+    )
     assert code == 0 and "mapped by name" in err
     m = json.loads((tmp_path / "e1" / "metrics.json").read_text())
     assert m["expert_names"] == ["b", "c"]
@@ -289,23 +438,48 @@ def test_evaluate_maps_raters_by_name_or_refuses_renamed_ones(tmp_path, capsys, 
     renamed = tmp_path / "renamed"
     shutil.copytree(data, renamed)
     (renamed / "raters" / "c").rename(renamed / "raters" / "d")
-    code, _, err = run_main(["evaluate", "--checkpoint", out / "best.pt", "--out", tmp_path / "e2",
-                             "--no-figures", "--data", renamed], capsys)
+    code, _, err = run_main(
+        [
+            "evaluate",
+            "--checkpoint",
+            out / "best.pt",
+            "--out",
+            tmp_path / "e2",
+            "--no-figures",
+            "--data",
+            renamed,
+        ],
+        capsys,
+    )
     assert code == 2 and "['b', 'c']" in err and "['b', 'd']" in err and "wrong experts" in err
     assert not (tmp_path / "e2" / "metrics.json").exists()
 
 
 def test_empty_and_small_splits(tmp_path, capsys):
     small = make_set(tmp_path / "small", n=3)
-    code, _, err = run_main(["train", "--layout", "multirater", "--data", small, "--out",
-                             tmp_path / "r0", *FILES], capsys)
+    code, _, err = run_main(
+        ["train", "--layout", "multirater", "--data", small, "--out", tmp_path / "r0", *FILES],
+        capsys,
+    )
     assert code == 2 and "too small to split" in err and "train 3, val 0, test 0" in err
     data = make_set(tmp_path / "data", n=12)
-    code, _, err = run_main(["train", "--layout", "multirater", "--data", data, "--out",
-                             tmp_path / "r", *FILES], capsys)
+    code, _, err = run_main(
+        ["train", "--layout", "multirater", "--data", data, "--out", tmp_path / "r", *FILES], capsys
+    )
     assert code == 0 and "few cases in the val and test split" in err
-    code, _, err = run_main(["evaluate", "--checkpoint", tmp_path / "r" / "best.pt", "--out",
-                             tmp_path / "e", "--data", small, "--no-figures"], capsys)
+    code, _, err = run_main(
+        [
+            "evaluate",
+            "--checkpoint",
+            tmp_path / "r" / "best.pt",
+            "--out",
+            tmp_path / "e",
+            "--data",
+            small,
+            "--no-figures",
+        ],
+        capsys,
+    )
     assert code == 2 and "test split" in err and "is empty" in err and "--split" in err
     assert not (tmp_path / "e" / "metrics.json").exists()
 
@@ -313,16 +487,19 @@ def test_empty_and_small_splits(tmp_path, capsys):
 # ============================================================================ 3. configuration
 
 
-@pytest.mark.parametrize("text,words", [
-    ("epochs: two\n", ["epochs", "an integer", "'two'"]),
-    ("lr: fast\n", ["lr", "a number", "'fast'"]),
-    ("batch_size: '2'\n", ["batch_size", "an integer", "'2'"]),
-    ("epochs: 1.5\n", ["epochs", "an integer", "1.5"]),
-    ("spatial_size: 64\n", ["spatial_size", "a list of integers", "64"]),
-    ("resume: 'no'\n", ["resume", "true or false", "'no'"]),
-    ("epochs: [1, 2\n", ["c.yaml:2:1", "YAML syntax error"]),
-    ("epochs: 2\n  lr: 3\n", ["c.yaml:2:5", "YAML syntax error"]),
-])
+@pytest.mark.parametrize(
+    "text,words",
+    [
+        ("epochs: two\n", ["epochs", "an integer", "'two'"]),
+        ("lr: fast\n", ["lr", "a number", "'fast'"]),
+        ("batch_size: '2'\n", ["batch_size", "an integer", "'2'"]),
+        ("epochs: 1.5\n", ["epochs", "an integer", "1.5"]),
+        ("spatial_size: 64\n", ["spatial_size", "a list of integers", "64"]),
+        ("resume: 'no'\n", ["resume", "true or false", "'no'"]),
+        ("epochs: [1, 2\n", ["c.yaml:2:1", "YAML syntax error"]),
+        ("epochs: 2\n  lr: 3\n", ["c.yaml:2:5", "YAML syntax error"]),
+    ],
+)
 def test_config_file_errors_name_the_key(tmp_path, capsys, text, words):
     (tmp_path / "c.yaml").write_text(text)
     code, _, err = run_main(["train", "--config", tmp_path / "c.yaml"], capsys)
@@ -334,9 +511,12 @@ def test_config_file_errors_name_the_key(tmp_path, capsys, text, words):
 def test_config_values_converted_where_unambiguous(tmp_path):
     from deferredseg.cli import build_parser, config_from_args
 
-    (tmp_path / "c.yaml").write_text("lr: 1e-3\nweight_decay: 0\nspatial_size: [32, 32]\n"
-                                     "resume: no\ntarget: 1\n")
-    cfg = config_from_args(build_parser().parse_args(["train", "--config", str(tmp_path / "c.yaml")]))
+    (tmp_path / "c.yaml").write_text(
+        "lr: 1e-3\nweight_decay: 0\nspatial_size: [32, 32]\nresume: no\ntarget: 1\n"
+    )
+    cfg = config_from_args(
+        build_parser().parse_args(["train", "--config", str(tmp_path / "c.yaml")])
+    )
     assert cfg.lr == 0.001 and isinstance(cfg.lr, float) and cfg.weight_decay == 0.0
     assert cfg.spatial_size == [32, 32] and cfg.resume is False and cfg.target == 1
     (tmp_path / "c.json").write_text('{"epochs": 3,\n "lr": }')
@@ -354,7 +534,9 @@ def test_every_key_is_documented_with_its_type(capsys):
     doc = (ROOT / "docs" / "configuration.md").read_text()
     for f in dataclasses.fields(TrainConfig):
         assert f.name in HELP, f"{f.name} has no help text"
-        assert f"[{f.name}:" in out.replace("\n", " ").replace("  ", " ") or f"[{f.name}:" in out, f.name
+        assert f"[{f.name}:" in out.replace("\n", " ").replace("  ", " ") or f"[{f.name}:" in out, (
+            f.name
+        )
         assert f"`{f.name}`" in doc, f"{f.name} is not in docs/configuration.md"
 
 
@@ -364,8 +546,9 @@ def test_every_key_is_documented_with_its_type(capsys):
 def test_3d_nifti_takes_spatial_dims_from_the_files(tmp_path, capsys):
     data = make_set(tmp_path / "vol", n=8, shape=(16, 16, 16), ext=".nii.gz", fg=1)
     out = tmp_path / "r"
-    code, _, err = run_main(["train", "--layout", "multirater", "--data", data, "--out", out,
-                             *FILES], capsys)
+    code, _, err = run_main(
+        ["train", "--layout", "multirater", "--data", data, "--out", out, *FILES], capsys
+    )
     assert code == 0 and "3D" in err
     assert load_checkpoint(out / "best.pt")["config"]["spatial_dims"] == 3
 
@@ -373,31 +556,75 @@ def test_3d_nifti_takes_spatial_dims_from_the_files(tmp_path, capsys):
 def test_cases_of_different_sizes_and_mixed_dimensions(tmp_path, capsys):
     sizes = [(24, 24)] * 10 + [(28, 20), (20, 28)]
     data = make_set(tmp_path / "var", sizes=sizes)
-    code, _, err = run_main(["train", "--layout", "multirater", "--data", data, "--out",
-                             tmp_path / "r", *FILES], capsys)
+    code, _, err = run_main(
+        ["train", "--layout", "multirater", "--data", data, "--out", tmp_path / "r", *FILES], capsys
+    )
     assert code == 2 and "differ in size" in err and "c10: 28x20" in err and "--spatial-size" in err
-    code, _, _ = run_main(["train", "--layout", "multirater", "--data", data, "--out",
-                           tmp_path / "r", "--spatial-size", "24,24", *FILES], capsys)
+    code, _, _ = run_main(
+        [
+            "train",
+            "--layout",
+            "multirater",
+            "--data",
+            data,
+            "--out",
+            tmp_path / "r",
+            "--spatial-size",
+            "24,24",
+            *FILES,
+        ],
+        capsys,
+    )
     assert code == 0
     mixed = make_set(tmp_path / "mixed", n=12, ext=".npy", fg=1)
     for f in mixed.rglob("c05.npy"):
         write(f, np.zeros((8, 24, 24), np.float32 if "images" in str(f) else np.uint8))
-    code, _, err = run_main(["train", "--layout", "multirater", "--data", mixed, "--out",
-                             tmp_path / "m", *FILES], capsys)
+    code, _, err = run_main(
+        ["train", "--layout", "multirater", "--data", mixed, "--out", tmp_path / "m", *FILES],
+        capsys,
+    )
     assert code == 2 and "different dimensions" in err and "2D (e.g." in err and "3D (e.g." in err
 
 
 def test_label_map_option(tmp_path, capsys):
     data = make_set(tmp_path / "d128", fg=128)
-    code, _, err = run_main(["train", "--layout", "multirater", "--data", data, "--out",
-                             tmp_path / "r0", *FILES], capsys)
+    code, _, err = run_main(
+        ["train", "--layout", "multirater", "--data", data, "--out", tmp_path / "r0", *FILES],
+        capsys,
+    )
     assert code == 2 and "[128]" in err and "--label-map" in err
-    code, _, _ = run_main(["train", "--layout", "multirater", "--data", data, "--out",
-                           tmp_path / "r1", "--label-map", "0:0,128:1", *FILES], capsys)
+    code, _, _ = run_main(
+        [
+            "train",
+            "--layout",
+            "multirater",
+            "--data",
+            data,
+            "--out",
+            tmp_path / "r1",
+            "--label-map",
+            "0:0,128:1",
+            *FILES,
+        ],
+        capsys,
+    )
     assert code == 0
     assert load_checkpoint(tmp_path / "r1" / "best.pt")["config"]["label_map"] == "0:0,128:1"
-    code, _, err = run_main(["train", "--layout", "multirater", "--data", data, "--out",
-                             tmp_path / "r2", "--label-map", "0=0", *FILES], capsys)
+    code, _, err = run_main(
+        [
+            "train",
+            "--layout",
+            "multirater",
+            "--data",
+            data,
+            "--out",
+            tmp_path / "r2",
+            "--label-map",
+            "0=0",
+            *FILES,
+        ],
+        capsys,
+    )
     assert code == 2 and "--label-map" in err and "0:0,128:1" in err
 
 
@@ -410,8 +637,21 @@ def test_target_by_index_or_name(tmp_path, capsys):
     by_name = build_data(TrainConfig(layout="multirater", data=str(data), target="r2"), "train")
     assert torch.equal(by_index[0]["target"], by_name[0]["target"])
     assert torch.equal(by_index[0]["target"], by_index[0]["expert_labels"][1])
-    code, _, _ = run_main(["train", "--layout", "multirater", "--data", data, "--target", "2",
-                           "--out", tmp_path / "r", *FILES], capsys)
+    code, _, _ = run_main(
+        [
+            "train",
+            "--layout",
+            "multirater",
+            "--data",
+            data,
+            "--target",
+            "2",
+            "--out",
+            tmp_path / "r",
+            *FILES,
+        ],
+        capsys,
+    )
     assert code == 0
 
 
@@ -422,8 +662,9 @@ def test_a_bad_file_in_the_test_split_is_found_before_training(tmp_path, capsys)
     test_id = split_ids([f"c{i:02d}" for i in range(12)], seed=0)["test"][0]
     (data / "raters" / "r2" / f"{test_id}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     t0 = time.perf_counter()
-    code, out, err = run_main(["train", "--layout", "multirater", "--data", data, "--out",
-                               tmp_path / "r", *FILES], capsys)
+    code, out, err = run_main(
+        ["train", "--layout", "multirater", "--data", data, "--out", tmp_path / "r", *FILES], capsys
+    )
     assert code == 2 and f"{test_id}.png" in err and "test split" in err and "cannot read" in err
     assert "epoch 1/1" not in out and not (tmp_path / "r" / "log.jsonl").exists()
     assert time.perf_counter() - t0 < 30
@@ -440,8 +681,9 @@ def test_one_line_per_epoch_and_summary_tables(tmp_path, capsys):
     assert len(epoch_lines) == 2 and "val system Dice" in epoch_lines[1]
     assert "model Dice" in epoch_lines[0] and "deferral" in epoch_lines[0]
     assert "| system (model + experts) |" in text and f"run folder: {out}" in text
-    code, text, _ = run_main(["evaluate", "--checkpoint", out / "best.pt", "--out", tmp_path / "e",
-                              "--no-hd95"], capsys)
+    code, text, _ = run_main(
+        ["evaluate", "--checkpoint", out / "best.pt", "--out", tmp_path / "e", "--no-hd95"], capsys
+    )
     assert code == 0 and "| model alone |" in text and "workload per expert" in text
     assert "examples.png" in text and "metrics.json" in text
 
@@ -460,17 +702,25 @@ def test_example_figure_names_cases_slices_experts_and_the_reference(tmp_path, m
             fig, axes = orig(*a, **k)
             seen["fig"], seen["axes"] = fig, axes
             return fig, axes
+
         monkeypatch.setattr(plt, "subplots", subplots)
         monkeypatch.setattr(plt, "close", lambda fig: None)
         return plt
 
     monkeypatch.setattr(figures, "_plt", spy)
     S = (6, 8, 8)
-    ex = {"id": "vol_7", "image": torch.rand(1, *S), "target": torch.zeros(S, dtype=torch.long),
-          "assignment": torch.randint(-1, 2, S, dtype=torch.int8), "final": torch.zeros(S, dtype=torch.long),
-          "model_pred": torch.zeros(S, dtype=torch.long), "defer_prob": torch.rand(S)}
-    paths = figures.save_examples([ex], tmp_path / "ex.png", 1, ["alice", "bob"],
-                                  figures.reference_name("staple"))
+    ex = {
+        "id": "vol_7",
+        "image": torch.rand(1, *S),
+        "target": torch.zeros(S, dtype=torch.long),
+        "assignment": torch.randint(-1, 2, S, dtype=torch.int8),
+        "final": torch.zeros(S, dtype=torch.long),
+        "model_pred": torch.zeros(S, dtype=torch.long),
+        "defer_prob": torch.rand(S),
+    }
+    paths = figures.save_examples(
+        [ex], tmp_path / "ex.png", 1, ["alice", "bob"], figures.reference_name("staple")
+    )
     assert paths[0].is_file()
     axes = seen["axes"]
     assert axes[0][1].get_title() == "STAPLE consensus"

@@ -22,20 +22,34 @@ def _data():
 
 def _worker(rank, init_file, backend, out_dir, balance):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         logits, target, experts = _data()
         sl = slice(2 * rank, 2 * rank + 2)
         x = logits[sl].clone().requires_grad_(True)
         loss, terms = deferredseg_loss(
-            x, target[sl], experts[sl], K, E, backend=backend, sync_balance=True,
-            balance=balance, balance_low=[0.1] * (E + 1), balance_high=[0.2] * (E + 1),
-            lambda_seg=0, lambda_collab=0, lambda_gate=0, lambda_coherence=0, lambda_balance=1,
-            return_terms=True)
+            x,
+            target[sl],
+            experts[sl],
+            K,
+            E,
+            backend=backend,
+            sync_balance=True,
+            balance=balance,
+            balance_low=[0.1] * (E + 1),
+            balance_high=[0.2] * (E + 1),
+            lambda_seg=0,
+            lambda_collab=0,
+            lambda_gate=0,
+            lambda_coherence=0,
+            lambda_balance=1,
+            return_terms=True,
+        )
         (g,) = torch.autograd.grad(loss, x)
-        torch.save({"loss": loss.detach(), "pbar": terms["pbar"], "grad": g},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            {"loss": loss.detach(), "pbar": terms["pbar"], "grad": g},
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
         dist.barrier()  # both ranks done with the group before either tears it down
     finally:
         dist.destroy_process_group()
@@ -51,22 +65,38 @@ def _worker(rank, init_file, backend, out_dir, balance):
 def test_two_ranks_equal_one_process(tmp_path, backend, balance):
     if backend == "triton":
         pytest.skip("the Triton interpreter in spawned CPU ranks is covered by the reference path")
-    mp.spawn(_worker, args=(str(tmp_path / "init"), backend, str(tmp_path), balance),
-             nprocs=WORLD, join=True)
+    mp.spawn(
+        _worker,
+        args=(str(tmp_path / "init"), backend, str(tmp_path), balance),
+        nprocs=WORLD,
+        join=True,
+    )
     logits, target, experts = _data()
     x = logits.clone().requires_grad_(True)
     loss, terms = deferredseg_loss(
-        x, target, experts, K, E, backend="reference", balance=balance,
-        balance_low=[0.1] * (E + 1), balance_high=[0.2] * (E + 1), lambda_seg=0,
-        lambda_collab=0, lambda_gate=0, lambda_coherence=0, lambda_balance=1,
-        return_terms=True)
+        x,
+        target,
+        experts,
+        K,
+        E,
+        backend="reference",
+        balance=balance,
+        balance_low=[0.1] * (E + 1),
+        balance_high=[0.2] * (E + 1),
+        lambda_seg=0,
+        lambda_collab=0,
+        lambda_gate=0,
+        lambda_coherence=0,
+        lambda_balance=1,
+        return_terms=True,
+    )
     (g,) = torch.autograd.grad(loss, x)
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         torch.testing.assert_close(got["loss"], loss.detach().to(got["loss"].dtype))
         torch.testing.assert_close(got["pbar"], terms["pbar"].to(got["pbar"].dtype))
         # DistributedDataParallel averages over ranks, so each rank carries world x its share.
-        torch.testing.assert_close(got["grad"] / WORLD, g[2 * rank:2 * rank + 2])
+        torch.testing.assert_close(got["grad"] / WORLD, g[2 * rank : 2 * rank + 2])
 
 
 def test_sync_balance_is_a_no_op_without_a_process_group():

@@ -27,8 +27,10 @@ import deferredseg_kernels as dk
 from deferredseg_kernels import make_options
 
 if "triton" not in dk.available_backends():
-    pytest.skip(f"triton backend unavailable: {dk._dispatch.why_unavailable('triton')}",
-                allow_module_level=True)
+    pytest.skip(
+        f"triton backend unavailable: {dk._dispatch.why_unavailable('triton')}",
+        allow_module_level=True,
+    )
 
 from deferredseg_kernels.ops import fused, triton_common, triton_loss, triton_route  # noqa: E402
 
@@ -67,8 +69,11 @@ def small_blocks(monkeypatch):
 
 
 def _band(E):
-    return dict(balance="band", balance_low=[0.5 / (E + 1)] * (E + 1),
-                balance_high=[1.5 / (E + 1)] * (E + 1))
+    return dict(
+        balance="band",
+        balance_low=[0.5 / (E + 1)] * (E + 1),
+        balance_high=[1.5 / (E + 1)] * (E + 1),
+    )
 
 
 # ----------------------------------------------------------------------------------
@@ -83,8 +88,9 @@ def test_many_programs(small_blocks, spatial):
     logits, target, experts = make_inputs(3, K, E, spatial, device=DEVICE)
     _compare(logits, target, experts, K, E, lambda_coherence=1.0)
     _compare(logits, target, experts, K, E, coherence="l2", surrogate="paper", **_band(E))
-    _compare(logits, target, experts, K, E, lambda_coherence=1.0, surrogate="ova",
-             gate_target="benefit")
+    _compare(
+        logits, target, experts, K, E, lambda_coherence=1.0, surrogate="ova", gate_target="benefit"
+    )
 
 
 # ----------------------------------------------------------------------------------
@@ -104,8 +110,9 @@ def test_poisoned_gradient_buffer(monkeypatch):
 
     monkeypatch.setattr(fused, "grad_buffer", poisoned)
     for ignore_frac in (0.3, 1.0):
-        logits, target, experts = make_inputs(2, K, E, (5, 7), ignore_frac=ignore_frac,
-                                              device=DEVICE)
+        logits, target, experts = make_inputs(
+            2, K, E, (5, 7), ignore_frac=ignore_frac, device=DEVICE
+        )
         logits = logits.to(memory_format=torch.channels_last)
         loss, _, grad = run("triton", logits, target, experts, K, E)
         assert bool(torch.isfinite(grad).all())
@@ -121,8 +128,9 @@ def test_input_not_overwritten_and_heap_poisoned():
     before = logits.clone()
     # Recycle memory filled with NaN so fresh buffers start dirty where the allocator reuses.
     junk = [torch.full(logits.shape, float("nan"), device=DEVICE) for _ in range(4)]
-    junk += [torch.full((E + 7,), float("nan"), dtype=torch.float64, device=DEVICE)
-             for _ in range(4)]
+    junk += [
+        torch.full((E + 7,), float("nan"), dtype=torch.float64, device=DEVICE) for _ in range(4)
+    ]
     del junk
     ref = run("reference", logits, target, experts, K, E)
     junk = [torch.full(logits.shape, float("nan"), device=DEVICE) for _ in range(4)]
@@ -190,8 +198,9 @@ def test_bad_inputs_rejected_before_launch(monkeypatch):
         opts = {k: v for k, v in change.items() if k not in args}
         args.update({k: v for k, v in change.items() if k in args})
         with pytest.raises(exc, match=words):
-            dk.deferredseg_loss(args["logits"], args["target"], args["experts"], K, E,
-                                backend="triton", **opts)
+            dk.deferredseg_loss(
+                args["logits"], args["target"], args["experts"], K, E, backend="triton", **opts
+            )
     with pytest.raises(ValueError, match="mode"):
         dk.route(logits, K, E, 0.5, mode="nope", backend="triton")
     with pytest.raises(ValueError, match="threshold"):
@@ -218,15 +227,19 @@ def test_op_rejects_bad_dtype_clearly():
 def test_route_opcheck():
     K, E = 3, 2
     logits, _, experts = make_inputs(2, K, E, (4, 5), device=DEVICE)
-    torch.library.opcheck(triton_route.route_op, (logits, K, E, 0.3, "gate", experts, None,
-                                                  "softmax"))
-    torch.library.opcheck(triton_route.route_op, (logits, K, E, 0.3, "router", None, None,
-                                                  "softmax"))
+    torch.library.opcheck(
+        triton_route.route_op, (logits, K, E, 0.3, "gate", experts, None, "softmax")
+    )
+    torch.library.opcheck(
+        triton_route.route_op, (logits, K, E, 0.3, "router", None, None, "softmax")
+    )
     cost = torch.tensor([0.1, 0.0], device=DEVICE)
-    torch.library.opcheck(triton_route.route_op, (logits, K, E, -0.1, "gain", experts, cost,
-                                                  "sigmoid"))
-    torch.library.opcheck(triton_route.route_op, (logits, K, E, 0.0, "router", None, cost,
-                                                  "softmax"))
+    torch.library.opcheck(
+        triton_route.route_op, (logits, K, E, -0.1, "gain", experts, cost, "sigmoid")
+    )
+    torch.library.opcheck(
+        triton_route.route_op, (logits, K, E, 0.0, "router", None, cost, "softmax")
+    )
 
 
 def test_route_torch_compile_fullgraph():
@@ -236,16 +249,37 @@ def test_route_torch_compile_fullgraph():
     K, E = 3, 2
     logits, _, experts = make_inputs(2, K, E, (5, 6), device=DEVICE)
     torch._dynamo.reset()
-    route_c = torch.compile(lambda x: dk.route(x, K, E, 0.4, "router", experts, backend="triton"),
-                            fullgraph=True)
+    route_c = torch.compile(
+        lambda x: dk.route(x, K, E, 0.4, "router", experts, backend="triton"), fullgraph=True
+    )
     r1, r2 = route_c(logits), dk.route(logits, K, E, 0.4, "router", experts, backend="triton")
     assert all(torch.equal(a, b) for a, b in zip(r1, r2))
-    gain_c = torch.compile(lambda x: dk.route(x, K, E, -0.1, "gain", experts,
-                                              expert_cost=[0.0, 0.2], scores="sigmoid",
-                                              backend="triton"), fullgraph=True)
+    gain_c = torch.compile(
+        lambda x: dk.route(
+            x,
+            K,
+            E,
+            -0.1,
+            "gain",
+            experts,
+            expert_cost=[0.0, 0.2],
+            scores="sigmoid",
+            backend="triton",
+        ),
+        fullgraph=True,
+    )
     r1 = gain_c(logits)
-    r2 = dk.route(logits, K, E, -0.1, "gain", experts, expert_cost=[0.0, 0.2], scores="sigmoid",
-                  backend="triton")
+    r2 = dk.route(
+        logits,
+        K,
+        E,
+        -0.1,
+        "gain",
+        experts,
+        expert_cost=[0.0, 0.2],
+        scores="sigmoid",
+        backend="triton",
+    )
     assert all(torch.equal(a, b) for a, b in zip(r1, r2))
 
 
@@ -268,9 +302,11 @@ def test_support_versions():
 
 
 def test_ops_have_the_declared_schemas():
-    for name, schema in (("loss_stats", triton_loss._STATS_SCHEMA),
-                         ("loss_fused", triton_loss._LOSS_SCHEMA),
-                         ("route", triton_route._ROUTE_SCHEMA)):
+    for name, schema in (
+        ("loss_stats", triton_loss._STATS_SCHEMA),
+        ("loss_fused", triton_loss._LOSS_SCHEMA),
+        ("route", triton_route._ROUTE_SCHEMA),
+    ):
         got = str(getattr(torch.ops.deferredseg_triton, name).default._schema)
         assert got == f"deferredseg_triton::{name}{schema}"
 
@@ -279,6 +315,7 @@ def test_define_op_rejects_annotations_that_differ_from_the_schema():
     """Where triton_op infers the schema from the annotations (torch 2.11), annotations
     that drift from the declared schema would silently change the op: refused on every
     torch, before anything is registered."""
+
     def launch(x: torch.Tensor, n: float) -> torch.Tensor:
         return x
 
@@ -382,8 +419,14 @@ def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _SM90_SCRIPT],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if proc.returncode != 0 and ("ptxas" in proc.stderr and "not found" in proc.stderr):
         pytest.skip("no ptxas in this triton install")
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
@@ -397,8 +440,11 @@ def test_kernels_compile_for_sm90():
 def _poison_allocator(numel: int) -> None:
     """Free blocks of the output sizes filled with 0x55 bytes, so that fresh outputs that
     reuse them start dirty (the CUDA caching allocator, and malloc's size bins on CPU)."""
-    junk = [torch.full((numel * size,), 0x55, dtype=torch.uint8, device=DEVICE)
-            for size in (1, 4, 8, 8, 8) for _ in range(2)]
+    junk = [
+        torch.full((numel * size,), 0x55, dtype=torch.uint8, device=DEVICE)
+        for size in (1, 4, 8, 8, 8)
+        for _ in range(2)
+    ]
     del junk
 
 
@@ -413,13 +459,13 @@ def _route_equal(logits, K, E, thr, mode, experts):
     else:
         assert torch.equal(tri.final, ref.final), "final"
     assert tri.defer_prob.dtype == ref.defer_prob.dtype
-    torch.testing.assert_close(tri.defer_prob, ref.defer_prob, rtol=1e-6, atol=1e-7,
-                               equal_nan=True)
+    torch.testing.assert_close(tri.defer_prob, ref.defer_prob, rtol=1e-6, atol=1e-7, equal_nan=True)
 
 
 @pytest.mark.parametrize("mode", ["gate", "router"])
-@pytest.mark.parametrize("K,E,spatial", [(3, 2, (7, 13)), (1, 3, (37,)), (4, 16, (3, 5, 7)),
-                                         (32, 1, (2, 9))])
+@pytest.mark.parametrize(
+    "K,E,spatial", [(3, 2, (7, 13)), (1, 3, (37,)), (4, 16, (3, 5, 7)), (32, 1, (2, 9))]
+)
 def test_route_bitwise(mode, K, E, spatial):
     logits, _, experts = make_inputs(2, K, E, spatial, device=DEVICE)
     # integer logits make ties in z and r (lowest index wins), and a == logit(thr) for
@@ -439,8 +485,17 @@ def test_route_costs_scores_gain_small_blocks(scores, K, E, small_blocks):
     from test_route import check_route_matrix
 
     def run(logits, K, E, thr, mode, experts, cost, scores):
-        out = dk.route(logits.to(DEVICE), K, E, thr, mode, experts.to(DEVICE), expert_cost=cost,
-                       scores=scores, backend="triton")
+        out = dk.route(
+            logits.to(DEVICE),
+            K,
+            E,
+            thr,
+            mode,
+            experts.to(DEVICE),
+            expert_cost=cost,
+            scores=scores,
+            backend="triton",
+        )
         return type(out)(*[t.cpu() if t is not None else None for t in out])
 
     check_route_matrix(run, K, E, torch.float16, scores, shapes=((7, 13), (2, 3, 5)))
@@ -449,14 +504,16 @@ def test_route_costs_scores_gain_small_blocks(scores, K, E, small_blocks):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_route_dtypes_and_nan(dtype, small_blocks):
     K, E = 3, 3
-    logits, _, experts = make_inputs(2, K, E, (6, 7), dtype=dtype, device=DEVICE,
-                                     label_dtype=torch.uint8, ignore_index=255)
-    logits[0, 1, 2, 3] = float("nan")      # model argmax: the NaN wins
+    logits, _, experts = make_inputs(
+        2, K, E, (6, 7), dtype=dtype, device=DEVICE, label_dtype=torch.uint8, ignore_index=255
+    )
+    logits[0, 1, 2, 3] = float("nan")  # model argmax: the NaN wins
     logits[1, K + 2, 0, 0] = float("nan")  # router argmax: the NaN wins
     for mode in ("gate", "router"):
         _route_equal(logits, K, E, 0.35, mode, experts)
-        _route_equal(logits.to(memory_format=torch.channels_last), K, E, 0.35, mode,
-                     experts.to(torch.int32))
+        _route_equal(
+            logits.to(memory_format=torch.channels_last), K, E, 0.35, mode, experts.to(torch.int32)
+        )
 
 
 # ----------------------------------------------------------------------------------
@@ -482,7 +539,8 @@ def test_gpu_matches_reference(dtype):
             e_ref = float((ref[2].double() - truth[2]).abs().max())
             assert e_tri <= 2 * e_ref + 1e-7 * float(truth[2].abs().max()), (K, E, S, e_tri, e_ref)
             assert abs(float(tri[0]) - float(truth[0])) <= 2 * abs(
-                float(ref[0]) - float(truth[0])) + 1e-6 * abs(float(truth[0]))
+                float(ref[0]) - float(truth[0])
+            ) + 1e-6 * abs(float(truth[0]))
 
 
 @requires_cuda
@@ -520,14 +578,31 @@ def test_gpu_compile_and_opcheck():
     torch.library.opcheck(triton_loss.loss_stats, (logits, target, experts, w, K, E, -100, False))
     stats = triton_loss.loss_stats(logits, target, experts, w, K, E, -100, False)
     opts = make_options(K, E)
-    torch.library.opcheck(triton_loss.loss_fused,
-                          (logits.clone().requires_grad_(), target, experts, w, stats, None, None,
-                           K, E, -100, fused.float_params(opts, 1.0), fused.int_params(opts), True))
-    torch.library.opcheck(triton_route.route_op, (logits, K, E, 0.3, "gate", experts, None,
-                                                  "softmax"))
-    torch.library.opcheck(triton_route.route_op,
-                          (logits, K, E, 0.0, "gain", experts,
-                           torch.tensor([0.1, 0.0], device="cuda"), "sigmoid"))
+    torch.library.opcheck(
+        triton_loss.loss_fused,
+        (
+            logits.clone().requires_grad_(),
+            target,
+            experts,
+            w,
+            stats,
+            None,
+            None,
+            K,
+            E,
+            -100,
+            fused.float_params(opts, 1.0),
+            fused.int_params(opts),
+            True,
+        ),
+    )
+    torch.library.opcheck(
+        triton_route.route_op, (logits, K, E, 0.3, "gate", experts, None, "softmax")
+    )
+    torch.library.opcheck(
+        triton_route.route_op,
+        (logits, K, E, 0.0, "gain", experts, torch.tensor([0.1, 0.0], device="cuda"), "sigmoid"),
+    )
 
 
 @requires_cuda
@@ -541,8 +616,17 @@ def test_gpu_route_bitwise():
     from test_route import check_route_matrix
 
     def run(logits, K, E, thr, mode, experts, cost, scores):
-        out = dk.route(logits.cuda(), K, E, thr, mode, experts.cuda(), expert_cost=cost,
-                       scores=scores, backend="triton")
+        out = dk.route(
+            logits.cuda(),
+            K,
+            E,
+            thr,
+            mode,
+            experts.cuda(),
+            expert_cost=cost,
+            scores=scores,
+            backend="triton",
+        )
         return type(out)(*[t.cpu() if t is not None else None for t in out])
 
     for K, E in ((3, 2), (1, 3), (32, 16)):
@@ -557,25 +641,34 @@ def test_gpu_large_offsets():
     free, _ = torch.cuda.mem_get_info()
     K, E = 1, 2
     C = K + E + 2
-    P = (2 ** 31) // C + (1 << 20)
+    P = (2**31) // C + (1 << 20)
     if free < 14 * P * C:
         pytest.skip("not enough GPU memory for a >2^31-element tensor")
     n = 4096
     logits = torch.zeros((1, C, P), dtype=torch.bfloat16, device="cuda")
-    tail_x, tail_t, tail_e = make_inputs(1, K, E, (n,), dtype=torch.bfloat16, device="cuda",
-                                         label_dtype=torch.uint8, ignore_index=255,
-                                         ignore_frac=0.0)
+    tail_x, tail_t, tail_e = make_inputs(
+        1,
+        K,
+        E,
+        (n,),
+        dtype=torch.bfloat16,
+        device="cuda",
+        label_dtype=torch.uint8,
+        ignore_index=255,
+        ignore_frac=0.0,
+    )
     logits[..., -n:] = tail_x
     target = torch.full((1, P), 255, dtype=torch.uint8, device="cuda")
     target[:, -n:] = tail_t
     experts = torch.zeros((1, E, P), dtype=torch.uint8, device="cuda")
     experts[..., -n:] = tail_e
-    assert logits.numel() > 2 ** 31
+    assert logits.numel() > 2**31
     # Only the last n pixels are valid, so the loss equals the loss of that window alone.
     big = run("triton", logits, target, experts, K, E, ignore_index=255)
     del logits
     small = run("reference", tail_x, tail_t, tail_e, K, E, ignore_index=255)
     assert_close_to_max(big[0], small[0], "loss", rtol=1e-4)
-    assert_close_to_max(big[2][..., -n:].float(), small[2].float(), "tail grad", rtol=2e-2,
-                  atol_rel=1e-2)
+    assert_close_to_max(
+        big[2][..., -n:].float(), small[2].float(), "tail grad", rtol=2e-2, atol_rel=1e-2
+    )
     assert float(big[2][..., :-n].abs().amax()) == 0.0

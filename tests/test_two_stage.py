@@ -74,8 +74,13 @@ def test_write_benchmark_layouts_are_readable(tmp_path):
     s = write_benchmark(tmp_path / "c", "C", num_cases=10, size=24, seed=1)
     assert s["split_sizes"] == {"train": 6, "val": 2, "test": 2}
     split = json.loads((tmp_path / "c" / "split.json").read_text())
-    ds = build_dataset("multirater", tmp_path / "c", "test", target="label",
-                       split_file=tmp_path / "c" / "split.json")
+    ds = build_dataset(
+        "multirater",
+        tmp_path / "c",
+        "test",
+        target="label",
+        split_file=tmp_path / "c" / "split.json",
+    )
     item = ds[0]
     assert item["expert_labels"].shape[0] == 3 and item["id"] in split["test"]
     write_benchmark(tmp_path / "m", "A", num_cases=5, size=24, seed=1, layout="medsam-npy")
@@ -102,7 +107,7 @@ def test_gain_score_and_route_modes_agree():
     K, E = 1, 3
     logits = torch.randn(2, K + E + 2, 5, 6) * 3
     experts = torch.randint(0, 2, (2, E, 5, 6))
-    r = logits[:, K:K + E + 1]
+    r = logits[:, K : K + E + 1]
     q = torch.sigmoid(r)
     cost = [0.0, 0.3, 0.1]
     g = deferral_score(logits, K, E, "gain", "sigmoid", cost)
@@ -133,9 +138,20 @@ def bench(tmp_path_factory):
 
 
 def _cfg(bench, out, **kw):
-    base = dict(layout="multirater", data=str(bench), target="label", split_file=str(bench / "split.json"),
-                features=4, head_channels=4, epochs=1, head_epochs=2, batch_size=4, progress=False,
-                backend="reference", out=str(out))
+    base = dict(
+        layout="multirater",
+        data=str(bench),
+        target="label",
+        split_file=str(bench / "split.json"),
+        features=4,
+        head_channels=4,
+        epochs=1,
+        head_epochs=2,
+        batch_size=4,
+        progress=False,
+        backend="reference",
+        out=str(out),
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -150,21 +166,31 @@ def test_two_stage_keeps_the_base_and_defers_the_budget(bench, tmp_path):
             assert torch.equal(ck["model"][k], v), k
     assert ck["routing"]["budget"] == 0.1 and ck["routing"]["scores"] == "sigmoid"
     assert 0.0 < ck["routing"]["threshold"] < 1.0  # not pinned at an end
-    assert res["selection"] == "budget-dice" and res["best_val_deferral_rate"] == pytest.approx(0.1, abs=0.03)
+    assert res["selection"] == "budget-dice" and res["best_val_deferral_rate"] == pytest.approx(
+        0.1, abs=0.03
+    )
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert any(r.get("event") == "best" and r.get("val_deferral_rate") is not None for r in log)
     m = evaluate(tmp_path / "run" / "best.pt", figures=False, with_hd95=False, matched=True)
     # defaults: evaluated at the training budget, never deferring every pixel
     assert m["budget"] == 0.1 and 0.02 < m["deferral_rate"] < 0.3
     assert m["matched_deferral_rate"] == pytest.approx(0.1, abs=0.02)
-    assert m["auroc_model_wrong_score"] is not None and m["auroc_model_wrong_uncertainty"] is not None
+    assert (
+        m["auroc_model_wrong_score"] is not None and m["auroc_model_wrong_uncertainty"] is not None
+    )
     assert m["selection"]["by"] == "budget-dice" and m["route_mode"] == "gate"
 
 
 def test_base_checkpoint_skips_stage_one_and_l2d_runs_on_it(bench, tmp_path):
     train(_cfg(bench, tmp_path / "base", method="model-only"))
-    train(_cfg(bench, tmp_path / "l2d", method="l2d-single",
-               base_checkpoint=str(tmp_path / "base" / "best.pt")))
+    train(
+        _cfg(
+            bench,
+            tmp_path / "l2d",
+            method="l2d-single",
+            base_checkpoint=str(tmp_path / "base" / "best.pt"),
+        )
+    )
     assert not (tmp_path / "l2d" / "base").exists()
     m = evaluate(tmp_path / "l2d" / "best.pt", figures=False, with_hd95=False)
     assert 0.0 < m["deferral_rate"] < 0.5
@@ -173,7 +199,9 @@ def test_base_checkpoint_skips_stage_one_and_l2d_runs_on_it(bench, tmp_path):
 
 
 def test_router_mode_reports_its_own_rate_and_joint_selects_at_the_budget(bench, tmp_path):
-    train(_cfg(bench, tmp_path / "rel", surrogate="paper", gate_target="router", route_mode="router"))
+    train(
+        _cfg(bench, tmp_path / "rel", surrogate="paper", gate_target="router", route_mode="router")
+    )
     m = evaluate(tmp_path / "rel" / "best.pt", figures=False, with_hd95=False)
     assert m["budget"] is None and m["route_mode"] == "router"
     assert m["deferral_rate"] is not None and m["system_dice"] is not None

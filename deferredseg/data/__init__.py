@@ -12,28 +12,49 @@
 """
 
 from .datasets import (
-                       LAYOUTS,
-                       DatasetInfo,
-                       DeferredSegCacheDataset,
-                       DeferredSegDataset,
-                       build_dataloader,
-                       build_dataset,
-                       scan_medsam_npy,
-                       scan_multirater,
-                       synthetic_case,
+    LAYOUTS,
+    DatasetInfo,
+    DeferredSegCacheDataset,
+    DeferredSegDataset,
+    build_dataloader,
+    build_dataset,
+    scan_medsam_npy,
+    scan_multirater,
+    synthetic_case,
 )
 from .io import (
-                       SUPPORTED_EXTENSIONS,
-                       convert_labels,
-                       read_array,
-                       read_image,
-                       read_label,
-                       to_channel_first,
+    SUPPORTED_EXTENSIONS,
+    convert_labels,
+    read_array,
+    read_image,
+    read_label,
+    to_channel_first,
 )
 from .splits import SPLITS, load_split_file, select_split, split_ids
 from .transforms import FinalizeCased, LoadCased, MakeTargetd, SimulateExpertsd
 
-__all__ = ["LAYOUTS", "DatasetInfo", "DeferredSegDataset", "DeferredSegCacheDataset", "build_dataloader", "build_dataset", "scan_medsam_npy", "scan_multirater",
-           "synthetic_case", "SUPPORTED_EXTENSIONS", "convert_labels", "read_array", "read_image", "read_label",
-           "to_channel_first", "SPLITS", "load_split_file", "select_split", "split_ids", "FinalizeCased",
-           "LoadCased", "MakeTargetd", "SimulateExpertsd"]
+__all__ = [
+    "LAYOUTS",
+    "DatasetInfo",
+    "DeferredSegDataset",
+    "DeferredSegCacheDataset",
+    "build_dataloader",
+    "build_dataset",
+    "scan_medsam_npy",
+    "scan_multirater",
+    "synthetic_case",
+    "SUPPORTED_EXTENSIONS",
+    "convert_labels",
+    "read_array",
+    "read_image",
+    "read_label",
+    "to_channel_first",
+    "SPLITS",
+    "load_split_file",
+    "select_split",
+    "split_ids",
+    "FinalizeCased",
+    "LoadCased",
+    "MakeTargetd",
+    "SimulateExpertsd",
+]

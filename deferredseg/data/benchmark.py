@@ -46,8 +46,15 @@ from scipy import ndimage
 
 from ..experts.simulated import derive_seed
 
-__all__ = ["PANELS", "AmbiguousCase", "ambiguous_case", "panel_labels", "panel_names",
-           "write_benchmark", "oracle_and_best_expert"]
+__all__ = [
+    "PANELS",
+    "AmbiguousCase",
+    "ambiguous_case",
+    "panel_labels",
+    "panel_names",
+    "write_benchmark",
+    "oracle_and_best_expert",
+]
 
 PANELS = ("A", "B", "C", "D")
 PANEL_NAMES = {"A": "same-accuracy", "B": "complementary", "C": "content", "D": "structured"}
@@ -74,8 +81,9 @@ def _smooth_field(rng: np.random.Generator, shape: Tuple[int, ...], sigma: float
     return (f - lo) / (hi - lo + 1e-12)
 
 
-def _ellipsoid(shape: Tuple[int, ...], center: np.ndarray, axes: np.ndarray,
-               rng: np.random.Generator) -> np.ndarray:
+def _ellipsoid(
+    shape: Tuple[int, ...], center: np.ndarray, axes: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
     """A randomly rotated ellipse (2D) or ellipsoid (3D) mask."""
     d = len(shape)
     grids = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij")
@@ -85,8 +93,9 @@ def _ellipsoid(shape: Tuple[int, ...], center: np.ndarray, axes: np.ndarray,
     return ((local / axes) ** 2).sum(-1) <= 1.0
 
 
-def ambiguous_case(case_id: str, seed: int = 0, spatial_dims: int = 2, size: int = 64
-                   ) -> AmbiguousCase:
+def ambiguous_case(
+    case_id: str, seed: int = 0, spatial_dims: int = 2, size: int = 64
+) -> AmbiguousCase:
     """One hard case, seeded by ``(seed, case_id)``.
 
     Objects (sizes relative to a 64-pixel image): 1-2 large ones (radius 5-10),
@@ -105,8 +114,11 @@ def ambiguous_case(case_id: str, seed: int = 0, spatial_dims: int = 2, size: int
     image = 0.2 + 0.15 * _smooth_field(rng, shape, 6 * scale)
     objects = np.zeros(shape, np.int32)
     kinds: List[Tuple[int, bool, bool]] = []
-    specs = [(LARGE, False)] * int(rng.integers(1, 3)) + [(SMALL, False)] * int(rng.integers(2, 5)) \
+    specs = (
+        [(LARGE, False)] * int(rng.integers(1, 3))
+        + [(SMALL, False)] * int(rng.integers(2, 5))
         + [(SMALL, True)] * int(rng.integers(1, 3))
+    )
     for size_class, lookalike in specs:
         if lookalike:
             r = rng.uniform(2.0, 3.0) * scale
@@ -133,8 +145,9 @@ def ambiguous_case(case_id: str, seed: int = 0, spatial_dims: int = 2, size: int
     size_class, faint, lookalike = arr[:, 0], arr[:, 1].astype(bool), arr[:, 2].astype(bool)
     true_ids = np.flatnonzero(~lookalike) + 1
     label = np.isin(objects, true_ids).astype(np.int64)
-    return AmbiguousCase(case_id, image.astype(np.float32)[None], label, objects, size_class, faint,
-                         lookalike)
+    return AmbiguousCase(
+        case_id, image.astype(np.float32)[None], label, objects, size_class, faint, lookalike
+    )
 
 
 # ------------------------------------------------------------------------------- expert panels
@@ -151,7 +164,11 @@ def _content_reader(case: AmbiguousCase, kind: str, rng: np.random.Generator) ->
     out = np.zeros_like(case.label)
     for i in range(len(case.size_class)):
         m = case.objects == i + 1
-        small, faint, look = case.size_class[i] == SMALL, bool(case.faint[i]), bool(case.lookalike[i])
+        small, faint, look = (
+            case.size_class[i] == SMALL,
+            bool(case.faint[i]),
+            bool(case.lookalike[i]),
+        )
         if kind == "small-lesion reader":
             if look:
                 drawn = m  # marks look-alikes as lesions
@@ -202,7 +219,9 @@ def panel_labels(panel: str, case: AmbiguousCase, seed: int = 0) -> np.ndarray:
         rng = np.random.default_rng(derive_seed(seed, f"panelC/{case.id}"))
         return np.stack([_content_reader(case, k, rng) for k in CONTENT_READERS])
     spec = {"A": "same-accuracy", "B": "complementary", "D": "structured"}[panel]
-    experts = make_experts(spec, num_labels=2, seed=derive_seed(seed, f"panel{panel}"), resample=False)
+    experts = make_experts(
+        spec, num_labels=2, seed=derive_seed(seed, f"panel{panel}"), resample=False
+    )
     target = torch.from_numpy(case.label)[None]
     return experts(target, ids=[case.id])[0].numpy().astype(np.int64)
 
@@ -214,6 +233,7 @@ def oracle_and_best_expert(labels: np.ndarray, experts: np.ndarray) -> Dict[str,
     correctly whenever at least one expert does. Dice is averaged over images
     with foreground.
     """
+
     def dice(pred, true):
         inter = (pred & true).reshape(len(true), -1).sum(1)
         tot = pred.reshape(len(true), -1).sum(1) + true.reshape(len(true), -1).sum(1)
@@ -224,13 +244,24 @@ def oracle_and_best_expert(labels: np.ndarray, experts: np.ndarray) -> Dict[str,
     per = [dice(experts[:, j].astype(bool), y) for j in range(experts.shape[1])]
     right = experts == labels[:, None]
     oracle = np.where(right.any(1), labels, experts[:, 0]).astype(bool)
-    return {"expert_dice": per, "best_expert": int(np.argmax(per)), "best_expert_dice": max(per),
-            "oracle_dice": dice(oracle, y)}
+    return {
+        "expert_dice": per,
+        "best_expert": int(np.argmax(per)),
+        "best_expert_dice": max(per),
+        "oracle_dice": dice(oracle, y),
+    }
 
 
-def write_benchmark(root, panel: str = "C", num_cases: int = 250, spatial_dims: int = 2,
-                    size: int = 64, seed: int = 0, layout: str = "multirater",
-                    fractions: Sequence[float] = (0.6, 0.2, 0.2)) -> Dict[str, object]:
+def write_benchmark(
+    root,
+    panel: str = "C",
+    num_cases: int = 250,
+    spatial_dims: int = 2,
+    size: int = 64,
+    seed: int = 0,
+    layout: str = "multirater",
+    fractions: Sequence[float] = (0.6, 0.2, 0.2),
+) -> Dict[str, object]:
     """Write ``num_cases`` cases of ``panel`` under ``root``; return a summary.
 
     ``layout="multirater"``: ``images/<id>.npy``, ``raters/<expert>/<id>.npy``,
@@ -269,12 +300,20 @@ def write_benchmark(root, panel: str = "C", num_cases: int = 250, spatial_dims: 
             np.save(root / "gts" / f"{cid}.npy", case.label.astype(np.uint8))
     split = split_ids(ids, tuple(fractions), seed=seed)
     (root / "split.json").write_text(json.dumps(split, indent=1))
-    summary: Dict[str, object] = {"panel": panel, "cases": len(ids), "layout": layout,
-                                  "experts": names, "split_sizes": {k: len(v) for k, v in split.items()}}
+    summary: Dict[str, object] = {
+        "panel": panel,
+        "cases": len(ids),
+        "layout": layout,
+        "experts": names,
+        "split_sizes": {k: len(v) for k, v in split.items()},
+    }
     if all_experts:
         test = set(split["test"])
         idx = [i for i, c in enumerate(ids) if c in test]
-        summary.update(oracle_and_best_expert(np.stack([all_labels[i] for i in idx]),
-                                              np.stack([all_experts[i] for i in idx])))
+        summary.update(
+            oracle_and_best_expert(
+                np.stack([all_labels[i] for i in idx]), np.stack([all_experts[i] for i in idx])
+            )
+        )
     (root / "benchmark.json").write_text(json.dumps(summary, indent=1))
     return summary

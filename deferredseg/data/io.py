@@ -15,8 +15,16 @@ from typing import Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-__all__ = ["SUPPORTED_EXTENSIONS", "split_name", "read_array", "read_image", "read_label",
-           "to_channel_first", "convert_labels", "LabelMap"]
+__all__ = [
+    "SUPPORTED_EXTENSIONS",
+    "split_name",
+    "read_array",
+    "read_image",
+    "read_label",
+    "to_channel_first",
+    "convert_labels",
+    "LabelMap",
+]
 
 #: File extensions understood by the readers, longest first.
 SUPPORTED_EXTENSIONS: Tuple[str, ...] = (".nii.gz", ".nii", ".npy", ".png")
@@ -52,7 +60,9 @@ def read_array(path: Union[str, os.PathLike], what: str = "file") -> np.ndarray:
     path = Path(path)
     parts = split_name(path.name)
     if parts is None:
-        raise ValueError(f"{path}: unsupported file type; expected one of {', '.join(SUPPORTED_EXTENSIONS)}")
+        raise ValueError(
+            f"{path}: unsupported file type; expected one of {', '.join(SUPPORTED_EXTENSIONS)}"
+        )
     ext = parts[1]
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} not found")
@@ -64,12 +74,20 @@ def read_array(path: Union[str, os.PathLike], what: str = "file") -> np.ndarray:
             arr, _ = reader.get_data(reader.read(str(path)))
             arr = np.asarray(arr)
     except Exception as err:
-        kind = {".npy": "a NumPy .npy array (saved without pickling)", ".png": "a PNG image",
-                ".nii": "a NIfTI image", ".nii.gz": "a gzipped NIfTI image"}[ext]
-        raise ValueError(f"cannot read {what} {path}: expected {kind} ({type(err).__name__}: {err})") from err
+        kind = {
+            ".npy": "a NumPy .npy array (saved without pickling)",
+            ".png": "a PNG image",
+            ".nii": "a NIfTI image",
+            ".nii.gz": "a gzipped NIfTI image",
+        }[ext]
+        raise ValueError(
+            f"cannot read {what} {path}: expected {kind} ({type(err).__name__}: {err})"
+        ) from err
     if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "biuf":
-        raise ValueError(f"{what} {path}: expected a numeric array, got dtype "
-                         f"{getattr(arr, 'dtype', type(arr).__name__)}")
+        raise ValueError(
+            f"{what} {path}: expected a numeric array, got dtype "
+            f"{getattr(arr, 'dtype', type(arr).__name__)}"
+        )
     return arr
 
 
@@ -81,8 +99,9 @@ def read_image(path, what: str = "image") -> np.ndarray:
     return arr.astype(np.float32, copy=False)
 
 
-def read_label(path, num_labels: int, label_map: LabelMap = None, ignore_index: int = -100,
-               what: str = "label") -> np.ndarray:
+def read_label(
+    path, num_labels: int, label_map: LabelMap = None, ignore_index: int = -100, what: str = "label"
+) -> np.ndarray:
     """A label map as int64 values in [0, num_labels) or ``ignore_index`` (see :func:`convert_labels`).
 
     A PNG mask saved as RGB(A) with equal colour channels is read as one channel.
@@ -90,15 +109,24 @@ def read_label(path, num_labels: int, label_map: LabelMap = None, ignore_index: 
     arr = read_array(path, what)
     if str(path).lower().endswith(".png") and arr.ndim == 3 and arr.shape[-1] in (3, 4):
         rgb = arr[..., :3]
-        if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
-            raise ValueError(f"{what} {path} is a colour image whose channels differ; expected a "
-                             "single-channel mask (grey or palette PNG)")
+        if not (
+            np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])
+        ):
+            raise ValueError(
+                f"{what} {path} is a colour image whose channels differ; expected a "
+                "single-channel mask (grey or palette PNG)"
+            )
         arr = rgb[..., 0]
     return convert_labels(arr, num_labels, label_map, ignore_index, source=f"{what} {path}")
 
 
-def convert_labels(arr: np.ndarray, num_labels: int, label_map: LabelMap = None, ignore_index: int = -100,
-                   source: str = "labels") -> np.ndarray:
+def convert_labels(
+    arr: np.ndarray,
+    num_labels: int,
+    label_map: LabelMap = None,
+    ignore_index: int = -100,
+    source: str = "labels",
+) -> np.ndarray:
     """Raw mask values to labels, checked.
 
     - ``label_map=None``: a mask whose values are all in {0, 255} (the common PNG
@@ -123,7 +151,9 @@ def convert_labels(arr: np.ndarray, num_labels: int, label_map: LabelMap = None,
             out = raw
     elif isinstance(label_map, str):
         if label_map != "binary":
-            raise ValueError(f"label_map must be None, 'binary' or a {{raw value: label}} dict, got {label_map!r}")
+            raise ValueError(
+                f"label_map must be None, 'binary' or a {{raw value: label}} dict, got {label_map!r}"
+            )
         out = (raw != 0).astype(np.int64)
     else:
         keys = np.array(sorted(int(k) for k in label_map), dtype=np.int64)
@@ -133,20 +163,25 @@ def convert_labels(arr: np.ndarray, num_labels: int, label_map: LabelMap = None,
         known = (pos < len(keys)) & (keys[pos_c] == raw) if len(keys) else np.zeros(raw.shape, bool)
         if not np.all(known):
             unknown = np.unique(raw[~known])[:10]
-            raise ValueError(f"{source}: values {unknown.tolist()} are not in label_map "
-                             f"(which maps {keys.tolist()})")
+            raise ValueError(
+                f"{source}: values {unknown.tolist()} are not in label_map "
+                f"(which maps {keys.tolist()})"
+            )
         out = vals[pos_c]
     valid = out != ignore_index
     bad = np.unique(out[valid & ((out < 0) | (out >= num_labels))])
     if bad.size:
-        raise ValueError(f"{source}: label values {bad[:10].tolist()} out of range; expected integers in "
-                         f"[0, {num_labels}) (or ignore_index={ignore_index}), binary masks saved as 0/255, "
-                         "or a label_map for other encodings (--label-map / the label_map key, e.g. 0:0,128:1)")
+        raise ValueError(
+            f"{source}: label values {bad[:10].tolist()} out of range; expected integers in "
+            f"[0, {num_labels}) (or ignore_index={ignore_index}), binary masks saved as 0/255, "
+            "or a label_map for other encodings (--label-map / the label_map key, e.g. 0:0,128:1)"
+        )
     return out
 
 
-def to_channel_first(image: np.ndarray, spatial_shape: Tuple[int, ...], image_path="image",
-                     label_path="label") -> np.ndarray:
+def to_channel_first(
+    image: np.ndarray, spatial_shape: Tuple[int, ...], image_path="image", label_path="label"
+) -> np.ndarray:
     """An image (*S), (C, *S) or (*S, C) as (C, *S), given the label's spatial shape S."""
     S = tuple(int(s) for s in spatial_shape)
     shape = tuple(image.shape)
@@ -157,5 +192,7 @@ def to_channel_first(image: np.ndarray, spatial_shape: Tuple[int, ...], image_pa
             return image
         if shape[:-1] == S:
             return np.moveaxis(image, -1, 0)
-    raise ValueError(f"shape mismatch: image {image_path} has shape {shape} but {label_path} has shape {S}; "
-                     f"expected the image to be {S}, (C, *{S}) or (*{S}, C)")
+    raise ValueError(
+        f"shape mismatch: image {image_path} has shape {shape} but {label_path} has shape {S}; "
+        f"expected the image to be {S}, (C, *{S}) or (*{S}, C)"
+    )

@@ -52,8 +52,10 @@ def parse_label_map(value: Union[None, str, Dict[Any, Any]]):
                 raise ValueError
             out[int(raw)] = int(lab)
         except ValueError:
-            raise ValueError(f"label_map (--label-map): expected 'binary' or raw:label pairs such as "
-                             f"0:0,128:1, got {value!r}") from None
+            raise ValueError(
+                f"label_map (--label-map): expected 'binary' or raw:label pairs such as "
+                f"0:0,128:1, got {value!r}"
+            ) from None
     if not out:
         raise ValueError(f"label_map (--label-map): no raw:label pairs in {value!r}")
     return out
@@ -125,8 +127,14 @@ def _progress(items, n: int):
     return tqdm(items, total=n, desc="checking files", disable=None, leave=False)
 
 
-def scan_dataset(layout: str, root, spatial_size: Optional[Sequence[int]] = None,
-                 split_file=None, seed: int = 0, splits: Optional[Sequence[str]] = None) -> ScanResult:
+def scan_dataset(
+    layout: str,
+    root,
+    spatial_size: Optional[Sequence[int]] = None,
+    split_file=None,
+    seed: int = 0,
+    splits: Optional[Sequence[str]] = None,
+) -> ScanResult:
     """Check the headers of every case of ``root`` (only cases of ``splits`` when given).
 
     Raises ValueError naming the file, its case and split, what was expected and what
@@ -161,41 +169,57 @@ def scan_dataset(layout: str, root, spatial_size: Optional[Sequence[int]] = None
             if S is None:
                 S, ref = shape, m
             elif shape != S:
-                raise ValueError(f"shape mismatch: {m} has shape {shape} but {ref} has shape {S}"
-                                 f"{ctx}; the masks of a case must have the same shape")
+                raise ValueError(
+                    f"shape mismatch: {m} has shape {shape} but {ref} has shape {S}"
+                    f"{ctx}; the masks of a case must have the same shape"
+                )
         try:
             img = file_shape(case["image"])
         except ValueError as exc:
             raise ValueError(f"{exc}{ctx}; fix or remove the file") from None
         ch = _image_channels(img, S)
         if ch is None:
-            raise ValueError(f"shape mismatch: image {case['image']} has shape {img} but {ref} has "
-                             f"shape {S}{ctx}; expected the image to be {S}, (C, *{S}) or (*{S}, C)")
+            raise ValueError(
+                f"shape mismatch: image {case['image']} has shape {img} but {ref} has "
+                f"shape {S}{ctx}; expected the image to be {S}, (C, *{S}) or (*{S}, C)"
+            )
         sizes[cid], channels[cid] = S, ch
         first.setdefault(len(S), case["image"])
     if len(first) > 1:
         kinds = ", ".join(f"{d}D (e.g. {p})" for d, p in sorted(first.items()))
-        raise ValueError(f"{root} mixes cases of different dimensions: {kinds}; put 2D and 3D data "
-                         "in separate datasets")
+        raise ValueError(
+            f"{root} mixes cases of different dimensions: {kinds}; put 2D and 3D data "
+            "in separate datasets"
+        )
     dims = next(iter(first)) if first else None
     if dims not in (None, 2, 3):
-        raise ValueError(f"{root}: masks have {dims} dimensions (e.g. {first[dims]}); expected 2D or "
-                         "3D masks")
+        raise ValueError(
+            f"{root}: masks have {dims} dimensions (e.g. {first[dims]}); expected 2D or 3D masks"
+        )
     chans = sorted(set(channels.values()))
     if len(chans) > 1:
         ex = {c: next(i for i, v in channels.items() if v == c) for c in chans}
-        raise ValueError(f"{root}: images have different channel counts: " +
-                         ", ".join(f"{c} (case {ex[c]!r})" for c in chans))
+        raise ValueError(
+            f"{root}: images have different channel counts: "
+            + ", ".join(f"{c} (case {ex[c]!r})" for c in chans)
+        )
     distinct = sorted(set(sizes.values()))
     if spatial_size is not None:
         if dims is not None and len(spatial_size) != dims:
-            raise ValueError(f"spatial_size (--spatial-size) {list(spatial_size)} has "
-                             f"{len(spatial_size)} entries but the data are {dims}D")
+            raise ValueError(
+                f"spatial_size (--spatial-size) {list(spatial_size)} has "
+                f"{len(spatial_size)} entries but the data are {dims}D"
+            )
     elif len(distinct) > 1:
-        listing = "; ".join(f"{cid}: {'x'.join(map(str, s))}" for cid, s in list(sizes.items())[:12])
+        listing = "; ".join(
+            f"{cid}: {'x'.join(map(str, s))}" for cid, s in list(sizes.items())[:12]
+        )
         more = f" (and {len(sizes) - 12} more)" if len(sizes) > 12 else ""
-        raise ValueError(f"the cases of {root} differ in size ({len(distinct)} sizes: {listing}{more}); "
-                         f"give --spatial-size (e.g. --spatial-size "
-                         f"{','.join(map(str, distinct[0]))}) to resize every case to one size")
-    return ScanResult(ids=ids, spatial_dims=dims, in_channels=chans[0] if chans else None,
-                      sizes=sizes)
+        raise ValueError(
+            f"the cases of {root} differ in size ({len(distinct)} sizes: {listing}{more}); "
+            f"give --spatial-size (e.g. --spatial-size "
+            f"{','.join(map(str, distinct[0]))}) to resize every case to one size"
+        )
+    return ScanResult(
+        ids=ids, spatial_dims=dims, in_channels=chans[0] if chans else None, sizes=sizes
+    )

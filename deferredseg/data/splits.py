@@ -14,8 +14,9 @@ SPLITS = ("train", "val", "test")
 _ALIASES = {"validation": "val", "valid": "val"}
 
 
-def split_ids(ids: Sequence[str], fractions: Tuple[float, float, float] = (0.7, 0.15, 0.15), seed: int = 0
-              ) -> Dict[str, List[str]]:
+def split_ids(
+    ids: Sequence[str], fractions: Tuple[float, float, float] = (0.7, 0.15, 0.15), seed: int = 0
+) -> Dict[str, List[str]]:
     """Split ``ids`` into ``{"train", "val", "test"}`` by a seeded rule.
 
     The ids are sorted, permuted with ``numpy.random.default_rng(seed)``, and cut
@@ -25,8 +26,10 @@ def split_ids(ids: Sequence[str], fractions: Tuple[float, float, float] = (0.7, 
     """
     fr = tuple(float(f) for f in fractions)
     if len(fr) != 3 or any(f < 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
-        raise ValueError(f"split fractions must be three non-negative numbers (train, val, test) summing to 1, "
-                         f"got {fractions!r}")
+        raise ValueError(
+            f"split fractions must be three non-negative numbers (train, val, test) summing to 1, "
+            f"got {fractions!r}"
+        )
     ordered = sorted(ids)
     if len(set(ordered)) != len(ordered):
         raise ValueError("split_ids got duplicate ids")
@@ -35,7 +38,11 @@ def split_ids(ids: Sequence[str], fractions: Tuple[float, float, float] = (0.7, 
     n_val = int(round(fr[1] * n))
     n_test = min(int(round(fr[2] * n)), n - n_val)
     shuffled = [ordered[i] for i in perm]
-    val, test, train = shuffled[:n_val], shuffled[n_val:n_val + n_test], shuffled[n_val + n_test:]
+    val, test, train = (
+        shuffled[:n_val],
+        shuffled[n_val : n_val + n_test],
+        shuffled[n_val + n_test :],
+    )
     return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
 
 
@@ -53,8 +60,10 @@ def load_split_file(path, ids: Sequence[str]) -> Dict[str, List[str]]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"split file {path}: cannot be read as JSON ({err})") from err
     if not isinstance(raw, dict):
-        raise ValueError(f"split file {path}: expected a JSON object {{\"train\": [...], \"val\": [...], "
-                         f"\"test\": [...]}}, got {type(raw).__name__}")
+        raise ValueError(
+            f'split file {path}: expected a JSON object {{"train": [...], "val": [...], '
+            f'"test": [...]}}, got {type(raw).__name__}'
+        )
     out: Dict[str, List[str]] = {s: [] for s in SPLITS}
     for key, value in raw.items():
         name = _ALIASES.get(key, key)
@@ -68,8 +77,10 @@ def load_split_file(path, ids: Sequence[str]) -> Dict[str, List[str]]:
     for name, members in out.items():
         unknown = [m for m in members if m not in known]
         if unknown:
-            raise ValueError(f"split file {path}: split {name!r} names ids with no case in the dataset: "
-                             f"{unknown[:10]}")
+            raise ValueError(
+                f"split file {path}: split {name!r} names ids with no case in the dataset: "
+                f"{unknown[:10]}"
+            )
         for m in members:
             if m in seen:
                 raise ValueError(f"split file {path}: id {m!r} is in both {seen[m]!r} and {name!r}")
@@ -77,13 +88,22 @@ def load_split_file(path, ids: Sequence[str]) -> Dict[str, List[str]]:
     return {k: sorted(v) for k, v in out.items()}
 
 
-def select_split(ids: Sequence[str], split: str, split_file=None,
-                 fractions: Tuple[float, float, float] = (0.7, 0.15, 0.15), seed: int = 0) -> List[str]:
+def select_split(
+    ids: Sequence[str],
+    split: str,
+    split_file=None,
+    fractions: Tuple[float, float, float] = (0.7, 0.15, 0.15),
+    seed: int = 0,
+) -> List[str]:
     """The ids of ``split`` ("train", "val", "test" or "all")."""
     name = _ALIASES.get(split, split)
     if name == "all":
         return sorted(ids)
     if name not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS) + ['all']}, got {split!r}")
-    table = load_split_file(split_file, ids) if split_file is not None else split_ids(ids, fractions, seed)
+    table = (
+        load_split_file(split_file, ids)
+        if split_file is not None
+        else split_ids(ids, fractions, seed)
+    )
     return table[name]

@@ -55,7 +55,9 @@ class LoadCased(MapTransform):
     def _label(self, value, what: str):
         if isinstance(value, (np.ndarray, torch.Tensor)):
             return np.asarray(value).astype(np.int64), what
-        return read_label(value, self.num_labels, self.label_map, self.ignore_index, what=what), f"{what} {value}"
+        return read_label(
+            value, self.num_labels, self.label_map, self.ignore_index, what=what
+        ), f"{what} {value}"
 
     def __call__(self, data: Dict[Hashable, Any]) -> Dict[Hashable, Any]:
         d = dict(data)
@@ -78,7 +80,9 @@ class LoadCased(MapTransform):
         ref, ref_src = labels[0], sources[0]
         for arr, src in zip(labels[1:], sources[1:]):
             if arr.shape != ref.shape:
-                raise ValueError(f"shape mismatch: {src} has shape {arr.shape} but {ref_src} has shape {ref.shape}")
+                raise ValueError(
+                    f"shape mismatch: {src} has shape {arr.shape} but {ref_src} has shape {ref.shape}"
+                )
         image = d["image"]
         img_src = "image"
         if not isinstance(image, (np.ndarray, torch.Tensor)):
@@ -110,9 +114,13 @@ class SimulateExpertsd(Randomizable, MapTransform):
         MapTransform.__init__(self, keys=["label"])
         self.panel = panel
 
-    def set_random_state(self, seed: Optional[int] = None, state: Optional[np.random.RandomState] = None):
+    def set_random_state(
+        self, seed: Optional[int] = None, state: Optional[np.random.RandomState] = None
+    ):
         super().set_random_state(seed, state)
-        self.panel.reseed_stream(int(seed) if seed is not None else int(self.R.randint(0, 2 ** 31 - 1)))
+        self.panel.reseed_stream(
+            int(seed) if seed is not None else int(self.R.randint(0, 2**31 - 1))
+        )
         return self
 
     def randomize(self, data: Any = None) -> None:  # the panel draws its own randomness
@@ -135,8 +143,14 @@ class MakeTargetd(MapTransform):
     act as experts (default all).
     """
 
-    def __init__(self, target: Union[str, int], num_labels: int, rater_names: Sequence[str] = (),
-                 experts: Optional[Sequence[int]] = None, ignore_index: int = -100):
+    def __init__(
+        self,
+        target: Union[str, int],
+        num_labels: int,
+        rater_names: Sequence[str] = (),
+        experts: Optional[Sequence[int]] = None,
+        ignore_index: int = -100,
+    ):
         super().__init__(keys=["raters"], allow_missing_keys=True)
         self.target = target
         self.num_labels = int(num_labels)
@@ -151,11 +165,19 @@ class MakeTargetd(MapTransform):
         raters = _as_long_tensor(d["raters"])  # (R, *S)
         if self.target == "label":
             if d.get("label") is None:
-                raise ValueError(f"case {d.get('id')!r}: target='label' but the case has no reference label")
+                raise ValueError(
+                    f"case {d.get('id')!r}: target='label' but the case has no reference label"
+                )
             target = _as_long_tensor(d["label"])
         else:
-            target = consensus_target(raters, self.target, self.num_labels, rater_names=self.rater_names,
-                                      rater_dim=0, ignore_index=self.ignore_index).unsqueeze(0)
+            target = consensus_target(
+                raters,
+                self.target,
+                self.num_labels,
+                rater_names=self.rater_names,
+                rater_dim=0,
+                ignore_index=self.ignore_index,
+            ).unsqueeze(0)
         d["target"] = target
         d["expert_labels"] = raters if self.experts is None else raters[self.experts]
         return d

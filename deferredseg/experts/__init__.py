@@ -36,16 +36,41 @@ from .structured import (
 )
 
 __all__ = [
-    "CONSENSUS_METHODS", "StapleResult", "consensus_target", "majority_vote", "staple",
-    "PROFILES", "DiscrepancyExpert", "ExpertModel", "ExpertPanel", "derive_seed", "simulated_experts",
-    "BoundaryShiftExpert", "ChainExpert", "MissedComponentsExpert", "RegionSkillExpert",
-    "SmoothBoundaryExpert", "dilate_labels", "erode_labels", "structured_experts",
-    "boundary_band", "connected_components", "dilate", "erode", "make_experts",
+    "CONSENSUS_METHODS",
+    "StapleResult",
+    "consensus_target",
+    "majority_vote",
+    "staple",
+    "PROFILES",
+    "DiscrepancyExpert",
+    "ExpertModel",
+    "ExpertPanel",
+    "derive_seed",
+    "simulated_experts",
+    "BoundaryShiftExpert",
+    "ChainExpert",
+    "MissedComponentsExpert",
+    "RegionSkillExpert",
+    "SmoothBoundaryExpert",
+    "dilate_labels",
+    "erode_labels",
+    "structured_experts",
+    "boundary_band",
+    "connected_components",
+    "dilate",
+    "erode",
+    "make_experts",
 ]
 
 
-def make_experts(spec="same-accuracy", num_labels: int = 2, seed: int = 0, resample: bool = True,
-                 ignore_index: int = -100, **kwargs) -> ExpertPanel:
+def make_experts(
+    spec="same-accuracy",
+    num_labels: int = 2,
+    seed: int = 0,
+    resample: bool = True,
+    ignore_index: int = -100,
+    **kwargs,
+) -> ExpertPanel:
     """An :class:`ExpertPanel` from a short description.
 
     ``spec`` is ``"same-accuracy"`` or ``"complementary"`` (the released code's
@@ -57,13 +82,25 @@ def make_experts(spec="same-accuracy", num_labels: int = 2, seed: int = 0, resam
     if isinstance(spec, ExpertPanel):
         return spec
     if isinstance(spec, str) and spec == "structured":
-        return structured_experts(num_labels=num_labels, seed=seed, resample=resample,
-                                  ignore_index=ignore_index, **kwargs)
-    if isinstance(spec, str) or (isinstance(spec, (list, tuple)) and spec
-                                 and not isinstance(spec[0], ExpertModel)):
-        return simulated_experts(spec, num_labels=num_labels, seed=seed, resample=resample,
-                                 ignore_index=ignore_index, **kwargs)
+        return structured_experts(
+            num_labels=num_labels, seed=seed, resample=resample, ignore_index=ignore_index, **kwargs
+        )
+    if isinstance(spec, str) or (
+        isinstance(spec, (list, tuple)) and spec and not isinstance(spec[0], ExpertModel)
+    ):
+        return simulated_experts(
+            spec,
+            num_labels=num_labels,
+            seed=seed,
+            resample=resample,
+            ignore_index=ignore_index,
+            **kwargs,
+        )
     if isinstance(spec, (list, tuple)):
-        return ExpertPanel(spec, num_labels=num_labels, seed=seed, resample=resample, ignore_index=ignore_index)
-    raise TypeError(f"experts must be a profile name, 'structured', a list of (fg_acc, bg_acc, edge_boost), "
-                    f"a list of ExpertModel or an ExpertPanel, got {type(spec).__name__}")
+        return ExpertPanel(
+            spec, num_labels=num_labels, seed=seed, resample=resample, ignore_index=ignore_index
+        )
+    raise TypeError(
+        f"experts must be a profile name, 'structured', a list of (fg_acc, bg_acc, edge_boost), "
+        f"a list of ExpertModel or an ExpertPanel, got {type(spec).__name__}"
+    )

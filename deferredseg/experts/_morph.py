@@ -18,7 +18,9 @@ def _check_spatial(x: torch.Tensor, name: str, with_channel: bool) -> int:
     nd = x.dim() - (2 if with_channel else 1)
     if nd not in _POOL:
         shape = "(B, C, *S)" if with_channel else "(B, *S)"
-        raise ValueError(f"{name} must be {shape} with 1, 2 or 3 spatial dims, got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} must be {shape} with 1, 2 or 3 spatial dims, got shape {tuple(x.shape)}"
+        )
     return nd
 
 
@@ -66,8 +68,9 @@ def boundary_band(labels: torch.Tensor, radius: int) -> torch.Tensor:
     return (hi != lo).squeeze(1)
 
 
-def connected_components(labels: torch.Tensor, num_labels: int, max_iter: int | None = None
-                         ) -> torch.Tensor:
+def connected_components(
+    labels: torch.Tensor, num_labels: int, max_iter: int | None = None
+) -> torch.Tensor:
     """Connected components of each foreground label (values 1..num_labels-1).
 
     Pixels connect when they touch (8-connectivity in 2D, 26 in 3D) and carry the

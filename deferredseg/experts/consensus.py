@@ -41,12 +41,15 @@ def _check_range(raters: torch.Tensor, num_labels: int, ignore_index: int) -> No
         v = raters[valid]
         lo, hi = int(v.min()), int(v.max())
         if lo < 0 or hi >= num_labels:
-            raise ValueError(f"rater labels must lie in [0, {num_labels}) or equal ignore_index="
-                             f"{ignore_index}, got values in [{lo}, {hi}]")
+            raise ValueError(
+                f"rater labels must lie in [0, {num_labels}) or equal ignore_index="
+                f"{ignore_index}, got values in [{lo}, {hi}]"
+            )
 
 
-def majority_vote(raters: torch.Tensor, num_labels: int, rater_dim: int = 1,
-                  ignore_index: int = -100) -> torch.Tensor:
+def majority_vote(
+    raters: torch.Tensor, num_labels: int, rater_dim: int = 1, ignore_index: int = -100
+) -> torch.Tensor:
     """Pixel-wise majority vote over ``rater_dim`` of an integer tensor.
 
     ``raters`` is (B, R, *S) with the default ``rater_dim=1`` (use ``rater_dim=0``
@@ -74,9 +77,17 @@ class StapleResult(NamedTuple):
     iterations: int  # EM rounds run
 
 
-def staple(raters: torch.Tensor, num_labels: int, rater_dim: int = 1, max_iter: int = 100,
-           tol: float = 1e-6, init_accuracy: float = 0.9, ignore_index: int = -100,
-           prior: Union[str, torch.Tensor, Sequence[float]] = "votes", eps: float = 1e-6) -> StapleResult:
+def staple(
+    raters: torch.Tensor,
+    num_labels: int,
+    rater_dim: int = 1,
+    max_iter: int = 100,
+    tol: float = 1e-6,
+    init_accuracy: float = 0.9,
+    ignore_index: int = -100,
+    prior: Union[str, torch.Tensor, Sequence[float]] = "votes",
+    eps: float = 1e-6,
+) -> StapleResult:
     """STAPLE (simultaneous truth and performance level estimation) by EM.
 
     Each image of the batch is estimated on its own (a rater's performance is a
@@ -105,8 +116,10 @@ def staple(raters: torch.Tensor, num_labels: int, rater_dim: int = 1, max_iter: 
     if num_labels < 2:
         raise ValueError(f"num_labels must be >= 2, got {num_labels}")
     if not (1.0 / num_labels < init_accuracy < 1.0):
-        raise ValueError(f"init_accuracy must lie in (1/num_labels, 1) = ({1.0 / num_labels:.3g}, 1), "
-                         f"got {init_accuracy}")
+        raise ValueError(
+            f"init_accuracy must lie in (1/num_labels, 1) = ({1.0 / num_labels:.3g}, 1), "
+            f"got {init_accuracy}"
+        )
     _check_range(raters, num_labels, ignore_index)
     single = rater_dim == 0
     x = raters.long().unsqueeze(0) if single else raters.long().movedim(rater_dim, 1)
@@ -116,11 +129,15 @@ def staple(raters: torch.Tensor, num_labels: int, rater_dim: int = 1, max_iter: 
     d = x.reshape(B, R, -1)  # (B, R, N)
     valid = d != ignore_index
     safe = torch.where(valid, d, torch.zeros_like(d))
-    onehot = torch.nn.functional.one_hot(safe, L).to(torch.float64) * valid.unsqueeze(-1)  # (B,R,N,L)
+    onehot = torch.nn.functional.one_hot(safe, L).to(torch.float64) * valid.unsqueeze(
+        -1
+    )  # (B,R,N,L)
 
     if isinstance(prior, str):
         if prior not in ("votes", "estimate"):
-            raise ValueError(f"prior must be 'votes', 'estimate' or {L} probabilities, got {prior!r}")
+            raise ValueError(
+                f"prior must be 'votes', 'estimate' or {L} probabilities, got {prior!r}"
+            )
         estimate_prior = prior == "estimate"
         votes = onehot.sum(dim=(1, 2))  # (B, L)
         f = (votes + eps) / (votes + eps).sum(dim=1, keepdim=True)
@@ -128,7 +145,9 @@ def staple(raters: torch.Tensor, num_labels: int, rater_dim: int = 1, max_iter: 
         estimate_prior = False
         f = torch.as_tensor(prior, dtype=torch.float64, device=x.device).reshape(-1)
         if f.numel() != L or (f < 0).any() or abs(f.sum().item() - 1) > 1e-6:
-            raise ValueError(f"prior must be {L} non-negative probabilities summing to 1, got {prior!r}")
+            raise ValueError(
+                f"prior must be {L} non-negative probabilities summing to 1, got {prior!r}"
+            )
         f = f.clamp_min(eps).expand(B, L)
     log_prior = f.log()
 
@@ -140,7 +159,9 @@ def staple(raters: torch.Tensor, num_labels: int, rater_dim: int = 1, max_iter: 
     for it in range(1, max_iter + 1):
         # E-step: log W(t) = log f(t) + sum_j log theta_j[d_j, t] over the raters that voted.
         log_theta = theta.clamp_min(eps).log()  # (B, R, L(s), L(t))
-        per_rater = torch.einsum("brns,brst->brnt", onehot, log_theta)  # 0 where the rater did not vote
+        per_rater = torch.einsum(
+            "brns,brst->brnt", onehot, log_theta
+        )  # 0 where the rater did not vote
         logw = log_prior.unsqueeze(1) + per_rater.sum(dim=1)  # (B, N, L)
         W = torch.softmax(logw, dim=-1)
         if estimate_prior:
@@ -168,9 +189,15 @@ def staple(raters: torch.Tensor, num_labels: int, rater_dim: int = 1, max_iter: 
     return StapleResult(labels, probs, theta, f, it)
 
 
-def consensus_target(raters: torch.Tensor, method: Union[str, int] = "majority", num_labels: int = 2,
-                     rater_names: Optional[Sequence[str]] = None, rater_dim: int = 1,
-                     ignore_index: int = -100, **staple_kwargs) -> torch.Tensor:
+def consensus_target(
+    raters: torch.Tensor,
+    method: Union[str, int] = "majority",
+    num_labels: int = 2,
+    rater_names: Optional[Sequence[str]] = None,
+    rater_dim: int = 1,
+    ignore_index: int = -100,
+    **staple_kwargs,
+) -> torch.Tensor:
     """The training target from multi-rater labels.
 
     ``method`` is ``"majority"`` (default), ``"staple"``, a rater name (looked up
@@ -181,14 +208,20 @@ def consensus_target(raters: torch.Tensor, method: Union[str, int] = "majority",
     if isinstance(method, str) and method in CONSENSUS_METHODS:
         if method == "majority":
             return majority_vote(raters, num_labels, rater_dim, ignore_index)
-        return staple(raters, num_labels, rater_dim, ignore_index=ignore_index, **staple_kwargs).labels
+        return staple(
+            raters, num_labels, rater_dim, ignore_index=ignore_index, **staple_kwargs
+        ).labels
     if isinstance(method, bool) or not isinstance(method, (str, int)):
-        raise TypeError(f"method must be 'majority', 'staple', a rater name or a rater index, got {method!r}")
+        raise TypeError(
+            f"method must be 'majority', 'staple', a rater name or a rater index, got {method!r}"
+        )
     if isinstance(method, str):
         names = list(rater_names) if rater_names is not None else []
         if method not in names:
-            raise ValueError(f"method={method!r} is neither 'majority', 'staple' nor a rater name; "
-                             f"rater names: {names}")
+            raise ValueError(
+                f"method={method!r} is neither 'majority', 'staple' nor a rater name; "
+                f"rater names: {names}"
+            )
         index = names.index(method)
     else:
         index = method

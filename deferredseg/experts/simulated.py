@@ -24,14 +24,25 @@ import torch
 
 from ._morph import dilate
 
-__all__ = ["ExpertModel", "DiscrepancyExpert", "ExpertPanel", "PROFILES", "simulated_experts",
-           "derive_seed"]
+__all__ = [
+    "ExpertModel",
+    "DiscrepancyExpert",
+    "ExpertPanel",
+    "PROFILES",
+    "simulated_experts",
+    "derive_seed",
+]
 
 #: The released code's expert profiles: (fg_acc, bg_acc, edge_boost) per expert.
 PROFILES: Dict[str, Tuple[Tuple[float, float, float], ...]] = {
     "same-accuracy": ((0.92, 0.98, 0.05), (0.91, 0.99, 0.05), (0.93, 0.97, 0.05)),
-    "complementary": ((0.97, 0.90, 0.08), (0.88, 0.99, 0.08), (0.88, 0.90, 0.20),
-                      (0.97, 0.99, 0.08), (0.97, 0.90, 0.20)),
+    "complementary": (
+        (0.97, 0.90, 0.08),
+        (0.88, 0.99, 0.08),
+        (0.88, 0.90, 0.20),
+        (0.97, 0.99, 0.08),
+        (0.97, 0.90, 0.20),
+    ),
 }
 
 
@@ -45,7 +56,9 @@ def derive_seed(seed: int, key) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & ((1 << 63) - 1)
 
 
-def _random_other_label(y: torch.Tensor, num_labels: int, generator: torch.Generator) -> torch.Tensor:
+def _random_other_label(
+    y: torch.Tensor, num_labels: int, generator: torch.Generator
+) -> torch.Tensor:
     """A label drawn uniformly from the num_labels - 1 labels other than y (1 - y when binary)."""
     step = torch.randint(1, num_labels, y.shape, generator=generator, device=y.device)
     return (y + step) % num_labels
@@ -61,7 +74,9 @@ class ExpertModel:
 
     name: str = "expert"
 
-    def sample(self, target: torch.Tensor, num_labels: int, generator: torch.Generator) -> torch.Tensor:
+    def sample(
+        self, target: torch.Tensor, num_labels: int, generator: torch.Generator
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -90,8 +105,14 @@ class DiscrepancyExpert(ExpertModel):
     others (the flipped label when binary).
     """
 
-    def __init__(self, fg_acc: float, bg_acc: float, edge_boost: float = 0.0, edge_radius: int = 3,
-                 name: Optional[str] = None):
+    def __init__(
+        self,
+        fg_acc: float,
+        bg_acc: float,
+        edge_boost: float = 0.0,
+        edge_radius: int = 3,
+        name: Optional[str] = None,
+    ):
         self.fg_acc = _check_prob("fg_acc", fg_acc)
         self.bg_acc = _check_prob("bg_acc", bg_acc)
         self.edge_boost = float(edge_boost)
@@ -135,8 +156,15 @@ class ExpertPanel:
         names: optional expert names (default: each model's ``name``).
     """
 
-    def __init__(self, experts: Sequence[ExpertModel], num_labels: int = 2, seed: int = 0,
-                 resample: bool = True, ignore_index: int = -100, names: Optional[Sequence[str]] = None):
+    def __init__(
+        self,
+        experts: Sequence[ExpertModel],
+        num_labels: int = 2,
+        seed: int = 0,
+        resample: bool = True,
+        ignore_index: int = -100,
+        names: Optional[Sequence[str]] = None,
+    ):
         experts = list(experts)
         if not experts:
             raise ValueError("an ExpertPanel needs at least one expert")
@@ -144,7 +172,9 @@ class ExpertPanel:
             if not isinstance(e, ExpertModel):
                 raise TypeError(f"experts[{i}] must be an ExpertModel, got {type(e).__name__}")
         if int(num_labels) != num_labels or num_labels < 2:
-            raise ValueError(f"num_labels must be an integer >= 2 (max(num_classes, 2)), got {num_labels!r}")
+            raise ValueError(
+                f"num_labels must be an integer >= 2 (max(num_classes, 2)), got {num_labels!r}"
+            )
         self.experts: List[ExpertModel] = experts
         self.num_labels = int(num_labels)
         self.seed = int(seed)
@@ -188,7 +218,9 @@ class ExpertPanel:
         if target.dtype.is_floating_point or target.dtype == torch.bool or target.is_complex():
             raise TypeError(f"target must be an integer tensor (B, *S), got dtype {target.dtype}")
         if not 2 <= target.dim() <= 4:
-            raise ValueError(f"target must be (B, *S) with 1 to 3 spatial dims, got shape {tuple(target.shape)}")
+            raise ValueError(
+                f"target must be (B, *S) with 1 to 3 spatial dims, got shape {tuple(target.shape)}"
+            )
         return target.long()
 
     def __call__(self, target: torch.Tensor, ids: Optional[Iterable] = None) -> torch.Tensor:
@@ -203,14 +235,18 @@ class ExpertPanel:
         if valid.any():
             lo, hi = int(clean.min()), int(clean.max())
             if lo < 0 or hi >= self.num_labels:
-                raise ValueError(f"target values must lie in [0, {self.num_labels}) or equal ignore_index="
-                                 f"{self.ignore_index}, got values in [{lo}, {hi}]")
+                raise ValueError(
+                    f"target values must lie in [0, {self.num_labels}) or equal ignore_index="
+                    f"{self.ignore_index}, got values in [{lo}, {hi}]"
+                )
         if self.resample:
             g = self._stream(y.device)
             out = torch.stack([e.sample(clean, self.num_labels, g) for e in self.experts], dim=1)
         else:
             if ids is None:
-                raise ValueError("a panel fixed per image (resample=False) needs ids: one per image of the batch")
+                raise ValueError(
+                    "a panel fixed per image (resample=False) needs ids: one per image of the batch"
+                )
             ids = list(ids)
             if len(ids) != y.shape[0]:
                 raise ValueError(f"ids has {len(ids)} entries for a batch of {y.shape[0]} images")
@@ -218,23 +254,35 @@ class ExpertPanel:
             for b, key in enumerate(ids):
                 g = torch.Generator(device=y.device)
                 g.manual_seed(derive_seed(self.seed, key))
-                one = clean[b:b + 1]
-                rows.append(torch.stack([e.sample(one, self.num_labels, g) for e in self.experts], dim=1))
+                one = clean[b : b + 1]
+                rows.append(
+                    torch.stack([e.sample(one, self.num_labels, g) for e in self.experts], dim=1)
+                )
             out = torch.cat(rows, dim=0)
         return torch.where(valid.unsqueeze(1), out, torch.full_like(out, self.ignore_index))
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_streams"] = {}  # generators are recreated from the seed (data-loader workers reseed them)
+        state[
+            "_streams"
+        ] = {}  # generators are recreated from the seed (data-loader workers reseed them)
         return state
 
     def __repr__(self) -> str:
-        return (f"ExpertPanel(experts={self.experts!r}, num_labels={self.num_labels}, seed={self.seed}, "
-                f"resample={self.resample})")
+        return (
+            f"ExpertPanel(experts={self.experts!r}, num_labels={self.num_labels}, seed={self.seed}, "
+            f"resample={self.resample})"
+        )
 
 
-def simulated_experts(profile="same-accuracy", num_labels: int = 2, edge_radius: int = 3, seed: int = 0,
-                      resample: bool = True, ignore_index: int = -100) -> ExpertPanel:
+def simulated_experts(
+    profile="same-accuracy",
+    num_labels: int = 2,
+    edge_radius: int = 3,
+    seed: int = 0,
+    resample: bool = True,
+    ignore_index: int = -100,
+) -> ExpertPanel:
     """A panel of :class:`DiscrepancyExpert` from a named profile or a list of triples.
 
     ``profile`` is ``"same-accuracy"`` (3 experts), ``"complementary"`` (5
@@ -244,8 +292,10 @@ def simulated_experts(profile="same-accuracy", num_labels: int = 2, edge_radius:
     """
     if isinstance(profile, str):
         if profile not in PROFILES:
-            raise ValueError(f"profile must be one of {sorted(PROFILES)} or a sequence of "
-                             f"(fg_acc, bg_acc, edge_boost), got {profile!r}")
+            raise ValueError(
+                f"profile must be one of {sorted(PROFILES)} or a sequence of "
+                f"(fg_acc, bg_acc, edge_boost), got {profile!r}"
+            )
         triples = PROFILES[profile]
         prefix = profile
     else:
@@ -253,7 +303,13 @@ def simulated_experts(profile="same-accuracy", num_labels: int = 2, edge_radius:
         prefix = "custom"
         for t in triples:
             if len(t) != 3:
-                raise ValueError(f"each profile entry must be (fg_acc, bg_acc, edge_boost), got {t!r}")
-    experts = [DiscrepancyExpert(fg, bg, eb, edge_radius, name=f"{prefix}-{i}")
-               for i, (fg, bg, eb) in enumerate(triples)]
-    return ExpertPanel(experts, num_labels=num_labels, seed=seed, resample=resample, ignore_index=ignore_index)
+                raise ValueError(
+                    f"each profile entry must be (fg_acc, bg_acc, edge_boost), got {t!r}"
+                )
+    experts = [
+        DiscrepancyExpert(fg, bg, eb, edge_radius, name=f"{prefix}-{i}")
+        for i, (fg, bg, eb) in enumerate(triples)
+    ]
+    return ExpertPanel(
+        experts, num_labels=num_labels, seed=seed, resample=resample, ignore_index=ignore_index
+    )

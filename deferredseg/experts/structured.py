@@ -23,8 +23,16 @@ import torch.nn.functional as F
 from ._morph import boundary_band, connected_components, max_filter
 from .simulated import ExpertModel, ExpertPanel
 
-__all__ = ["dilate_labels", "erode_labels", "BoundaryShiftExpert", "SmoothBoundaryExpert",
-           "RegionSkillExpert", "MissedComponentsExpert", "ChainExpert", "structured_experts"]
+__all__ = [
+    "dilate_labels",
+    "erode_labels",
+    "BoundaryShiftExpert",
+    "SmoothBoundaryExpert",
+    "RegionSkillExpert",
+    "MissedComponentsExpert",
+    "ChainExpert",
+    "structured_experts",
+]
 
 
 def dilate_labels(labels: torch.Tensor, radius: int) -> torch.Tensor:
@@ -51,9 +59,13 @@ def _int_range(name: str, value) -> Tuple[int, int]:
     try:
         lo, hi = value
     except (TypeError, ValueError):
-        raise TypeError(f"{name} must be an int or a (min, max) pair of ints, got {value!r}") from None
+        raise TypeError(
+            f"{name} must be an int or a (min, max) pair of ints, got {value!r}"
+        ) from None
     if int(lo) != lo or int(hi) != hi or lo > hi:
-        raise ValueError(f"{name} must be an int or a (min, max) pair of ints with min <= max, got {value!r}")
+        raise ValueError(
+            f"{name} must be an int or a (min, max) pair of ints with min <= max, got {value!r}"
+        )
     return int(lo), int(hi)
 
 
@@ -103,7 +115,9 @@ class SmoothBoundaryExpert(ExpertModel):
         self.scale = float(scale)
         self.name = name or f"smooth-boundary(a={amplitude:g},s={scale:g})"
 
-    def displacement(self, shape: Sequence[int], generator: torch.Generator, device) -> torch.Tensor:
+    def displacement(
+        self, shape: Sequence[int], generator: torch.Generator, device
+    ) -> torch.Tensor:
         """The displacement field (B, d, *S) in pixels for a batch of shape (B, *S)."""
         B, S = int(shape[0]), [int(s) for s in shape[1:]]
         nd = len(S)
@@ -140,8 +154,13 @@ class RegionSkillExpert(ExpertModel):
     gives the true label.
     """
 
-    def __init__(self, base: ExpertModel, classes: Optional[Sequence[int]] = None,
-                 half: Optional[Tuple[int, str]] = None, name: Optional[str] = None):
+    def __init__(
+        self,
+        base: ExpertModel,
+        classes: Optional[Sequence[int]] = None,
+        half: Optional[Tuple[int, str]] = None,
+        name: Optional[str] = None,
+    ):
         if not isinstance(base, ExpertModel):
             raise TypeError(f"base must be an ExpertModel, got {type(base).__name__}")
         if classes is None and half is None:
@@ -220,8 +239,13 @@ class ChainExpert(ExpertModel):
         return out
 
 
-def structured_experts(num_labels: int = 2, seed: int = 0, resample: bool = True, ignore_index: int = -100,
-                       scale: float = 1.0) -> ExpertPanel:
+def structured_experts(
+    num_labels: int = 2,
+    seed: int = 0,
+    resample: bool = True,
+    ignore_index: int = -100,
+    scale: float = 1.0,
+) -> ExpertPanel:
     """The default panel of five structured experts.
 
     ``over`` draws objects 1-2 px too large, ``under`` 1-2 px too small,
@@ -231,6 +255,7 @@ def structured_experts(num_labels: int = 2, seed: int = 0, resample: bool = True
     components of at most 30 px. ``scale`` multiplies every length (use > 1 for
     large images); the component-size threshold is multiplied by ``scale ** 2``.
     """
+
     def px(v: float) -> int:
         return max(1, int(round(v * scale)))
 
@@ -239,6 +264,10 @@ def structured_experts(num_labels: int = 2, seed: int = 0, resample: bool = True
         BoundaryShiftExpert((-px(2), -px(1)), name="under"),
         SmoothBoundaryExpert(amplitude=2.0 * scale, scale=8.0 * scale, name="wobble"),
         RegionSkillExpert(BoundaryShiftExpert(px(3)), half=(0, "high"), name="half-sloppy"),
-        MissedComponentsExpert(max_size=max(1, int(round(30 * scale ** 2))), miss_prob=0.5, name="misses-small"),
+        MissedComponentsExpert(
+            max_size=max(1, int(round(30 * scale**2))), miss_prob=0.5, name="misses-small"
+        ),
     ]
-    return ExpertPanel(experts, num_labels=num_labels, seed=seed, resample=resample, ignore_index=ignore_index)
+    return ExpertPanel(
+        experts, num_labels=num_labels, seed=seed, resample=resample, ignore_index=ignore_index
+    )

@@ -14,12 +14,28 @@ See docs/models.md.
 from .backbones import MONAI_DEFAULTS, build_backbone, monai_network_names
 from .segmentor import DeferredSegmentor, GateHead, conv_nd
 
-__all__ = ["DeferredSegmentor", "GateHead", "conv_nd", "build_backbone", "MONAI_DEFAULTS",
-           "monai_network_names", "SamDeferredSegmentor", "build_sam", "load_sam_checkpoint",
-           "boxes_from_labels", "SAM_VARIANTS"]
+__all__ = [
+    "DeferredSegmentor",
+    "GateHead",
+    "conv_nd",
+    "build_backbone",
+    "MONAI_DEFAULTS",
+    "monai_network_names",
+    "SamDeferredSegmentor",
+    "build_sam",
+    "load_sam_checkpoint",
+    "boxes_from_labels",
+    "SAM_VARIANTS",
+]
 
-_SAM_NAMES = {"SamDeferredSegmentor", "build_sam", "load_sam_checkpoint", "boxes_from_labels", "SAM_VARIANTS",
-              "sam_modeling"}
+_SAM_NAMES = {
+    "SamDeferredSegmentor",
+    "build_sam",
+    "load_sam_checkpoint",
+    "boxes_from_labels",
+    "SAM_VARIANTS",
+    "sam_modeling",
+}
 
 
 def __getattr__(name):

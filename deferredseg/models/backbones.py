@@ -22,7 +22,11 @@ __all__ = ["build_backbone", "MONAI_DEFAULTS", "monai_network_names"]
 MONAI_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "UNet": {"channels": (16, 32, 64, 128), "strides": (2, 2, 2), "num_res_units": 2},
     "AttentionUnet": {"channels": (16, 32, 64, 128), "strides": (2, 2, 2)},
-    "DynUNet": {"kernel_size": (3, 3, 3, 3), "strides": (1, 2, 2, 2), "upsample_kernel_size": (2, 2, 2)},
+    "DynUNet": {
+        "kernel_size": (3, 3, 3, 3),
+        "strides": (1, 2, 2, 2),
+        "upsample_kernel_size": (2, 2, 2),
+    },
 }
 
 
@@ -37,12 +41,21 @@ def _nets():
 def monai_network_names():
     """The names of the ``nn.Module`` classes in ``monai.networks.nets``."""
     nets = _nets()
-    return sorted(n for n in dir(nets)
-                  if inspect.isclass(getattr(nets, n)) and issubclass(getattr(nets, n), nn.Module))
+    return sorted(
+        n
+        for n in dir(nets)
+        if inspect.isclass(getattr(nets, n)) and issubclass(getattr(nets, n), nn.Module)
+    )
 
 
-def build_backbone(name: str = "UNet", spatial_dims: int = 2, in_channels: int = 1, features: int = 32,
-                   net_kwargs: Optional[Dict[str, Any]] = None, **kwargs: Any) -> nn.Module:
+def build_backbone(
+    name: str = "UNet",
+    spatial_dims: int = 2,
+    in_channels: int = 1,
+    features: int = 32,
+    net_kwargs: Optional[Dict[str, Any]] = None,
+    **kwargs: Any,
+) -> nn.Module:
     """A ``monai.networks.nets`` network whose ``out_channels`` are the feature channels F.
 
     Args:
@@ -57,15 +70,21 @@ def build_backbone(name: str = "UNet", spatial_dims: int = 2, in_channels: int =
     """
     nets = _nets()
     names = monai_network_names()
-    cls_name = name if name in names else next((n for n in names if n.lower() == str(name).lower()), None)
+    cls_name = (
+        name if name in names else next((n for n in names if n.lower() == str(name).lower()), None)
+    )
     if cls_name is None:
-        raise ValueError(f"unknown MONAI network {name!r}; monai.networks.nets has: {', '.join(names)}")
+        raise ValueError(
+            f"unknown MONAI network {name!r}; monai.networks.nets has: {', '.join(names)}"
+        )
     cls = getattr(nets, cls_name)
     params = inspect.signature(cls.__init__).parameters
     if "in_channels" not in params or "out_channels" not in params:
-        raise ValueError(f"monai.networks.nets.{cls_name} takes no in_channels / out_channels: it cannot "
-                         "serve as a DeferredSeg backbone through build_backbone; wrap it yourself "
-                         "(see docs/models.md)")
+        raise ValueError(
+            f"monai.networks.nets.{cls_name} takes no in_channels / out_channels: it cannot "
+            "serve as a DeferredSeg backbone through build_backbone; wrap it yourself "
+            "(see docs/models.md)"
+        )
     args: Dict[str, Any] = dict(MONAI_DEFAULTS.get(cls_name, {}))
     args.update(in_channels=int(in_channels), out_channels=int(features))
     if "spatial_dims" in params:
@@ -74,8 +93,12 @@ def build_backbone(name: str = "UNet", spatial_dims: int = 2, in_channels: int =
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
     args.update(kwargs)
     args.update(net_kwargs or {})
-    unknown = [k for k in args if k not in params and not any(
-        p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())]
+    unknown = [
+        k
+        for k in args
+        if k not in params
+        and not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
+    ]
     if unknown:
         raise TypeError(f"monai.networks.nets.{cls_name} takes no argument(s) {unknown}")
     return cls(**args)

@@ -54,8 +54,16 @@ class RoutingHeads(nn.Module):
     reaches the backbone or the segmentation head through these heads.
     """
 
-    def __init__(self, in_channels: int, hidden_channels: int, num_experts: int, spatial_dims: int = 2,
-                 detach: bool = True, num_classes: int = 1, uncertainty_prior: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        hidden_channels: int,
+        num_experts: int,
+        spatial_dims: int = 2,
+        detach: bool = True,
+        num_classes: int = 1,
+        uncertainty_prior: bool = True,
+    ):
         super().__init__()
         conv = conv_nd(spatial_dims)
         self.detach = bool(detach)
@@ -63,9 +71,12 @@ class RoutingHeads(nn.Module):
         self.num_experts = int(num_experts)
         self.uncertainty_prior = bool(uncertainty_prior)
         self.body = nn.Sequential(
-            conv(in_channels, hidden_channels, kernel_size=3, padding=1), nn.ReLU(inplace=True),
-            conv(hidden_channels, hidden_channels, kernel_size=3, padding=1), nn.ReLU(inplace=True),
-            conv(hidden_channels, num_experts + 2, kernel_size=1))
+            conv(in_channels, hidden_channels, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            conv(hidden_channels, hidden_channels, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            conv(hidden_channels, num_experts + 2, kernel_size=1),
+        )
         if self.uncertainty_prior:
             nn.init.zeros_(self.body[-1].weight)
             nn.init.zeros_(self.body[-1].bias)
@@ -77,7 +88,7 @@ class RoutingHeads(nn.Module):
         out = self.body(head_input)
         if not self.uncertainty_prior:
             return out
-        z = head_input[:, -self.num_classes:].float()
+        z = head_input[:, -self.num_classes :].float()
         if self.num_classes == 1:
             unsure = -z[:, 0].abs()  # logit(u) for a sigmoid: u = sigmoid(-|z|)
         else:
@@ -145,11 +156,22 @@ class DeferredSegmentor(nn.Module):
             (the default: the routing cannot degrade the segmentation).
     """
 
-    def __init__(self, backbone: nn.Module, feature_channels: int, num_classes: int, num_experts: int,
-                 spatial_dims: int = 2, gate_channels: Optional[int] = None, keep_backbone_seg: bool = False,
-                 feature_layer: Optional[str] = None, freeze_backbone: bool = False,
-                 resize_features: bool = False, heads: str = "linear",
-                 head_channels: Optional[int] = None, detach_heads: bool = True):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feature_channels: int,
+        num_classes: int,
+        num_experts: int,
+        spatial_dims: int = 2,
+        gate_channels: Optional[int] = None,
+        keep_backbone_seg: bool = False,
+        feature_layer: Optional[str] = None,
+        freeze_backbone: bool = False,
+        resize_features: bool = False,
+        heads: str = "linear",
+        head_channels: Optional[int] = None,
+        detach_heads: bool = True,
+    ):
         super().__init__()
         if heads not in ("linear", "conv"):
             raise ValueError(f"heads must be 'linear' or 'conv', got {heads!r}")
@@ -159,19 +181,25 @@ class DeferredSegmentor(nn.Module):
         self.num_classes = _positive_int("num_classes", num_classes)
         self.num_experts = _positive_int("num_experts", num_experts)
         if self.num_experts > 127:
-            raise ValueError(f"num_experts must be <= 127 (route's int8 assignment), got {num_experts}")
+            raise ValueError(
+                f"num_experts must be <= 127 (route's int8 assignment), got {num_experts}"
+            )
         conv = conv_nd(spatial_dims)
         self.spatial_dims = int(spatial_dims)
         if feature_layer is not None and not keep_backbone_seg:
-            raise ValueError("feature_layer is only used with keep_backbone_seg=True (the backbone's own "
-                             "segmentation output is kept and features are read from that layer)")
+            raise ValueError(
+                "feature_layer is only used with keep_backbone_seg=True (the backbone's own "
+                "segmentation output is kept and features are read from that layer)"
+            )
         if feature_layer is not None:
             try:
                 backbone.get_submodule(feature_layer)
             except AttributeError:
                 names = [n for n, _ in backbone.named_modules() if n][:20]
-                raise ValueError(f"feature_layer={feature_layer!r} is not a submodule of the backbone; "
-                                 f"some of its submodules: {names}") from None
+                raise ValueError(
+                    f"feature_layer={feature_layer!r} is not a submodule of the backbone; "
+                    f"some of its submodules: {names}"
+                ) from None
         self.backbone = backbone
         self.keep_backbone_seg = bool(keep_backbone_seg)
         self.feature_layer = feature_layer
@@ -179,16 +207,23 @@ class DeferredSegmentor(nn.Module):
         self.resize_features = bool(resize_features)
         F_ = self.feature_channels
         hidden = _positive_int("gate_channels", gate_channels) if gate_channels is not None else F_
-        self.seg_head = None if self.keep_backbone_seg else conv(F_, self.num_classes, kernel_size=1)
+        self.seg_head = (
+            None if self.keep_backbone_seg else conv(F_, self.num_classes, kernel_size=1)
+        )
         self.heads = heads
         if heads == "linear":
             self.route_head = conv(F_, self.num_experts + 1, kernel_size=1)
             self.gate_head = GateHead(F_, hidden, self.spatial_dims)
         else:
             h = _positive_int("head_channels", head_channels) if head_channels is not None else F_
-            self.routing_heads = RoutingHeads(F_ + self.num_classes, h, self.num_experts,
-                                              self.spatial_dims, detach=detach_heads,
-                                              num_classes=self.num_classes)
+            self.routing_heads = RoutingHeads(
+                F_ + self.num_classes,
+                h,
+                self.num_experts,
+                self.spatial_dims,
+                detach=detach_heads,
+                num_classes=self.num_classes,
+            )
         if self.freeze_backbone:
             for p in self.backbone.parameters():
                 p.requires_grad_(False)
@@ -208,18 +243,24 @@ class DeferredSegmentor(nn.Module):
     # -- forward -----------------------------------------------------------------------------
     def _check_map(self, name: str, t: Any, channels: int, batch: int) -> torch.Tensor:
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"the backbone's {name} must be a tensor (B, C, *S), got {type(t).__name__}; "
-                            "a network returning a list (e.g. deep supervision) needs it switched off "
-                            "or a wrapper that returns one tensor")
+            raise TypeError(
+                f"the backbone's {name} must be a tensor (B, C, *S), got {type(t).__name__}; "
+                "a network returning a list (e.g. deep supervision) needs it switched off "
+                "or a wrapper that returns one tensor"
+            )
         if t.dim() != self.spatial_dims + 2 or t.shape[0] != batch or t.shape[1] != channels:
-            raise ValueError(f"the backbone's {name} must have shape (B={batch}, {channels}, *S) with "
-                             f"{self.spatial_dims} spatial dims, got {tuple(t.shape)}")
+            raise ValueError(
+                f"the backbone's {name} must have shape (B={batch}, {channels}, *S) with "
+                f"{self.spatial_dims} spatial dims, got {tuple(t.shape)}"
+            )
         return t
 
     def _resize(self, t: torch.Tensor, size) -> torch.Tensor:
         if tuple(t.shape[2:]) == tuple(size):
             return t
-        return F.interpolate(t, size=tuple(size), mode=_INTERP[self.spatial_dims], align_corners=False)
+        return F.interpolate(
+            t, size=tuple(size), mode=_INTERP[self.spatial_dims], align_corners=False
+        )
 
     def _backbone_outputs(self, x: torch.Tensor) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
         B = x.shape[0]
@@ -227,16 +268,20 @@ class DeferredSegmentor(nn.Module):
             feats = self._check_map("output (features)", self.backbone(x), self.feature_channels, B)
             if tuple(feats.shape[2:]) != tuple(x.shape[2:]):
                 if not self.resize_features:
-                    raise ValueError(f"the backbone's features have spatial shape {tuple(feats.shape[2:])}, "
-                                     f"the input {tuple(x.shape[2:])}; pass resize_features=True to "
-                                     "resize them to the input")
+                    raise ValueError(
+                        f"the backbone's features have spatial shape {tuple(feats.shape[2:])}, "
+                        f"the input {tuple(x.shape[2:])}; pass resize_features=True to "
+                        "resize them to the input"
+                    )
                 feats = self._resize(feats, x.shape[2:])
             return None, feats
         if self.feature_layer is None:
             out = self.backbone(x)
             if not isinstance(out, (tuple, list)) or len(out) != 2:
-                raise TypeError("with keep_backbone_seg=True and no feature_layer the backbone must return "
-                                f"(seg_logits, features), got {type(out).__name__}")
+                raise TypeError(
+                    "with keep_backbone_seg=True and no feature_layer the backbone must return "
+                    f"(seg_logits, features), got {type(out).__name__}"
+                )
             seg, feats = out
         else:
             captured: List[Any] = []
@@ -247,7 +292,9 @@ class DeferredSegmentor(nn.Module):
             finally:
                 handle.remove()
             if not captured:
-                raise RuntimeError(f"feature_layer {self.feature_layer!r} did not run during the backbone's forward")
+                raise RuntimeError(
+                    f"feature_layer {self.feature_layer!r} did not run during the backbone's forward"
+                )
             feats = captured[-1]
         seg = self._check_map("segmentation logits", seg, self.num_classes, B)
         feats = self._check_map("features", feats, self.feature_channels, B)
@@ -256,8 +303,10 @@ class DeferredSegmentor(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Packed logits (B, K + E + 2, *S): segmentation, routing (experts, model), gate."""
         if x.dim() != self.spatial_dims + 2:
-            raise ValueError(f"input must be (B, C_in, *S) with {self.spatial_dims} spatial dims, "
-                             f"got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"input must be (B, C_in, *S) with {self.spatial_dims} spatial dims, "
+                f"got shape {tuple(x.shape)}"
+            )
         seg, head_input = self.head_inputs(x)
         return self.heads_forward(seg, head_input)
 
@@ -293,8 +342,14 @@ class DeferredSegmentor(nn.Module):
         return split_logits(logits, self.num_classes, self.num_experts)
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, threshold: float = 0.5, mode: str = "gate",
-                expert_labels: Optional[torch.Tensor] = None, backend: str = "auto") -> RouteResult:
+    def predict(
+        self,
+        x: torch.Tensor,
+        threshold: float = 0.5,
+        mode: str = "gate",
+        expert_labels: Optional[torch.Tensor] = None,
+        backend: str = "auto",
+    ) -> RouteResult:
         """Who labels each pixel: :func:`deferredseg_kernels.route` of the forward pass.
 
         Runs in eval mode (restoring the previous mode afterwards) without gradients.
@@ -308,16 +363,33 @@ class DeferredSegmentor(nn.Module):
             logits = self(x)
         finally:
             self.train(was_training)
-        return route(logits, self.num_classes, self.num_experts, threshold=threshold, mode=mode,
-                     expert_labels=expert_labels, backend=backend)
+        return route(
+            logits,
+            self.num_classes,
+            self.num_experts,
+            threshold=threshold,
+            mode=mode,
+            expert_labels=expert_labels,
+            backend=backend,
+        )
 
     # -- construction helpers ----------------------------------------------------------------
     @classmethod
-    def from_monai(cls, name: str = "UNet", num_classes: int = 1, num_experts: int = 3, spatial_dims: int = 2,
-                   in_channels: int = 1, features: int = 32, gate_channels: Optional[int] = None,
-                   net_kwargs: Optional[dict] = None, heads: str = "linear",
-                   head_channels: Optional[int] = None, detach_heads: bool = True,
-                   **backbone_kwargs) -> "DeferredSegmentor":
+    def from_monai(
+        cls,
+        name: str = "UNet",
+        num_classes: int = 1,
+        num_experts: int = 3,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        features: int = 32,
+        gate_channels: Optional[int] = None,
+        net_kwargs: Optional[dict] = None,
+        heads: str = "linear",
+        head_channels: Optional[int] = None,
+        detach_heads: bool = True,
+        **backbone_kwargs,
+    ) -> "DeferredSegmentor":
         """A DeferredSegmentor on ``build_backbone(name, spatial_dims, in_channels, features, ...)``.
 
         ``features`` is F (the MONAI network's ``out_channels``); ``net_kwargs`` and
@@ -325,8 +397,22 @@ class DeferredSegmentor(nn.Module):
         """
         from .backbones import build_backbone
 
-        net = build_backbone(name, spatial_dims=spatial_dims, in_channels=in_channels, features=features,
-                             net_kwargs=net_kwargs, **backbone_kwargs)
-        return cls(net, feature_channels=features, num_classes=num_classes, num_experts=num_experts,
-                   spatial_dims=spatial_dims, gate_channels=gate_channels, heads=heads,
-                   head_channels=head_channels, detach_heads=detach_heads)
+        net = build_backbone(
+            name,
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            features=features,
+            net_kwargs=net_kwargs,
+            **backbone_kwargs,
+        )
+        return cls(
+            net,
+            feature_channels=features,
+            num_classes=num_classes,
+            num_experts=num_experts,
+            spatial_dims=spatial_dims,
+            gate_channels=gate_channels,
+            heads=heads,
+            head_channels=head_channels,
+            detach_heads=detach_heads,
+        )

@@ -29,8 +29,15 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ["SCHEMA_VERSION", "ACTIONS", "ReviewDB", "atomic_write_bytes", "atomic_save_npy",
-           "hash_token", "DB_NAME"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "ACTIONS",
+    "ReviewDB",
+    "atomic_write_bytes",
+    "atomic_save_npy",
+    "hash_token",
+    "DB_NAME",
+]
 
 DB_NAME = "review.db"
 SCHEMA_VERSION = 1
@@ -137,8 +144,10 @@ class ReviewDB:
         self.out = Path(out)
         self.path = self.out / DB_NAME
         if not self.path.exists() and not create:
-            raise FileNotFoundError(f"{self.out} holds no review database ({DB_NAME}); "
-                                    f"run `deferredseg predict --out {self.out}` first")
+            raise FileNotFoundError(
+                f"{self.out} holds no review database ({DB_NAME}); "
+                f"run `deferredseg predict --out {self.out}` first"
+            )
         self.out.mkdir(parents=True, exist_ok=True)
         self.timeout = float(timeout)
         self._local = threading.local()
@@ -185,8 +194,10 @@ class ReviewDB:
         with self.tx():
             version = c.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                raise ValueError(f"{self.path} has schema version {version}, newer than this "
-                                 f"deferredseg understands ({SCHEMA_VERSION}); upgrade deferredseg")
+                raise ValueError(
+                    f"{self.path} has schema version {version}, newer than this "
+                    f"deferredseg understands ({SCHEMA_VERSION}); upgrade deferredseg"
+                )
             for v in range(version + 1, SCHEMA_VERSION + 1):
                 for statement in MIGRATIONS[v].split(";"):
                     if statement.strip():
@@ -205,25 +216,35 @@ class ReviewDB:
     def set_meta(self, values: Dict[str, Any]) -> None:
         with self.tx() as c:
             for k, v in values.items():
-                c.execute("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE "
-                          "SET value=excluded.value", (k, json.dumps(v)))
+                c.execute(
+                    "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE "
+                    "SET value=excluded.value",
+                    (k, json.dumps(v)),
+                )
 
     def ensure_experts(self, names: Sequence[str]) -> None:
         """Register experts 0..E-1 by name; a folder keeps the experts it was created with."""
         with self.tx() as c:
             have = [r["name"] for r in c.execute("SELECT name FROM experts ORDER BY id")]
             if have and have != list(names):
-                raise ValueError(f"{self.out} was predicted with experts {have}, this model has "
-                                 f"{list(names)}; use another --out")
+                raise ValueError(
+                    f"{self.out} was predicted with experts {have}, this model has "
+                    f"{list(names)}; use another --out"
+                )
             if not have:
                 c.executemany("INSERT INTO experts(id, name) VALUES(?, ?)", list(enumerate(names)))
 
     def experts(self) -> List[sqlite3.Row]:
-        return self.conn().execute("SELECT id, name, token_hash FROM experts ORDER BY id").fetchall()
+        return (
+            self.conn().execute("SELECT id, name, token_hash FROM experts ORDER BY id").fetchall()
+        )
 
     def expert_by_name(self, name: str) -> Optional[sqlite3.Row]:
-        return self.conn().execute("SELECT id, name, token_hash FROM experts WHERE name=?",
-                                   (name,)).fetchone()
+        return (
+            self.conn()
+            .execute("SELECT id, name, token_hash FROM experts WHERE name=?", (name,))
+            .fetchone()
+        )
 
     def issue_tokens(self, replace: bool = False) -> Dict[str, str]:
         """New random tokens for the experts without one (all with ``replace``) and for the
@@ -234,19 +255,26 @@ class ReviewDB:
             for r in c.execute("SELECT id, name, token_hash FROM experts ORDER BY id").fetchall():
                 if r["token_hash"] is None or replace:
                     tok = secrets.token_urlsafe(24)
-                    c.execute("UPDATE experts SET token_hash=? WHERE id=?", (hash_token(tok), r["id"]))
+                    c.execute(
+                        "UPDATE experts SET token_hash=? WHERE id=?", (hash_token(tok), r["id"])
+                    )
                     out[r["name"]] = tok
             row = c.execute("SELECT value FROM meta WHERE key='overview_token_hash'").fetchone()
             if row is None or replace:
                 tok = secrets.token_urlsafe(24)
-                c.execute("INSERT INTO meta(key, value) VALUES('overview_token_hash', ?) ON CONFLICT(key) "
-                          "DO UPDATE SET value=excluded.value", (json.dumps(hash_token(tok)),))
+                c.execute(
+                    "INSERT INTO meta(key, value) VALUES('overview_token_hash', ?) ON CONFLICT(key) "
+                    "DO UPDATE SET value=excluded.value",
+                    (json.dumps(hash_token(tok)),),
+                )
                 out[""] = tok
         return out
 
     def has_tokens(self) -> bool:
-        return all(r["token_hash"] for r in self.experts()) and \
-            self.get_meta("overview_token_hash") is not None
+        return (
+            all(r["token_hash"] for r in self.experts())
+            and self.get_meta("overview_token_hash") is not None
+        )
 
     def check_token(self, expert: Optional[str], token: Optional[str]) -> bool:
         """Whether ``token`` is ``expert``'s (``expert=None``: the overview's)."""
@@ -266,70 +294,128 @@ class ReviewDB:
     def image_ids(self) -> List[str]:
         return [r["id"] for r in self.conn().execute("SELECT id FROM images ORDER BY id")]
 
-    def add_image(self, image_id: str, source: str, ext: str, fingerprint: str,
-                  shape: Sequence[int], total: int, deferred: int, dropped: int,
-                  tasks: Sequence[Any]) -> List[int]:
+    def add_image(
+        self,
+        image_id: str,
+        source: str,
+        ext: str,
+        fingerprint: str,
+        shape: Sequence[int],
+        total: int,
+        deferred: int,
+        dropped: int,
+        tasks: Sequence[Any],
+    ) -> List[int]:
         """The image and its tasks in one transaction; returns the task ids."""
         ids = []
         with self.tx() as c:
-            c.execute("INSERT INTO images(id, source, ext, fingerprint, shape, total_pixels, "
-                      "deferred_pixels, dropped_pixels, created) VALUES(?,?,?,?,?,?,?,?,?)",
-                      (image_id, source, ext, fingerprint, json.dumps(list(shape)), int(total),
-                       int(deferred), int(dropped), time.time()))
+            c.execute(
+                "INSERT INTO images(id, source, ext, fingerprint, shape, total_pixels, "
+                "deferred_pixels, dropped_pixels, created) VALUES(?,?,?,?,?,?,?,?,?)",
+                (
+                    image_id,
+                    source,
+                    ext,
+                    fingerprint,
+                    json.dumps(list(shape)),
+                    int(total),
+                    int(deferred),
+                    int(dropped),
+                    time.time(),
+                ),
+            )
             for t in tasks:
-                cur = c.execute("INSERT INTO tasks(image_id, expert_id, region, bbox, area) "
-                                "VALUES(?,?,?,?,?)", (image_id, int(t.expert), int(t.region),
-                                                      json.dumps([list(b) for b in t.bbox]),
-                                                      int(t.area)))
+                cur = c.execute(
+                    "INSERT INTO tasks(image_id, expert_id, region, bbox, area) VALUES(?,?,?,?,?)",
+                    (
+                        image_id,
+                        int(t.expert),
+                        int(t.region),
+                        json.dumps([list(b) for b in t.bbox]),
+                        int(t.area),
+                    ),
+                )
                 ids.append(int(cur.lastrowid))
         return ids
 
     def task(self, task_id: int) -> Optional[sqlite3.Row]:
-        return self.conn().execute(
-            "SELECT t.*, e.name AS expert FROM tasks t JOIN experts e ON e.id=t.expert_id "
-            "WHERE t.id=?", (int(task_id),)).fetchone()
+        return (
+            self.conn()
+            .execute(
+                "SELECT t.*, e.name AS expert FROM tasks t JOIN experts e ON e.id=t.expert_id "
+                "WHERE t.id=?",
+                (int(task_id),),
+            )
+            .fetchone()
+        )
 
     def tasks_of_image(self, image_id: str) -> List[sqlite3.Row]:
-        return self.conn().execute(
-            "SELECT t.*, e.name AS expert FROM tasks t JOIN experts e ON e.id=t.expert_id "
-            "WHERE t.image_id=? ORDER BY t.id", (image_id,)).fetchall()
+        return (
+            self.conn()
+            .execute(
+                "SELECT t.*, e.name AS expert FROM tasks t JOIN experts e ON e.id=t.expert_id "
+                "WHERE t.image_id=? ORDER BY t.id",
+                (image_id,),
+            )
+            .fetchall()
+        )
 
     def iter_tasks(self) -> Iterator[sqlite3.Row]:
         yield from self.conn().execute(
-            "SELECT t.*, e.name AS expert FROM tasks t JOIN experts e ON e.id=t.expert_id ORDER BY t.id")
+            "SELECT t.*, e.name AS expert FROM tasks t JOIN experts e ON e.id=t.expert_id ORDER BY t.id"
+        )
 
     def next_task(self, expert_id: int, after: int = 0) -> Optional[int]:
         """The first unanswered task of the expert (with an id above ``after`` if there is one)."""
-        q = ("SELECT id FROM tasks t WHERE expert_id=? AND id>? AND NOT EXISTS "
-             "(SELECT 1 FROM answers a WHERE a.task_id=t.id) ORDER BY id LIMIT 1")
+        q = (
+            "SELECT id FROM tasks t WHERE expert_id=? AND id>? AND NOT EXISTS "
+            "(SELECT 1 FROM answers a WHERE a.task_id=t.id) ORDER BY id LIMIT 1"
+        )
         row = self.conn().execute(q, (expert_id, after)).fetchone()
         if row is None and after:
             row = self.conn().execute(q, (expert_id, 0)).fetchone()
         return None if row is None else int(row["id"])
 
     def queue_counts(self, expert_id: int) -> Dict[str, int]:
-        row = self.conn().execute(
-            "SELECT COUNT(*) AS total, SUM(EXISTS(SELECT 1 FROM answers a WHERE a.task_id=t.id)) "
-            "AS done FROM tasks t WHERE expert_id=?", (expert_id,)).fetchone()
+        row = (
+            self.conn()
+            .execute(
+                "SELECT COUNT(*) AS total, SUM(EXISTS(SELECT 1 FROM answers a WHERE a.task_id=t.id)) "
+                "AS done FROM tasks t WHERE expert_id=?",
+                (expert_id,),
+            )
+            .fetchone()
+        )
         total, done = int(row["total"]), int(row["done"] or 0)
         return {"total": total, "done": done, "left": total - done}
 
     def mark_opened(self, task_id: int) -> None:
         with self.tx() as c:
-            c.execute("UPDATE tasks SET opened_at=? WHERE id=? AND opened_at IS NULL",
-                      (time.time(), int(task_id)))
+            c.execute(
+                "UPDATE tasks SET opened_at=? WHERE id=? AND opened_at IS NULL",
+                (time.time(), int(task_id)),
+            )
 
     # ------------------------------------------------------------------ answers
     def latest_answer(self, task_id: int) -> Optional[sqlite3.Row]:
-        return self.conn().execute("SELECT * FROM answers WHERE task_id=? ORDER BY id DESC LIMIT 1",
-                                   (int(task_id),)).fetchone()
+        return (
+            self.conn()
+            .execute(
+                "SELECT * FROM answers WHERE task_id=? ORDER BY id DESC LIMIT 1", (int(task_id),)
+            )
+            .fetchone()
+        )
 
     def answers(self, task_id: int) -> List[sqlite3.Row]:
-        return self.conn().execute("SELECT * FROM answers WHERE task_id=? ORDER BY id",
-                                   (int(task_id),)).fetchall()
+        return (
+            self.conn()
+            .execute("SELECT * FROM answers WHERE task_id=? ORDER BY id", (int(task_id),))
+            .fetchall()
+        )
 
-    def add_answer(self, task_id: int, expert_id: int, action: str,
-                   mask: Optional[np.ndarray] = None) -> int:
+    def add_answer(
+        self, task_id: int, expert_id: int, action: str, mask: Optional[np.ndarray] = None
+    ) -> int:
         """Record an answer; an ``edited`` answer's mask (the task's bbox crop) is written first,
         atomically, then referenced. Returns the answer id."""
         if action not in ACTIONS:
@@ -341,19 +427,31 @@ class ReviewDB:
             rel = f"answers/{int(task_id)}/{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(4)}.npy"
             atomic_save_npy(self.out / rel, np.asarray(mask, dtype=np.uint8))
         with self.tx() as c:
-            t = c.execute("SELECT expert_id, opened_at FROM tasks WHERE id=?", (int(task_id),)).fetchone()
+            t = c.execute(
+                "SELECT expert_id, opened_at FROM tasks WHERE id=?", (int(task_id),)
+            ).fetchone()
             if t is None:
                 raise KeyError(f"no task {task_id}")
             if int(t["expert_id"]) != int(expert_id):
                 raise PermissionError(f"task {task_id} is not expert {expert_id}'s")
-            prev = c.execute("SELECT id FROM answers WHERE task_id=? ORDER BY id DESC LIMIT 1",
-                             (int(task_id),)).fetchone()
+            prev = c.execute(
+                "SELECT id FROM answers WHERE task_id=? ORDER BY id DESC LIMIT 1", (int(task_id),)
+            ).fetchone()
             now = time.time()
             seconds = None if t["opened_at"] is None else max(now - float(t["opened_at"]), 0.0)
-            cur = c.execute("INSERT INTO answers(task_id, expert_id, action, mask, parent_id, created, "
-                            "seconds) VALUES(?,?,?,?,?,?,?)",
-                            (int(task_id), int(expert_id), action, rel,
-                             None if prev is None else int(prev["id"]), now, seconds))
+            cur = c.execute(
+                "INSERT INTO answers(task_id, expert_id, action, mask, parent_id, created, "
+                "seconds) VALUES(?,?,?,?,?,?,?)",
+                (
+                    int(task_id),
+                    int(expert_id),
+                    action,
+                    rel,
+                    None if prev is None else int(prev["id"]),
+                    now,
+                    seconds,
+                ),
+            )
             return int(cur.lastrowid)
 
     def load_answer_mask(self, answer: sqlite3.Row) -> Optional[np.ndarray]:
@@ -366,15 +464,27 @@ class ReviewDB:
         c = self.conn()
         experts = []
         for r in c.execute(
-                "SELECT e.id, e.name, COUNT(t.id) AS total, "
-                "SUM(EXISTS(SELECT 1 FROM answers a WHERE a.task_id=t.id)) AS done, "
-                "COALESCE(SUM(t.area), 0) AS pixels "
-                "FROM experts e LEFT JOIN tasks t ON t.expert_id=e.id GROUP BY e.id ORDER BY e.id"):
+            "SELECT e.id, e.name, COUNT(t.id) AS total, "
+            "SUM(EXISTS(SELECT 1 FROM answers a WHERE a.task_id=t.id)) AS done, "
+            "COALESCE(SUM(t.area), 0) AS pixels "
+            "FROM experts e LEFT JOIN tasks t ON t.expert_id=e.id GROUP BY e.id ORDER BY e.id"
+        ):
             total, done = int(r["total"]), int(r["done"] or 0)
-            experts.append({"name": r["name"], "total": total, "done": done, "left": total - done,
-                            "pixels": int(r["pixels"])})
-        complete = [r["id"] for r in c.execute(
-            "SELECT i.id FROM images i WHERE NOT EXISTS (SELECT 1 FROM tasks t WHERE t.image_id=i.id "
-            "AND NOT EXISTS (SELECT 1 FROM answers a WHERE a.task_id=t.id)) ORDER BY i.id")]
+            experts.append(
+                {
+                    "name": r["name"],
+                    "total": total,
+                    "done": done,
+                    "left": total - done,
+                    "pixels": int(r["pixels"]),
+                }
+            )
+        complete = [
+            r["id"]
+            for r in c.execute(
+                "SELECT i.id FROM images i WHERE NOT EXISTS (SELECT 1 FROM tasks t WHERE t.image_id=i.id "
+                "AND NOT EXISTS (SELECT 1 FROM answers a WHERE a.task_id=t.id)) ORDER BY i.id"
+            )
+        ]
         n_images = int(c.execute("SELECT COUNT(*) FROM images").fetchone()[0])
         return {"experts": experts, "images": n_images, "complete_images": complete}

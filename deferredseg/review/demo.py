@@ -57,8 +57,10 @@ def simulated_expert(base: str, name: str, labels: Dict[str, np.ndarray]) -> Dic
             res = _call(f"{api}/tasks/{nxt}/answer", {"action": "accepted"})
             counts["accepted"] += 1
         else:
-            res = _call(f"{api}/tasks/{nxt}/answer",
-                        {"action": "edited", "mask": base64.b64encode(mine.tobytes()).decode()})
+            res = _call(
+                f"{api}/tasks/{nxt}/answer",
+                {"action": "edited", "mask": base64.b64encode(mine.tobytes()).decode()},
+            )
             counts["edited"] += 1
         nxt = res["next"]
     return counts
@@ -69,8 +71,12 @@ def _dice(pred: np.ndarray, target: np.ndarray, num_labels: int) -> float:
 
     from ..metrics import per_image_scores
 
-    s = per_image_scores(torch.as_tensor(pred.astype(np.int64))[None],
-                         torch.as_tensor(target.astype(np.int64))[None], num_labels, with_hd95=False)
+    s = per_image_scores(
+        torch.as_tensor(pred.astype(np.int64))[None],
+        torch.as_tensor(target.astype(np.int64))[None],
+        num_labels,
+        with_hd95=False,
+    )
     return float(s["dice"][0])
 
 
@@ -79,15 +85,31 @@ def _review_demo_config(root: Path, device: str, seed: int, quick: bool):
     demo can draw again for new images (the review loop's simulated experts)."""
     from ..train.config import TrainConfig
 
-    size = dict(num_images=12, image_size=32, features=8, epochs=1, head_epochs=2) if quick else \
-        dict(num_images=48, image_size=64, features=16, epochs=12, head_epochs=8)
-    return TrainConfig(out=str(root / "train"), batch_size=4, lr=3e-3, device=device, seed=seed,
-                       progress=not quick, overwrite=True, **size)
+    size = (
+        dict(num_images=12, image_size=32, features=8, epochs=1, head_epochs=2)
+        if quick
+        else dict(num_images=48, image_size=64, features=16, epochs=12, head_epochs=8)
+    )
+    return TrainConfig(
+        out=str(root / "train"),
+        batch_size=4,
+        lr=3e-3,
+        device=device,
+        seed=seed,
+        progress=not quick,
+        overwrite=True,
+        **size,
+    )
 
 
-def run_review_demo(out: str = "deferredseg-review-demo", simulate_experts: bool = False,
-                    quick: bool = False, num_images: Optional[int] = None, device: str = "cpu",
-                    seed: int = 0) -> int:
+def run_review_demo(
+    out: str = "deferredseg-review-demo",
+    simulate_experts: bool = False,
+    quick: bool = False,
+    num_images: Optional[int] = None,
+    device: str = "cpu",
+    seed: int = 0,
+) -> int:
     import torch
     import uvicorn
 
@@ -105,8 +127,10 @@ def run_review_demo(out: str = "deferredseg-review-demo", simulate_experts: bool
     if ck.is_file():
         print(f"using the trained model {ck}")
     else:
-        print(f"training DeferredSeg ({cfg.epochs} epochs, {cfg.num_images} synthetic "
-              f"{cfg.image_size}x{cfg.image_size} images, 5 structured experts) on {device} ...")
+        print(
+            f"training DeferredSeg ({cfg.epochs} epochs, {cfg.num_images} synthetic "
+            f"{cfg.image_size}x{cfg.image_size} images, 5 structured experts) on {device} ..."
+        )
         train(cfg)
     num_labels = max(cfg.num_classes, 2)
     n = num_images or (4 if quick else 12)
@@ -129,20 +153,25 @@ def run_review_demo(out: str = "deferredseg-review-demo", simulate_experts: bool
             expert_labels[name][case["id"]] = labs[j]
     review = root / "review"
     s = predict(ck, images, review, budget=BUDGET, device=device, progress=False)
-    print(f"predicted {len(s.done)} new image(s) ({len(s.skipped)} done before): {s.tasks} review "
-          f"task(s) at gate threshold {s.routing['threshold']:.3f} ({s.routing['source']})")
+    print(
+        f"predicted {len(s.done)} new image(s) ({len(s.skipped)} done before): {s.tasks} review "
+        f"task(s) at gate threshold {s.routing['threshold']:.3f} ({s.routing['source']})"
+    )
     if s.failed:
         for f, err in s.failed:
             print(f"  failed: {f}: {err}")
         return 1
     if not simulate_experts:
-        print(f"\nnext: `deferredseg serve {review}` and open the experts' links, then "
-              f"`deferredseg merge {review}` (or rerun with --simulate-experts)")
+        print(
+            f"\nnext: `deferredseg serve {review}` and open the experts' links, then "
+            f"`deferredseg merge {review}` (or rerun with --simulate-experts)"
+        )
         return 0
 
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(review), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(review), host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
@@ -176,10 +205,18 @@ def run_review_demo(out: str = "deferredseg-review-demo", simulate_experts: bool
     model_d = [_dice(read_like(review / "model" / f"{i}.npy")[0], gts[i], num_labels) for i in ids]
     final_d = [_dice(read_like(review / "final" / f"{i}.npy")[0], gts[i], num_labels) for i in ids]
     deferred = np.mean([im["deferred_share"] for im in rep["images"]])
-    print("\nsimulated experts answered through the HTTP API: " + ", ".join(
-        f"{k} {v['accepted']} accepted / {v['edited']} edited" for k, v in results.items()))
-    print(f"\n| {len(ids)} new images | Dice |\n|---|---|\n| model alone | {np.nanmean(model_d):.4f} |\n"
-          f"| merged after review ({deferred:.1%} of the pixels deferred) | {np.nanmean(final_d):.4f} |")
-    print(f"\nfinal masks: {review / 'final'}; report: {review / 'report.md'}; "
-          f"time {time.perf_counter() - t0:.0f} s")
+    print(
+        "\nsimulated experts answered through the HTTP API: "
+        + ", ".join(
+            f"{k} {v['accepted']} accepted / {v['edited']} edited" for k, v in results.items()
+        )
+    )
+    print(
+        f"\n| {len(ids)} new images | Dice |\n|---|---|\n| model alone | {np.nanmean(model_d):.4f} |\n"
+        f"| merged after review ({deferred:.1%} of the pixels deferred) | {np.nanmean(final_d):.4f} |"
+    )
+    print(
+        f"\nfinal masks: {review / 'final'}; report: {review / 'report.md'}; "
+        f"time {time.perf_counter() - t0:.0f} s"
+    )
     return 0

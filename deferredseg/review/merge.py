@@ -56,8 +56,14 @@ def merge_image(db: ReviewDB, image_id: str) -> Dict[str, Any]:
         if a is None:
             unanswered.append(int(t["id"]))
             continue
-        answers.append({"region": t["region"], "bbox": json.loads(t["bbox"]), "action": a["action"],
-                        "mask": db.load_answer_mask(a)})
+        answers.append(
+            {
+                "region": t["region"],
+                "bbox": json.loads(t["bbox"]),
+                "action": a["action"],
+                "mask": db.load_answer_mask(a),
+            }
+        )
     final = fuse(np.asarray(model).astype(np.uint8), regions, answers)
     write_like(out / "final" / image_id, final, meta)
     return {"image": image_id, "unanswered_tasks": unanswered}
@@ -69,36 +75,57 @@ def build_report(db: ReviewDB) -> Dict[str, Any]:
     latest = "(SELECT a.action FROM answers a WHERE a.task_id=t.id ORDER BY a.id DESC LIMIT 1)"
     images = []
     for r in c.execute(
-            f"SELECT i.id, i.total_pixels, i.deferred_pixels, i.dropped_pixels, "
-            f"COUNT(t.id) AS tasks, "
-            f"COALESCE(SUM(CASE WHEN {latest} IN ('accepted', 'edited') THEN t.area END), 0) AS answered, "
-            f"COALESCE(SUM(CASE WHEN {latest} = 'rejected' THEN t.area END), 0) AS rejected, "
-            f"GROUP_CONCAT(CASE WHEN {latest} IS NULL THEN t.id END) AS unanswered "
-            f"FROM images i LEFT JOIN tasks t ON t.image_id=i.id GROUP BY i.id ORDER BY i.id"):
+        f"SELECT i.id, i.total_pixels, i.deferred_pixels, i.dropped_pixels, "
+        f"COUNT(t.id) AS tasks, "
+        f"COALESCE(SUM(CASE WHEN {latest} IN ('accepted', 'edited') THEN t.area END), 0) AS answered, "
+        f"COALESCE(SUM(CASE WHEN {latest} = 'rejected' THEN t.area END), 0) AS rejected, "
+        f"GROUP_CONCAT(CASE WHEN {latest} IS NULL THEN t.id END) AS unanswered "
+        f"FROM images i LEFT JOIN tasks t ON t.image_id=i.id GROUP BY i.id ORDER BY i.id"
+    ):
         deferred = int(r["deferred_pixels"])
-        experts = [e["name"] for e in c.execute(
-            "SELECT DISTINCT e.name FROM tasks t JOIN experts e ON e.id=t.expert_id "
-            "WHERE t.image_id=? ORDER BY e.id", (r["id"],))]
+        experts = [
+            e["name"]
+            for e in c.execute(
+                "SELECT DISTINCT e.name FROM tasks t JOIN experts e ON e.id=t.expert_id "
+                "WHERE t.image_id=? ORDER BY e.id",
+                (r["id"],),
+            )
+        ]
         unanswered = sorted(int(v) for v in r["unanswered"].split(",")) if r["unanswered"] else []
-        images.append({
-            "image": r["id"], "pixels": int(r["total_pixels"]),
-            "deferred_share": deferred / max(int(r["total_pixels"]), 1),
-            "answered_share": (int(r["answered"]) / deferred) if deferred else None,
-            "rejected_share": (int(r["rejected"]) / deferred) if deferred else None,
-            "dropped_pixels": int(r["dropped_pixels"]),
-            "dropped_share": (int(r["dropped_pixels"]) / deferred) if deferred else None,
-            "tasks": int(r["tasks"]),
-            "experts": experts, "unanswered_tasks": unanswered, "complete": not unanswered})
+        images.append(
+            {
+                "image": r["id"],
+                "pixels": int(r["total_pixels"]),
+                "deferred_share": deferred / max(int(r["total_pixels"]), 1),
+                "answered_share": (int(r["answered"]) / deferred) if deferred else None,
+                "rejected_share": (int(r["rejected"]) / deferred) if deferred else None,
+                "dropped_pixels": int(r["dropped_pixels"]),
+                "dropped_share": (int(r["dropped_pixels"]) / deferred) if deferred else None,
+                "tasks": int(r["tasks"]),
+                "experts": experts,
+                "unanswered_tasks": unanswered,
+                "complete": not unanswered,
+            }
+        )
     experts = []
     for r in c.execute(
-            f"SELECT e.name, COUNT(t.id) AS tasks, "
-            f"SUM({latest} IS NOT NULL) AS done, SUM({latest} = 'accepted') AS accepted, "
-            f"SUM({latest} = 'edited') AS edited, SUM({latest} = 'rejected') AS rejected, "
-            f"(SELECT COALESCE(SUM(a.seconds), 0) FROM answers a WHERE a.expert_id=e.id) AS seconds "
-            f"FROM experts e LEFT JOIN tasks t ON t.expert_id=e.id GROUP BY e.id ORDER BY e.id"):
-        experts.append({"expert": r["name"], "tasks": int(r["tasks"]), "done": int(r["done"] or 0),
-                        "accepted": int(r["accepted"] or 0), "edited": int(r["edited"] or 0),
-                        "rejected": int(r["rejected"] or 0), "seconds": float(r["seconds"] or 0.0)})
+        f"SELECT e.name, COUNT(t.id) AS tasks, "
+        f"SUM({latest} IS NOT NULL) AS done, SUM({latest} = 'accepted') AS accepted, "
+        f"SUM({latest} = 'edited') AS edited, SUM({latest} = 'rejected') AS rejected, "
+        f"(SELECT COALESCE(SUM(a.seconds), 0) FROM answers a WHERE a.expert_id=e.id) AS seconds "
+        f"FROM experts e LEFT JOIN tasks t ON t.expert_id=e.id GROUP BY e.id ORDER BY e.id"
+    ):
+        experts.append(
+            {
+                "expert": r["name"],
+                "tasks": int(r["tasks"]),
+                "done": int(r["done"] or 0),
+                "accepted": int(r["accepted"] or 0),
+                "edited": int(r["edited"] or 0),
+                "rejected": int(r["rejected"] or 0),
+                "seconds": float(r["seconds"] or 0.0),
+            }
+        )
     return {"images": images, "experts": experts}
 
 
@@ -106,20 +133,35 @@ def _report_markdown(rep: Dict[str, Any]) -> str:
     def pct(v: Optional[float]) -> str:
         return "-" if v is None else f"{v:.1%}"
 
-    lines = ["# Review report", "", "## Images", "",
-             "Shares of the deferred pixels: answered (accepted or edited), rejected, and in regions "
-             "too small to send (the model's labels stand there).", "",
-             "| image | deferred | answered | rejected | too small | experts | unanswered tasks |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Review report",
+        "",
+        "## Images",
+        "",
+        "Shares of the deferred pixels: answered (accepted or edited), rejected, and in regions "
+        "too small to send (the model's labels stand there).",
+        "",
+        "| image | deferred | answered | rejected | too small | experts | unanswered tasks |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for i in rep["images"]:
-        lines.append(f"| {i['image']} | {pct(i['deferred_share'])} | {pct(i['answered_share'])} | "
-                     f"{pct(i['rejected_share'])} | {pct(i['dropped_share'])} | {', '.join(i['experts']) or '-'} | "
-                     f"{', '.join(map(str, i['unanswered_tasks'])) or '-'} |")
-    lines += ["", "## Experts", "", "| expert | tasks | done | accepted | edited | rejected | time (s) |",
-              "|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {i['image']} | {pct(i['deferred_share'])} | {pct(i['answered_share'])} | "
+            f"{pct(i['rejected_share'])} | {pct(i['dropped_share'])} | {', '.join(i['experts']) or '-'} | "
+            f"{', '.join(map(str, i['unanswered_tasks'])) or '-'} |"
+        )
+    lines += [
+        "",
+        "## Experts",
+        "",
+        "| expert | tasks | done | accepted | edited | rejected | time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for e in rep["experts"]:
-        lines.append(f"| {e['expert']} | {e['tasks']} | {e['done']} | {e['accepted']} | {e['edited']} | "
-                     f"{e['rejected']} | {e['seconds']:.0f} |")
+        lines.append(
+            f"| {e['expert']} | {e['tasks']} | {e['done']} | {e['accepted']} | {e['edited']} | "
+            f"{e['rejected']} | {e['seconds']:.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -61,7 +61,7 @@ CROP_MARGIN = 8  # pixels of context around a region's box on each side
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; "
-                               "base-uri 'none'; frame-ancestors 'none'",
+    "base-uri 'none'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",  # the personal links carry tokens
     "Cache-Control": "no-store",
@@ -159,13 +159,19 @@ class _Debounced:
 
 
 def _crop_box(bbox, shape) -> Tuple[Tuple[int, int], ...]:
-    return tuple((max(0, int(a) - CROP_MARGIN), min(int(n), int(b) + CROP_MARGIN))
-                 for (a, b), n in zip(bbox, shape))
+    return tuple(
+        (max(0, int(a) - CROP_MARGIN), min(int(n), int(b) + CROP_MARGIN))
+        for (a, b), n in zip(bbox, shape)
+    )
 
 
-def create_app(out: Union[str, Path], require_tokens: bool = False,
-               max_upload: int = 4 * 1024 * 1024, merge_on_answer: bool = True,
-               allowed_hosts: Optional[Sequence[str]] = None) -> Starlette:
+def create_app(
+    out: Union[str, Path],
+    require_tokens: bool = False,
+    max_upload: int = 4 * 1024 * 1024,
+    merge_on_answer: bool = True,
+    allowed_hosts: Optional[Sequence[str]] = None,
+) -> Starlette:
     """The review application of the prediction folder ``out``.
 
     ``allowed_hosts``: the Host headers accepted (None: any); :func:`serve` on a
@@ -174,8 +180,9 @@ def create_app(out: Union[str, Path], require_tokens: bool = False,
     """
     db = ReviewDB(out, create=False)
     if require_tokens and not db.has_tokens():
-        raise ValueError(f"tokens are required but {out} has none yet; `deferredseg serve` "
-                         f"issues them")
+        raise ValueError(
+            f"tokens are required but {out} has none yet; `deferredseg serve` issues them"
+        )
     num_labels = int(db.get_meta("num_labels", 2))
     arrays = _Arrays(db)
     merge_lock = threading.Lock()
@@ -217,14 +224,26 @@ def create_app(out: Union[str, Path], require_tokens: bool = False,
         bbox = json.loads(t["bbox"])
         crop = _crop_box(bbox, shape)
         image = arrays.get(t["image_id"])[0][tuple(slice(a, b) for a, b in crop)]
-        lo, hi = (np.percentile(image, [1, 99]).tolist() if image.size else [0.0, 1.0])
+        lo, hi = np.percentile(image, [1, 99]).tolist() if image.size else [0.0, 1.0]
         last = db.latest_answer(t["id"])
-        return {"id": int(t["id"]), "expert": t["expert"], "image": t["image_id"],
-                "image_shape": shape, "bbox": bbox, "area": int(t["area"]), "crop": crop,
-                "crop_shape": [b - a for a, b in crop], "num_labels": num_labels,
-                "intensity": {"min": float(image.min()), "max": float(image.max()),
-                              "lo": float(lo), "hi": float(hi)},
-                "answer": None if last is None else last["action"]}
+        return {
+            "id": int(t["id"]),
+            "expert": t["expert"],
+            "image": t["image_id"],
+            "image_shape": shape,
+            "bbox": bbox,
+            "area": int(t["area"]),
+            "crop": crop,
+            "crop_shape": [b - a for a, b in crop],
+            "num_labels": num_labels,
+            "intensity": {
+                "min": float(image.min()),
+                "max": float(image.max()),
+                "lo": float(lo),
+                "hi": float(hi),
+            },
+            "answer": None if last is None else last["action"],
+        }
 
     # ------------------------------------------------------------------ pages
     def overview_page(request: Request):
@@ -251,8 +270,13 @@ def create_app(out: Union[str, Path], require_tokens: bool = False,
             after = int(request.query_params.get("after", "0"))
         except ValueError:
             fail(400, "after must be a task id (an integer)")
-        return JSONResponse({"expert": e["name"], "counts": db.queue_counts(int(e["id"])),
-                             "next": db.next_task(int(e["id"]), after)})
+        return JSONResponse(
+            {
+                "expert": e["name"],
+                "counts": db.queue_counts(int(e["id"])),
+                "next": db.next_task(int(e["id"]), after),
+            }
+        )
 
     def api_task(request: Request):
         e = expert_of(request)
@@ -265,10 +289,14 @@ def create_app(out: Union[str, Path], require_tokens: bool = False,
         t = task_of(request, e)
         image, model, regions = arrays.get(t["image_id"])
         row = db.image(t["image_id"])
-        sl = tuple(slice(a, b) for a, b in _crop_box(json.loads(t["bbox"]), json.loads(row["shape"])))
-        parts = [np.ascontiguousarray(image[sl], dtype="<f4").tobytes(),
-                 np.ascontiguousarray(model[sl], dtype=np.uint8).tobytes(),
-                 np.ascontiguousarray(regions[sl] == int(t["region"]), dtype=np.uint8).tobytes()]
+        sl = tuple(
+            slice(a, b) for a, b in _crop_box(json.loads(t["bbox"]), json.loads(row["shape"]))
+        )
+        parts = [
+            np.ascontiguousarray(image[sl], dtype="<f4").tobytes(),
+            np.ascontiguousarray(model[sl], dtype=np.uint8).tobytes(),
+            np.ascontiguousarray(regions[sl] == int(t["region"]), dtype=np.uint8).tobytes(),
+        ]
         return Response(b"".join(parts), media_type="application/octet-stream")
 
     def _answer(e, t, payload: Dict[str, Any]) -> Dict[str, Any]:
@@ -290,14 +318,19 @@ def create_app(out: Union[str, Path], require_tokens: bool = False,
             if len(raw) != n:
                 fail(422, f"mask has {len(raw)} values, the task's crop {list(crop_shape)} has {n}")
             if "shape" in payload and list(payload["shape"]) != list(crop_shape):
-                fail(422, f"mask shape {payload['shape']} does not match the task's crop "
-                          f"{list(crop_shape)}")
+                fail(
+                    422,
+                    f"mask shape {payload['shape']} does not match the task's crop "
+                    f"{list(crop_shape)}",
+                )
             full = np.frombuffer(raw, dtype=np.uint8).reshape(crop_shape)
             if full.size and int(full.max()) >= num_labels:
                 fail(422, f"mask labels must be in [0, {num_labels}), found {int(full.max())}")
             # stored: the region's box within the crop
             off = [b[0] - c[0] for b, c in zip(view["bbox"], view["crop"])]
-            mask = full[tuple(slice(o, o + (b[1] - b[0])) for o, b in zip(off, view["bbox"]))].copy()
+            mask = full[
+                tuple(slice(o, o + (b[1] - b[0])) for o, b in zip(off, view["bbox"]))
+            ].copy()
         answer_id = db.add_answer(int(t["id"]), int(e["id"]), action, mask)
         if merge_on_answer:
             from .merge import merge_image
@@ -305,8 +338,13 @@ def create_app(out: Union[str, Path], require_tokens: bool = False,
             with merge_lock:
                 merge_image(db, t["image_id"])
             reporter.request()
-        return {"answer": answer_id, "task": int(t["id"]), "action": action,
-                "counts": db.queue_counts(int(e["id"])), "next": db.next_task(int(e["id"]), int(t["id"]))}
+        return {
+            "answer": answer_id,
+            "task": int(t["id"]),
+            "action": action,
+            "counts": db.queue_counts(int(e["id"])),
+            "next": db.next_task(int(e["id"]), int(t["id"])),
+        }
 
     async def api_answer(request: Request):
         e = await run_in_threadpool(expert_of, request)
@@ -340,23 +378,36 @@ def create_app(out: Union[str, Path], require_tokens: bool = False,
         Route("/api/experts/{expert}/tasks/{task_id:int}/answer", api_answer, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         reporter.flush()  # the last answers' report before the server stops
 
-    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan,
-                    middleware=[Middleware(_SecurityHeaders)] + (
-                        [Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))]
-                        if allowed_hosts else []))
+    app = Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: http_error},
+        lifespan=lifespan,
+        middleware=[Middleware(_SecurityHeaders)]
+        + (
+            [Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))]
+            if allowed_hosts
+            else []
+        ),
+    )
     app.state.db = db
     app.state.flush_report = reporter.flush
     return app
 
 
-def serve(out: Union[str, Path], host: str = "127.0.0.1", port: int = 8765,
-          require_tokens: bool = False, new_tokens: bool = False,
-          max_upload: int = 4 * 1024 * 1024) -> int:
+def serve(
+    out: Union[str, Path],
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    require_tokens: bool = False,
+    new_tokens: bool = False,
+    max_upload: int = 4 * 1024 * 1024,
+) -> int:
     """Run the review application until interrupted; prints each expert's link."""
     import uvicorn
 
@@ -371,11 +422,16 @@ def serve(out: Union[str, Path], host: str = "127.0.0.1", port: int = 8765,
             print("personal links (printed this once; only hashes are kept):", flush=True)
         for e in db.experts():
             if e["name"] in tokens:
-                print(f"  expert {e['name']}: {base}/review/{e['name']}?token={tokens[e['name']]}",
-                      flush=True)
+                print(
+                    f"  expert {e['name']}: {base}/review/{e['name']}?token={tokens[e['name']]}",
+                    flush=True,
+                )
             else:
-                print(f"  expert {e['name']}: {base}/review/{e['name']} (token issued before; "
-                      f"--new-tokens replaces them all)", flush=True)
+                print(
+                    f"  expert {e['name']}: {base}/review/{e['name']} (token issued before; "
+                    f"--new-tokens replaces them all)",
+                    flush=True,
+                )
         if "" in tokens:
             print(f"  overview: {base}/?token={tokens['']}", flush=True)
     else:

@@ -38,8 +38,9 @@ class Task:
         return tuple(slice(a, b) for a, b in self.bbox)
 
 
-def extract_tasks(assignment: np.ndarray, num_experts: int, min_size: int = 1,
-                  merge_distance: int = 0) -> Tuple[np.ndarray, List[Task], int]:
+def extract_tasks(
+    assignment: np.ndarray, num_experts: int, min_size: int = 1, merge_distance: int = 0
+) -> Tuple[np.ndarray, List[Task], int]:
     """Regions of an assignment map ``(*S)`` (-1: the model, j: expert j).
 
     Returns ``(regions, tasks, dropped)``: ``regions`` int32 ``(*S)`` with 0 where
@@ -56,8 +57,10 @@ def extract_tasks(assignment: np.ndarray, num_experts: int, min_size: int = 1,
         raise ValueError(f"merge_distance must be >= 0, got {merge_distance}")
     bad = (a < -1) | (a >= num_experts)
     if bad.any():
-        raise ValueError(f"assignment values must be -1 (the model) or an expert in [0, {num_experts}), "
-                         f"found {np.unique(a[bad])[:5].tolist()}")
+        raise ValueError(
+            f"assignment values must be -1 (the model) or an expert in [0, {num_experts}), "
+            f"found {np.unique(a[bad])[:5].tolist()}"
+        )
     regions = np.zeros(a.shape, dtype=np.int32)
     tasks: List[Task] = []
     dropped = 0
@@ -69,7 +72,9 @@ def extract_tasks(assignment: np.ndarray, num_experts: int, min_size: int = 1,
             continue
         grown = mine
         if merge_distance > 0:
-            grown = ndimage.binary_dilation(mine, structure=structure, iterations=int(merge_distance))
+            grown = ndimage.binary_dilation(
+                mine, structure=structure, iterations=int(merge_distance)
+            )
         comp, n = ndimage.label(grown, structure=structure)
         comp = np.where(mine, comp, 0)
         areas = np.bincount(comp.ravel(), minlength=n + 1)
@@ -84,7 +89,13 @@ def extract_tasks(assignment: np.ndarray, num_experts: int, min_size: int = 1,
             box = boxes[c - 1]
             sel = comp[box] == c
             regions[box][sel] = next_region
-            tasks.append(Task(expert=j, region=next_region,
-                              bbox=tuple((int(s.start), int(s.stop)) for s in box), area=area))
+            tasks.append(
+                Task(
+                    expert=j,
+                    region=next_region,
+                    bbox=tuple((int(s.start), int(s.stop)) for s in box),
+                    area=area,
+                )
+            )
             next_region += 1
     return regions, tasks, dropped

@@ -3,8 +3,15 @@
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import METHODS, TrainConfig, load_config_file
 
-__all__ = ["METHODS", "TrainConfig", "load_config_file", "load_checkpoint", "save_checkpoint",
-           "train", "evaluate"]
+__all__ = [
+    "METHODS",
+    "TrainConfig",
+    "load_config_file",
+    "load_checkpoint",
+    "save_checkpoint",
+    "train",
+    "evaluate",
+]
 
 
 def train(cfg):

@@ -16,8 +16,14 @@ from .checkpoint import load_checkpoint
 from .config import TrainConfig
 from .methods import method_of
 
-__all__ = ["expert_panel", "build_data", "L2DNet", "build_model", "best_single_expert",
-           "load_trained"]
+__all__ = [
+    "expert_panel",
+    "build_data",
+    "L2DNet",
+    "build_model",
+    "best_single_expert",
+    "load_trained",
+]
 
 
 def expert_panel(cfg: TrainConfig, num_labels: int, seed: int):
@@ -28,10 +34,16 @@ def expert_panel(cfg: TrainConfig, num_labels: int, seed: int):
     panel = make_experts(profile, num_labels=num_labels, seed=seed, resample=cfg.resample_experts)
     if cfg.experts is not None:
         if cfg.experts > panel.num_experts:
-            raise ValueError(f"experts={cfg.experts} but the {profile!r} profile has "
-                             f"{panel.num_experts} experts")
-        panel = ExpertPanel(panel.experts[: cfg.experts], num_labels=num_labels, seed=seed,
-                            resample=cfg.resample_experts, names=panel.names[: cfg.experts])
+            raise ValueError(
+                f"experts={cfg.experts} but the {profile!r} profile has {panel.num_experts} experts"
+            )
+        panel = ExpertPanel(
+            panel.experts[: cfg.experts],
+            num_labels=num_labels,
+            seed=seed,
+            resample=cfg.resample_experts,
+            names=panel.names[: cfg.experts],
+        )
     return panel
 
 
@@ -42,8 +54,12 @@ def build_data(cfg: TrainConfig, split: str, raters: Optional[List[str]] = None)
     from ..data.scan import parse_label_map
 
     num_labels = max(cfg.num_classes, 2)
-    kw: Dict[str, Any] = dict(num_classes=cfg.num_classes, seed=cfg.seed,
-                              split_file=cfg.split_file, spatial_size=cfg.spatial_size)
+    kw: Dict[str, Any] = dict(
+        num_classes=cfg.num_classes,
+        seed=cfg.seed,
+        split_file=cfg.split_file,
+        spatial_size=cfg.spatial_size,
+    )
     if cfg.target is not None:
         kw["target"] = cfg.target
     if cfg.label_map is not None:
@@ -60,8 +76,9 @@ def build_data(cfg: TrainConfig, split: str, raters: Optional[List[str]] = None)
         kw["experts"] = expert_panel(cfg, num_labels, cfg.seed)
         kw["resample_experts"] = cfg.resample_experts
     if cfg.layout == "synthetic":
-        kw.update(num_images=cfg.num_images, spatial_dims=cfg.spatial_dims,
-                  image_size=cfg.image_size)
+        kw.update(
+            num_images=cfg.num_images, spatial_dims=cfg.spatial_dims, image_size=cfg.image_size
+        )
     return build_dataset(cfg.layout, cfg.data, split, **kw)
 
 
@@ -85,14 +102,24 @@ def build_model(cfg: TrainConfig, in_channels: int, num_experts: int) -> nn.Modu
     from ..models.backbones import build_backbone
 
     if method_of(cfg).head == "defer" and cfg.training == "joint":
-        net = build_backbone(cfg.backbone, spatial_dims=cfg.spatial_dims, in_channels=in_channels,
-                             features=cfg.features)
+        net = build_backbone(
+            cfg.backbone,
+            spatial_dims=cfg.spatial_dims,
+            in_channels=in_channels,
+            features=cfg.features,
+        )
         return L2DNet(net, cfg.features, max(cfg.num_classes, 2), cfg.spatial_dims)
-    return DeferredSegmentor.from_monai(cfg.backbone, num_classes=cfg.num_classes,
-                                        num_experts=num_experts, spatial_dims=cfg.spatial_dims,
-                                        in_channels=in_channels, features=cfg.features,
-                                        heads=cfg.head_kind, head_channels=cfg.head_channels,
-                                        detach_heads=cfg.training == "two-stage")
+    return DeferredSegmentor.from_monai(
+        cfg.backbone,
+        num_classes=cfg.num_classes,
+        num_experts=num_experts,
+        spatial_dims=cfg.spatial_dims,
+        in_channels=in_channels,
+        features=cfg.features,
+        heads=cfg.head_kind,
+        head_channels=cfg.head_channels,
+        detach_heads=cfg.training == "two-stage",
+    )
 
 
 def best_single_expert(dataset, num_experts: int, ignore_index: int = -100) -> int:
@@ -106,14 +133,18 @@ def best_single_expert(dataset, num_experts: int, ignore_index: int = -100) -> i
     return int(hits.argmax())
 
 
-def load_trained(checkpoint_path, device: torch.device,
-                 overrides: Optional[Dict[str, Any]] = None):
+def load_trained(checkpoint_path, device: torch.device, overrides: Optional[Dict[str, Any]] = None):
     """(model, config, checkpoint dict) of a checkpoint written by training."""
     ck = load_checkpoint(checkpoint_path, map_location=device)
     values = dict(ck["config"])
     if "training" not in values:  # written before two-stage training existed
-        values.update(training="joint", surrogate="softmax", gate_target="router",
-                      gate_mse=0.5, gate_sparsity=0.1)
+        values.update(
+            training="joint",
+            surrogate="softmax",
+            gate_target="router",
+            gate_mse=0.5,
+            gate_sparsity=0.1,
+        )
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     values["resume"] = False
     cfg = TrainConfig.from_dict(values, source=str(checkpoint_path))

@@ -58,7 +58,9 @@ class TrainConfig:
     head_epochs: int = 30  # epochs of the second stage
     head_lr: float = 1e-2  # learning rate of the second stage (the heads alone)
     base_checkpoint: Optional[str] = None  # a trained checkpoint whose backbone and seg head to use
-    heads: Optional[str] = None  # "conv" or "linear" (default: conv for two-stage, linear for joint)
+    heads: Optional[str] = (
+        None  # "conv" or "linear" (default: conv for two-stage, linear for joint)
+    )
     head_channels: int = 16
     # The loss options. Where they differ from the objective's own defaults
     # (deferredseg_kernels.LossOptions, the paper's choices), the evidence in the
@@ -165,8 +167,15 @@ class TrainConfig:
             choice("expert_profile", PROFILES)
         if self.layout != "synthetic" and not self.data:
             raise ValueError(f"layout {self.layout!r} needs --data DIR")
-        for name in ("epochs", "batch_size", "grad_accum", "num_classes", "features", "image_size",
-                     "num_images"):
+        for name in (
+            "epochs",
+            "batch_size",
+            "grad_accum",
+            "num_classes",
+            "features",
+            "image_size",
+            "num_images",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.spatial_dims not in (2, 3):
@@ -189,6 +198,8 @@ def load_config_file(path: str) -> Dict[str, Any]:
 
     values = parse_config_text(text, p)  # syntax errors as file:line:column
     if not isinstance(values, dict):
-        raise ValueError(f"config file {str(p)!r} must hold a mapping of option: value, "
-                         f"got {type(values).__name__}")
+        raise ValueError(
+            f"config file {str(p)!r} must hold a mapping of option: value, "
+            f"got {type(values).__name__}"
+        )
     return {str(k).replace("-", "_"): v for k, v in values.items()}

@@ -43,26 +43,39 @@ def check_training_data(cfg):
     parse_label_map(cfg.label_map)  # a malformed --label-map is reported now
     scan = None
     if cfg.layout in FILE_LAYOUTS:
-        scan = scan_dataset(cfg.layout, cfg.data, spatial_size=cfg.spatial_size,
-                            split_file=cfg.split_file, seed=cfg.seed)
+        scan = scan_dataset(
+            cfg.layout,
+            cfg.data,
+            spatial_size=cfg.spatial_size,
+            split_file=cfg.split_file,
+            seed=cfg.seed,
+        )
         if scan.spatial_dims is not None and scan.spatial_dims != cfg.spatial_dims:
-            _note(f"the files of {cfg.data} are {scan.spatial_dims}D: spatial_dims = "
-                  f"{scan.spatial_dims}")
+            _note(
+                f"the files of {cfg.data} are {scan.spatial_dims}D: spatial_dims = "
+                f"{scan.spatial_dims}"
+            )
             cfg = dataclasses.replace(cfg, spatial_dims=scan.spatial_dims)
     ids = _ids(cfg, scan)
     sizes = split_sizes(ids, cfg.split_file, cfg.seed)
     counts = ", ".join(f"{k} {v}" for k, v in sizes.items())
     if sizes["train"] == 0 or sizes["val"] == 0:
-        raise ValueError(f"the dataset is too small to split: {len(ids)} cases give {counts}; "
-                         f"training needs at least one training and one validation case (add "
-                         f"cases, or give --split-file)")
+        raise ValueError(
+            f"the dataset is too small to split: {len(ids)} cases give {counts}; "
+            f"training needs at least one training and one validation case (add "
+            f"cases, or give --split-file)"
+        )
     if sizes["test"] == 0:
-        _note(f"the test split is empty ({counts}); evaluate with --split val or all, or "
-              f"give --split-file")
+        _note(
+            f"the test split is empty ({counts}); evaluate with --split val or all, or "
+            f"give --split-file"
+        )
     few = [n for n in ("val", "test") if 0 < sizes[n] < FEW_CASES]
     if few:
-        _note(f"few cases in the {' and '.join(few)} split ({counts}): fewer than {FEW_CASES} "
-              f"give noisy metrics")
+        _note(
+            f"few cases in the {' and '.join(few)} split ({counts}): fewer than {FEW_CASES} "
+            f"give noisy metrics"
+        )
     return cfg
 
 
@@ -72,38 +85,56 @@ def check_evaluation_data(cfg, split: str) -> None:
 
     scan = None
     if cfg.layout in FILE_LAYOUTS:
-        scan = scan_dataset(cfg.layout, cfg.data, spatial_size=cfg.spatial_size,
-                            split_file=cfg.split_file, seed=cfg.seed, splits=[split])
+        scan = scan_dataset(
+            cfg.layout,
+            cfg.data,
+            spatial_size=cfg.spatial_size,
+            split_file=cfg.split_file,
+            seed=cfg.seed,
+            splits=[split],
+        )
         if scan.spatial_dims is not None and scan.spatial_dims != cfg.spatial_dims:
-            raise ValueError(f"the model was trained on {cfg.spatial_dims}D data, the files of "
-                             f"{cfg.data} are {scan.spatial_dims}D")
+            raise ValueError(
+                f"the model was trained on {cfg.spatial_dims}D data, the files of "
+                f"{cfg.data} are {scan.spatial_dims}D"
+            )
     if split == "all":
         return
     ids = _ids(cfg, scan)
     sizes = split_sizes(ids, cfg.split_file, cfg.seed)
     if sizes[split] == 0:
         counts = ", ".join(f"{k} {v}" for k, v in sizes.items())
-        raise ValueError(f"the {split} split of {cfg.data or 'the synthetic data'} is empty "
-                         f"({len(ids)} cases: {counts}); evaluate with --split val or --split all, "
-                         f"or give --split-file")
+        raise ValueError(
+            f"the {split} split of {cfg.data or 'the synthetic data'} is empty "
+            f"({len(ids)} cases: {counts}); evaluate with --split val or --split all, "
+            f"or give --split-file"
+        )
 
 
 def label_fingerprint(cfg, expert_names: Sequence[str]) -> str:
     """A short hash of what the label channels mean: classes, target, label map, experts."""
-    layout = {"num_classes": cfg.num_classes, "target": cfg.target, "label_map": cfg.label_map,
-              "layout": cfg.layout, "spatial_dims": cfg.spatial_dims,
-              "experts": list(expert_names)}
+    layout = {
+        "num_classes": cfg.num_classes,
+        "target": cfg.target,
+        "label_map": cfg.label_map,
+        "layout": cfg.layout,
+        "spatial_dims": cfg.spatial_dims,
+        "experts": list(expert_names),
+    }
     return hashlib.sha256(json.dumps(layout, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def checkpoint_record(cfg, expert_names: Sequence[str]) -> Dict[str, Any]:
     """Extra checkpoint keys: the data folder (absolute) and the label-layout fingerprint."""
-    return {"data_root": str(Path(cfg.data).resolve()) if cfg.data else None,
-            "label_fingerprint": label_fingerprint(cfg, expert_names)}
+    return {
+        "data_root": str(Path(cfg.data).resolve()) if cfg.data else None,
+        "label_fingerprint": label_fingerprint(cfg, expert_names),
+    }
 
 
-def pair_experts(trained: Optional[Sequence[str]], found: Sequence[str],
-                 data: Optional[str]) -> Optional[List[str]]:
+def pair_experts(
+    trained: Optional[Sequence[str]], found: Sequence[str], data: Optional[str]
+) -> Optional[List[str]]:
     """None when ``found`` are the ``trained`` experts in order; else the rater names to
     select (by name) so that they are; ValueError when some are missing."""
     if not trained:
@@ -113,9 +144,11 @@ def pair_experts(trained: Optional[Sequence[str]], found: Sequence[str],
         return None
     missing = [n for n in trained if n not in found]
     if missing:
-        raise ValueError(f"the checkpoint was trained with experts {trained}, but {data} has "
-                         f"raters {found} ({missing} missing): routing channels would go to the "
-                         f"wrong experts; evaluate on data with the same rater folders")
+        raise ValueError(
+            f"the checkpoint was trained with experts {trained}, but {data} has "
+            f"raters {found} ({missing} missing): routing channels would go to the "
+            f"wrong experts; evaluate on data with the same rater folders"
+        )
     _note(f"experts mapped by name: the checkpoint's {trained} (the data hold {found})")
     return trained
 
@@ -132,6 +165,8 @@ def match_experts(ds, cfg, split: str, trained: Optional[Sequence[str]], build):
         available = list(ds.info.expert_names)
     raters = pair_experts(trained, available, cfg.data)
     if cfg.layout != "multirater":
-        raise ValueError(f"the checkpoint was trained with experts {list(trained)}, the data "
-                         f"give {list(ds.info.expert_names)}")
+        raise ValueError(
+            f"the checkpoint was trained with experts {list(trained)}, the data "
+            f"give {list(ds.info.expert_names)}"
+        )
     return build(cfg, split, raters=raters)

@@ -29,8 +29,18 @@ def _middle_slice(t: torch.Tensor) -> np.ndarray:
 
 #: Who labels a pixel, in the same colours in every figure: the model, then each expert.
 MODEL_COLOUR = "#d9d9d9"
-EXPERT_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-                  "#7f7f7f", "#bcbd22", "#17becf")
+EXPERT_COLOURS = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
 
 
 def reference_name(target) -> str:
@@ -38,12 +48,17 @@ def reference_name(target) -> str:
     if target is None or target in ("label", "labels"):
         return "reference label"
     return {"majority": "majority vote", "staple": "STAPLE consensus"}.get(
-        target, f"rater {target}")
+        target, f"rater {target}"
+    )
 
 
-def save_examples(examples: Sequence[Dict[str, torch.Tensor]], path, num_classes: int,
-                  expert_names: Optional[Sequence[str]] = None,
-                  reference: str = "ground truth") -> List[Path]:
+def save_examples(
+    examples: Sequence[Dict[str, torch.Tensor]],
+    path,
+    num_classes: int,
+    expert_names: Optional[Sequence[str]] = None,
+    reference: str = "ground truth",
+) -> List[Path]:
     """One row per image (named by its case, and for 3D the slice shown): image, reference,
     deferral mask, final, model-only, expert regions (with a legend: the model and each
     expert by name, the same colours everywhere)."""
@@ -53,12 +68,19 @@ def save_examples(examples: Sequence[Dict[str, torch.Tensor]], path, num_classes
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
-    cols = ["image", reference, "deferral mask", "final prediction", "model only",
-            "expert regions"]
-    fig, axes = plt.subplots(len(examples), len(cols), figsize=(2.2 * len(cols), 2.2 * len(examples) + 0.6),
-                             squeeze=False)
+    cols = ["image", reference, "deferral mask", "final prediction", "model only", "expert regions"]
+    fig, axes = plt.subplots(
+        len(examples),
+        len(cols),
+        figsize=(2.2 * len(cols), 2.2 * len(examples) + 0.6),
+        squeeze=False,
+    )
     vmax = max(num_classes, 1)
-    n_exp = len(expert_names) if expert_names else max(int(ex["assignment"].max()) + 1 for ex in examples)
+    n_exp = (
+        len(expert_names)
+        if expert_names
+        else max(int(ex["assignment"].max()) + 1 for ex in examples)
+    )
     n_exp = max(n_exp, 1)
     names = list(expert_names) if expert_names else [f"expert {j}" for j in range(n_exp)]
     colours = [MODEL_COLOUR] + [EXPERT_COLOURS[j % len(EXPERT_COLOURS)] for j in range(n_exp)]
@@ -68,14 +90,28 @@ def save_examples(examples: Sequence[Dict[str, torch.Tensor]], path, num_classes
         target = ex["target"].clone()
         target[target < 0] = 0
         assign = ex["assignment"]
-        panels = [(_middle_slice(img), "gray", None), (_middle_slice(target), "viridis", vmax),
-                  (_middle_slice(assign >= 0), "gray", 1), (_middle_slice(ex["final"]), "viridis", vmax),
-                  (_middle_slice(ex["model_pred"]), "viridis", vmax)]
+        panels = [
+            (_middle_slice(img), "gray", None),
+            (_middle_slice(target), "viridis", vmax),
+            (_middle_slice(assign >= 0), "gray", 1),
+            (_middle_slice(ex["final"]), "viridis", vmax),
+            (_middle_slice(ex["model_pred"]), "viridis", vmax),
+        ]
         for ax, (arr, cmap, top) in zip(row, panels):
-            ax.imshow(arr, cmap=cmap, vmin=0 if top is not None else None, vmax=top,
-                      interpolation="nearest")
-        row[-1].imshow(_middle_slice(assign.float() + 1), cmap=regions, vmin=-0.5, vmax=n_exp + 0.5,
-                       interpolation="nearest")
+            ax.imshow(
+                arr,
+                cmap=cmap,
+                vmin=0 if top is not None else None,
+                vmax=top,
+                interpolation="nearest",
+            )
+        row[-1].imshow(
+            _middle_slice(assign.float() + 1),
+            cmap=regions,
+            vmin=-0.5,
+            vmax=n_exp + 0.5,
+            interpolation="nearest",
+        )
         for ax in row:
             ax.set_xticks([])
             ax.set_yticks([])
@@ -87,9 +123,16 @@ def save_examples(examples: Sequence[Dict[str, torch.Tensor]], path, num_classes
     for ax, title in zip(axes[0], cols):
         ax.set_title(title, fontsize=9)
     handles = [Patch(color=colours[0], label="model")] + [
-        Patch(color=colours[j + 1], label=names[j]) for j in range(n_exp)]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8,
-               title="expert regions: who labels each pixel", title_fontsize=8)
+        Patch(color=colours[j + 1], label=names[j]) for j in range(n_exp)
+    ]
+    fig.legend(
+        handles=handles,
+        loc="lower center",
+        ncol=min(len(handles), 6),
+        fontsize=8,
+        title="expert regions: who labels each pixel",
+        title_fontsize=8,
+    )
     fig.tight_layout(rect=(0, 0.6 / (2.2 * len(examples) + 0.6) + 0.04, 1, 1))
     path = Path(path)
     fig.savefig(path, dpi=100)
@@ -97,14 +140,18 @@ def save_examples(examples: Sequence[Dict[str, torch.Tensor]], path, num_classes
     return [path]
 
 
-def plot_risk_coverage(curves: Dict[str, Sequence[Dict[str, float]]], path,
-                       points: Optional[Dict[str, Tuple[float, float]]] = None) -> List[Path]:
+def plot_risk_coverage(
+    curves: Dict[str, Sequence[Dict[str, float]]],
+    path,
+    points: Optional[Dict[str, Tuple[float, float]]] = None,
+) -> List[Path]:
     """System Dice against deferral rate, one line per method; dots at the operating points."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 4))
     for name, curve in curves.items():
-        pts = sorted((c["deferral_rate"], c["system_dice"]) for c in curve
-                     if c["system_dice"] is not None)
+        pts = sorted(
+            (c["deferral_rate"], c["system_dice"]) for c in curve if c["system_dice"] is not None
+        )
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=name)
     for name, (x, y) in (points or {}).items():
@@ -145,12 +192,24 @@ def plot_training_curves(log_path, path) -> List[Path]:
     a1.legend(fontsize=7)
     a1.set_title("training loss terms")
     if epochs:
-        a2.plot([r["epoch"] + 1 for r in epochs], [r.get("val_system_dice") for r in epochs],
-                marker="o", label="system Dice")
-        a2.plot([r["epoch"] + 1 for r in epochs], [r.get("val_model_dice") for r in epochs],
-                marker="o", label="model Dice")
-        a2.plot([r["epoch"] + 1 for r in epochs], [r.get("val_deferral_rate") for r in epochs],
-                marker="o", label="deferral rate")
+        a2.plot(
+            [r["epoch"] + 1 for r in epochs],
+            [r.get("val_system_dice") for r in epochs],
+            marker="o",
+            label="system Dice",
+        )
+        a2.plot(
+            [r["epoch"] + 1 for r in epochs],
+            [r.get("val_model_dice") for r in epochs],
+            marker="o",
+            label="model Dice",
+        )
+        a2.plot(
+            [r["epoch"] + 1 for r in epochs],
+            [r.get("val_deferral_rate") for r in epochs],
+            marker="o",
+            label="deferral rate",
+        )
         a2.set_xlabel("epoch")
         a2.legend(fontsize=7)
         a2.set_title("validation")

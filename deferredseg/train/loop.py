@@ -106,12 +106,19 @@ def _batches(dataset, cfg: TrainConfig, epoch: int, info: DistInfo, skip: int):
     from torch.utils.data import Subset
     from torch.utils.data.distributed import DistributedSampler
 
-    sampler = DistributedSampler(dataset, num_replicas=info.world, rank=info.rank, shuffle=True,
-                                 seed=cfg.seed, drop_last=False)
+    sampler = DistributedSampler(
+        dataset,
+        num_replicas=info.world,
+        rank=info.rank,
+        shuffle=True,
+        seed=cfg.seed,
+        drop_last=False,
+    )
     sampler.set_epoch(epoch)
-    idx = list(sampler)[skip * cfg.batch_size:]
-    return DataLoader(Subset(dataset, idx), batch_size=cfg.batch_size, shuffle=False,
-                      num_workers=cfg.workers)
+    idx = list(sampler)[skip * cfg.batch_size :]
+    return DataLoader(
+        Subset(dataset, idx), batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers
+    )
 
 
 def _micro_batches_per_epoch(n: int, cfg: TrainConfig, world: int) -> int:
@@ -124,8 +131,13 @@ def _progress(loader, cfg: TrainConfig, info: DistInfo, epoch: int):
         return loader
     from tqdm import tqdm
 
-    return tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
-                disable=None)  # a bar on a terminal only: logs written to files stay readable
+    return tqdm(
+        loader,
+        desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        leave=False,
+        dynamic_ncols=True,
+        disable=None,
+    )  # a bar on a terminal only: logs written to files stay readable
 
 
 def _to_float(v):
@@ -136,30 +148,56 @@ def _scalars(metrics: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None}
 
 
-def _validate(model: nn.Module, val_ds, cfg: TrainConfig, num_experts: int, best_expert: int,
-              device: torch.device) -> Dict[str, Any]:
+def _validate(
+    model: nn.Module,
+    val_ds,
+    cfg: TrainConfig,
+    num_experts: int,
+    best_expert: int,
+    device: torch.device,
+) -> Dict[str, Any]:
     """Validation metrics of what will be used: the system at the deferral budget, its
     threshold (``metrics["threshold"]``) chosen on this split (1 for a method that never
     defers, such as the base segmentor alone)."""
-    thr = threshold_for_budget(model, val_ds, cfg, num_experts, best_expert, device,
-                               cfg.budget) if method_of(cfg).defers else 1.0
-    metrics, _ = evaluate_model(model, val_ds, cfg, num_experts, best_expert, device,
-                                threshold=thr, with_hd95=cfg.val_hd95,
-                                thresholds=None if cfg.selection == "rc-auc" else (thr,))
+    thr = (
+        threshold_for_budget(model, val_ds, cfg, num_experts, best_expert, device, cfg.budget)
+        if method_of(cfg).defers
+        else 1.0
+    )
+    metrics, _ = evaluate_model(
+        model,
+        val_ds,
+        cfg,
+        num_experts,
+        best_expert,
+        device,
+        threshold=thr,
+        with_hd95=cfg.val_hd95,
+        thresholds=None if cfg.selection == "rc-auc" else (thr,),
+    )
     metrics["threshold"] = thr
     return metrics
 
 
 def _selection_score(metrics: Dict[str, Any], cfg: TrainConfig) -> float:
-    return (metrics.get("system_dice") if cfg.selection == "budget-dice"
-            else metrics.get("risk_coverage_auc")) or 0.0
+    return (
+        metrics.get("system_dice")
+        if cfg.selection == "budget-dice"
+        else metrics.get("risk_coverage_auc")
+    ) or 0.0
 
 
 # ----------------------------------------------------------------------------- joint
 
 
-def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, out_dir: Optional[Path],
-           log: JsonLog, run: Optional[RunDir] = None) -> Dict[str, Any]:
+def _train(
+    cfg: TrainConfig,
+    device: torch.device,
+    info: DistInfo,
+    out_dir: Optional[Path],
+    log: JsonLog,
+    run: Optional[RunDir] = None,
+) -> Dict[str, Any]:
     """The whole network trained with the method's loss (joint, or stage 1 of two-stage)."""
     method = method_of(cfg)
     train_ds, val_ds, E, in_channels, model = _data_and_model(cfg, device)
@@ -168,7 +206,8 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, out_dir: Opti
     ddp_model = model
     if info.world > 1:
         ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     micro = _micro_batches_per_epoch(len(train_ds), cfg, info.world)
@@ -184,9 +223,11 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, out_dir: Opti
             raise FileNotFoundError(f"--resume: no checkpoint at {last_path}")
         ck = load_checkpoint(last_path, map_location=device)
         if list(ck.get("expert_names") or expert_names) != expert_names:
-            raise ValueError(f"--resume: {last_path} was trained with experts "
-                             f"{ck['expert_names']}, the data now give {expert_names}; "
-                             f"experts cannot change in a resumed run")
+            raise ValueError(
+                f"--resume: {last_path} was trained with experts "
+                f"{ck['expert_names']}, the data now give {expert_names}; "
+                f"experts cannot change in a resumed run"
+            )
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
@@ -197,13 +238,27 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, out_dir: Opti
 
     def checkpoint(path: Path, epoch: int, step_in_epoch: int, extra: Dict[str, Any]) -> None:
         if info.is_main and path is not None:
-            save_checkpoint(path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch,
-                "step_in_epoch": step_in_epoch, "global_step": global_step, "best": best,
-                "stale": stale, "rng": torch.get_rng_state(), "config": cfg.to_dict(),
-                "num_experts": E, "in_channels": in_channels, "best_expert": best_expert,
-                "expert_names": expert_names, **checkpoint_record(cfg, expert_names), **extra})
+            save_checkpoint(
+                path,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch,
+                    "step_in_epoch": step_in_epoch,
+                    "global_step": global_step,
+                    "best": best,
+                    "stale": stale,
+                    "rng": torch.get_rng_state(),
+                    "config": cfg.to_dict(),
+                    "num_experts": E,
+                    "in_channels": in_channels,
+                    "best_expert": best_expert,
+                    "expert_names": expert_names,
+                    **checkpoint_record(cfg, expert_names),
+                    **extra,
+                },
+            )
 
     stopped_early = False
     best_rate = None
@@ -242,8 +297,9 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, out_dir: Opti
             if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0:
                 checkpoint(last_path, epoch, step_in_epoch, {})
             if run is not None:  # SIGINT / SIGTERM: last.pt of this very step, then stop
-                run.check_interrupt(lambda: checkpoint(last_path, epoch, step_in_epoch, {}),
-                                    epoch, global_step)
+                run.check_interrupt(
+                    lambda: checkpoint(last_path, epoch, step_in_epoch, {}), epoch, global_step
+                )
             if cfg.max_steps and global_step >= cfg.max_steps:
                 checkpoint(last_path, epoch, step_in_epoch, {})
                 log.write(event="stopped", reason="max_steps", step=global_step)
@@ -258,13 +314,21 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, out_dir: Opti
                 best_rate = metrics.get("deferral_rate")
             else:
                 stale += 1
-            log.write(event="epoch", epoch=epoch, step=global_step,
-                      **{f"val_{k}": v for k, v in metrics.items() if k != "risk_coverage"})
+            log.write(
+                event="epoch",
+                epoch=epoch,
+                step=global_step,
+                **{f"val_{k}": v for k, v in metrics.items() if k != "risk_coverage"},
+            )
             print(meter.line(epoch, cfg.epochs, metrics), flush=True)  # stays on screen
             if improved and out_dir is not None:
                 routing = routing_record(cfg, metrics["threshold"])
-                checkpoint(out_dir / "best.pt", epoch + 1, 0,
-                           {"val": _scalars(metrics), "routing": routing})
+                checkpoint(
+                    out_dir / "best.pt",
+                    epoch + 1,
+                    0,
+                    {"val": _scalars(metrics), "routing": routing},
+                )
             checkpoint(last_path, epoch + 1, 0, {})
         if run is not None:  # a signal during validation: last.pt is this epoch's end
             run.check_interrupt(lambda: None, epoch, global_step)
@@ -273,17 +337,29 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, out_dir: Opti
             log.write(event="early_stop", epoch=epoch, best_val_system_dice=best)
             break
     info.barrier()
-    return {"stopped": False, "best_val_system_dice": best, "best_val_deferral_rate": best_rate,
-            "selection": cfg.selection, "budget": cfg.budget, "global_step": global_step,
-            "early_stopped": stopped_early, "out": str(out_dir) if out_dir else None}
+    return {
+        "stopped": False,
+        "best_val_system_dice": best,
+        "best_val_deferral_rate": best_rate,
+        "selection": cfg.selection,
+        "budget": cfg.budget,
+        "global_step": global_step,
+        "early_stopped": stopped_early,
+        "out": str(out_dir) if out_dir else None,
+    }
 
 
 # ----------------------------------------------------------------------------- two-stage
 
 
-def _train_two_stage(cfg: TrainConfig, device: torch.device, info: DistInfo,
-                     out_dir: Optional[Path], log: JsonLog, run: Optional[RunDir] = None
-                     ) -> Dict[str, Any]:
+def _train_two_stage(
+    cfg: TrainConfig,
+    device: torch.device,
+    info: DistInfo,
+    out_dir: Optional[Path],
+    log: JsonLog,
+    run: Optional[RunDir] = None,
+) -> Dict[str, Any]:
     """Stage 1 (or ``base_checkpoint``), then the routing heads on frozen features."""
     import tempfile
 
@@ -315,24 +391,55 @@ def _train_two_stage(cfg: TrainConfig, device: torch.device, info: DistInfo,
     val_cache = ts.cache_head_inputs(model, val_ds, cfg, device)
     # the segmentation head is frozen: its loss term would only cost time
     loss_fn = method_of(cfg).loss(dataclasses.replace(cfg, lambda_seg=0.0), E, best_expert, False)
-    best, history = ts.fit_heads(model, train_cache, val_cache, cfg, loss_fn, device, E,
-                                 best_expert, log if info.is_main else None)
+    best, history = ts.fit_heads(
+        model,
+        train_cache,
+        val_cache,
+        cfg,
+        loss_fn,
+        device,
+        E,
+        best_expert,
+        log if info.is_main else None,
+    )
     routing = routing_record(cfg, best.get("threshold"))
     if out_dir is not None and info.is_main:
         expert_names = list(train_ds.info.expert_names)
-        state = {"model": model.state_dict(), "epoch": cfg.head_epochs, "step_in_epoch": 0,
-                 "global_step": 0, "best": best.get("selection_score"), "stale": 0,
-                 "rng": torch.get_rng_state(), "config": cfg.to_dict(), "num_experts": E,
-                 "in_channels": in_channels, "best_expert": best_expert,
-                 "expert_names": expert_names, "base_checkpoint": str(base_path),
-                 "val": _scalars(best), "routing": routing, "stage": 2,
-                 **checkpoint_record(cfg, expert_names)}
+        state = {
+            "model": model.state_dict(),
+            "epoch": cfg.head_epochs,
+            "step_in_epoch": 0,
+            "global_step": 0,
+            "best": best.get("selection_score"),
+            "stale": 0,
+            "rng": torch.get_rng_state(),
+            "config": cfg.to_dict(),
+            "num_experts": E,
+            "in_channels": in_channels,
+            "best_expert": best_expert,
+            "expert_names": expert_names,
+            "base_checkpoint": str(base_path),
+            "val": _scalars(best),
+            "routing": routing,
+            "stage": 2,
+            **checkpoint_record(cfg, expert_names),
+        }
         save_checkpoint(out_dir / "best.pt", state)
         save_checkpoint(out_dir / "last.pt", state)  # the finished run, for --resume and tools
-    log.write(event="best", selection=cfg.selection, budget=cfg.budget,
-              **{f"val_{k}": v for k, v in best.items()})
+    log.write(
+        event="best",
+        selection=cfg.selection,
+        budget=cfg.budget,
+        **{f"val_{k}": v for k, v in best.items()},
+    )
     info.barrier()
-    return {"stopped": False, "best_val_system_dice": best.get("system_dice"),
-            "best_val_deferral_rate": best.get("deferral_rate"), "selection": cfg.selection,
-            "budget": cfg.budget, "threshold": best.get("threshold"), "history": history,
-            "out": str(out_dir) if out_dir else None}
+    return {
+        "stopped": False,
+        "best_val_system_dice": best.get("system_dice"),
+        "best_val_deferral_rate": best.get("deferral_rate"),
+        "selection": cfg.selection,
+        "budget": cfg.budget,
+        "threshold": best.get("threshold"),
+        "history": history,
+        "out": str(out_dir) if out_dir else None,
+    }

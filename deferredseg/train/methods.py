@@ -29,8 +29,19 @@ from .routing import uncertainty
 if TYPE_CHECKING:
     from .config import TrainConfig
 
-__all__ = ["Method", "REGISTRY", "METHODS", "BASE_METHOD", "HEADS", "ROUTING_WEIGHTS",
-           "method_of", "packed_logits", "route_mode", "l2d_loss", "l2d_outputs"]
+__all__ = [
+    "Method",
+    "REGISTRY",
+    "METHODS",
+    "BASE_METHOD",
+    "HEADS",
+    "ROUTING_WEIGHTS",
+    "method_of",
+    "packed_logits",
+    "route_mode",
+    "l2d_loss",
+    "l2d_outputs",
+]
 
 BIG = 1e4  # a logit that rules an option out
 
@@ -43,8 +54,9 @@ HEADS = ("routing", "defer", "none")
 # The objective's weights of the terms that train the routing and gate heads.
 ROUTING_WEIGHTS = ("lambda_collab", "lambda_gate", "lambda_coherence", "lambda_balance")
 
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
-                  Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
+LossFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor], Tuple[torch.Tensor, Dict[str, torch.Tensor]]
+]
 
 
 @dataclass(frozen=True)
@@ -84,9 +96,13 @@ def _criterion(cfg: "TrainConfig", num_experts: int, sync: bool):
     """The DeferredSeg objective with ``cfg``'s options and the method's zeroed weights."""
     from ..losses import DeferredSegLoss
 
-    lambdas = dict(lambda_seg=cfg.lambda_seg, lambda_collab=cfg.lambda_collab,
-                   lambda_gate=cfg.lambda_gate, lambda_coherence=cfg.lambda_coherence,
-                   lambda_balance=cfg.lambda_balance)
+    lambdas = dict(
+        lambda_seg=cfg.lambda_seg,
+        lambda_collab=cfg.lambda_collab,
+        lambda_gate=cfg.lambda_gate,
+        lambda_coherence=cfg.lambda_coherence,
+        lambda_balance=cfg.lambda_balance,
+    )
     lambdas.update({name: 0.0 for name in method_of(cfg).zero_weights})
     extra: Dict[str, object] = {}
     if cfg.gate_target != "router":
@@ -95,10 +111,19 @@ def _criterion(cfg: "TrainConfig", num_experts: int, sync: bool):
         extra["balance_low"] = list(cfg.balance_low)
     if cfg.balance_high is not None:
         extra["balance_high"] = list(cfg.balance_high)
-    return DeferredSegLoss(cfg.num_classes, num_experts, backend=cfg.backend,
-                           surrogate=cfg.surrogate, coherence=cfg.coherence, balance=cfg.balance,
-                           gate_mse=cfg.gate_mse, gate_sparsity=cfg.gate_sparsity,
-                           sync_balance=sync, **extra, **lambdas)
+    return DeferredSegLoss(
+        cfg.num_classes,
+        num_experts,
+        backend=cfg.backend,
+        surrogate=cfg.surrogate,
+        coherence=cfg.coherence,
+        balance=cfg.balance,
+        gate_mse=cfg.gate_mse,
+        gate_sparsity=cfg.gate_sparsity,
+        sync_balance=sync,
+        **extra,
+        **lambdas,
+    )
 
 
 def _objective_loss(cfg: "TrainConfig", num_experts: int, best_expert: int, sync: bool) -> LossFn:
@@ -113,8 +138,9 @@ def _objective_loss(cfg: "TrainConfig", num_experts: int, best_expert: int, sync
     return loss_fn
 
 
-def l2d_loss(out: torch.Tensor, target: torch.Tensor, expert: torch.Tensor,
-             ignore_index: int = -100) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+def l2d_loss(
+    out: torch.Tensor, target: torch.Tensor, expert: torch.Tensor, ignore_index: int = -100
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Mozannar and Sontag's surrogate: -log p_y - [m == y] log p_defer, over valid pixels."""
     logp = torch.log_softmax(out.float(), dim=1)
     valid = target != ignore_index
@@ -142,8 +168,7 @@ def _l2d_view(out: torch.Tensor, cfg: "TrainConfig") -> torch.Tensor:
     return l2d_outputs(out, cfg.num_classes) if cfg.training == "two-stage" else out
 
 
-def _l2d_single_loss(cfg: "TrainConfig", num_experts: int, best_expert: int,
-                     sync: bool) -> LossFn:
+def _l2d_single_loss(cfg: "TrainConfig", num_experts: int, best_expert: int, sync: bool) -> LossFn:
     def loss_fn(out, target, experts):
         return l2d_loss(_l2d_view(out, cfg), target, experts[:, best_expert])
 
@@ -153,13 +178,20 @@ def _l2d_single_loss(cfg: "TrainConfig", num_experts: int, best_expert: int,
 # ----------------------------------------------------------------------------- packing
 
 
-def _as_is(out: torch.Tensor, cfg: "TrainConfig", num_experts: int,
-           best_expert: int) -> torch.Tensor:
+def _as_is(
+    out: torch.Tensor, cfg: "TrainConfig", num_experts: int, best_expert: int
+) -> torch.Tensor:
     return out
 
 
-def _one_expert(z: torch.Tensor, gate: torch.Tensor, num_experts: int, best_expert: int,
-                expert_logit, model_logit=None) -> torch.Tensor:
+def _one_expert(
+    z: torch.Tensor,
+    gate: torch.Tensor,
+    num_experts: int,
+    best_expert: int,
+    expert_logit,
+    model_logit=None,
+) -> torch.Tensor:
     """Packed logits whose routing allows the best expert (and the model) only."""
     shape = (z.shape[0], num_experts + 1) + tuple(z.shape[2:])
     r = torch.full(shape, -BIG, device=z.device)
@@ -169,22 +201,25 @@ def _one_expert(z: torch.Tensor, gate: torch.Tensor, num_experts: int, best_expe
     return torch.cat([z, r, gate.unsqueeze(1)], dim=1)
 
 
-def _never_defers(out: torch.Tensor, cfg: "TrainConfig", num_experts: int,
-                  best_expert: int) -> torch.Tensor:
-    z = out[:, :cfg.num_classes]
+def _never_defers(
+    out: torch.Tensor, cfg: "TrainConfig", num_experts: int, best_expert: int
+) -> torch.Tensor:
+    z = out[:, : cfg.num_classes]
     return _one_expert(z, torch.full_like(z[:, 0], -BIG), num_experts, best_expert, 0.0)
 
 
-def _defers_uncertain(out: torch.Tensor, cfg: "TrainConfig", num_experts: int,
-                      best_expert: int) -> torch.Tensor:
+def _defers_uncertain(
+    out: torch.Tensor, cfg: "TrainConfig", num_experts: int, best_expert: int
+) -> torch.Tensor:
     # defer where uncertainty > t: the gate's probability is the uncertainty itself
-    z = out[:, :cfg.num_classes]
+    z = out[:, : cfg.num_classes]
     gate = torch.logit(uncertainty(z, cfg.num_classes).clamp(1e-6, 1 - 1e-6))
     return _one_expert(z, gate, num_experts, best_expert, 0.0)
 
 
-def _defers_l2d(out: torch.Tensor, cfg: "TrainConfig", num_experts: int,
-                best_expert: int) -> torch.Tensor:
+def _defers_l2d(
+    out: torch.Tensor, cfg: "TrainConfig", num_experts: int, best_expert: int
+) -> torch.Tensor:
     out = _l2d_view(out, cfg)
     classes, defer = out[:, :-1], out[:, -1]
     z = (classes[:, 1:2] - classes[:, :1]) if cfg.num_classes == 1 else classes
@@ -196,27 +231,51 @@ def _defers_l2d(out: torch.Tensor, cfg: "TrainConfig", num_experts: int,
 
 
 def _objective_method(name: str, summary: str, *zero: str) -> Method:
-    return Method(name, summary, head="routing", loss=_objective_loss, pack=_as_is,
-                  zero_weights=zero)
+    return Method(
+        name, summary, head="routing", loss=_objective_loss, pack=_as_is, zero_weights=zero
+    )
 
 
 def _base_method(name: str, summary: str, pack, defers: bool) -> Method:
-    return Method(name, summary, head="none", loss=_objective_loss, pack=pack,
-                  zero_weights=ROUTING_WEIGHTS, single_expert=True, defers=defers)
+    return Method(
+        name,
+        summary,
+        head="none",
+        loss=_objective_loss,
+        pack=pack,
+        zero_weights=ROUTING_WEIGHTS,
+        single_expert=True,
+        defers=defers,
+    )
 
 
-REGISTRY: Dict[str, Method] = {m.name: m for m in (
-    _objective_method("deferredseg", "the full objective"),
-    _objective_method("no-coherence", "the objective without the coherence term",
-                      "lambda_coherence"),
-    _objective_method("no-balance", "the objective without the balance term", "lambda_balance"),
-    _base_method("model-only", "the base segmentor alone, never defers", _never_defers,
-                 defers=False),
-    _base_method("confidence", "the base segmentor, its least confident pixels to the best "
-                 "single expert", _defers_uncertain, defers=True),
-    Method("l2d-single", "single-expert learning to defer (Mozannar and Sontag)", head="defer",
-           loss=_l2d_single_loss, pack=_defers_l2d, single_expert=True),
-)}
+REGISTRY: Dict[str, Method] = {
+    m.name: m
+    for m in (
+        _objective_method("deferredseg", "the full objective"),
+        _objective_method(
+            "no-coherence", "the objective without the coherence term", "lambda_coherence"
+        ),
+        _objective_method("no-balance", "the objective without the balance term", "lambda_balance"),
+        _base_method(
+            "model-only", "the base segmentor alone, never defers", _never_defers, defers=False
+        ),
+        _base_method(
+            "confidence",
+            "the base segmentor, its least confident pixels to the best single expert",
+            _defers_uncertain,
+            defers=True,
+        ),
+        Method(
+            "l2d-single",
+            "single-expert learning to defer (Mozannar and Sontag)",
+            head="defer",
+            loss=_l2d_single_loss,
+            pack=_defers_l2d,
+            single_expert=True,
+        ),
+    )
+}
 
 METHODS = tuple(REGISTRY)  # the values of the ``method`` option
 BASE_METHOD = "model-only"  # stage 1 of two-stage training: the base segmentor alone
@@ -230,8 +289,9 @@ def method_of(cfg: "TrainConfig") -> Method:
         raise ValueError(f"method must be one of {list(METHODS)}, got {cfg.method!r}") from None
 
 
-def packed_logits(cfg: "TrainConfig", model_out: torch.Tensor, num_experts: int,
-                  best_expert: int) -> torch.Tensor:
+def packed_logits(
+    cfg: "TrainConfig", model_out: torch.Tensor, num_experts: int, best_expert: int
+) -> torch.Tensor:
     """Every method's output as packed logits (docs/objective.md section 1), so one
     evaluator serves them all."""
     return method_of(cfg).pack(model_out.float(), cfg, num_experts, best_expert)

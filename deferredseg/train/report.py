@@ -33,21 +33,30 @@ class EpochMeter:
         terms = ", ".join(f"{k} {mean[k]:.3f}" for k in keys)
         train = f"loss {_f(mean.get('loss'), '.4f')}" + (f" ({terms})" if terms else "")
         rate = metrics.get("deferral_rate")
-        val = (f"val system Dice {_f(metrics.get('system_dice'))}, model Dice "
-               f"{_f(metrics.get('model_dice'))}, deferral {_f(rate, '.1%')}")
+        val = (
+            f"val system Dice {_f(metrics.get('system_dice'))}, model Dice "
+            f"{_f(metrics.get('model_dice'))}, deferral {_f(rate, '.1%')}"
+        )
         return f"epoch {epoch + 1}/{epochs}: {train} | {val}"
 
 
 def metrics_table(m: Dict[str, Any]) -> List[str]:
     """The demo's table of an evaluation (Dice, HD95, deferral rate), rounded."""
-    lines = ["| prediction | Dice | HD95 (px) | deferral rate |", "|---|---|---|---|",
-             f"| model alone | {_f(m.get('model_dice'))} | {_f(m.get('model_hd95'), '.2f')} | 0 |",
-             f"| system (model + experts) | {_f(m.get('system_dice'))} | "
-             f"{_f(m.get('system_hd95'), '.2f')} | {_f(m.get('deferral_rate'), '.3f')} |"]
-    names = m.get("expert_names") or [f"expert {j}" for j in range(len(m.get("expert_share") or []))]
+    lines = [
+        "| prediction | Dice | HD95 (px) | deferral rate |",
+        "|---|---|---|---|",
+        f"| model alone | {_f(m.get('model_dice'))} | {_f(m.get('model_hd95'), '.2f')} | 0 |",
+        f"| system (model + experts) | {_f(m.get('system_dice'))} | "
+        f"{_f(m.get('system_hd95'), '.2f')} | {_f(m.get('deferral_rate'), '.3f')} |",
+    ]
+    names = m.get("expert_names") or [
+        f"expert {j}" for j in range(len(m.get("expert_share") or []))
+    ]
     if m.get("expert_share"):
-        lines.append("workload per expert (share of the deferred pixels): " + ", ".join(
-            f"{n} {s:.1%}" for n, s in zip(names, m["expert_share"])))
+        lines.append(
+            "workload per expert (share of the deferred pixels): "
+            + ", ".join(f"{n} {s:.1%}" for n, s in zip(names, m["expert_share"]))
+        )
     return lines
 
 

@@ -40,9 +40,14 @@ def _q(r: torch.Tensor, scores: str) -> torch.Tensor:
     return torch.sigmoid(r) if scores == "sigmoid" else torch.softmax(r, dim=1)
 
 
-def deferral_score(logits: torch.Tensor, num_classes: int, num_experts: int, mode: str,
-                   scores: str = "softmax", expert_cost: Optional[Sequence[float]] = None
-                   ) -> torch.Tensor:
+def deferral_score(
+    logits: torch.Tensor,
+    num_classes: int,
+    num_experts: int,
+    mode: str,
+    scores: str = "softmax",
+    expert_cost: Optional[Sequence[float]] = None,
+) -> torch.Tensor:
     """The per-pixel score (B, *S) float32 that ``mode`` thresholds (higher: defer first)."""
     z, r, a = split_logits(logits.float(), num_classes, num_experts)
     E = num_experts
@@ -58,14 +63,22 @@ def deferral_score(logits: torch.Tensor, num_classes: int, num_experts: int, mod
     net = q[:, :E]
     if expert_cost is not None:
         net = net - torch.tensor(list(expert_cost), dtype=net.dtype, device=net.device).view(
-            1, E, *([1] * (net.dim() - 2)))
+            1, E, *([1] * (net.dim() - 2))
+        )
     return net.amax(dim=1) - q[:, E]
 
 
-def route_logits(logits: torch.Tensor, num_classes: int, num_experts: int, mode: str,
-                 threshold: float, expert_labels: Optional[torch.Tensor] = None,
-                 scores: str = "softmax", expert_cost: Optional[Sequence[float]] = None,
-                 backend: str = "auto") -> RouteResult:
+def route_logits(
+    logits: torch.Tensor,
+    num_classes: int,
+    num_experts: int,
+    mode: str,
+    threshold: float,
+    expert_labels: Optional[torch.Tensor] = None,
+    scores: str = "softmax",
+    expert_cost: Optional[Sequence[float]] = None,
+    backend: str = "auto",
+) -> RouteResult:
     """:func:`deferredseg_kernels.route` in one of the modes above."""
     kw = dict(expert_labels=expert_labels, backend=backend)
     if scores != "softmax":
@@ -110,4 +123,3 @@ def auroc(scores: torch.Tensor, positives: torch.Tensor) -> Optional[float]:
     if bool(y.all()) or not bool(y.any()):
         return None
     return float(compute_roc_auc(s, y.long()))
-

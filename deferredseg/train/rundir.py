@@ -43,18 +43,51 @@ LOCK_NAME = ".lock"
 
 #: Settings a resumed run may change without being asked: they say how long and
 #: where to run, not what is trained.
-FREE_ON_RESUME = frozenset({
-    "epochs", "max_steps", "device", "workers", "progress", "out", "resume", "overwrite",
-    "resume_with_changes", "checkpoint_every", "patience", "val_hd95", "seeds", "amp",
-    "head_epochs", "head_lr", "route_mode", "expert_cost", "threshold",
-})
+FREE_ON_RESUME = frozenset(
+    {
+        "epochs",
+        "max_steps",
+        "device",
+        "workers",
+        "progress",
+        "out",
+        "resume",
+        "overwrite",
+        "resume_with_changes",
+        "checkpoint_every",
+        "patience",
+        "val_hd95",
+        "seeds",
+        "amp",
+        "head_epochs",
+        "head_lr",
+        "route_mode",
+        "expert_cost",
+        "threshold",
+    }
+)
 #: Settings a resumed run can never change: the weights or the meaning of the
 #: routing channels would no longer fit the checkpoint.
-FIXED_ON_RESUME = frozenset({
-    "layout", "experts", "expert_profile", "resample_experts", "num_classes", "spatial_dims",
-    "image_size", "spatial_size", "backbone", "features", "method", "seed", "training", "heads",
-    "head_channels", "base_checkpoint",
-})
+FIXED_ON_RESUME = frozenset(
+    {
+        "layout",
+        "experts",
+        "expert_profile",
+        "resample_experts",
+        "num_classes",
+        "spatial_dims",
+        "image_size",
+        "spatial_size",
+        "backbone",
+        "features",
+        "method",
+        "seed",
+        "training",
+        "heads",
+        "head_channels",
+        "base_checkpoint",
+    }
+)
 
 
 class RunDirError(ValueError):
@@ -68,8 +101,11 @@ class Interrupted(Exception):
         self.signum, self.epoch, self.step, self.out = signum, epoch, step, out
         self.exit_code = 128 + int(signum)
         name = signal.Signals(signum).name
-        where = (f"; continue with `deferredseg train --resume --out {out}`" if out is not None
-                 else " (no --out: nothing was saved)")
+        where = (
+            f"; continue with `deferredseg train --resume --out {out}`"
+            if out is not None
+            else " (no --out: nothing was saved)"
+        )
         super().__init__(f"{name}: interrupted at epoch {epoch + 1}, step {step}{where}")
 
 
@@ -110,8 +146,10 @@ def _check_writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise RunDirError(f"--out {out} cannot be created ({exc.strerror or exc}); "
-                          "choose a folder you can write to") from None
+        raise RunDirError(
+            f"--out {out} cannot be created ({exc.strerror or exc}); "
+            "choose a folder you can write to"
+        ) from None
     probe = out / f".write-test-{os.getpid()}"
     try:
         with open(probe, "wb") as f:
@@ -120,8 +158,9 @@ def _check_writable(out: Path) -> None:
             os.fsync(f.fileno())
     except OSError as exc:
         reason = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-        raise RunDirError(f"--out {out} is not writable: {reason}; choose a folder you can "
-                          "write to") from None
+        raise RunDirError(
+            f"--out {out} is not writable: {reason}; choose a folder you can write to"
+        ) from None
     finally:
         try:
             probe.unlink()
@@ -195,8 +234,11 @@ class RunDir:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dev = (torch.device("cuda", torch.cuda.current_device())
-                   if dist.get_backend() == "nccl" else torch.device("cpu"))
+            dev = (
+                torch.device("cuda", torch.cuda.current_device())
+                if dist.get_backend() == "nccl"
+                else torch.device("cpu")
+            )
             t = torch.tensor([1.0 if flag else 0.0], device=dev)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             return bool(t.item())
@@ -214,9 +256,12 @@ class RunDir:
     def _take_lock(self) -> None:
         assert self.path is not None
         lock = self.path / LOCK_NAME
-        me = {"pid": os.getpid(), "host": socket.gethostname(),
-              "started": _dt.datetime.now().isoformat(timespec="seconds"),
-              "command": " ".join(sys.argv)}
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": _dt.datetime.now().isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv),
+        }
         for _ in range(2):
             try:
                 fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -224,15 +269,18 @@ class RunDir:
                 other = _read_lock(lock)
                 pid, host = int(other.get("pid", -1) or -1), other.get("host", "?")
                 if host == me["host"] and not _pid_alive(pid):
-                    self.notes.append(f"removed a stale lock of process {pid} on {host} "
-                                      f"(started {other.get('started', '?')})")
+                    self.notes.append(
+                        f"removed a stale lock of process {pid} on {host} "
+                        f"(started {other.get('started', '?')})"
+                    )
                     lock.unlink(missing_ok=True)
                     continue
                 raise RunDirError(
                     f"--out {self.path} is in use by another training: process {pid} on host "
                     f"{host} (started {other.get('started', '?')}, lock file {lock}); wait for it "
                     f"to finish, or choose another --out (if that process is gone, delete the "
-                    f"lock file)") from None
+                    f"lock file)"
+                ) from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             self._lock = lock
@@ -265,8 +313,9 @@ def open_run(cfg, is_main: bool = True) -> RunDir:
     resume = bool(getattr(cfg, "resume", False))
     overwrite = bool(getattr(cfg, "overwrite", False))
     if resume and overwrite:
-        raise RunDirError("--resume continues the run in --out and --overwrite moves it aside; "
-                          "give one of them")
+        raise RunDirError(
+            "--resume continues the run in --out and --overwrite moves it aside; give one of them"
+        )
     if is_main:
         _check_writable(out)
         run._take_lock()
@@ -275,22 +324,28 @@ def open_run(cfg, is_main: bool = True) -> RunDir:
         if resume:
             last, compare = out / "last.pt", cfg
             base_last = out / "base" / "last.pt"
-            if not last.exists() and getattr(cfg, "training", "joint") == "two-stage" \
-                    and base_last.exists():
+            if (
+                not last.exists()
+                and getattr(cfg, "training", "joint") == "two-stage"
+                and base_last.exists()
+            ):
                 # a two-stage run stopped in stage 1: its checkpoint is the base segmentor's
                 from .two_stage import base_config
 
                 last, compare = base_last, base_config(cfg)
             if not last.exists():
-                raise RunDirError(f"--resume: no checkpoint {last} to continue from; train "
-                                  "without --resume to start a new run")
+                raise RunDirError(
+                    f"--resume: no checkpoint {last} to continue from; train "
+                    "without --resume to start a new run"
+                )
             _check_resume(compare, _stored_config(last), last)
         elif existing:
             if not overwrite:
                 raise RunDirError(
                     f"--out {out} already holds a run ({', '.join(existing)}); give --resume "
                     f"to continue it, --overwrite to start again (the old run is moved aside, "
-                    f"not deleted), or another --out")
+                    f"not deleted), or another --out"
+                )
             if is_main:
                 aside = _move_aside(out)
                 run.notes.append(f"moved the previous run in {out} to {aside}")
@@ -325,9 +380,13 @@ def _check_resume(cfg, stored: Dict[str, Any], last: Path) -> None:
     if fixed:
         raise RunDirError(
             f"--resume: {last} was trained with other settings that cannot change in a resumed "
-            f"run ({', '.join(fixed)}):\n" + "\n".join(lines) +
-            "\nstart a new run with another --out (or --overwrite) instead")
+            f"run ({', '.join(fixed)}):\n"
+            + "\n".join(lines)
+            + "\nstart a new run with another --out (or --overwrite) instead"
+        )
     if not getattr(cfg, "resume_with_changes", False):
         raise RunDirError(
-            f"--resume: the settings differ from those {last} was trained with:\n" +
-            "\n".join(lines) + "\ngive --resume-with-changes if you mean to continue with them")
+            f"--resume: the settings differ from those {last} was trained with:\n"
+            + "\n".join(lines)
+            + "\ngive --resume-with-changes if you mean to continue with them"
+        )

@@ -30,14 +30,17 @@ __all__ = ["cache_head_inputs", "fit_heads", "budget_metrics"]
 
 
 @torch.no_grad()
-def cache_head_inputs(model: nn.Module, dataset, cfg: TrainConfig, device: torch.device
-                      ) -> Dict[str, torch.Tensor]:
+def cache_head_inputs(
+    model: nn.Module, dataset, cfg: TrainConfig, device: torch.device
+) -> Dict[str, torch.Tensor]:
     """Segmentation logits, head inputs, targets and expert labels of every image (on the CPU)."""
     from monai.data import DataLoader
 
     model.eval()
     parts: Dict[str, List[torch.Tensor]] = {"seg": [], "head_in": [], "target": [], "experts": []}
-    for batch in DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers):
+    for batch in DataLoader(
+        dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers
+    ):
         seg, head_in = model.head_inputs(batch["image"].to(device))
         parts["seg"].append(seg.float().cpu())
         parts["head_in"].append(head_in.float().cpu())
@@ -47,20 +50,34 @@ def cache_head_inputs(model: nn.Module, dataset, cfg: TrainConfig, device: torch
 
 
 @torch.no_grad()
-def packed_from_cache(model: nn.Module, cache: Dict[str, torch.Tensor], cfg: TrainConfig,
-                      device: torch.device, num_experts: int, best_expert: int) -> torch.Tensor:
+def packed_from_cache(
+    model: nn.Module,
+    cache: Dict[str, torch.Tensor],
+    cfg: TrainConfig,
+    device: torch.device,
+    num_experts: int,
+    best_expert: int,
+) -> torch.Tensor:
     out = []
     step = max(cfg.batch_size, 8)
     for i in range(0, len(cache["seg"]), step):
-        seg = cache["seg"][i:i + step].to(device)
-        hin = cache["head_in"][i:i + step].to(device)
-        out.append(packed_logits(cfg, model.heads_forward(seg, hin), num_experts, best_expert).cpu())
+        seg = cache["seg"][i : i + step].to(device)
+        hin = cache["head_in"][i : i + step].to(device)
+        out.append(
+            packed_logits(cfg, model.heads_forward(seg, hin), num_experts, best_expert).cpu()
+        )
     return torch.cat(out)
 
 
-def budget_metrics(logits: torch.Tensor, target: torch.Tensor, experts: torch.Tensor, cfg: TrainConfig,
-                   num_experts: int, budget: float, threshold: Optional[float] = None,
-                   ) -> Dict[str, Any]:
+def budget_metrics(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    experts: torch.Tensor,
+    cfg: TrainConfig,
+    num_experts: int,
+    budget: float,
+    threshold: Optional[float] = None,
+) -> Dict[str, Any]:
     """System and model Dice, deferral rate and the threshold at ``budget`` on these logits.
 
     The threshold is chosen on these same pixels unless given.
@@ -75,28 +92,50 @@ def budget_metrics(logits: torch.Tensor, target: torch.Tensor, experts: torch.Te
     if threshold is None and mode != "router":
         s = deferral_score(logits, K, E, mode, cfg.route_scores, cfg.expert_cost)
         threshold = budget_threshold(s[valid].numpy(), budget, mode)
-    out = route_logits(logits, K, E, mode, 0.5 if threshold is None else threshold, experts,
-                       cfg.route_scores, cfg.expert_cost, backend=cfg.backend)
+    out = route_logits(
+        logits,
+        K,
+        E,
+        mode,
+        0.5 if threshold is None else threshold,
+        experts,
+        cfg.route_scores,
+        cfg.expert_cost,
+        backend=cfg.backend,
+    )
     nl = max(K, 2)
     sys_d = per_image_scores(out.final, target, nl, None, -100, False)["dice"]
     mod_d = per_image_scores(out.model_pred, target, nl, None, -100, False)["dice"]
     finite = lambda xs: [x for x in xs if not math.isnan(x)]  # noqa: E731
     rate = float(((out.assignment >= 0) & valid).sum()) / max(int(valid.sum()), 1)
-    return {"system_dice": float(np.mean(finite(sys_d))) if finite(sys_d) else None,
-            "model_dice": float(np.mean(finite(mod_d))) if finite(mod_d) else None,
-            "deferral_rate": rate, "threshold": threshold}
+    return {
+        "system_dice": float(np.mean(finite(sys_d))) if finite(sys_d) else None,
+        "model_dice": float(np.mean(finite(mod_d))) if finite(mod_d) else None,
+        "deferral_rate": rate,
+        "threshold": threshold,
+    }
 
 
 def rc_area(logits, target, experts, cfg: TrainConfig, num_experts: int) -> float:
     """Mean system Dice over the budgets 0, 5, ..., 30% (a cheap risk-coverage area)."""
-    vals = [budget_metrics(logits, target, experts, cfg, num_experts, b)["system_dice"] or 0.0
-            for b in (0.0, 0.05, 0.1, 0.2, 0.3)]
+    vals = [
+        budget_metrics(logits, target, experts, cfg, num_experts, b)["system_dice"] or 0.0
+        for b in (0.0, 0.05, 0.1, 0.2, 0.3)
+    ]
     return float(np.mean(vals))
 
 
-def fit_heads(model: nn.Module, train_cache: Dict[str, torch.Tensor], val_cache: Dict[str, torch.Tensor],
-              cfg: TrainConfig, loss_fn, device: torch.device, num_experts: int, best_expert: int,
-              log=None) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+def fit_heads(
+    model: nn.Module,
+    train_cache: Dict[str, torch.Tensor],
+    val_cache: Dict[str, torch.Tensor],
+    cfg: TrainConfig,
+    loss_fn,
+    device: torch.device,
+    num_experts: int,
+    best_expert: int,
+    log=None,
+) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
     """Train the routing heads of ``model`` on cached inputs; keep the best epoch's weights.
 
     ``loss_fn(logits, target, experts) -> (loss, terms)``. Returns the best
@@ -111,7 +150,8 @@ def fit_heads(model: nn.Module, train_cache: Dict[str, torch.Tensor], val_cache:
     n = len(train_cache["seg"])
     steps = max(math.ceil(n / cfg.batch_size) * cfg.head_epochs, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
     gen = torch.Generator().manual_seed(cfg.seed)
     best_score, best_state, best_metrics = -math.inf, None, {}
     history: List[Dict[str, Any]] = []
@@ -120,14 +160,25 @@ def fit_heads(model: nn.Module, train_cache: Dict[str, torch.Tensor], val_cache:
     def consider(epoch: int) -> None:
         nonlocal best_score, best_state, best_metrics
         logits = packed_from_cache(model, val_cache, cfg, device, num_experts, best_expert)
-        m = budget_metrics(logits, val_cache["target"], val_cache["experts"], cfg, num_experts, cfg.budget)
-        score = (m["system_dice"] or 0.0) if cfg.selection == "budget-dice" else \
-            rc_area(logits, val_cache["target"], val_cache["experts"], cfg, num_experts)
+        m = budget_metrics(
+            logits, val_cache["target"], val_cache["experts"], cfg, num_experts, cfg.budget
+        )
+        score = (
+            (m["system_dice"] or 0.0)
+            if cfg.selection == "budget-dice"
+            else rc_area(logits, val_cache["target"], val_cache["experts"], cfg, num_experts)
+        )
         m["selection_score"] = score
         history.append({"epoch": epoch, **m})
         if log is not None:
-            log.write(event="epoch", stage=2, epoch=epoch, selection=cfg.selection, budget=cfg.budget,
-                      **{f"val_{k}": v for k, v in m.items()})
+            log.write(
+                event="epoch",
+                stage=2,
+                epoch=epoch,
+                selection=cfg.selection,
+                budget=cfg.budget,
+                **{f"val_{k}": v for k, v in m.items()},
+            )
         if score > best_score:
             best_score, best_metrics = score, dict(m, epoch=epoch)
             best_state = [p.detach().clone() for p in params]
@@ -137,20 +188,27 @@ def fit_heads(model: nn.Module, train_cache: Dict[str, torch.Tensor], val_cache:
         model.train()
         perm = torch.randperm(n, generator=gen)
         for i in range(0, n, cfg.batch_size):
-            idx = perm[i:i + cfg.batch_size]
+            idx = perm[i : i + cfg.batch_size]
             seg = train_cache["seg"][idx].to(device)
             hin = train_cache["head_in"][idx].to(device)
             out = model.heads_forward(seg, hin)
-            loss, terms = loss_fn(out, train_cache["target"][idx].to(device),
-                                  train_cache["experts"][idx].to(device))
+            loss, terms = loss_fn(
+                out, train_cache["target"][idx].to(device), train_cache["experts"][idx].to(device)
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             step += 1
             if log is not None:
-                log.write(event="step", stage=2, epoch=epoch, step=step, loss=float(loss.detach()),
-                          **{k: float(v) for k, v in terms.items() if k != "pbar"})
+                log.write(
+                    event="step",
+                    stage=2,
+                    epoch=epoch,
+                    step=step,
+                    loss=float(loss.detach()),
+                    **{k: float(v) for k, v in terms.items() if k != "pbar"},
+                )
         consider(epoch)
     if best_state is not None:
         with torch.no_grad():
@@ -162,9 +220,14 @@ def fit_heads(model: nn.Module, train_cache: Dict[str, torch.Tensor], val_cache:
 
 def base_config(cfg: TrainConfig) -> TrainConfig:
     """The configuration of stage 1: the segmentation loss alone, in the joint loop."""
-    return dataclasses.replace(cfg, method=BASE_METHOD, training="joint", heads="linear",
-                               out=str(Path(cfg.out) / "base") if cfg.out else None,
-                               seeds=None)
+    return dataclasses.replace(
+        cfg,
+        method=BASE_METHOD,
+        training="joint",
+        heads="linear",
+        out=str(Path(cfg.out) / "base") if cfg.out else None,
+        seeds=None,
+    )
 
 
 def load_base(model: nn.Module, path, device: torch.device) -> None:
@@ -175,9 +238,12 @@ def load_base(model: nn.Module, path, device: torch.device) -> None:
     state = {k: v for k, v in ck["model"].items() if k.startswith(("backbone.", "seg_head."))}
     if not state:
         raise ValueError(f"base_checkpoint {path}: holds no backbone weights (keys 'backbone.*')")
-    missing = [k for k in model.state_dict() if k.startswith(("backbone.", "seg_head."))
-               and k not in state]
+    missing = [
+        k for k in model.state_dict() if k.startswith(("backbone.", "seg_head.")) and k not in state
+    ]
     if missing:
-        raise ValueError(f"base_checkpoint {path}: does not match this model; missing {missing[:5]} "
-                         "(same backbone, features and number of classes are needed)")
+        raise ValueError(
+            f"base_checkpoint {path}: does not match this model; missing {missing[:5]} "
+            "(same backbone, features and number of classes are needed)"
+        )
     model.load_state_dict(state, strict=False)

@@ -47,7 +47,8 @@ def describe_type(hint: Any) -> str:
     if origin in (dict, typing.Dict):
         return "a mapping"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
-        hint, getattr(hint, "__name__", str(hint)))
+        hint, getattr(hint, "__name__", str(hint))
+    )
 
 
 def validate_types(cls, values: Dict[str, Any], source: str) -> None:
@@ -73,8 +74,9 @@ def validate_types(cls, values: Dict[str, Any], source: str) -> None:
             given = values.get(key, err.get("input"))
             expected = describe_type(hints[key]) if key in hints else err.get("msg", "")
             flag = "--" + key.replace("_", "-")
-            problems.append(f"{key} ({flag}): expected {expected}, got {given!r} "
-                            f"({type(given).__name__})")
+            problems.append(
+                f"{key} ({flag}): expected {expected}, got {given!r} ({type(given).__name__})"
+            )
         raise ConfigError(f"{source}: " + "; ".join(problems)) from None
 
 
@@ -90,7 +92,8 @@ def _yaml_loader():
     Loader.add_implicit_resolver(
         "tag:yaml.org,2002:float",
         re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-        list("-+0123456789"))
+        list("-+0123456789"),
+    )
     return Loader
 
 
@@ -100,7 +103,9 @@ def parse_config_text(text: str, path: Path) -> Any:
         try:
             return json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}:{exc.lineno}:{exc.colno}: JSON syntax error: {exc.msg}") from None
+            raise ConfigError(
+                f"{path}:{exc.lineno}:{exc.colno}: JSON syntax error: {exc.msg}"
+            ) from None
     import yaml
 
     try:

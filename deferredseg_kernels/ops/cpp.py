@@ -26,17 +26,38 @@ if EXT is not None:
     torch.library.register_fake("deferredseg::route")(fused.fake_route)
 
 
-def route(logits: torch.Tensor, num_classes: int, num_experts: int, decision_threshold: float,
-          mode: str, expert_labels: Optional[torch.Tensor], expert_cost: Optional[tuple],
-          scores: str) -> RouteResult:
+def route(
+    logits: torch.Tensor,
+    num_classes: int,
+    num_experts: int,
+    decision_threshold: float,
+    mode: str,
+    expert_labels: Optional[torch.Tensor],
+    expert_cost: Optional[tuple],
+    scores: str,
+) -> RouteResult:
     """docs/objective.md section 4 through the C++ kernels (CPU or CUDA, by the device
     of ``logits``)."""
-    return fused.route_with(torch.ops.deferredseg.route, logits, num_classes, num_experts,
-                            decision_threshold, mode, expert_labels, expert_cost, scores)
+    return fused.route_with(
+        torch.ops.deferredseg.route,
+        logits,
+        num_classes,
+        num_experts,
+        decision_threshold,
+        mode,
+        expert_labels,
+        expert_cost,
+        scores,
+    )
 
 
-def loss(logits: torch.Tensor, target: torch.Tensor, expert_labels: torch.Tensor, opts: LossOptions,
-         return_terms: bool):
+def loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    expert_labels: torch.Tensor,
+    opts: LossOptions,
+    return_terms: bool,
+):
     """docs/objective.md section 3 through the C++ kernels (CPU or CUDA, by the device
     of ``logits``).
 
@@ -44,7 +65,14 @@ def loss(logits: torch.Tensor, target: torch.Tensor, expert_labels: torch.Tensor
     the loss pass bad expert labels, each where it reads them anyway); on CUDA a bad
     target makes the loss NaN instead of a device sync.
     """
-    return fused.fused_loss(torch.ops.deferredseg.loss_stats, torch.ops.deferredseg.loss_fused,
-                            logits, target, expert_labels, opts, return_terms,
-                            check_labels_eagerly=(logits.device.type == "cpu"),
-                            experts_checked_in_loss=(logits.device.type == "cpu"))
+    return fused.fused_loss(
+        torch.ops.deferredseg.loss_stats,
+        torch.ops.deferredseg.loss_fused,
+        logits,
+        target,
+        expert_labels,
+        opts,
+        return_terms,
+        check_labels_eagerly=(logits.device.type == "cpu"),
+        experts_checked_in_loss=(logits.device.type == "cpu"),
+    )

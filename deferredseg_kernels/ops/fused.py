@@ -55,8 +55,17 @@ from .._checks import check_label_range, is_compiling
 from ..options import LossOptions
 from ..types import TERM_NAMES, RouteResult, compute_dtype
 
-FPARAMS = ("lambda_seg", "lambda_collab", "lambda_gate", "lambda_coherence", "lambda_balance",
-           "paper_eps", "gate_mse", "gate_sparsity", "balance_grad_scale")
+FPARAMS = (
+    "lambda_seg",
+    "lambda_collab",
+    "lambda_gate",
+    "lambda_coherence",
+    "lambda_balance",
+    "paper_eps",
+    "gate_mse",
+    "gate_sparsity",
+    "balance_grad_scale",
+)
 IPARAMS = ("surrogate", "coherence", "coherence_maps", "balance", "gate_target")
 # iparams encodings
 SURROGATE_CODE = {"softmax": 0, "paper": 1, "ova": 2}
@@ -109,14 +118,27 @@ def int_params(opts: LossOptions) -> List[int]:
     maps = 0
     for name in opts.coherence_maps:
         maps |= MAP_BITS[name]
-    return [SURROGATE_CODE[opts.surrogate], COHERENCE_CODE[opts.coherence], maps,
-            BALANCE_CODE[opts.balance], GATE_TARGET_CODE[opts.gate_target]]
+    return [
+        SURROGATE_CODE[opts.surrogate],
+        COHERENCE_CODE[opts.coherence],
+        maps,
+        BALANCE_CODE[opts.balance],
+        GATE_TARGET_CODE[opts.gate_target],
+    ]
 
 
 def float_params(opts: LossOptions, balance_grad_scale: float) -> List[float]:
-    return [opts.lambda_seg, opts.lambda_collab, opts.lambda_gate, opts.lambda_coherence,
-            opts.lambda_balance, opts.paper_eps, opts.gate_mse, opts.gate_sparsity,
-            float(balance_grad_scale)]
+    return [
+        opts.lambda_seg,
+        opts.lambda_collab,
+        opts.lambda_gate,
+        opts.lambda_coherence,
+        opts.lambda_balance,
+        opts.paper_eps,
+        opts.gate_mse,
+        opts.gate_sparsity,
+        float(balance_grad_scale),
+    ]
 
 
 def grad_buffer(logits: torch.Tensor) -> torch.Tensor:
@@ -129,13 +151,34 @@ def grad_buffer(logits: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(logits, memory_format=torch.preserve_format)
 
 
-def fake_stats(logits, target, expert_labels, class_weight, num_classes, num_experts,
-               ignore_index, check_expert_labels):
+def fake_stats(
+    logits,
+    target,
+    expert_labels,
+    class_weight,
+    num_classes,
+    num_experts,
+    ignore_index,
+    check_expert_labels,
+):
     return logits.new_empty((stats_len(num_experts),), dtype=torch.float64)
 
 
-def fake_loss(logits, target, expert_labels, class_weight, stats, balance_low, balance_high,
-              num_classes, num_experts, ignore_index, fparams, iparams, compute_grad):
+def fake_loss(
+    logits,
+    target,
+    expert_labels,
+    class_weight,
+    stats,
+    balance_low,
+    balance_high,
+    num_classes,
+    num_experts,
+    ignore_index,
+    fparams,
+    iparams,
+    compute_grad,
+):
     terms = logits.new_empty((TERMS_LEN,), dtype=compute_dtype(logits.dtype))
     grad = grad_buffer(logits) if compute_grad else logits.new_empty((0,))
     return terms, grad
@@ -145,8 +188,7 @@ def _traced(t: torch.Tensor) -> bool:
     """True while torch.compile / AOT autograd / FX trace (values are not known then)."""
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-    return (is_compiling() or type(t) is not torch.Tensor
-            or _get_current_dispatch_mode() is not None)
+    return is_compiling() or type(t) is not torch.Tensor or _get_current_dispatch_mode() is not None
 
 
 def rescale(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -254,9 +296,17 @@ def _as_param_tensor(values, logits: torch.Tensor) -> Optional[torch.Tensor]:
     return torch.tensor(values, dtype=compute_dtype(logits.dtype), device=logits.device)
 
 
-def fused_loss(stats_op: Callable, loss_op: Callable, logits: torch.Tensor,
-               target: torch.Tensor, expert_labels: torch.Tensor, opts: LossOptions,
-               return_terms: bool, check_labels_eagerly: bool, experts_checked_in_loss: bool = False):
+def fused_loss(
+    stats_op: Callable,
+    loss_op: Callable,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    expert_labels: torch.Tensor,
+    opts: LossOptions,
+    return_terms: bool,
+    check_labels_eagerly: bool,
+    experts_checked_in_loss: bool = False,
+):
     """Run a fused backend. ``check_labels_eagerly``: raise on bad labels (CPU, eager).
 
     ``experts_checked_in_loss``: the loss op checks the expert labels (iparams[5]),
@@ -269,18 +319,38 @@ def fused_loss(stats_op: Callable, loss_op: Callable, logits: torch.Tensor,
     # The stats carry no gradient of their own: the loss op's gradient already holds the
     # balance term's path through them, so the stats op sees detached logits (an op
     # without an autograd formula must not sit on the backward graph).
-    stats = stats_op(logits.detach(), target, expert_labels, class_weight, K, E,
-                     opts.ignore_index, check_now and not experts_in_loss)
+    stats = stats_op(
+        logits.detach(),
+        target,
+        expert_labels,
+        class_weight,
+        K,
+        E,
+        opts.ignore_index,
+        check_now and not experts_in_loss,
+    )
     if check_now and stats.tolist()[stat_bad(E)] > 0:  # (one call; stats[i].item() is two ops)
         check_label_range(target, expert_labels, opts.num_labels, opts.ignore_index)
-        raise ValueError("target must hold labels in "
-                         f"[0, {opts.num_labels}) or ignore_index={opts.ignore_index}")
+        raise ValueError(
+            f"target must hold labels in [0, {opts.num_labels}) or ignore_index={opts.ignore_index}"
+        )
     stats, scale = _balance_stats(stats, E, opts.sync_balance)
     compute_grad = logits.requires_grad and torch.is_grad_enabled()
     iparams = int_params(opts) + ([1] if experts_in_loss else [])
-    args = (target, expert_labels, class_weight, stats, _as_param_tensor(opts.balance_low, logits),
-            _as_param_tensor(opts.balance_high, logits), K, E, opts.ignore_index,
-            float_params(opts, scale), iparams, compute_grad)
+    args = (
+        target,
+        expert_labels,
+        class_weight,
+        stats,
+        _as_param_tensor(opts.balance_low, logits),
+        _as_param_tensor(opts.balance_high, logits),
+        K,
+        E,
+        opts.ignore_index,
+        float_params(opts, scale),
+        iparams,
+        compute_grad,
+    )
     try:
         if compute_grad and _plain_eager(logits):
             loss, terms = _EagerLoss.apply(logits, lambda x: loss_op(x, *args))
@@ -316,8 +386,9 @@ def fused_loss(stats_op: Callable, loss_op: Callable, logits: torch.Tensor,
 # the logits' device; scores: "softmax" or "sigmoid".
 
 
-def fake_route(logits, num_classes, num_experts, decision_threshold, mode, expert_labels,
-               expert_cost, scores):
+def fake_route(
+    logits, num_classes, num_experts, decision_threshold, mode, expert_labels, expert_cost, scores
+):
     shape = (logits.shape[0],) + tuple(logits.shape[2:])
     return (
         logits.new_empty(shape, dtype=torch.int8),
@@ -327,17 +398,32 @@ def fake_route(logits, num_classes, num_experts, decision_threshold, mode, exper
     )
 
 
-def route_with(op: Callable, logits: torch.Tensor, num_classes: int, num_experts: int,
-               decision_threshold: float, mode: str, expert_labels: Optional[torch.Tensor],
-               expert_cost: Optional[tuple] = None, scores: str = "softmax"
-               ) -> RouteResult:
+def route_with(
+    op: Callable,
+    logits: torch.Tensor,
+    num_classes: int,
+    num_experts: int,
+    decision_threshold: float,
+    mode: str,
+    expert_labels: Optional[torch.Tensor],
+    expert_cost: Optional[tuple] = None,
+    scores: str = "softmax",
+) -> RouteResult:
     """Run a compiled route op and wrap its outputs as a RouteResult.
 
     ``expert_cost``: the validated costs (a tuple) or None; they reach the op as a
     tensor of the accumulation dtype on the logits' device.
     """
     assignment, defer_prob, model_pred, final = op(
-        logits.detach(), num_classes, num_experts, float(decision_threshold), mode,
-        expert_labels, _as_param_tensor(expert_cost, logits), scores)
-    return RouteResult(assignment, defer_prob, model_pred,
-                       final if expert_labels is not None else None)
+        logits.detach(),
+        num_classes,
+        num_experts,
+        float(decision_threshold),
+        mode,
+        expert_labels,
+        _as_param_tensor(expert_cost, logits),
+        scores,
+    )
+    return RouteResult(
+        assignment, defer_prob, model_pred, final if expert_labels is not None else None
+    )

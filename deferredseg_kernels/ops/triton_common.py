@@ -72,8 +72,10 @@ def define_op(name: str, schema: str, fn: Callable, fake: Callable):
     """
     inferred = torch.library.infer_schema(fn, mutates_args=())
     if inferred != schema:
-        raise TypeError(f"op {name}: the annotations of {fn.__qualname__} give the schema "
-                        f"{inferred}, not the declared {schema}")
+        raise TypeError(
+            f"op {name}: the annotations of {fn.__qualname__} give the schema "
+            f"{inferred}, not the declared {schema}"
+        )
     if INTERPRET:
         op = torch.library.custom_op(name, fn, mutates_args=(), schema=schema)
         op.register_fake(fake)

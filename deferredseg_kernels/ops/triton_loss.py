@@ -92,12 +92,37 @@ def _pixel_coords(p, S1, S2, NDIM: tl.constexpr):
 
 
 @triton.jit
-def _stats_kernel(x_ptr, t_ptr, l_ptr, cw_ptr, part_ptr,
-                  P, S0, S1, S2, n_tiles, n_prog, nlab, ignore_index,
-                  sxb, sxc, sxp, stb, stp, slb, sle, slp,
-                  K: tl.constexpr, E: tl.constexpr, RP: tl.constexpr, NDIM: tl.constexpr,
-                  HAS_WEIGHT: tl.constexpr, CHECK_EXPERTS: tl.constexpr,
-                  IS_FP64: tl.constexpr, BLOCK_P: tl.constexpr):
+def _stats_kernel(
+    x_ptr,
+    t_ptr,
+    l_ptr,
+    cw_ptr,
+    part_ptr,
+    P,
+    S0,
+    S1,
+    S2,
+    n_tiles,
+    n_prog,
+    nlab,
+    ignore_index,
+    sxb,
+    sxc,
+    sxp,
+    stb,
+    stp,
+    slb,
+    sle,
+    slp,
+    K: tl.constexpr,
+    E: tl.constexpr,
+    RP: tl.constexpr,
+    NDIM: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    CHECK_EXPERTS: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
     b = pid // n_tiles
     p = (pid - b * n_tiles) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
@@ -123,8 +148,7 @@ def _stats_kernel(x_ptr, t_ptr, l_ptr, cw_ptr, part_ptr,
     else:
         w = vf
     tl.store(part_ptr + (E + _STAT_COUNT) * n_prog + pid, tl.sum(vf, axis=0))
-    tl.store(part_ptr + (E + _STAT_WEIGHT) * n_prog + pid,
-             tl.sum(tl.where(valid, w, 0.0), axis=0))
+    tl.store(part_ptr + (E + _STAT_WEIGHT) * n_prog + pid, tl.sum(tl.where(valid, w, 0.0), axis=0))
 
     # Valid neighbour pairs (p, p + e_d) per spatial axis d.
     i0, i1, i2 = _pixel_coords(p, S1, S2, NDIM)
@@ -148,16 +172,27 @@ def _stats_kernel(x_ptr, t_ptr, l_ptr, cw_ptr, part_ptr,
     nbad = tl.sum(bad.to(psum.dtype), axis=0)
     if CHECK_EXPERTS:
         ecm = kr < E
-        lab = tl.load(l_ptr + b * slb + kr[:, None] * sle + (p * slp)[None, :],
-                      mask=ecm[:, None] & pm[None, :], other=0).to(tl.int64)
+        lab = tl.load(
+            l_ptr + b * slb + kr[:, None] * sle + (p * slp)[None, :],
+            mask=ecm[:, None] & pm[None, :],
+            other=0,
+        ).to(tl.int64)
         lbad = ecm[:, None] & pm[None, :] & (lab != ignore_index) & ((lab < 0) | (lab >= nlab))
         nbad += tl.sum(tl.sum(lbad.to(psum.dtype), axis=1), axis=0)
     tl.store(part_ptr + (E + _STAT_BAD) * n_prog + pid, nbad)
 
 
 @triton.jit
-def _chunk_sum_kernel(part_ptr, out_ptr, n_rows, n_chunks, n_cols, NCP: tl.constexpr,
-                      BLOCK_R: tl.constexpr, ITERS: tl.constexpr):
+def _chunk_sum_kernel(
+    part_ptr,
+    out_ptr,
+    n_rows,
+    n_chunks,
+    n_cols,
+    NCP: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    ITERS: tl.constexpr,
+):
     """First reduction level: program i adds rows [i * ITERS * BLOCK_R, ...) of every
     column of ``part`` ([n_cols, n_rows]) in float64, always in the same order, into
     ``out[c, i]`` ([n_cols, n_chunks]). Many programs, so large grids reduce fast."""
@@ -168,8 +203,11 @@ def _chunk_sum_kernel(part_ptr, out_ptr, n_rows, n_chunks, n_cols, NCP: tl.const
     start = pid * (ITERS * BLOCK_R)
     for it in tl.static_range(ITERS):
         rows = start + it * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-        v = tl.load(part_ptr + c[:, None] * n_rows + rows[None, :],
-                    mask=cmask[:, None] & (rows < n_rows)[None, :], other=0.0)
+        v = tl.load(
+            part_ptr + c[:, None] * n_rows + rows[None, :],
+            mask=cmask[:, None] & (rows < n_rows)[None, :],
+            other=0.0,
+        )
         acc += v.to(tl.float64)
     tl.store(out_ptr + c * n_chunks + pid, tl.sum(acc, axis=1), mask=cmask)
 
@@ -182,8 +220,11 @@ def _reduce_kernel(part_ptr, out_ptr, n_rows, n_cols, NCP: tl.constexpr, BLOCK_R
     acc = tl.zeros([NCP, BLOCK_R], dtype=tl.float64)
     for r0 in range(0, n_rows, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
-        v = tl.load(part_ptr + c[:, None] * n_rows + rows[None, :],
-                    mask=(c < n_cols)[:, None] & (rows < n_rows)[None, :], other=0.0)
+        v = tl.load(
+            part_ptr + c[:, None] * n_rows + rows[None, :],
+            mask=(c < n_cols)[:, None] & (rows < n_rows)[None, :],
+            other=0.0,
+        )
         acc += v.to(tl.float64)
     tl.store(out_ptr + c, tl.sum(acc, axis=1), mask=c < n_cols)
 
@@ -234,9 +275,22 @@ def _loss_coefs(stats_ptr, low_ptr, high_ptr, kr, E: tl.constexpr, BAL_BAND: tl.
 
 
 @triton.jit
-def _neighbor_maps(x_row, t_row, q, inside, kr, sxc, sxp, stp, ignore_index,
-                   K: tl.constexpr, E: tl.constexpr, MAP_ROUTER: tl.constexpr,
-                   MAP_GATE: tl.constexpr, IS_FP64: tl.constexpr):
+def _neighbor_maps(
+    x_row,
+    t_row,
+    q,
+    inside,
+    kr,
+    sxc,
+    sxp,
+    stp,
+    ignore_index,
+    K: tl.constexpr,
+    E: tl.constexpr,
+    MAP_ROUTER: tl.constexpr,
+    MAP_GATE: tl.constexpr,
+    IS_FP64: tl.constexpr,
+):
     """For pixels q (where ``inside``): whether q is valid, D_q and s_q (0 where unused)."""
     yq = tl.load(t_row + q * stp, mask=inside, other=0).to(tl.int64)
     vq = inside & (yq != ignore_index)
@@ -268,10 +322,29 @@ def _drho(x, COH_L2: tl.constexpr):
 
 
 @triton.jit
-def _coherence_axis(x_row, t_row, p, valid, i_d, S_d, step, D, s, kr, sxc, sxp, stp,
-                    ignore_index, K: tl.constexpr, E: tl.constexpr, COH_L2: tl.constexpr,
-                    MAP_ROUTER: tl.constexpr, MAP_GATE: tl.constexpr,
-                    COMPUTE_GRAD: tl.constexpr, IS_FP64: tl.constexpr):
+def _coherence_axis(
+    x_row,
+    t_row,
+    p,
+    valid,
+    i_d,
+    S_d,
+    step,
+    D,
+    s,
+    kr,
+    sxc,
+    sxp,
+    stp,
+    ignore_index,
+    K: tl.constexpr,
+    E: tl.constexpr,
+    COH_L2: tl.constexpr,
+    MAP_ROUTER: tl.constexpr,
+    MAP_GATE: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    IS_FP64: tl.constexpr,
+):
     """One spatial axis of COH for pixels p: the forward pair (p, p + e_d) counted at p
     (sums for D and s), and dCOH_axis/dD_p, dCOH_axis/ds_p (before 1/pairs)."""
     zero = to_acc(p * 0, IS_FP64)  # not D * 0: a NaN logit must not leak into disabled maps
@@ -281,8 +354,22 @@ def _coherence_axis(x_row, t_row, p, valid, i_d, S_d, step, D, s, kr, sxc, sxp, 
     g_s = zero
     if MAP_ROUTER or MAP_GATE:
         inside_f = valid & (i_d + 1 < S_d)
-        vf, df, sf = _neighbor_maps(x_row, t_row, p + step, inside_f, kr, sxc, sxp, stp,
-                                    ignore_index, K, E, MAP_ROUTER, MAP_GATE, IS_FP64)
+        vf, df, sf = _neighbor_maps(
+            x_row,
+            t_row,
+            p + step,
+            inside_f,
+            kr,
+            sxc,
+            sxp,
+            stp,
+            ignore_index,
+            K,
+            E,
+            MAP_ROUTER,
+            MAP_GATE,
+            IS_FP64,
+        )
         pair_f = inside_f & vf
         if MAP_ROUTER:
             sum_d = tl.sum(tl.where(pair_f, _rho(D - df, COH_L2), 0.0), axis=0)
@@ -290,29 +377,90 @@ def _coherence_axis(x_row, t_row, p, valid, i_d, S_d, step, D, s, kr, sxc, sxp, 
             sum_s = tl.sum(tl.where(pair_f, _rho(s - sf, COH_L2), 0.0), axis=0)
         if COMPUTE_GRAD:
             inside_b = valid & (i_d > 0)
-            vb, db, sb = _neighbor_maps(x_row, t_row, p - step, inside_b, kr, sxc, sxp, stp,
-                                        ignore_index, K, E, MAP_ROUTER, MAP_GATE, IS_FP64)
+            vb, db, sb = _neighbor_maps(
+                x_row,
+                t_row,
+                p - step,
+                inside_b,
+                kr,
+                sxc,
+                sxp,
+                stp,
+                ignore_index,
+                K,
+                E,
+                MAP_ROUTER,
+                MAP_GATE,
+                IS_FP64,
+            )
             pair_b = inside_b & vb
             if MAP_ROUTER:
-                g_d = (tl.where(pair_f, _drho(D - df, COH_L2), 0.0)
-                       - tl.where(pair_b, _drho(db - D, COH_L2), 0.0))
+                g_d = tl.where(pair_f, _drho(D - df, COH_L2), 0.0) - tl.where(
+                    pair_b, _drho(db - D, COH_L2), 0.0
+                )
             if MAP_GATE:
-                g_s = (tl.where(pair_f, _drho(s - sf, COH_L2), 0.0)
-                       - tl.where(pair_b, _drho(sb - s, COH_L2), 0.0))
+                g_s = tl.where(pair_f, _drho(s - sf, COH_L2), 0.0) - tl.where(
+                    pair_b, _drho(sb - s, COH_L2), 0.0
+                )
     return sum_d, sum_s, g_d, g_s
 
 
 @triton.jit
-def _loss_kernel(x_ptr, t_ptr, l_ptr, cw_ptr, stats_ptr, low_ptr, high_ptr, g_ptr, part_ptr,
-                 P, S0, S1, S2, n_tiles, n_prog, nlab, ignore_index,
-                 sxb, sxc, sxp, stb, stp, slb, sle, slp, sgb, sgc, sgp,
-                 lam_seg, lam_collab, lam_gate, lam_coh, lam_bal, paper_eps, gate_mse,
-                 gate_sparsity, bal_scale,
-                 K: tl.constexpr, E: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr,
-                 NDIM: tl.constexpr, HAS_WEIGHT: tl.constexpr, SURROGATE: tl.constexpr,
-                 GATE_BENEFIT: tl.constexpr, COH_L2: tl.constexpr, MAP_ROUTER: tl.constexpr, MAP_GATE: tl.constexpr,
-                 BAL_BAND: tl.constexpr, COMPUTE_GRAD: tl.constexpr, IS_FP64: tl.constexpr,
-                 BF16_BY_HAND: tl.constexpr, BLOCK_P: tl.constexpr):
+def _loss_kernel(
+    x_ptr,
+    t_ptr,
+    l_ptr,
+    cw_ptr,
+    stats_ptr,
+    low_ptr,
+    high_ptr,
+    g_ptr,
+    part_ptr,
+    P,
+    S0,
+    S1,
+    S2,
+    n_tiles,
+    n_prog,
+    nlab,
+    ignore_index,
+    sxb,
+    sxc,
+    sxp,
+    stb,
+    stp,
+    slb,
+    sle,
+    slp,
+    sgb,
+    sgc,
+    sgp,
+    lam_seg,
+    lam_collab,
+    lam_gate,
+    lam_coh,
+    lam_bal,
+    paper_eps,
+    gate_mse,
+    gate_sparsity,
+    bal_scale,
+    K: tl.constexpr,
+    E: tl.constexpr,
+    KP: tl.constexpr,
+    RP: tl.constexpr,
+    NDIM: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    SURROGATE: tl.constexpr,
+    GATE_BENEFIT: tl.constexpr,
+    COH_L2: tl.constexpr,
+    MAP_ROUTER: tl.constexpr,
+    MAP_GATE: tl.constexpr,
+    BAL_BAND: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    BF16_BY_HAND: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
     b = pid // n_tiles
     p = (pid - b * n_tiles) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
@@ -356,8 +504,11 @@ def _loss_kernel(x_ptr, t_ptr, l_ptr, cw_ptr, stats_ptr, low_ptr, high_ptr, g_pt
     pi = ex / total[None, :]
 
     # ---- collaboration surrogate (SURROGATE: 0 softmax, 1 paper, 2 ova) ---------
-    lab = tl.load(l_ptr + b * slb + kr[:, None] * sle + (p * slp)[None, :],
-                  mask=ecm[:, None] & pm[None, :], other=0).to(tl.int64)
+    lab = tl.load(
+        l_ptr + b * slb + kr[:, None] * sle + (p * slp)[None, :],
+        mask=ecm[:, None] & pm[None, :],
+        other=0,
+    ).to(tl.int64)
     cj = (ecm[:, None] & (lab == y[None, :]) & (lab != ignore_index)).to(pi.dtype)
     c0f = c0.to(pi.dtype)
     is_model = (kr == E)[:, None]
@@ -393,9 +544,29 @@ def _loss_kernel(x_ptr, t_ptr, l_ptr, cw_ptr, stats_ptr, low_ptr, high_ptr, g_pt
 
     # ---- spatial coherence, gather form -----------------------------------------
     i0, i1, i2 = _pixel_coords(p, S1, S2, NDIM)
-    cd0, cs0, gd0, gs0 = _coherence_axis(x_row, t_row, p, valid, i0, S0, S1 * S2, D, s, kr, sxc,
-                                         sxp, stp, ignore_index, K, E, COH_L2, MAP_ROUTER,
-                                         MAP_GATE, COMPUTE_GRAD, IS_FP64)
+    cd0, cs0, gd0, gs0 = _coherence_axis(
+        x_row,
+        t_row,
+        p,
+        valid,
+        i0,
+        S0,
+        S1 * S2,
+        D,
+        s,
+        kr,
+        sxc,
+        sxp,
+        stp,
+        ignore_index,
+        K,
+        E,
+        COH_L2,
+        MAP_ROUTER,
+        MAP_GATE,
+        COMPUTE_GRAD,
+        IS_FP64,
+    )
     gd1 = to_acc(p * 0, IS_FP64)
     zero_sum = tl.sum(gd1, axis=0)
     cd1 = zero_sum
@@ -406,13 +577,53 @@ def _loss_kernel(x_ptr, t_ptr, l_ptr, cw_ptr, stats_ptr, low_ptr, high_ptr, g_pt
     gd2 = gd1
     gs2 = gd1
     if NDIM >= 2:
-        cd1, cs1, gd1, gs1 = _coherence_axis(x_row, t_row, p, valid, i1, S1, S2, D, s, kr, sxc,
-                                             sxp, stp, ignore_index, K, E, COH_L2, MAP_ROUTER,
-                                             MAP_GATE, COMPUTE_GRAD, IS_FP64)
+        cd1, cs1, gd1, gs1 = _coherence_axis(
+            x_row,
+            t_row,
+            p,
+            valid,
+            i1,
+            S1,
+            S2,
+            D,
+            s,
+            kr,
+            sxc,
+            sxp,
+            stp,
+            ignore_index,
+            K,
+            E,
+            COH_L2,
+            MAP_ROUTER,
+            MAP_GATE,
+            COMPUTE_GRAD,
+            IS_FP64,
+        )
     if NDIM >= 3:
-        cd2, cs2, gd2, gs2 = _coherence_axis(x_row, t_row, p, valid, i2, S2, 1, D, s, kr, sxc,
-                                             sxp, stp, ignore_index, K, E, COH_L2, MAP_ROUTER,
-                                             MAP_GATE, COMPUTE_GRAD, IS_FP64)
+        cd2, cs2, gd2, gs2 = _coherence_axis(
+            x_row,
+            t_row,
+            p,
+            valid,
+            i2,
+            S2,
+            1,
+            D,
+            s,
+            kr,
+            sxc,
+            sxp,
+            stp,
+            ignore_index,
+            K,
+            E,
+            COH_L2,
+            MAP_ROUTER,
+            MAP_GATE,
+            COMPUTE_GRAD,
+            IS_FP64,
+        )
 
     # ---- per-program partial sums (added in a fixed order by the reduction kernels) --
     tl.store(part_ptr + 0 * n_prog + pid, seg_sum)
@@ -428,7 +639,8 @@ def _loss_kernel(x_ptr, t_ptr, l_ptr, cw_ptr, stats_ptr, low_ptr, high_ptr, g_pt
     # ---- gradient of the total loss, written once per pixel ---------------------
     if COMPUTE_GRAD:
         inv_nv, inv_w, inv_n0, inv_n1, inv_n2, _, gbal = _loss_coefs(
-            stats_ptr, low_ptr, high_ptr, kr, E, BAL_BAND)
+            stats_ptr, low_ptr, high_ptr, kr, E, BAL_BAND
+        )
         dt = pi.dtype
         c_seg = (lam_seg * inv_w).to(dt)
         c_collab = (lam_collab * inv_nv).to(dt)
@@ -446,9 +658,12 @@ def _loss_kernel(x_ptr, t_ptr, l_ptr, cw_ptr, stats_ptr, low_ptr, high_ptr, g_pt
             store_as(g_row + off_g, tl.where(valid, gz, 0.0), pm, BF16_BY_HAND)
         else:
             gzt = (c_seg * w)[None, :] * (ez / zsum[None, :] - onehot.to(dt))
-            store_as(g_row + kz[:, None] * sgc + off_g[None, :],
-                     tl.where(valid[None, :], gzt, 0.0),
-                     (kz < K)[:, None] & pm[None, :], BF16_BY_HAND)
+            store_as(
+                g_row + kz[:, None] * sgc + off_g[None, :],
+                tl.where(valid[None, :], gzt, 0.0),
+                (kz < K)[:, None] & pm[None, :],
+                BF16_BY_HAND,
+            )
 
         # routing channels: collaboration + balance + coherence through D
         if SURROGATE == 1:
@@ -461,8 +676,12 @@ def _loss_kernel(x_ptr, t_ptr, l_ptr, cw_ptr, stats_ptr, low_ptr, high_ptr, g_pt
         g_bal = pi * (c_bal[:, None] - tl.sum(c_bal[:, None] * pi, axis=0)[None, :])
         g_coh = g_d[None, :] * pi * (ecm[:, None].to(dt) - D[None, :])
         gr = c_collab * g_collab + g_bal + g_coh
-        store_as(g_row + (K + kr)[:, None] * sgc + off_g[None, :],
-                 tl.where(valid[None, :], gr, 0.0), rcm[:, None] & pm[None, :], BF16_BY_HAND)
+        store_as(
+            g_row + (K + kr)[:, None] * sgc + off_g[None, :],
+            tl.where(valid[None, :], gr, 0.0),
+            rcm[:, None] & pm[None, :],
+            BF16_BY_HAND,
+        )
 
         # gate channel: BCE(a, h) + mse (s - D)^2 + sparsity s, and coherence through s
         ds = s * (1.0 - s)
@@ -471,29 +690,48 @@ def _loss_kernel(x_ptr, t_ptr, l_ptr, cw_ptr, stats_ptr, low_ptr, high_ptr, g_pt
 
 
 @triton.jit
-def _finalize_kernel(part_ptr, stats_ptr, low_ptr, high_ptr, terms_ptr, n_rows,
-                     lam_seg, lam_collab, lam_gate, lam_coh, lam_bal,
-                     E: tl.constexpr, RP: tl.constexpr, BAL_BAND: tl.constexpr,
-                     BLOCK_R: tl.constexpr):
+def _finalize_kernel(
+    part_ptr,
+    stats_ptr,
+    low_ptr,
+    high_ptr,
+    terms_ptr,
+    n_rows,
+    lam_seg,
+    lam_collab,
+    lam_gate,
+    lam_coh,
+    lam_bal,
+    E: tl.constexpr,
+    RP: tl.constexpr,
+    BAL_BAND: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     """terms = [loss, seg, collab, gate, coherence, balance] from the chunk sums of the
     terms ([9, n_rows], added in a fixed order in float64) and the stats."""
     c = tl.arange(0, 16).to(tl.int64)
     acc = tl.zeros([16, BLOCK_R], dtype=tl.float64)
     for r0 in range(0, n_rows, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
-        v = tl.load(part_ptr + c[:, None] * n_rows + rows[None, :],
-                    mask=(c < 9)[:, None] & (rows < n_rows)[None, :], other=0.0)
+        v = tl.load(
+            part_ptr + c[:, None] * n_rows + rows[None, :],
+            mask=(c < 9)[:, None] & (rows < n_rows)[None, :],
+            other=0.0,
+        )
         acc += v.to(tl.float64)
     sums = tl.sum(acc, axis=1)
     kr = tl.arange(0, RP).to(tl.int64)
-    inv_nv, inv_w, inv_n0, inv_n1, inv_n2, bal, _ = _loss_coefs(stats_ptr, low_ptr, high_ptr,
-                                                                 kr, E, BAL_BAND)
+    inv_nv, inv_w, inv_n0, inv_n1, inv_n2, bal, _ = _loss_coefs(
+        stats_ptr, low_ptr, high_ptr, kr, E, BAL_BAND
+    )
     seg = tl.sum(tl.where(c == 0, sums, 0.0), axis=0) * inv_w
     collab = tl.sum(tl.where(c == 1, sums, 0.0), axis=0) * inv_nv
     gate = tl.sum(tl.where(c == 2, sums, 0.0), axis=0) * inv_nv
-    coh = (tl.sum(tl.where((c == 3) | (c == 6), sums, 0.0), axis=0) * inv_n0
-           + tl.sum(tl.where((c == 4) | (c == 7), sums, 0.0), axis=0) * inv_n1
-           + tl.sum(tl.where((c == 5) | (c == 8), sums, 0.0), axis=0) * inv_n2)
+    coh = (
+        tl.sum(tl.where((c == 3) | (c == 6), sums, 0.0), axis=0) * inv_n0
+        + tl.sum(tl.where((c == 4) | (c == 7), sums, 0.0), axis=0) * inv_n1
+        + tl.sum(tl.where((c == 5) | (c == 8), sums, 0.0), axis=0) * inv_n2
+    )
     loss = lam_seg * seg + lam_collab * collab + lam_gate * gate + lam_coh * coh + lam_bal * bal
     ty = terms_ptr.dtype.element_ty
     tl.store(terms_ptr + 0, loss.to(ty))
@@ -511,8 +749,10 @@ def _finalize_kernel(part_ptr, stats_ptr, low_ptr, high_ptr, terms_ptr, n_rows,
 
 def _check_dtype(logits: torch.Tensor) -> None:
     if logits.dtype not in LOGITS_DTYPES:
-        raise TypeError("deferredseg triton kernels: logits must be float32, bfloat16, float16 "
-                        f"or float64, got dtype {logits.dtype}")
+        raise TypeError(
+            "deferredseg triton kernels: logits must be float32, bfloat16, float16 "
+            f"or float64, got dtype {logits.dtype}"
+        )
 
 
 class _Problem:
@@ -522,8 +762,10 @@ class _Problem:
         _check_dtype(logits)
         K, E = int(num_classes), int(num_experts)
         if logits.dim() < 3 or logits.dim() > 5 or logits.shape[1] != K + E + 2:
-            raise ValueError(f"logits must have shape (B, {K + E + 2}, *S) with 1 to 3 spatial "
-                             f"dims, got shape {tuple(logits.shape)}")
+            raise ValueError(
+                f"logits must have shape (B, {K + E + 2}, *S) with 1 to 3 spatial "
+                f"dims, got shape {tuple(logits.shape)}"
+            )
         self.K, self.E = K, E
         self.B = logits.shape[0]
         self.spatial = tuple(logits.shape[2:])
@@ -554,48 +796,102 @@ def _chunk_sums(part: torch.Tensor, n_rows: int) -> torch.Tensor:
     rows_per_chunk = block * _CHUNK_ITERS
     n_chunks = max(1, triton.cdiv(n_rows, rows_per_chunk))
     out = torch.empty((n_cols, n_chunks), dtype=torch.float64, device=part.device)
-    launcher(_chunk_sum_kernel)[(n_chunks,)](part, out, n_rows, n_chunks, n_cols, NCP=ncp,
-                                             BLOCK_R=block, ITERS=_CHUNK_ITERS, num_warps=4)
+    launcher(_chunk_sum_kernel)[(n_chunks,)](
+        part, out, n_rows, n_chunks, n_cols, NCP=ncp, BLOCK_R=block, ITERS=_CHUNK_ITERS, num_warps=4
+    )
     return out
 
 
-def _loss_stats_impl(logits: torch.Tensor, target: torch.Tensor, expert_labels: torch.Tensor,
-                     class_weight: Optional[torch.Tensor], num_classes: int, num_experts: int,
-                     ignore_index: int, check_expert_labels: bool) -> torch.Tensor:
+def _loss_stats_impl(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    expert_labels: torch.Tensor,
+    class_weight: Optional[torch.Tensor],
+    num_classes: int,
+    num_experts: int,
+    ignore_index: int,
+    check_expert_labels: bool,
+) -> torch.Tensor:
     pb = _Problem(logits, target, expert_labels, num_classes, num_experts)
     ncols = fused.stats_len(pb.E)
-    part = torch.empty((ncols, max(pb.n_prog, 1)), dtype=acc_dtype(logits.dtype),
-                       device=logits.device)
+    part = torch.empty(
+        (ncols, max(pb.n_prog, 1)), dtype=acc_dtype(logits.dtype), device=logits.device
+    )
     if pb.n_prog > 0:
         launcher(_stats_kernel)[(pb.n_prog,)](
-            pb.x, pb.t, pb.lab, class_weight if class_weight is not None else pb.x, part,
-            pb.P, pb.S[0], pb.S[1], pb.S[2], pb.n_tiles, pb.n_prog, pb.nlab, ignore_index,
-            pb.x.stride(0), pb.x.stride(1), pb.x.stride(2), pb.t.stride(0), pb.t.stride(1),
-            pb.lab.stride(0), pb.lab.stride(1), pb.lab.stride(2),
-            K=pb.K, E=pb.E, RP=pb.RP, NDIM=pb.ndim, HAS_WEIGHT=class_weight is not None,
-            CHECK_EXPERTS=bool(check_expert_labels), IS_FP64=pb.is_fp64, BLOCK_P=pb.block,
-            num_warps=pb.warps)
+            pb.x,
+            pb.t,
+            pb.lab,
+            class_weight if class_weight is not None else pb.x,
+            part,
+            pb.P,
+            pb.S[0],
+            pb.S[1],
+            pb.S[2],
+            pb.n_tiles,
+            pb.n_prog,
+            pb.nlab,
+            ignore_index,
+            pb.x.stride(0),
+            pb.x.stride(1),
+            pb.x.stride(2),
+            pb.t.stride(0),
+            pb.t.stride(1),
+            pb.lab.stride(0),
+            pb.lab.stride(1),
+            pb.lab.stride(2),
+            K=pb.K,
+            E=pb.E,
+            RP=pb.RP,
+            NDIM=pb.ndim,
+            HAS_WEIGHT=class_weight is not None,
+            CHECK_EXPERTS=bool(check_expert_labels),
+            IS_FP64=pb.is_fp64,
+            BLOCK_P=pb.block,
+            num_warps=pb.warps,
+        )
     chunks = _chunk_sums(part, pb.n_prog)
     stats = torch.empty((ncols,), dtype=torch.float64, device=logits.device)
     ncp = next_pow2(ncols)
-    launcher(_reduce_kernel)[(1,)](chunks, stats, chunks.shape[1], ncols, NCP=ncp,
-                                   BLOCK_R=_reduce_block(ncp), num_warps=4)
+    launcher(_reduce_kernel)[(1,)](
+        chunks, stats, chunks.shape[1], ncols, NCP=ncp, BLOCK_R=_reduce_block(ncp), num_warps=4
+    )
     return stats
 
 
-def _loss_fused_impl(logits: torch.Tensor, target: torch.Tensor, expert_labels: torch.Tensor,
-                     class_weight: Optional[torch.Tensor], stats: torch.Tensor,
-                     balance_low: Optional[torch.Tensor], balance_high: Optional[torch.Tensor],
-                     num_classes: int, num_experts: int, ignore_index: int,
-                     fparams: Sequence[float], iparams: Sequence[int], compute_grad: bool
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def _loss_fused_impl(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    expert_labels: torch.Tensor,
+    class_weight: Optional[torch.Tensor],
+    stats: torch.Tensor,
+    balance_low: Optional[torch.Tensor],
+    balance_high: Optional[torch.Tensor],
+    num_classes: int,
+    num_experts: int,
+    ignore_index: int,
+    fparams: Sequence[float],
+    iparams: Sequence[int],
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     pb = _Problem(logits, target, expert_labels, num_classes, num_experts)
-    (lam_seg, lam_collab, lam_gate, lam_coh, lam_bal, paper_eps, gate_mse, gate_sparsity,
-     bal_scale) = [float(v) for v in fparams]
+    (
+        lam_seg,
+        lam_collab,
+        lam_gate,
+        lam_coh,
+        lam_bal,
+        paper_eps,
+        gate_mse,
+        gate_sparsity,
+        bal_scale,
+    ) = [float(v) for v in fparams]
     if len(iparams) != len(fused.IPARAMS):
-        raise ValueError(f"iparams must have {len(fused.IPARAMS)} values {fused.IPARAMS}, got "
-                         f"{list(iparams)} (checking expert labels in the loss pass is a "
-                         "C++ CPU kernel option)")
+        raise ValueError(
+            f"iparams must have {len(fused.IPARAMS)} values {fused.IPARAMS}, got "
+            f"{list(iparams)} (checking expert labels in the loss pass is a "
+            "C++ CPU kernel option)"
+        )
     surrogate, coherence, maps, balance, gate_target = [int(v) for v in iparams]
     if surrogate not in fused.SURROGATE_CODE.values():
         raise ValueError(f"unknown surrogate code {surrogate}")
@@ -605,13 +901,18 @@ def _loss_fused_impl(logits: torch.Tensor, target: torch.Tensor, expert_labels: 
     if band and (balance_low is None or balance_high is None):
         raise ValueError("balance='band' needs balance_low and balance_high")
     E = pb.E
-    if stats.dim() != 1 or stats.numel() not in (fused.stats_len(E), fused.stats_len(E) + 1) \
-            or stats.dtype != torch.float64:
-        raise ValueError(f"stats must be a float64 vector of {fused.stats_len(E) + 1} values "
-                         f"(or {fused.stats_len(E)}), got {stats.dtype} of shape {tuple(stats.shape)}")
+    if (
+        stats.dim() != 1
+        or stats.numel() not in (fused.stats_len(E), fused.stats_len(E) + 1)
+        or stats.dtype != torch.float64
+    ):
+        raise ValueError(
+            f"stats must be a float64 vector of {fused.stats_len(E) + 1} values "
+            f"(or {fused.stats_len(E)}), got {stats.dtype} of shape {tuple(stats.shape)}"
+        )
     if stats.numel() == fused.stats_len(E):  # no N_B entry: pbar over this call's N_V
         at_count = fused.stat_count(E)
-        stats = torch.cat([stats, stats[at_count:at_count + 1]])
+        stats = torch.cat([stats, stats[at_count : at_count + 1]])
     cdt = acc_dtype(logits.dtype)
     dummy = stats
     low = balance_low if balance_low is not None else dummy
@@ -620,63 +921,135 @@ def _loss_fused_impl(logits: torch.Tensor, target: torch.Tensor, expert_labels: 
     if compute_grad:
         grad = fused.grad_buffer(logits)
         direct = can_merge(grad, 2)
-        gflat = grad.view(pb.x.shape) if direct else torch.empty(
-            pb.x.shape, dtype=logits.dtype, device=logits.device)
+        gflat = (
+            grad.view(pb.x.shape)
+            if direct
+            else torch.empty(pb.x.shape, dtype=logits.dtype, device=logits.device)
+        )
     else:
         grad = logits.new_empty((0,))
         gflat = pb.x  # never written: COMPUTE_GRAD is a constexpr False
     part = torch.empty((N_PART, max(pb.n_prog, 1)), dtype=cdt, device=logits.device)
     if pb.n_prog > 0:
         launcher(_loss_kernel)[(pb.n_prog,)](
-            pb.x, pb.t, pb.lab, class_weight if class_weight is not None else dummy, stats, low,
-            high, gflat, part,
-            pb.P, pb.S[0], pb.S[1], pb.S[2], pb.n_tiles, pb.n_prog, pb.nlab, ignore_index,
-            pb.x.stride(0), pb.x.stride(1), pb.x.stride(2), pb.t.stride(0), pb.t.stride(1),
-            pb.lab.stride(0), pb.lab.stride(1), pb.lab.stride(2),
-            gflat.stride(0), gflat.stride(1), gflat.stride(2),
-            lam_seg, lam_collab, lam_gate, lam_coh, lam_bal, paper_eps, gate_mse, gate_sparsity,
+            pb.x,
+            pb.t,
+            pb.lab,
+            class_weight if class_weight is not None else dummy,
+            stats,
+            low,
+            high,
+            gflat,
+            part,
+            pb.P,
+            pb.S[0],
+            pb.S[1],
+            pb.S[2],
+            pb.n_tiles,
+            pb.n_prog,
+            pb.nlab,
+            ignore_index,
+            pb.x.stride(0),
+            pb.x.stride(1),
+            pb.x.stride(2),
+            pb.t.stride(0),
+            pb.t.stride(1),
+            pb.lab.stride(0),
+            pb.lab.stride(1),
+            pb.lab.stride(2),
+            gflat.stride(0),
+            gflat.stride(1),
+            gflat.stride(2),
+            lam_seg,
+            lam_collab,
+            lam_gate,
+            lam_coh,
+            lam_bal,
+            paper_eps,
+            gate_mse,
+            gate_sparsity,
             bal_scale,
-            K=pb.K, E=pb.E, KP=pb.KP, RP=pb.RP, NDIM=pb.ndim,
-            HAS_WEIGHT=class_weight is not None, SURROGATE=surrogate,
+            K=pb.K,
+            E=pb.E,
+            KP=pb.KP,
+            RP=pb.RP,
+            NDIM=pb.ndim,
+            HAS_WEIGHT=class_weight is not None,
+            SURROGATE=surrogate,
             GATE_BENEFIT=gate_target == fused.GATE_TARGET_CODE["benefit"],
             COH_L2=coherence == fused.COHERENCE_CODE["l2"],
             MAP_ROUTER=bool(maps & fused.MAP_BITS["router"]),
-            MAP_GATE=bool(maps & fused.MAP_BITS["gate"]), BAL_BAND=band,
-            COMPUTE_GRAD=bool(compute_grad), IS_FP64=pb.is_fp64,
-            BF16_BY_HAND=INTERPRET and logits.dtype == torch.bfloat16, BLOCK_P=pb.block,
-            num_warps=pb.warps)
+            MAP_GATE=bool(maps & fused.MAP_BITS["gate"]),
+            BAL_BAND=band,
+            COMPUTE_GRAD=bool(compute_grad),
+            IS_FP64=pb.is_fp64,
+            BF16_BY_HAND=INTERPRET and logits.dtype == torch.bfloat16,
+            BLOCK_P=pb.block,
+            num_warps=pb.warps,
+        )
     if compute_grad and not direct:
         grad.copy_(gflat.view(grad.shape))
     chunks = _chunk_sums(part, pb.n_prog)
     terms = torch.empty((fused.TERMS_LEN,), dtype=cdt, device=logits.device)
     launcher(_finalize_kernel)[(1,)](
-        chunks, stats, low, high, terms, chunks.shape[1], lam_seg, lam_collab, lam_gate, lam_coh,
+        chunks,
+        stats,
+        low,
+        high,
+        terms,
+        chunks.shape[1],
+        lam_seg,
+        lam_collab,
+        lam_gate,
+        lam_coh,
         lam_bal,
-        E=pb.E, RP=pb.RP, BAL_BAND=band, BLOCK_R=_reduce_block(16), num_warps=4)
+        E=pb.E,
+        RP=pb.RP,
+        BAL_BAND=band,
+        BLOCK_R=_reduce_block(16),
+        num_warps=4,
+    )
     return terms, grad
 
 
 # The schemas torch infers from the annotations of the two functions above (see
 # define_op): ints are SymInt, results are unnamed.
-_STATS_SCHEMA = ("(Tensor logits, Tensor target, Tensor expert_labels, Tensor? class_weight, "
-                 "SymInt num_classes, SymInt num_experts, SymInt ignore_index, "
-                 "bool check_expert_labels) -> Tensor")
-_LOSS_SCHEMA = ("(Tensor logits, Tensor target, Tensor expert_labels, Tensor? class_weight, "
-                "Tensor stats, Tensor? balance_low, Tensor? balance_high, SymInt num_classes, "
-                "SymInt num_experts, SymInt ignore_index, float[] fparams, SymInt[] iparams, "
-                "bool compute_grad) -> (Tensor, Tensor)")
+_STATS_SCHEMA = (
+    "(Tensor logits, Tensor target, Tensor expert_labels, Tensor? class_weight, "
+    "SymInt num_classes, SymInt num_experts, SymInt ignore_index, "
+    "bool check_expert_labels) -> Tensor"
+)
+_LOSS_SCHEMA = (
+    "(Tensor logits, Tensor target, Tensor expert_labels, Tensor? class_weight, "
+    "Tensor stats, Tensor? balance_low, Tensor? balance_high, SymInt num_classes, "
+    "SymInt num_experts, SymInt ignore_index, float[] fparams, SymInt[] iparams, "
+    "bool compute_grad) -> (Tensor, Tensor)"
+)
 
 loss_stats = define_op(STATS_OP, _STATS_SCHEMA, _loss_stats_impl, fused.fake_stats)
 loss_fused = define_op(LOSS_OP, _LOSS_SCHEMA, _loss_fused_impl, fused.fake_loss)
 fused.register_loss_autograd(LOSS_OP)
 
 
-def loss(logits: torch.Tensor, target: torch.Tensor, expert_labels: torch.Tensor, opts,
-         return_terms: bool):
+def loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    expert_labels: torch.Tensor,
+    opts,
+    return_terms: bool,
+):
     """The ``"triton"`` backend of :func:`deferredseg_kernels.deferredseg_loss`."""
     _check_dtype(logits)
-    return fused.fused_loss(loss_stats, loss_fused, logits, target, expert_labels, opts,
-                            return_terms, check_labels_eagerly=(logits.device.type == "cpu"))
+    return fused.fused_loss(
+        loss_stats,
+        loss_fused,
+        logits,
+        target,
+        expert_labels,
+        opts,
+        return_terms,
+        check_labels_eagerly=(logits.device.type == "cpu"),
+    )
 
 
 __all__: List[str] = ["loss", "loss_stats", "loss_fused", "STATS_OP", "LOSS_OP"]

@@ -49,11 +49,35 @@ _MODE_CODES = {"gate": 0, "router": 1, "gain": 2}
 
 
 @triton.jit
-def _route_kernel(x_ptr, l_ptr, thr_ptr, cost_ptr, asg_ptr, prob_ptr, pred_ptr, final_ptr,
-                  P, n_tiles, sxb, sxc, sxp, slb, sle, slp,
-                  K: tl.constexpr, E: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr,
-                  MODE: tl.constexpr, HAS_COST: tl.constexpr, NEED_GAIN: tl.constexpr,
-                  SIGMOID_SCORES: tl.constexpr, HAS_LABELS: tl.constexpr, IS_FP64: tl.constexpr, BLOCK_P: tl.constexpr):
+def _route_kernel(
+    x_ptr,
+    l_ptr,
+    thr_ptr,
+    cost_ptr,
+    asg_ptr,
+    prob_ptr,
+    pred_ptr,
+    final_ptr,
+    P,
+    n_tiles,
+    sxb,
+    sxc,
+    sxp,
+    slb,
+    sle,
+    slp,
+    K: tl.constexpr,
+    E: tl.constexpr,
+    KP: tl.constexpr,
+    RP: tl.constexpr,
+    MODE: tl.constexpr,
+    HAS_COST: tl.constexpr,
+    NEED_GAIN: tl.constexpr,
+    SIGMOID_SCORES: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
     b = pid // n_tiles
     p = (pid - b * n_tiles) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
@@ -118,23 +142,36 @@ def _route_kernel(x_ptr, l_ptr, thr_ptr, cost_ptr, asg_ptr, prob_ptr, pred_ptr, 
         tl.store(final_ptr + out, tl.where(defer, lab, pred), mask=pm)
 
 
-def _route_impl(logits: torch.Tensor, num_classes: int, num_experts: int,
-                decision_threshold: float, mode: str, expert_labels: Optional[torch.Tensor],
-                expert_cost: Optional[torch.Tensor], scores: str
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _route_impl(
+    logits: torch.Tensor,
+    num_classes: int,
+    num_experts: int,
+    decision_threshold: float,
+    mode: str,
+    expert_labels: Optional[torch.Tensor],
+    expert_cost: Optional[torch.Tensor],
+    scores: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if logits.dtype not in LOGITS_DTYPES:
-        raise TypeError("deferredseg triton route: logits must be float32, bfloat16, float16 or "
-                        f"float64, got dtype {logits.dtype}")
+        raise TypeError(
+            "deferredseg triton route: logits must be float32, bfloat16, float16 or "
+            f"float64, got dtype {logits.dtype}"
+        )
     K, E = int(num_classes), int(num_experts)
     if logits.dim() < 3 or logits.dim() > 5 or logits.shape[1] != K + E + 2:
-        raise ValueError(f"logits must have shape (B, {K + E + 2}, *S) with 1 to 3 spatial dims, "
-                         f"got shape {tuple(logits.shape)}")
+        raise ValueError(
+            f"logits must have shape (B, {K + E + 2}, *S) with 1 to 3 spatial dims, "
+            f"got shape {tuple(logits.shape)}"
+        )
     if mode not in _MODE_CODES:
-        raise ValueError(f"deferredseg triton route: mode must be one of {list(_MODE_CODES)}, "
-                         f"got {mode!r}")
+        raise ValueError(
+            f"deferredseg triton route: mode must be one of {list(_MODE_CODES)}, got {mode!r}"
+        )
     if scores not in ("softmax", "sigmoid"):
-        raise ValueError("deferredseg triton route: scores must be one of ['softmax', 'sigmoid'], "
-                         f"got {scores!r}")
+        raise ValueError(
+            "deferredseg triton route: scores must be one of ['softmax', 'sigmoid'], "
+            f"got {scores!r}"
+        )
     B = logits.shape[0]
     out_shape = (B,) + tuple(logits.shape[2:])
     x = flat(logits, 2)
@@ -144,8 +181,10 @@ def _route_impl(logits: torch.Tensor, num_classes: int, num_experts: int,
     has_cost = expert_cost is not None
     if has_cost:
         if expert_cost.dim() != 1 or expert_cost.numel() != E:
-            raise ValueError(f"deferredseg triton route: expert_cost must have shape ({E},), "
-                             f"got shape {tuple(expert_cost.shape)}")
+            raise ValueError(
+                f"deferredseg triton route: expert_cost must have shape ({E},), "
+                f"got shape {tuple(expert_cost.shape)}"
+            )
         cost = expert_cost.to(device=dev, dtype=acc).contiguous()
     else:
         cost = x  # never read
@@ -163,27 +202,67 @@ def _route_impl(logits: torch.Tensor, num_classes: int, num_experts: int,
     n_tiles = triton.cdiv(P, block) if P > 0 else 0
     if B * n_tiles > 0:
         launcher(_route_kernel)[(B * n_tiles,)](
-            x, lab, thr, cost, assignment, defer_prob, model_pred, final,
-            P, n_tiles, x.stride(0), x.stride(1), x.stride(2),
-            lab.stride(0), lab.stride(1), lab.stride(2),
-            K=K, E=E, KP=KP, RP=RP, MODE=_MODE_CODES[mode], HAS_COST=has_cost,
-            NEED_GAIN=has_cost or mode == "gain", SIGMOID_SCORES=scores == "sigmoid",
+            x,
+            lab,
+            thr,
+            cost,
+            assignment,
+            defer_prob,
+            model_pred,
+            final,
+            P,
+            n_tiles,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            lab.stride(0),
+            lab.stride(1),
+            lab.stride(2),
+            K=K,
+            E=E,
+            KP=KP,
+            RP=RP,
+            MODE=_MODE_CODES[mode],
+            HAS_COST=has_cost,
+            NEED_GAIN=has_cost or mode == "gain",
+            SIGMOID_SCORES=scores == "sigmoid",
             HAS_LABELS=has_labels,
-            IS_FP64=logits.dtype == torch.float64, BLOCK_P=block, num_warps=warps)
+            IS_FP64=logits.dtype == torch.float64,
+            BLOCK_P=block,
+            num_warps=warps,
+        )
     return assignment, defer_prob, model_pred, final
 
 
 # The schema torch infers from the annotations of _route_impl (see define_op).
-_ROUTE_SCHEMA = ("(Tensor logits, SymInt num_classes, SymInt num_experts, float decision_threshold, "
-                 "str mode, Tensor? expert_labels, Tensor? expert_cost, str scores) -> "
-                 "(Tensor, Tensor, Tensor, Tensor)")
+_ROUTE_SCHEMA = (
+    "(Tensor logits, SymInt num_classes, SymInt num_experts, float decision_threshold, "
+    "str mode, Tensor? expert_labels, Tensor? expert_cost, str scores) -> "
+    "(Tensor, Tensor, Tensor, Tensor)"
+)
 
 route_op = define_op(ROUTE_OP, _ROUTE_SCHEMA, _route_impl, fused.fake_route)
 
 
-def route(logits: torch.Tensor, num_classes: int, num_experts: int, decision_threshold: float,
-          mode: str, expert_labels: Optional[torch.Tensor], expert_cost: Optional[tuple],
-          scores: str) -> RouteResult:
+def route(
+    logits: torch.Tensor,
+    num_classes: int,
+    num_experts: int,
+    decision_threshold: float,
+    mode: str,
+    expert_labels: Optional[torch.Tensor],
+    expert_cost: Optional[tuple],
+    scores: str,
+) -> RouteResult:
     """The ``"triton"`` backend of :func:`deferredseg_kernels.route`."""
-    return fused.route_with(route_op, logits, num_classes, num_experts, decision_threshold, mode,
-                            expert_labels, expert_cost, scores)
+    return fused.route_with(
+        route_op,
+        logits,
+        num_classes,
+        num_experts,
+        decision_threshold,
+        mode,
+        expert_labels,
+        expert_cost,
+        scores,
+    )

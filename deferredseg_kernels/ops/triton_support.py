@@ -43,6 +43,8 @@ def why_unavailable() -> Optional[str]:
     import torch
 
     if not hasattr(torch.library, "triton_op") or not hasattr(torch.library, "wrap_triton"):
-        return (f"torch {torch.__version__} lacks torch.library.triton_op/wrap_triton "
-                "(torch >= 2.6 is needed for the Triton backend)")
+        return (
+            f"torch {torch.__version__} lacks torch.library.triton_op/wrap_triton "
+            "(torch >= 2.6 is needed for the Triton backend)"
+        )
     return None
