@@ -11,7 +11,8 @@ by machine, CPU name, torch version and thread count.
     python benchmarks/bench_loss_cpu.py                       # both default shapes
     python benchmarks/bench_loss_cpu.py --threads 1 --repeats 30
     python benchmarks/bench_loss_cpu.py --shape 2,6,128,128 --no-compile
-    python benchmarks/bench_loss_cpu.py --loss-option surrogate=ova --loss-option gate_target=benefit
+    python benchmarks/bench_loss_cpu.py --loss-option surrogate=ova \
+        --loss-option gate_target=benefit
 """
 
 from __future__ import annotations

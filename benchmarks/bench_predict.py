@@ -193,7 +193,8 @@ def main(argv=None) -> int:
         rows = [bench_predict(root, 2, 256, a.images), bench_predict(root, 3, 128, a.volumes)]
         srv = bench_serve(root, a.requests)
     print(
-        f"predict on the CPU ({torch.get_num_threads()} threads), untrained UNet (features 16), E = 5:\n"
+        f"predict on the CPU ({torch.get_num_threads()} threads), untrained UNet "
+        "(features 16), E = 5:\n"
     )
     print(
         "| images | count | images/s | network | routing | task extraction | read + write | "
@@ -214,7 +215,8 @@ def main(argv=None) -> int:
         f"p90 {srv['task_page_ms_p90']:.1f} ms"
     )
     print(
-        f"answer (with the merge of its image; the report follows in the background): median {srv['answer_ms_median']:.1f} ms, "
+        "answer (with the merge of its image; the report follows in the background): median "
+        f"{srv['answer_ms_median']:.1f} ms, "
         f"p90 {srv['answer_ms_p90']:.1f} ms"
     )
     if a.json:

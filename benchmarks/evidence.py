@@ -280,7 +280,8 @@ def markdown(results: Dict, env: str) -> str:
     seeds = results["seeds"]
     L = [
         f"Hard synthetic benchmark (`deferredseg.data.benchmark`), {results['cases']} cases of "
-        f"{results['size']}x{results['size']} per seed, splits 60/20/20, seeds {seeds}; mean ± 95% CI "
+        f"{results['size']}x{results['size']} per seed, splits 60/20/20, seeds {seeds}; mean ± "
+        "95% CI "
         f'half-width (t) over seeds. Thresholds chosen on validation; "matched" is the Dice at the '
         f"threshold that defers exactly the budget of the test pixels. Produced by "
         f"`python benchmarks/evidence.py` ({env}).",

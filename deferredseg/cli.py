@@ -1,9 +1,9 @@
 """The ``deferredseg`` command: train, evaluate, demo.
 
-    deferredseg demo                                   # the main job: train + evaluate on synthetic data
+    deferredseg demo                               # the main job: train + evaluate, synthetic data
     deferredseg train --out runs/a [--layout ...]      # train one model (or --seeds 1,2,3)
     deferredseg evaluate --checkpoint runs/a/best.pt --out runs/a/eval
-    deferredseg predict --checkpoint runs/a/best.pt --images new/ --out review/   # masks + review tasks
+    deferredseg predict --checkpoint runs/a/best.pt --images new/ --out review/  # masks, tasks
     deferredseg serve review/                          # the experts' review pages
     deferredseg merge review/                          # final masks and the report
 
@@ -58,7 +58,8 @@ HELP = {
     "spatial_dims": "2 or 3 (synthetic data; file data take it from the files)",
     "image_size": "side of the synthetic images",
     "num_images": "number of synthetic images before the train/val/test split",
-    "spatial_size": "resize file data to this size, e.g. 128,128 (needed when cases differ in size)",
+    "spatial_size": "resize file data to this size, e.g. 128,128 (needed when cases differ in "
+    "size)",
     "split_file": 'JSON file {"train": [ids], "val": [...], "test": [...]}',
     "backbone": "any monai.networks.nets name, e.g. UNet, BasicUNet, AttentionUnet, SwinUNETR",
     "features": "feature channels of the backbone",
@@ -108,7 +109,8 @@ HELP = {
     "balance": "balance term: cv2 or band",
     "balance_low": "band balance: lower loads of the E + 1 options",
     "balance_high": "band balance: upper loads of the E + 1 options",
-    "budget": "deferral budget (share of pixels for the experts): checkpoint selection and evaluation",
+    "budget": "deferral budget (share of pixels for the experts): checkpoint selection and "
+    "evaluation",
     "selection": "checkpoint selection: budget-dice (val system Dice at the budget) or rc-auc",
     "route_mode": "deferral at inference: gate or gain at the budget, router (argmax, own rate), "
     "uncertainty (confidence deferral, heads choose the expert)",

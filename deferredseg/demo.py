@@ -74,7 +74,8 @@ def run_demo(
         f"{info['best_expert_dice']:.3f}, the per-pixel oracle {info['oracle_dice']:.3f}"
     )
     print(
-        f"training DeferredSeg ({cfg.backbone}, two-stage: {cfg.epochs} epochs for the base segmentor, "
+        f"training DeferredSeg ({cfg.backbone}, two-stage: {cfg.epochs} epochs for the base "
+        "segmentor, "
         f"{cfg.head_epochs} for the routing heads) on {device} ..."
     )
     train(cfg)

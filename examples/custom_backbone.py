@@ -149,7 +149,8 @@ def train(model: nn.Module, steps: int, num_classes: int, num_experts: int, seed
             if step % max(1, steps // 4) == 0 or step == steps:
                 print(
                     f"  step {step:3d}  loss {loss.item():.4f}  seg {terms['seg'].item():.4f}  "
-                    f"collab {terms['collab'].item():.4f}  pbar {[round(v, 3) for v in terms['pbar'].tolist()]}"
+                    f"collab {terms['collab'].item():.4f}  pbar "
+                    f"{[round(v, 3) for v in terms['pbar'].tolist()]}"
                 )
             if step >= steps:
                 break
@@ -161,7 +162,8 @@ def train(model: nn.Module, steps: int, num_classes: int, num_experts: int, seed
 
 
 def pretrain(net: nn.Module, steps: int, seed: int = 0) -> None:
-    """Stands in for loading published weights: a few steps of plain binary segmentation training."""
+    """Stands in for loading published weights: a few steps of plain binary segmentation
+    training."""
     data = build_dataset(
         "synthetic", split="train", num_classes=1, num_images=16, image_size=32, seed=seed
     )
@@ -197,7 +199,8 @@ def main(argv=None) -> None:
     train(model, args.steps, K, E, args.seed)
 
     print(
-        "2. pretrained mode: TinyCENet keeps its own segmentation head; features from layer 'decoder.1'"
+        "2. pretrained mode: TinyCENet keeps its own segmentation head; features from layer "
+        "'decoder.1'"
     )
     net = TinyCENet(in_channels=1, num_classes=K, width=8, return_features=False)
     pretrain(

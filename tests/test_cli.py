@@ -354,7 +354,8 @@ def test_two_cpu_ranks_equal_one_process_on_the_global_batch(tmp_path):
     loss.backward()
     r0 = torch.load(tmp_path / "ddp0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "ddp1.pt", weights_only=True)
-    # the balance term is the global one on every rank; the loss averaged over ranks is the global loss
+    # the balance term is the global one on every rank; the loss averaged over ranks is the
+    # global loss
     torch.testing.assert_close(r0["balance"], crit.last_terms["balance"])
     torch.testing.assert_close(r1["balance"], crit.last_terms["balance"])
     torch.testing.assert_close((r0["loss"] + r1["loss"]) / 2, loss.detach())

@@ -279,7 +279,7 @@ def test_seeded_split_and_split_file(tmp_path):
         build_dataset(num_images=5, image_size=32, split_file=tmp_path / "absent.json")
 
 
-# --- bad data --------------------------------------------------------------------------------------
+# --- bad data -----------------------------------------------------------------------------------
 
 
 def _multirater(tmp_path, ext=".npy", **kw):

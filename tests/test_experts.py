@@ -37,7 +37,8 @@ def disc_labels(shape, centres, radii, labels=None):
 
 
 def binomial_consistent(k: int, n: int, p: float, alpha: float = 1e-6) -> bool:
-    """Exact two-sided binomial test: is k successes in n trials consistent with p at level alpha?"""
+    """Exact two-sided binomial test: is k successes in n trials consistent with p at level
+    alpha?"""
     if p >= 1.0:
         return k == n
     if p <= 0.0:

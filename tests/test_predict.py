@@ -376,7 +376,8 @@ def test_help_of_the_review_commands(capsys):
 
 
 def test_predict_streams_a_batch_at_a_time(ck2d, tmp_path, monkeypatch):
-    """At most batch_size images are held between reading and writing, whatever the folder's size."""
+    """At most batch_size images are held between reading and writing, whatever the folder's
+    size."""
     import deferredseg.predict as P
 
     images = tmp_path / "images"

@@ -337,32 +337,30 @@ def _separated_inputs(K, E, spatial, seed):
 def test_gradcheck_over_options(opts):
     K, E = 3, 2
     logits, target, experts = _separated_inputs(K, E, (3, 4), seed=1)
-    f = lambda x: deferredseg_loss(
-        x,
-        target,
-        experts,
-        K,
-        E,
-        backend="reference",  # noqa: E731
-        class_weight=[1.0, 2.0, 0.5],
-        gate_mse=0.0,
-        **opts,
-    )
+
+    def f(x):
+        return deferredseg_loss(
+            x,
+            target,
+            experts,
+            K,
+            E,
+            backend="reference",
+            class_weight=[1.0, 2.0, 0.5],
+            gate_mse=0.0,
+            **opts,
+        )
+
     assert torch.autograd.gradcheck(f, (logits,), eps=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("K,E,spatial", [(1, 1, (7,)), (1, 3, (3, 4)), (4, 1, (2, 2, 3))])
 def test_gradcheck_shapes(K, E, spatial):
     logits, target, experts = _separated_inputs(K, E, spatial, seed=2)
-    f = lambda x: deferredseg_loss(
-        x,
-        target,
-        experts,
-        K,
-        E,
-        backend="reference",  # noqa: E731
-        gate_mse=0.0,
-    )
+
+    def f(x):
+        return deferredseg_loss(x, target, experts, K, E, backend="reference", gate_mse=0.0)
+
     assert torch.autograd.gradcheck(f, (logits,), eps=1e-6, atol=1e-6)
 
 

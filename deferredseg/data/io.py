@@ -102,7 +102,8 @@ def read_image(path, what: str = "image") -> np.ndarray:
 def read_label(
     path, num_labels: int, label_map: LabelMap = None, ignore_index: int = -100, what: str = "label"
 ) -> np.ndarray:
-    """A label map as int64 values in [0, num_labels) or ``ignore_index`` (see :func:`convert_labels`).
+    """A label map as int64 values in [0, num_labels) or ``ignore_index``
+    (see :func:`convert_labels`).
 
     A PNG mask saved as RGB(A) with equal colour channels is read as one channel.
     """
@@ -152,7 +153,8 @@ def convert_labels(
     elif isinstance(label_map, str):
         if label_map != "binary":
             raise ValueError(
-                f"label_map must be None, 'binary' or a {{raw value: label}} dict, got {label_map!r}"
+                f"label_map must be None, 'binary' or a {{raw value: label}} dict, got "
+                f"{label_map!r}"
             )
         out = (raw != 0).astype(np.int64)
     else:

@@ -35,7 +35,8 @@ class ScanResult:
 
 
 def parse_label_map(value: Union[None, str, Dict[Any, Any]]):
-    """``--label-map``: None, ``"binary"``, ``"0:0,128:1"`` or a mapping -> what the readers take."""
+    """``--label-map``: None, ``"binary"``, ``"0:0,128:1"`` or a mapping -> what the readers
+    take."""
     if value is None or isinstance(value, dict):
         return None if value is None else {int(k): int(v) for k, v in value.items()}
     text = str(value).strip()
@@ -62,7 +63,8 @@ def parse_label_map(value: Union[None, str, Dict[Any, Any]]):
 
 
 def file_shape(path: Union[str, Path]) -> Tuple[int, ...]:
-    """The array shape stored in ``path`` from its header (PNG: (H, W[, C]), as the readers give it)."""
+    """The array shape stored in ``path`` from its header (PNG: (H, W[, C]), as the readers
+    give it)."""
     path = Path(path)
     ext = (split_name(path.name) or ("", ""))[1]
     try:

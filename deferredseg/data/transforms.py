@@ -81,7 +81,8 @@ class LoadCased(MapTransform):
         for arr, src in zip(labels[1:], sources[1:]):
             if arr.shape != ref.shape:
                 raise ValueError(
-                    f"shape mismatch: {src} has shape {arr.shape} but {ref_src} has shape {ref.shape}"
+                    f"shape mismatch: {src} has shape {arr.shape} but {ref_src} has shape "
+                    f"{ref.shape}"
                 )
         image = d["image"]
         img_src = "image"
@@ -184,7 +185,8 @@ class MakeTargetd(MapTransform):
 
 
 class FinalizeCased(MapTransform):
-    """Plain tensors for batching: image float32 (C, *S), target int64 (*S), expert_labels int64 (E, *S)."""
+    """Plain tensors for batching: image float32 (C, *S), target int64 (*S), expert_labels
+    int64 (E, *S)."""
 
     def __init__(self, keep: Sequence[str] = ("id",)):
         super().__init__(keys=["image", "target", "expert_labels"])

@@ -191,12 +191,14 @@ class ExpertPanel:
         return len(self.experts)
 
     def reseed(self, seed: int) -> None:
-        """Use ``seed`` for everything: the resampling streams restart and fixed-per-image labels change."""
+        """Use ``seed`` for everything: the resampling streams restart and fixed-per-image
+        labels change."""
         self.seed = int(seed)
         self.reseed_stream(seed)
 
     def reseed_stream(self, seed: int) -> None:
-        """Restart only the resampling streams from ``seed``; fixed-per-image labels stay as they are.
+        """Restart only the resampling streams from ``seed``; fixed-per-image labels stay as
+        they are.
 
         This is what a data loader's per-worker seeding calls (see ``deferredseg.data``).
         """
@@ -270,7 +272,8 @@ class ExpertPanel:
 
     def __repr__(self) -> str:
         return (
-            f"ExpertPanel(experts={self.experts!r}, num_labels={self.num_labels}, seed={self.seed}, "
+            f"ExpertPanel(experts={self.experts!r}, num_labels={self.num_labels}, "
+            f"seed={self.seed}, "
             f"resample={self.resample})"
         )
 

@@ -331,7 +331,8 @@ class SamDeferredSegmentor(nn.Module):
                 )
         if num_classes != 1:
             raise ValueError(
-                f"SAM predicts one binary mask per box prompt: num_classes must be 1, got {num_classes}"
+                "SAM predicts one binary mask per box prompt: num_classes must be 1, got "
+                f"{num_classes}"
             )
         if (
             isinstance(num_experts, bool)
@@ -464,7 +465,8 @@ class SamDeferredSegmentor(nn.Module):
         expert_labels: Optional[torch.Tensor] = None,
         backend: str = "auto",
     ) -> RouteResult:
-        """Routing (docs/objective.md section 4) in eval mode; ``boxes`` (B, 4) or the whole image."""
+        """Routing (docs/objective.md section 4) in eval mode; ``boxes`` (B, 4) or the whole
+        image."""
         was_training = self.training
         self.train(False)
         try:

@@ -293,7 +293,8 @@ class DeferredSegmentor(nn.Module):
                 handle.remove()
             if not captured:
                 raise RuntimeError(
-                    f"feature_layer {self.feature_layer!r} did not run during the backbone's forward"
+                    f"feature_layer {self.feature_layer!r} did not run during the backbone's "
+                    "forward"
                 )
             feats = captured[-1]
         seg = self._check_map("segmentation logits", seg, self.num_classes, B)
@@ -390,7 +391,8 @@ class DeferredSegmentor(nn.Module):
         detach_heads: bool = True,
         **backbone_kwargs,
     ) -> "DeferredSegmentor":
-        """A DeferredSegmentor on ``build_backbone(name, spatial_dims, in_channels, features, ...)``.
+        """A DeferredSegmentor on
+        ``build_backbone(name, spatial_dims, in_channels, features, ...)``.
 
         ``features`` is F (the MONAI network's ``out_channels``); ``net_kwargs`` and
         ``backbone_kwargs`` go to the MONAI constructor (see :func:`build_backbone`).

@@ -263,7 +263,8 @@ class ReviewDB:
             if row is None or replace:
                 tok = secrets.token_urlsafe(24)
                 c.execute(
-                    "INSERT INTO meta(key, value) VALUES('overview_token_hash', ?) ON CONFLICT(key) "
+                    "INSERT INTO meta(key, value) VALUES('overview_token_hash', ?) ON "
+                    "CONFLICT(key) "
                     "DO UPDATE SET value=excluded.value",
                     (json.dumps(hash_token(tok)),),
                 )
@@ -362,7 +363,8 @@ class ReviewDB:
 
     def iter_tasks(self) -> Iterator[sqlite3.Row]:
         yield from self.conn().execute(
-            "SELECT t.*, e.name AS expert FROM tasks t JOIN experts e ON e.id=t.expert_id ORDER BY t.id"
+            "SELECT t.*, e.name AS expert FROM tasks t JOIN experts e ON e.id=t.expert_id ORDER "
+            "BY t.id"
         )
 
     def next_task(self, expert_id: int, after: int = 0) -> Optional[int]:
@@ -380,7 +382,8 @@ class ReviewDB:
         row = (
             self.conn()
             .execute(
-                "SELECT COUNT(*) AS total, SUM(EXISTS(SELECT 1 FROM answers a WHERE a.task_id=t.id)) "
+                "SELECT COUNT(*) AS total, SUM(EXISTS(SELECT 1 FROM answers a WHERE "
+                "a.task_id=t.id)) "
                 "AS done FROM tasks t WHERE expert_id=?",
                 (expert_id,),
             )
@@ -424,7 +427,8 @@ class ReviewDB:
             raise ValueError("an 'edited' answer needs a mask, and only an edited one has one")
         rel = None
         if mask is not None:
-            rel = f"answers/{int(task_id)}/{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(4)}.npy"
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            rel = f"answers/{int(task_id)}/{stamp}-{secrets.token_hex(4)}.npy"
             atomic_save_npy(self.out / rel, np.asarray(mask, dtype=np.uint8))
         with self.tx() as c:
             t = c.execute(
@@ -482,7 +486,8 @@ class ReviewDB:
         complete = [
             r["id"]
             for r in c.execute(
-                "SELECT i.id FROM images i WHERE NOT EXISTS (SELECT 1 FROM tasks t WHERE t.image_id=i.id "
+                "SELECT i.id FROM images i WHERE NOT EXISTS (SELECT 1 FROM tasks t WHERE "
+                "t.image_id=i.id "
                 "AND NOT EXISTS (SELECT 1 FROM answers a WHERE a.task_id=t.id)) ORDER BY i.id"
             )
         ]

@@ -212,8 +212,10 @@ def run_review_demo(
         )
     )
     print(
-        f"\n| {len(ids)} new images | Dice |\n|---|---|\n| model alone | {np.nanmean(model_d):.4f} |\n"
-        f"| merged after review ({deferred:.1%} of the pixels deferred) | {np.nanmean(final_d):.4f} |"
+        f"\n| {len(ids)} new images | Dice |\n|---|---|\n| model alone | "
+        f"{np.nanmean(model_d):.4f} |\n"
+        f"| merged after review ({deferred:.1%} of the pixels deferred) | "
+        f"{np.nanmean(final_d):.4f} |"
     )
     print(
         f"\nfinal masks: {review / 'final'}; report: {review / 'report.md'}; "

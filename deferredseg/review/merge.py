@@ -77,7 +77,8 @@ def build_report(db: ReviewDB) -> Dict[str, Any]:
     for r in c.execute(
         f"SELECT i.id, i.total_pixels, i.deferred_pixels, i.dropped_pixels, "
         f"COUNT(t.id) AS tasks, "
-        f"COALESCE(SUM(CASE WHEN {latest} IN ('accepted', 'edited') THEN t.area END), 0) AS answered, "
+        f"COALESCE(SUM(CASE WHEN {latest} IN ('accepted', 'edited') THEN t.area END), 0) AS "
+        "answered, "
         f"COALESCE(SUM(CASE WHEN {latest} = 'rejected' THEN t.area END), 0) AS rejected, "
         f"GROUP_CONCAT(CASE WHEN {latest} IS NULL THEN t.id END) AS unanswered "
         f"FROM images i LEFT JOIN tasks t ON t.image_id=i.id GROUP BY i.id ORDER BY i.id"
@@ -147,7 +148,8 @@ def _report_markdown(rep: Dict[str, Any]) -> str:
     for i in rep["images"]:
         lines.append(
             f"| {i['image']} | {pct(i['deferred_share'])} | {pct(i['answered_share'])} | "
-            f"{pct(i['rejected_share'])} | {pct(i['dropped_share'])} | {', '.join(i['experts']) or '-'} | "
+            f"{pct(i['rejected_share'])} | {pct(i['dropped_share'])} | "
+            f"{', '.join(i['experts']) or '-'} | "
             f"{', '.join(map(str, i['unanswered_tasks'])) or '-'} |"
         )
     lines += [

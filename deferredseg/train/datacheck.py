@@ -1,4 +1,5 @@
-"""Checks of the data against the configuration (before training) and the checkpoint (before evaluation).
+"""Checks of the data against the configuration (before training) and the checkpoint
+(before evaluation).
 
 - :func:`check_training_data`: every file's header (a bad file in any split is
   found in seconds), the spatial dimensions taken from the files, the label map
@@ -154,7 +155,8 @@ def pair_experts(
 
 
 def match_experts(ds, cfg, split: str, trained: Optional[Sequence[str]], build):
-    """``ds``, or the same split rebuilt with the trained raters by name (see :func:`pair_experts`)."""
+    """``ds``, or the same split rebuilt with the trained raters by name (see
+    :func:`pair_experts`)."""
     if not trained or list(ds.info.expert_names) == list(trained):
         return ds
     if cfg.layout == "multirater":

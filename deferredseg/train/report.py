@@ -1,4 +1,5 @@
-"""What a user reads on screen: one line per epoch, summary tables of a training and an evaluation."""
+"""What a user reads on screen: one line per epoch, summary tables of a training and an
+evaluation."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ class EpochMeter:
                 self.sums[k] = self.sums.get(k, 0.0) + float(v)
 
     def line(self, epoch: int, epochs: int, metrics: Dict[str, Any]) -> str:
-        """``epoch 3/20: loss 0.41 (seg 0.30, ...) | val system Dice 0.81, model Dice 0.78, deferral 12.3%``."""
+        """One line, for example ``epoch 3/20: loss 0.41 (seg 0.30, ...) | val system Dice
+        0.81, model Dice 0.78, deferral 12.3%``."""
         mean = {k: v / max(self.n, 1) for k, v in self.sums.items()}
         keys = [k for k in TERM_ORDER if k in mean and k not in ("loss", "deferral")]
         keys += sorted(k for k in mean if k not in TERM_ORDER)
