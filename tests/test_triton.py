@@ -32,7 +32,13 @@ if "triton" not in dk.available_backends():
         allow_module_level=True,
     )
 
-from deferredseg_kernels.ops import fused, triton_common, triton_loss, triton_route  # noqa: E402
+from deferredseg_kernels.ops import (  # noqa: E402
+    fused,
+    triton_common,
+    triton_loss,
+    triton_loss_kernels,
+    triton_route,
+)
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
@@ -336,7 +342,11 @@ def test_offsets_are_int64_in_kernel_source():
     the real check on a GPU is test_gpu_large_offsets)."""
     import inspect
 
-    for kernel in (triton_loss._stats_kernel, triton_loss._loss_kernel, triton_route._route_kernel):
+    for kernel in (
+        triton_loss_kernels._stats_kernel,
+        triton_loss_kernels._loss_kernel,
+        triton_route._route_kernel,
+    ):
         src = inspect.getsource(kernel.fn)
         assert "tl.program_id(0).to(tl.int64)" in src
         assert "tl.arange(0, BLOCK_P).to(tl.int64)" in src
@@ -347,13 +357,14 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from deferredseg_kernels.ops import triton_loss as L, triton_route as R
+from deferredseg_kernels.ops import triton_loss_kernels as L, triton_route as R
 
 assert type(L._loss_kernel).__name__ == "JITFunction", type(L._loss_kernel)
 # Registered through torch.library.triton_op, which some torch versions give the
 # schema inferred from the annotations whatever schema= says.
 import torch
-for name, schema in (("loss_stats", L._STATS_SCHEMA), ("loss_fused", L._LOSS_SCHEMA),
+from deferredseg_kernels.ops import triton_loss as H
+for name, schema in (("loss_stats", H._STATS_SCHEMA), ("loss_fused", H._LOSS_SCHEMA),
                      ("route", R._ROUTE_SCHEMA)):
     got = str(getattr(torch.ops.deferredseg_triton, name).default._schema)
     assert got == "deferredseg_triton::" + name + schema, got

@@ -74,6 +74,8 @@ MAP_BITS = {"router": 1, "gate": 2}
 BALANCE_CODE = {"cv2": 0, "band": 1}
 GATE_TARGET_CODE = {"router": 0, "benefit": 1}
 TERMS_LEN = 1 + len(TERM_NAMES)  # the loss, then the terms in TERM_NAMES order
+# Where each entry sits in ``terms``: the loss first, then TERM_NAMES.
+TERM_INDEX = {"loss": 0, **{name: i + 1 for i, name in enumerate(TERM_NAMES)}}
 
 
 # ------------------------------------------------------------------ stats layout
