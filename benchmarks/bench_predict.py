@@ -87,7 +87,7 @@ def bench_predict(root: Path, dims: int, size: int, n: int) -> dict:
 
 def _many_tasks(root: Path, images: int = 10, side: int = 320) -> Path:
     """A review folder with images x 1024 small regions (10,240 tasks), no model needed."""
-    from deferredseg.predict import InputMeta, _fingerprint, write_like
+    from deferredseg.data.files import InputMeta, file_fingerprint, write_like
     from deferredseg.review.db import ReviewDB, atomic_save_npy
     from deferredseg.review.tasks import extract_tasks
 
@@ -114,7 +114,7 @@ def _many_tasks(root: Path, images: int = 10, side: int = 320) -> Path:
             f"img{i}",
             str(src),
             ".npy",
-            _fingerprint(src),
+            file_fingerprint(src),
             (side, side),
             side * side,
             int((a >= 0).sum()),

@@ -23,9 +23,7 @@ image is reported by name and skipped.
 
 from __future__ import annotations
 
-import gzip
 import inspect
-import io
 import json
 import os
 import time
@@ -36,167 +34,16 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from .data.files import InputMeta, file_fingerprint, load_input, write_like
 from .data.io import split_name
-from .review.db import ReviewDB, atomic_save_npy, atomic_write_bytes
+from .review.db import ReviewDB, atomic_save_npy
 from .review.tasks import extract_tasks
 from .train.routing import route_logits  # every routing mode, "uncertainty" included
 
-__all__ = [
-    "predict",
-    "PredictSummary",
-    "load_input",
-    "write_like",
-    "read_like",
-    "InputMeta",
-    "infer_logits",
-    "resolve_routing",
-    "OUTPUT_KINDS",
-]
+__all__ = ["predict", "PredictSummary", "infer_logits", "resolve_routing", "OUTPUT_KINDS"]
 
 #: The per-image output folders (besides regions/ and final/).
 OUTPUT_KINDS = ("model", "defer_prob", "assignment")
-
-
-# ----------------------------------------------------------------------------- input and output
-
-
-@dataclass
-class InputMeta:
-    """What is needed to write an output in the input's format."""
-
-    ext: str
-    affine: Optional[np.ndarray] = None  # NIfTI only
-    header: Any = None  # NIfTI only
-
-
-def load_input(
-    path: Union[str, Path], in_channels: int, spatial_dims: int
-) -> Tuple[np.ndarray, InputMeta]:
-    """An image file as ``(C, *S)`` float32 (raw intensities) and its format metadata.
-
-    PNG and NIfTI files are read with MONAI's readers (``PILReader``,
-    ``NibabelReader``), ``.npy`` with ``numpy.load(allow_pickle=False)``. A colour
-    PNG given to a one-channel model is read as its grey level.
-    """
-    from .data.io import _reader
-
-    path = Path(path)
-    parts = split_name(path.name)
-    if parts is None:
-        raise ValueError(f"{path}: unsupported file type; expected .png, .npy, .nii or .nii.gz")
-    ext = parts[1]
-    meta = InputMeta(ext=ext)
-    try:
-        if ext == ".npy":
-            arr = np.load(path, allow_pickle=False)
-        else:
-            reader = _reader(ext)
-            obj = reader.read(str(path))
-            if ext in (".nii", ".nii.gz"):
-                meta.affine = np.asarray(obj.affine)
-                meta.header = obj.header.copy()
-            arr, _ = reader.get_data(obj)
-            arr = np.asarray(arr)
-    except Exception as err:
-        raise ValueError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
-    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "biuf":
-        raise ValueError(
-            f"image {path}: expected a numeric array, got dtype {getattr(arr, 'dtype', None)}"
-        )
-    arr = arr.astype(np.float32, copy=False)
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"image {path} contains NaN or infinite values")
-    sd, C = int(spatial_dims), int(in_channels)
-    if arr.ndim == sd:
-        x = arr[None]
-    elif arr.ndim == sd + 1:
-        if ext == ".png" and arr.shape[-1] in (3, 4) and C == 1:
-            x = arr[..., :3].mean(axis=-1)[None]
-        elif ext != ".png" and arr.shape[0] == C:
-            x = arr
-        elif arr.shape[-1] == C:
-            x = np.moveaxis(arr, -1, 0)
-        else:
-            raise ValueError(
-                f"image {path} has shape {arr.shape}; the model takes {C} channel(s) of "
-                f"{sd}D images: expected (*S), ({C}, *S) or (*S, {C})"
-            )
-    else:
-        raise ValueError(
-            f"image {path} has shape {arr.shape}; the model takes {sd}D images with "
-            f"{C} channel(s): expected {sd} or {sd + 1} axes"
-        )
-    if x.shape[0] != C:
-        raise ValueError(f"image {path} has {x.shape[0]} channel(s), the model takes {C}")
-    if min(x.shape[1:]) < 1:
-        raise ValueError(f"image {path} is empty (shape {arr.shape})")
-    return np.ascontiguousarray(x), meta
-
-
-def _encode(arr: np.ndarray, meta: InputMeta) -> bytes:
-    if meta.ext == ".npy":
-        buf = io.BytesIO()
-        np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
-        return buf.getvalue()
-    if meta.ext == ".png":
-        from PIL import Image
-
-        if arr.ndim != 2:
-            raise ValueError(f"PNG holds 2D images only, got an array of shape {arr.shape}")
-        if arr.dtype.kind == "f":
-            arr = np.clip(np.rint(arr * 255.0), 0, 255)
-        buf = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(arr.astype(np.uint8))).save(buf, format="PNG")
-        return buf.getvalue()
-    import nibabel as nib
-
-    header = meta.header.copy() if meta.header is not None else None
-    img = nib.Nifti1Image(
-        np.ascontiguousarray(arr),
-        meta.affine if meta.affine is not None else np.eye(4),
-        header=header,
-    )
-    img.set_data_dtype(arr.dtype)
-    if header is not None:
-        img.header.set_slope_inter(1.0, 0.0)
-    data = img.to_bytes()
-    return gzip.compress(data, compresslevel=4, mtime=0) if meta.ext == ".nii.gz" else data
-
-
-def write_like(path_stem: Union[str, Path], arr: np.ndarray, meta: InputMeta) -> Path:
-    """Write ``arr`` (*S) as ``path_stem + meta.ext``, atomically; returns the path.
-
-    Label maps should be uint8, probabilities float32 (PNG scales them to 0..255).
-    """
-    path = Path(str(path_stem) + meta.ext)
-    atomic_write_bytes(path, _encode(arr, meta))
-    return path
-
-
-def read_like(path: Union[str, Path]) -> Tuple[np.ndarray, InputMeta]:
-    """An output written by :func:`write_like`, as an array, and its format metadata."""
-    from .data.io import _reader
-
-    path = Path(path)
-    parts = split_name(path.name)
-    if parts is None:
-        raise ValueError(f"{path}: unsupported file type")
-    meta = InputMeta(ext=parts[1])
-    if meta.ext == ".npy":
-        return np.load(path, allow_pickle=False), meta
-    reader = _reader(meta.ext)
-    obj = reader.read(str(path))
-    if meta.ext != ".png":
-        meta.affine = np.asarray(obj.affine)
-        meta.header = obj.header.copy()
-        return np.asarray(obj.dataobj), meta
-    arr, _ = reader.get_data(obj)
-    return np.asarray(arr), meta
-
-
-def _fingerprint(path: Path) -> str:
-    st = path.stat()
-    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 # ----------------------------------------------------------------------------- model
@@ -447,7 +294,7 @@ def predict(
             seen[image_id] = p
             row = db.image(image_id)
             if row is not None:
-                if row["fingerprint"] == _fingerprint(p) and row["source"] == str(p.resolve()):
+                if row["fingerprint"] == file_fingerprint(p) and row["source"] == str(p.resolve()):
                     summary.skipped.append(image_id)
                 else:
                     summary.failed.append(
@@ -567,7 +414,7 @@ def _finish_image(
         image_id,
         str(path.resolve()),
         meta.ext,
-        _fingerprint(path),
+        file_fingerprint(path),
         assignment.shape,
         assignment.size,
         deferred,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deferredseg.predict import InputMeta, _fingerprint, write_like
+from deferredseg.data.files import InputMeta, file_fingerprint, write_like
 from deferredseg.review.db import ReviewDB, atomic_save_npy
 from deferredseg.review.tasks import extract_tasks
 
@@ -60,7 +60,7 @@ def make_review_folder(root: Path) -> Path:
         "scan1",
         str((images / "scan1.npy").resolve()),
         ".npy",
-        _fingerprint(images / "scan1.npy"),
+        file_fingerprint(images / "scan1.npy"),
         (SIDE, SIDE),
         SIDE * SIDE,
         int((assignment >= 0).sum()),
@@ -96,7 +96,7 @@ def make_review_folder_3d(root: Path) -> Path:
         "vol1",
         str((images / "vol1.npy").resolve()),
         ".npy",
-        _fingerprint(images / "vol1.npy"),
+        file_fingerprint(images / "vol1.npy"),
         (24, 24, 8),
         24 * 24 * 8,
         int((assignment >= 0).sum()),

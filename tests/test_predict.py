@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from deferredseg.predict import infer_logits, load_input, predict, read_like
+from deferredseg.data.files import load_input, read_like
+from deferredseg.predict import infer_logits, predict
 from deferredseg.review.db import ReviewDB
 from deferredseg.review.merge import fuse, merge
 from deferredseg.review.tasks import extract_tasks
@@ -263,7 +264,7 @@ def _rgb_png(folder):
 
 def test_merge_equals_a_hand_computed_fusion(tmp_path):
     """A 6x6 image, three tasks: one edited, one accepted, one unanswered."""
-    from deferredseg.predict import InputMeta, write_like
+    from deferredseg.data.files import InputMeta, write_like
     from deferredseg.review.tasks import Task
 
     out = tmp_path / "out"

@@ -114,7 +114,8 @@ def run_review_demo(
     import uvicorn
 
     from ..data.datasets import _synthetic_cases
-    from ..predict import predict, read_like
+    from ..data.files import read_like
+    from ..predict import predict
     from ..train.builders import expert_panel
     from ..train.loop import train
     from .merge import merge

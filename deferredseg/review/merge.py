@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 
-from ..predict import read_like, write_like
+from ..data.files import read_like, write_like
 from .db import ReviewDB, atomic_write_bytes
 
 __all__ = ["merge", "merge_image", "fuse", "build_report"]

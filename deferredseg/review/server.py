@@ -90,7 +90,7 @@ class _Arrays:
             if image_id in self._cache:
                 self._cache.move_to_end(image_id)
                 return self._cache[image_id]
-        from ..predict import load_input, read_like
+        from ..data.files import load_input, read_like
 
         row = self.db.image(image_id)
         C = int(self.db.get_meta("in_channels", 1))
