@@ -24,4 +24,8 @@ constexpr const char* kLossFusedSchema =
     "Tensor stats, Tensor? balance_low, Tensor? balance_high, int num_classes, int num_experts, "
     "int ignore_index, float[] fparams, int[] iparams, bool compute_grad) -> (Tensor terms, Tensor grad)";
 
+// Frees the CPU loss kernel's cached gradient buffer (csrc/cpu/grad_cache.cpp); returns the
+// bytes released. Defined with its kernel, for every device: it touches no tensor argument.
+constexpr const char* kEmptyCpuCacheSchema = "empty_cpu_cache() -> int";
+
 }  // namespace deferredseg
