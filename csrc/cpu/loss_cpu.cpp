@@ -76,19 +76,18 @@ DS_FP_REGION_BEGIN
 // Workers: the tiles t0 .. t1 - 1 of one thread (per instruction set).
 // ---------------------------------------------------------------------------
 
-// Stats partial row of a tile: S_0..S_E, N_V, W, bad, pairs along axes 0, 1, 2.
-inline int64_t stats_width(int64_t E) { return E + 7; }
-
+// The stats worker writes a tile's partial sums to its row of `part`, stats_len(E) values
+// in the order of the stats vector (loss_pixel.h).
 template <int ISA, typename scalar_t>
 DS_INLINE void stats_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo,
                                  const TileCtx<typename AccType<scalar_t>::type>& base, bool check_experts,
                                  int64_t t0, int64_t t1, double* part) {
   using T = typename AccType<scalar_t>::type;
-  const int64_t E = base.E, K = base.K, width = stats_width(E);
+  const int64_t E = base.E, K = base.K, width = stats_len(E);
   Workspace<T> ws(E + 1, E);
   TileCtx<T> c = base;
   ws.bind(c, E + 1, E);
-  std::vector<T> out(static_cast<size_t>(E + 3));
+  std::vector<T> out(static_cast<size_t>(stat_weight(E) + 1));  // S_0..S_E, N_V, W (stats_tile)
   c.out = out.data();
   // Logits of the accumulation type and unit pixel stride are read in place; without
   // class weights (which need the labels) a unit-stride target gives only its valid mask.
@@ -122,8 +121,8 @@ DS_INLINE void stats_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo
     pf.step(part_lines);
     if (check_experts) bad += count_bad_experts_at(in, b * in.lb + p0 * in.lp, E, n);
     double* row = part + t * width;
-    for (int64_t s = 0; s < E + 3; ++s) row[s] = static_cast<double>(out[s]);
-    row[E + 3] = static_cast<double>(bad);
+    for (int64_t s = 0; s <= stat_weight(E); ++s) row[s] = static_cast<double>(out[s]);
+    row[stat_bad(E)] = static_cast<double>(bad);
     for (int d = 0; d < kMaxSpatial; ++d) {
       int64_t cnt = 0;
       if (d < geo.nd) {
@@ -132,7 +131,7 @@ DS_INLINE void stats_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo
         cnt = count_pairs_at(in, toff + s * in.tp, m, m, c.valid, c.acc);  // acc: free here
         cnt -= pairs_past_edge(geo, d, p0, m, c.acc);
       }
-      row[E + 4 + d] = static_cast<double>(cnt);
+      row[stat_pairs(E, d)] = static_cast<double>(cnt);
     }
   }
 }
@@ -334,7 +333,7 @@ at::Tensor loss_stats_cpu(const at::Tensor& logits, const at::Tensor& target, co
   const at::Tensor cw = class_weight_vector(op, class_weight, logits, pb.num_labels, acc_dtype(logits));
   at::Tensor stats = at::zeros({stats_len(E)}, logits.options().dtype(at::kDouble));
   if (geo.tiles == 0) return stats;
-  const int64_t width = stats_width(E);
+  const int64_t width = stats_len(E);  // a tile's row: its share of every stat
   std::vector<double> part(static_cast<size_t>(geo.tiles * width), 0.0);
   DS_DISPATCH_LOSS(pb, "loss_stats_cpu", [&] {
     using T = typename AccType<scalar_t>::type;
@@ -350,10 +349,7 @@ at::Tensor loss_stats_cpu(const at::Tensor& logits, const at::Tensor& target, co
     });
   });
   const std::vector<double> tot = sum_rows(part, geo.tiles, width);
-  double* out = stats.data_ptr<double>();
-  for (int64_t k = 0; k <= E + 2; ++k) out[k] = tot[k];  // S_k, N_V, W
-  out[stat_bad(E)] = tot[E + 3];
-  for (int d = 0; d < kMaxSpatial; ++d) out[stat_pairs(E, d)] = tot[E + 4 + d];
+  std::copy(tot.begin(), tot.end(), stats.data_ptr<double>());
   return stats;
 }
 

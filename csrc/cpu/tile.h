@@ -85,7 +85,9 @@ struct TileCtx {
   T* mapD = nullptr;      // D (router map)
   T* mapS = nullptr;      // s = sigmoid(a) (gate map)
 
-  T* out = nullptr;  // the tile's partial sums (accumulation type)
+  // The tile's partial sums (accumulation type): stats_tile, S_0..S_E, N_V, W at their
+  // places in the stats vector; loss_tile, the kNumSums per-pixel sums.
+  T* out = nullptr;
 };
 
 // The buffers of one thread, bound to a TileCtx.

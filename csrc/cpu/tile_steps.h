@@ -170,7 +170,8 @@ DS_LOSS_FN void tile_routing(const TileCtx<T>& c, const T* R, int64_t xs, bool w
   }
 }
 
-// Stats of a tile: out[k] = sum_V pi_k (k = 0..E), out[E + 1] = N_V, out[E + 2] = W.
+// Stats of a tile, at their places in the stats vector: out[k] = sum_V pi_k (k = 0..E),
+// out[stat_count(E)] = N_V, out[stat_weight(E)] = W.
 // X holds the E + 1 routing rows; valid and y are loaded.
 template <typename T>
 DS_LOSS_FN void class_weights(const TileCtx<T>& c) {
@@ -228,8 +229,8 @@ DS_LOSS_FN void stats_tile_fast(const TileCtx<T>& c) {
   }
   const T sums[5] = {s0, s1, s2, s3, s4};
   for (int k = 0; k <= E; ++k) c.out[k] = sums[k];
-  c.out[E + 1] = nv;
-  c.out[E + 2] = wsum;
+  c.out[stat_count(E)] = nv;
+  c.out[stat_weight(E)] = wsum;
 }
 
 template <typename T>
@@ -262,8 +263,8 @@ DS_LOSS_FN void stats_tile_impl(const TileCtx<T>& c) {
     nv += valid[i];
     wsum += sel(valid[i] != T(0), wv, T(0));
   }
-  c.out[c.E + 1] = nv;
-  c.out[c.E + 2] = wsum;
+  c.out[stat_count(c.E)] = nv;
+  c.out[stat_weight(c.E)] = wsum;
 }
 
 // The gate term of a tile with gate logits a (needs D, and ri for the "router" target,
