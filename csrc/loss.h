@@ -1,7 +1,9 @@
 // Shared host-side code of the fused loss ops `deferredseg::loss_stats` and
-// `deferredseg::loss_fused` (docs/objective.md, "Terms"; contract in deferredseg_kernels/ops/fused.py):
-// argument checks, the flattened (B, C, P) views the kernels read, the gradient
-// buffer and the decoding of fparams / iparams.
+// `deferredseg::loss_fused` (docs/objective.md, "Terms"; contract in deferredseg_kernels/ops/fused.py),
+// used by the CPU and the CUDA kernels alike: the prologue of each op (prepare_stats,
+// prepare_fused: argument checks, the flattened (B, C, P) views the kernels read, the
+// decoding of fparams / iparams and the vectors of the options), the strides and label
+// pointers the kernels are given, and the gradient buffer.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -14,6 +16,7 @@
 
 #include <vector>
 
+#include "dispatch.h"  // is_label_dtype, acc_dtype
 #include "loss_pixel.h"
 
 namespace deferredseg {
@@ -29,10 +32,6 @@ struct LossProblem {
   int64_t S[loss::kMaxSpatial] = {1, 1, 1};    // spatial sizes
   int64_t st[loss::kMaxSpatial] = {0, 0, 0};   // flattened strides of the spatial axes
 };
-
-inline bool loss_label_dtype(at::ScalarType t) {
-  return t == at::kByte || t == at::kInt || t == at::kLong;
-}
 
 inline LossProblem prepare_loss(const char* op, const at::Tensor& logits, const at::Tensor& target,
                                 const at::Tensor& expert_labels, int64_t num_classes, int64_t num_experts,
@@ -66,9 +65,9 @@ inline LossProblem prepare_loss(const char* op, const at::Tensor& logits, const 
   }
   pb.P = stride;
 
-  TORCH_CHECK(loss_label_dtype(target.scalar_type()), op, ": target must be uint8, int32 or int64, got ",
+  TORCH_CHECK(is_label_dtype(target.scalar_type()), op, ": target must be uint8, int32 or int64, got ",
               target.scalar_type());
-  TORCH_CHECK(loss_label_dtype(expert_labels.scalar_type()), op,
+  TORCH_CHECK(is_label_dtype(expert_labels.scalar_type()), op,
               ": expert_labels must be uint8, int32 or int64, got ", expert_labels.scalar_type());
   TORCH_CHECK(target.device() == logits.device() && expert_labels.device() == logits.device(), op,
               ": target and expert_labels must be on the device of logits (", logits.device(), "), got ",
@@ -193,8 +192,97 @@ inline at::Tensor finish_grad(GradOut& g) {
   return g.grad;
 }
 
-inline at::ScalarType acc_dtype(const at::Tensor& logits) {
-  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+// A label tensor's data and its dtype as a code (0 uint8, 1 int32, 2 int64): the kernels
+// are templated on the logits dtype only and switch on the code where they read labels.
+struct LabelPtr {
+  const void* p = nullptr;
+  int kind = 2;
+};
+
+inline LabelPtr label_ptr(const at::Tensor& t) {
+  TORCH_CHECK(is_label_dtype(t.scalar_type()), "labels must be uint8, int32 or int64, got ", t.scalar_type());
+  LabelPtr l;
+  l.p = t.data_ptr();
+  l.kind = t.scalar_type() == at::kByte ? 0 : (t.scalar_type() == at::kInt ? 1 : 2);
+  return l;
+}
+
+// The element strides of the (B, C, P) views of a LossProblem and of the gradient a kernel
+// writes, with the label range: what a kernel needs besides its pointers and the shape.
+struct LossStrides {
+  int64_t xb = 0, xc = 0, xp = 0;  // logits (B, C, P)
+  int64_t tb = 0, tp = 0;          // target (B, P)
+  int64_t lb = 0, le = 0, lp = 0;  // expert labels (B, E, P)
+  int64_t gb = 0, gc = 0, gp = 0;  // gradient (B, C, P); 0 without one
+  int64_t ignore = 0, nlab = 0;    // ignore_index; labels are in [0, nlab)
+};
+
+// `grad_flat`: the (B, C, P) gradient the kernel writes (GradOut::flat), or null.
+inline LossStrides loss_strides(const LossProblem& pb, const at::Tensor* grad_flat) {
+  LossStrides s;
+  s.xb = pb.x.stride(0);
+  s.xc = pb.x.stride(1);
+  s.xp = pb.x.stride(2);
+  s.tb = pb.target.stride(0);
+  s.tp = pb.target.stride(1);
+  s.lb = pb.labels.stride(0);
+  s.le = pb.labels.stride(1);
+  s.lp = pb.labels.stride(2);
+  if (grad_flat != nullptr) {
+    s.gb = grad_flat->stride(0);
+    s.gc = grad_flat->stride(1);
+    s.gp = grad_flat->stride(2);
+  }
+  s.ignore = pb.ignore_index;
+  s.nlab = pb.num_labels;
+  return s;
+}
+
+// The arguments of one loss_stats or loss_fused call, checked and unpacked by the
+// prologue both devices share (prepare_stats / prepare_fused). The device check (and
+// guard) stays with each kernel.
+struct LossCall {
+  LossProblem pb;
+  at::ScalarType acc = at::kFloat;  // the accumulation dtype
+  at::Tensor cw;                    // class_weight_vector: K' values of acc, or undefined
+  // loss_fused only:
+  loss::LossParams prm{};  // fparams / iparams, decoded
+  at::Tensor stats;        // the stats vector as contiguous float64
+  at::Tensor low, high;    // band_vector of balance_low / balance_high
+};
+
+inline LossCall prepare_stats(const char* op, const at::Tensor& logits, const at::Tensor& target,
+                              const at::Tensor& expert_labels, const c10::optional<at::Tensor>& class_weight,
+                              int64_t num_classes, int64_t num_experts, int64_t ignore_index) {
+  LossCall c;
+  c.pb = prepare_loss(op, logits, target, expert_labels, num_classes, num_experts, ignore_index);
+  c.acc = acc_dtype(logits.scalar_type());
+  c.cw = class_weight_vector(op, class_weight, logits, c.pb.num_labels, c.acc);
+  return c;
+}
+
+// `check_experts_supported`: whether the kernel can check the expert labels in this pass
+// (iparams[5]); the CUDA kernel cannot (its loss_stats does).
+inline LossCall prepare_fused(const char* op, const at::Tensor& logits, const at::Tensor& target,
+                              const at::Tensor& expert_labels, const c10::optional<at::Tensor>& class_weight,
+                              const at::Tensor& stats, const c10::optional<at::Tensor>& balance_low,
+                              const c10::optional<at::Tensor>& balance_high, int64_t num_classes,
+                              int64_t num_experts, int64_t ignore_index, c10::ArrayRef<double> fparams,
+                              c10::ArrayRef<int64_t> iparams, bool check_experts_supported) {
+  LossCall c;
+  c.pb = prepare_loss(op, logits, target, expert_labels, num_classes, num_experts, ignore_index);
+  c.prm = parse_loss_params(op, fparams, iparams);
+  TORCH_CHECK(check_experts_supported || !c.prm.check_experts, op,
+              ": iparams[5] (check expert labels in the loss pass) is a CPU-kernel "
+              "option; on CUDA the labels are checked by loss_stats");
+  check_stats(op, stats, logits, c.pb.E);
+  c.acc = acc_dtype(logits.scalar_type());
+  c.stats = stats.to(at::kDouble).contiguous();
+  const bool band = c.prm.balance == loss::kBalanceBand;
+  c.low = band_vector(op, "balance_low", balance_low, logits, c.pb.E, band);
+  c.high = band_vector(op, "balance_high", balance_high, logits, c.pb.E, band);
+  c.cw = class_weight_vector(op, class_weight, logits, c.pb.num_labels, c.acc);
+  return c;
 }
 
 }  // namespace deferredseg

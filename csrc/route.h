@@ -10,6 +10,7 @@
 #include <tuple>
 #include <vector>
 
+#include "dispatch.h"  // is_label_dtype, acc_dtype
 #include "route_pixel.h"
 
 namespace deferredseg {
@@ -41,16 +42,14 @@ struct RouteProblem {
     return RouteRule<acc_t>{K, E, static_cast<acc_t>(decision_threshold), mode, sigmoid_scores,
                             cost.defined() ? cost.data_ptr<acc_t>() : nullptr};
   }
+  // The dtype to dispatch the expert labels on (int64, unused, when none were given).
+  at::ScalarType label_type() const { return labels.defined() ? labels.scalar_type() : at::kLong; }
   // The expert labels' data, or nullptr when none were given.
   template <typename label_t>
   const label_t* labels_ptr() const {
     return labels.defined() ? labels.data_ptr<label_t>() : nullptr;
   }
 };
-
-inline bool is_label_dtype(at::ScalarType t) {
-  return t == at::kByte || t == at::kInt || t == at::kLong;
-}
 
 inline int32_t parse_route_mode(c10::string_view mode) {
   if (mode == "gate") return kRouteGate;
@@ -101,7 +100,7 @@ inline RouteProblem prepare_route(const at::Tensor& logits, int64_t num_classes,
                 at::IntArrayRef(want), ", got ", lab.sizes());
     pb.labels = lab.flatten(2);
   }
-  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType acc = acc_dtype(logits.scalar_type());
   pb.mode = parse_route_mode(mode);
   pb.sigmoid_scores = parse_route_scores(scores);
   if (expert_cost.has_value()) {

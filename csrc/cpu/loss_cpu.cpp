@@ -280,37 +280,17 @@ inline std::vector<double> sum_rows(const std::vector<double>& part, int64_t til
   return total;
 }
 
-inline LabelPtr label_ptr(const at::Tensor& t) {
-  TORCH_CHECK(loss_label_dtype(t.scalar_type()), "labels must be uint8, int32 or int64, got ", t.scalar_type());
-  LabelPtr l;
-  l.p = t.data_ptr();
-  l.kind = t.scalar_type() == at::kByte ? 0 : (t.scalar_type() == at::kInt ? 1 : 2);
-  return l;
-}
-
 template <typename scalar_t>
 Inputs<scalar_t> make_inputs(const LossProblem& pb, GradOut* grad) {
   Inputs<scalar_t> in{};
+  static_cast<LossStrides&>(in) = loss_strides(pb, grad != nullptr ? &grad->flat : nullptr);
   in.x = pb.x.data_ptr<scalar_t>();
-  in.xb = pb.x.stride(0);
-  in.xc = pb.x.stride(1);
-  in.xp = pb.x.stride(2);
   in.t = label_ptr(pb.target);
-  in.tb = pb.target.stride(0);
-  in.tp = pb.target.stride(1);
   in.lab = label_ptr(pb.labels);
-  in.lb = pb.labels.stride(0);
-  in.le = pb.labels.stride(1);
-  in.lp = pb.labels.stride(2);
   if (grad != nullptr) {
     in.g = grad->flat.data_ptr<scalar_t>();
-    in.gb = grad->flat.stride(0);
-    in.gc = grad->flat.stride(1);
-    in.gp = grad->flat.stride(2);
     in.stream = grad->flat.numel() * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamBytes;
   }
-  in.ignore = pb.ignore_index;
-  in.nlab = pb.num_labels;
   return in;
 }
 
@@ -327,10 +307,12 @@ at::Tensor loss_stats_cpu(const at::Tensor& logits, const at::Tensor& target, co
                           int64_t ignore_index, bool check_expert_labels) {
   const char* op = "deferredseg::loss_stats (CPU kernel)";
   TORCH_CHECK(logits.device().is_cpu(), op, ": logits must be on the CPU");
-  LossProblem pb = prepare_loss(op, logits, target, expert_labels, num_classes, num_experts, ignore_index);
+  const LossCall call =
+      prepare_stats(op, logits, target, expert_labels, class_weight, num_classes, num_experts, ignore_index);
+  const LossProblem& pb = call.pb;
+  const at::Tensor& cw = call.cw;
   const Geometry geo(pb);
   const int64_t E = pb.E;
-  const at::Tensor cw = class_weight_vector(op, class_weight, logits, pb.num_labels, acc_dtype(logits));
   at::Tensor stats = at::zeros({stats_len(E)}, logits.options().dtype(at::kDouble));
   if (geo.tiles == 0) return stats;
   const int64_t width = stats_len(E);  // a tile's row: its share of every stat
@@ -364,19 +346,16 @@ std::tuple<at::Tensor, at::Tensor> loss_fused_cpu(
     c10::ArrayRef<int64_t> iparams, bool compute_grad) {
   const char* op = "deferredseg::loss_fused (CPU kernel)";
   TORCH_CHECK(logits.device().is_cpu(), op, ": logits must be on the CPU");
-  LossProblem pb = prepare_loss(op, logits, target, expert_labels, num_classes, num_experts, ignore_index);
-  const loss::LossParams prm = parse_loss_params(op, fparams, iparams);
-  check_stats(op, stats, logits, pb.E);
+  const LossCall call = prepare_fused(op, logits, target, expert_labels, class_weight, stats, balance_low,
+                                      balance_high, num_classes, num_experts, ignore_index, fparams, iparams,
+                                      /*check_experts_supported=*/true);
+  const LossProblem& pb = call.pb;
+  const LossParams& prm = call.prm;
+  const at::Tensor &low = call.low, &high = call.high, &cw = call.cw;
   const Geometry geo(pb);
   const int64_t E = pb.E;
-  const at::ScalarType acc = acc_dtype(logits);
-  const at::Tensor st = stats.to(at::kDouble).contiguous();
-  const double* sv = st.data_ptr<double>();
-  const int64_t n_stats = st.numel();
-  const bool band = prm.balance == kBalanceBand;
-  const at::Tensor low = band_vector(op, "balance_low", balance_low, logits, E, band);
-  const at::Tensor high = band_vector(op, "balance_high", balance_high, logits, E, band);
-  const at::Tensor cw = class_weight_vector(op, class_weight, logits, pb.num_labels, acc);
+  const double* sv = call.stats.data_ptr<double>();
+  const int64_t n_stats = call.stats.numel();
 
   // Gradient factors from the stats (double, then the accumulation type).
   std::vector<double> dS(static_cast<size_t>(E + 1), 0.0);
@@ -432,7 +411,7 @@ std::tuple<at::Tensor, at::Tensor> loss_fused_cpu(
   assemble_terms(sums.data(), sv, n_stats, E, pb.nd, prm, low.data_ptr<double>(), high.data_ptr<double>(), terms_d);
   at::Tensor terms = at::empty({kTermsLen}, logits.options().dtype(at::kDouble));
   std::copy(terms_d, terms_d + kTermsLen, terms.data_ptr<double>());
-  terms = terms.to(acc);
+  terms = terms.to(call.acc);
   at::Tensor grad = compute_grad ? finish_grad(gout) : at::empty({0}, logits.options());
   return {terms, grad};
 }

@@ -16,10 +16,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cpu(
     const c10::optional<at::Tensor>& expert_cost, c10::string_view scores) {
   TORCH_CHECK(logits.device().is_cpu(), "deferredseg::route (CPU kernel): logits must be on the CPU");
   RouteProblem pb = prepare_route(logits, num_classes, num_experts, expert_labels, mode, expert_cost, scores);
-  const at::ScalarType label_type = pb.labels.defined() ? pb.labels.scalar_type() : at::kLong;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "route_cpu", [&] {
     using acc_t = typename AccType<scalar_t>::type;
-    DS_DISPATCH_LABEL_TYPES(label_type, "deferredseg::route", [&] {
+    DS_DISPATCH_LABEL_TYPES(pb.label_type(), "deferredseg::route", [&] {
       const RouteStrides st = pb.strides();
       const label_t* labels = pb.labels_ptr<label_t>();
       const scalar_t* x = pb.x.data_ptr<scalar_t>();

@@ -241,12 +241,9 @@ DS_INLINE int64_t count_pairs(const label_t* next, int64_t tp, int64_t n, int64_
   return static_cast<int64_t>(cnt);
 }
 
-// Label tensors are read through their dtype code (0 uint8, 1 int32, 2 int64),
-// switched once a tile row, so the workers are templated on the logits dtype only.
-struct LabelPtr {
-  const void* p = nullptr;
-  int kind = 2;
-};
+// Label tensors are read through their dtype code (LabelPtr of loss.h: 0 uint8, 1 int32,
+// 2 int64), switched once a tile row, so the workers are templated on the logits dtype
+// only. The bytes of one label:
 inline int64_t label_bytes(const LabelPtr& l) { return l.kind == 0 ? 1 : (l.kind == 1 ? 4 : 8); }
 
 // Tiles ahead that the workers prefetch. A tile reads a kTile-pixel stretch of some
@@ -330,17 +327,12 @@ DS_INLINE const L* label_at(const LabelPtr& l, int64_t offset) {
   }
 
 template <typename scalar_t>
-struct Inputs {
+struct Inputs : LossStrides {
   const scalar_t* x;
-  int64_t xb, xc, xp;
-  LabelPtr t;
-  int64_t tb, tp;
-  LabelPtr lab;
-  int64_t lb, le, lp;
-  scalar_t* g;  // gradient (null: none)
-  int64_t gb, gc, gp;
-  bool stream;  // write the gradient with non-temporal stores
-  int64_t ignore, nlab;
+  LabelPtr t;    // target
+  LabelPtr lab;  // expert labels
+  scalar_t* g;   // gradient (null: none)
+  bool stream;   // write the gradient with non-temporal stores
 };
 
 // The loaders above for the label dtype of the inputs; offsets in elements.

@@ -50,38 +50,24 @@ constexpr int64_t kMaxBlocks = 2048;  // fixed cap: the partition depends on the
 
 inline int64_t blocks_for(int64_t n) { return std::max<int64_t>(1, std::min((n + kThreads - 1) / kThreads, kMaxBlocks)); }
 
-// A label tensor read by dtype code (uniform over the grid, so the branch is free):
-// 0 uint8, 1 int32, 2 int64. Keeps the kernels templated on the logits dtype only.
-struct Labels {
-  const void* p = nullptr;
-  int kind = 2;
-};
-inline Labels make_labels(const at::Tensor& t) {
-  Labels l;
-  l.p = t.data_ptr();
-  l.kind = t.scalar_type() == at::kByte ? 0 : (t.scalar_type() == at::kInt ? 1 : 2);
-  return l;
-}
-__device__ __forceinline__ int64_t load_label(const Labels& l, int64_t idx) {
+// A label read by the dtype code of its tensor (LabelPtr of loss.h; uniform over the grid,
+// so the branch is free).
+__device__ __forceinline__ int64_t load_label(const LabelPtr& l, int64_t idx) {
   if (l.kind == 0) return static_cast<int64_t>(static_cast<const uint8_t*>(l.p)[idx]);
   if (l.kind == 1) return static_cast<int64_t>(static_cast<const int32_t*>(l.p)[idx]);
   return static_cast<const int64_t*>(l.p)[idx];
 }
 
-// Shapes and strides of one call.
-struct Layout {
+// Shapes and strides of one call (the strides and label range: LossStrides of loss.h).
+struct Layout : LossStrides {
   int64_t B, P, K, E, C;
   int nd;
   int64_t S[kMaxSpatial], st[kMaxSpatial];
-  int64_t xb, xc, xp;      // logits (B, C, P)
-  int64_t tb, tp;          // target (B, P)
-  int64_t lb, le, lp;      // expert labels (B, E, P)
-  int64_t gb, gc, gp;      // gradient (B, C, P)
-  int64_t ignore, nlab;
 };
 
 inline Layout make_layout(const LossProblem& pb, const at::Tensor* gflat) {
   Layout L{};
+  static_cast<LossStrides&>(L) = loss_strides(pb, gflat);
   L.B = pb.B;
   L.P = pb.P;
   L.K = pb.K;
@@ -92,21 +78,6 @@ inline Layout make_layout(const LossProblem& pb, const at::Tensor* gflat) {
     L.S[d] = pb.S[d];
     L.st[d] = pb.st[d];
   }
-  L.xb = pb.x.stride(0);
-  L.xc = pb.x.stride(1);
-  L.xp = pb.x.stride(2);
-  L.tb = pb.target.stride(0);
-  L.tp = pb.target.stride(1);
-  L.lb = pb.labels.stride(0);
-  L.le = pb.labels.stride(1);
-  L.lp = pb.labels.stride(2);
-  if (gflat != nullptr) {
-    L.gb = gflat->stride(0);
-    L.gc = gflat->stride(1);
-    L.gp = gflat->stride(2);
-  }
-  L.ignore = pb.ignore_index;
-  L.nlab = pb.num_labels;
   return L;
 }
 
@@ -139,7 +110,7 @@ struct Target {
   int64_t y, raw;
   bool bad;
 };
-__device__ __forceinline__ Target read_target(const Layout& L, const Labels& t, int64_t b, int64_t p) {
+__device__ __forceinline__ Target read_target(const Layout& L, const LabelPtr& t, int64_t b, int64_t p) {
   Target r;
   r.raw = load_label(t, b * L.tb + p * L.tp);
   r.valid = r.raw != L.ignore;
@@ -194,7 +165,7 @@ constexpr int kStatsCols = 6;  // N_V, W, bad, pairs along axes 0, 1, 2
 constexpr int kOnePassChannels = 8;  // stats_onepass keeps up to this many sum_V pi_k in registers
 
 // Labels out of range at pixel (b, p): its target's, and its experts' when checked.
-__device__ __forceinline__ int64_t bad_labels(const Layout& L, const Target& t, const Labels& lab, int64_t b,
+__device__ __forceinline__ int64_t bad_labels(const Layout& L, const Target& t, const LabelPtr& lab, int64_t b,
                                               int64_t p, bool check_experts) {
   int64_t bad = t.bad ? 1 : 0;
   if (check_experts) {
@@ -207,7 +178,7 @@ __device__ __forceinline__ int64_t bad_labels(const Layout& L, const Target& t, 
 }
 
 // Whether pixel p of batch element b has a neighbour at p + st[d] with a valid target.
-__device__ __forceinline__ bool next_target_valid(const Layout& L, const Labels& tgt, int64_t b, int64_t p, int d) {
+__device__ __forceinline__ bool next_target_valid(const Layout& L, const LabelPtr& tgt, int64_t b, int64_t p, int d) {
   return axis_coord(L, p, d) < L.S[d] - 1 && load_label(tgt, b * L.tb + (p + L.st[d]) * L.tp) != L.ignore;
 }
 
@@ -218,7 +189,7 @@ __device__ __forceinline__ bool next_target_valid(const Layout& L, const Labels&
 // stats_pairs / stats_pi write them, which is the path for more experts.
 template <typename scalar_t, typename acc_t, int NR>
 __global__ void __launch_bounds__(kThreads)
-    stats_onepass(const scalar_t* __restrict__ x, Labels tgt, Labels lab, const acc_t* __restrict__ cw, Layout L,
+    stats_onepass(const scalar_t* __restrict__ x, LabelPtr tgt, LabelPtr lab, const acc_t* __restrict__ cw, Layout L,
                   bool check_experts, double* __restrict__ part, double* __restrict__ part_pi) {
   __shared__ double smem[kThreads / 32];
   const int64_t n = L.B * L.P;
@@ -272,7 +243,7 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    stats_pixels(const scalar_t* __restrict__ x, Labels tgt, Labels lab, const acc_t* __restrict__ cw, Layout L,
+    stats_pixels(const scalar_t* __restrict__ x, LabelPtr tgt, LabelPtr lab, const acc_t* __restrict__ cw, Layout L,
                  bool check_experts, uint8_t* __restrict__ vmask, acc_t* __restrict__ soft, double* __restrict__ part) {
   __shared__ double smem[kThreads / 32];
   const int64_t n = L.B * L.P;
@@ -371,9 +342,11 @@ at::Tensor loss_stats_cuda(const at::Tensor& logits, const at::Tensor& target, c
   const char* op = "deferredseg::loss_stats (CUDA kernel)";
   TORCH_CHECK(DS_ON_DEVICE(logits), op, ": logits must be a CUDA tensor");
   DS_DEVICE_GUARD(logits);
-  LossProblem pb = prepare_loss(op, logits, target, expert_labels, num_classes, num_experts, ignore_index);
-  const at::ScalarType acc = acc_dtype(logits);
-  const at::Tensor cw = class_weight_vector(op, class_weight, logits, pb.num_labels, acc);
+  const LossCall call =
+      prepare_stats(op, logits, target, expert_labels, class_weight, num_classes, num_experts, ignore_index);
+  const LossProblem& pb = call.pb;
+  const at::ScalarType acc = call.acc;
+  const at::Tensor& cw = call.cw;
   at::Tensor stats = at::zeros({stats_len(pb.E)}, logits.options().dtype(at::kDouble));
   const int64_t n = pb.B * pb.P;
   if (n == 0) return stats;
@@ -383,7 +356,7 @@ at::Tensor loss_stats_cuda(const at::Tensor& logits, const at::Tensor& target, c
   at::Tensor part = at::empty({blocks * kStatsCols}, dopt);
   at::Tensor part_pi = at::empty({(pb.E + 1) * blocks}, dopt);
   cudaStream_t stream = DS_CURRENT_STREAM();
-  const Labels tl = make_labels(pb.target), ll = make_labels(pb.labels);
+  const LabelPtr tl = label_ptr(pb.target), ll = label_ptr(pb.labels);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "loss_stats_cuda", [&] {
     using acc_t = typename AccType<scalar_t>::type;
     const scalar_t* x = pb.x.data_ptr<scalar_t>();
@@ -458,7 +431,7 @@ __device__ __forceinline__ Maps<acc_t> maps_of(const Routing<scalar_t, acc_t>& r
 // pairs of every axis (scaled by coh[d]) and to val the penalties of the forward
 // pairs (router axes at val[0..2], gate axes at val[3..5]).
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void coherence_at(const scalar_t* x, const Labels& tgt, const Layout& L, int64_t b,
+__device__ __forceinline__ void coherence_at(const scalar_t* x, const LabelPtr& tgt, const Layout& L, int64_t b,
                                              int64_t p, int maps, bool l2, const acc_t* coh, Maps<acc_t> mp,
                                              acc_t& gD, acc_t& gS, double* val) {
   // A rolled loop (the neighbour's softmax is inlined once, not six times), and no
@@ -506,7 +479,7 @@ __device__ __forceinline__ void coherence_at(const scalar_t* x, const Labels& tg
 // registers (2 blocks an SM). Not yet measured on a GPU either way.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads, 3)
-    loss_pixels(const scalar_t* __restrict__ x, Labels tgt, Labels lab, const acc_t* __restrict__ cw, Layout L,
+    loss_pixels(const scalar_t* __restrict__ x, LabelPtr tgt, LabelPtr lab, const acc_t* __restrict__ cw, Layout L,
                 LossParams prm, const double* __restrict__ coef, scalar_t* __restrict__ g,
                 double* __restrict__ part) {
   __shared__ double smem[kThreads / 32];
@@ -688,18 +661,14 @@ std::tuple<at::Tensor, at::Tensor> loss_fused_cuda(
   const char* op = "deferredseg::loss_fused (CUDA kernel)";
   TORCH_CHECK(DS_ON_DEVICE(logits), op, ": logits must be a CUDA tensor");
   DS_DEVICE_GUARD(logits);
-  LossProblem pb = prepare_loss(op, logits, target, expert_labels, num_classes, num_experts, ignore_index);
-  const LossParams prm = parse_loss_params(op, fparams, iparams);
-  TORCH_CHECK(!prm.check_experts, op, ": iparams[5] (check expert labels in the loss pass) is a CPU-kernel "
-              "option; on CUDA the labels are checked by loss_stats");
-  check_stats(op, stats, logits, pb.E);
+  const LossCall call = prepare_fused(op, logits, target, expert_labels, class_weight, stats, balance_low,
+                                      balance_high, num_classes, num_experts, ignore_index, fparams, iparams,
+                                      /*check_experts_supported=*/false);
+  const LossProblem& pb = call.pb;
+  const LossParams& prm = call.prm;
+  const at::Tensor &st = call.stats, &low = call.low, &high = call.high, &cw = call.cw;
   const int64_t E = pb.E, n = pb.B * pb.P;
-  const at::ScalarType acc = acc_dtype(logits);
-  const at::Tensor st = stats.to(at::kDouble).contiguous();
-  const bool band = prm.balance == kBalanceBand;
-  const at::Tensor low = band_vector(op, "balance_low", balance_low, logits, E, band);
-  const at::Tensor high = band_vector(op, "balance_high", balance_high, logits, E, band);
-  const at::Tensor cw = class_weight_vector(op, class_weight, logits, pb.num_labels, acc);
+  const at::ScalarType acc = call.acc;
   GradOut gout;
   if (compute_grad) gout = make_grad_out(logits, pb);
   const Layout L = make_layout(pb, compute_grad ? &gout.flat : nullptr);
@@ -709,7 +678,7 @@ std::tuple<at::Tensor, at::Tensor> loss_fused_cuda(
   at::Tensor part = at::empty({std::max<int64_t>(blocks, 1) * kNumSums}, dopt);
   at::Tensor terms = at::empty({kTermsLen}, logits.options().dtype(acc));
   cudaStream_t stream = DS_CURRENT_STREAM();
-  const Labels tl = make_labels(pb.target), ll = make_labels(pb.labels);
+  const LabelPtr tl = label_ptr(pb.target), ll = label_ptr(pb.labels);
 
   DS_LAUNCH(1, 32, stream, loss_prepare)(st.data_ptr<double>(), st.numel(), E, prm, low.data_ptr<double>(),
                                          high.data_ptr<double>(), coef.data_ptr<double>());

@@ -43,12 +43,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cuda(
   RouteProblem pb = prepare_route(logits, num_classes, num_experts, expert_labels, mode, expert_cost, scores);
   const int64_t n = pb.B * pb.P;
   if (n == 0) return route_outputs(pb);
-  const at::ScalarType label_type = pb.labels.defined() ? pb.labels.scalar_type() : at::kLong;
   const int64_t blocks = std::min<int64_t>((n + kRouteThreads - 1) / kRouteThreads, kRouteMaxBlocks);
   cudaStream_t stream = DS_CURRENT_STREAM();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "route_cuda", [&] {
     using acc_t = typename AccType<scalar_t>::type;
-    DS_DISPATCH_LABEL_TYPES(label_type, "deferredseg::route", [&] {
+    DS_DISPATCH_LABEL_TYPES(pb.label_type(), "deferredseg::route", [&] {
       const RouteStrides st = pb.strides();
       const label_t* labels = pb.labels_ptr<label_t>();
       DS_LAUNCH(blocks, kRouteThreads, stream, route_kernel<scalar_t, acc_t, label_t>)(
