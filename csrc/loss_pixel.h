@@ -1,4 +1,4 @@
-// The per-pixel math of the fused DeferredSeg objective (SPEC sections 2 and 3),
+// The per-pixel math of the fused DeferredSeg objective (docs/objective.md sections 2 and 3),
 // shared by the CPU and CUDA kernels of `deferredseg::loss_stats` / `loss_fused`.
 //
 // Everything a kernel computes for one pixel or from the stats vector is a

@@ -1,4 +1,4 @@
-// Shared host-side code of the `deferredseg::route` op (SPEC section 4).
+// Shared host-side code of the `deferredseg::route` op (docs/objective.md section 4).
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,4 +1,4 @@
-// The per-pixel routing rule (SPEC section 4), shared by the CPU and CUDA kernels.
+// The per-pixel routing rule (docs/objective.md section 4), shared by the CPU and CUDA kernels.
 #pragma once
 
 #include "common.h"

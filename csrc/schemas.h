@@ -5,7 +5,7 @@
 
 namespace deferredseg {
 
-// SPEC section 4. decision_threshold: logit(threshold) in modes "gate" and "router" (unused
+// docs/objective.md section 4. decision_threshold: logit(threshold) in modes "gate" and "router" (unused
 // there), the threshold itself in mode "gain"; mode: "gate", "router" or "gain"; expert_cost:
 // None or the E expert costs (1-D, converted to the accumulation dtype on the logits' device);
 // scores: "softmax" or "sigmoid". final is empty (shape (0,)) when expert_labels is None.
@@ -14,7 +14,7 @@ constexpr const char* kRouteSchema =
     "Tensor? expert_labels, Tensor? expert_cost, str scores) -> (Tensor assignment, Tensor defer_prob, "
     "Tensor model_pred, Tensor final)";
 
-// SPEC section 3, fused. The contract of both ops (layout of `stats`, `fparams`,
+// docs/objective.md section 3, fused. The contract of both ops (layout of `stats`, `fparams`,
 // `iparams`, `terms`) is documented in deferredseg_kernels/ops/fused.py.
 constexpr const char* kLossStatsSchema =
     "loss_stats(Tensor logits, Tensor target, Tensor expert_labels, Tensor? class_weight, "

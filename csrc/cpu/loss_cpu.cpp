@@ -1,4 +1,4 @@
-// CPU kernels of `deferredseg::loss_stats` and `deferredseg::loss_fused` (docs/objective.md, "Terms";
+// CPU kernels of `deferredseg::loss_stats` and `deferredseg::loss_fused` (docs/objective.md section 3;
 // the contract of both ops is documented in deferredseg_kernels/ops/fused.py).
 //
 // Work unit: a tile of kTile consecutive pixels of one batch element. A tile is

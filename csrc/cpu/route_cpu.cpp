@@ -1,4 +1,4 @@
-// CPU kernel of `deferredseg::route` (docs/objective.md, "Routing at inference"), parallel over pixels.
+// CPU kernel of `deferredseg::route` (docs/objective.md section 4), parallel over pixels.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -1,4 +1,4 @@
-// CUDA kernel of `deferredseg::route` (docs/objective.md, "Routing at inference"): one thread a pixel, grid-stride,
+// CUDA kernel of `deferredseg::route` (docs/objective.md section 4): one thread a pixel, grid-stride,
 // int64 indexing, on the current stream.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
