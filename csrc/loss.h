@@ -1,9 +1,10 @@
 // Shared host-side code of the fused loss ops `deferredseg::loss_stats` and
-// `deferredseg::loss_fused` (docs/objective.md section 3; contract in deferredseg_kernels/ops/fused.py),
-// used by the CPU and the CUDA kernels alike: the prologue of each op (prepare_stats,
-// prepare_fused: argument checks, the flattened (B, C, P) views the kernels read, the
-// decoding of fparams / iparams and the vectors of the options), the strides and label
-// pointers the kernels are given, and the gradient buffer.
+// `deferredseg::loss_fused` (docs/objective.md section 3; contract in
+// deferredseg_kernels/ops/fused.py), used by the CPU and the CUDA kernels alike: the
+// prologue of each op (prepare_stats, prepare_fused: argument checks, the flattened
+// (B, C, P) views the kernels read, the decoding of fparams / iparams and the vectors of
+// the options), the strides and label pointers the kernels are given, and the gradient
+// buffer.
 #pragma once
 
 #include <ATen/core/Tensor.h>

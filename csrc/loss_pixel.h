@@ -59,7 +59,8 @@ DS_LOSS_FN int64_t stat_balance_count(int64_t E) { return E + 7; }
 constexpr int kSumSeg = 0;     // sum_V w[y] * l_seg
 constexpr int kSumCollab = 1;  // sum_V l_collab
 constexpr int kSumGate = 2;    // sum_V l_gate
-constexpr int kSumCoh = 3;     // + 3 * map + axis: sum over valid pairs of rho (map 0 router, 1 gate)
+// kSumCoh + 3 * map + axis: the sum of rho over the valid pairs (map 0 router, 1 gate)
+constexpr int kSumCoh = 3;
 constexpr int kNumSums = 9;
 
 // fparams and iparams, decoded.

@@ -21,7 +21,7 @@ namespace deferredseg {
 struct RouteProblem {
   at::Tensor x;
   at::Tensor labels;  // undefined when no expert labels were given
-  at::Tensor cost;    // E expert costs of the accumulation dtype on the logits' device, or undefined
+  at::Tensor cost;    // E expert costs (accumulation dtype, logits' device), or undefined
   int64_t B = 0, P = 0, K = 0, E = 0;
   int32_t mode = kRouteGate;
   bool sigmoid_scores = false;

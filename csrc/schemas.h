@@ -5,10 +5,11 @@
 
 namespace deferredseg {
 
-// docs/objective.md section 4. decision_threshold: logit(threshold) in modes "gate" and "router" (unused
-// there), the threshold itself in mode "gain"; mode: "gate", "router" or "gain"; expert_cost:
-// None or the E expert costs (1-D, converted to the accumulation dtype on the logits' device);
-// scores: "softmax" or "sigmoid". final is empty (shape (0,)) when expert_labels is None.
+// docs/objective.md section 4. decision_threshold: logit(threshold) in modes "gate" and
+// "router" (unused there), the threshold itself in mode "gain"; mode: "gate", "router" or
+// "gain"; expert_cost: None or the E expert costs (1-D, converted to the accumulation dtype
+// on the logits' device); scores: "softmax" or "sigmoid". final is empty (shape (0,)) when
+// expert_labels is None.
 constexpr const char* kRouteSchema =
     "route(Tensor logits, int num_classes, int num_experts, float decision_threshold, str mode, "
     "Tensor? expert_labels, Tensor? expert_cost, str scores) -> (Tensor assignment, Tensor defer_prob, "

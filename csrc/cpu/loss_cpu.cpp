@@ -1,5 +1,6 @@
-// CPU kernels of `deferredseg::loss_stats` and `deferredseg::loss_fused` (docs/objective.md section 3;
-// the contract of both ops is documented in deferredseg_kernels/ops/fused.py).
+// CPU kernels of `deferredseg::loss_stats` and `deferredseg::loss_fused`
+// (docs/objective.md section 3; the contract of both ops is documented in
+// deferredseg_kernels/ops/fused.py).
 //
 // Work unit: a tile of kTile consecutive pixels of one batch element. A tile is
 // loaded into structure-of-arrays buffers (one row of kTile values a channel,

@@ -29,8 +29,9 @@ struct TileCtx {
   int surrogate = kSurrogateSoftmax;  // kSurrogate*: "softmax", "paper" or "ova"
   bool benefit = false;               // gate_target "benefit" (else "router")
   bool l2 = false, grad = false;
-  bool routing_ready = false;  // rb, ri, rs, rinv, D, pi and lgate, dgate, dsa already hold this tile's
-                               // routing and gate term (computed by maps_tile), valid / yf / y its target
+  // rb, ri, rs, rinv, D, pi and lgate, dgate, dsa already hold this tile's routing and gate
+  // term (computed by maps_tile), valid / yf / y its target
+  bool routing_ready = false;
   bool fast = false;           // E <= kFastMaxExperts, float accumulation: the unrolled paths
   int maps = 0;
   T gate_mse = 0, gate_sparsity = 0, eps = 0;
@@ -41,7 +42,8 @@ struct TileCtx {
 
   // the tile
   int64_t n = 0;
-  T* X = nullptr;   // logits in (stats: the E + 1 routing channels; maps: routing + gate), gradient out
+  // logits in (stats: the E + 1 routing channels; maps: routing + gate), gradient out
+  T* X = nullptr;
   // The logits of the tile as X holds them (same rows), xs apart: X itself (xs = kTile)
   // after load_rows, or the input tensor, read in place (float or double logits of
   // unit pixel stride). Logits are read from Xin, gradients written to X.
@@ -73,8 +75,10 @@ struct TileCtx {
   T* gD;      // d coherence / d D, from both pairs of every axis
   T* gS;      // d coherence / d s, likewise
   T* tg = nullptr;  // the gate's target with gate_target "benefit" (benefit_target)
-  T* hp[kMaxSpatial];  // the tile's neighbour masks (point_masks): 1 where p - st[d] is in the volume
-  T* hn[kMaxSpatial];  // ... where p + st[d] is
+  // The tile's neighbour masks (point_masks): 1 where p - st[d] (hp), p + st[d] (hn) is in
+  // the volume.
+  T* hp[kMaxSpatial];
+  T* hn[kMaxSpatial];
   int32_t* y;   // the label (0 where it is not a valid label in range), an index
   int32_t* zi;  // K > 1: the argmax of the class logits; benefit_target: jhat
   int32_t* ri;  // the argmax of the E + 1 routing logits (E: the model)

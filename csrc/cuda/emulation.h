@@ -191,7 +191,8 @@ void launch(dim3 grid, dim3 block, void (*kernel)(P...), A&&... args) {
   }
 }
 
-// DS_LAUNCH(grid, block, stream, kernel)(args...): the emulated `kernel<<<grid, block, 0, stream>>>(args...)`.
+// DS_LAUNCH(grid, block, stream, kernel)(args...): the emulated
+// `kernel<<<grid, block, 0, stream>>>(args...)`.
 template <typename... P>
 struct Launcher {
   dim3 grid, block;

@@ -1,5 +1,6 @@
-// CUDA kernels of `deferredseg::loss_stats` and `deferredseg::loss_fused` (docs/objective.md section 3;
-// the contract of both ops is documented in deferredseg_kernels/ops/fused.py).
+// CUDA kernels of `deferredseg::loss_stats` and `deferredseg::loss_fused`
+// (docs/objective.md section 3; the contract of both ops is documented in
+// deferredseg_kernels/ops/fused.py).
 //
 // One thread a pixel (grid-stride over a grid whose size depends on the pixel count
 // only), int64 indexing, coalesced loads along the pixels, on the current stream.

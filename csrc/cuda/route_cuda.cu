@@ -1,5 +1,5 @@
-// CUDA kernel of `deferredseg::route` (docs/objective.md section 4): one thread a pixel, grid-stride,
-// int64 indexing, on the current stream.
+// CUDA kernel of `deferredseg::route` (docs/objective.md section 4): one thread a pixel,
+// grid-stride, int64 indexing, on the current stream.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
