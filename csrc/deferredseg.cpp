@@ -24,9 +24,9 @@ TORCH_LIBRARY(deferredseg, m) {
   m.def(deferredseg::kEmptyCpuCacheSchema, &deferredseg::cpu_loss::empty_cpu_cache);
 }
 
-static struct PyModuleDef ds_module = {PyModuleDef_HEAD_INIT, "_C",
-                                       "Compiled kernels of deferredseg (registered as torch.ops.deferredseg).",
-                                       -1, nullptr};
+static struct PyModuleDef ds_module = {
+    PyModuleDef_HEAD_INIT, "_C",
+    "Compiled kernels of deferredseg (registered as torch.ops.deferredseg).", -1, nullptr};
 
 // Importing the module loads the shared library, which runs the TORCH_LIBRARY
 // registrations above; the module itself only records how it was built.

@@ -29,18 +29,19 @@ namespace deferredseg {
 struct LossProblem {
   at::Tensor x, target, labels;
   int64_t B = 0, C = 0, P = 0, K = 0, E = 0, num_labels = 0, ignore_index = 0;
-  int nd = 0;                                  // spatial dims (1 to 3)
-  int64_t S[loss::kMaxSpatial] = {1, 1, 1};    // spatial sizes
-  int64_t st[loss::kMaxSpatial] = {0, 0, 0};   // flattened strides of the spatial axes
+  int nd = 0;                                 // spatial dims (1 to 3)
+  int64_t S[loss::kMaxSpatial] = {1, 1, 1};   // spatial sizes
+  int64_t st[loss::kMaxSpatial] = {0, 0, 0};  // flattened strides of the spatial axes
 };
 
 inline LossProblem prepare_loss(const char* op, const at::Tensor& logits, const at::Tensor& target,
-                                const at::Tensor& expert_labels, int64_t num_classes, int64_t num_experts,
-                                int64_t ignore_index) {
+                                const at::Tensor& expert_labels, int64_t num_classes,
+                                int64_t num_experts, int64_t ignore_index) {
   TORCH_CHECK(logits.dim() >= 3 && logits.dim() <= 5, op,
               ": logits must have shape (B, C, *S) with 1 to 3 spatial dims, got ", logits.sizes());
   TORCH_CHECK(num_classes >= 1 && num_experts >= 1 && num_experts <= 127, op,
-              ": need num_classes >= 1 and 1 <= num_experts <= 127, got ", num_classes, " and ", num_experts);
+              ": need num_classes >= 1 and 1 <= num_experts <= 127, got ", num_classes, " and ",
+              num_experts);
   TORCH_CHECK(logits.size(1) == num_classes + num_experts + 2, op, ": logits must have ",
               num_classes + num_experts + 2, " channels, got ", logits.size(1));
   const auto dt = logits.scalar_type();
@@ -66,13 +67,13 @@ inline LossProblem prepare_loss(const char* op, const at::Tensor& logits, const 
   }
   pb.P = stride;
 
-  TORCH_CHECK(is_label_dtype(target.scalar_type()), op, ": target must be uint8, int32 or int64, got ",
-              target.scalar_type());
+  TORCH_CHECK(is_label_dtype(target.scalar_type()), op,
+              ": target must be uint8, int32 or int64, got ", target.scalar_type());
   TORCH_CHECK(is_label_dtype(expert_labels.scalar_type()), op,
               ": expert_labels must be uint8, int32 or int64, got ", expert_labels.scalar_type());
   TORCH_CHECK(target.device() == logits.device() && expert_labels.device() == logits.device(), op,
-              ": target and expert_labels must be on the device of logits (", logits.device(), "), got ",
-              target.device(), " and ", expert_labels.device());
+              ": target and expert_labels must be on the device of logits (", logits.device(),
+              "), got ", target.device(), " and ", expert_labels.device());
   std::vector<int64_t> want_t{pb.B};
   want_t.insert(want_t.end(), spatial.begin(), spatial.end());
   std::vector<int64_t> want_t1{pb.B, 1};
@@ -81,10 +82,11 @@ inline LossProblem prepare_loss(const char* op, const at::Tensor& logits, const 
   want_l.insert(want_l.end(), spatial.begin(), spatial.end());
   at::Tensor t = target;
   if (t.sizes() == at::IntArrayRef(want_t1)) t = t.squeeze(1);
-  TORCH_CHECK(t.sizes() == at::IntArrayRef(want_t), op, ": target must have shape ", at::IntArrayRef(want_t),
-              " or ", at::IntArrayRef(want_t1), ", got ", target.sizes());
-  TORCH_CHECK(expert_labels.sizes() == at::IntArrayRef(want_l), op, ": expert_labels must have shape ",
-              at::IntArrayRef(want_l), ", got ", expert_labels.sizes());
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(want_t), op, ": target must have shape ",
+              at::IntArrayRef(want_t), " or ", at::IntArrayRef(want_t1), ", got ", target.sizes());
+  TORCH_CHECK(expert_labels.sizes() == at::IntArrayRef(want_l), op,
+              ": expert_labels must have shape ", at::IntArrayRef(want_l), ", got ",
+              expert_labels.sizes());
 
   pb.x = logits.flatten(2);  // a view whenever the spatial strides can be merged
   pb.target = t.reshape({pb.B, pb.P});
@@ -98,8 +100,8 @@ inline loss::LossParams parse_loss_params(const char* op, c10::ArrayRef<double> 
   TORCH_CHECK(fparams.size() == loss::kNumFParams, op, ": fparams must have ", loss::kNumFParams,
               " values, got ", fparams.size());
   TORCH_CHECK(iparams.size() == loss::kNumIParams || iparams.size() == loss::kNumIParams + 1, op,
-              ": iparams must have ", loss::kNumIParams, " or ", loss::kNumIParams + 1, " values, got ",
-              iparams.size());
+              ": iparams must have ", loss::kNumIParams, " or ", loss::kNumIParams + 1,
+              " values, got ", iparams.size());
   loss::LossParams p;
   p.lambda_seg = fparams[0];
   p.lambda_collab = fparams[1];
@@ -125,18 +127,20 @@ inline loss::LossParams parse_loss_params(const char* op, c10::ArrayRef<double> 
               ": unknown coherence_maps bits ", p.maps);
   TORCH_CHECK(p.balance == loss::kBalanceCv2 || p.balance == loss::kBalanceBand, op,
               ": unknown balance code ", p.balance);
-  TORCH_CHECK(p.gate_target == loss::kGateTargetRouter || p.gate_target == loss::kGateTargetBenefit, op,
-              ": unknown gate_target code ", p.gate_target);
+  TORCH_CHECK(p.gate_target == loss::kGateTargetRouter || p.gate_target == loss::kGateTargetBenefit,
+              op, ": unknown gate_target code ", p.gate_target);
   return p;
 }
 
 // Checks the stats vector handed to loss_fused: float64, E + 7 values (E + 8 under sync_balance).
-inline void check_stats(const char* op, const at::Tensor& stats, const at::Tensor& logits, int64_t E) {
-  TORCH_CHECK(stats.dim() == 1 && (stats.numel() == loss::stats_len(E) || stats.numel() == loss::stats_len(E) + 1),
-              op, ": stats must be a vector of ", loss::stats_len(E), " (or ", loss::stats_len(E) + 1,
-              ") values, got shape ", stats.sizes());
-  TORCH_CHECK(stats.device() == logits.device(), op, ": stats must be on ", logits.device(), ", got ",
-              stats.device());
+inline void check_stats(const char* op, const at::Tensor& stats, const at::Tensor& logits,
+                        int64_t E) {
+  TORCH_CHECK(stats.dim() == 1 &&
+                  (stats.numel() == loss::stats_len(E) || stats.numel() == loss::stats_len(E) + 1),
+              op, ": stats must be a vector of ", loss::stats_len(E), " (or ",
+              loss::stats_len(E) + 1, ") values, got shape ", stats.sizes());
+  TORCH_CHECK(stats.device() == logits.device(), op, ": stats must be on ", logits.device(),
+              ", got ", stats.device());
 }
 
 // balance_low / balance_high as E + 1 float64 values on the logits' device (zeros when absent:
@@ -148,17 +152,18 @@ inline at::Tensor band_vector(const char* op, const char* name, const c10::optio
     TORCH_CHECK(!required, op, ": ", name, " is required with balance='band'");
     return at::zeros({E + 1}, opts);
   }
-  TORCH_CHECK(v->dim() == 1 && v->numel() == E + 1, op, ": ", name, " must have ", E + 1, " values, got shape ",
-              v->sizes());
+  TORCH_CHECK(v->dim() == 1 && v->numel() == E + 1, op, ": ", name, " must have ", E + 1,
+              " values, got shape ", v->sizes());
   return v->to(opts).contiguous();
 }
 
 // class_weight as K' values of `acc` dtype on the logits' device, or an undefined tensor.
-inline at::Tensor class_weight_vector(const char* op, const c10::optional<at::Tensor>& w, const at::Tensor& logits,
-                                      int64_t num_labels, at::ScalarType acc) {
+inline at::Tensor class_weight_vector(const char* op, const c10::optional<at::Tensor>& w,
+                                      const at::Tensor& logits, int64_t num_labels,
+                                      at::ScalarType acc) {
   if (!w.has_value()) return at::Tensor();
-  TORCH_CHECK(w->dim() == 1 && w->numel() == num_labels, op, ": class_weight must have ", num_labels,
-              " values, got shape ", w->sizes());
+  TORCH_CHECK(w->dim() == 1 && w->numel() == num_labels, op, ": class_weight must have ",
+              num_labels, " values, got shape ", w->sizes());
   return w->to(logits.options().dtype(acc)).contiguous();
 }
 
@@ -175,7 +180,8 @@ struct GradOut {
 
 // `buffer`: the gradient tensor to write (the CPU kernel's cached buffer), or
 // undefined for a new one like `logits`.
-inline GradOut make_grad_out(const at::Tensor& logits, const LossProblem& pb, at::Tensor buffer = at::Tensor()) {
+inline GradOut make_grad_out(const at::Tensor& logits, const LossProblem& pb,
+                             at::Tensor buffer = at::Tensor()) {
   GradOut g;
   g.grad = buffer.defined() ? buffer : at::empty_like(logits);  // preserve_format
   at::Tensor f = g.grad.flatten(2);
@@ -201,7 +207,8 @@ struct LabelPtr {
 };
 
 inline LabelPtr label_ptr(const at::Tensor& t) {
-  TORCH_CHECK(is_label_dtype(t.scalar_type()), "labels must be uint8, int32 or int64, got ", t.scalar_type());
+  TORCH_CHECK(is_label_dtype(t.scalar_type()), "labels must be uint8, int32 or int64, got ",
+              t.scalar_type());
   LabelPtr l;
   l.p = t.data_ptr();
   l.kind = t.scalar_type() == at::kByte ? 0 : (t.scalar_type() == at::kInt ? 1 : 2);
@@ -253,8 +260,9 @@ struct LossCall {
 };
 
 inline LossCall prepare_stats(const char* op, const at::Tensor& logits, const at::Tensor& target,
-                              const at::Tensor& expert_labels, const c10::optional<at::Tensor>& class_weight,
-                              int64_t num_classes, int64_t num_experts, int64_t ignore_index) {
+                              const at::Tensor& expert_labels,
+                              const c10::optional<at::Tensor>& class_weight, int64_t num_classes,
+                              int64_t num_experts, int64_t ignore_index) {
   LossCall c;
   c.pb = prepare_loss(op, logits, target, expert_labels, num_classes, num_experts, ignore_index);
   c.acc = acc_dtype(logits.scalar_type());
@@ -265,11 +273,13 @@ inline LossCall prepare_stats(const char* op, const at::Tensor& logits, const at
 // `check_experts_supported`: whether the kernel can check the expert labels in this pass
 // (iparams[5]); the CUDA kernel cannot (its loss_stats does).
 inline LossCall prepare_fused(const char* op, const at::Tensor& logits, const at::Tensor& target,
-                              const at::Tensor& expert_labels, const c10::optional<at::Tensor>& class_weight,
+                              const at::Tensor& expert_labels,
+                              const c10::optional<at::Tensor>& class_weight,
                               const at::Tensor& stats, const c10::optional<at::Tensor>& balance_low,
                               const c10::optional<at::Tensor>& balance_high, int64_t num_classes,
-                              int64_t num_experts, int64_t ignore_index, c10::ArrayRef<double> fparams,
-                              c10::ArrayRef<int64_t> iparams, bool check_experts_supported) {
+                              int64_t num_experts, int64_t ignore_index,
+                              c10::ArrayRef<double> fparams, c10::ArrayRef<int64_t> iparams,
+                              bool check_experts_supported) {
   LossCall c;
   c.pb = prepare_loss(op, logits, target, expert_labels, num_classes, num_experts, ignore_index);
   c.prm = parse_loss_params(op, fparams, iparams);

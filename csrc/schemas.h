@@ -12,7 +12,8 @@ namespace deferredseg {
 // expert_labels is None.
 constexpr const char* kRouteSchema =
     "route(Tensor logits, int num_classes, int num_experts, float decision_threshold, str mode, "
-    "Tensor? expert_labels, Tensor? expert_cost, str scores) -> (Tensor assignment, Tensor defer_prob, "
+    "Tensor? expert_labels, Tensor? expert_cost, str scores) -> (Tensor assignment, Tensor "
+    "defer_prob, "
     "Tensor model_pred, Tensor final)";
 
 // docs/objective.md section 3, fused. The contract of both ops (layout of `stats`, `fparams`,
@@ -23,7 +24,8 @@ constexpr const char* kLossStatsSchema =
 constexpr const char* kLossFusedSchema =
     "loss_fused(Tensor logits, Tensor target, Tensor expert_labels, Tensor? class_weight, "
     "Tensor stats, Tensor? balance_low, Tensor? balance_high, int num_classes, int num_experts, "
-    "int ignore_index, float[] fparams, int[] iparams, bool compute_grad) -> (Tensor terms, Tensor grad)";
+    "int ignore_index, float[] fparams, int[] iparams, bool compute_grad) -> (Tensor terms, Tensor "
+    "grad)";
 
 // Frees the CPU loss kernel's cached gradient buffer (csrc/cpu/grad_cache.cpp); returns the
 // bytes released. Defined with its kernel, for every device: it touches no tensor argument.

@@ -96,8 +96,8 @@ struct NeighbourMasks {
 // Points hp / hn (or computes them into the tile's rows own_p / own_n) for the tile
 // at p0 of n pixels.
 template <typename T>
-DS_INLINE void point_masks(NeighbourMasks<T>& nm, const Geometry& g, int64_t p0, int64_t n, T** hp, T** hn,
-                           T* const* own_p, T* const* own_n) {
+DS_INLINE void point_masks(NeighbourMasks<T>& nm, const Geometry& g, int64_t p0, int64_t n, T** hp,
+                           T** hn, T* const* own_p, T* const* own_n) {
   for (int d = 0; d < g.nd; ++d) {
     const int64_t s = g.st[d], Q = g.S[d] * s;
     if (!nm.tab[d][0].empty()) {

@@ -43,19 +43,22 @@ bool grad_cache_enabled() {
 
 at::Tensor grad_buffer(const at::Tensor& logits) {
   const int64_t bytes = logits.numel() * static_cast<int64_t>(logits.element_size());
-  if (bytes < kStreamBytes || bytes > kGradCacheMaxBytes || !logits.is_non_overlapping_and_dense() ||
-      !grad_cache_enabled()) {
+  if (bytes < kStreamBytes || bytes > kGradCacheMaxBytes ||
+      !logits.is_non_overlapping_and_dense() || !grad_cache_enabled()) {
     return at::Tensor();  // make_grad_out allocates
   }
   GradCache& c = grad_cache();
   std::lock_guard<std::mutex> lock(c.mu);
-  const bool reusable = c.t.defined() && c.t.storage().use_count() == 1 && c.t.scalar_type() == logits.scalar_type() &&
-                        c.t.sizes().equals(logits.sizes()) && c.t.strides().equals(logits.strides());
+  const bool reusable = c.t.defined() && c.t.storage().use_count() == 1 &&
+                        c.t.scalar_type() == logits.scalar_type() &&
+                        c.t.sizes().equals(logits.sizes()) &&
+                        c.t.strides().equals(logits.strides());
   if (!reusable) {
     c.t = at::Tensor();  // release the old one first: no two buffers alive at once
     c.t = at::empty_like(logits);
   }
-  return at::empty({0}, logits.options()).set_(c.t.storage(), c.t.storage_offset(), c.t.sizes(), c.t.strides());
+  return at::empty({0}, logits.options())
+      .set_(c.t.storage(), c.t.storage_offset(), c.t.sizes(), c.t.strides());
 }
 
 int64_t empty_cpu_cache() {

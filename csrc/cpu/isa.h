@@ -28,7 +28,6 @@
 #define DS_FP_REGION_END
 #endif
 
-
 // The per-pixel math, built under that setting (the kernels inline it into their loops;
 // included here, before anything else of the kernels includes it).
 DS_FP_REGION_BEGIN
@@ -51,7 +50,8 @@ DS_FP_REGION_END
 #endif
 
 // Per-ISA variants (x86-64 Linux with GCC >= 12; elsewhere only the baseline).
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
+    __GNUC__ >= 12
 #define DS_X86_VARIANTS 1
 #define DS_TARGET_V3 __attribute__((target("arch=x86-64-v3")))
 #define DS_TARGET_V4 __attribute__((target("arch=x86-64-v4")))

@@ -81,8 +81,8 @@ DS_FP_REGION_BEGIN
 // in the order of the stats vector (loss_pixel.h).
 template <int ISA, typename scalar_t>
 DS_INLINE void stats_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo,
-                                 const TileCtx<typename AccType<scalar_t>::type>& base, bool check_experts,
-                                 int64_t t0, int64_t t1, double* part) {
+                                 const TileCtx<typename AccType<scalar_t>::type>& base,
+                                 bool check_experts, int64_t t0, int64_t t1, double* part) {
   using T = typename AccType<scalar_t>::type;
   const int64_t E = base.E, K = base.K, width = stats_len(E);
   Workspace<T> ws(E + 1, E);
@@ -139,8 +139,9 @@ DS_INLINE void stats_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo
 
 template <int ISA, typename scalar_t>
 DS_INLINE void fused_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo,
-                                 const TileCtx<typename AccType<scalar_t>::type>& base, bool check_experts,
-                                 int64_t t0, int64_t t1, double* part, int64_t* bad) {
+                                 const TileCtx<typename AccType<scalar_t>::type>& base,
+                                 bool check_experts, int64_t t0, int64_t t1, double* part,
+                                 int64_t* bad) {
   using T = typename AccType<scalar_t>::type;
   const int64_t E = base.E, K = base.K, C = K + E + 2;
   Workspace<T> ws(C, E);
@@ -154,8 +155,8 @@ DS_INLINE void fused_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo
   // The map window of this thread: 2 * ahead + 1 tiles are live at a time; the
   // slack makes the compaction (a memmove of the live tiles) rare.
   const int64_t live = 2 * geo.ahead + 1;
-  MapWindow<T> win(maps ? std::min(geo.P, (3 * live + 1) * kTile) : 0, geo.pad, (base.maps & kMapRouter) != 0,
-                   (base.maps & kMapGate) != 0);
+  MapWindow<T> win(maps ? std::min(geo.P, (3 * live + 1) * kTile) : 0, geo.pad,
+                   (base.maps & kMapRouter) != 0, (base.maps & kMapGate) != 0);
   RoutingRing<T> ring(maps ? geo.ahead + 1 : 0, E);
   NeighbourMasks<T> masks(geo, maps);
   T* own_p[kMaxSpatial];  // the tile's own mask rows (c.hp / c.hn may point elsewhere)
@@ -174,7 +175,8 @@ DS_INLINE void fused_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo
     if (t + kPrefetchTiles < t1) {
       // The map tile computed ahead reads the logits and target first; the main
       // pass of a tile reads the expert labels.
-      const int64_t tm = maps ? std::min(t + kPrefetchTiles + geo.ahead, geo.tiles - 1) : t + kPrefetchTiles;
+      const int64_t tm =
+          maps ? std::min(t + kPrefetchTiles + geo.ahead, geo.tiles - 1) : t + kPrefetchTiles;
       const int64_t b1 = geo.batch(tm), q1 = geo.first(tm), n1 = geo.count(tm);
       pf.add(in.x, sizeof(scalar_t), b1 * in.xb + q1 * in.xp, in.xc, C, in.xp, n1);
       pf.add(in.t.p, label_bytes(in.t), b1 * in.tb + q1 * in.tp, 0, 1, in.tp, n1);
@@ -207,7 +209,8 @@ DS_INLINE void fused_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo
         pf.step(part_lines);
       }
       // The tile's routing, gate term and target, from when its map tile was made.
-      TORCH_CHECK(ring.tag[ring.point(c, t, tv)] == t, "deferredseg::loss_fused: routing ring out of step");
+      TORCH_CHECK(ring.tag[ring.point(c, t, tv)] == t,
+                  "deferredseg::loss_fused: routing ring out of step");
       c.routing_ready = true;
       point_masks(masks, geo, p0, n, c.hp, c.hn, own_p, own_n);
       c.vm = win.vm_at(p0);
@@ -217,12 +220,14 @@ DS_INLINE void fused_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo
     c.n = n;
     if (!maps) load_target_at(in, b * in.tb + p0 * in.tp, n, c.valid, c.yf, c.y, tv);
     point_logits(c, in, in.x + b * in.xb + p0 * in.xp, 0, C, n, in_place);
-    const int64_t bad_experts = load_experts_at(in, b * in.lb + p0 * in.lp, E, n, check_experts, tv, c.ck);
+    const int64_t bad_experts =
+        load_experts_at(in, b * in.lb + p0 * in.lp, E, n, check_experts, tv, c.ck);
     if (check_experts) bad[t] = bad_experts;
     pf.step(part_lines);
     loss_tile<ISA>(c);
     pf.step(part_lines);
-    if (in.g != nullptr) store_rows<ISA>(in.g + b * in.gb + p0 * in.gp, in.gc, in.gp, C, n, c.X, in.stream);
+    if (in.g != nullptr)
+      store_rows<ISA>(in.g + b * in.gb + p0 * in.gp, in.gc, in.gp, C, n, c.X, in.stream);
     double* row = part + t * kNumSums;
     for (int s = 0; s < kNumSums; ++s) row[s] = static_cast<double>(out[s]);
   }
@@ -230,43 +235,51 @@ DS_INLINE void fused_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo
 }
 
 // The per-ISA copies of the workers and the dispatch between them.
-#define DS_WORKER_VARIANTS(NAME, PARAMS, ARGS)                                                 \
-  template <typename scalar_t>                                                                 \
-  void NAME##_base PARAMS { NAME##_impl<kIsaBase> ARGS; }                                      \
-  DS_WORKER_X86(NAME, PARAMS, ARGS)                                                            \
-  template <typename scalar_t>                                                                 \
-  void NAME PARAMS {                                                                           \
-    DS_WORKER_X86_DISPATCH(NAME, ARGS)                                                         \
-    NAME##_base ARGS;                                                                          \
+#define DS_WORKER_VARIANTS(NAME, PARAMS, ARGS) \
+  template <typename scalar_t>                 \
+  void NAME##_base PARAMS {                    \
+    NAME##_impl<kIsaBase> ARGS;                \
+  }                                            \
+  DS_WORKER_X86(NAME, PARAMS, ARGS)            \
+  template <typename scalar_t>                 \
+  void NAME PARAMS {                           \
+    DS_WORKER_X86_DISPATCH(NAME, ARGS)         \
+    NAME##_base ARGS;                          \
   }
 #if DS_X86_VARIANTS
-#define DS_WORKER_X86(NAME, PARAMS, ARGS)                                                      \
-  template <typename scalar_t>                                                                 \
-  DS_TARGET_V3 void NAME##_v3 PARAMS { NAME##_impl<kIsaV3> ARGS; }                             \
-  template <typename scalar_t>                                                                 \
-  DS_TARGET_V4 void NAME##_v4 PARAMS { NAME##_impl<kIsaV4> ARGS; }
-#define DS_WORKER_X86_DISPATCH(NAME, ARGS)                                                     \
-  if constexpr (!std::is_same<scalar_t, double>::value) {                                      \
-    switch (cpu_isa()) {                                                                       \
-      case kIsaV4:                                                                             \
-        return NAME##_v4 ARGS;                                                                 \
-      case kIsaV3:                                                                             \
-        return NAME##_v3 ARGS;                                                                 \
-      default:                                                                                 \
-        break;                                                                                 \
-    }                                                                                          \
+#define DS_WORKER_X86(NAME, PARAMS, ARGS) \
+  template <typename scalar_t>            \
+  DS_TARGET_V3 void NAME##_v3 PARAMS {    \
+    NAME##_impl<kIsaV3> ARGS;             \
+  }                                       \
+  template <typename scalar_t>            \
+  DS_TARGET_V4 void NAME##_v4 PARAMS {    \
+    NAME##_impl<kIsaV4> ARGS;             \
+  }
+#define DS_WORKER_X86_DISPATCH(NAME, ARGS)                \
+  if constexpr (!std::is_same<scalar_t, double>::value) { \
+    switch (cpu_isa()) {                                  \
+      case kIsaV4:                                        \
+        return NAME##_v4 ARGS;                            \
+      case kIsaV3:                                        \
+        return NAME##_v3 ARGS;                            \
+      default:                                            \
+        break;                                            \
+    }                                                     \
   }
 #else
 #define DS_WORKER_X86(NAME, PARAMS, ARGS)
 #define DS_WORKER_X86_DISPATCH(NAME, ARGS)
 #endif
 
-#define DS_STATS_PARAMS                                                                        \
-  (const Inputs<scalar_t>& in, const Geometry& geo, const TileCtx<typename AccType<scalar_t>::type>& base, \
-   bool check_experts, int64_t t0, int64_t t1, double* part)
-#define DS_FUSED_PARAMS                                                                        \
-  (const Inputs<scalar_t>& in, const Geometry& geo, const TileCtx<typename AccType<scalar_t>::type>& base, \
-   bool check_experts, int64_t t0, int64_t t1, double* part, int64_t* bad)
+#define DS_STATS_PARAMS                                                                   \
+  (const Inputs<scalar_t>& in, const Geometry& geo,                                       \
+   const TileCtx<typename AccType<scalar_t>::type>& base, bool check_experts, int64_t t0, \
+   int64_t t1, double* part)
+#define DS_FUSED_PARAMS                                                                   \
+  (const Inputs<scalar_t>& in, const Geometry& geo,                                       \
+   const TileCtx<typename AccType<scalar_t>::type>& base, bool check_experts, int64_t t0, \
+   int64_t t1, double* part, int64_t* bad)
 DS_WORKER_VARIANTS(stats_worker, DS_STATS_PARAMS, (in, geo, base, check_experts, t0, t1, part))
 DS_WORKER_VARIANTS(fused_worker, DS_FUSED_PARAMS, (in, geo, base, check_experts, t0, t1, part, bad))
 
@@ -299,17 +312,17 @@ Inputs<scalar_t> make_inputs(const LossProblem& pb, GradOut* grad) {
 #define DS_DISPATCH_LOSS(PB, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (PB).x.scalar_type(), NAME, __VA_ARGS__)
 
-
 // ---------------------------------------------------------------------------
 // loss_stats
 // ---------------------------------------------------------------------------
-at::Tensor loss_stats_cpu(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& expert_labels,
-                          const c10::optional<at::Tensor>& class_weight, int64_t num_classes, int64_t num_experts,
-                          int64_t ignore_index, bool check_expert_labels) {
+at::Tensor loss_stats_cpu(const at::Tensor& logits, const at::Tensor& target,
+                          const at::Tensor& expert_labels,
+                          const c10::optional<at::Tensor>& class_weight, int64_t num_classes,
+                          int64_t num_experts, int64_t ignore_index, bool check_expert_labels) {
   const char* op = "deferredseg::loss_stats (CPU kernel)";
   TORCH_CHECK(logits.device().is_cpu(), op, ": logits must be on the CPU");
-  const LossCall call =
-      prepare_stats(op, logits, target, expert_labels, class_weight, num_classes, num_experts, ignore_index);
+  const LossCall call = prepare_stats(op, logits, target, expert_labels, class_weight, num_classes,
+                                      num_experts, ignore_index);
   const LossProblem& pb = call.pb;
   const at::Tensor& cw = call.cw;
   const Geometry geo(pb);
@@ -347,9 +360,10 @@ std::tuple<at::Tensor, at::Tensor> loss_fused_cpu(
     c10::ArrayRef<int64_t> iparams, bool compute_grad) {
   const char* op = "deferredseg::loss_fused (CPU kernel)";
   TORCH_CHECK(logits.device().is_cpu(), op, ": logits must be on the CPU");
-  const LossCall call = prepare_fused(op, logits, target, expert_labels, class_weight, stats, balance_low,
-                                      balance_high, num_classes, num_experts, ignore_index, fparams, iparams,
-                                      /*check_experts_supported=*/true);
+  const LossCall call =
+      prepare_fused(op, logits, target, expert_labels, class_weight, stats, balance_low,
+                    balance_high, num_classes, num_experts, ignore_index, fparams, iparams,
+                    /*check_experts_supported=*/true);
   const LossProblem& pb = call.pb;
   const LossParams& prm = call.prm;
   const at::Tensor &low = call.low, &high = call.high, &cw = call.cw;
@@ -360,7 +374,8 @@ std::tuple<at::Tensor, at::Tensor> loss_fused_cpu(
 
   // Gradient factors from the stats (double, then the accumulation type).
   std::vector<double> dS(static_cast<size_t>(E + 1), 0.0);
-  balance_term(sv, n_stats, E, prm.balance, low.data_ptr<double>(), high.data_ptr<double>(), dS.data());
+  balance_term(sv, n_stats, E, prm.balance, low.data_ptr<double>(), high.data_ptr<double>(),
+               dS.data());
   const GradScales scales = grad_scales(sv, E, prm);
 
   GradOut gout;
@@ -372,7 +387,8 @@ std::tuple<at::Tensor, at::Tensor> loss_fused_cpu(
     DS_DISPATCH_LOSS(pb, "loss_fused_cpu", [&] {
       using T = typename AccType<scalar_t>::type;
       std::vector<T> bal(static_cast<size_t>(E + 1));
-      for (int64_t k = 0; k <= E; ++k) bal[k] = static_cast<T>(prm.lambda_balance * prm.balance_grad_scale * dS[k]);
+      for (int64_t k = 0; k <= E; ++k)
+        bal[k] = static_cast<T>(prm.lambda_balance * prm.balance_grad_scale * dS[k]);
       TileCtx<T> base;
       base.K = pb.K;
       base.E = E;
@@ -404,12 +420,13 @@ std::tuple<at::Tensor, at::Tensor> loss_fused_cpu(
   if (prm.check_experts) {
     int64_t n_bad = 0;
     for (const int64_t v : bad) n_bad += v;
-    TORCH_CHECK_VALUE(n_bad == 0, "expert_labels must hold labels in [0, ", pb.num_labels, ") or ignore_index=",
-                      pb.ignore_index, ", got ", n_bad, " value(s) outside");
+    TORCH_CHECK_VALUE(n_bad == 0, "expert_labels must hold labels in [0, ", pb.num_labels,
+                      ") or ignore_index=", pb.ignore_index, ", got ", n_bad, " value(s) outside");
   }
   const std::vector<double> sums = sum_rows(part, geo.tiles, kNumSums);
   double terms_d[kTermsLen];
-  assemble_terms(sums.data(), sv, n_stats, E, pb.nd, prm, low.data_ptr<double>(), high.data_ptr<double>(), terms_d);
+  assemble_terms(sums.data(), sv, n_stats, E, pb.nd, prm, low.data_ptr<double>(),
+                 high.data_ptr<double>(), terms_d);
   at::Tensor terms = at::empty({kTermsLen}, logits.options().dtype(at::kDouble));
   std::copy(terms_d, terms_d + kTermsLen, terms.data_ptr<double>());
   terms = terms.to(call.acc);

@@ -155,7 +155,8 @@ DS_LOSS_FN void loss_rest_fast(const TileCtx<T>& c) {
       const T common = routing_common<SUR>(cc, acc, bsum, gD[i], D[i]);
 #pragma GCC unroll 8
       for (int m = 0; m <= E; ++m) {
-        const T g = routing_grad<SUR>(p[m], common, bal[m], gD[i], m < E ? T(1) : T(0), cc, ck[m], gk[m]);
+        const T g =
+            routing_grad<SUR>(p[m], common, bal[m], gD[i], m < E ? T(1) : T(0), cc, ck[m], gk[m]);
         R[m * kTile + i] = sel(ok, g, T(0));
       }
       a[i] = sel(ok, ga, T(0));
@@ -199,7 +200,7 @@ DS_LOSS_FN void loss_tile_impl(const TileCtx<T>& c) {
       const T wv = w[i];
       const T wl = wv * l, g = seg_scale * wv * dl;
       lseg[i] = sel(ok, wl, T(0));
-      const T yv = yf[i];  // 0 or 1
+      const T yv = yf[i];                     // 0 or 1
       c0[i] = sel(zi > T(0), yv, T(1) - yv);  // (z > 0) == y
       z[i] = sel(ok, g, T(0));
     }
@@ -381,13 +382,16 @@ DS_LOSS_FN void loss_tile_impl(const TileCtx<T>& c) {
     T* __restrict__ common = c.common;
     if (c.surrogate == kSurrogatePaper) {
       DS_SIMD
-      for (int64_t i = 0; i < n; ++i) common[i] = routing_common<kSurrogatePaper>(cc, acc[i], bsum[i], gD[i], D[i]);
+      for (int64_t i = 0; i < n; ++i)
+        common[i] = routing_common<kSurrogatePaper>(cc, acc[i], bsum[i], gD[i], D[i]);
     } else if (c.surrogate == kSurrogateOva) {
       DS_SIMD
-      for (int64_t i = 0; i < n; ++i) common[i] = routing_common<kSurrogateOva>(cc, acc[i], bsum[i], gD[i], D[i]);
+      for (int64_t i = 0; i < n; ++i)
+        common[i] = routing_common<kSurrogateOva>(cc, acc[i], bsum[i], gD[i], D[i]);
     } else {
       DS_SIMD
-      for (int64_t i = 0; i < n; ++i) common[i] = routing_common<kSurrogateSoftmax>(cc, acc[i], bsum[i], gD[i], D[i]);
+      for (int64_t i = 0; i < n; ++i)
+        common[i] = routing_common<kSurrogateSoftmax>(cc, acc[i], bsum[i], gD[i], D[i]);
     }
     const T eps = c.eps;
     for (int64_t m = 0; m <= E; ++m) {
@@ -421,7 +425,8 @@ DS_LOSS_FN void loss_tile_impl(const TileCtx<T>& c) {
       } else {
         DS_SIMD
         for (int64_t i = 0; i < n; ++i) {
-          const T g = routing_grad<kSurrogateSoftmax>(p[i], common[i], bm, gD[i], expert, cc, ck[i], T(0));
+          const T g =
+              routing_grad<kSurrogateSoftmax>(p[i], common[i], bm, gD[i], expert, cc, ck[i], T(0));
           r[i] = sel(valid[i] != T(0), g, T(0));
         }
       }
@@ -442,7 +447,6 @@ DS_LOSS_FN void loss_tile_impl(const TileCtx<T>& c) {
   c.out[kSumCollab] = scol;
   c.out[kSumGate] = sgate;
 }
-
 
 // ---------------------------------------------------------------------------
 // Compute entry points: one per accumulation type and instruction set.
@@ -467,11 +471,11 @@ DS_COMPUTE_ENTRY(DS_TARGET_V4, loss_tile_v4, loss_tile_impl)
 #endif
 
 #if DS_X86_VARIANTS
-#define DS_COMPUTE_DISPATCH(NAME)                                  \
-  if constexpr (std::is_same<T, float>::value) {                   \
-    if (ISA == kIsaV4) return NAME##_v4(c);                        \
-    if (ISA == kIsaV3) return NAME##_v3(c);                        \
-  }                                                                \
+#define DS_COMPUTE_DISPATCH(NAME)                \
+  if constexpr (std::is_same<T, float>::value) { \
+    if (ISA == kIsaV4) return NAME##_v4(c);      \
+    if (ISA == kIsaV3) return NAME##_v3(c);      \
+  }                                              \
   NAME##_base(c);
 #else
 #define DS_COMPUTE_DISPATCH(NAME) NAME##_base(c);

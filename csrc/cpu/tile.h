@@ -32,7 +32,7 @@ struct TileCtx {
   // rb, ri, rs, rinv, D, pi and lgate, dgate, dsa already hold this tile's routing and gate
   // term (computed by maps_tile), valid / yf / y its target
   bool routing_ready = false;
-  bool fast = false;           // E <= kFastMaxExperts, float accumulation: the unrolled paths
+  bool fast = false;  // E <= kFastMaxExperts, float accumulation: the unrolled paths
   int maps = 0;
   T gate_mse = 0, gate_sparsity = 0, eps = 0;
   T scale_seg = 0, scale_collab = 0, scale_gate = 0;
@@ -117,9 +117,9 @@ struct Workspace {
     c.X = take(C);
     c.ck = take(E + 1);
     c.pi = take(E + 1);
-    T** named[kNamed] = {&c.valid, &c.yf, &c.w, &c.zb, &c.zs, &c.zy, &c.rb, &c.rs, &c.rinv, &c.rlog, &c.D,
-                         &c.lseg, &c.lcol, &c.lgate, &c.dgate, &c.dsa, &c.acc, &c.bsum, &c.common, &c.gD, &c.gS,
-                         &c.tg};
+    T** named[kNamed] = {&c.valid, &c.yf,   &c.w,      &c.zb,   &c.zs,   &c.zy,    &c.rb,    &c.rs,
+                         &c.rinv,  &c.rlog, &c.D,      &c.lseg, &c.lcol, &c.lgate, &c.dgate, &c.dsa,
+                         &c.acc,   &c.bsum, &c.common, &c.gD,   &c.gS,   &c.tg};
     for (T** q : named) *q = take(1);
     for (int d = 0; d < kMaxSpatial; ++d) {
       c.hp[d] = take(1);
@@ -147,8 +147,11 @@ struct RoutingRing {
   std::vector<int64_t> i64;  // tv: the raw target
   std::vector<int64_t> tag;
   RoutingRing(int64_t slots_, int64_t E_)
-      : slots(slots_), E(E_), f(static_cast<size_t>(slots_ * (E_ + 1 + kRows) * kTile)),
-        i32(static_cast<size_t>(slots_ * 2 * kTile)), i64(static_cast<size_t>(slots_ * kTile)),
+      : slots(slots_),
+        E(E_),
+        f(static_cast<size_t>(slots_ * (E_ + 1 + kRows) * kTile)),
+        i32(static_cast<size_t>(slots_ * 2 * kTile)),
+        i64(static_cast<size_t>(slots_ * kTile)),
         tag(static_cast<size_t>(slots_), -1) {}
   // Points the routing, gate and target arrays of c (and tv) at the slot of tile `id`.
   int64_t point(TileCtx<T>& c, int64_t id, int64_t*& tv) {
@@ -174,7 +177,9 @@ struct MapWindow {
   int64_t cap = 0, pad = 0, lo = 0;
   std::vector<T> vm, D, S;
   MapWindow(int64_t cap_, int64_t pad_, bool with_d, bool with_s)
-      : cap(cap_), pad(pad_), vm(static_cast<size_t>(cap_ + 2 * pad_), T(0)),
+      : cap(cap_),
+        pad(pad_),
+        vm(static_cast<size_t>(cap_ + 2 * pad_), T(0)),
         D(with_d ? static_cast<size_t>(cap_ + 2 * pad_) : 0, T(0)),
         S(with_s ? static_cast<size_t>(cap_ + 2 * pad_) : 0, T(0)) {}
   int64_t at(int64_t p) const { return pad + p - lo; }
@@ -187,9 +192,14 @@ struct MapWindow {
     if (upto - lo <= cap) return;
     const int64_t shift = keep - lo, count = done - keep;
     if (count > 0) {
-      std::memmove(vm.data() + pad, vm.data() + pad + shift, static_cast<size_t>(count) * sizeof(T));
-      if (!D.empty()) std::memmove(D.data() + pad, D.data() + pad + shift, static_cast<size_t>(count) * sizeof(T));
-      if (!S.empty()) std::memmove(S.data() + pad, S.data() + pad + shift, static_cast<size_t>(count) * sizeof(T));
+      std::memmove(vm.data() + pad, vm.data() + pad + shift,
+                   static_cast<size_t>(count) * sizeof(T));
+      if (!D.empty())
+        std::memmove(D.data() + pad, D.data() + pad + shift,
+                     static_cast<size_t>(count) * sizeof(T));
+      if (!S.empty())
+        std::memmove(S.data() + pad, S.data() + pad + shift,
+                     static_cast<size_t>(count) * sizeof(T));
     }
     lo = keep;
   }

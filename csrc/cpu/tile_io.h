@@ -27,15 +27,15 @@ DS_FP_REGION_BEGIN
 // to memory: it is not read again by this pass, and a normal store would first read
 // every line it writes). Head and tail up to 64-byte alignment use normal stores.
 #if DS_HAVE_STREAM
-#define DS_STREAM_ROW(ATTR, NAME, VEC, WIDTH, STORE, LOAD)                          \
-  ATTR inline void NAME(float* dst, const float* src, int64_t n) {                  \
-    int64_t i = 0;                                                                 \
-    while (i < n && (reinterpret_cast<uintptr_t>(dst + i) & 63) != 0) {             \
-      dst[i] = src[i];                                                             \
-      ++i;                                                                         \
-    }                                                                              \
-    for (; i + WIDTH <= n; i += WIDTH) STORE(dst + i, LOAD(src + i));               \
-    for (; i < n; ++i) dst[i] = src[i];                                            \
+#define DS_STREAM_ROW(ATTR, NAME, VEC, WIDTH, STORE, LOAD)              \
+  ATTR inline void NAME(float* dst, const float* src, int64_t n) {      \
+    int64_t i = 0;                                                      \
+    while (i < n && (reinterpret_cast<uintptr_t>(dst + i) & 63) != 0) { \
+      dst[i] = src[i];                                                  \
+      ++i;                                                              \
+    }                                                                   \
+    for (; i + WIDTH <= n; i += WIDTH) STORE(dst + i, LOAD(src + i));   \
+    for (; i < n; ++i) dst[i] = src[i];                                 \
   }
 DS_STREAM_ROW(, stream_row_base, __m128, 4, _mm_stream_ps, _mm_loadu_ps)
 #if DS_X86_VARIANTS
@@ -65,7 +65,8 @@ inline void stream_fence() {
 
 // Rows c0 .. c0 + nc - 1 of the tile, x at (b, 0, p0).
 template <typename scalar_t, typename T>
-DS_INLINE void load_rows(const scalar_t* x, int64_t xc, int64_t xp, int64_t c0, int64_t nc, int64_t n, T* out) {
+DS_INLINE void load_rows(const scalar_t* x, int64_t xc, int64_t xp, int64_t c0, int64_t nc,
+                         int64_t n, T* out) {
   for (int64_t c = 0; c < nc; ++c) {
     const scalar_t* __restrict__ src = x + (c0 + c) * xc;
     T* __restrict__ dst = out + c * kTile;
@@ -80,7 +81,8 @@ DS_INLINE void load_rows(const scalar_t* x, int64_t xc, int64_t xp, int64_t c0, 
 
 // `stream`: non-temporal stores (float rows of unit stride only; see stream_row).
 template <int ISA, typename scalar_t, typename T>
-DS_INLINE void store_rows(scalar_t* g, int64_t gc, int64_t gp, int64_t nc, int64_t n, const T* in, bool stream) {
+DS_INLINE void store_rows(scalar_t* g, int64_t gc, int64_t gp, int64_t nc, int64_t n, const T* in,
+                          bool stream) {
   for (int64_t c = 0; c < nc; ++c) {
     scalar_t* __restrict__ dst = g + c * gc;
     const T* __restrict__ src = in + c * kTile;
@@ -109,8 +111,8 @@ DS_INLINE bool label_out_of_range(int64_t v, int64_t ignore, int64_t nlab) {
 // it can index), the raw value; returns 1 for a label out of range that is not
 // ignore_index.
 template <typename T>
-DS_INLINE int64_t target_at(int64_t v, int64_t ignore, int64_t nlab, int64_t i, T* valid, T* yf, int32_t* y,
-                            int64_t* tv) {
+DS_INLINE int64_t target_at(int64_t v, int64_t ignore, int64_t nlab, int64_t i, T* valid, T* yf,
+                            int32_t* y, int64_t* tv) {
   const bool ok = v != ignore;
   const bool in_range = (v >= 0) & (v < nlab);
   const int32_t lab = sel<int32_t>(ok & in_range, static_cast<int32_t>(v), 0);
@@ -129,7 +131,8 @@ DS_INLINE int64_t load_target(const label_t* t, int64_t tp, int64_t n, int64_t i
   int64_t bad = 0;
   if (tp == 1) {
     DS_SIMD_SUM(bad)
-    for (int64_t i = 0; i < n; ++i) bad += target_at(static_cast<int64_t>(t[i]), ignore, nlab, i, valid, yf, y, tv);
+    for (int64_t i = 0; i < n; ++i)
+      bad += target_at(static_cast<int64_t>(t[i]), ignore, nlab, i, valid, yf, y, tv);
   } else {
     for (int64_t i = 0; i < n; ++i) {
       bad += target_at(static_cast<int64_t>(t[i * tp]), ignore, nlab, i, valid, yf, y, tv);
@@ -142,7 +145,8 @@ DS_INLINE int64_t load_target(const label_t* t, int64_t tp, int64_t n, int64_t i
 // of bad labels (counted in float, exact for a tile: one accumulation type keeps the
 // loop vectorised).
 template <typename label_t, typename T>
-DS_INLINE int64_t load_valid(const label_t* t, int64_t n, int64_t ignore, int64_t nlab, T* __restrict__ valid) {
+DS_INLINE int64_t load_valid(const label_t* t, int64_t n, int64_t ignore, int64_t nlab,
+                             T* __restrict__ valid) {
   T bad = T(0);
   DS_SIMD_SUM(bad)
   for (int64_t i = 0; i < n; ++i) {
@@ -161,8 +165,9 @@ DS_INLINE int64_t load_valid(const label_t* t, int64_t n, int64_t ignore, int64_
 // With count_bad, also returns the number of expert labels out of [0, nlab) that are
 // not ignore_index, counted in the same loop (0 otherwise).
 template <typename label_t, typename T>
-DS_INLINE int64_t load_experts(const label_t* l, int64_t le, int64_t lp, int64_t E, int64_t n, int64_t ignore,
-                               int64_t nlab, bool count_bad, const int64_t* __restrict__ tv, T* ck) {
+DS_INLINE int64_t load_experts(const label_t* l, int64_t le, int64_t lp, int64_t E, int64_t n,
+                               int64_t ignore, int64_t nlab, bool count_bad,
+                               const int64_t* __restrict__ tv, T* ck) {
   int64_t bad = 0;
   for (int64_t j = 0; j < E; ++j) {
     const label_t* __restrict__ src = l + j * le;
@@ -193,8 +198,8 @@ DS_INLINE int64_t load_experts(const label_t* l, int64_t le, int64_t lp, int64_t
 
 // Expert labels out of range that are not ignore_index.
 template <typename label_t>
-DS_INLINE int64_t count_bad_experts(const label_t* l, int64_t le, int64_t lp, int64_t E, int64_t n, int64_t ignore,
-                                    int64_t nlab) {
+DS_INLINE int64_t count_bad_experts(const label_t* l, int64_t le, int64_t lp, int64_t E, int64_t n,
+                                    int64_t ignore, int64_t nlab) {
   int64_t bad = 0;
   for (int64_t j = 0; j < E; ++j) {
     const label_t* __restrict__ src = l + j * le;
@@ -220,8 +225,8 @@ DS_INLINE int64_t count_bad_experts(const label_t* l, int64_t le, int64_t lp, in
 // a tile; 64-bit labels and floats in one loop of one width); then the pixels with
 // no neighbour along the axis (see pairs_past_edge) take theirs back.
 template <typename label_t, typename T>
-DS_INLINE int64_t count_pairs(const label_t* next, int64_t tp, int64_t n, int64_t avail, int64_t ignore,
-                              const T* __restrict__ valid, T* __restrict__ both) {
+DS_INLINE int64_t count_pairs(const label_t* next, int64_t tp, int64_t n, int64_t avail,
+                              int64_t ignore, const T* __restrict__ valid, T* __restrict__ both) {
   const int64_t m = std::min(n, avail);  // pixels past `avail` have no neighbour along this axis
   T cnt = T(0);
   if (tp == 1) {
@@ -271,8 +276,8 @@ class TilePrefetch {
   }
   // Adds `nrows` rows of n elements of `bytes` each, rows `row_stride` elements apart,
   // from `base` + offset elements; unit stride only (else nothing).
-  DS_INLINE void add(const void* base, int64_t bytes, int64_t offset, int64_t row_stride, int64_t nrows,
-                     int64_t unit, int64_t n) {
+  DS_INLINE void add(const void* base, int64_t bytes, int64_t offset, int64_t row_stride,
+                     int64_t nrows, int64_t unit, int64_t n) {
     if (unit != 1 || base == nullptr || n <= 0) return;
     const char* p0 = static_cast<const char*>(base) + offset * bytes;
     for (int64_t r = 0; r < nrows && nrows_ < kMaxRows; ++r) {
@@ -307,23 +312,23 @@ template <typename L>
 DS_INLINE const L* label_at(const LabelPtr& l, int64_t offset) {
   return static_cast<const L*>(l.p) + offset;
 }
-#define DS_LABEL_SWITCH(LP, ...)            \
-  switch ((LP).kind) {                      \
-    case 0: {                               \
-      using label_t = uint8_t;              \
-      __VA_ARGS__;                          \
-      break;                                \
-    }                                       \
-    case 1: {                               \
-      using label_t = int32_t;              \
-      __VA_ARGS__;                          \
-      break;                                \
-    }                                       \
-    default: {                              \
-      using label_t = int64_t;              \
-      __VA_ARGS__;                          \
-      break;                                \
-    }                                       \
+#define DS_LABEL_SWITCH(LP, ...) \
+  switch ((LP).kind) {           \
+    case 0: {                    \
+      using label_t = uint8_t;   \
+      __VA_ARGS__;               \
+      break;                     \
+    }                            \
+    case 1: {                    \
+      using label_t = int32_t;   \
+      __VA_ARGS__;               \
+      break;                     \
+    }                            \
+    default: {                   \
+      using label_t = int64_t;   \
+      __VA_ARGS__;               \
+      break;                     \
+    }                            \
   }
 
 template <typename scalar_t>
@@ -337,37 +342,42 @@ struct Inputs : LossStrides {
 
 // The loaders above for the label dtype of the inputs; offsets in elements.
 template <typename scalar_t, typename T>
-DS_INLINE int64_t load_target_at(const Inputs<scalar_t>& in, int64_t offset, int64_t n, T* valid, T* yf, int32_t* y,
-                                 int64_t* tv) {
+DS_INLINE int64_t load_target_at(const Inputs<scalar_t>& in, int64_t offset, int64_t n, T* valid,
+                                 T* yf, int32_t* y, int64_t* tv) {
   int64_t bad = 0;
-  DS_LABEL_SWITCH(in.t, bad = load_target(label_at<label_t>(in.t, offset), in.tp, n, in.ignore, in.nlab, valid, yf, y, tv))
+  DS_LABEL_SWITCH(in.t, bad = load_target(label_at<label_t>(in.t, offset), in.tp, n, in.ignore,
+                                          in.nlab, valid, yf, y, tv))
   return bad;
 }
 template <typename scalar_t, typename T>
 DS_INLINE int64_t load_valid_at(const Inputs<scalar_t>& in, int64_t offset, int64_t n, T* valid) {
   int64_t bad = 0;
-  DS_LABEL_SWITCH(in.t, bad = load_valid(label_at<label_t>(in.t, offset), n, in.ignore, in.nlab, valid))
+  DS_LABEL_SWITCH(in.t,
+                  bad = load_valid(label_at<label_t>(in.t, offset), n, in.ignore, in.nlab, valid))
   return bad;
 }
 template <typename scalar_t, typename T>
-DS_INLINE int64_t load_experts_at(const Inputs<scalar_t>& in, int64_t offset, int64_t E, int64_t n, bool count_bad,
-                                  const int64_t* tv, T* ck) {
+DS_INLINE int64_t load_experts_at(const Inputs<scalar_t>& in, int64_t offset, int64_t E, int64_t n,
+                                  bool count_bad, const int64_t* tv, T* ck) {
   int64_t bad = 0;
-  DS_LABEL_SWITCH(in.lab, bad = load_experts(label_at<label_t>(in.lab, offset), in.le, in.lp, E, n, in.ignore, in.nlab,
-                                             count_bad, tv, ck))
+  DS_LABEL_SWITCH(in.lab, bad = load_experts(label_at<label_t>(in.lab, offset), in.le, in.lp, E, n,
+                                             in.ignore, in.nlab, count_bad, tv, ck))
   return bad;
 }
 template <typename scalar_t>
-DS_INLINE int64_t count_bad_experts_at(const Inputs<scalar_t>& in, int64_t offset, int64_t E, int64_t n) {
+DS_INLINE int64_t count_bad_experts_at(const Inputs<scalar_t>& in, int64_t offset, int64_t E,
+                                       int64_t n) {
   int64_t bad = 0;
-  DS_LABEL_SWITCH(in.lab, bad = count_bad_experts(label_at<label_t>(in.lab, offset), in.le, in.lp, E, n, in.ignore, in.nlab))
+  DS_LABEL_SWITCH(in.lab, bad = count_bad_experts(label_at<label_t>(in.lab, offset), in.le, in.lp,
+                                                  E, n, in.ignore, in.nlab))
   return bad;
 }
 template <typename scalar_t, typename T>
-DS_INLINE int64_t count_pairs_at(const Inputs<scalar_t>& in, int64_t offset, int64_t n, int64_t avail, const T* valid,
-                                 T* both) {
+DS_INLINE int64_t count_pairs_at(const Inputs<scalar_t>& in, int64_t offset, int64_t n,
+                                 int64_t avail, const T* valid, T* both) {
   int64_t cnt = 0;
-  DS_LABEL_SWITCH(in.t, cnt = count_pairs(label_at<label_t>(in.t, offset), in.tp, n, avail, in.ignore, valid, both))
+  DS_LABEL_SWITCH(in.t, cnt = count_pairs(label_at<label_t>(in.t, offset), in.tp, n, avail,
+                                          in.ignore, valid, both))
   return cnt;
 }
 
@@ -375,8 +385,8 @@ DS_INLINE int64_t count_pairs_at(const Inputs<scalar_t>& in, int64_t offset, int
 // channel 0): the input itself when in_place (scalar_t is T, unit pixel stride),
 // else a copy in X (converted to T).
 template <typename scalar_t, typename T>
-DS_INLINE void point_logits(TileCtx<T>& c, const Inputs<scalar_t>& in, const scalar_t* x, int64_t c0, int64_t nc,
-                            int64_t n, bool in_place) {
+DS_INLINE void point_logits(TileCtx<T>& c, const Inputs<scalar_t>& in, const scalar_t* x,
+                            int64_t c0, int64_t nc, int64_t n, bool in_place) {
   if constexpr (std::is_same<scalar_t, T>::value) {
     if (in_place) {
       c.Xin = x + c0 * in.xc;

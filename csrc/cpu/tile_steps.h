@@ -83,28 +83,28 @@ DS_LOSS_FN void tile_routing_fast(const TileCtx<T>& c, const T* R, int64_t xs) {
 // Runs the statement with the constant NE = the E of the tile (1 .. kFastMaxExperts).
 // (A macro, not a lambda: GCC compiles a lambda for the default instruction set even
 // inside a function built for x86-64-v3 / v4.)
-#define DS_WITH_FAST_E(E, ...)   \
-  switch (E) {                   \
-    case 1: {                    \
-      constexpr int NE = 1;      \
-      __VA_ARGS__;               \
-      break;                     \
-    }                            \
-    case 2: {                    \
-      constexpr int NE = 2;      \
-      __VA_ARGS__;               \
-      break;                     \
-    }                            \
-    case 3: {                    \
-      constexpr int NE = 3;      \
-      __VA_ARGS__;               \
-      break;                     \
-    }                            \
-    default: {                   \
-      constexpr int NE = 4;      \
-      __VA_ARGS__;               \
-      break;                     \
-    }                            \
+#define DS_WITH_FAST_E(E, ...) \
+  switch (E) {                 \
+    case 1: {                  \
+      constexpr int NE = 1;    \
+      __VA_ARGS__;             \
+      break;                   \
+    }                          \
+    case 2: {                  \
+      constexpr int NE = 2;    \
+      __VA_ARGS__;             \
+      break;                   \
+    }                          \
+    case 3: {                  \
+      constexpr int NE = 3;    \
+      __VA_ARGS__;             \
+      break;                   \
+    }                          \
+    default: {                 \
+      constexpr int NE = 4;    \
+      __VA_ARGS__;             \
+      break;                   \
+    }                          \
   }
 
 // Routing softmax of the E + 1 logit rows at R (xs apart): argmax (ri), max (rb), sum
