@@ -10,7 +10,6 @@
 #include <limits>
 #include <type_traits>
 
-#include "grad_cache.h"  // kStreamBytes
 #include "tile.h"
 
 namespace deferredseg {
