@@ -1,11 +1,13 @@
 // Op schemas of the `deferredseg` library and the Python module `deferredseg_kernels._C`.
 //
 // The ops are defined here, with the schemas of schemas.h; each device registers its kernels in
-// TORCH_LIBRARY_IMPL blocks next to the kernels (cpu/, cuda/). Fake kernels and
+// TORCH_LIBRARY_IMPL blocks next to the kernels (cpu/, cuda/), except empty_cpu_cache, which
+// has one kernel for every device, given here. Fake kernels and
 // autograd are registered from Python (deferredseg_kernels/ops/).
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/grad_cache.h"
 #include "schemas.h"
 
 #ifndef DS_TORCH_VERSION
@@ -19,11 +21,12 @@ TORCH_LIBRARY(deferredseg, m) {
   m.def(deferredseg::kRouteSchema);
   m.def(deferredseg::kLossStatsSchema);
   m.def(deferredseg::kLossFusedSchema);
+  m.def(deferredseg::kEmptyCpuCacheSchema, &deferredseg::cpu_loss::empty_cpu_cache);
 }
 
-static struct PyModuleDef ds_module = {PyModuleDef_HEAD_INIT, "_C",
-                                       "Compiled kernels of deferredseg (registered as torch.ops.deferredseg).",
-                                       -1, nullptr};
+static struct PyModuleDef ds_module = {
+    PyModuleDef_HEAD_INIT, "_C",
+    "Compiled kernels of deferredseg (registered as torch.ops.deferredseg).", -1, nullptr};
 
 // Importing the module loads the shared library, which runs the TORCH_LIBRARY
 // registrations above; the module itself only records how it was built.

@@ -1,7 +1,10 @@
 // Shared host-side code of the fused loss ops `deferredseg::loss_stats` and
-// `deferredseg::loss_fused` (docs/objective.md, "Terms"; contract in deferredseg_kernels/ops/fused.py):
-// argument checks, the flattened (B, C, P) views the kernels read, the gradient
-// buffer and the decoding of fparams / iparams.
+// `deferredseg::loss_fused` (docs/objective.md section 3; contract in
+// deferredseg_kernels/ops/fused.py), used by the CPU and the CUDA kernels alike: the
+// prologue of each op (prepare_stats, prepare_fused: argument checks, the flattened
+// (B, C, P) views the kernels read, the decoding of fparams / iparams and the vectors of
+// the options), the strides and label pointers the kernels are given, and the gradient
+// buffer.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -14,6 +17,7 @@
 
 #include <vector>
 
+#include "dispatch.h"  // is_label_dtype, acc_dtype
 #include "loss_pixel.h"
 
 namespace deferredseg {
@@ -25,22 +29,19 @@ namespace deferredseg {
 struct LossProblem {
   at::Tensor x, target, labels;
   int64_t B = 0, C = 0, P = 0, K = 0, E = 0, num_labels = 0, ignore_index = 0;
-  int nd = 0;                                  // spatial dims (1 to 3)
-  int64_t S[loss::kMaxSpatial] = {1, 1, 1};    // spatial sizes
-  int64_t st[loss::kMaxSpatial] = {0, 0, 0};   // flattened strides of the spatial axes
+  int nd = 0;                                 // spatial dims (1 to 3)
+  int64_t S[loss::kMaxSpatial] = {1, 1, 1};   // spatial sizes
+  int64_t st[loss::kMaxSpatial] = {0, 0, 0};  // flattened strides of the spatial axes
 };
 
-inline bool loss_label_dtype(at::ScalarType t) {
-  return t == at::kByte || t == at::kInt || t == at::kLong;
-}
-
 inline LossProblem prepare_loss(const char* op, const at::Tensor& logits, const at::Tensor& target,
-                                const at::Tensor& expert_labels, int64_t num_classes, int64_t num_experts,
-                                int64_t ignore_index) {
+                                const at::Tensor& expert_labels, int64_t num_classes,
+                                int64_t num_experts, int64_t ignore_index) {
   TORCH_CHECK(logits.dim() >= 3 && logits.dim() <= 5, op,
               ": logits must have shape (B, C, *S) with 1 to 3 spatial dims, got ", logits.sizes());
   TORCH_CHECK(num_classes >= 1 && num_experts >= 1 && num_experts <= 127, op,
-              ": need num_classes >= 1 and 1 <= num_experts <= 127, got ", num_classes, " and ", num_experts);
+              ": need num_classes >= 1 and 1 <= num_experts <= 127, got ", num_classes, " and ",
+              num_experts);
   TORCH_CHECK(logits.size(1) == num_classes + num_experts + 2, op, ": logits must have ",
               num_classes + num_experts + 2, " channels, got ", logits.size(1));
   const auto dt = logits.scalar_type();
@@ -66,13 +67,13 @@ inline LossProblem prepare_loss(const char* op, const at::Tensor& logits, const 
   }
   pb.P = stride;
 
-  TORCH_CHECK(loss_label_dtype(target.scalar_type()), op, ": target must be uint8, int32 or int64, got ",
-              target.scalar_type());
-  TORCH_CHECK(loss_label_dtype(expert_labels.scalar_type()), op,
+  TORCH_CHECK(is_label_dtype(target.scalar_type()), op,
+              ": target must be uint8, int32 or int64, got ", target.scalar_type());
+  TORCH_CHECK(is_label_dtype(expert_labels.scalar_type()), op,
               ": expert_labels must be uint8, int32 or int64, got ", expert_labels.scalar_type());
   TORCH_CHECK(target.device() == logits.device() && expert_labels.device() == logits.device(), op,
-              ": target and expert_labels must be on the device of logits (", logits.device(), "), got ",
-              target.device(), " and ", expert_labels.device());
+              ": target and expert_labels must be on the device of logits (", logits.device(),
+              "), got ", target.device(), " and ", expert_labels.device());
   std::vector<int64_t> want_t{pb.B};
   want_t.insert(want_t.end(), spatial.begin(), spatial.end());
   std::vector<int64_t> want_t1{pb.B, 1};
@@ -81,10 +82,11 @@ inline LossProblem prepare_loss(const char* op, const at::Tensor& logits, const 
   want_l.insert(want_l.end(), spatial.begin(), spatial.end());
   at::Tensor t = target;
   if (t.sizes() == at::IntArrayRef(want_t1)) t = t.squeeze(1);
-  TORCH_CHECK(t.sizes() == at::IntArrayRef(want_t), op, ": target must have shape ", at::IntArrayRef(want_t),
-              " or ", at::IntArrayRef(want_t1), ", got ", target.sizes());
-  TORCH_CHECK(expert_labels.sizes() == at::IntArrayRef(want_l), op, ": expert_labels must have shape ",
-              at::IntArrayRef(want_l), ", got ", expert_labels.sizes());
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(want_t), op, ": target must have shape ",
+              at::IntArrayRef(want_t), " or ", at::IntArrayRef(want_t1), ", got ", target.sizes());
+  TORCH_CHECK(expert_labels.sizes() == at::IntArrayRef(want_l), op,
+              ": expert_labels must have shape ", at::IntArrayRef(want_l), ", got ",
+              expert_labels.sizes());
 
   pb.x = logits.flatten(2);  // a view whenever the spatial strides can be merged
   pb.target = t.reshape({pb.B, pb.P});
@@ -98,8 +100,8 @@ inline loss::LossParams parse_loss_params(const char* op, c10::ArrayRef<double> 
   TORCH_CHECK(fparams.size() == loss::kNumFParams, op, ": fparams must have ", loss::kNumFParams,
               " values, got ", fparams.size());
   TORCH_CHECK(iparams.size() == loss::kNumIParams || iparams.size() == loss::kNumIParams + 1, op,
-              ": iparams must have ", loss::kNumIParams, " or ", loss::kNumIParams + 1, " values, got ",
-              iparams.size());
+              ": iparams must have ", loss::kNumIParams, " or ", loss::kNumIParams + 1,
+              " values, got ", iparams.size());
   loss::LossParams p;
   p.lambda_seg = fparams[0];
   p.lambda_collab = fparams[1];
@@ -125,18 +127,20 @@ inline loss::LossParams parse_loss_params(const char* op, c10::ArrayRef<double> 
               ": unknown coherence_maps bits ", p.maps);
   TORCH_CHECK(p.balance == loss::kBalanceCv2 || p.balance == loss::kBalanceBand, op,
               ": unknown balance code ", p.balance);
-  TORCH_CHECK(p.gate_target == loss::kGateTargetRouter || p.gate_target == loss::kGateTargetBenefit, op,
-              ": unknown gate_target code ", p.gate_target);
+  TORCH_CHECK(p.gate_target == loss::kGateTargetRouter || p.gate_target == loss::kGateTargetBenefit,
+              op, ": unknown gate_target code ", p.gate_target);
   return p;
 }
 
 // Checks the stats vector handed to loss_fused: float64, E + 7 values (E + 8 under sync_balance).
-inline void check_stats(const char* op, const at::Tensor& stats, const at::Tensor& logits, int64_t E) {
-  TORCH_CHECK(stats.dim() == 1 && (stats.numel() == loss::stats_len(E) || stats.numel() == loss::stats_len(E) + 1),
-              op, ": stats must be a vector of ", loss::stats_len(E), " (or ", loss::stats_len(E) + 1,
-              ") values, got shape ", stats.sizes());
-  TORCH_CHECK(stats.device() == logits.device(), op, ": stats must be on ", logits.device(), ", got ",
-              stats.device());
+inline void check_stats(const char* op, const at::Tensor& stats, const at::Tensor& logits,
+                        int64_t E) {
+  TORCH_CHECK(stats.dim() == 1 &&
+                  (stats.numel() == loss::stats_len(E) || stats.numel() == loss::stats_len(E) + 1),
+              op, ": stats must be a vector of ", loss::stats_len(E), " (or ",
+              loss::stats_len(E) + 1, ") values, got shape ", stats.sizes());
+  TORCH_CHECK(stats.device() == logits.device(), op, ": stats must be on ", logits.device(),
+              ", got ", stats.device());
 }
 
 // balance_low / balance_high as E + 1 float64 values on the logits' device (zeros when absent:
@@ -148,17 +152,18 @@ inline at::Tensor band_vector(const char* op, const char* name, const c10::optio
     TORCH_CHECK(!required, op, ": ", name, " is required with balance='band'");
     return at::zeros({E + 1}, opts);
   }
-  TORCH_CHECK(v->dim() == 1 && v->numel() == E + 1, op, ": ", name, " must have ", E + 1, " values, got shape ",
-              v->sizes());
+  TORCH_CHECK(v->dim() == 1 && v->numel() == E + 1, op, ": ", name, " must have ", E + 1,
+              " values, got shape ", v->sizes());
   return v->to(opts).contiguous();
 }
 
 // class_weight as K' values of `acc` dtype on the logits' device, or an undefined tensor.
-inline at::Tensor class_weight_vector(const char* op, const c10::optional<at::Tensor>& w, const at::Tensor& logits,
-                                      int64_t num_labels, at::ScalarType acc) {
+inline at::Tensor class_weight_vector(const char* op, const c10::optional<at::Tensor>& w,
+                                      const at::Tensor& logits, int64_t num_labels,
+                                      at::ScalarType acc) {
   if (!w.has_value()) return at::Tensor();
-  TORCH_CHECK(w->dim() == 1 && w->numel() == num_labels, op, ": class_weight must have ", num_labels,
-              " values, got shape ", w->sizes());
+  TORCH_CHECK(w->dim() == 1 && w->numel() == num_labels, op, ": class_weight must have ",
+              num_labels, " values, got shape ", w->sizes());
   return w->to(logits.options().dtype(acc)).contiguous();
 }
 
@@ -175,7 +180,8 @@ struct GradOut {
 
 // `buffer`: the gradient tensor to write (the CPU kernel's cached buffer), or
 // undefined for a new one like `logits`.
-inline GradOut make_grad_out(const at::Tensor& logits, const LossProblem& pb, at::Tensor buffer = at::Tensor()) {
+inline GradOut make_grad_out(const at::Tensor& logits, const LossProblem& pb,
+                             at::Tensor buffer = at::Tensor()) {
   GradOut g;
   g.grad = buffer.defined() ? buffer : at::empty_like(logits);  // preserve_format
   at::Tensor f = g.grad.flatten(2);
@@ -193,8 +199,101 @@ inline at::Tensor finish_grad(GradOut& g) {
   return g.grad;
 }
 
-inline at::ScalarType acc_dtype(const at::Tensor& logits) {
-  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+// A label tensor's data and its dtype as a code (0 uint8, 1 int32, 2 int64): the kernels
+// are templated on the logits dtype only and switch on the code where they read labels.
+struct LabelPtr {
+  const void* p = nullptr;
+  int kind = 2;
+};
+
+inline LabelPtr label_ptr(const at::Tensor& t) {
+  TORCH_CHECK(is_label_dtype(t.scalar_type()), "labels must be uint8, int32 or int64, got ",
+              t.scalar_type());
+  LabelPtr l;
+  l.p = t.data_ptr();
+  l.kind = t.scalar_type() == at::kByte ? 0 : (t.scalar_type() == at::kInt ? 1 : 2);
+  return l;
+}
+
+// The element strides of the (B, C, P) views of a LossProblem and of the gradient a kernel
+// writes, with the label range: what a kernel needs besides its pointers and the shape.
+struct LossStrides {
+  int64_t xb = 0, xc = 0, xp = 0;  // logits (B, C, P)
+  int64_t tb = 0, tp = 0;          // target (B, P)
+  int64_t lb = 0, le = 0, lp = 0;  // expert labels (B, E, P)
+  int64_t gb = 0, gc = 0, gp = 0;  // gradient (B, C, P); 0 without one
+  int64_t ignore = 0, nlab = 0;    // ignore_index; labels are in [0, nlab)
+};
+
+// `grad_flat`: the (B, C, P) gradient the kernel writes (GradOut::flat), or null.
+inline LossStrides loss_strides(const LossProblem& pb, const at::Tensor* grad_flat) {
+  LossStrides s;
+  s.xb = pb.x.stride(0);
+  s.xc = pb.x.stride(1);
+  s.xp = pb.x.stride(2);
+  s.tb = pb.target.stride(0);
+  s.tp = pb.target.stride(1);
+  s.lb = pb.labels.stride(0);
+  s.le = pb.labels.stride(1);
+  s.lp = pb.labels.stride(2);
+  if (grad_flat != nullptr) {
+    s.gb = grad_flat->stride(0);
+    s.gc = grad_flat->stride(1);
+    s.gp = grad_flat->stride(2);
+  }
+  s.ignore = pb.ignore_index;
+  s.nlab = pb.num_labels;
+  return s;
+}
+
+// The arguments of one loss_stats or loss_fused call, checked and unpacked by the
+// prologue both devices share (prepare_stats / prepare_fused). The device check (and
+// guard) stays with each kernel.
+struct LossCall {
+  LossProblem pb;
+  at::ScalarType acc = at::kFloat;  // the accumulation dtype
+  at::Tensor cw;                    // class_weight_vector: K' values of acc, or undefined
+  // loss_fused only:
+  loss::LossParams prm{};  // fparams / iparams, decoded
+  at::Tensor stats;        // the stats vector as contiguous float64
+  at::Tensor low, high;    // band_vector of balance_low / balance_high
+};
+
+inline LossCall prepare_stats(const char* op, const at::Tensor& logits, const at::Tensor& target,
+                              const at::Tensor& expert_labels,
+                              const c10::optional<at::Tensor>& class_weight, int64_t num_classes,
+                              int64_t num_experts, int64_t ignore_index) {
+  LossCall c;
+  c.pb = prepare_loss(op, logits, target, expert_labels, num_classes, num_experts, ignore_index);
+  c.acc = acc_dtype(logits.scalar_type());
+  c.cw = class_weight_vector(op, class_weight, logits, c.pb.num_labels, c.acc);
+  return c;
+}
+
+// `check_experts_supported`: whether the kernel can check the expert labels in this pass
+// (iparams[5]); the CUDA kernel cannot (its loss_stats does).
+inline LossCall prepare_fused(const char* op, const at::Tensor& logits, const at::Tensor& target,
+                              const at::Tensor& expert_labels,
+                              const c10::optional<at::Tensor>& class_weight,
+                              const at::Tensor& stats, const c10::optional<at::Tensor>& balance_low,
+                              const c10::optional<at::Tensor>& balance_high, int64_t num_classes,
+                              int64_t num_experts, int64_t ignore_index,
+                              c10::ArrayRef<double> fparams, c10::ArrayRef<int64_t> iparams,
+                              bool check_experts_supported) {
+  LossCall c;
+  c.pb = prepare_loss(op, logits, target, expert_labels, num_classes, num_experts, ignore_index);
+  c.prm = parse_loss_params(op, fparams, iparams);
+  TORCH_CHECK(check_experts_supported || !c.prm.check_experts, op,
+              ": iparams[5] (check expert labels in the loss pass) is a CPU-kernel "
+              "option; on CUDA the labels are checked by loss_stats");
+  check_stats(op, stats, logits, c.pb.E);
+  c.acc = acc_dtype(logits.scalar_type());
+  c.stats = stats.to(at::kDouble).contiguous();
+  const bool band = c.prm.balance == loss::kBalanceBand;
+  c.low = band_vector(op, "balance_low", balance_low, logits, c.pb.E, band);
+  c.high = band_vector(op, "balance_high", balance_high, logits, c.pb.E, band);
+  c.cw = class_weight_vector(op, class_weight, logits, c.pb.num_labels, c.acc);
+  return c;
 }
 
 }  // namespace deferredseg

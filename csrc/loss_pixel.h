@@ -1,4 +1,4 @@
-// The per-pixel math of the fused DeferredSeg objective (SPEC sections 2 and 3),
+// The per-pixel math of the fused DeferredSeg objective (docs/objective.md sections 2 and 3),
 // shared by the CPU and CUDA kernels of `deferredseg::loss_stats` / `loss_fused`.
 //
 // Everything a kernel computes for one pixel or from the stats vector is a
@@ -46,10 +46,10 @@ constexpr int kGateTargetRouter = 0, kGateTargetBenefit = 1;
 
 // Indices into the stats vector of num_experts = E (STATS_LEN(E) = E + 7).
 DS_LOSS_FN int64_t stats_len(int64_t E) { return E + 7; }
-DS_LOSS_FN int64_t stat_count(int64_t E) { return E + 1; }       // N_V, valid pixels of this call
-DS_LOSS_FN int64_t stat_weight(int64_t E) { return E + 2; }      // W = sum_V class_weight[y]
+DS_LOSS_FN int64_t stat_count(int64_t E) { return E + 1; }   // N_V, valid pixels of this call
+DS_LOSS_FN int64_t stat_weight(int64_t E) { return E + 2; }  // W = sum_V class_weight[y]
 DS_LOSS_FN int64_t stat_pairs(int64_t E, int d) { return E + 3 + d; }  // valid pairs along axis d
-DS_LOSS_FN int64_t stat_bad(int64_t E) { return E + 6; }         // labels out of range
+DS_LOSS_FN int64_t stat_bad(int64_t E) { return E + 6; }               // labels out of range
 // Optional entry E + 7 (a stats vector of length E + 8, made by the driver under
 // sync_balance): the number of valid pixels over every rank, the denominator of
 // pbar. Absent, it equals N_V.
@@ -59,7 +59,8 @@ DS_LOSS_FN int64_t stat_balance_count(int64_t E) { return E + 7; }
 constexpr int kSumSeg = 0;     // sum_V w[y] * l_seg
 constexpr int kSumCollab = 1;  // sum_V l_collab
 constexpr int kSumGate = 2;    // sum_V l_gate
-constexpr int kSumCoh = 3;     // + 3 * map + axis: sum over valid pairs of rho (map 0 router, 1 gate)
+// kSumCoh + 3 * map + axis: the sum of rho over the valid pairs (map 0 router, 1 gate)
+constexpr int kSumCoh = 3;
 constexpr int kNumSums = 9;
 
 // fparams and iparams, decoded.
@@ -372,7 +373,8 @@ DS_LOSS_FN T routing_grad(T pi_m, T common, T bal_m, T cD, T expert, T cc, T c_m
 // low / high: balance_low / balance_high (only read for "band").
 DS_LOSS_FN double balance_term(const double* stats, int64_t n_stats, int64_t E, int mode,
                                const double* low, const double* high, double* dS) {
-  const double count = n_stats > stat_balance_count(E) ? stats[stat_balance_count(E)] : stats[stat_count(E)];
+  const double count =
+      n_stats > stat_balance_count(E) ? stats[stat_balance_count(E)] : stats[stat_count(E)];
   if (dS != nullptr) {
     for (int64_t k = 0; k <= E; ++k) dS[k] = 0.0;
   }
@@ -408,9 +410,9 @@ DS_LOSS_FN double balance_term(const double* stats, int64_t n_stats, int64_t E, 
 
 // Factors of the per-pixel gradient, from the stats (all 0 when N_V = 0).
 struct GradScales {
-  double seg;        // lambda_seg / W            (times class_weight[y])
-  double collab;     // lambda_collab / N_V
-  double gate;       // lambda_gate / N_V
+  double seg;               // lambda_seg / W            (times class_weight[y])
+  double collab;            // lambda_collab / N_V
+  double gate;              // lambda_gate / N_V
   double coh[kMaxSpatial];  // lambda_coherence / n_d  (0 for an axis without pairs)
 };
 

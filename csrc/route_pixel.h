@@ -1,4 +1,4 @@
-// The per-pixel routing rule (SPEC section 4), shared by the CPU and CUDA kernels.
+// The per-pixel routing rule (docs/objective.md section 4), shared by the CPU and CUDA kernels.
 #pragma once
 
 #include "common.h"
@@ -30,8 +30,8 @@ struct RouteRule {
 // q_k, the correctness estimate of option k, from the routing logits `pr` (stride `xc`);
 // `mx` and `total` are the softmax's max and sum of exp(r - mx) (unused for sigmoid).
 template <typename acc_t, typename scalar_t>
-DS_HOST_DEVICE acc_t route_score(const scalar_t* pr, int64_t xc, int64_t k, bool sigmoid_scores, acc_t mx,
-                                 acc_t total) {
+DS_HOST_DEVICE acc_t route_score(const scalar_t* pr, int64_t xc, int64_t k, bool sigmoid_scores,
+                                 acc_t mx, acc_t total) {
   const acc_t v = static_cast<acc_t>(pr[k * xc]);
   return sigmoid_scores ? acc_t(1) / (acc_t(1) + ds_exp(-v)) : ds_exp(v - mx) / total;
 }
@@ -83,7 +83,8 @@ DS_HOST_DEVICE void route_pixel(const scalar_t* __restrict__ x, const label_t* _
     acc_t best = route_score<acc_t>(pr, st.xc, 0, rule.sigmoid_scores, mx, total) - rule.cost[0];
     chosen = 0;
     for (int64_t j = 1; j < E; ++j) {
-      const acc_t v = route_score<acc_t>(pr, st.xc, j, rule.sigmoid_scores, mx, total) - rule.cost[j];
+      const acc_t v =
+          route_score<acc_t>(pr, st.xc, j, rule.sigmoid_scores, mx, total) - rule.cost[j];
       if (argmax_takes(v, best)) {
         best = v;
         chosen = j;
@@ -110,7 +111,8 @@ DS_HOST_DEVICE void route_pixel(const scalar_t* __restrict__ x, const label_t* _
   defer_prob[out] = prob;
   model_pred[out] = pred;
   if (labels != nullptr) {
-    final_pred[out] = defer ? static_cast<int64_t>(labels[b * st.lb + chosen * st.le + p * st.lp]) : pred;
+    final_pred[out] =
+        defer ? static_cast<int64_t>(labels[b * st.lb + chosen * st.le + p * st.lp]) : pred;
   }
 }
 

@@ -144,7 +144,8 @@ inline void run_block() {
     if (all_done) return;
     if (!block_barrier) {
       throw std::runtime_error("CUDA emulation: block (" + std::to_string(blockIdx.x) + ", " +
-                               std::to_string(blockIdx.y) + ") deadlocked: its threads wait at "
+                               std::to_string(blockIdx.y) +
+                               ") deadlocked: its threads wait at "
                                "different barriers, or part of a warp waits in a shuffle");
     }
     for (int t = 0; t < n; ++t) {
@@ -191,7 +192,8 @@ void launch(dim3 grid, dim3 block, void (*kernel)(P...), A&&... args) {
   }
 }
 
-// DS_LAUNCH(grid, block, stream, kernel)(args...): the emulated `kernel<<<grid, block, 0, stream>>>(args...)`.
+// DS_LAUNCH(grid, block, stream, kernel)(args...): the emulated
+// `kernel<<<grid, block, 0, stream>>>(args...)`.
 template <typename... P>
 struct Launcher {
   dim3 grid, block;
@@ -224,7 +226,8 @@ T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = ds_emu::kWarp
   std::memcpy(&slots[lane], &v, sizeof(T));
   ds_emu::wait_at(ds_emu::State::WarpWait);
   T r = v;
-  if (lane + static_cast<int>(delta) < ds_emu::kWarp) std::memcpy(&r, &slots[lane + delta], sizeof(T));
+  if (lane + static_cast<int>(delta) < ds_emu::kWarp)
+    std::memcpy(&r, &slots[lane + delta], sizeof(T));
   ds_emu::wait_at(ds_emu::State::WarpWait);
   return r;
 }

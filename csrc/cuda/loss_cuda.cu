@@ -1,5 +1,6 @@
-// CUDA kernels of `deferredseg::loss_stats` and `deferredseg::loss_fused` (docs/objective.md, "Terms";
-// the contract of both ops is documented in deferredseg_kernels/ops/fused.py).
+// CUDA kernels of `deferredseg::loss_stats` and `deferredseg::loss_fused`
+// (docs/objective.md section 3; the contract of both ops is documented in
+// deferredseg_kernels/ops/fused.py).
 //
 // One thread a pixel (grid-stride over a grid whose size depends on the pixel count
 // only), int64 indexing, coalesced loads along the pixels, on the current stream.
@@ -48,40 +49,28 @@ constexpr int64_t kMaxBlocks = DS_CUDA_EMU_MAX_BLOCKS;
 constexpr int64_t kMaxBlocks = 2048;  // fixed cap: the partition depends on the shape only
 #endif
 
-inline int64_t blocks_for(int64_t n) { return std::max<int64_t>(1, std::min((n + kThreads - 1) / kThreads, kMaxBlocks)); }
-
-// A label tensor read by dtype code (uniform over the grid, so the branch is free):
-// 0 uint8, 1 int32, 2 int64. Keeps the kernels templated on the logits dtype only.
-struct Labels {
-  const void* p = nullptr;
-  int kind = 2;
-};
-inline Labels make_labels(const at::Tensor& t) {
-  Labels l;
-  l.p = t.data_ptr();
-  l.kind = t.scalar_type() == at::kByte ? 0 : (t.scalar_type() == at::kInt ? 1 : 2);
-  return l;
+inline int64_t blocks_for(int64_t n) {
+  return std::max<int64_t>(1, std::min((n + kThreads - 1) / kThreads, kMaxBlocks));
 }
-__device__ __forceinline__ int64_t load_label(const Labels& l, int64_t idx) {
+
+// A label read by the dtype code of its tensor (LabelPtr of loss.h; uniform over the grid,
+// so the branch is free).
+__device__ __forceinline__ int64_t load_label(const LabelPtr& l, int64_t idx) {
   if (l.kind == 0) return static_cast<int64_t>(static_cast<const uint8_t*>(l.p)[idx]);
   if (l.kind == 1) return static_cast<int64_t>(static_cast<const int32_t*>(l.p)[idx]);
   return static_cast<const int64_t*>(l.p)[idx];
 }
 
-// Shapes and strides of one call.
-struct Layout {
+// Shapes and strides of one call (the strides and label range: LossStrides of loss.h).
+struct Layout : LossStrides {
   int64_t B, P, K, E, C;
   int nd;
   int64_t S[kMaxSpatial], st[kMaxSpatial];
-  int64_t xb, xc, xp;      // logits (B, C, P)
-  int64_t tb, tp;          // target (B, P)
-  int64_t lb, le, lp;      // expert labels (B, E, P)
-  int64_t gb, gc, gp;      // gradient (B, C, P)
-  int64_t ignore, nlab;
 };
 
 inline Layout make_layout(const LossProblem& pb, const at::Tensor* gflat) {
   Layout L{};
+  static_cast<LossStrides&>(L) = loss_strides(pb, gflat);
   L.B = pb.B;
   L.P = pb.P;
   L.K = pb.K;
@@ -92,21 +81,6 @@ inline Layout make_layout(const LossProblem& pb, const at::Tensor* gflat) {
     L.S[d] = pb.S[d];
     L.st[d] = pb.st[d];
   }
-  L.xb = pb.x.stride(0);
-  L.xc = pb.x.stride(1);
-  L.xp = pb.x.stride(2);
-  L.tb = pb.target.stride(0);
-  L.tp = pb.target.stride(1);
-  L.lb = pb.labels.stride(0);
-  L.le = pb.labels.stride(1);
-  L.lp = pb.labels.stride(2);
-  if (gflat != nullptr) {
-    L.gb = gflat->stride(0);
-    L.gc = gflat->stride(1);
-    L.gp = gflat->stride(2);
-  }
-  L.ignore = pb.ignore_index;
-  L.nlab = pb.num_labels;
   return L;
 }
 
@@ -126,10 +100,13 @@ __device__ __forceinline__ double block_sum(double v, double* smem) {
 }
 
 // The coordinate along spatial axis d of pixel p.
-__device__ __forceinline__ int64_t axis_coord(const Layout& L, int64_t p, int d) { return (p / L.st[d]) % L.S[d]; }
+__device__ __forceinline__ int64_t axis_coord(const Layout& L, int64_t p, int d) {
+  return (p / L.st[d]) % L.S[d];
+}
 
 // Whether pixel p of batch element b has a neighbour at p + st[d] that the valid mask marks.
-__device__ __forceinline__ bool next_in_mask(const Layout& L, const uint8_t* vmask, int64_t b, int64_t p, int d) {
+__device__ __forceinline__ bool next_in_mask(const Layout& L, const uint8_t* vmask, int64_t b,
+                                             int64_t p, int d) {
   return axis_coord(L, p, d) < L.S[d] - 1 && vmask[b * L.P + p + L.st[d]] != 0;
 }
 
@@ -139,7 +116,8 @@ struct Target {
   int64_t y, raw;
   bool bad;
 };
-__device__ __forceinline__ Target read_target(const Layout& L, const Labels& t, int64_t b, int64_t p) {
+__device__ __forceinline__ Target read_target(const Layout& L, const LabelPtr& t, int64_t b,
+                                              int64_t p) {
   Target r;
   r.raw = load_label(t, b * L.tb + p * L.tp);
   r.valid = r.raw != L.ignore;
@@ -158,7 +136,8 @@ struct Routing {
   int64_t arg, jhat;
 };
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ Routing<scalar_t, acc_t> routing(const scalar_t* xr, int64_t xc, int64_t E) {
+__device__ __forceinline__ Routing<scalar_t, acc_t> routing(const scalar_t* xr, int64_t xc,
+                                                            int64_t E) {
   Routing<scalar_t, acc_t> r;
   r.mx = static_cast<acc_t>(xr[0]);
   r.arg = 0;
@@ -190,12 +169,12 @@ __device__ __forceinline__ Routing<scalar_t, acc_t> routing(const scalar_t* xr, 
 // ---------------------------------------------------------------------------
 // loss_stats
 // ---------------------------------------------------------------------------
-constexpr int kStatsCols = 6;  // N_V, W, bad, pairs along axes 0, 1, 2
+constexpr int kStatsCols = 6;        // N_V, W, bad, pairs along axes 0, 1, 2
 constexpr int kOnePassChannels = 8;  // stats_onepass keeps up to this many sum_V pi_k in registers
 
 // Labels out of range at pixel (b, p): its target's, and its experts' when checked.
-__device__ __forceinline__ int64_t bad_labels(const Layout& L, const Target& t, const Labels& lab, int64_t b,
-                                              int64_t p, bool check_experts) {
+__device__ __forceinline__ int64_t bad_labels(const Layout& L, const Target& t, const LabelPtr& lab,
+                                              int64_t b, int64_t p, bool check_experts) {
   int64_t bad = t.bad ? 1 : 0;
   if (check_experts) {
     for (int64_t j = 0; j < L.E; ++j) {
@@ -207,8 +186,10 @@ __device__ __forceinline__ int64_t bad_labels(const Layout& L, const Target& t, 
 }
 
 // Whether pixel p of batch element b has a neighbour at p + st[d] with a valid target.
-__device__ __forceinline__ bool next_target_valid(const Layout& L, const Labels& tgt, int64_t b, int64_t p, int d) {
-  return axis_coord(L, p, d) < L.S[d] - 1 && load_label(tgt, b * L.tb + (p + L.st[d]) * L.tp) != L.ignore;
+__device__ __forceinline__ bool next_target_valid(const Layout& L, const LabelPtr& tgt, int64_t b,
+                                                  int64_t p, int d) {
+  return axis_coord(L, p, d) < L.S[d] - 1 &&
+         load_label(tgt, b * L.tb + (p + L.st[d]) * L.tp) != L.ignore;
 }
 
 // The whole stats vector's partial sums in one pass, for E + 1 <= NR routing channels
@@ -218,8 +199,9 @@ __device__ __forceinline__ bool next_target_valid(const Layout& L, const Labels&
 // stats_pairs / stats_pi write them, which is the path for more experts.
 template <typename scalar_t, typename acc_t, int NR>
 __global__ void __launch_bounds__(kThreads)
-    stats_onepass(const scalar_t* __restrict__ x, Labels tgt, Labels lab, const acc_t* __restrict__ cw, Layout L,
-                  bool check_experts, double* __restrict__ part, double* __restrict__ part_pi) {
+    stats_onepass(const scalar_t* __restrict__ x, LabelPtr tgt, LabelPtr lab,
+                  const acc_t* __restrict__ cw, Layout L, bool check_experts,
+                  double* __restrict__ part, double* __restrict__ part_pi) {
   __shared__ double smem[kThreads / 32];
   const int64_t n = L.B * L.P;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -272,8 +254,9 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    stats_pixels(const scalar_t* __restrict__ x, Labels tgt, Labels lab, const acc_t* __restrict__ cw, Layout L,
-                 bool check_experts, uint8_t* __restrict__ vmask, acc_t* __restrict__ soft, double* __restrict__ part) {
+    stats_pixels(const scalar_t* __restrict__ x, LabelPtr tgt, LabelPtr lab,
+                 const acc_t* __restrict__ cw, Layout L, bool check_experts,
+                 uint8_t* __restrict__ vmask, acc_t* __restrict__ soft, double* __restrict__ part) {
   __shared__ double smem[kThreads / 32];
   const int64_t n = L.B * L.P;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -286,7 +269,8 @@ __global__ void __launch_bounds__(kThreads)
     if (t.valid) {
       acc[0] += 1.0;
       acc[1] += cw != nullptr ? static_cast<double>(cw[t.y]) : 1.0;
-      const Routing<scalar_t, acc_t> r = routing<scalar_t, acc_t>(x + b * L.xb + L.K * L.xc + p * L.xp, L.xc, L.E);
+      const Routing<scalar_t, acc_t> r =
+          routing<scalar_t, acc_t>(x + b * L.xb + L.K * L.xc + p * L.xp, L.xc, L.E);
       soft[2 * i] = r.mx;
       soft[2 * i + 1] = acc_t(1) / r.sum;
     } else {
@@ -301,7 +285,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Valid neighbour pairs: a second pass, once the valid mask is complete.
-__global__ void __launch_bounds__(kThreads) stats_pairs(const uint8_t* __restrict__ vmask, Layout L, double* __restrict__ part) {
+__global__ void __launch_bounds__(kThreads)
+    stats_pairs(const uint8_t* __restrict__ vmask, Layout L, double* __restrict__ part) {
   __shared__ double smem[kThreads / 32];
   const int64_t n = L.B * L.P;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -320,7 +305,8 @@ __global__ void __launch_bounds__(kThreads) stats_pairs(const uint8_t* __restric
 // sum_V pi_k for routing channel k = blockIdx.y.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    stats_pi(const scalar_t* __restrict__ x, const acc_t* __restrict__ soft, Layout L, double* __restrict__ part) {
+    stats_pi(const scalar_t* __restrict__ x, const acc_t* __restrict__ soft, Layout L,
+             double* __restrict__ part) {
   __shared__ double smem[kThreads / 32];
   const int64_t k = blockIdx.y;
   const int64_t n = L.B * L.P;
@@ -339,8 +325,8 @@ __global__ void __launch_bounds__(kThreads)
 
 // stats = [S_0..S_E, N_V, W, n_0, n_1, n_2, bad], each column added over the blocks in order.
 __global__ void __launch_bounds__(kThreads)
-    stats_finish(const double* __restrict__ part, const double* __restrict__ part_pi, int64_t nblocks, int64_t E,
-                 double* __restrict__ stats) {
+    stats_finish(const double* __restrict__ part, const double* __restrict__ part_pi,
+                 int64_t nblocks, int64_t E, double* __restrict__ stats) {
   __shared__ double smem[kThreads / 32];
   for (int64_t col = 0; col < E + 1 + kStatsCols; ++col) {
     double s = 0.0;
@@ -365,15 +351,18 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-at::Tensor loss_stats_cuda(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& expert_labels,
-                           const c10::optional<at::Tensor>& class_weight, int64_t num_classes, int64_t num_experts,
-                           int64_t ignore_index, bool check_expert_labels) {
+at::Tensor loss_stats_cuda(const at::Tensor& logits, const at::Tensor& target,
+                           const at::Tensor& expert_labels,
+                           const c10::optional<at::Tensor>& class_weight, int64_t num_classes,
+                           int64_t num_experts, int64_t ignore_index, bool check_expert_labels) {
   const char* op = "deferredseg::loss_stats (CUDA kernel)";
   TORCH_CHECK(DS_ON_DEVICE(logits), op, ": logits must be a CUDA tensor");
   DS_DEVICE_GUARD(logits);
-  LossProblem pb = prepare_loss(op, logits, target, expert_labels, num_classes, num_experts, ignore_index);
-  const at::ScalarType acc = acc_dtype(logits);
-  const at::Tensor cw = class_weight_vector(op, class_weight, logits, pb.num_labels, acc);
+  const LossCall call = prepare_stats(op, logits, target, expert_labels, class_weight, num_classes,
+                                      num_experts, ignore_index);
+  const LossProblem& pb = call.pb;
+  const at::ScalarType acc = call.acc;
+  const at::Tensor& cw = call.cw;
   at::Tensor stats = at::zeros({stats_len(pb.E)}, logits.options().dtype(at::kDouble));
   const int64_t n = pb.B * pb.P;
   if (n == 0) return stats;
@@ -383,38 +372,42 @@ at::Tensor loss_stats_cuda(const at::Tensor& logits, const at::Tensor& target, c
   at::Tensor part = at::empty({blocks * kStatsCols}, dopt);
   at::Tensor part_pi = at::empty({(pb.E + 1) * blocks}, dopt);
   cudaStream_t stream = DS_CURRENT_STREAM();
-  const Labels tl = make_labels(pb.target), ll = make_labels(pb.labels);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "loss_stats_cuda", [&] {
-    using acc_t = typename AccType<scalar_t>::type;
-    const scalar_t* x = pb.x.data_ptr<scalar_t>();
-    const acc_t* w = cw.defined() ? cw.data_ptr<acc_t>() : nullptr;
-    if (pb.E + 1 <= kOnePassChannels) {  // one read of the routing channels and the target
-      if (pb.E + 1 <= 4) {
-        DS_LAUNCH(blocks, kThreads, stream, stats_onepass<scalar_t, acc_t, 4>)(
-            x, tl, ll, w, L, check_expert_labels, part.data_ptr<double>(), part_pi.data_ptr<double>());
-      } else {
-        DS_LAUNCH(blocks, kThreads, stream, stats_onepass<scalar_t, acc_t, kOnePassChannels>)(
-            x, tl, ll, w, L, check_expert_labels, part.data_ptr<double>(), part_pi.data_ptr<double>());
-      }
-      DS_LAUNCH_CHECK();
-      return;
-    }
-    // More experts: the softmax's max and 1 / sum per pixel, then one grid row per channel.
-    at::Tensor vmask = at::empty({n}, logits.options().dtype(at::kByte));
-    at::Tensor soft = at::empty({2 * n}, logits.options().dtype(acc));
-    DS_LAUNCH(blocks, kThreads, stream, stats_pixels<scalar_t, acc_t>)(
-        x, tl, ll, w, L, check_expert_labels, vmask.data_ptr<uint8_t>(), soft.data_ptr<acc_t>(),
-        part.data_ptr<double>());
-    DS_LAUNCH_CHECK();
-    DS_LAUNCH(blocks, kThreads, stream, stats_pairs)(vmask.data_ptr<uint8_t>(), L, part.data_ptr<double>());
-    DS_LAUNCH_CHECK();
-    const dim3 pi_grid(static_cast<unsigned>(blocks), static_cast<unsigned>(pb.E + 1));
-    DS_LAUNCH(pi_grid, kThreads, stream, stats_pi<scalar_t, acc_t>)(x, soft.data_ptr<acc_t>(), L,
-                                                                    part_pi.data_ptr<double>());
-    DS_LAUNCH_CHECK();
-  });
-  DS_LAUNCH(1, kThreads, stream, stats_finish)(part.data_ptr<double>(), part_pi.data_ptr<double>(), blocks, pb.E,
-                                               stats.data_ptr<double>());
+  const LabelPtr tl = label_ptr(pb.target), ll = label_ptr(pb.labels);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "loss_stats_cuda", [&] {
+        using acc_t = typename AccType<scalar_t>::type;
+        const scalar_t* x = pb.x.data_ptr<scalar_t>();
+        const acc_t* w = cw.defined() ? cw.data_ptr<acc_t>() : nullptr;
+        if (pb.E + 1 <= kOnePassChannels) {  // one read of the routing channels and the target
+          if (pb.E + 1 <= 4) {
+            DS_LAUNCH(blocks, kThreads, stream, stats_onepass<scalar_t, acc_t, 4>)(
+                x, tl, ll, w, L, check_expert_labels, part.data_ptr<double>(),
+                part_pi.data_ptr<double>());
+          } else {
+            DS_LAUNCH(blocks, kThreads, stream, stats_onepass<scalar_t, acc_t, kOnePassChannels>)(
+                x, tl, ll, w, L, check_expert_labels, part.data_ptr<double>(),
+                part_pi.data_ptr<double>());
+          }
+          DS_LAUNCH_CHECK();
+          return;
+        }
+        // More experts: the softmax's max and 1 / sum per pixel, then one grid row per channel.
+        at::Tensor vmask = at::empty({n}, logits.options().dtype(at::kByte));
+        at::Tensor soft = at::empty({2 * n}, logits.options().dtype(acc));
+        DS_LAUNCH(blocks, kThreads, stream, stats_pixels<scalar_t, acc_t>)(
+            x, tl, ll, w, L, check_expert_labels, vmask.data_ptr<uint8_t>(), soft.data_ptr<acc_t>(),
+            part.data_ptr<double>());
+        DS_LAUNCH_CHECK();
+        DS_LAUNCH(blocks, kThreads, stream, stats_pairs)(vmask.data_ptr<uint8_t>(), L,
+                                                         part.data_ptr<double>());
+        DS_LAUNCH_CHECK();
+        const dim3 pi_grid(static_cast<unsigned>(blocks), static_cast<unsigned>(pb.E + 1));
+        DS_LAUNCH(pi_grid, kThreads, stream, stats_pi<scalar_t, acc_t>)(
+            x, soft.data_ptr<acc_t>(), L, part_pi.data_ptr<double>());
+        DS_LAUNCH_CHECK();
+      });
+  DS_LAUNCH(1, kThreads, stream, stats_finish)(part.data_ptr<double>(), part_pi.data_ptr<double>(),
+                                               blocks, pb.E, stats.data_ptr<double>());
   DS_LAUNCH_CHECK();
   return stats;
 }
@@ -427,9 +420,9 @@ at::Tensor loss_stats_cuda(const at::Tensor& logits, const at::Tensor& target, c
 // [seg, collab, gate, coh_0, coh_1, coh_2, bal_0 .. bal_E].
 constexpr int kCoefHead = 6;
 
-__global__ void loss_prepare(const double* __restrict__ stats, int64_t n_stats, int64_t E, LossParams prm,
-                             const double* __restrict__ low, const double* __restrict__ high,
-                             double* __restrict__ coef) {
+__global__ void loss_prepare(const double* __restrict__ stats, int64_t n_stats, int64_t E,
+                             LossParams prm, const double* __restrict__ low,
+                             const double* __restrict__ high, double* __restrict__ coef) {
   if (threadIdx.x != 0 || blockIdx.x != 0) return;
   const GradScales g = grad_scales(stats, E, prm);
   coef[0] = g.seg;
@@ -458,9 +451,10 @@ __device__ __forceinline__ Maps<acc_t> maps_of(const Routing<scalar_t, acc_t>& r
 // pairs of every axis (scaled by coh[d]) and to val the penalties of the forward
 // pairs (router axes at val[0..2], gate axes at val[3..5]).
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void coherence_at(const scalar_t* x, const Labels& tgt, const Layout& L, int64_t b,
-                                             int64_t p, int maps, bool l2, const acc_t* coh, Maps<acc_t> mp,
-                                             acc_t& gD, acc_t& gS, double* val) {
+__device__ __forceinline__ void coherence_at(const scalar_t* x, const LabelPtr& tgt,
+                                             const Layout& L, int64_t b, int64_t p, int maps,
+                                             bool l2, const acc_t* coh, Maps<acc_t> mp, acc_t& gD,
+                                             acc_t& gS, double* val) {
   // A rolled loop (the neighbour's softmax is inlined once, not six times), and no
   // index into coh or val that depends on d: they stay in registers, not local memory.
 #pragma unroll 1
@@ -506,8 +500,9 @@ __device__ __forceinline__ void coherence_at(const scalar_t* x, const Labels& tg
 // registers (2 blocks an SM). Not yet measured on a GPU either way.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads, 3)
-    loss_pixels(const scalar_t* __restrict__ x, Labels tgt, Labels lab, const acc_t* __restrict__ cw, Layout L,
-                LossParams prm, const double* __restrict__ coef, scalar_t* __restrict__ g,
+    loss_pixels(const scalar_t* __restrict__ x, LabelPtr tgt, LabelPtr lab,
+                const acc_t* __restrict__ cw, Layout L, LossParams prm,
+                const double* __restrict__ coef, scalar_t* __restrict__ g,
                 double* __restrict__ part) {
   __shared__ double smem[kThreads / 32];
   const int64_t n = L.B * L.P, K = L.K, E = L.E;
@@ -594,7 +589,8 @@ __global__ void __launch_bounds__(kThreads, 3)
       }
       if (paper) {
         acc_t gk;
-        lcol += paper_channel(paper_base<acc_t>(k < E) + paper_slope<acc_t>(k < E) * ck, pk, eps, gk);
+        lcol +=
+            paper_channel(paper_base<acc_t>(k < E) + paper_slope<acc_t>(k < E) * ck, pk, eps, gk);
         acc += gk * pk;
       } else if (ova) {
         acc_t gk;
@@ -618,8 +614,8 @@ __global__ void __launch_bounds__(kThreads, 3)
     // coherence
     acc_t gD = acc_t(0), gS = acc_t(0);
     if (prm.maps != 0) {
-      coherence_at<scalar_t, acc_t>(x, tgt, L, b, p, prm.maps, l2, coh, maps_of<scalar_t, acc_t>(r, a), gD, gS,
-                                    sums + kSumCoh);
+      coherence_at<scalar_t, acc_t>(x, tgt, L, b, p, prm.maps, l2, coh,
+                                    maps_of<scalar_t, acc_t>(r, a), gD, gS, sums + kSumCoh);
     }
 
     // gradient of the routing and gate logits
@@ -661,9 +657,9 @@ __global__ void __launch_bounds__(kThreads, 3)
 
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    loss_finish(const double* __restrict__ part, int64_t nblocks, const double* __restrict__ stats, int64_t n_stats,
-                int64_t E, int nd, LossParams prm, const double* __restrict__ low, const double* __restrict__ high,
-                acc_t* __restrict__ terms) {
+    loss_finish(const double* __restrict__ part, int64_t nblocks, const double* __restrict__ stats,
+                int64_t n_stats, int64_t E, int nd, LossParams prm, const double* __restrict__ low,
+                const double* __restrict__ high, acc_t* __restrict__ terms) {
   __shared__ double smem[kThreads / 32];
   __shared__ double sums[kNumSums];
   for (int s = 0; s < kNumSums; ++s) {
@@ -688,18 +684,15 @@ std::tuple<at::Tensor, at::Tensor> loss_fused_cuda(
   const char* op = "deferredseg::loss_fused (CUDA kernel)";
   TORCH_CHECK(DS_ON_DEVICE(logits), op, ": logits must be a CUDA tensor");
   DS_DEVICE_GUARD(logits);
-  LossProblem pb = prepare_loss(op, logits, target, expert_labels, num_classes, num_experts, ignore_index);
-  const LossParams prm = parse_loss_params(op, fparams, iparams);
-  TORCH_CHECK(!prm.check_experts, op, ": iparams[5] (check expert labels in the loss pass) is a CPU-kernel "
-              "option; on CUDA the labels are checked by loss_stats");
-  check_stats(op, stats, logits, pb.E);
+  const LossCall call =
+      prepare_fused(op, logits, target, expert_labels, class_weight, stats, balance_low,
+                    balance_high, num_classes, num_experts, ignore_index, fparams, iparams,
+                    /*check_experts_supported=*/false);
+  const LossProblem& pb = call.pb;
+  const LossParams& prm = call.prm;
+  const at::Tensor &st = call.stats, &low = call.low, &high = call.high, &cw = call.cw;
   const int64_t E = pb.E, n = pb.B * pb.P;
-  const at::ScalarType acc = acc_dtype(logits);
-  const at::Tensor st = stats.to(at::kDouble).contiguous();
-  const bool band = prm.balance == kBalanceBand;
-  const at::Tensor low = band_vector(op, "balance_low", balance_low, logits, E, band);
-  const at::Tensor high = band_vector(op, "balance_high", balance_high, logits, E, band);
-  const at::Tensor cw = class_weight_vector(op, class_weight, logits, pb.num_labels, acc);
+  const at::ScalarType acc = call.acc;
   GradOut gout;
   if (compute_grad) gout = make_grad_out(logits, pb);
   const Layout L = make_layout(pb, compute_grad ? &gout.flat : nullptr);
@@ -709,24 +702,27 @@ std::tuple<at::Tensor, at::Tensor> loss_fused_cuda(
   at::Tensor part = at::empty({std::max<int64_t>(blocks, 1) * kNumSums}, dopt);
   at::Tensor terms = at::empty({kTermsLen}, logits.options().dtype(acc));
   cudaStream_t stream = DS_CURRENT_STREAM();
-  const Labels tl = make_labels(pb.target), ll = make_labels(pb.labels);
+  const LabelPtr tl = label_ptr(pb.target), ll = label_ptr(pb.labels);
 
-  DS_LAUNCH(1, 32, stream, loss_prepare)(st.data_ptr<double>(), st.numel(), E, prm, low.data_ptr<double>(),
-                                         high.data_ptr<double>(), coef.data_ptr<double>());
+  DS_LAUNCH(1, 32, stream, loss_prepare)(st.data_ptr<double>(), st.numel(), E, prm,
+                                         low.data_ptr<double>(), high.data_ptr<double>(),
+                                         coef.data_ptr<double>());
   DS_LAUNCH_CHECK();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "loss_fused_cuda", [&] {
-    using acc_t = typename AccType<scalar_t>::type;
-    if (n > 0) {
-      DS_LAUNCH(blocks, kThreads, stream, loss_pixels<scalar_t, acc_t>)(
-          pb.x.data_ptr<scalar_t>(), tl, ll, cw.defined() ? cw.data_ptr<acc_t>() : nullptr, L, prm,
-          coef.data_ptr<double>(), compute_grad ? gout.flat.data_ptr<scalar_t>() : nullptr, part.data_ptr<double>());
-      DS_LAUNCH_CHECK();
-    }
-    DS_LAUNCH(1, kThreads, stream, loss_finish<acc_t>)(part.data_ptr<double>(), blocks, st.data_ptr<double>(),
-                                                       st.numel(), E, pb.nd, prm, low.data_ptr<double>(),
-                                                       high.data_ptr<double>(), terms.data_ptr<acc_t>());
-    DS_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "loss_fused_cuda", [&] {
+        using acc_t = typename AccType<scalar_t>::type;
+        if (n > 0) {
+          DS_LAUNCH(blocks, kThreads, stream, loss_pixels<scalar_t, acc_t>)(
+              pb.x.data_ptr<scalar_t>(), tl, ll, cw.defined() ? cw.data_ptr<acc_t>() : nullptr, L,
+              prm, coef.data_ptr<double>(), compute_grad ? gout.flat.data_ptr<scalar_t>() : nullptr,
+              part.data_ptr<double>());
+          DS_LAUNCH_CHECK();
+        }
+        DS_LAUNCH(1, kThreads, stream, loss_finish<acc_t>)(
+            part.data_ptr<double>(), blocks, st.data_ptr<double>(), st.numel(), E, pb.nd, prm,
+            low.data_ptr<double>(), high.data_ptr<double>(), terms.data_ptr<acc_t>());
+        DS_LAUNCH_CHECK();
+      });
   at::Tensor grad = compute_grad ? finish_grad(gout) : at::empty({0}, logits.options());
   return {terms, grad};
 }

@@ -1,0 +1,498 @@
+// The per-tile loss on the CPU: the coherence of a tile and every term with its
+// gradient (loss_tile_impl), then the compiled entry points of the three tile
+// computations, one per accumulation type and instruction set. Part of loss_cpu.cpp's
+// translation unit (only it includes this file).
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "tile_steps.h"
+
+namespace deferredseg {
+namespace cpu_loss {
+
+DS_FP_REGION_BEGIN
+
+// One map's coherence at a pixel with value m and neighbours mprev / mnext along an
+// axis: adds to g the derivative of the weighted penalty (both pairs, each where it
+// counts) and returns the penalty of the forward pair.
+template <bool L2, typename T>
+DS_LOSS_FN T coherence_pixel(T m, T mprev, T mnext, bool okp, bool okn, T f, T& g) {
+  const T dp = m - mprev, dn = m - mnext;
+  const T gp = sel(okp, coh_drho<L2>(dp), T(0)), gn = sel(okn, coh_drho<L2>(dn), T(0));
+  g += f * (gp + gn);
+  return sel(okn, coh_rho<L2>(dn), T(0));
+}
+
+// Coherence along axis d of a tile, both maps in one loop. A pair (p - s, p) or
+// (p, p + s) counts when both pixels are valid and inside the volume (valid mask,
+// its window vm and the neighbour masks; all 0 / 1, so their product is too). Adds
+// to gD / gS the derivative of the weighted penalty with respect to D_p / s_p,
+// gathered from both pairs, and returns the penalties of the forward pairs.
+template <bool L2, bool DM, bool SM, typename T>
+DS_LOSS_FN void coherence_axis(const TileCtx<T>& c, int d, T& val_d, T& val_s) {
+  const int64_t n = c.n, s = c.st[d];
+  const T f = c.scale_coh[d];
+  const T* __restrict__ valid = c.valid;
+  const T* __restrict__ hp = c.hp[d];
+  const T* __restrict__ hn = c.hn[d];
+  const T* __restrict__ vm = c.vm;
+  const T* __restrict__ Dm = c.mapD;
+  const T* __restrict__ Sm = c.mapS;
+  T* __restrict__ gD = c.gD;
+  T* __restrict__ gS = c.gS;
+  T vd = T(0), vs = T(0);
+  DS_SIMD_SUM(vd, vs)
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = valid[i];
+    const bool okp = v * vm[i - s] * hp[i] != T(0);
+    const bool okn = v * vm[i + s] * hn[i] != T(0);
+    if (DM) vd += coherence_pixel<L2>(Dm[i], Dm[i - s], Dm[i + s], okp, okn, f, gD[i]);
+    if (SM) vs += coherence_pixel<L2>(Sm[i], Sm[i - s], Sm[i + s], okp, okn, f, gS[i]);
+  }
+  val_d = vd;
+  val_s = vs;
+}
+
+// The coherence of a tile: gD, gS (derivatives with respect to D and s, gathered
+// from both pairs of every axis) and the penalties of its forward pairs in out.
+template <typename T>
+DS_LOSS_FN void tile_coherence_all(const TileCtx<T>& c) {
+  const int64_t n = c.n;
+  T* __restrict__ gD = c.gD;
+  T* __restrict__ gS = c.gS;
+  DS_SIMD
+  for (int64_t i = 0; i < n; ++i) {
+    gD[i] = T(0);
+    gS[i] = T(0);
+  }
+  for (int d = 0; d < kMaxSpatial; ++d) {
+    T vd = T(0), vs = T(0);
+    if (d < c.nd && c.maps != 0) {
+      const bool dm = (c.maps & kMapRouter) != 0, sm = (c.maps & kMapGate) != 0;
+      if (c.l2) {
+        if (dm && sm) coherence_axis<true, true, true>(c, d, vd, vs);
+        else if (dm) coherence_axis<true, true, false>(c, d, vd, vs);
+        else coherence_axis<true, false, true>(c, d, vd, vs);
+      } else {
+        if (dm && sm) coherence_axis<false, true, true>(c, d, vd, vs);
+        else if (dm) coherence_axis<false, true, false>(c, d, vd, vs);
+        else coherence_axis<false, false, true>(c, d, vd, vs);
+      }
+    }
+    c.out[kSumCoh + d] = vd;
+    c.out[kSumCoh + 3 + d] = vs;
+  }
+}
+
+// Everything after the segmentation term, for a compile-time E: collab, balance,
+// gate, and (GRAD) the gradient of the routing and gate logits, in one loop with the
+// E + 1 channels of a pixel in registers. Needs: the routing of the tile (pi, rb, rs,
+// D), its gate term (tile_gate), the coherence derivatives gD, gS
+// (tile_coherence_all), lseg and the c_k rows.
+// The formulas are those of the generic loops in loss_tile_impl.
+template <int E, int SUR, bool GRAD, typename T>
+DS_LOSS_FN void loss_rest_fast(const TileCtx<T>& c) {
+  const int64_t n = c.n, K = c.K, xs = c.xs;
+  // Logits read from Rin, gradients written to R (the same memory when Xin is X: each
+  // pixel's logits are read before its gradient is written).
+  const T* Rin = c.Xin + K * xs;
+  T* R = c.X + K * kTile;
+  T* __restrict__ a = c.X + (K + E + 1) * kTile;
+  const T* __restrict__ valid = c.valid;
+  const T* __restrict__ pi = c.pi;
+  const T* __restrict__ ckr = c.ck;
+  const T* __restrict__ rb = c.rb;
+  const T* __restrict__ rs = c.rs;
+  const T* __restrict__ D = c.D;
+  const T* __restrict__ gD = c.gD;
+  const T* __restrict__ gS = c.gS;
+  const T* __restrict__ lseg = c.lseg;
+  const T* __restrict__ lgate = c.lgate;
+  const T* __restrict__ dgate = c.dgate;
+  const T* __restrict__ dsa = c.dsa;
+  T bal[E + 1];
+  for (int k = 0; k <= E; ++k) bal[k] = c.bal[k];
+  const T cc = c.scale_collab, cg = c.scale_gate, eps = c.eps;
+  T sseg = T(0), scol = T(0), sgate = T(0);
+  DS_SIMD_SUM(sseg, scol, sgate)
+  for (int64_t i = 0; i < n; ++i) {
+    const bool ok = valid[i] != T(0);
+    T ck[E + 1], p[E + 1], gk[E + 1];
+#pragma GCC unroll 8
+    for (int k = 0; k <= E; ++k) {
+      ck[k] = ckr[k * kTile + i];
+      p[k] = pi[k * kTile + i];
+    }
+    // collab value; acc = Ctot (softmax) or sum_k g_k pi_k (paper); unused by ova
+    T lcol = T(0), acc = T(0);
+    if (SUR == kSurrogatePaper) {
+#pragma GCC unroll 8
+      for (int k = 0; k <= E; ++k) {
+        const T coef = paper_base<T>(k < E) + paper_slope<T>(k < E) * ck[k];
+        lcol += paper_channel(coef, p[k], eps, gk[k]);
+        acc += gk[k] * p[k];
+      }
+    } else if (SUR == kSurrogateOva) {
+#pragma GCC unroll 8
+      for (int k = 0; k <= E; ++k) lcol += ova_channel(Rin[k * xs + i], ck[k], gk[k]);
+    } else {
+      const T rl = log_pos(rs[i]), b = rb[i];
+#pragma GCC unroll 8
+      for (int k = 0; k <= E; ++k) {
+        const T logpi = (Rin[k * xs + i] - b) - rl;
+        lcol -= ck[k] * logpi;
+        acc += ck[k];
+        gk[k] = T(0);
+      }
+    }
+    T bsum = T(0);
+#pragma GCC unroll 8
+    for (int k = 0; k <= E; ++k) bsum += bal[k] * p[k];
+    if (GRAD) {
+      const T ga = cg * dgate[i] + gS[i] * dsa[i];
+      const T common = routing_common<SUR>(cc, acc, bsum, gD[i], D[i]);
+#pragma GCC unroll 8
+      for (int m = 0; m <= E; ++m) {
+        const T g =
+            routing_grad<SUR>(p[m], common, bal[m], gD[i], m < E ? T(1) : T(0), cc, ck[m], gk[m]);
+        R[m * kTile + i] = sel(ok, g, T(0));
+      }
+      a[i] = sel(ok, ga, T(0));
+    }
+    const T lg = lgate[i];
+    sseg += lseg[i];
+    scol += sel(ok, lcol, T(0));
+    sgate += sel(ok, lg, T(0));
+  }
+  c.out[kSumSeg] = sseg;
+  c.out[kSumCollab] = scol;
+  c.out[kSumGate] = sgate;
+}
+
+// Every term of a tile and, when c.grad, the gradient (written over X).
+// Loaded: X (all C rows), valid, yf, y, ck rows 0..E-1; for coherence the neighbour
+// masks, vm and maps.
+// out: kNumSums partial sums.
+template <typename T>
+DS_LOSS_FN void loss_tile_impl(const TileCtx<T>& c) {
+  class_weights(c);
+  const int64_t n = c.n, K = c.K, E = c.E;
+  const T* __restrict__ valid = c.valid;
+  const T* __restrict__ yf = c.yf;
+  const int32_t* __restrict__ y = c.y;
+  const T* __restrict__ w = c.w;
+  T* __restrict__ lseg = c.lseg;
+  T* __restrict__ c0 = c.ck + E * kTile;
+
+  // ---- segmentation: value, c0, gradient (written over the z rows) ----
+  const T seg_scale = c.scale_seg;
+  if (K == 1) {
+    const T* zin = c.Xin;
+    T* z = c.X;
+    DS_SIMD
+    for (int64_t i = 0; i < n; ++i) {
+      T l, dl, s, ds;
+      const T zi = zin[i];
+      bce_with_logits(zi, yf[i], l, dl, s, ds);
+      const bool ok = valid[i] != T(0);
+      const T wv = w[i];
+      const T wl = wv * l, g = seg_scale * wv * dl;
+      lseg[i] = sel(ok, wl, T(0));
+      const T yv = yf[i];                     // 0 or 1
+      c0[i] = sel(zi > T(0), yv, T(1) - yv);  // (z > 0) == y
+      z[i] = sel(ok, g, T(0));
+    }
+  } else {
+    T* __restrict__ zb = c.zb;
+    T* __restrict__ zs = c.zs;
+    T* __restrict__ zy = c.zy;
+    int32_t* __restrict__ zi = c.zi;
+    rows_argmax(n, c.Xin, c.xs, K, zb, zi);
+    DS_SIMD
+    for (int64_t i = 0; i < n; ++i) {
+      zs[i] = T(0);
+      zy[i] = T(0);
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const T* zin = c.Xin + k * c.xs;  // z is zin when Xin is X
+      T* z = c.X + k * kTile;
+      const int32_t kk = static_cast<int32_t>(k);
+      DS_SIMD
+      for (int64_t i = 0; i < n; ++i) {
+        const T v = zin[i], cur = zy[i];
+        const T e = exp_nonpos(v - zb[i]);
+        zy[i] = sel(y[i] == kk, v, cur);
+        z[i] = e;
+        zs[i] += e;
+      }
+    }
+    T* __restrict__ coef = c.acc;
+    DS_SIMD
+    for (int64_t i = 0; i < n; ++i) {
+      const bool ok = valid[i] != T(0);
+      const T l = log_pos(zs[i]) - (zy[i] - zb[i]);  // -log softmax(z)_y
+      const T wv = w[i];
+      const T wl = wv * l, cf = seg_scale * wv;
+      lseg[i] = sel(ok, wl, T(0));
+      c0[i] = sel(zi[i] == y[i], T(1), T(0));
+      coef[i] = sel(ok, cf, T(0));
+      zs[i] = T(1) / zs[i];
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      T* __restrict__ z = c.X + k * kTile;
+      const int32_t kk = static_cast<int32_t>(k);
+      DS_SIMD
+      for (int64_t i = 0; i < n; ++i) {
+        const T g = coef[i] * (z[i] * zs[i] - sel(y[i] == kk, T(1), T(0)));
+        z[i] = sel(valid[i] != T(0), g, T(0));
+      }
+    }
+  }
+
+  // ---- routing ----
+  T* const R = c.X + K * kTile;
+  const T* const Rin = c.Xin + K * c.xs;  // the logits of R (R itself when Xin is X)
+  const bool softmax = c.surrogate == kSurrogateSoftmax;
+  // The "benefit" gate target needs c0 (made above) and the c_k rows.
+  if (c.benefit) benefit_target(c, Rin);
+  if constexpr (std::is_same<T, float>::value) {
+    if (c.fast) {
+      if (!c.routing_ready) tile_routing(c, Rin, c.xs, false);
+      if (c.benefit) {
+        tile_gate<false, true>(c, Rin + (E + 1) * c.xs);
+      } else if (!c.routing_ready) {
+        tile_gate<false, false>(c, Rin + (E + 1) * c.xs);
+      }
+      tile_coherence_all(c);
+      if (c.surrogate == kSurrogatePaper) {
+        if (c.grad) {
+          DS_WITH_FAST_E(E, loss_rest_fast<NE, kSurrogatePaper, true>(c))
+        } else {
+          DS_WITH_FAST_E(E, loss_rest_fast<NE, kSurrogatePaper, false>(c))
+        }
+      } else if (c.surrogate == kSurrogateOva) {
+        if (c.grad) {
+          DS_WITH_FAST_E(E, loss_rest_fast<NE, kSurrogateOva, true>(c))
+        } else {
+          DS_WITH_FAST_E(E, loss_rest_fast<NE, kSurrogateOva, false>(c))
+        }
+      } else {
+        if (c.grad) {
+          DS_WITH_FAST_E(E, loss_rest_fast<NE, kSurrogateSoftmax, true>(c))
+        } else {
+          DS_WITH_FAST_E(E, loss_rest_fast<NE, kSurrogateSoftmax, false>(c))
+        }
+      }
+      return;
+    }
+  }
+  if (!c.routing_ready) {
+    tile_routing(c, Rin, c.xs, softmax);
+  } else if (softmax) {
+    const T* __restrict__ rs = c.rs;
+    T* __restrict__ rlog = c.rlog;
+    DS_SIMD
+    for (int64_t i = 0; i < n; ++i) rlog[i] = log_pos(rs[i]);
+  }
+  const T* __restrict__ rb = c.rb;
+  const T* __restrict__ rlog = c.rlog;
+  const T* __restrict__ D = c.D;
+
+  // collab value; acc = Ctot (softmax) or sum_k g_k pi_k (paper); unused by ova
+  T* __restrict__ lcol = c.lcol;
+  T* __restrict__ acc = c.acc;
+  DS_SIMD
+  for (int64_t i = 0; i < n; ++i) {
+    lcol[i] = T(0);
+    acc[i] = T(0);
+  }
+  if (c.surrogate == kSurrogateOva) {
+    for (int64_t k = 0; k <= E; ++k) {
+      const T* __restrict__ r = Rin + k * c.xs;
+      const T* __restrict__ ck = c.ck + k * kTile;
+      DS_SIMD
+      for (int64_t i = 0; i < n; ++i) {
+        T g;
+        lcol[i] += ova_channel(r[i], ck[i], g);
+      }
+    }
+  } else if (softmax) {
+    for (int64_t k = 0; k <= E; ++k) {
+      const T* __restrict__ r = Rin + k * c.xs;
+      const T* __restrict__ ck = c.ck + k * kTile;
+      DS_SIMD
+      for (int64_t i = 0; i < n; ++i) {
+        const T logpi = (r[i] - rb[i]) - rlog[i];
+        lcol[i] -= ck[i] * logpi;
+        acc[i] += ck[i];
+      }
+    }
+  } else {
+    const T eps = c.eps;
+    for (int64_t k = 0; k <= E; ++k) {
+      const T* __restrict__ p = c.pi + k * kTile;
+      const T* __restrict__ ck = c.ck + k * kTile;
+      const T base = paper_base<T>(k < E), slope = paper_slope<T>(k < E);
+      DS_SIMD
+      for (int64_t i = 0; i < n; ++i) {
+        const T coef = base + slope * ck[i];
+        T g;
+        lcol[i] += paper_channel(coef, p[i], eps, g);
+        acc[i] += g * p[i];
+      }
+    }
+  }
+
+  // balance: bsum = sum_k bal_k pi_k
+  T* __restrict__ bsum = c.bsum;
+  DS_SIMD
+  for (int64_t i = 0; i < n; ++i) bsum[i] = T(0);
+  for (int64_t k = 0; k <= E; ++k) {
+    const T* __restrict__ p = c.pi + k * kTile;
+    const T bk = c.bal[k];
+    DS_SIMD
+    for (int64_t i = 0; i < n; ++i) bsum[i] += bk * p[i];
+  }
+
+  // gate
+  T* __restrict__ a = c.X + (K + E + 1) * kTile;
+  if (c.benefit) {
+    tile_gate<false, true>(c, Rin + (E + 1) * c.xs);
+  } else if (!c.routing_ready) {
+    tile_gate<false, false>(c, Rin + (E + 1) * c.xs);
+  }
+  const T* __restrict__ lgate = c.lgate;
+  const T* __restrict__ dgate = c.dgate;
+  const T* __restrict__ dsa = c.dsa;
+
+  tile_coherence_all(c);
+  const T* __restrict__ gD = c.gD;
+  const T* __restrict__ gS = c.gS;
+
+  // ---- gradient ----
+  if (c.grad) {
+    const T cc = c.scale_collab, cg = c.scale_gate;
+    DS_SIMD
+    for (int64_t i = 0; i < n; ++i) {
+      const T g = cg * dgate[i] + gS[i] * dsa[i];
+      a[i] = sel(valid[i] != T(0), g, T(0));
+    }
+    T* __restrict__ common = c.common;
+    if (c.surrogate == kSurrogatePaper) {
+      DS_SIMD
+      for (int64_t i = 0; i < n; ++i)
+        common[i] = routing_common<kSurrogatePaper>(cc, acc[i], bsum[i], gD[i], D[i]);
+    } else if (c.surrogate == kSurrogateOva) {
+      DS_SIMD
+      for (int64_t i = 0; i < n; ++i)
+        common[i] = routing_common<kSurrogateOva>(cc, acc[i], bsum[i], gD[i], D[i]);
+    } else {
+      DS_SIMD
+      for (int64_t i = 0; i < n; ++i)
+        common[i] = routing_common<kSurrogateSoftmax>(cc, acc[i], bsum[i], gD[i], D[i]);
+    }
+    const T eps = c.eps;
+    for (int64_t m = 0; m <= E; ++m) {
+      T* __restrict__ r = R + m * kTile;
+      const T* __restrict__ p = c.pi + m * kTile;
+      const T* __restrict__ ck = c.ck + m * kTile;
+      const T bm = c.bal[m];
+      const T expert = m < E ? T(1) : T(0);
+      if (c.surrogate == kSurrogatePaper) {
+        const T base = paper_base<T>(m < E), slope = paper_slope<T>(m < E);
+        DS_SIMD
+        for (int64_t i = 0; i < n; ++i) {
+          const T cv = ck[i], pv = p[i];
+          const T g_m = (base + slope * cv) / (pv + eps);
+          const T g = routing_grad<kSurrogatePaper>(pv, common[i], bm, gD[i], expert, cc, cv, g_m);
+          r[i] = sel(valid[i] != T(0), g, T(0));
+        }
+      } else if (c.surrogate == kSurrogateOva) {
+        // The logits of this row (rin) are read before rout, the same row of X when Xin
+        // is X, is written, pixel by pixel (so neither pointer is restrict).
+        const T* rin = Rin + m * c.xs;
+        T* rout = R + m * kTile;
+        DS_SIMD
+        for (int64_t i = 0; i < n; ++i) {
+          const T cv = ck[i];
+          T g_m;
+          ova_channel(rin[i], cv, g_m);
+          const T g = routing_grad<kSurrogateOva>(p[i], common[i], bm, gD[i], expert, cc, cv, g_m);
+          rout[i] = sel(valid[i] != T(0), g, T(0));
+        }
+      } else {
+        DS_SIMD
+        for (int64_t i = 0; i < n; ++i) {
+          const T g =
+              routing_grad<kSurrogateSoftmax>(p[i], common[i], bm, gD[i], expert, cc, ck[i], T(0));
+          r[i] = sel(valid[i] != T(0), g, T(0));
+        }
+      }
+    }
+  }
+
+  // ---- sums ----
+  T sseg = T(0), scol = T(0), sgate = T(0);
+  DS_SIMD_SUM(sseg, scol, sgate)
+  for (int64_t i = 0; i < n; ++i) {
+    const bool ok = valid[i] != T(0);
+    const T lc = lcol[i], lg = lgate[i];
+    sseg += lseg[i];
+    scol += sel(ok, lc, T(0));
+    sgate += sel(ok, lg, T(0));
+  }
+  c.out[kSumSeg] = sseg;
+  c.out[kSumCollab] = scol;
+  c.out[kSumGate] = sgate;
+}
+
+// ---------------------------------------------------------------------------
+// Compute entry points: one per accumulation type and instruction set.
+// ---------------------------------------------------------------------------
+#define DS_NO_ATTR
+// float64 (used for gradcheck) is built for the baseline only.
+#define DS_COMPUTE_ENTRY(ATTR, NAME, IMPL) \
+  ATTR void NAME(const TileCtx<float>& c) { IMPL<float>(c); }
+DS_COMPUTE_ENTRY(DS_NO_ATTR, stats_tile_base, stats_tile_impl)
+DS_COMPUTE_ENTRY(DS_NO_ATTR, maps_tile_base, maps_tile_impl)
+DS_COMPUTE_ENTRY(DS_NO_ATTR, loss_tile_base, loss_tile_impl)
+void stats_tile_base(const TileCtx<double>& c) { stats_tile_impl<double>(c); }
+void maps_tile_base(const TileCtx<double>& c) { maps_tile_impl<double>(c); }
+void loss_tile_base(const TileCtx<double>& c) { loss_tile_impl<double>(c); }
+#if DS_X86_VARIANTS
+DS_COMPUTE_ENTRY(DS_TARGET_V3, stats_tile_v3, stats_tile_impl)
+DS_COMPUTE_ENTRY(DS_TARGET_V3, maps_tile_v3, maps_tile_impl)
+DS_COMPUTE_ENTRY(DS_TARGET_V3, loss_tile_v3, loss_tile_impl)
+DS_COMPUTE_ENTRY(DS_TARGET_V4, stats_tile_v4, stats_tile_impl)
+DS_COMPUTE_ENTRY(DS_TARGET_V4, maps_tile_v4, maps_tile_impl)
+DS_COMPUTE_ENTRY(DS_TARGET_V4, loss_tile_v4, loss_tile_impl)
+#endif
+
+#if DS_X86_VARIANTS
+#define DS_COMPUTE_DISPATCH(NAME)                \
+  if constexpr (std::is_same<T, float>::value) { \
+    if (ISA == kIsaV4) return NAME##_v4(c);      \
+    if (ISA == kIsaV3) return NAME##_v3(c);      \
+  }                                              \
+  NAME##_base(c);
+#else
+#define DS_COMPUTE_DISPATCH(NAME) NAME##_base(c);
+#endif
+template <int ISA, typename T>
+DS_INLINE void stats_tile(const TileCtx<T>& c) {
+  DS_COMPUTE_DISPATCH(stats_tile)
+}
+template <int ISA, typename T>
+DS_INLINE void maps_tile(const TileCtx<T>& c) {
+  DS_COMPUTE_DISPATCH(maps_tile)
+}
+template <int ISA, typename T>
+DS_INLINE void loss_tile(const TileCtx<T>& c) {
+  DS_COMPUTE_DISPATCH(loss_tile)
+}
+
+DS_FP_REGION_END
+}  // namespace cpu_loss
+}  // namespace deferredseg
