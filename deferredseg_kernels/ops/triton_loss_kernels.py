@@ -27,7 +27,8 @@ _PART_COLLAB = tl.constexpr(1)
 _PART_GATE = tl.constexpr(2)
 _PART_COH_ROUTER = tl.constexpr(3)  # rows 3, 4, 5: axes 0, 1, 2
 _PART_COH_GATE = tl.constexpr(6)  # rows 6, 7, 8
-N_PART = 9
+N_PART = 9  # the host allocates this many rows
+_N_PART = tl.constexpr(N_PART)
 # Entries of ``terms`` (ops/fused.py): the loss, then the unweighted terms.
 _TERM_LOSS = tl.constexpr(fused.TERM_INDEX["loss"])
 _TERM_SEG = tl.constexpr(fused.TERM_INDEX["seg"])
@@ -681,7 +682,7 @@ def _finalize_kernel(
         rows = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
         v = tl.load(
             part_ptr + c[:, None] * n_rows + rows[None, :],
-            mask=(c < N_PART)[:, None] & (rows < n_rows)[None, :],
+            mask=(c < _N_PART)[:, None] & (rows < n_rows)[None, :],
             other=0.0,
         )
         acc += v.to(tl.float64)
