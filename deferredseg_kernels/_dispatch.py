@@ -15,7 +15,9 @@ Adding a backend takes two steps:
 2. one ``register(name, op, fn)`` call for each op ("loss", "route") it
    implements, in ``_register_backends`` of ``deferredseg_kernels/__init__.py``.
 
-Its documentation is one more line in docs/objective.md section 5.
+Its documentation is one more line in docs/objective.md section 5, and one entry in
+the table of tests/_backends.py runs the whole conformance suite
+(tests/test_conformance.py) on it.
 """
 
 from __future__ import annotations
