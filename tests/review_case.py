@@ -25,9 +25,38 @@ ANA_BOXES = [(2, 10, 2, 10), (2, 10, 28, 36), (28, 36, 2, 10)]
 BEN_BOX = (28, 36, 28, 36)
 
 
+def _write_case(out, images, image_id, image, model, assignment, write_assignment, **task_options):
+    """One image of a prediction folder as ``predict`` writes it: the source image, the
+    model's mask (and the assignment, if asked), the review regions and the database rows."""
+    source = images / f"{image_id}.npy"
+    np.save(source, image)
+    db = ReviewDB(out)
+    db.ensure_experts(["ana", "ben"])
+    db.set_meta({"num_classes": 1, "num_labels": 2, "spatial_dims": model.ndim, "in_channels": 1})
+    meta = InputMeta(ext=".npy")
+    write_like(out / "model" / image_id, model, meta)
+    if write_assignment:
+        coded = (assignment.astype(np.int16) + 1).astype(np.uint8)  # 0 the model, j + 1 expert j
+        write_like(out / "assignment" / image_id, coded, meta)
+    regions, tasks, dropped = extract_tasks(assignment, 2, **task_options)
+    atomic_save_npy(out / "regions" / f"{image_id}.npy", regions)
+    db.add_image(
+        image_id,
+        str(source.resolve()),
+        ".npy",
+        file_fingerprint(source),
+        model.shape,
+        model.size,
+        int((assignment >= 0).sum()),
+        dropped,
+        tasks,
+    )
+    db.close()
+    return out
+
+
 def make_review_folder(root: Path) -> Path:
-    root = Path(root)
-    images = root / "images"
+    images = Path(root) / "images"
     images.mkdir(parents=True, exist_ok=True)
     yy, xx = np.mgrid[:SIDE, :SIDE]
     rng = np.random.RandomState(0)
@@ -37,7 +66,6 @@ def make_review_folder(root: Path) -> Path:
         + 0.8 * xx
         + rng.normal(0, 6, (SIDE, SIDE))
     ).astype(np.float32)
-    np.save(images / "scan1.npy", image)
     model = ((yy - 20) ** 2 + (xx - 20) ** 2 < 100).astype(np.uint8)
     model[4:8, 4:8] = 1  # something inside the first region, so the proposal shows
     assignment = np.full((SIDE, SIDE), -1, np.int8)
@@ -45,66 +73,31 @@ def make_review_folder(root: Path) -> Path:
         assignment[a:b, c:d] = 0
     a, b, c, d = BEN_BOX
     assignment[a:b, c:d] = 1
-    out = root / "out"
-    db = ReviewDB(out)
-    db.ensure_experts(["ana", "ben"])
-    db.set_meta({"num_classes": 1, "num_labels": 2, "spatial_dims": 2, "in_channels": 1})
-    meta = InputMeta(ext=".npy")
-    write_like(out / "model" / "scan1", model, meta)
-    write_like(
-        out / "assignment" / "scan1", (assignment.astype(np.int16) + 1).astype(np.uint8), meta
-    )
-    regions, tasks, dropped = extract_tasks(assignment, 2, min_size=1, merge_distance=0)
-    atomic_save_npy(out / "regions" / "scan1.npy", regions)
-    db.add_image(
+    return _write_case(
+        Path(root) / "out",
+        images,
         "scan1",
-        str((images / "scan1.npy").resolve()),
-        ".npy",
-        file_fingerprint(images / "scan1.npy"),
-        (SIDE, SIDE),
-        SIDE * SIDE,
-        int((assignment >= 0).sum()),
-        dropped,
-        tasks,
+        image,
+        model,
+        assignment,
+        True,
+        min_size=1,
+        merge_distance=0,
     )
-    db.close()
-    return out
 
 
 def make_review_folder_3d(root: Path) -> Path:
     """A 24x24x8 volume; ana has one region spanning slices 2-5, ben one."""
-    root = Path(root)
-    images = root / "images3d"
+    images = Path(root) / "images3d"
     images.mkdir(parents=True, exist_ok=True)
     rng = np.random.RandomState(1)
     image = (100 + 50 * rng.rand(24, 24, 8)).astype(np.float32)
-    np.save(images / "vol1.npy", image)
     model = np.zeros((24, 24, 8), np.uint8)
     model[6:10, 6:10, 3:5] = 1
     assignment = np.full((24, 24, 8), -1, np.int8)
     assignment[4:12, 4:12, 2:6] = 0
     assignment[16:20, 16:20, 1:3] = 1
-    out = root / "out3d"
-    db = ReviewDB(out)
-    db.ensure_experts(["ana", "ben"])
-    db.set_meta({"num_classes": 1, "num_labels": 2, "spatial_dims": 3, "in_channels": 1})
-    meta = InputMeta(ext=".npy")
-    write_like(out / "model" / "vol1", model, meta)
-    regions, tasks, dropped = extract_tasks(assignment, 2)
-    atomic_save_npy(out / "regions" / "vol1.npy", regions)
-    db.add_image(
-        "vol1",
-        str((images / "vol1.npy").resolve()),
-        ".npy",
-        file_fingerprint(images / "vol1.npy"),
-        (24, 24, 8),
-        24 * 24 * 8,
-        int((assignment >= 0).sum()),
-        dropped,
-        tasks,
-    )
-    db.close()
-    return out
+    return _write_case(Path(root) / "out3d", images, "vol1", image, model, assignment, False)
 
 
 def free_port():
