@@ -23,24 +23,14 @@ import pytest
 import torch
 from PIL import Image
 
+# the tiny synthetic run, and main() in this process, as the CLI tests use them
+from test_cli import TINY, run_main
+from test_cli import _weights as weights
+
 from deferredseg.cli import main
 from deferredseg.train.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "--num-images",
-    "12",
-    "--image-size",
-    "24",
-    "--features",
-    "4",
-    "--batch-size",
-    "4",
-    "--progress",
-    "false",
-    "--backend",
-    "reference",
-]
 FILES = [
     "--features",
     "4",
@@ -53,16 +43,6 @@ FILES = [
     "--epochs",
     "1",
 ]
-
-
-def run_main(args, capsys):
-    """main() in this process: (exit code, stdout, stderr)."""
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def write(path: Path, arr: np.ndarray) -> Path:
@@ -104,10 +84,6 @@ def make_set(
         if labels:
             write(root / "labels" / f"c{i:02d}{ext}", truth * fg)
     return root
-
-
-def weights(path):
-    return load_checkpoint(path)["model"]
 
 
 # ============================================================================ 1. nothing is lost
