@@ -90,7 +90,8 @@ sed 's/^/    /' "$LOG/backends.log" | tee -a "$SUMMARY"
 
 # Triton compiles one binary per kernel variant (about a second each): the GPU-marked
 # tests cover the variants that matter most (and the C++ CUDA entries of the conformance
-# suite); Triton's own tests and its conformance entries on CUDA tensors run after the main benchmark, with the time that is left.
+# suite); Triton's other tests and its conformance entries on CUDA tensors run after the
+# main benchmark, with the time that is left (not the GPU-marked ones again).
 run tests_gpu 150 "$PY" -m pytest tests/test_conformance.py tests/test_cuda_kernel.py \
   tests/test_triton.py tests/test_route.py \
   -m gpu -q -rs -p no:cacheprovider
@@ -109,7 +110,7 @@ sed 's/^/    /' "$LOG/train_step.log" | tee -a "$SUMMARY"
 
 T_LEFT=$(( $(left) - 100 ))
 DS_TEST_BACKENDS=triton run tests_triton_cuda $(( T_LEFT > 20 ? T_LEFT : 20 )) "$PY" -m pytest \
-  tests/test_triton.py tests/test_conformance.py -q -rs \
+  tests/test_triton.py tests/test_conformance.py -m "not gpu" -q -rs \
   -p no:cacheprovider
 tail -n 1 "$LOG/tests_triton_cuda.log" | sed 's/^/    /' | tee -a "$SUMMARY"
 grep -E "^(FAILED|ERROR)" "$LOG/tests_triton_cuda.log" | head -20 | sed 's/^/    /' | tee -a "$SUMMARY"
