@@ -191,11 +191,13 @@ def evaluate(
     ds = build_data(cfg, split)
     E = ck["num_experts"]
     best_expert = ck.get("best_expert", 0)
+    val = None  # the validation split, read once when needed
     if method.learns_routing:  # routing channels are the trained experts: by name or refused
         ds = match_experts(ds, cfg, split, ck.get("expert_names"), build_data)
     else:  # the base segmentor does not depend on the experts: evaluate it with these
         E = ds.info.num_experts
-        best_expert = best_single_expert(build_data(cfg, "val"), E)
+        val = build_data(cfg, "val")
+        best_expert = best_single_expert(val, E)
     if ds.info.num_experts != E:
         raise ValueError(
             f"the checkpoint was trained with {E} experts, the {split} data has "
@@ -208,9 +210,8 @@ def evaluate(
     if route_mode(cfg) == "router":
         threshold, budget = 0.5, None  # the router's argmax decides, at its own rate
     if budget is not None:
-        threshold = threshold_for_budget(
-            model, build_data(cfg, "val"), cfg, E, best_expert, dev, budget
-        )
+        val = build_data(cfg, "val") if val is None else val
+        threshold = threshold_for_budget(model, val, cfg, E, best_expert, dev, budget)
     metrics, examples = evaluate_model(
         model,
         ds,
