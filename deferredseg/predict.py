@@ -97,13 +97,19 @@ def resolve_routing(
     ``threshold_from_budget(budget)``), else what the checkpoint recorded, else the
     training configuration's threshold. Returns ``{"threshold", "mode", "source", ...}``
     plus any further keyword arguments of ``route`` the checkpoint recorded."""
+    from .train.evaluation import routing_record
     from .train.methods import method_of
 
     recorded = dict(ck.get("routing") or {})
     for key in ("threshold", "budget"):
         if key not in recorded and ck.get(key) is not None:
             recorded[key] = ck[key]
-    mode = recorded.get("mode", "gate")
+    # A checkpoint without a routing record (a run's last.pt) routes as evaluation would:
+    # in the method's mode, with the scores and costs it was trained for.
+    trained = routing_record(cfg, None)
+    for key in ("mode", "scores", "expert_cost"):
+        recorded.setdefault(key, trained[key])
+    mode = recorded["mode"]
     out: Dict[str, Any] = {"mode": mode}
     if not method_of(cfg).defers:
         out.update(threshold=1.0, source=f"{cfg.method} method (never defers)")

@@ -355,6 +355,12 @@ def test_routing_comes_from_the_checkpoint_unless_overridden():
     r = resolve_routing(ck, cfg, budget=0.3, threshold_from_budget=lambda b: b / 2)
     assert r["threshold"] == 0.15 and r["source"].startswith("--budget")
     assert resolve_routing(ck, TrainConfig(method="model-only"))["threshold"] == 1.0
+    # without a routing record (a run's last.pt): the mode, scores and costs it was trained for
+    gain = TrainConfig(route_mode="gain", surrogate="ova", expert_cost=(0.0, 0.1, 0.2))
+    r = resolve_routing({}, gain)
+    assert (r["mode"], r["scores"], r["expert_cost"]) == ("gain", "sigmoid", (0.0, 0.1, 0.2))
+    l2d = TrainConfig(method="l2d-single", route_mode="gain")
+    assert resolve_routing({}, l2d)["mode"] == "gate"  # single-expert methods use their gate
     with pytest.raises(ValueError, match="threshold must be in"):
         resolve_routing({}, cfg, threshold=1.5)
     assert _jsonable({"t": 0.5, "c": torch.tensor([1.0, 2.0]), "big": torch.zeros(100)}) == {
