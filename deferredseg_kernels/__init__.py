@@ -109,18 +109,10 @@ def _reference_loss(logits, target, expert_labels, opts: LossOptions, return_ter
     return deferredseg_loss_reference(logits, target, expert_labels, opts, return_terms)
 
 
-def _reference_route(
-    logits, num_classes, num_experts, thr, mode, expert_labels, expert_cost, scores
-):
-    return route_reference(
-        logits, num_classes, num_experts, thr, mode, expert_labels, expert_cost, scores
-    )
-
-
 def _register_backends() -> None:
     """Register every backend's implementations (the backends are listed in _dispatch)."""
     register("reference", "loss", _reference_loss)
-    register("reference", "route", _reference_route)
+    register("reference", "route", route_reference)
     if _EXT is not None:
         from .ops import cpp
 

@@ -109,6 +109,12 @@ class _Problem:
         self.n_prog = self.B * self.n_tiles
         self.is_fp64 = logits.dtype == torch.float64
 
+    def tile_args(self, ignore_index: int) -> tuple:
+        """The arguments both loss kernels take after their pointers, in their order: the
+        geometry, ``ignore_index``, and the strides of the logits, target and labels."""
+        geometry = (self.P, *self.S, self.n_tiles, self.n_prog, self.nlab, ignore_index)
+        return geometry + self.x.stride() + self.t.stride() + self.lab.stride()
+
 
 def _reduce_block(ncols_pow2: int) -> int:
     return max(16, _REDUCE_ROWS // ncols_pow2)
@@ -150,22 +156,7 @@ def _loss_stats_impl(
             pb.lab,
             class_weight if class_weight is not None else pb.x,
             part,
-            pb.P,
-            pb.S[0],
-            pb.S[1],
-            pb.S[2],
-            pb.n_tiles,
-            pb.n_prog,
-            pb.nlab,
-            ignore_index,
-            pb.x.stride(0),
-            pb.x.stride(1),
-            pb.x.stride(2),
-            pb.t.stride(0),
-            pb.t.stride(1),
-            pb.lab.stride(0),
-            pb.lab.stride(1),
-            pb.lab.stride(2),
+            *pb.tile_args(ignore_index),
             K=pb.K,
             E=pb.E,
             RP=pb.RP,
@@ -267,22 +258,7 @@ def _loss_fused_impl(
             high,
             gflat,
             part,
-            pb.P,
-            pb.S[0],
-            pb.S[1],
-            pb.S[2],
-            pb.n_tiles,
-            pb.n_prog,
-            pb.nlab,
-            ignore_index,
-            pb.x.stride(0),
-            pb.x.stride(1),
-            pb.x.stride(2),
-            pb.t.stride(0),
-            pb.t.stride(1),
-            pb.lab.stride(0),
-            pb.lab.stride(1),
-            pb.lab.stride(2),
+            *pb.tile_args(ignore_index),
             gflat.stride(0),
             gflat.stride(1),
             gflat.stride(2),

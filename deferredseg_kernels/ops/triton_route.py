@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import ROUTE_SCORES
 from ..types import LOGITS_DTYPES, RouteResult
 from . import fused
 from .triton_common import (
@@ -167,10 +168,9 @@ def _route_impl(
         raise ValueError(
             f"deferredseg triton route: mode must be one of {list(_MODE_CODES)}, got {mode!r}"
         )
-    if scores not in ("softmax", "sigmoid"):
+    if scores not in ROUTE_SCORES:
         raise ValueError(
-            "deferredseg triton route: scores must be one of ['softmax', 'sigmoid'], "
-            f"got {scores!r}"
+            f"deferredseg triton route: scores must be one of {list(ROUTE_SCORES)}, got {scores!r}"
         )
     B = logits.shape[0]
     out_shape = (B,) + tuple(logits.shape[2:])
