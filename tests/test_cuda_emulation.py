@@ -57,6 +57,25 @@ def test_route_matches_reference_bit_for_bit(emu, dtype, mode, K, E):
             assert torch.equal(bare.assignment, want.assignment)
 
 
+def _emu_runner(emu):
+    """``run`` for test_route's checks: the emulated route op through the shared driver."""
+
+    def run(logits, K, E, thr, mode, experts, cost, scores):
+        return route_with(
+            emu.route,
+            logits,
+            K,
+            E,
+            route_threshold(thr, mode),
+            mode,
+            experts,
+            check_expert_cost(cost, E),
+            scores,
+        )
+
+    return run
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("scores", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("K,E", [(1, 1), (3, 2), (5, 16)])
@@ -65,38 +84,14 @@ def test_route_costs_scores_and_gain_match_reference(emu, dtype, scores, K, E):
     reference's bits except at near ties (see test_route.check_route_matrix)."""
     from test_route import check_route_matrix
 
-    def run(logits, K, E, thr, mode, experts, cost, scores):
-        return route_with(
-            emu.route,
-            logits,
-            K,
-            E,
-            route_threshold(thr, mode),
-            mode,
-            experts,
-            check_expert_cost(cost, E),
-            scores,
-        )
-
+    run = _emu_runner(emu)
     check_route_matrix(run, K, E, dtype, scores, shapes=((37,), (40, 33)))
 
 
 def test_route_new_options_nan_and_inf(emu):
     from test_route import check_route_nan_and_inf
 
-    def run(logits, K, E, thr, mode, experts, cost, scores):
-        return route_with(
-            emu.route,
-            logits,
-            K,
-            E,
-            route_threshold(thr, mode),
-            mode,
-            experts,
-            check_expert_cost(cost, E),
-            scores,
-        )
-
+    run = _emu_runner(emu)
     check_route_nan_and_inf(run)
 
 

@@ -75,23 +75,6 @@ def test_offsets_beyond_int32():
     del storage
 
 
-def _cuda_route_run(logits, K, E, thr, mode, experts, cost, scores):
-    from deferredseg_kernels import route
-
-    out = route(
-        logits.cuda(),
-        K,
-        E,
-        thr,
-        mode,
-        experts.cuda(),
-        expert_cost=cost,
-        scores=scores,
-        backend="cuda",
-    )
-    return type(out)(*[t.cpu() if t is not None else None for t in out])
-
-
 @requires_cuda
 @pytest.mark.skipif(
     "cuda" not in available_backends("route"),
@@ -102,10 +85,9 @@ def _cuda_route_run(logits, K, E, thr, mode, experts, cost, scores):
 def test_route_costs_scores_and_gain(dtype, scores):
     """Expert costs, scores and the gain mode on the device: the reference's routing
     except at near ties (see test_route.check_route_matrix), NaN and Inf included."""
-    from test_route import check_route_matrix, check_route_nan_and_inf
+    from test_route import check_route_matrix, check_route_nan_and_inf, route_runner
 
+    run = route_runner("cuda", "cuda")
     for K, E in ((1, 1), (4, 3), (2, 16)):
-        check_route_matrix(
-            _cuda_route_run, K, E, dtype, scores, shapes=((1000,), (65, 77), (9, 17, 13))
-        )
-    check_route_nan_and_inf(_cuda_route_run)
+        check_route_matrix(run, K, E, dtype, scores, shapes=((1000,), (65, 77), (9, 17, 13)))
+    check_route_nan_and_inf(run)

@@ -202,6 +202,27 @@ def _matrix_logits(K, E, spatial, dtype):
 MODE_THRESHOLDS = (("gate", 0.3), ("router", 0.5), ("gain", 0.0), ("gain", -0.25), ("gain", 0.4))
 
 
+def route_runner(backend, device="cpu"):
+    """``run`` for :func:`check_route_matrix` / :func:`check_route_nan_and_inf`: the public
+    ``route`` on ``backend``, inputs on ``device``, results back on the CPU."""
+
+    def run(logits, K, E, thr, mode, experts, cost, scores):
+        out = route(
+            logits.to(device),
+            K,
+            E,
+            thr,
+            mode,
+            experts.to(device),
+            expert_cost=cost,
+            scores=scores,
+            backend=backend,
+        )
+        return type(out)(*[t.cpu() if t is not None else None for t in out])
+
+    return run
+
+
 def check_route_matrix(run, K, E, dtype, scores, shapes=((37,), (7, 13), (3, 5, 7))):
     """``run(logits, K, E, threshold, mode, experts, cost, scores)`` -> RouteResult of the
     backend under test, against the reference over modes x costs, on fresh inputs with
@@ -233,11 +254,7 @@ def check_route_matrix(run, K, E, dtype, scores, shapes=((37,), (7, 13), (3, 5, 
 @pytest.mark.parametrize("scores", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("K,E", [(1, 1), (3, 2), (5, 16)])
 def test_backends_match_reference_with_costs_scores_and_gain(backend, dtype, scores, K, E):
-    def run(logits, K, E, thr, mode, experts, cost, scores):
-        return route(
-            logits, K, E, thr, mode, experts, expert_cost=cost, scores=scores, backend=backend
-        )
-
+    run = route_runner(backend)
     check_route_matrix(run, K, E, dtype, scores)
 
 
@@ -296,11 +313,7 @@ def check_route_nan_and_inf(run):
 
 @pytest.mark.parametrize("backend", ROUTE_BACKENDS)
 def test_backends_new_options_nan_and_inf(backend):
-    def run(logits, K, E, thr, mode, experts, cost, scores):
-        return route(
-            logits, K, E, thr, mode, experts, expert_cost=cost, scores=scores, backend=backend
-        )
-
+    run = route_runner(backend)
     check_route_nan_and_inf(run)
 
 
@@ -632,19 +645,7 @@ def test_gpu_route_matches_reference(backend):
         got = route(logits.cuda(), K, E, 0.5, mode, experts.cuda(), backend=backend)
         _assert_same_route(type(want)(*[t.cpu() if t is not None else None for t in got]), want)
 
-    def run(logits, K, E, thr, mode, experts, cost, scores):
-        out = route(
-            logits.cuda(),
-            K,
-            E,
-            thr,
-            mode,
-            experts.cuda(),
-            expert_cost=cost,
-            scores=scores,
-            backend=backend,
-        )
-        return type(out)(*[t.cpu() if t is not None else None for t in out])
+    run = route_runner(backend, "cuda")
 
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         for scores in ("softmax", "sigmoid"):

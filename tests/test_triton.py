@@ -493,21 +493,9 @@ def test_route_bitwise(mode, K, E, spatial):
 def test_route_costs_scores_gain_small_blocks(scores, K, E, small_blocks):
     """Costs, scores and the gain mode, in 16-pixel blocks (tile borders inside rows),
     against the reference: exact but at near ties (see test_route.check_route_matrix)."""
-    from test_route import check_route_matrix
+    from test_route import check_route_matrix, route_runner
 
-    def run(logits, K, E, thr, mode, experts, cost, scores):
-        out = dk.route(
-            logits.to(DEVICE),
-            K,
-            E,
-            thr,
-            mode,
-            experts.to(DEVICE),
-            expert_cost=cost,
-            scores=scores,
-            backend="triton",
-        )
-        return type(out)(*[t.cpu() if t is not None else None for t in out])
+    run = route_runner("triton", DEVICE)
 
     check_route_matrix(run, K, E, torch.float16, scores, shapes=((7, 13), (2, 3, 5)))
 
@@ -624,21 +612,9 @@ def test_gpu_route_bitwise():
         for mode in ("gate", "router"):
             _route_equal(logits, K, E, 0.4, mode, experts)
             _route_equal(logits.bfloat16(), K, E, 0.5, mode, None)
-    from test_route import check_route_matrix
+    from test_route import check_route_matrix, route_runner
 
-    def run(logits, K, E, thr, mode, experts, cost, scores):
-        out = dk.route(
-            logits.cuda(),
-            K,
-            E,
-            thr,
-            mode,
-            experts.cuda(),
-            expert_cost=cost,
-            scores=scores,
-            backend="triton",
-        )
-        return type(out)(*[t.cpu() if t is not None else None for t in out])
+    run = route_runner("triton", "cuda")
 
     for K, E in ((3, 2), (1, 3), (32, 16)):
         for scores in ("softmax", "sigmoid"):
