@@ -1,6 +1,7 @@
 """deferredseg: learning to defer ambiguous pixels of medical segmentation to human experts.
 
 The user layer of the distribution: drop-in loss modules (``deferredseg.losses``)
+and the deferral policy (:class:`DeferralPolicy`: calibrate for a budget, route)
 now; models, experts, data, training and the command line in their own
 subpackages, imported on demand so that ``import deferredseg`` stays light.
 The tensor ops live in ``deferredseg_kernels``.
@@ -14,4 +15,14 @@ from deferredseg_kernels import (
     split_logits,
 )
 
-__all__ = ["available_backends", "deferredseg_loss", "route", "split_logits", "__version__"]
+from .policy import DeferralPolicy, channel_layout
+
+__all__ = [
+    "available_backends",
+    "channel_layout",
+    "DeferralPolicy",
+    "deferredseg_loss",
+    "route",
+    "split_logits",
+    "__version__",
+]

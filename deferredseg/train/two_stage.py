@@ -17,16 +17,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
-import numpy as np
 import torch
 import torch.nn as nn
 
+from ..metrics import evaluate_policy
 from .config import TrainConfig
-from .methods import BASE_METHOD, packed_logits
+from .methods import BASE_METHOD, packed_logits, policy_for
 
-__all__ = ["cache_head_inputs", "fit_heads", "budget_metrics"]
+__all__ = ["cache_head_inputs", "cached_outputs", "fit_heads"]
 
 
 @torch.no_grad()
@@ -49,80 +49,31 @@ def cache_head_inputs(
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
-@torch.no_grad()
-def packed_from_cache(
+def cached_outputs(
     model: nn.Module,
     cache: Dict[str, torch.Tensor],
     cfg: TrainConfig,
     device: torch.device,
     num_experts: int,
     best_expert: int,
-) -> torch.Tensor:
-    out = []
-    step = max(cfg.batch_size, 8)
-    for i in range(0, len(cache["seg"]), step):
-        seg = cache["seg"][i : i + step].to(device)
-        hin = cache["head_in"][i : i + step].to(device)
-        out.append(
-            packed_logits(cfg, model.heads_forward(seg, hin), num_experts, best_expert).cpu()
-        )
-    return torch.cat(out)
+):
+    """A function returning a new pass of ``(packed logits, target, expert labels)``
+    batches of the heads over cached inputs: what the policy is calibrated and measured on."""
 
+    def batches():
+        step = max(cfg.batch_size, 8)
+        with torch.no_grad():
+            for i in range(0, len(cache["seg"]), step):
+                seg = cache["seg"][i : i + step].to(device)
+                hin = cache["head_in"][i : i + step].to(device)
+                out = packed_logits(cfg, model.heads_forward(seg, hin), num_experts, best_expert)
+                yield (
+                    out,
+                    cache["target"][i : i + step].to(device),
+                    cache["experts"][i : i + step].to(device),
+                )
 
-def budget_metrics(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    experts: torch.Tensor,
-    cfg: TrainConfig,
-    num_experts: int,
-    budget: float,
-    threshold: Optional[float] = None,
-) -> Dict[str, Any]:
-    """System and model Dice, deferral rate and the threshold at ``budget`` on these logits.
-
-    The threshold is chosen on these same pixels unless given.
-    """
-    from ..metrics import per_image_scores
-    from .methods import route_mode
-    from .routing import budget_threshold, deferral_score, route_logits
-
-    K, E = cfg.num_classes, num_experts
-    valid = target != -100
-    mode = route_mode(cfg)  # the mode evaluation uses, so selection and evaluation agree
-    if threshold is None and mode != "router":
-        s = deferral_score(logits, K, E, mode, cfg.route_scores, cfg.expert_cost)
-        threshold = budget_threshold(s[valid].numpy(), budget, mode)
-    out = route_logits(
-        logits,
-        K,
-        E,
-        mode,
-        0.5 if threshold is None else threshold,
-        experts,
-        cfg.route_scores,
-        cfg.expert_cost,
-        backend=cfg.backend,
-    )
-    nl = max(K, 2)
-    sys_d = per_image_scores(out.final, target, nl, None, -100, False)["dice"]
-    mod_d = per_image_scores(out.model_pred, target, nl, None, -100, False)["dice"]
-    finite = lambda xs: [x for x in xs if not math.isnan(x)]  # noqa: E731
-    rate = float(((out.assignment >= 0) & valid).sum()) / max(int(valid.sum()), 1)
-    return {
-        "system_dice": float(np.mean(finite(sys_d))) if finite(sys_d) else None,
-        "model_dice": float(np.mean(finite(mod_d))) if finite(mod_d) else None,
-        "deferral_rate": rate,
-        "threshold": threshold,
-    }
-
-
-def rc_area(logits, target, experts, cfg: TrainConfig, num_experts: int) -> float:
-    """Mean system Dice over the budgets 0, 5, ..., 30% (a cheap risk-coverage area)."""
-    vals = [
-        budget_metrics(logits, target, experts, cfg, num_experts, b)["system_dice"] or 0.0
-        for b in (0.0, 0.05, 0.1, 0.2, 0.3)
-    ]
-    return float(np.mean(vals))
+    return batches
 
 
 def fit_heads(
@@ -157,19 +108,15 @@ def fit_heads(
     history: List[Dict[str, Any]] = []
     step = 0
 
+    policy = policy_for(cfg, num_experts, best_expert)
+    val_data = cached_outputs(model, val_cache, cfg, device, num_experts, best_expert)
+
     def consider(epoch: int) -> None:
         nonlocal best_score, best_state, best_metrics
-        logits = packed_from_cache(model, val_cache, cfg, device, num_experts, best_expert)
-        m = budget_metrics(
-            logits, val_cache["target"], val_cache["experts"], cfg, num_experts, cfg.budget
-        )
-        score = (
-            (m["system_dice"] or 0.0)
-            if cfg.selection == "budget-dice"
-            else rc_area(logits, val_cache["target"], val_cache["experts"], cfg, num_experts)
-        )
-        m["selection_score"] = score
-        history.append({"epoch": epoch, **m})
+        model.eval()
+        _, m = evaluate_policy(policy, val_data, cfg.budget, cfg.selection, False, cfg.backend)
+        score = m["selection_score"] or 0.0
+        history.append({"epoch": epoch, **_scalar_items(m)})
         if log is not None:
             log.write(
                 event="epoch",
@@ -177,7 +124,7 @@ def fit_heads(
                 epoch=epoch,
                 selection=cfg.selection,
                 budget=cfg.budget,
-                **{f"val_{k}": v for k, v in m.items()},
+                **{f"val_{k}": v for k, v in _scalar_items(m).items()},
             )
         if score > best_score:
             best_score, best_metrics = score, dict(m, epoch=epoch)
@@ -247,3 +194,10 @@ def load_base(model: nn.Module, path, device: torch.device) -> None:
             "(same backbone, features and number of classes are needed)"
         )
     model.load_state_dict(state, strict=False)
+
+
+def _scalar_items(metrics: Dict[str, Any]) -> Dict[str, Any]:
+    """The numbers of a metrics dict, and its policy record (kept with the best epoch)."""
+    out = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None}
+    out["policy"] = metrics["policy"]
+    return out
