@@ -341,6 +341,7 @@ def _train_two_stage(
     import tempfile
 
     from . import two_stage as ts
+    from .methods import packed_logits
 
     base_path = cfg.base_checkpoint
     tmp = None
@@ -364,21 +365,20 @@ def _train_two_stage(
         tmp.cleanup()
     best_expert = best_single_expert(val_ds, E)
     log.write(event="stage", stage=2, what="routing heads", base=str(base_path))
-    train_cache = ts.cache_head_inputs(model, train_ds, cfg, device)
-    val_cache = ts.cache_head_inputs(model, val_ds, cfg, device)
     # the segmentation head is frozen: its loss term would only cost time
     loss_fn = method_of(cfg).loss(dataclasses.replace(cfg, lambda_seg=0.0), E, best_expert, False)
-    best, history = ts.fit_heads(
+    fit = ts.fit_routing(  # the same core as deferredseg.bolt_on.add_deferral
         model,
-        train_cache,
-        val_cache,
-        cfg,
+        train_ds,
+        val_ds,
+        ts.HeadSchedule.of(cfg),
         loss_fn,
+        policy_for(cfg, E, best_expert),
         device,
-        E,
-        best_expert,
-        log if info.is_main else None,
+        pack=lambda out: packed_logits(cfg, out, E, best_expert),
+        log=log if info.is_main else None,
     )
+    best, history = fit.metrics, fit.history
     if out_dir is not None and info.is_main:
         expert_names = list(train_ds.info.expert_names)
         state = {
