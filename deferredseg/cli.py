@@ -29,6 +29,7 @@ from deferredseg_kernels import BACKENDS
 from .stats import ci95  # noqa: F401  (re-exported: deferredseg.cli.ci95)
 from .train.config import (
     BALANCES,
+    EXPERT_CHOICES,
     GATE_TARGETS,
     HEADS,
     LAYOUTS,
@@ -77,7 +78,8 @@ HELP = {
     "amp": "bf16 autocast (default: on for CUDA, off for CPU)",
     "patience": "early stopping after this many epochs without a better validation system Dice",
     "checkpoint_every": "also write last.pt every N optimiser steps",
-    "threshold": "gate threshold: defer where sigmoid(gate) > threshold",
+    "threshold": "unused by training and evaluation, which calibrate a threshold for --budget "
+    "(kept so that older configuration files load)",
     "val_hd95": "compute HD95 during validation too (slower)",
     "device": "auto, cpu, cuda",
     "seed": "random seed",
@@ -116,6 +118,9 @@ HELP = {
     "uncertainty (confidence deferral, heads choose the expert)",
     "expert_cost": "per-expert cost of asking, e.g. 0,0.1,0.2 (a deferred pixel goes to "
     "argmax q_j - cost_j)",
+    "expert_choice": "who gets a deferred pixel: heads (the routing heads' choice), best (the "
+    "best single expert) or auto (the one of the two with the higher validation system Dice "
+    "at the budget)",
     "label_map": "how mask files encode labels: binary (non-zero is 1) or raw:label pairs, "
     "e.g. 0:0,128:1 (default: 0/255 masks read as 0/1, other values as labels)",
     "overwrite": "start again in an --out that holds a run; the old run is moved aside to "
@@ -165,6 +170,7 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
         "balance": BALANCES,
         "route_mode": ROUTE_MODES,
         "selection": SELECTIONS,
+        "expert_choice": EXPERT_CHOICES,
         "coherence": ("l1", "l2"),
     }
     for f in dataclasses.fields(TrainConfig):
@@ -222,7 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="dataset folder (default: the one the model was trained on)")
     e.add_argument("--layout", choices=LAYOUTS, help="data layout (default: the training one)")
     e.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
-    e.add_argument("--threshold", type=float, help="a fixed deferral threshold instead of a budget")
+    e.add_argument(
+        "--threshold",
+        type=float,
+        help="a fixed deferral threshold instead of a budget (in [0, 1]; any number in mode gain)",
+    )
     e.add_argument(
         "--budget",
         type=float,
@@ -239,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=_parse_list(float),
         metavar="A,B,...",
         help="per-expert cost of asking (default: the training one)",
+    )
+    e.add_argument(
+        "--expert-choice",
+        choices=EXPERT_CHOICES,
+        help="who gets a deferred pixel (default: the training one): heads, best or auto",
     )
     e.add_argument("--device", default="auto")
     e.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
@@ -325,6 +340,24 @@ def run_train(cfg: TrainConfig) -> int:
     return 0
 
 
+def describe_policy(m: Dict[str, Any]) -> str:
+    """How an evaluation routed, in words: the mode, the budget, where the threshold came from."""
+    p, source = m["policy"], m.get("threshold_source")
+    if p["mode"] == "router":
+        return "deferral by the router's argmax at its own rate (no budget, no threshold)"
+    if source == "never defers":
+        return "the model alone (this method never defers)"
+    who = {"heads": "the heads' choice", "best": "the best single expert"}
+    expert = who[p["chosen"] or p["expert_choice"]]
+    if source == "fixed threshold":
+        return f"deferral by {p['mode']} above the fixed threshold {p['threshold']:.4g} to {expert}"
+    return (
+        f"deferral by {p['mode']} at a {m['budget']:.0%} budget (threshold {p['threshold']:.4g}, "
+        f"chosen on the {source}; {p['calibration'].get('rate', 0):.1%} of the validation pixels), "
+        f"to {expert}"
+    )
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     from .train.evaluation import evaluate
     from .train.rundir import check_output_folder
@@ -337,6 +370,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         "layout": args.layout,
         "route_mode": args.route_mode,
         "expert_cost": args.expert_cost,
+        "expert_choice": args.expert_choice,
     }
     m = evaluate(
         args.checkpoint,
@@ -351,11 +385,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     )
     from .train.report import metrics_table
 
-    budget = "its own rate (router)" if m.get("budget") is None else f"a {m['budget']:.0%} budget"
-    print(
-        f"{m['split']} split ({m.get('images')} images), deferral by {m.get('route_mode')} at "
-        f"{budget}, threshold {m['threshold']:.3f} chosen on the validation split:"
-    )
+    print(f"{m['split']} split ({m.get('images')} images), {describe_policy(m)}:")
     print("\n".join(metrics_table(m)))
     if m.get("figures"):
         print("figures: " + ", ".join(m["figures"]))

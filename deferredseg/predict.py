@@ -126,6 +126,12 @@ def resolve_policy(
 # ----------------------------------------------------------------------------- predict
 
 
+def describe_routing(routing: Dict[str, Any]) -> str:
+    """A predict run's routing in a few words: the threshold (if any) and where it came from."""
+    thr = routing.get("threshold")
+    return f"threshold {thr:.4g} ({routing['source']})" if thr is not None else routing["source"]
+
+
 @dataclass
 class PredictSummary:
     out: str

@@ -137,7 +137,7 @@ def add_review_commands(sub) -> None:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from ..predict import predict
+    from ..predict import describe_routing, predict
 
     s = predict(
         args.checkpoint,
@@ -158,8 +158,8 @@ def _run_predict(args: argparse.Namespace) -> int:
     r = s.routing
     print(
         f"predicted {len(s.done)} image(s), skipped {len(s.skipped)} already done, "
-        f"{len(s.failed)} failed; {s.tasks} review task(s); threshold {r['threshold']:.4f} "
-        f"({r['source']}); wrote {args.out}"
+        f"{len(s.failed)} failed; {s.tasks} review task(s); {describe_routing(r)}; "
+        f"wrote {args.out}"
     )
     for f, err in s.failed:
         print(f"  failed: {f}: {err}", file=sys.stderr)

@@ -25,7 +25,7 @@ from .datacheck import check_evaluation_data, match_experts
 from .distributed import resolve_device
 from .methods import checkpoint_policy, method_of, packed_logits, policy_for
 
-__all__ = ["network_outputs", "evaluate", "CURVE_BUDGETS"]
+__all__ = ["network_outputs", "evaluate", "evaluate_outputs", "CURVE_BUDGETS"]
 
 #: The budgets of the risk-coverage curve ``evaluate`` draws: denser where budgets are used.
 CURVE_BUDGETS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0)
@@ -110,46 +110,28 @@ def evaluate(
             f"{ds.info.num_experts}"
         )
     policy = _policy(ck, cfg, E, best_expert, overrides)
-    source = "checkpoint"
-    if not policy.defers or policy.mode == "router":
-        budget, source = None, "its own rate" if policy.mode == "router" else "never defers"
-    elif threshold is not None:
-        policy = policy.with_threshold(threshold)
-        budget, source = None, "fixed threshold"
-    else:
-        budget = cfg.budget if budget is None else budget
+    if policy.defers and policy.mode != "router" and threshold is None:
         val = build_data(cfg, "val") if val is None else val
-        val_out = network_outputs(model, val, cfg, E, best_expert, dev)
-        policy = policy.calibrate(val_out, budget)
-        source = "validation split"
-    test_out = network_outputs(model, ds, cfg, E, best_expert, dev)
-    budgets = list(CURVE_BUDGETS) if sweep else []
-    if matched and budget is not None and budget not in budgets:
-        budgets.append(budget)
-    curve = policy.sweep(test_out, sorted(budgets)) if budgets else []
-    metrics, examples = measure(
-        policy, test_out, curve, with_hd95, cfg.backend, keep_examples=4 if figures else 0
+    metrics, examples = evaluate_outputs(
+        policy,
+        None if val is None else network_outputs(model, val, cfg, E, best_expert, dev),
+        network_outputs(model, ds, cfg, E, best_expert, dev),
+        budget=cfg.budget if budget is None else budget,
+        threshold=threshold,
+        matched=matched,
+        sweep=sweep,
+        with_hd95=with_hd95,
+        backend=cfg.backend,
+        keep_examples=4 if figures else 0,
     )
     for i, ex in enumerate(examples):  # the images shown next to their routing
         item = ds[i]
         ex.update(id=item["id"], image=item["image"])
-    if matched and budget is not None:
-        point = next(c for c in metrics["risk_coverage"] if c["budget"] == budget)
-        metrics.update(
-            {
-                "matched_system_dice": point["system_dice"],
-                "matched_deferral_rate": point["deferral_rate"],
-                "matched_deferral_components_per_image": point["deferral_components_per_image"],
-            }
-        )
     metrics.update(
         method=cfg.method,
-        budget=budget,
-        threshold_source=source,
         split=split,
         checkpoint=str(checkpoint_path),
         expert_names=list(ds.info.expert_names),
-        policy=policy.to_dict(),
         selection={"by": cfg.selection, "budget": cfg.budget, "val": ck.get("val")},
     )
     if out:
@@ -164,6 +146,54 @@ def evaluate(
     return metrics
 
 
+def evaluate_outputs(
+    policy: DeferralPolicy,
+    val_data: Optional[Callable[[], Iterator[Batch]]],
+    test_data: Callable[[], Iterator[Batch]],
+    budget: float,
+    threshold: Optional[float] = None,
+    matched: bool = False,
+    sweep: bool = True,
+    with_hd95: bool = False,
+    backend: str = "auto",
+    keep_examples: int = 0,
+) -> Tuple[Dict[str, Any], List[Dict[str, torch.Tensor]]]:
+    """Evaluation of any network's outputs at a budget: ``policy`` calibrated for
+    ``budget`` on ``val_data`` (unless ``threshold`` fixes it, it never defers, or it
+    routes by the router at its own rate), then measured on ``test_data``
+    (:func:`deferredseg.metrics.measure`). ``matched``: also the metrics at the threshold
+    that defers exactly ``budget`` of the test pixels (``matched_*``); ``sweep``: the
+    risk-coverage curve at the test split's score quantiles (:data:`CURVE_BUDGETS`).
+    The data are functions returning a new pass of (packed logits, target, expert
+    labels) batches (:func:`network_outputs`)."""
+    if not policy.defers or policy.mode == "router":
+        budget, source = None, "its own rate" if policy.mode == "router" else "never defers"
+    elif threshold is not None:
+        policy = policy.with_threshold(threshold)
+        budget, source = None, "fixed threshold"
+    else:
+        if val_data is None:
+            raise ValueError("a budget needs validation outputs (val_data) to calibrate on")
+        policy = policy.calibrate(val_data, budget)
+        source = "validation split"
+    budgets = list(CURVE_BUDGETS) if sweep else []
+    if matched and budget is not None and budget not in budgets:
+        budgets.append(budget)
+    curve = policy.sweep(test_data, sorted(budgets)) if budgets else []
+    metrics, examples = measure(policy, test_data, curve, with_hd95, backend, keep_examples)
+    if matched and budget is not None:
+        point = next(c for c in metrics["risk_coverage"] if c["budget"] == budget)
+        metrics.update(
+            {
+                "matched_system_dice": point["system_dice"],
+                "matched_deferral_rate": point["deferral_rate"],
+                "matched_deferral_components_per_image": point["deferral_components_per_image"],
+            }
+        )
+    metrics.update(budget=budget, threshold_source=source, policy=policy.to_dict())
+    return metrics, examples
+
+
 def _policy(
     ck: Dict[str, Any],
     cfg: TrainConfig,
@@ -172,7 +202,7 @@ def _policy(
     overrides: Optional[Dict[str, Any]],
 ) -> DeferralPolicy:
     """The checkpoint's policy, or the method's own where ``overrides`` change how it
-    routes (``route_mode``, ``expert_cost``): that one is calibrated anew."""
+    routes (``route_mode``, ``expert_cost``, ``expert_choice``): that one is calibrated anew."""
     routing_changed = any(
         (overrides or {}).get(k) is not None for k in ("route_mode", "expert_cost")
     )
