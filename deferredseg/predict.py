@@ -221,6 +221,10 @@ def predict(
     files = _list_images(Path(images))
 
     def calibrate(policy: DeferralPolicy, b: float) -> DeferralPolicy:
+        if "bolt_on" in ck:  # deferral added to a network trained elsewhere: no data recorded
+            from .bolt_on import NO_VALIDATION_DATA
+
+            raise ValueError(f"budget={b:g}: {NO_VALIDATION_DATA}")
         val = network_outputs(model, build_data(cfg, "val"), cfg, E, best_expert, dev)
         return policy.calibrate(val, b)
 
