@@ -289,3 +289,33 @@ def test_a_page_of_another_origin_cannot_record_an_answer_in_chromium(tmp_path):
     assert first == tid
     assert [a["action"] for a in db.answers(tid)] == ["accepted"]  # nothing forged before
     assert db.task(tid)["opened_at"] is not None  # the page recorded its opening by POST
+
+
+def test_an_empty_queue_hides_the_editor_and_the_box_names_its_axes(tmp_path):
+    from deferredseg.review.db import ReviewDB
+
+    out = make_review_folder(tmp_path)
+    db = ReviewDB(out)
+    db.add_answer(db.next_task(1), 1, "accepted")  # ben's only task
+    proc, base, links = _start(out)
+    try:
+        with playwright.sync_playwright() as p:
+            browser = _launch(p)
+            try:
+                page = browser.new_page()
+                page.goto(links["ben"])
+                page.wait_for_selector("body[data-state=empty]")
+                assert page.is_visible("#empty") and not page.is_visible("#main")
+                assert not page.is_visible("#label")
+                page.goto(links["ana"])
+                page.wait_for_selector("body[data-state=ready]")
+                assert "box: rows 2-9, columns 2-9" in page.inner_text("#taskinfo")
+                page.goto(links[""])
+                page.wait_for_selector("body[data-state=ready]")
+                rows = page.inner_text("#experts")
+                assert "0 %" in rows and "100 %" in rows
+            finally:
+                browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
