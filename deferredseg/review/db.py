@@ -169,7 +169,7 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:  # another user's process
         return True
-    except OSError:
+    except (OSError, OverflowError, ValueError):
         return False
     return True
 
@@ -182,7 +182,8 @@ def remove_stale_temporaries(root: Union[str, Path]) -> int:
     n = 0
     for p in Path(root).rglob(f".*{_TMP_MARK}*"):
         owner = p.name.rsplit(_TMP_MARK, 1)[1].split("-", 1)[0]
-        if owner.isdigit() and _pid_alive(int(owner)):
+        # a pid has at most 7 digits (Linux's pid_max); an older name's random hex has 12
+        if owner.isdigit() and len(owner) <= 7 and _pid_alive(int(owner)):
             continue
         try:
             if p.is_file():
