@@ -239,7 +239,7 @@ def predict(
     out = Path(out)
     db = ReviewDB(out)
     db.ensure_experts(names)
-    db.set_meta(
+    db.record_settings(  # a rerun with other settings is refused: key: old -> new
         {
             "checkpoint": str(Path(checkpoint).resolve()),
             "num_classes": K,

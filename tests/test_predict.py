@@ -108,7 +108,11 @@ def test_predict_png_rerun_skips_and_a_corrupt_file_is_reported(ck2d, tmp_path):
     deferred = sum(db.image(f"case{i}")["deferred_pixels"] for i in range(3))
     assert sum(t["area"] for t in tasks) == deferred
     mtime = (out / "model" / "case0.png").stat().st_mtime_ns
-    s2 = predict(ck2d, images, out, threshold=0.5, progress=False)
+    # a rerun with other settings would no longer describe the tasks: refused, saying what
+    with pytest.raises(ValueError, match=r"routing\.threshold: 0\.5 -> 0\.6; min_size: 1 -> 4"):
+        predict(ck2d, images, out, threshold=0.6, progress=False, min_size=4, merge_distance=0)
+    assert ReviewDB(out).get_meta("min_size") == 1
+    s2 = predict(ck2d, images, out, threshold=0.5, progress=False, min_size=1, merge_distance=0)
     assert s2.done == [] and sorted(s2.skipped) == ["case0", "case1", "case2"]
     assert len(s2.failed) == 1
     assert (out / "model" / "case0.png").stat().st_mtime_ns == mtime

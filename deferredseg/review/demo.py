@@ -47,6 +47,7 @@ def simulated_expert(base: str, name: str, labels: Dict[str, np.ndarray]) -> Dic
     nxt = _call(f"{api}/queue")["next"]
     while nxt is not None:
         t = _call(f"{api}/tasks/{nxt}")
+        _call(f"{api}/tasks/{nxt}/open", {})  # as the page does: the answer's time counts from here
         shape = tuple(t["crop_shape"])
         n = int(np.prod(shape))
         raw = _call(f"{api}/tasks/{nxt}/data")
