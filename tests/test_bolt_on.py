@@ -88,7 +88,7 @@ def bolted():
 
 # ------------------------------------------------------------------------------ feature layers
 def test_feature_layer_found_on_monai_unet_basicunet_and_a_hand_made_net():
-    from monai.networks.nets import BasicUNet
+    from monai.networks.nets import AttentionUnet, BasicUNet, SegResNet
 
     unet = _unet()
     name = find_feature_layer(unet, 1)
@@ -97,6 +97,10 @@ def test_feature_layer_found_on_monai_unet_basicunet_and_a_hand_made_net():
     assert isinstance(layer, nn.ConvTranspose2d) and layer.in_channels == 12  # skip 4 + bottom 8
     basic = BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=(4, 4, 4, 4, 4, 4))
     assert find_feature_layer(basic, 2) == "final_conv"
+    att = AttentionUnet(2, 1, 1, channels=(4, 8), strides=(2,))
+    assert find_feature_layer(att, 1) == "model.2.conv"  # its final 1x1 conv
+    seg = SegResNet(2, init_filters=8, in_channels=1, out_channels=2)
+    assert find_feature_layer(seg, 2) == "conv_final.2.conv"
     assert find_feature_layer(HandMade(), 2) == "head"
     with pytest.raises(ValueError, match=r"feature_layer=None.*num_classes=4"):
         find_feature_layer(HandMade(), 4)
