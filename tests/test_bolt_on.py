@@ -232,6 +232,42 @@ def test_predict_reads_a_bolt_on_checkpoint(bolted, tmp_path):
     assert "add_deferral" in NO_VALIDATION_DATA
 
 
+def test_evaluate_needs_data_for_a_bolt_on_checkpoint_and_reads_it_given(tmp_path):
+    """Datasets of the package work as train and val data; evaluate reads the checkpoint
+    on a data folder given to it, refuses it without one."""
+    from deferredseg.data import build_dataset
+    from deferredseg.data.benchmark import write_benchmark
+    from deferredseg.train.evaluation import evaluate
+
+    root = tmp_path / "C"
+    write_benchmark(root, "C", num_cases=12, size=16, seed=0)
+    data = dict(target="label", split_file=str(root / "split.json"))
+    ds = {s: build_dataset("multirater", root, s, **data) for s in ("train", "val")}
+    d = add_deferral(
+        _unet(),
+        ds["train"],
+        ds["val"],
+        num_experts=3,
+        expert_names=ds["train"].info.expert_names,
+        head_channels=4,
+        head_epochs=1,
+        device="cpu",
+        backend="reference",
+    )
+    ck = d.save(tmp_path / "d.pt", factory=UNET, factory_kwargs=UNET_KW)
+    with pytest.raises(ValueError, match=r"records no data to evaluate on; give the data"):
+        evaluate(ck, figures=False, device="cpu")
+    m = evaluate(
+        ck,
+        figures=False,
+        device="cpu",
+        with_hd95=False,
+        overrides={"layout": "multirater", "data": str(root), **data},
+    )
+    assert m["budget"] == 0.1 and 0.0 < m["deferral_rate"] < 0.3
+    assert m["system_dice"] is not None and m["model_dice"] is not None
+
+
 # ------------------------------------------------------------------------------ the example
 def test_example_adds_deferral_that_pays_off_at_the_budget(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location(

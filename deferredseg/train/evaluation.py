@@ -92,6 +92,12 @@ def evaluate(
     """
     dev = resolve_device(device)
     model, cfg, ck = load_trained(checkpoint_path, dev, overrides)
+    if "bolt_on" in ck and not cfg.data:  # add_deferral's checkpoint records no data
+        raise ValueError(
+            f"checkpoint {checkpoint_path}: written by deferredseg.bolt_on (add_deferral), it "
+            "records no data to evaluate on; give the data (--layout, --data) or measure it "
+            "in Python with deferredseg.metrics.measure(deferral.policy, deferral.outputs(...))"
+        )
     method = method_of(cfg)
     check_evaluation_data(cfg, split)  # an empty split or a bad file, before computing
     ds = build_data(cfg, split)
