@@ -32,7 +32,9 @@ Example::
 from __future__ import annotations
 
 import importlib
+import itertools
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -417,12 +419,26 @@ def load_deferral_network(
 # ----------------------------------------------------------------------------- add_deferral
 
 
-def _first_batch(data, where: str):
+def _first_batch(data, where: str, batch_size: int):
+    """``(first batch's parts, data)``: a one-pass iterator is given back with its first
+    batch put in front again, so that every batch is still cached."""
     from .train.two_stage import HeadSchedule, _batches, batch_parts
 
-    for batch in _batches(data, HeadSchedule()):
-        return batch_parts(batch, where)
-    raise ValueError(f"{where}: holds no batches")
+    batches = _batches(data, HeadSchedule(batch_size=batch_size))
+    it = iter(batches)
+    try:
+        first = next(it)
+    except StopIteration:
+        raise ValueError(f"{where}: holds no batches") from None
+    if it is batches:  # a generator or iterator: read once, so keep what was read
+        data = itertools.chain([first], it)
+    return batch_parts(first, where), data
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
 
 
 def _probe(
@@ -508,8 +524,8 @@ def add_deferral(
         train_data, val_data: iterables of batches (DataLoaders, lists), a batch a dict
             with "image", "target", "expert_labels" or a tuple ``(image, target,
             expert_labels)``: images (B, C, *S), targets (B, *S) (or (B, 1, *S)), expert
-            labels (B, E, *S); or a dataset of such items (read in ``batch_size``). Read
-            once each (the network's outputs are cached); re-iterable is not needed.
+            labels (B, E, *S); or a dataset of such items (read in ``batch_size``). Each
+            is read once (the network's outputs are cached): a generator works too.
         num_classes: K, the network's output channels (1: binary with a sigmoid).
         num_experts: E, the experts of ``expert_labels``.
         feature_layer: the name (``network.named_modules()``) of the submodule whose
@@ -538,11 +554,18 @@ def add_deferral(
 
     if not isinstance(network, nn.Module):
         raise TypeError(f"network must be an nn.Module, got {type(network).__name__}")
-    for name, value in (("num_classes", num_classes), ("num_experts", num_experts)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if isinstance(head_channels, bool) or not isinstance(head_channels, int) or head_channels < 1:
-        raise ValueError(f"head_channels must be an integer >= 1, got {head_channels!r}")
+    for name, value, low in (
+        ("num_classes", num_classes, 1),
+        ("num_experts", num_experts, 1),
+        ("head_channels", head_channels, 1),
+        ("head_epochs", head_epochs, 0),
+        ("batch_size", batch_size, 1),
+    ):
+        _check_int(name, value, low)
+    if not (isinstance(head_lr, (int, float)) and math.isfinite(head_lr) and head_lr > 0):
+        raise ValueError(f"head_lr must be a finite number > 0, got {head_lr!r}")
+    if mode == "router" and expert_choice == "auto":
+        expert_choice = "heads"  # the router's argmax has no budget to compare the two at
     options = dict(loss_options or {})
     if "lambda_seg" in options:
         raise ValueError("loss_options: lambda_seg cannot be set (the segmentation is frozen)")
@@ -571,7 +594,7 @@ def add_deferral(
         )
 
     network = network.to(dev).eval()
-    image, _, experts = _first_batch(train_data, "train_data")
+    (image, _, experts), train_data = _first_batch(train_data, "train_data", batch_size)
     if image.dim() not in (4, 5):
         raise ValueError(
             f"train_data: images must be (B, C, H, W) or (B, C, D, H, W), got shape "

@@ -134,6 +134,20 @@ def test_named_feature_layer_reads_that_layers_output():
     assert all(not p.requires_grad for p in net.parameters())  # the network is frozen
 
 
+def test_a_one_pass_generator_gives_the_same_heads_as_a_list():
+    """The first training batch checks the network; a generator still trains on it."""
+    args = dict(num_classes=2, num_experts=3, head_channels=4, head_epochs=1, device="cpu")
+    args.update(backend="reference", batch_size=2)
+    torch.manual_seed(0)
+    a = add_deferral(HandMade(), _batches(n=3), _batches(seed=1), **args)
+    torch.manual_seed(0)
+    b = add_deferral(HandMade(), iter(_batches(n=3)), iter(_batches(seed=1)), **args)
+    x = _batches(seed=5)[0][0]
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+    assert a.policy == b.policy
+
+
 @pytest.mark.parametrize(
     "kwargs,words",
     [
@@ -143,6 +157,8 @@ def test_named_feature_layer_reads_that_layers_output():
         (dict(num_experts=2), r"num_experts=2 but train_data's expert_labels have 3"),
         (dict(budget=1.5), r"budget must be in \[0, 1\], got 1.5"),
         (dict(head_channels=0), r"head_channels must be an integer >= 1, got 0"),
+        (dict(head_epochs=-1), r"head_epochs must be an integer >= 0, got -1"),
+        (dict(head_lr=0.0), r"head_lr must be a finite number > 0, got 0.0"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, words):
