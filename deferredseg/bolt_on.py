@@ -223,12 +223,11 @@ class DeferralNetwork(DeferredSegmentor):
             self.train(was)
         return self.policy.route(logits, expert_labels, backend=backend)
 
-    @torch.no_grad()
     def outputs(self, data, batch_size: int = 4, where: str = "data"):
         """A function returning a new pass of ``(packed logits, target, expert labels)``
         over ``data`` (batches as :func:`add_deferral` takes them): what
         :meth:`DeferralPolicy.calibrate` and :func:`deferredseg.metrics.measure` read."""
-        from .train.two_stage import HeadSchedule, _batches, batch_parts
+        from .train.two_stage import HeadSchedule, batch_parts, iter_batches
 
         device = next(self.parameters()).device
         settings = HeadSchedule(batch_size=int(batch_size))
@@ -238,7 +237,7 @@ class DeferralNetwork(DeferredSegmentor):
             self.eval()
             try:
                 with torch.no_grad():
-                    for batch in _batches(data, settings):
+                    for batch in iter_batches(data, settings):
                         x, t, e = batch_parts(batch, where)
                         yield self(x.to(device)).float(), t.to(device), e.to(device)
             finally:
@@ -422,9 +421,9 @@ def load_deferral_network(
 def _first_batch(data, where: str, batch_size: int):
     """``(first batch's parts, data)``: a one-pass iterator is given back with its first
     batch put in front again, so that every batch is still cached."""
-    from .train.two_stage import HeadSchedule, _batches, batch_parts
+    from .train.two_stage import HeadSchedule, batch_parts, iter_batches
 
-    batches = _batches(data, HeadSchedule(batch_size=batch_size))
+    batches = iter_batches(data, HeadSchedule(batch_size=batch_size))
     it = iter(batches)
     try:
         first = next(it)

@@ -187,6 +187,15 @@ def test_policy_is_calibrated_on_validation_at_the_budget(bolted):
     assert out.assignment.shape == (2, 16, 16)
 
 
+def test_recalibrating_at_another_budget(bolted):
+    import copy
+
+    d = copy.deepcopy(bolted)
+    p = d.calibrate(_batches(seed=1), budget=0.3)
+    assert d.policy is p and p.budget == 0.3 and abs(p.calibration["rate"] - 0.3) < 0.01
+    assert bolted.policy.budget == 0.2  # the copy's policy only
+
+
 # ------------------------------------------------------------------------------ checkpoints
 def test_save_and_load_trained_give_identical_packed_logits(bolted, tmp_path):
     from deferredseg.train.builders import load_trained

@@ -35,6 +35,8 @@ from .methods import BASE_METHOD
 
 __all__ = [
     "HeadSchedule",
+    "batch_parts",
+    "iter_batches",
     "cache_head_inputs",
     "cached_outputs",
     "fit_heads",
@@ -150,7 +152,7 @@ def batch_parts(batch: Any, where: str = "data") -> Tuple[torch.Tensor, torch.Te
     return image, target, experts
 
 
-def _batches(data, settings: HeadSchedule) -> Iterable[Any]:
+def iter_batches(data, settings: HeadSchedule) -> Iterable[Any]:
     """The batches of a dataset (through a DataLoader) or of an iterable of batches."""
     from torch.utils.data import Dataset
 
@@ -174,7 +176,7 @@ def cache_head_inputs(
     settings = _schedule(settings)
     model.eval()
     parts: Dict[str, List[torch.Tensor]] = {"seg": [], "head_in": [], "target": [], "experts": []}
-    for batch in _batches(data, settings):
+    for batch in iter_batches(data, settings):
         image, target, experts = batch_parts(batch, where)
         seg, head_in = model.head_inputs(image.to(device))
         parts["seg"].append(seg.float().cpu())
