@@ -307,3 +307,26 @@ def test_example_adds_deferral_that_pays_off_at_the_budget(tmp_path, capsys):
     assert res["system_dice"] > res["model_dice"], res
     assert Path(res["checkpoint"]).is_file()
     assert "test: model alone Dice" in capsys.readouterr().out
+
+
+def test_3d_network_round_trips(tmp_path):
+    from monai.networks.nets import UNet
+
+    from deferredseg.train.builders import load_trained
+
+    kw = dict(UNET_KW, spatial_dims=3, channels=[2, 4])
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        (
+            torch.randn(2, 1, 8, 8, 8, generator=g),
+            torch.randint(0, 2, (2, 8, 8, 8), generator=g),
+            torch.randint(0, 2, (2, 3, 8, 8, 8), generator=g),
+        )
+    ]
+    d = add_deferral(UNet(**kw), batches, batches, head_channels=2, head_epochs=1, device="cpu")
+    assert d.spatial_dims == 3 and d(batches[0][0]).shape == (2, 1 + 3 + 2, 8, 8, 8)
+    model, cfg, _ = load_trained(d.save(tmp_path / "d3.pt", UNET, kw), torch.device("cpu"))
+    assert cfg.spatial_dims == 3 and cfg.spatial_size == [8, 8, 8]
+    with torch.no_grad():
+        assert torch.equal(model(batches[0][0]), d(batches[0][0]))
