@@ -7,15 +7,32 @@ import torch
 from _inputs import make_inputs, option_id, option_matrix
 from naive_oracle import naive_loss
 
-from deferredseg_kernels import deferredseg_loss, split_logits
+from deferredseg_kernels import PRESETS, deferredseg_loss, split_logits
 
 LN2 = math.log(2.0)
 
 
 def ref(logits, target, experts, K, E, **kw):
+    """The reference with the paper's defaults (docs/objective.md section 3 states them, and
+    the by-hand values and the scalar oracle use them), unless ``preset`` says otherwise."""
+    kw.setdefault("preset", "paper")
     return deferredseg_loss(
         logits, target, experts, K, E, backend="reference", return_terms=True, **kw
     )
+
+
+def test_the_default_preset_is_the_paper_objective_with_its_options():
+    """deferredseg_loss's default preset: the paper's objective with PRESETS["default"]'s
+    options (docs/objective.md section 5), so the oracle checks it through them."""
+    K, E = 1, 3
+    logits, target, experts = make_inputs(2, K, E, (3, 4), dtype=torch.float64)
+    got = deferredseg_loss(logits, target, experts, K, E, backend="reference", return_terms=True)
+    _, want = ref(logits, target, experts, K, E, **PRESETS["default"])
+    oracle = naive_loss(logits, target, experts, K, E, **PRESETS["default"])
+    for name in ("seg", "collab", "gate", "coherence", "balance"):
+        assert got[1][name].item() == want[name].item(), name
+        assert got[1][name].item() == pytest.approx(oracle[name], rel=1e-9, abs=1e-12), name
+    assert PRESETS["default"]["surrogate"] == "ova" and PRESETS["paper"] == {}
 
 
 # --------------------------------------------------------------------------- by hand
@@ -281,7 +298,9 @@ def test_label_dtypes_and_singleton_channel_target(label_dtype, ignore):
     loss1 = deferredseg_loss(
         logits, target.unsqueeze(1), experts, K, E, backend="reference", ignore_index=ignore
     )
-    want = naive_loss(logits, target.long(), experts.long(), K, E, ignore_index=ignore)
+    want = naive_loss(  # the default preset, through its options
+        logits, target.long(), experts.long(), K, E, ignore_index=ignore, **PRESETS["default"]
+    )
     assert loss.item() == pytest.approx(want["loss"], rel=1e-9)
     assert loss1.item() == loss.item()
 

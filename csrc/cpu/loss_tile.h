@@ -86,6 +86,30 @@ DS_LOSS_FN void tile_coherence_all(const TileCtx<T>& c) {
   }
 }
 
+// The tile's partial sums of the seg, collab and gate terms from their per-pixel values
+// (lseg, lcol, lgate). One loop for every path, so that a tile sums in the same order
+// with and without the gradient (and the loss is the same bits either way).
+template <typename T>
+DS_LOSS_FN void tile_term_sums(const TileCtx<T>& c) {
+  const int64_t n = c.n;
+  const T* __restrict__ valid = c.valid;
+  const T* __restrict__ lseg = c.lseg;
+  const T* __restrict__ lcol = c.lcol;
+  const T* __restrict__ lgate = c.lgate;
+  T sseg = T(0), scol = T(0), sgate = T(0);
+  DS_SIMD_SUM(sseg, scol, sgate)
+  for (int64_t i = 0; i < n; ++i) {
+    const bool ok = valid[i] != T(0);
+    const T lc = lcol[i], lg = lgate[i];
+    sseg += lseg[i];
+    scol += sel(ok, lc, T(0));
+    sgate += sel(ok, lg, T(0));
+  }
+  c.out[kSumSeg] = sseg;
+  c.out[kSumCollab] = scol;
+  c.out[kSumGate] = sgate;
+}
+
 // Everything after the segmentation term, for a compile-time E: collab, balance,
 // gate, and (GRAD) the gradient of the routing and gate logits, in one loop with the
 // E + 1 channels of a pixel in registers. Needs: the routing of the tile (pi, rb, rs,
@@ -108,15 +132,13 @@ DS_LOSS_FN void loss_rest_fast(const TileCtx<T>& c) {
   const T* __restrict__ D = c.D;
   const T* __restrict__ gD = c.gD;
   const T* __restrict__ gS = c.gS;
-  const T* __restrict__ lseg = c.lseg;
-  const T* __restrict__ lgate = c.lgate;
+  T* __restrict__ lcol_out = c.lcol;
   const T* __restrict__ dgate = c.dgate;
   const T* __restrict__ dsa = c.dsa;
   T bal[E + 1];
   for (int k = 0; k <= E; ++k) bal[k] = c.bal[k];
   const T cc = c.scale_collab, cg = c.scale_gate, eps = c.eps;
-  T sseg = T(0), scol = T(0), sgate = T(0);
-  DS_SIMD_SUM(sseg, scol, sgate)
+  DS_SIMD
   for (int64_t i = 0; i < n; ++i) {
     const bool ok = valid[i] != T(0);
     T ck[E + 1], p[E + 1], gk[E + 1];
@@ -161,14 +183,9 @@ DS_LOSS_FN void loss_rest_fast(const TileCtx<T>& c) {
       }
       a[i] = sel(ok, ga, T(0));
     }
-    const T lg = lgate[i];
-    sseg += lseg[i];
-    scol += sel(ok, lcol, T(0));
-    sgate += sel(ok, lg, T(0));
+    lcol_out[i] = lcol;
   }
-  c.out[kSumSeg] = sseg;
-  c.out[kSumCollab] = scol;
-  c.out[kSumGate] = sgate;
+  tile_term_sums(c);
 }
 
 // Every term of a tile and, when c.grad, the gradient (written over X).
@@ -363,7 +380,6 @@ DS_LOSS_FN void loss_tile_impl(const TileCtx<T>& c) {
   } else if (!c.routing_ready) {
     tile_gate<false, false>(c, Rin + (E + 1) * c.xs);
   }
-  const T* __restrict__ lgate = c.lgate;
   const T* __restrict__ dgate = c.dgate;
   const T* __restrict__ dsa = c.dsa;
 
@@ -433,19 +449,7 @@ DS_LOSS_FN void loss_tile_impl(const TileCtx<T>& c) {
     }
   }
 
-  // ---- sums ----
-  T sseg = T(0), scol = T(0), sgate = T(0);
-  DS_SIMD_SUM(sseg, scol, sgate)
-  for (int64_t i = 0; i < n; ++i) {
-    const bool ok = valid[i] != T(0);
-    const T lc = lcol[i], lg = lgate[i];
-    sseg += lseg[i];
-    scol += sel(ok, lc, T(0));
-    sgate += sel(ok, lg, T(0));
-  }
-  c.out[kSumSeg] = sseg;
-  c.out[kSumCollab] = scol;
-  c.out[kSumGate] = sgate;
+  tile_term_sums(c);
 }
 
 // ---------------------------------------------------------------------------
