@@ -86,8 +86,10 @@ HELP = {
     "progress": "show a progress bar",
     "out": "output folder (checkpoints, log.jsonl); default: a new runs/<date>-<time>. A folder "
     "that already holds a run needs --resume or --overwrite",
-    "resume": "continue the run in --out from its last.pt",
-    "max_steps": "stop after this many optimiser steps (0: no limit)",
+    "resume": "continue the run in --out from its last.pt, with its settings (options given "
+    "are changes)",
+    "max_steps": "stop each stage after this many optimiser steps (0: no limit); a smoke "
+    "run still writes best.pt. Not taken over by --resume",
     "training": "two-stage (base segmentor, then routing heads on its frozen features) or joint",
     "head_epochs": "epochs of the second stage (the routing heads)",
     "head_lr": "AdamW learning rate of the second stage (the routing heads alone)",
@@ -119,7 +121,7 @@ HELP = {
     "label_map": "how mask files encode labels: binary (non-zero is 1) or raw:label pairs, "
     "e.g. 0:0,128:1 (default: 0/255 masks read as 0/1, other values as labels)",
     "overwrite": "start again in an --out that holds a run; the old run is moved aside to "
-    "OUT.old-<date>-<time>, never deleted",
+    "OUT.old (one previous run is kept: a run already in OUT.old is deleted)",
     "resume_with_changes": "let --resume continue with settings that differ from the "
     "checkpoint's (model, experts and data shape can never change)",
 }
@@ -263,17 +265,57 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    values: Dict[str, Any] = {}
+    """The training configuration: defaults, then (with ``--resume``) the settings the run
+    in ``--out`` was trained with, then the config file, then the command line.
+
+    With ``--resume`` only the options given (on the command line or in ``--config``)
+    count as changes: everything else is taken from the checkpoint. Every value of the
+    config file is checked, also those the command line overrides.
+    """
+    source = args.config or "options"
+    file_values: Dict[str, Any] = {}
     if getattr(args, "config", None):
-        values.update(load_config_file(args.config))
+        file_values = load_config_file(args.config)
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    values: Dict[str, Any] = {}
+    resume = given.get("resume", file_values.get("resume", False))
+    if resume is True:
+        out = given.get("out", file_values.get("out"))
+        if not out:
+            raise CliError(
+                "--resume needs --out: the run folder to continue (as printed when it stopped)"
+            )
+        from .train.rundir import RunDirError, stored_run_config
+
+        try:
+            stored = stored_run_config(Path(out))
+        except RunDirError as exc:
+            raise CliError(str(exc)) from None
+        values.update({k: v for k, v in stored.items() if k not in _NOT_INHERITED})
+    values.update(file_values)
     values.update(given)
-    if values.get("data"):  # stored absolute: evaluate and --resume work from any folder
-        values["data"] = str(Path(values["data"]).expanduser().resolve())
+    for d in (values, file_values):
+        if d.get("data"):  # stored absolute: evaluate and --resume work from any folder
+            d["data"] = str(Path(d["data"]).expanduser().resolve())
     try:
-        return TrainConfig.from_dict(values, source=args.config or "options")
+        cfg = TrainConfig.from_dict(values, source=source)
+        overridden = sorted(k for k in file_values if k in given)
+        if overridden:  # the file's own values are checked too, not only those that win
+            TrainConfig.from_dict(
+                {**values, **file_values},
+                source=f"{args.config} (its {', '.join(overridden)} overridden on the "
+                "command line, but checked too)",
+            )
+        return cfg
     except (TypeError, ValueError) as exc:
         raise CliError(str(exc)) from None
+
+
+#: Settings of a stored run that a resumed run does not inherit: how this invocation runs.
+#: ``max_steps`` too: a run stopped by it continues to its end unless given again.
+_NOT_INHERITED = frozenset(
+    {"resume", "overwrite", "resume_with_changes", "out", "seeds", "max_steps"}
+)
 
 
 SUMMARY_KEYS = (

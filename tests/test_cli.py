@@ -196,12 +196,49 @@ def test_two_stage_resumed_in_stage_one_reaches_the_same_weights(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(["train", "--out", str(full), *common]) == 0
     assert main(["train", "--out", str(part), "--max-steps", "3", *common]) == 0
-    assert (part / "base" / "last.pt").is_file() and not (part / "best.pt").exists()
+    assert (part / "base" / "last.pt").is_file() and (part / "best.pt").is_file()
+    assert load_checkpoint(part / "base" / "last.pt")["global_step"] == 3
     assert main(["train", "--out", str(part), "--resume", *common]) == 0
     a, b = _weights(full / "best.pt"), _weights(part / "best.pt")
     assert a.keys() == b.keys() and any(k.startswith("routing_heads.") for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_max_steps_bounds_each_stage_and_leaves_a_usable_best_pt(tmp_path, capsys):
+    out = tmp_path / "dash"
+    args = ["train", "--out", out, "--epochs", "3", "--head-epochs", "3", "--max-steps", "2"]
+    code, stdout, _ = run_main([*args, *TINY], capsys)
+    assert code == 0
+    assert (out / "best.pt").is_file() and (out / "base" / "best.pt").is_file()
+    steps = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in steps if r["event"] == "step") == 2  # stage 2 bounded too
+    last = stdout.strip().splitlines()[-1]
+    assert last == f"run folder: {out} (best.pt, last.pt, log.jsonl)", stdout
+    code, _, err = run_main(
+        ["evaluate", "--checkpoint", out / "best.pt", "--out", out / "eval", "--no-figures"],
+        capsys,
+    )
+    assert code == 0 and (out / "eval" / "metrics.json").is_file(), err
+    # a joint run stopped before any epoch ended: best.pt too; the last line lists what exists
+    joint = tmp_path / "joint"
+    code, stdout, _ = run_main(
+        [
+            "train",
+            "--out",
+            joint,
+            "--training",
+            "joint",
+            "--method",
+            "model-only",
+            "--max-steps",
+            "1",
+            *TINY,
+        ],
+        capsys,
+    )
+    assert code == 0 and (joint / "best.pt").is_file()
+    assert "stopped at step 1" in stdout
 
 
 def test_resume_after_a_stop_mid_epoch_reaches_the_same_weights(tmp_path):

@@ -98,9 +98,26 @@ def test_reused_out_is_refused_and_overwrite_moves_the_old_run_aside(tmp_path, c
     assert (out / "best.pt").read_bytes() == before  # untouched
     code, _, err = run_main(["train", "--out", out, "--overwrite", "--epochs", "1", *TINY], capsys)
     assert code == 0 and "moved the previous run" in err
-    aside = [p for p in tmp_path.iterdir() if p.name.startswith("r.old-")]
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("r.old")]
     assert len(aside) == 1 and (aside[0] / "best.pt").read_bytes() == before
     assert (out / "best.pt").is_file() and not (out / ".lock").exists()
+    second = (out / "best.pt").read_bytes()
+    code, _, err = run_main(["train", "--out", out, "--overwrite", "--epochs", "1", *TINY], capsys)
+    assert code == 0 and "deleted the run kept before" in err, err
+    aside = [p.name for p in tmp_path.iterdir() if p.name.startswith("r.old")]
+    assert aside == ["r.old"] and (tmp_path / "r.old" / "best.pt").read_bytes() == second
+
+
+def test_an_attempt_that_failed_before_its_first_checkpoint_leaves_a_reusable_out(tmp_path, capsys):
+    out = tmp_path / "r"
+    (out / "base").mkdir(parents=True)  # what a run that failed on its data left behind
+    (out / "log.jsonl").write_text('{"event": "stage", "stage": 1}\n')
+    (out / "base" / "log.jsonl").write_text('{"event": "stage", "stage": 1}\n')
+    args = ["train", "--out", out, "--training", "joint", "--max-steps", "1", *TINY]
+    code, _, err = run_main(args, capsys)
+    assert code == 0 and "stopped before its first checkpoint" in err, err
+    assert (out / "log.failed.jsonl").is_file() and (out / "last.pt").is_file()
+    assert '"stage"' not in (out / "log.jsonl").read_text()
 
 
 def test_a_second_training_into_a_locked_out_fails_naming_the_first(tmp_path, capsys):
@@ -238,6 +255,46 @@ def _interrupt_and_resume(full, part):
     assert load_checkpoint(part / "last.pt")["global_step"] == 10
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_the_printed_resume_command_works_as_printed(tmp_path):
+    """Ctrl-C in stage 1 of a two-stage run on non-default settings, then exactly the
+    command the message prints: every setting comes from the run, none from the defaults."""
+    out = tmp_path / "intr"
+    args = [*STEPS[:2], *STEPS[4:-2], "--head-epochs", "1"]  # two-stage, no step limit
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deferredseg", "train", "--out", str(out), *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    log = out / "base" / "log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and '"event": "step"' in log.read_text():
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    printed = err.split("continue with `", 1)[1].split("`", 1)[0]
+    assert printed == f"deferredseg train --resume --out {out}", err
+    words = printed.split()
+    resumed = subprocess.run(
+        [sys.executable, "-m", "deferredseg", *words[1:]],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    ck = load_checkpoint(out / "best.pt")
+    assert ck["config"]["image_size"] == 24 and ck["config"]["features"] == 4
+    assert ck["config"]["epochs"] == 4 and ck["config"]["training"] == "two-stage"
+    assert load_checkpoint(out / "base" / "last.pt")["epoch"] == 4
 
 
 def test_sigterm_in_process_exits_143_after_writing_last_pt(tmp_path, capsys):

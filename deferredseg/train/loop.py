@@ -301,8 +301,20 @@ def _train(
                     lambda: checkpoint(last_path, epoch, step_in_epoch, {}), epoch, global_step
                 )
             if cfg.max_steps and global_step >= cfg.max_steps:
-                checkpoint(last_path, epoch, step_in_epoch, {})
+                checkpoint(last_path, epoch, step_in_epoch, {})  # before: resume as if unstopped
                 log.write(event="stopped", reason="max_steps", step=global_step)
+                if best < 0 and out_dir is not None and info.is_main:
+                    # nothing validated yet (a smoke run): this step's model is best.pt, so
+                    # that the run can be evaluated and its second stage trained
+                    metrics = _validate(model, val_ds, cfg, E, best_expert, device)
+                    routing = routing_record(cfg, metrics["threshold"])
+                    checkpoint(
+                        out_dir / "best.pt",
+                        epoch + 1,
+                        step_in_epoch,
+                        {"val": _scalars(metrics), "routing": routing},
+                    )
+                info.barrier()
                 return {"stopped": True, "global_step": global_step}
         # validation on rank 0; the decision to stop is shared with the other ranks
         if info.is_main:
@@ -367,6 +379,7 @@ def _train_two_stage(
 
     base_path = cfg.base_checkpoint
     tmp = None
+    stage1_stopped = False
     if base_path is None:
         bcfg = ts.base_config(cfg)
         if bcfg.out is None:
@@ -377,8 +390,10 @@ def _train_two_stage(
             bdir.mkdir(parents=True, exist_ok=True)
         log.write(event="stage", stage=1, what="base segmentor", out=str(bdir))
         res = _train(bcfg, device, info, bdir, JsonLog(bdir / "log.jsonl", info.is_main), run)
-        if res.get("stopped"):
-            return res
+        # stopped by --max-steps: stage 2 still runs (on the base's best.pt, written at the
+        # stop when no epoch had ended), with its own --max-steps bound, so that a smoke run
+        # ends with a usable best.pt
+        stage1_stopped = bool(res.get("stopped"))
         base_path = str(bdir / "best.pt")
     info.barrier()
     train_ds, val_ds, E, in_channels, model = _data_and_model(cfg, device)
@@ -433,8 +448,10 @@ def _train_two_stage(
         **{f"val_{k}": v for k, v in best.items()},
     )
     info.barrier()
+    stage2_steps = history[-1].get("step", 0) if history else 0
     return {
-        "stopped": False,
+        "stopped": stage1_stopped or bool(cfg.max_steps and stage2_steps >= cfg.max_steps),
+        "global_step": stage2_steps,
         "best_val_system_dice": best.get("system_dice"),
         "best_val_deferral_rate": best.get("deferral_rate"),
         "selection": cfg.selection,

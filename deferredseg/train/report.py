@@ -74,7 +74,9 @@ def train_summary(result: Dict[str, Any], out: Optional[str]) -> List[str]:
         lines.append(f"best validation epoch {ck.get('epoch')} (step {ck.get('global_step')}):")
         lines += metrics_table(val)
     if result.get("stopped"):
-        lines.append(f"stopped at step {result.get('global_step')} (max_steps)")
+        where = f"; continue with `deferredseg train --resume --out {out}`" if out else ""
+        lines.append(f"stopped at step {result.get('global_step')} (--max-steps){where}")
     if out:
-        lines.append(f"run folder: {out} (best.pt, last.pt, log.jsonl)")
+        files = [n for n in ("best.pt", "last.pt", "log.jsonl") if (Path(out) / n).is_file()]
+        lines.append(f"run folder: {out} ({', '.join(files) or 'no files'})")
     return lines

@@ -169,7 +169,7 @@ def fit_heads(
             else rc_area(logits, val_cache["target"], val_cache["experts"], cfg, num_experts)
         )
         m["selection_score"] = score
-        history.append({"epoch": epoch, **m})
+        history.append({"epoch": epoch, "step": step, **m})
         if log is not None:
             log.write(
                 event="epoch",
@@ -209,7 +209,13 @@ def fit_heads(
                     loss=float(loss.detach()),
                     **{k: float(v) for k, v in terms.items() if k != "pbar"},
                 )
+            if cfg.max_steps and step >= cfg.max_steps:
+                break  # --max-steps bounds this stage too
         consider(epoch)
+        if cfg.max_steps and step >= cfg.max_steps:
+            if log is not None:
+                log.write(event="stopped", stage=2, reason="max_steps", step=step)
+            break
     if best_state is not None:
         with torch.no_grad():
             for p, v in zip(params, best_state):
