@@ -119,7 +119,8 @@ HELP = {
     "expert_cost": "per-expert cost of asking, e.g. 0,0.1,0.2 (a deferred pixel goes to "
     "argmax q_j - cost_j)",
     "label_map": "how mask files encode labels: binary (non-zero is 1) or raw:label pairs, "
-    "e.g. 0:0,128:1 (default: 0/255 masks read as 0/1, other values as labels)",
+    "e.g. 0:0,128:1, for every mask folder or per folder, e.g. 'raters:0:0,128:1;labels:binary' "
+    "(default: 0/255 masks read as 0/1, other values as labels)",
     "overwrite": "start again in an --out that holds a run; the old run is moved aside to "
     "OUT.old (one previous run is kept: a run already in OUT.old is deleted)",
     "resume_with_changes": "let --resume continue with settings that differ from the "

@@ -592,7 +592,9 @@ def test_cases_of_different_sizes_and_mixed_dimensions(tmp_path, capsys):
     code, _, err = run_main(
         ["train", "--layout", "multirater", "--data", data, "--out", tmp_path / "r", *FILES], capsys
     )
-    assert code == 2 and "differ in size" in err and "c10: 28x20" in err and "--spatial-size" in err
+    assert code == 2 and "differ in size" in err and "--spatial-size" in err
+    # the sizes with their case counts, the odd cases named
+    assert "24x24: 10 cases; 20x28: 1 case (c11); 28x20: 1 case (c10)" in err, err
     code, _, _ = run_main(
         [
             "train",
@@ -701,6 +703,83 @@ def test_a_bad_file_in_the_test_split_is_found_before_training(tmp_path, capsys)
     assert code == 2 and f"{test_id}.png" in err and "test split" in err and "cannot read" in err
     assert "epoch 1/1" not in out and not (tmp_path / "r" / "log.jsonl").exists()
     assert time.perf_counter() - t0 < 30
+
+
+def test_the_contents_of_every_split_are_checked_before_step_one(tmp_path, capsys):
+    """A colour rater mask, masks with values that are no labels and an image with NaN, in
+    any split: one error before training, grouped by kind, naming every file."""
+    from deferredseg.data.splits import split_ids
+
+    data = make_set(tmp_path / "d", n=12, ext=".png")
+    parts = split_ids([f"c{i:02d}" for i in range(12)], seed=0)
+    test_id, val_id = parts["test"][0], parts["val"][0]
+    colour = np.zeros((24, 24, 3), np.uint8)
+    colour[2:8, 2:8] = (255, 0, 0)
+    write(data / "raters" / "r2" / f"{test_id}.png", colour)
+    for i in range(3):  # values 7: not a label of a binary task
+        write(data / "raters" / "r1" / f"{parts['train'][i]}.png", np.full((24, 24), 7))
+    code, out, err = run_main(
+        ["train", "--layout", "multirater", "--data", data, "--out", tmp_path / "r", *FILES], capsys
+    )
+    assert code == 2 and "epoch 1/1" not in out and not (tmp_path / "r" / "last.pt").exists()
+    assert f"{test_id}.png (case '{test_id}', test split): 3 channels that differ" in err, err
+    assert "colour masks whose channels differ" in err and "(1 file)" in err
+    assert "mask values that are not labels" in err and "(3 files)" in err
+    for i in range(3):
+        assert f"r1/{parts['train'][i]}.png" in err
+    # NaN in a NIfTI image of the validation split
+    nii = make_set(tmp_path / "n", n=12, ext=".nii.gz", shape=(12, 12, 6), fg=1)
+    img = np.random.rand(12, 12, 6).astype(np.float32)
+    img[0, 0, 0] = np.nan
+    write(nii / "images" / f"{val_id}.nii.gz", img)
+    code, _, err = run_main(
+        ["train", "--layout", "multirater", "--data", nii, "--out", tmp_path / "n", *FILES], capsys
+    )
+    assert code == 2 and "NaN or infinite" in err and f"{val_id}.nii.gz" in err, err
+    assert "val split" in err
+
+
+def test_every_offending_file_is_named_up_to_twenty_per_kind(tmp_path):
+    from deferredseg.data.scan import scan_dataset
+
+    data = make_set(tmp_path / "d", n=30, fg=255)
+    for i in range(25):
+        write(data / "raters" / "r3" / f"c{i:02d}.png", np.full((24, 24), 9))
+    with pytest.raises(ValueError) as exc:
+        scan_dataset("multirater", data, workers=2)
+    msg = str(exc.value)
+    assert "(25 files)" in msg and "... and 5 more" in msg
+    assert sum(f"r3/c{i:02d}.png" in msg for i in range(25)) == 20
+
+
+def test_label_maps_per_folder(tmp_path, capsys):
+    """Raters saved as 0/128, labels as 0/255: one map for the raters' folder only."""
+    data = make_set(tmp_path / "d", fg=128, labels=True)
+    for f in (data / "labels").iterdir():
+        write(f, (np.asarray(Image.open(f)) > 0).astype(np.uint8) * 255)
+    args = ["train", "--layout", "multirater", "--data", data, "--target", "label", *FILES]
+    code, _, err = run_main([*args, "--out", tmp_path / "a", "--label-map", "0:0,128:1"], capsys)
+    assert code == 2 and "labels/c00.png" in err and "[255]" in err, err
+    code, _, err = run_main(
+        [*args, "--out", tmp_path / "b", "--label-map", "raters:0:0,128:1"], capsys
+    )
+    assert code == 0, err
+    from deferredseg.train.builders import build_data
+    from deferredseg.train.config import TrainConfig
+
+    ds = build_data(
+        TrainConfig(
+            layout="multirater",
+            data=str(data),
+            target="label",
+            label_map="raters:0:0,128:1;labels:binary",
+        ),
+        "train",
+    )
+    assert set(ds[0]["expert_labels"].unique().tolist()) == {0, 1}
+    assert set(ds[0]["target"].unique().tolist()) == {0, 1}
+    code, _, err = run_main([*args, "--out", tmp_path / "c", "--label-map", "rates:0:0"], capsys)
+    assert code == 2 and "unknown folder 'rates'" in err and "raters" in err
 
 
 # ============================================================================ 5. what a user sees

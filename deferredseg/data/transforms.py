@@ -55,8 +55,15 @@ class LoadCased(MapTransform):
     def _label(self, value, what: str):
         if isinstance(value, (np.ndarray, torch.Tensor)):
             return np.asarray(value).astype(np.int64), what
+        from .scan import label_map_for  # a per-folder map: the labels' or the raters'
+
+        folder = "labels" if what == "label" else "raters"
         return read_label(
-            value, self.num_labels, self.label_map, self.ignore_index, what=what
+            value,
+            self.num_labels,
+            label_map_for(self.label_map, folder),
+            self.ignore_index,
+            what=what,
         ), f"{what} {value}"
 
     def __call__(self, data: Dict[Hashable, Any]) -> Dict[Hashable, Any]:
