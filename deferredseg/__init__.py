@@ -2,16 +2,22 @@
 
 The user layer of the distribution: drop-in loss modules (``deferredseg.losses``)
 now; models, experts, data, training and the command line in their own
-subpackages, imported on demand so that ``import deferredseg`` stays light.
-The tensor ops live in ``deferredseg_kernels``.
+subpackages, imported on demand so that ``import deferredseg`` stays light (it
+imports no torch: the names below come from ``deferredseg_kernels`` on first use,
+so that ``deferredseg --help`` starts fast). The tensor ops live in
+``deferredseg_kernels``.
 """
 
-from deferredseg_kernels import (
-    __version__,
-    available_backends,
-    deferredseg_loss,
-    route,
-    split_logits,
-)
-
 __all__ = ["available_backends", "deferredseg_loss", "route", "split_logits", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        import deferredseg_kernels
+
+        return getattr(deferredseg_kernels, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

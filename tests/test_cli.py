@@ -159,6 +159,41 @@ def test_help_is_there_for_every_command(capsys):
     assert "--expert-profile" in run_main(["train", "--help"], capsys)[1]
 
 
+def test_the_command_list_needs_no_torch_and_has_no_markup():
+    """``deferredseg --help`` builds the command list from the standard library alone (its
+    time: benchmarks/bench_help.py); the text is plain, without RST markup."""
+    code = (
+        "import sys\n"
+        "from deferredseg.cli import main\n"
+        "try:\n"
+        "    main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('torch imported' if 'torch' in sys.modules else 'no torch')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("no torch"), proc.stdout
+    for name in ("train", "evaluate", "demo", "predict", "serve", "merge", "review-demo"):
+        assert f"\n    {name} " in proc.stdout, name
+    assert "``" not in proc.stdout
+
+
+def test_train_help_is_grouped_with_rare_options_last(capsys):
+    code, out, _ = run_main(["train", "--help"], capsys)
+    assert code == 0 and "``" not in out
+    headings = [line[:-1] for line in out.splitlines() if line.endswith(":") and " " != line[0]]
+    wanted = ["data", "model", "objective", "schedule", "routing", "output", "rarely used"]
+    assert [h for h in headings if h in wanted] == wanted, headings
+    rare = out.index("\nrarely used:")
+    for flag in ("--grad-accum", "--gate-sparsity", "--workers", "--balance-low"):
+        assert out.index(f"\n  {flag} ") > rare, flag
+    for flag in ("--layout", "--epochs", "--out", "--budget", "--lambda-gate"):
+        assert out.index(f"\n  {flag} ") < rare, flag
+
+
 def test_module_entry_point_and_console_script():
     proc = run_cli("--help")
     assert "usage: deferredseg" in proc.stdout
