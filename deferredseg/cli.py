@@ -62,6 +62,8 @@ def _help_texts() -> Dict[str, str]:
         "spatial_size": "resize file data to this size, e.g. 128,128 (needed when cases differ in "
         "size)",
         "split_file": 'JSON file {"train": [ids], "val": [...], "test": [...]}',
+        "spacing": "voxel size in mm per axis, e.g. 0.8,0.8,2.0, for HD95 in mm (default: the "
+        "NIfTI header of each case; PNG and .npy without it: HD95 in pixels)",
         "backbone": "any monai.networks.nets name, e.g. UNet, BasicUNet, AttentionUnet, SwinUNETR",
         "features": "feature channels of the backbone",
         "method": "what to train: "
@@ -179,6 +181,7 @@ OPTION_GROUPS = (
             "expert_profile",
             "num_classes",
             "spatial_size",
+            "spacing",
             "label_map",
             "split_file",
             "num_images",
@@ -410,6 +413,13 @@ def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     e.add_argument("--no-hd95", action="store_true", help="skip HD95 (the slowest metric)")
+    e.add_argument(
+        "--spacing",
+        type=_parse_list(float),
+        metavar="A,B,...",
+        help="voxel size in mm per axis, for HD95 in mm (default: the training one, else "
+        "the NIfTI header of each case; without either HD95 is in pixels)",
+    )
 
     d = sub.add_parser(
         "demo",
@@ -546,6 +556,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         "layout": args.layout,
         "route_mode": args.route_mode,
         "expert_cost": args.expert_cost,
+        "spacing": args.spacing,
     }
     m = evaluate(
         args.checkpoint,

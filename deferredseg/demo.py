@@ -100,7 +100,7 @@ def run_demo(
         f"\ntest split ({m['images']} images), thresholds chosen on the validation split for a "
         f"{BUDGET:.0%} deferral budget:\n"
     )
-    print("| prediction | Dice | HD95 (px) | deferral rate |")
+    print(f"| prediction | Dice | HD95 ({m.get('hd95_unit') or 'px'}) | deferral rate |")
     print("|---|---|---|---|")
     print(f"| model alone | {f(m['model_dice'])} | {f(m['model_hd95'], '.2f')} | 0 |")
     print(

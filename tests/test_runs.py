@@ -586,6 +586,62 @@ def test_3d_nifti_takes_spatial_dims_from_the_files(tmp_path, capsys):
     assert load_checkpoint(out / "best.pt")["config"]["spatial_dims"] == 3
 
 
+def test_hd95_in_millimetres_from_the_nifti_header_or_spacing(tmp_path, capsys):
+    from deferredseg.data import build_dataset
+
+    data = make_set(tmp_path / "vol", n=8, shape=(16, 16, 8), ext=".nii.gz", fg=1)
+    for f in data.rglob("*.nii.gz"):  # spacing 0.8 x 0.8 x 2.0 mm in every header
+        img = nib.load(str(f))
+        arr = np.asarray(img.dataobj)
+        out = nib.Nifti1Image(arr, np.diag([0.8, 0.8, 2.0, 1.0]))
+        out.header.set_xyzt_units("mm")
+        nib.save(out, str(f))
+    batch = build_dataset("multirater", data, split="all")[0]
+    assert batch["spacing"].tolist() == pytest.approx([0.8, 0.8, 2.0])
+    resized = build_dataset("multirater", data, split="all", spatial_size=(8, 8, 8))[0]
+    assert resized["spacing"].tolist() == pytest.approx([1.6, 1.6, 2.0])
+    png = make_set(tmp_path / "png", n=4)
+    assert torch.isnan(build_dataset("multirater", png, split="all")[0]["spacing"]).all()
+    given = build_dataset("multirater", png, split="all", spacing=(0.5, 0.5))[0]
+    assert given["spacing"].tolist() == [0.5, 0.5]
+    # end to end: metrics.json and the table say mm
+    out = tmp_path / "r"
+    args = ["train", "--layout", "multirater", "--data", data, "--out", out, *FILES]
+    assert run_main([*args, "--training", "joint", "--max-steps", "1"], capsys)[0] == 0
+    code, stdout, err = run_main(
+        [
+            "evaluate",
+            "--checkpoint",
+            out / "best.pt",
+            "--out",
+            out / "e",
+            "--no-figures",
+            "--split",
+            "all",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    m = json.loads((out / "e" / "metrics.json").read_text())
+    assert m["hd95_unit"] == "mm" and "HD95 (mm)" in stdout
+    code, stdout, err = run_main(
+        [
+            "evaluate",
+            "--checkpoint",
+            out / "best.pt",
+            "--out",
+            out / "e2",
+            "--no-figures",
+            "--split",
+            "all",
+            "--spacing",
+            "1,1",
+        ],
+        capsys,
+    )
+    assert code == 2 and "--spacing" in err and "3D" in err, err
+
+
 def test_cases_of_different_sizes_and_mixed_dimensions(tmp_path, capsys):
     sizes = [(24, 24)] * 10 + [(28, 20), (20, 28)]
     data = make_set(tmp_path / "var", sizes=sizes)

@@ -59,6 +59,7 @@ def build_data(cfg: TrainConfig, split: str, raters: Optional[List[str]] = None)
         seed=cfg.seed,
         split_file=cfg.split_file,
         spatial_size=cfg.spatial_size,
+        spacing=cfg.spacing,
     )
     if cfg.target is not None:
         kw["target"] = cfg.target

@@ -42,6 +42,7 @@ class TrainConfig:
     image_size: int = 64
     num_images: int = 48
     spatial_size: Optional[List[int]] = None  # resize file data to this size
+    spacing: Optional[List[float]] = None  # voxel size in mm (default: the NIfTI header)
     split_file: Optional[str] = None
     label_map: Optional[str] = None  # mask values to labels: "binary" or "0:0,128:1"
     # model
@@ -184,6 +185,12 @@ class TrainConfig:
             raise ValueError(f"experts must be >= 1, got {self.experts}")
         if not (0.0 <= self.threshold <= 1.0):
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.spacing is not None and (
+            not self.spacing or any(not float(v) > 0 for v in self.spacing)
+        ):
+            raise ValueError(
+                f"spacing must be positive voxel sizes in mm, one per axis, got {self.spacing}"
+            )
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 

@@ -38,6 +38,16 @@ def _scan_threads(cfg) -> Optional[int]:
     return max((os.cpu_count() or 1) // world, 1) if world > 1 else None
 
 
+def _check_spacing(cfg, scan) -> None:
+    """``--spacing`` gives one voxel size per axis of the data."""
+    dims = scan.spatial_dims if scan is not None and scan.spatial_dims else cfg.spatial_dims
+    if cfg.spacing is not None and len(cfg.spacing) != dims:
+        raise ValueError(
+            f"spacing (--spacing) {list(cfg.spacing)} has {len(cfg.spacing)} entries, but the "
+            f"data are {dims}D; give one voxel size (mm) per axis"
+        )
+
+
 def _ids(cfg, scan) -> List[str]:
     if scan is not None:
         return scan.ids
@@ -69,6 +79,7 @@ def check_training_data(cfg):
                 f"{scan.spatial_dims}"
             )
             cfg = dataclasses.replace(cfg, spatial_dims=scan.spatial_dims)
+    _check_spacing(cfg, scan)
     ids = _ids(cfg, scan)
     sizes = split_sizes(ids, cfg.split_file, cfg.seed)
     counts = ", ".join(f"{k} {v}" for k, v in sizes.items())
@@ -114,6 +125,7 @@ def check_evaluation_data(cfg, split: str) -> None:
                 f"the model was trained on {cfg.spatial_dims}D data, the files of "
                 f"{cfg.data} are {scan.spatial_dims}D"
             )
+    _check_spacing(cfg, scan)
     if split == "all":
         return
     ids = _ids(cfg, scan)

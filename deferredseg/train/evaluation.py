@@ -68,7 +68,7 @@ def evaluate_model(
         target = batch["target"].to(device)
         experts = batch["expert_labels"].to(device)
         logits = packed_logits(cfg, model(x), num_experts, best_expert)
-        ev.update(logits, target, experts)
+        ev.update(logits, target, experts, batch.get("spacing"))
         valid = target != -100
         z = logits[:, : cfg.num_classes]
         wrong = ~model_correct(z, target, cfg.num_classes)

@@ -44,8 +44,9 @@ class EpochMeter:
 
 def metrics_table(m: Dict[str, Any]) -> List[str]:
     """The demo's table of an evaluation (Dice, HD95, deferral rate), rounded."""
+    unit = m.get("hd95_unit") or "px"
     lines = [
-        "| prediction | Dice | HD95 (px) | deferral rate |",
+        f"| prediction | Dice | HD95 ({unit}) | deferral rate |",
         "|---|---|---|---|",
         f"| model alone | {_f(m.get('model_dice'))} | {_f(m.get('model_hd95'), '.2f')} | 0 |",
         f"| system (model + experts) | {_f(m.get('system_dice'))} | "
