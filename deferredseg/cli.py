@@ -83,8 +83,12 @@ def _help_texts() -> Dict[str, str]:
         "threshold": "gate threshold: defer where sigmoid(gate) > threshold",
         "val_hd95": "compute HD95 during validation too (slower)",
         "device": "auto, cpu, cuda",
-        "seed": "random seed",
-        "seeds": "several seeds, e.g. 1,2,3: one run each, then mean, std and 95%% CI",
+        "seed": "random seed (weights, batches, simulated experts; and the split unless "
+        "--split-seed)",
+        "seeds": "several seeds, e.g. 1,2,3: one run each, on one split (that of the first "
+        "seed, or --split-seed), then mean, std and 95%% CI",
+        "split_seed": "seed of the train/val/test split (default: --seed; with --seeds, the "
+        "first seed's split for every run)",
         "workers": "data-loader worker processes",
         "progress": "show a progress bar",
         "out": "output folder (checkpoints, log.jsonl); default: a new runs/<date>-<time>. "
@@ -220,6 +224,7 @@ OPTION_GROUPS = (
             "max_steps",
             "seed",
             "seeds",
+            "split_seed",
         ),
     ),
     (
@@ -505,42 +510,82 @@ SUMMARY_KEYS = (
 )
 
 
+def _is_rank0() -> bool:
+    """Whether this process prints the run's summary (rank 0 under torchrun)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _labelled_interval(s: Dict[str, Any]) -> Dict[str, Any]:
+    """``ci95``'s dict with the interval named: its half-width and its two ends."""
+    half, mean = s.get("ci95"), s.get("mean")
+    return {
+        "mean": mean,
+        "std": s.get("std"),
+        "n": s.get("n"),
+        "ci95_halfwidth": half,
+        "ci95_low": None if half is None else mean - half,
+        "ci95_high": None if half is None else mean + half,
+    }
+
+
 def run_train(cfg: TrainConfig) -> int:
     from .train.evaluation import evaluate
     from .train.loop import train
     from .train.rundir import default_run_dir
 
+    main_rank = _is_rank0()
     if not cfg.out and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise CliError("under torchrun give --out: every rank must write to the same folder")
     if not cfg.out:  # never train into the void: a new folder, said where
         cfg = dataclasses.replace(cfg, out=str(default_run_dir()))
         print(f"no --out given: writing the run to {cfg.out}", file=sys.stderr)
     if not cfg.seeds:
+        if main_rank:
+            print(f"seed {cfg.seed}: training into {cfg.out}", flush=True)
         result = train(cfg)
         from .train.report import train_summary
 
-        print("\n".join(train_summary(result, cfg.out)))
+        if main_rank:  # under torchrun every rank trains; rank 0 alone reports
+            print("\n".join(train_summary(result, cfg.out)))
         return 0
     if not cfg.out:
         raise CliError("--seeds needs --out: each seed writes to OUT/seed_<n>")
+    # one train/val/test split for every seed: the runs differ by their seed alone
+    split_seed = cfg.split_seed if cfg.split_seed is not None else cfg.seeds[0]
     runs = []
-    for seed in cfg.seeds:
+    for i, seed in enumerate(cfg.seeds):
         one = dataclasses.replace(
-            cfg, seed=seed, seeds=None, out=str(Path(cfg.out) / f"seed_{seed}")
+            cfg,
+            seed=seed,
+            seeds=None,
+            split_seed=split_seed,
+            out=str(Path(cfg.out) / f"seed_{seed}"),
         )
+        if main_rank:
+            print(
+                f"seed {seed} ({i + 1} of {len(cfg.seeds)}, split of seed {split_seed}): "
+                f"training into {one.out}",
+                flush=True,
+            )
         train(one)
         ck = Path(one.out) / "best.pt"
         runs.append(evaluate(ck, out=str(Path(one.out) / "eval"), figures=False))
-    summary = {k: ci95([r.get(k) for r in runs]) for k in SUMMARY_KEYS}
+    summary: Dict[str, Any] = {
+        k: _labelled_interval(ci95([r.get(k) for r in runs])) for k in SUMMARY_KEYS
+    }
     summary["seeds"] = list(cfg.seeds)
+    summary["split_seed"] = split_seed
+    if not main_rank:
+        return 0
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     with open(Path(cfg.out) / "summary.json", "w") as f:
         json.dump(summary, f, indent=2)
     for k in SUMMARY_KEYS:
         s = summary[k]
         if s["mean"] is not None:
-            ci = f" +- {s['ci95']:.4f}" if s["ci95"] is not None else ""
-            print(f"{k}: {s['mean']:.4f}{ci} (95% CI, n={s['n']})")
+            half = s["ci95_halfwidth"]
+            ci = f" +- {half:.4f} (95% CI half-width, n={s['n']})" if half is not None else ""
+            print(f"{k}: {s['mean']:.4f}{ci}")
     return 0
 
 

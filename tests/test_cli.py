@@ -82,9 +82,9 @@ def test_train_then_evaluate_writes_checkpoints_log_metrics_and_figures(tmp_path
         "risk_coverage_auc",
     ):
         assert key in m, key
-    assert len(m["expert_share"]) == 5
+    assert list(m["expert_share"]) == m["expert_names"] and len(m["expert_names"]) == 5
     if m["deferral_rate"] > 0:
-        assert sum(m["expert_share"]) == pytest.approx(1.0)
+        assert sum(m["expert_share"].values()) == pytest.approx(1.0)
     import matplotlib.image as mpimg
 
     assert len(m["figures"]) == 3
@@ -322,14 +322,36 @@ def test_checkpoints_are_atomic_and_safe_to_load(tmp_path):
         load_checkpoint(tmp_path / "evil.pt")
 
 
-def test_multi_seed_summary_with_confidence_intervals(tmp_path):
+def test_multi_seed_summary_with_confidence_intervals(tmp_path, capsys):
     out = tmp_path / "seeds"
-    assert main(["train", "--out", str(out), "--epochs", "1", "--seeds", "1,2", *TINY]) == 0
+    args = ["train", "--out", out, "--epochs", "1", "--head-epochs", "1", "--seeds", "1,2"]
+    code, text, _ = run_main([*args, *TINY], capsys)
+    assert code == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["seeds"] == [1, 2] and s["system_dice"]["n"] == 2
     assert (out / "seed_1" / "best.pt").is_file() and (
         out / "seed_2" / "eval" / "metrics.json"
     ).is_file()
+    # the interval is labelled: its half-width and its ends
+    d = s["system_dice"]
+    assert "ci95" not in d and d["ci95_halfwidth"] is not None
+    assert d["ci95_low"] == pytest.approx(d["mean"] - d["ci95_halfwidth"])
+    assert "95% CI half-width" in text
+    # each run says its seed; every seed trains and tests on one split
+    assert "seed 1 (1 of 2, split of seed 1)" in text and "seed 2 (2 of 2, split of seed 1)" in text
+    from deferredseg.train.builders import build_data
+    from deferredseg.train.config import TrainConfig
+
+    ids = []
+    for seed in (1, 2):
+        conf = load_checkpoint(out / f"seed_{seed}" / "best.pt")["config"]
+        assert conf["seed"] == seed and conf["split_seed"] == 1
+        ids.append(build_data(TrainConfig.from_dict(conf), "test").info.ids)
+    assert ids[0] == ids[1]
+    a = build_data(TrainConfig(num_images=12, seed=1), "test").info.ids
+    b = build_data(TrainConfig(num_images=12, seed=2), "test").info.ids
+    c = build_data(TrainConfig(num_images=12, seed=2, split_seed=1), "test").info.ids
+    assert a != b and a == c  # --split-seed asks for a split of its own
 
 
 def test_ci95_by_hand():
@@ -464,6 +486,9 @@ def test_torchrun_two_ranks_train_end_to_end(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (out / "best.pt").is_file() and (out / "last.pt").is_file()
+    # rank 0 alone prints: one final table, one folder line, one stage-2 marker
+    assert proc.stdout.count("| system (model + experts) |") == 1, proc.stdout
+    assert proc.stdout.count("run folder:") == 1 and proc.stdout.count("stage 2 of 2") == 1
     lines = (out / "base" / "log.jsonl").read_text().splitlines()  # stage 1, the DDP loop
     steps = [json.loads(line) for line in lines if json.loads(line)["event"] == "step"]
     # 8 training images over 2 ranks with batch 4: one step per epoch, logged once (rank 0)

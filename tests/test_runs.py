@@ -843,17 +843,42 @@ def test_label_maps_per_folder(tmp_path, capsys):
 
 def test_one_line_per_epoch_and_summary_tables(tmp_path, capsys):
     out = tmp_path / "r"
-    code, text, _ = run_main(["train", "--out", out, "--epochs", "2", *TINY], capsys)
+    args = ["train", "--out", out, "--epochs", "2", "--head-epochs", "3", *TINY]
+    code, text, _ = run_main(args, capsys)
     assert code == 0
-    epoch_lines = [line for line in text.splitlines() if line.startswith("epoch ")]
-    assert len(epoch_lines) == 2 and "val system Dice" in epoch_lines[1]
-    assert "model Dice" in epoch_lines[0] and "deferral" in epoch_lines[0]
+    lines = text.splitlines()
+    assert lines[0] == f"seed 0: training into {out}"
+    one = next(i for i, x in enumerate(lines) if x.startswith("stage 1 of 2: the base"))
+    two = next(i for i, x in enumerate(lines) if x.startswith("stage 2 of 2: the routing"))
+    stage1 = [x for x in lines[one:two] if x.startswith("epoch ")]
+    stage2 = [x for x in lines[two:] if x.startswith("epoch ")]
+    assert [x.split(":")[0] for x in stage1] == ["epoch 1/2", "epoch 2/2"]
+    assert [x.split(":")[0] for x in stage2] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    for x in stage1:  # the segmentation loss alone: no routing terms, no deferral
+        assert "(seg " in x and "val model Dice" in x
+        for word in ("collab", "gate", "balance", "coherence", "deferral", "system Dice"):
+            assert word not in x, x
+    for x in stage2:  # the heads: the routing terms, not the frozen segmentation loss
+        assert "collab" in x and "(seg" not in x and "val system Dice" in x and "deferral" in x
     assert "| system (model + experts) |" in text and f"run folder: {out}" in text
+    # one epoch numbering: the console, best.pt, log.jsonl and metrics.json agree
+    best = next(x for x in lines if x.startswith("best validation epoch "))
+    epoch = int(best.split()[3].split("/")[0])
+    assert best.startswith(f"best validation epoch {epoch}/3 of stage 2") and "seed 0" in best
+    ck = load_checkpoint(out / "best.pt")
+    assert ck["epoch"] == ck["val"]["epoch"] == epoch
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log if r["event"] == "epoch"] == [0, 1, 2, 3]
+    base = [json.loads(x) for x in (out / "base" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in base if r["event"] == "epoch"] == [1, 2]
     code, text, _ = run_main(
         ["evaluate", "--checkpoint", out / "best.pt", "--out", tmp_path / "e", "--no-hd95"], capsys
     )
     assert code == 0 and "| model alone |" in text and "workload per expert" in text
     assert "examples.png" in text and "metrics.json" in text
+    m = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert m["selection"]["val"]["epoch"] == epoch
+    assert isinstance(m["expert_share"], dict) and list(m["expert_share"]) == m["expert_names"]
 
 
 def test_example_figure_names_cases_slices_experts_and_the_reference(tmp_path, monkeypatch):

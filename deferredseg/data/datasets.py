@@ -320,6 +320,7 @@ def build_dataset(
     raters: Optional[Sequence[str]] = None,
     resample_experts: bool = False,
     seed: int = 0,
+    split_seed: Optional[int] = None,
     split_file=None,
     split_fractions: Tuple[float, float, float] = (0.7, 0.15, 0.15),
     label_map: LabelMap = None,
@@ -356,6 +357,8 @@ def build_dataset(
         resample_experts: simulated experts drawn anew at every access (True) or
             fixed per image (False, default).
         seed: seeds the split, the synthetic images and the simulated experts.
+        split_seed: seeds the split instead of ``seed`` (one split for runs of several
+            seeds).
         split_file: a JSON file ``{"train": [ids], "val": [...], "test": [...]}``
             instead of the seeded rule; ``split_fractions`` set the rule.
         label_map: how mask files encode labels: None (0/255 masks read as 0/1),
@@ -437,7 +440,9 @@ def build_dataset(
             dims, in_ch = int(spatial_dims), 1
 
     ids = [c["id"] for c in cases]
-    chosen = select_split(ids, split, split_file, split_fractions, seed)
+    chosen = select_split(
+        ids, split, split_file, split_fractions, seed if split_seed is None else split_seed
+    )
     by_id = {c["id"]: c for c in cases}
     cases = [by_id[i] for i in chosen]
     if layout == "synthetic":

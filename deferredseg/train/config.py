@@ -44,6 +44,7 @@ class TrainConfig:
     spatial_size: Optional[List[int]] = None  # resize file data to this size
     spacing: Optional[List[float]] = None  # voxel size in mm (default: the NIfTI header)
     split_file: Optional[str] = None
+    split_seed: Optional[int] = None  # seed of the train/val/test split (default: seed)
     label_map: Optional[str] = None  # mask values to labels: "binary" or "0:0,128:1"
     # model
     backbone: str = "UNet"
@@ -117,6 +118,11 @@ class TrainConfig:
         if self.heads is not None:
             return self.heads
         return "conv" if self.training == "two-stage" else "linear"
+
+    @property
+    def data_split_seed(self) -> int:
+        """The seed that draws the train/val/test split (``split_seed``, else ``seed``)."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     @property
     def route_scores(self) -> str:

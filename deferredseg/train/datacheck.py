@@ -68,7 +68,7 @@ def check_training_data(cfg):
             cfg.data,
             spatial_size=cfg.spatial_size,
             split_file=cfg.split_file,
-            seed=cfg.seed,
+            seed=cfg.data_split_seed,
             num_labels=cfg.num_classes,
             label_map=label_map,
             workers=_scan_threads(cfg),
@@ -81,7 +81,7 @@ def check_training_data(cfg):
             cfg = dataclasses.replace(cfg, spatial_dims=scan.spatial_dims)
     _check_spacing(cfg, scan)
     ids = _ids(cfg, scan)
-    sizes = split_sizes(ids, cfg.split_file, cfg.seed)
+    sizes = split_sizes(ids, cfg.split_file, cfg.data_split_seed)
     counts = ", ".join(f"{k} {v}" for k, v in sizes.items())
     if sizes["train"] == 0 or sizes["val"] == 0:
         raise ValueError(
@@ -114,7 +114,7 @@ def check_evaluation_data(cfg, split: str) -> None:
             cfg.data,
             spatial_size=cfg.spatial_size,
             split_file=cfg.split_file,
-            seed=cfg.seed,
+            seed=cfg.data_split_seed,
             splits=[split],
             num_labels=cfg.num_classes,
             label_map=parse_label_map(cfg.label_map),
@@ -129,7 +129,7 @@ def check_evaluation_data(cfg, split: str) -> None:
     if split == "all":
         return
     ids = _ids(cfg, scan)
-    sizes = split_sizes(ids, cfg.split_file, cfg.seed)
+    sizes = split_sizes(ids, cfg.split_file, cfg.data_split_seed)
     if sizes[split] == 0:
         counts = ", ".join(f"{k} {v}" for k, v in sizes.items())
         raise ValueError(

@@ -250,6 +250,9 @@ def evaluate(
         split=split,
         checkpoint=str(checkpoint_path),
         expert_names=list(ds.info.expert_names),
+        # each expert's share of the deferred pixels, by name (the evaluator's list is in
+        # the order of the routing channels, which is that of expert_names)
+        expert_share=dict(zip(ds.info.expert_names, metrics["expert_share"])),
         route_mode=route_mode(cfg),
         selection={"by": cfg.selection, "budget": cfg.budget, "val": ck.get("val")},
     )

@@ -91,6 +91,7 @@ FIXED_ON_RESUME = frozenset(
         "features",
         "method",
         "seed",
+        "split_seed",
         "training",
         "heads",
         "head_channels",

@@ -135,11 +135,14 @@ def fit_heads(
     num_experts: int,
     best_expert: int,
     log=None,
+    on_epoch=None,
 ) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
     """Train the routing heads of ``model`` on cached inputs; keep the best epoch's weights.
 
     ``loss_fn(logits, target, experts) -> (loss, terms)``. Returns the best
     validation metrics and the per-epoch history; the model ends with the best heads.
+    Epochs are numbered from 1 (0: the heads as initialised). ``on_epoch(epoch, metrics,
+    mean terms)`` is called after each epoch's validation (the line printed per epoch).
     """
     params = model.head_parameters()
     for p in model.parameters():
@@ -157,7 +160,7 @@ def fit_heads(
     history: List[Dict[str, Any]] = []
     step = 0
 
-    def consider(epoch: int) -> None:
+    def consider(epoch: int) -> Dict[str, Any]:
         nonlocal best_score, best_state, best_metrics
         logits = packed_from_cache(model, val_cache, cfg, device, num_experts, best_expert)
         m = budget_metrics(
@@ -180,12 +183,15 @@ def fit_heads(
                 **{f"val_{k}": v for k, v in m.items()},
             )
         if score > best_score:
-            best_score, best_metrics = score, dict(m, epoch=epoch)
+            best_score, best_metrics = score, dict(m, epoch=epoch, step=step)
             best_state = [p.detach().clone() for p in params]
+        return m
 
-    consider(-1)  # the heads as initialised (with the uncertainty prior: confidence deferral)
-    for epoch in range(cfg.head_epochs):
+    consider(0)  # the heads as initialised (with the uncertainty prior: confidence deferral)
+    for epoch in range(1, cfg.head_epochs + 1):
         model.train()
+        sums: Dict[str, float] = {}
+        batches = 0
         perm = torch.randperm(n, generator=gen)
         for i in range(0, n, cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
@@ -200,6 +206,10 @@ def fit_heads(
             opt.step()
             sched.step()
             step += 1
+            batches += 1
+            for k, v in [("loss", loss), *terms.items()]:
+                if k != "pbar":
+                    sums[k] = sums.get(k, 0.0) + float(v.detach() if hasattr(v, "detach") else v)
             if log is not None:
                 log.write(
                     event="step",
@@ -211,7 +221,9 @@ def fit_heads(
                 )
             if cfg.max_steps and step >= cfg.max_steps:
                 break  # --max-steps bounds this stage too
-        consider(epoch)
+        m = consider(epoch)
+        if on_epoch is not None:
+            on_epoch(epoch, m, {k: v / max(batches, 1) for k, v in sums.items()})
         if cfg.max_steps and step >= cfg.max_steps:
             if log is not None:
                 log.write(event="stopped", stage=2, reason="max_steps", step=step)
