@@ -481,16 +481,21 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             d["data"] = str(Path(d["data"]).expanduser().resolve())
     try:
         cfg = TrainConfig.from_dict(values, source=source)
-        overridden = sorted(k for k in file_values if k in given)
-        if overridden:  # the file's own values are checked too, not only those that win
-            TrainConfig.from_dict(
-                {**values, **file_values},
-                source=f"{args.config} (its {', '.join(overridden)} overridden on the "
-                "command line, but checked too)",
-            )
-        return cfg
     except (TypeError, ValueError) as exc:
         raise CliError(str(exc)) from None
+    overridden = sorted(k for k in file_values if k in given)
+    if overridden:  # the file's own values are checked too, not only those that win
+        try:
+            TrainConfig.from_dict({**values, **file_values}, source=args.config)
+        except (TypeError, ValueError) as exc:
+            msg = str(exc)
+            if not msg.startswith(str(args.config)):
+                msg = f"{args.config}: {msg}"
+            flags = ", ".join("--" + k.replace("_", "-") for k in overridden)
+            raise CliError(
+                f"{msg} (checked although the command line overrides {flags}: fix the file)"
+            ) from None
+    return cfg
 
 
 #: Settings of a stored run that a resumed run does not inherit: how this invocation runs.

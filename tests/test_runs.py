@@ -541,6 +541,24 @@ def test_config_file_errors_name_the_key(tmp_path, capsys, text, words):
         assert w in err, (w, err)
 
 
+@pytest.mark.parametrize(
+    "text,option,words",
+    [
+        ("epochs: 0\n", ["--epochs", "2"], ["c.yaml", "epochs must be >= 1", "--epochs"]),
+        ("lr: fast\n", ["--lr", "0.1"], ["c.yaml", "lr", "a number", "'fast'", "--lr"]),
+    ],
+)
+def test_config_file_values_are_checked_even_when_overridden(tmp_path, capsys, text, option, words):
+    (tmp_path / "c.yaml").write_text(text)
+    code, _, err = run_main(
+        ["train", "--config", tmp_path / "c.yaml", *option, "--out", tmp_path / "r"], capsys
+    )
+    assert code == 2 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, (w, err)
+    assert not (tmp_path / "r").exists()
+
+
 def test_config_values_converted_where_unambiguous(tmp_path):
     from deferredseg.cli import build_parser, config_from_args
 
@@ -920,3 +938,20 @@ def test_example_figure_names_cases_slices_experts_and_the_reference(tmp_path, m
     assert axes[0][0].get_ylabel() == "vol_7\nslice 3 of 6"
     legend = seen["fig"].legends[0]
     assert [t.get_text() for t in legend.get_texts()] == ["model", "alice", "bob"]
+
+
+# ============================================================================ 6. the docs
+
+
+def test_every_measured_number_in_the_docs_names_the_script_that_produced_it():
+    """A section of README.md or docs/*.md that quotes a measured value (a number with
+    four decimals, such as a Dice) names the script in benchmarks/ that produced it."""
+    import re
+
+    bad = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for section in re.split(r"\n(?=#{2,3} )", doc.read_text()):
+            numbers = re.findall(r"(?<![\d.])\d\.\d{4}(?!\d)", section)
+            if numbers and "benchmarks/" not in section:
+                bad.append(f"{doc.name}: {section.splitlines()[0]!r} quotes {numbers[:3]}")
+    assert not bad, "\n".join(bad)
