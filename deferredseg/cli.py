@@ -80,7 +80,8 @@ def _help_texts() -> Dict[str, str]:
         "amp": "bf16 autocast (default: on for CUDA, off for CPU)",
         "patience": "early stopping after this many epochs without a better validation system Dice",
         "checkpoint_every": "also write last.pt every N optimiser steps",
-        "threshold": "gate threshold: defer where sigmoid(gate) > threshold",
+        "threshold": "unused by training and evaluation, which calibrate a threshold for "
+        "--budget (kept so that older configuration files load)",
         "val_hd95": "compute HD95 during validation too (slower)",
         "device": "auto, cpu, cuda",
         "seed": "random seed (weights, batches, simulated experts; and the split unless "
@@ -129,6 +130,9 @@ def _help_texts() -> Dict[str, str]:
         "uncertainty (confidence deferral, heads choose the expert)",
         "expert_cost": "per-expert cost of asking, e.g. 0,0.1,0.2 (a deferred pixel goes to "
         "argmax q_j - cost_j)",
+        "expert_choice": "who gets a deferred pixel: heads (the routing heads' choice), best (the "
+        "best single expert) or auto (the one of the two with the higher validation system Dice "
+        "at the budget)",
         "label_map": "how mask files encode labels: binary (non-zero is 1) or raw:label pairs, "
         "e.g. 0:0,128:1, for every mask folder or per folder, e.g. "
         "'raters:0:0,128:1;labels:binary' "
@@ -230,7 +234,7 @@ OPTION_GROUPS = (
     (
         "routing",
         "deferral to the experts",
-        ("budget", "selection", "route_mode", "expert_cost", "threshold"),
+        ("budget", "selection", "route_mode", "expert_choice", "expert_cost", "threshold"),
     ),
     ("output", "where the run goes", ("out", "resume", "overwrite", "device", "progress")),
     (
@@ -266,6 +270,7 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
 
     from .train.config import (
         BALANCES,
+        EXPERT_CHOICES,
         GATE_TARGETS,
         HEADS,
         LAYOUTS,
@@ -295,6 +300,7 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
         "balance": BALANCES,
         "route_mode": ROUTE_MODES,
         "selection": SELECTIONS,
+        "expert_choice": EXPERT_CHOICES,
         "coherence": ("l1", "l2"),
     }
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -364,7 +370,7 @@ def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
     --help``), only the command list (fast: no torch)."""
     if argv is not None and _command_of(argv) is None:
         return _command_list_parser()
-    from .train.config import LAYOUTS, ROUTE_MODES
+    from .train.config import EXPERT_CHOICES, LAYOUTS, ROUTE_MODES
 
     parser = argparse.ArgumentParser(
         prog="deferredseg",
@@ -397,7 +403,11 @@ def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
     e.add_argument("--data", help="dataset folder (default: the one the model was trained on)")
     e.add_argument("--layout", choices=LAYOUTS, help="data layout (default: the training one)")
     e.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
-    e.add_argument("--threshold", type=float, help="a fixed deferral threshold instead of a budget")
+    e.add_argument(
+        "--threshold",
+        type=float,
+        help="a fixed deferral threshold instead of a budget (in [0, 1]; any number in mode gain)",
+    )
     e.add_argument(
         "--budget",
         type=float,
@@ -414,6 +424,11 @@ def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
         type=_parse_list(float),
         metavar="A,B,...",
         help="per-expert cost of asking (default: the training one)",
+    )
+    e.add_argument(
+        "--expert-choice",
+        choices=EXPERT_CHOICES,
+        help="who gets a deferred pixel (default: the training one): heads, best or auto",
     )
     e.add_argument("--device", default="auto")
     e.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
@@ -594,6 +609,24 @@ def run_train(cfg: TrainConfig) -> int:
     return 0
 
 
+def describe_policy(m: Dict[str, Any]) -> str:
+    """How an evaluation routed, in words: the mode, the budget, where the threshold came from."""
+    p, source = m["policy"], m.get("threshold_source")
+    if p["mode"] == "router":
+        return "deferral by the router's argmax at its own rate (no budget, no threshold)"
+    if source == "never defers":
+        return "the model alone (this method never defers)"
+    who = {"heads": "the heads' choice", "best": "the best single expert"}
+    expert = who[p["chosen"] or p["expert_choice"]]
+    if source == "fixed threshold":
+        return f"deferral by {p['mode']} above the fixed threshold {p['threshold']:.4g} to {expert}"
+    return (
+        f"deferral by {p['mode']} at a {m['budget']:.0%} budget (threshold {p['threshold']:.4g}, "
+        f"chosen on the {source}; {p['calibration'].get('rate', 0):.1%} of the validation pixels), "
+        f"to {expert}"
+    )
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     from .train.evaluation import evaluate
     from .train.rundir import check_output_folder
@@ -606,6 +639,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         "layout": args.layout,
         "route_mode": args.route_mode,
         "expert_cost": args.expert_cost,
+        "expert_choice": args.expert_choice,
         "spacing": args.spacing,
     }
     m = evaluate(
@@ -621,11 +655,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     )
     from .train.report import metrics_table
 
-    budget = "its own rate (router)" if m.get("budget") is None else f"a {m['budget']:.0%} budget"
-    print(
-        f"{m['split']} split ({m.get('images')} images), deferral by {m.get('route_mode')} at "
-        f"{budget}, threshold {m['threshold']:.3f} chosen on the validation split:"
-    )
+    print(f"{m['split']} split ({m.get('images')} images), {describe_policy(m)}:")
     print("\n".join(metrics_table(m)))
     if m.get("figures"):
         print("figures: " + ", ".join(m["figures"]))

@@ -31,6 +31,7 @@ from deferredseg_kernels import (
     coherence_penalty,
     collab_pixelwise,
     compute_dtype,
+    default_option,
     loss_with_options,
     make_options,
     model_correct,
@@ -79,36 +80,53 @@ def _valid_mask(
 class DeferredSegLoss(_Loss):
     """The DeferredSeg objective: segmentation + collaboration + gate + coherence + balance.
 
+    The network's output is the packed logits ``(B, K + E + 2, *S)``: K segmentation
+    logits, then E + 1 routing logits (experts 0..E-1, then the model), then the gate
+    (:func:`deferredseg.policy.channel_layout`; ``criterion.out_channels`` is the count).
+
     Args:
         num_classes: K segmentation channels (1: binary with a sigmoid).
         num_experts: E experts.
         backend: one of ``deferredseg_kernels.BACKENDS`` ("auto": the fastest that runs here).
+        preset: ``"default"``, the objective ``deferredseg train`` uses (one-vs-all
+            correctness heads, a gate trained on "the model is wrong and the chosen
+            expert is right", ``gate_mse=0``, ``gate_sparsity=0``, ``lambda_gate=0.3``),
+            or ``"paper"``, the paper's objective (softmax surrogate, a gate trained on
+            the router's decision). Options given below win over the preset.
         **options: the options of docs/objective.md section 5 (``ignore_index``,
             ``class_weight``, ``lambda_*``, ``surrogate``, ``paper_eps``, ``gate_target``,
             ``gate_mse``, ``gate_sparsity``, ``coherence``, ``coherence_maps``, ``balance``,
             ``balance_low``, ``balance_high``, ``sync_balance``). Among them:
-            ``surrogate``: "softmax" (default), "paper" (the authors' released variant)
-            or "ova" (one-vs-all: a binary cross-entropy per option, so that
-            sigmoid(r_k) estimates the probability that option k is right);
-            ``gate_target``: what the gate learns to predict, "router" (default:
-            h = [argmax r < E], the router defers) or "benefit" (the model is wrong
-            and the expert the router would choose is right). See docs/objective.md.
+            ``surrogate``: "ova" (the default preset's; one-vs-all: a binary
+            cross-entropy per option, so that sigmoid(r_k) estimates the probability
+            that option k is right), "softmax" (the paper's) or "paper" (the authors'
+            released variant); ``gate_target``: what the gate learns to predict,
+            "benefit" (the default preset's: the model is wrong and the expert the
+            router would choose is right) or "router" (the paper's: h = [argmax r < E],
+            the router defers). See docs/objective.md.
 
     ``forward(logits, target, expert_labels)`` returns the scalar loss; the detached
-    terms of the last call are in ``last_terms``.
+    terms of the last call are in ``last_terms``. :meth:`policy` gives the deferral
+    policy that routes what this loss trains (to calibrate for a budget on validation).
 
     Example::
 
         criterion = DeferredSegLoss(num_classes=1, num_experts=3)
         loss = criterion(model(images), labels, expert_labels)
         loss.backward()
+        policy = criterion.policy().calibrate(val_batches, budget=0.1)
     """
 
     def __init__(
-        self, num_classes: int, num_experts: int, backend: str = "auto", **options: Any
+        self,
+        num_classes: int,
+        num_experts: int,
+        backend: str = "auto",
+        preset: str = "default",
+        **options: Any,
     ) -> None:
         super().__init__()
-        self.options = make_options(num_classes, num_experts, **options)
+        self.options = make_options(num_classes, num_experts, preset=preset, **options)
         self.backend = check_choice("backend", backend, BACKENDS)
         self.last_terms: Dict[str, torch.Tensor] = {}
 
@@ -119,6 +137,18 @@ class DeferredSegLoss(_Loss):
     @property
     def num_experts(self) -> int:
         return self.options.num_experts
+
+    @property
+    def out_channels(self) -> int:
+        """K + E + 2: the channel count the network must output."""
+        return self.options.num_channels
+
+    def policy(self, **kwargs: Any):
+        """The :class:`~deferredseg.policy.DeferralPolicy` for networks trained with this
+        loss (its K, E, ignore index and scores); ``kwargs`` set its other fields."""
+        from .policy import DeferralPolicy
+
+        return DeferralPolicy.for_loss(self, **kwargs)
 
     def forward(
         self, logits: torch.Tensor, target: torch.Tensor, expert_labels: torch.Tensor
@@ -144,8 +174,9 @@ class SurrogateCollaborationLoss(_Loss):
 
     Args:
         num_experts: E.
-        surrogate: "softmax" (default), "paper" (the authors' released variant) or
-            "ova" (one-vs-all: sum_k BCEWithLogits(r_k, c_k) over the E + 1 options).
+        surrogate: "ova" (default, as the objective's default preset; one-vs-all:
+            sum_k BCEWithLogits(r_k, c_k) over the E + 1 options), "softmax" (the paper's)
+            or "paper" (the authors' released variant).
         paper_eps: eps of the "paper" surrogate.
         ignore_index: target value of pixels to ignore.
         reduction: "mean" (over valid pixels), "sum" or "none" ((B, *S), 0 at ignored pixels).
@@ -160,7 +191,7 @@ class SurrogateCollaborationLoss(_Loss):
     def __init__(
         self,
         num_experts: int,
-        surrogate: str = "softmax",
+        surrogate: str = default_option("surrogate"),
         paper_eps: float = 1e-8,
         ignore_index: int = -100,
         reduction: str = "mean",

@@ -8,21 +8,25 @@ ground truth does not count: MONAI's ``ignore_empty``). It is reported for the
 fused prediction (``system_*``), the model alone (``model_*``), and inside the
 expert-routed and model-routed regions. Deferral is described by its rate, each
 expert's share of the deferred pixels, and its fragmentation (connected
-components of the deferral mask per image). The risk-coverage curve sweeps the
-gate threshold and records system Dice against deferral rate.
+components of the deferral mask per image). The risk-coverage curve routes with
+the same policy at a series of budgets and records system Dice against deferral
+rate; its area is :func:`deferredseg.policy.rc_area`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from .train.routing import route_logits
+from deferredseg_kernels import model_correct
 
-DEFAULT_THRESHOLDS = tuple(i / 20 for i in range(21))
+from .policy import IGNORE_INDEX, RC_BUDGETS, DeferralPolicy, Routing, ScoreHistogram, rc_area
+
+#: How checkpoints are selected on validation (:func:`evaluate_policy`).
+SELECTIONS = ("budget-dice", "rc-auc")
 
 
 def _one_hot(labels: torch.Tensor, num_labels: int, mask: torch.Tensor) -> torch.Tensor:
@@ -44,7 +48,7 @@ def per_image_scores(
     target: torch.Tensor,
     num_labels: int,
     region: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     with_hd95: bool = True,
     spacing: Optional[torch.Tensor] = None,
 ) -> Dict[str, List[float]]:
@@ -117,41 +121,37 @@ def count_components(mask: torch.Tensor) -> List[int]:
 class DeferralEvaluator:
     """Accumulates the metrics of a deferral system over batches.
 
-    ``update(logits, target, expert_labels)`` routes with ``threshold`` / ``mode``
-    (docs/objective.md section 4) and records every metric; ``result()`` returns them as a
+    ``update(logits, target, expert_labels)`` routes with ``policy`` (a
+    :class:`~deferredseg.policy.DeferralPolicy` with its threshold) and records every
+    metric; ``sweep``: more policies (the same one at other budgets) whose system Dice
+    and deferral rate make the risk-coverage curve. ``result()`` returns them as a
     JSON-ready dict (NaN becomes None).
     """
 
     def __init__(
         self,
-        num_classes: int,
-        num_experts: int,
-        threshold: float = 0.5,
-        mode: str = "gate",
-        ignore_index: int = -100,
+        policy: DeferralPolicy,
         with_hd95: bool = True,
-        thresholds: Optional[Sequence[float]] = None,
+        sweep: Sequence[DeferralPolicy] = (),
         backend: str = "auto",
-        scores: str = "softmax",
-        expert_cost: Optional[Sequence[float]] = None,
     ) -> None:
-        self.K, self.E = num_classes, num_experts
-        self.num_labels = max(num_classes, 2)
-        self.threshold, self.mode = threshold, mode
-        self.ignore_index = ignore_index
+        if not isinstance(policy, DeferralPolicy):
+            raise TypeError(f"policy must be a DeferralPolicy, got {type(policy).__name__}")
+        self.policy = policy
+        self.K, self.E = policy.num_classes, policy.num_experts
+        self.num_labels = max(self.K, 2)
+        self.ignore_index = policy.ignore_index
         self.with_hd95 = with_hd95
-        if thresholds is None:
-            thresholds = sweep_thresholds(mode)
-        self.thresholds = tuple(thresholds)
+        self.sweep = tuple(sweep)
         self.backend = backend
-        self.route_kw = dict(scores=scores, expert_cost=expert_cost, backend=backend)
         self.scores: Dict[str, List[float]] = {}
         self.deferred = 0
         self.valid = 0
-        self.per_expert = [0] * num_experts
+        self.per_expert = [0] * self.E
         self.components: List[int] = []
-        self.sweep_dice: List[List[float]] = [[] for _ in self.thresholds]
-        self.sweep_deferred = [0] * len(self.thresholds)
+        self.sweep_dice: List[List[float]] = [[] for _ in self.sweep]
+        self.sweep_deferred = [0] * len(self.sweep)
+        self.sweep_components: List[List[int]] = [[] for _ in self.sweep]
         self.hd95_units: set = set()  # "mm" (batches with a voxel size), "px" (without)
 
     def _add(self, prefix: str, values: Dict[str, List[float]]) -> None:
@@ -165,13 +165,12 @@ class DeferralEvaluator:
         target: torch.Tensor,
         expert_labels: torch.Tensor,
         spacing: Optional[torch.Tensor] = None,
-    ) -> None:
-        """``spacing`` (B, D): the images' voxel sizes in mm (HD95 in mm), else pixels."""
+    ) -> Routing:
+        """Record one batch; returns its routing under ``policy``. ``spacing`` (B, D): the
+        images' voxel sizes in mm (HD95 in mm), else pixels."""
         if target.dim() == logits.dim():
             target = target.squeeze(1)
-        out = route_logits(
-            logits, self.K, self.E, self.mode, self.threshold, expert_labels, **self.route_kw
-        )
+        out = self.policy.route(logits, expert_labels, backend=self.backend)
         valid = target != self.ignore_index
         deferred = (out.assignment >= 0) & valid
         nl, ii, hd = self.num_labels, self.ignore_index, self.with_hd95
@@ -187,18 +186,27 @@ class DeferralEvaluator:
         for j in range(self.E):
             self.per_expert[j] += int(((out.assignment == j) & valid).sum())
         self.components += count_components(deferred)
-        for i, t in enumerate(self.thresholds):
-            swept = route_logits(
-                logits, self.K, self.E, self.mode, t, expert_labels, **self.route_kw
-            )
+        for i, p in enumerate(self.sweep):
+            swept = p.route(logits, expert_labels, backend=self.backend)
             self.sweep_dice[i] += per_image_scores(swept.final, target, nl, None, ii, False)["dice"]
-            self.sweep_deferred[i] += int(((swept.assignment >= 0) & valid).sum())
+            d = (swept.assignment >= 0) & valid
+            self.sweep_deferred[i] += int(d.sum())
+            self.sweep_components[i] += count_components(d)
+        return out
 
     def risk_coverage(self) -> List[Dict[str, float]]:
-        """System Dice against deferral rate, one point per threshold."""
+        """System Dice against deferral rate, one point per policy of the sweep."""
         return [
-            {"threshold": t, "deferral_rate": d / max(self.valid, 1), "system_dice": _nanmean(dice)}
-            for t, d, dice in zip(self.thresholds, self.sweep_deferred, self.sweep_dice)
+            {
+                "budget": p.budget,
+                "threshold": p.threshold,
+                "deferral_rate": d / max(self.valid, 1),
+                "system_dice": _nanmean(dice),
+                "deferral_components_per_image": float(np.mean(c)) if c else float("nan"),
+            }
+            for p, d, dice, c in zip(
+                self.sweep, self.sweep_deferred, self.sweep_dice, self.sweep_components
+            )
         ]
 
     def result(self) -> Dict[str, object]:
@@ -211,7 +219,7 @@ class DeferralEvaluator:
         )
         curve = self.risk_coverage()
         res["risk_coverage"] = curve
-        res["risk_coverage_auc"] = risk_coverage_auc(curve)
+        res["risk_coverage_auc"] = rc_area([(c["deferral_rate"], c["system_dice"]) for c in curve])
         res["images"] = len(self.components)
         if self.with_hd95:  # the unit of system_hd95 and model_hd95
             units = sorted(self.hd95_units)
@@ -219,28 +227,95 @@ class DeferralEvaluator:
         return _json_ready(res)
 
 
-def sweep_thresholds(mode: str) -> Tuple[float, ...]:
-    """The thresholds a risk-coverage sweep uses for a routing mode's score."""
-    if mode == "gain":
-        return tuple(i / 10 - 1 for i in range(21))  # the gain lies in [-1, 1]
-    if mode == "router":
-        return (0.5,)  # the router decides by its argmax: one point
-    return DEFAULT_THRESHOLDS
+def histogram_auroc(positives: ScoreHistogram, negatives: ScoreHistogram) -> Optional[float]:
+    """AUROC from two histograms of the same bins: P(a positive ranks above a negative),
+    ties within a bin counted half. None without positives or negatives."""
+    if positives.total == 0 or negatives.total == 0:
+        return None
+    pos, neg = positives.counts.double(), negatives.counts.double()
+    below = torch.cumsum(neg, 0) - neg  # negatives in lower bins
+    wins = (pos * below).sum() + 0.5 * (pos * neg).sum()
+    return float(wins / (positives.total * negatives.total))
 
 
-def risk_coverage_auc(curve: Sequence[Dict[str, float]]) -> float:
-    """Area under system Dice over deferral rate (trapezoids), divided by the rate span.
+Batches = Callable[[], Iterable[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
 
-    The mean system Dice over the deferral rates the sweep reached; NaN when the
-    sweep reached a single rate.
-    """
-    pts = sorted(
-        (c["deferral_rate"], c["system_dice"]) for c in curve if not math.isnan(c["system_dice"])
-    )
-    if len(pts) < 2 or pts[-1][0] == pts[0][0]:
-        return float("nan")
-    area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(pts, pts[1:]))
-    return area / (pts[-1][0] - pts[0][0])
+
+@torch.no_grad()
+def measure(
+    policy: DeferralPolicy,
+    data: Batches,
+    sweep: Sequence[DeferralPolicy] = (),
+    with_hd95: bool = False,
+    backend: str = "auto",
+    keep_examples: int = 0,
+) -> Tuple[Dict[str, object], List[Dict[str, torch.Tensor]]]:
+    """Every metric of ``policy`` on ``data`` (``(packed logits, target, expert labels)``
+    batches, with a fourth item, the images' voxel sizes, for HD95 in mm), the ``sweep``'s
+    risk-coverage curve, and how well the policy's score and
+    the segmentation head's uncertainty rank the model's wrong pixels (AUROC, from
+    histograms: bounded memory). Also the first ``keep_examples`` images' routing."""
+    ev = DeferralEvaluator(policy, with_hd95, sweep, backend)
+    hists = {k: ScoreHistogram() for k in ("score_wrong", "score_right", "unc_wrong", "unc_right")}
+    unc_policy = policy.replace(mode="uncertainty", budget=None, threshold=None)
+    examples: List[Dict[str, torch.Tensor]] = []
+    K = policy.num_classes
+    for batch in data():
+        logits, target, experts = batch[:3]
+        spacing = batch[3] if len(batch) > 3 else None
+        t = target.squeeze(1) if target.dim() == logits.dim() else target
+        out = ev.update(logits, t, experts, spacing)
+        valid = t != policy.ignore_index
+        wrong = ~model_correct(logits[:, :K], t, K) & valid
+        right = valid & ~wrong
+        score = policy.ranking(logits)
+        unc = unc_policy.ranking(logits)
+        hists["score_wrong"].add(score[wrong])
+        hists["score_right"].add(score[right])
+        hists["unc_wrong"].add(unc[wrong])
+        hists["unc_right"].add(unc[right])
+        for b in range(logits.shape[0]):
+            if len(examples) < keep_examples:
+                examples.append(
+                    {
+                        "target": t[b].cpu(),
+                        "assignment": out.assignment[b].cpu(),
+                        "final": out.final[b].cpu(),
+                        "model_pred": out.model_pred[b].cpu(),
+                        "score": out.score[b].cpu(),
+                    }
+                )
+    res = ev.result()
+    res["route_mode"] = policy.mode
+    res["threshold"] = policy.threshold
+    res["auroc_model_wrong_score"] = histogram_auroc(hists["score_wrong"], hists["score_right"])
+    res["auroc_model_wrong_uncertainty"] = histogram_auroc(hists["unc_wrong"], hists["unc_right"])
+    return res, examples
+
+
+def evaluate_policy(
+    policy: DeferralPolicy,
+    data: Batches,
+    budget: float,
+    selection: str = "budget-dice",
+    with_hd95: bool = False,
+    backend: str = "auto",
+) -> Tuple[DeferralPolicy, Dict[str, object]]:
+    """Validation at the budget, the one every path uses: ``policy`` calibrated on
+    ``data`` for ``budget`` (unless it never defers or routes by the router), then
+    measured on the same data. ``metrics["selection_score"]`` ranks checkpoints: the
+    system Dice (``selection="budget-dice"``) or the risk-coverage area over the budgets
+    :data:`~deferredseg.policy.RC_BUDGETS` (``"rc-auc"``)."""
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {list(SELECTIONS)}, got {selection!r}")
+    if policy.mode != "router" and policy.defers:
+        policy = policy.calibrate(data, budget)
+    sweep = policy.sweep(data, RC_BUDGETS) if selection == "rc-auc" else ()
+    metrics, _ = measure(policy, data, sweep, with_hd95, backend)
+    key = "system_dice" if selection == "budget-dice" else "risk_coverage_auc"
+    metrics["selection_score"] = metrics.get(key)
+    metrics["policy"] = policy.to_dict()
+    return policy, metrics
 
 
 def _json_ready(value):

@@ -3,13 +3,15 @@
 For every image of a folder (PNG, ``.npy``, NIfTI; 2D or 3D; any size) the
 trained model gives its packed logits, directly when the image has the
 training size and by MONAI's ``sliding_window_inference`` otherwise; the
-package's ``route`` decides who labels each pixel at the checkpoint's gate
+checkpoint's deferral policy decides who labels each pixel at its calibrated
 threshold (or ``threshold=`` / ``budget=``); and the deferred pixels become
 review tasks (:mod:`deferredseg.review.tasks`). Written to ``out``, in the
 input's format (NIfTI keeps the affine and the header, so the spacing):
 
 - ``model/<id>``: the model's labels;
-- ``defer_prob/<id>``: the deferral probability (PNG: scaled to 0..255);
+- ``score/<id>``: the policy's deferral score (the gate's probability or the
+  uncertainty, PNG: scaled to 0..255; the expected gain in mode "gain"; see
+  :class:`~deferredseg.policy.DeferralPolicy`);
 - ``assignment/<id>``: who labels each pixel, 0 for the model and j + 1 for expert j;
 - ``regions/<id>.npy``: the review regions (0: none), read by the review server
   and by merge;
@@ -23,7 +25,6 @@ image is reported by name and skipped.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import time
@@ -36,14 +37,14 @@ import torch
 
 from .data.files import InputMeta, file_fingerprint, load_input, write_like
 from .data.io import split_name
+from .policy import DeferralPolicy
 from .review.db import ReviewDB, atomic_save_npy
 from .review.tasks import extract_tasks
-from .train.routing import route_logits  # every routing mode, "uncertainty" included
 
-__all__ = ["predict", "PredictSummary", "infer_logits", "resolve_routing", "OUTPUT_KINDS"]
+__all__ = ["predict", "PredictSummary", "infer_logits", "resolve_policy", "OUTPUT_KINDS"]
 
 #: The per-image output folders (besides regions/ and final/).
-OUTPUT_KINDS = ("model", "defer_prob", "assignment")
+OUTPUT_KINDS = ("model", "score", "assignment")
 
 
 # ----------------------------------------------------------------------------- model
@@ -86,71 +87,49 @@ def infer_logits(
     return out.float()
 
 
-def resolve_routing(
+def resolve_policy(
     ck: Dict[str, Any],
     cfg,
     threshold: Optional[float] = None,
     budget: Optional[float] = None,
-    threshold_from_budget=None,
-) -> Dict[str, Any]:
-    """The routing settings: explicit ``threshold``, else ``budget`` (through
-    ``threshold_from_budget(budget)``), else what the checkpoint recorded, else the
-    training configuration's threshold. Returns ``{"threshold", "mode", "source", ...}``
-    plus any further keyword arguments of ``route`` the checkpoint recorded."""
-    from .train.evaluation import routing_record
-    from .train.methods import method_of
+    calibrate=None,
+) -> Tuple[DeferralPolicy, str]:
+    """``(policy, where its threshold came from)``: the checkpoint's policy with an explicit
+    ``threshold``, or calibrated for ``budget`` by ``calibrate(policy, budget)`` (on the
+    validation split), or as the checkpoint recorded it; a checkpoint without a calibrated
+    policy (a run's ``last.pt``) is calibrated for its training budget."""
+    from .train.methods import checkpoint_policy
 
-    recorded = dict(ck.get("routing") or {})
-    for key in ("threshold", "budget"):
-        if key not in recorded and ck.get(key) is not None:
-            recorded[key] = ck[key]
-    # A checkpoint without a routing record (a run's last.pt) routes as evaluation would:
-    # in the method's mode, with the scores and costs it was trained for.
-    trained = routing_record(cfg, None)
-    for key in ("mode", "scores", "expert_cost"):
-        recorded.setdefault(key, trained[key])
-    mode = recorded["mode"]
-    out: Dict[str, Any] = {"mode": mode}
-    if not method_of(cfg).defers:
-        out.update(threshold=1.0, source=f"{cfg.method} method (never defers)")
-    elif threshold is not None:
-        if not 0.0 <= float(threshold) <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-        out.update(threshold=float(threshold), source="--threshold")
-    elif budget is not None:
-        if threshold_from_budget is None:
-            raise ValueError("budget needs the validation data of the checkpoint")
-        out.update(
-            threshold=float(threshold_from_budget(float(budget))),
-            source=f"--budget {budget} on the validation split",
-            budget=float(budget),
-        )
-    elif recorded.get("threshold") is not None:
-        out.update(threshold=float(recorded["threshold"]), source="checkpoint")
-        if recorded.get("budget") is not None:
-            out["budget"] = float(recorded["budget"])
-    else:
-        out.update(threshold=float(cfg.threshold), source="training configuration")
-    from deferredseg_kernels import route
-
-    accepted = inspect.signature(route).parameters
-    fixed = (
-        "threshold",
-        "mode",
-        "budget",
-        "logits",
-        "num_classes",
-        "num_experts",
-        "expert_labels",
-        "backend",
-    )
-    for k, v in recorded.items():
-        if k not in fixed and k in accepted:
-            out[k] = v
-    return out
+    policy = checkpoint_policy(ck, cfg)
+    if not policy.defers:
+        if threshold is not None or budget is not None:
+            raise ValueError(f"the {cfg.method} method never defers: no threshold or budget")
+        return policy, f"{cfg.method} method (never defers)"
+    if policy.mode == "router":
+        if threshold is not None or budget is not None:
+            raise ValueError(
+                "this checkpoint routes by the router's argmax (mode 'router', its own rate): "
+                "it takes no threshold or budget"
+            )
+        return policy, "the router's argmax"
+    if threshold is not None:
+        return policy.with_threshold(threshold), "--threshold"
+    if budget is None and policy.threshold is not None:
+        return policy, "checkpoint"
+    budget = policy.budget if budget is None else budget
+    budget = cfg.budget if budget is None else budget
+    if calibrate is None:
+        raise ValueError("a budget needs the validation data of the checkpoint")
+    return calibrate(policy, float(budget)), f"budget {budget:g} on the validation split"
 
 
 # ----------------------------------------------------------------------------- predict
+
+
+def describe_routing(routing: Dict[str, Any]) -> str:
+    """A predict run's routing in a few words: the threshold (if any) and where it came from."""
+    thr = routing.get("threshold")
+    return f"threshold {thr:.4g} ({routing['source']})" if thr is not None else routing["source"]
 
 
 @dataclass
@@ -178,25 +157,9 @@ class PredictSummary:
             "skipped": len(self.skipped),
             "failed": [{"file": f, "error": e} for f, e in self.failed],
             "tasks": self.tasks,
-            "routing": _jsonable(self.routing),
+            "routing": self.routing,
             "seconds": self.seconds,
         }
-
-
-def _jsonable(routing: Dict[str, Any]) -> Dict[str, Any]:
-    """The routing settings for JSON: tensors as lists, large ones (score maps) left out."""
-    out = {}
-    for k, v in routing.items():
-        if isinstance(v, torch.Tensor):
-            if v.numel() > 64:
-                continue
-            v = v.tolist()
-        try:
-            json.dumps(v)
-        except TypeError:
-            v = repr(v)
-        out[k] = v
-    return out
 
 
 def _list_images(folder: Path) -> List[Path]:
@@ -239,7 +202,7 @@ def predict(
     """
     from .train.builders import build_data, load_trained
     from .train.distributed import resolve_device
-    from .train.evaluation import threshold_for_budget
+    from .train.evaluation import network_outputs
     from .train.methods import packed_logits
 
     if int(batch_size) < 1:
@@ -257,24 +220,33 @@ def predict(
         raise ValueError(f"window must be {sd} positive sizes, got {list(window or [])}")
     files = _list_images(Path(images))
 
-    def from_budget(b: float) -> float:
-        return threshold_for_budget(model, build_data(cfg, "val"), cfg, E, best_expert, dev, b)
+    def calibrate(policy: DeferralPolicy, b: float) -> DeferralPolicy:
+        if "bolt_on" in ck:  # deferral added to a network trained elsewhere: no data recorded
+            from .bolt_on import NO_VALIDATION_DATA
 
-    routing = resolve_routing(ck, cfg, threshold, budget, from_budget)
-    route_kw = {
-        k: v for k, v in routing.items() if k not in ("threshold", "mode", "source", "budget")
+            raise ValueError(f"budget={b:g}: {NO_VALIDATION_DATA}")
+        val = network_outputs(model, build_data(cfg, "val"), cfg, E, best_expert, dev)
+        return policy.calibrate(val, b)
+
+    policy, source = resolve_policy(ck, cfg, threshold, budget, calibrate)
+    routing = {
+        "mode": policy.mode,
+        "threshold": policy.threshold,
+        "budget": policy.budget,
+        "source": source,
+        "policy": policy.to_dict(),
     }
     out = Path(out)
     db = ReviewDB(out)
     db.ensure_experts(names)
-    db.set_meta(
+    db.record_settings(  # a rerun with other settings is refused: key: old -> new
         {
             "checkpoint": str(Path(checkpoint).resolve()),
             "num_classes": K,
             "num_labels": max(K, 2),
             "spatial_dims": sd,
             "in_channels": C,
-            "routing": _jsonable(routing),
+            "routing": routing,
             "min_size": int(min_size),
             "merge_distance": int(merge_distance),
         }
@@ -344,18 +316,9 @@ def predict(
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 t1 = time.perf_counter()
-                r = route_logits(
-                    logits,
-                    K,
-                    E,
-                    routing["mode"],
-                    routing["threshold"],
-                    scores=route_kw.get("scores", "softmax"),
-                    expert_cost=route_kw.get("expert_cost"),
-                    backend=backend,
-                )
+                r = policy.route(logits, backend=backend)
                 assignment = r.assignment.cpu().numpy()
-                defer_prob = r.defer_prob.float().cpu().numpy()
+                score = r.score.float().cpu().numpy()
                 model_pred = r.model_pred.cpu().numpy()
                 summary.seconds["network"] += t1 - t0
                 summary.seconds["route"] += time.perf_counter() - t1
@@ -374,7 +337,7 @@ def predict(
                         p,
                         meta,
                         model_pred[b],
-                        defer_prob[b],
+                        score[b],
                         assignment[b],
                         E,
                         min_size,
@@ -399,7 +362,7 @@ def _finish_image(
     path: Path,
     meta: InputMeta,
     model_pred: np.ndarray,
-    defer_prob: np.ndarray,
+    score: np.ndarray,
     assignment: np.ndarray,
     num_experts: int,
     min_size: int,
@@ -410,7 +373,7 @@ def _finish_image(
     regions, tasks, dropped = extract_tasks(assignment, num_experts, min_size, merge_distance)
     t1 = time.perf_counter()
     write_like(out / "model" / image_id, model_pred.astype(np.uint8), meta)
-    write_like(out / "defer_prob" / image_id, defer_prob.astype(np.float32), meta)
+    write_like(out / "score" / image_id, score.astype(np.float32), meta)
     write_like(
         out / "assignment" / image_id, (assignment.astype(np.int16) + 1).astype(np.uint8), meta
     )

@@ -41,8 +41,10 @@ from .options import (
     COHERENCES,
     GATE_TARGETS,
     OPTION_NAMES,
+    PRESETS,
     SURROGATES,
     LossOptions,
+    default_option,
     make_options,
 )
 from .reference import (
@@ -67,6 +69,8 @@ __all__ = [
     # their options, arguments and results
     "LossOptions",
     "make_options",
+    "PRESETS",
+    "default_option",
     "OPTION_NAMES",
     "SURROGATES",
     "GATE_TARGETS",
@@ -155,7 +159,10 @@ def deferredseg_loss(
         backend: "auto", "reference", "triton", "cpu" or "cuda".
         return_terms: also return a dict of the detached terms
             ``{"seg", "collab", "gate", "coherence", "balance", "pbar"}`` (unweighted).
-        **options: ``ignore_index``, ``class_weight``, ``lambda_seg``, ``lambda_collab``,
+        **options: ``preset`` ("default": the training system's objective, one-vs-all
+            correctness heads and a "benefit" gate; "paper": the paper's; see
+            ``PRESETS``), then any option to override it: ``ignore_index``,
+            ``class_weight``, ``lambda_seg``, ``lambda_collab``,
             ``lambda_gate``, ``lambda_coherence``, ``lambda_balance``, ``surrogate``
             ("softmax", "paper" or "ova"), ``paper_eps``, ``gate_target`` ("router" or
             "benefit"), ``gate_mse``, ``gate_sparsity``, ``coherence``,

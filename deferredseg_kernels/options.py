@@ -81,12 +81,40 @@ def _options_key(value: Any) -> Any:
     return None
 
 
-def make_options(num_classes: Any, num_experts: Any, **options: Any) -> LossOptions:
+# The presets of the objective (docs/objective.md section 5): the options a preset sets
+# where a call does not. "default": what the training system uses and what the evidence in
+# the README supports (one-vs-all correctness heads, a gate trained on "the model is wrong
+# and the chosen expert is right", no pull of the gate towards D, a lighter gate term);
+# "paper": nothing, so the fields' defaults of LossOptions, the paper's objective.
+PRESETS = {
+    "default": {
+        "surrogate": "ova",
+        "gate_target": "benefit",
+        "gate_mse": 0.0,
+        "gate_sparsity": 0.0,
+        "lambda_gate": 0.3,
+    },
+    "paper": {},
+}
+
+
+def default_option(name: str, preset: str = "default") -> Any:
+    """The value option ``name`` takes under ``preset`` when a call does not set it."""
+    return PRESETS[preset].get(name, LossOptions.__dataclass_fields__[name].default)
+
+
+def make_options(
+    num_classes: Any, num_experts: Any, preset: str = "default", **options: Any
+) -> LossOptions:
     """Validate the loss options and return them as a :class:`LossOptions`.
 
+    ``preset``: ``"default"`` (the training system's objective) or ``"paper"`` (the
+    paper's), see :data:`PRESETS`; options given explicitly win over the preset's.
     Unknown option names raise ``TypeError``, like an unexpected keyword argument.
     Options made of plain Python values are validated once and then looked up.
     """
+    check_choice("preset", preset, tuple(PRESETS))
+    options = {**PRESETS[preset], **options}
     key = _options_key((num_classes, num_experts, tuple(sorted(options.items()))))
     if key is not None:
         hit = _OPTIONS_CACHE.get(key)

@@ -56,10 +56,10 @@ def test_deferredseg_loss_module_matches_function_and_keeps_terms(K, E):
     assert "num_classes" in repr(crit)
 
 
-def test_deferredseg_loss_module_takes_the_ova_surrogate_and_benefit_gate_target():
+def test_deferredseg_loss_module_defaults_to_the_training_objective_and_has_the_paper_preset():
     K, E = 3, 2
     logits, target, experts = make_inputs(2, K, E, (6, 5))
-    crit = DeferredSegLoss(K, E, backend="reference", surrogate="ova", gate_target="benefit")
+    crit = DeferredSegLoss(K, E, backend="reference")  # the "default" preset
     want, terms = deferredseg_loss(
         logits,
         target,
@@ -69,14 +69,33 @@ def test_deferredseg_loss_module_takes_the_ova_surrogate_and_benefit_gate_target
         backend="reference",
         surrogate="ova",
         gate_target="benefit",
+        gate_mse=0.0,
+        gate_sparsity=0.0,
+        lambda_gate=0.3,
+        preset="paper",
         return_terms=True,
     )
     assert torch.equal(crit(logits, target, experts), want)
-    default = terms_of(logits, target, experts, K, E)
-    assert crit.last_terms["collab"] != default["collab"]
-    assert crit.last_terms["gate"] != default["gate"]
+    paper = DeferredSegLoss(K, E, backend="reference", preset="paper")
+    paper(logits, target, experts)
+    assert crit.last_terms["collab"] != paper.last_terms["collab"]
+    assert crit.last_terms["gate"] != paper.last_terms["gate"]
     assert "surrogate='ova'" in repr(crit) and "gate_target='benefit'" in repr(crit)
-    assert DeferredSegLoss(K, E).options.gate_target == "router"  # the default is unchanged
+    o = paper.options  # the paper's objective: the fields' own defaults
+    assert (o.surrogate, o.gate_target, o.gate_mse, o.gate_sparsity, o.lambda_gate) == (
+        "softmax",
+        "router",
+        0.5,
+        0.1,
+        1.0,
+    )
+    # the functional form has the same default, and an explicit option beats the preset
+    assert deferredseg_loss(logits, target, experts, K, E, backend="reference") == crit(
+        logits, target, experts
+    )
+    assert DeferredSegLoss(K, E, surrogate="softmax").options.surrogate == "softmax"
+    with pytest.raises(ValueError, match="preset"):
+        DeferredSegLoss(K, E, preset="faithful")
 
 
 def test_deferredseg_loss_module_auto_backend_close_to_reference():

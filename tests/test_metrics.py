@@ -5,12 +5,8 @@ import math
 import pytest
 import torch
 
-from deferredseg.metrics import (
-    DeferralEvaluator,
-    count_components,
-    per_image_scores,
-    risk_coverage_auc,
-)
+from deferredseg.metrics import DeferralEvaluator, count_components, per_image_scores
+from deferredseg.policy import DeferralPolicy, rc_area
 
 
 def test_dice_iou_sensitivity_by_hand():
@@ -76,14 +72,10 @@ def test_count_components():
     assert count_components(torch.zeros(1, 3, 3, 3, dtype=torch.bool)) == [0]
 
 
-def test_risk_coverage_auc_by_hand():
-    curve = [
-        {"deferral_rate": 0.0, "system_dice": 0.6},
-        {"deferral_rate": 0.5, "system_dice": 0.8},
-        {"deferral_rate": 1.0, "system_dice": 1.0},
-    ]
-    assert risk_coverage_auc(curve) == pytest.approx(0.8)
-    assert risk_coverage_auc(curve[:1]) != risk_coverage_auc(curve[:1])  # NaN: one point
+def test_risk_coverage_area_by_hand():
+    curve = [(0.0, 0.6), (0.5, 0.8), (1.0, 1.0)]
+    assert rc_area(curve) == pytest.approx(0.8)
+    assert rc_area(curve[:1]) == pytest.approx(0.6)  # one rate: its Dice
 
 
 def test_deferral_evaluator_by_hand():
@@ -96,7 +88,9 @@ def test_deferral_evaluator_by_hand():
     logits[0, K + E + 1] = torch.tensor([[-5.0, -5.0, 5.0, 5.0]])
     target = torch.tensor([[[1, 0, 0, 0]]])
     experts = torch.tensor([[[[1, 0, 1, 0]], [[1, 0, 0, 1]]]])  # both right where they get work
-    ev = DeferralEvaluator(K, E, thresholds=(0.0, 0.5, 1.0), with_hd95=False)
+    policy = DeferralPolicy(K, E, scores="softmax", expert_choice="heads", threshold=0.5)
+    sweep = [policy.with_threshold(t) for t in (0.0, 0.5, 1.0)]
+    ev = DeferralEvaluator(policy, with_hd95=False, sweep=sweep)
     ev.update(logits, target, experts)
     r = ev.result()
     assert r["deferral_rate"] == 0.5

@@ -93,7 +93,7 @@ def test_predict_png_rerun_skips_and_a_corrupt_file_is_reported(ck2d, tmp_path):
     assert sorted(s.done) == ["case0", "case1", "case2"]
     assert len(s.failed) == 1 and "broken.png" in s.failed[0][0]
     for i in range(3):
-        for kind in ("model", "defer_prob", "assignment", "final"):
+        for kind in ("model", "score", "assignment", "final"):
             if kind == "final":
                 continue
             arr, meta = read_like(out / kind / f"case{i}.png")
@@ -108,7 +108,11 @@ def test_predict_png_rerun_skips_and_a_corrupt_file_is_reported(ck2d, tmp_path):
     deferred = sum(db.image(f"case{i}")["deferred_pixels"] for i in range(3))
     assert sum(t["area"] for t in tasks) == deferred
     mtime = (out / "model" / "case0.png").stat().st_mtime_ns
-    s2 = predict(ck2d, images, out, threshold=0.5, progress=False)
+    # a rerun with other settings would no longer describe the tasks: refused, saying what
+    with pytest.raises(ValueError, match=r"routing\.threshold: 0\.5 -> 0\.6; min_size: 1 -> 4"):
+        predict(ck2d, images, out, threshold=0.6, progress=False, min_size=4, merge_distance=0)
+    assert ReviewDB(out).get_meta("min_size") == 1
+    s2 = predict(ck2d, images, out, threshold=0.5, progress=False, min_size=1, merge_distance=0)
     assert s2.done == [] and sorted(s2.skipped) == ["case0", "case1", "case2"]
     assert len(s2.failed) == 1
     assert (out / "model" / "case0.png").stat().st_mtime_ns == mtime
@@ -156,13 +160,13 @@ def test_predict_nifti_3d_keeps_affine_and_spacing(ck3d, tmp_path):
     out = tmp_path / "out"
     s = predict(ck3d, images, out, budget=0.3, progress=False, min_size=1)
     assert s.done == ["vol"] and not s.failed
-    assert s.routing["source"].startswith("--budget")
-    for kind in ("model", "defer_prob", "assignment"):
+    assert s.routing["source"] == "budget 0.3 on the validation split"
+    for kind in ("model", "score", "assignment"):
         f = nib.load(out / kind / "vol.nii.gz")
         assert f.shape == (16, 16, 16)
         np.testing.assert_allclose(f.affine, affine)
         np.testing.assert_allclose(f.header.get_zooms()[:3], (0.8, 0.9, 2.5))
-    prob = np.asarray(nib.load(out / "defer_prob" / "vol.nii.gz").dataobj)
+    prob = np.asarray(nib.load(out / "score" / "vol.nii.gz").dataobj)
     assert prob.dtype == np.float32 and 0 <= prob.min() and prob.max() <= 1
     assert ReviewDB(out).image("vol")["deferred_pixels"] > 0  # a 30 % budget defers something
     merge(out)
@@ -212,7 +216,7 @@ def test_large_image_goes_through_sliding_windows(ck2d, tmp_path):
     s = predict(ck2d, images, out, threshold=0.5, progress=True)  # with the progress bar
     assert sorted(s.done) == ["big", "same"]
     assert np.load(out / "model" / "big.npy").shape == (80, 72)
-    assert np.load(out / "defer_prob" / "big.npy").shape == (80, 72)
+    assert np.load(out / "score" / "big.npy").shape == (80, 72)
     # where both apply (the image has the window's size) the window gives the direct pass
     out2 = tmp_path / "out2"
     predict(ck2d, images, out2, threshold=0.5, progress=False, inference="window", overlap=0.5)
@@ -221,8 +225,8 @@ def test_large_image_goes_through_sliding_windows(ck2d, tmp_path):
             np.load(out / kind / "same.npy"), np.load(out2 / kind / "same.npy")
         )
     np.testing.assert_allclose(
-        np.load(out / "defer_prob" / "same.npy"),
-        np.load(out2 / "defer_prob" / "same.npy"),
+        np.load(out / "score" / "same.npy"),
+        np.load(out2 / "score" / "same.npy"),
         atol=1e-5,
     )
 
@@ -334,39 +338,48 @@ def test_merge_equals_a_hand_computed_fusion(tmp_path):
 
 
 def test_routing_comes_from_the_checkpoint_unless_overridden():
-    import torch
+    from deferredseg.policy import DeferralPolicy
+    from deferredseg.predict import resolve_policy
 
-    from deferredseg.predict import _jsonable, resolve_routing
+    cfg = TrainConfig()
+    recorded = DeferralPolicy(1, 3, budget=0.1, threshold=0.7, chosen="best", best_expert=2)
+    ck = {"policy": recorded.to_dict(), "num_experts": 3}
+    p, source = resolve_policy(ck, cfg)
+    assert p == recorded and source == "checkpoint"
+    p, source = resolve_policy(ck, cfg, threshold=0.2)
+    assert (p.threshold, p.budget, source) == (0.2, None, "--threshold")
+    calls = []
 
-    cfg = TrainConfig(threshold=0.4)
-    assert resolve_routing({}, cfg)["threshold"] == 0.4
-    assert resolve_routing({}, cfg)["source"] == "training configuration"
-    ck = {"routing": {"threshold": 0.7, "mode": "router", "budget": 0.1, "not_a_route_option": 1}}
-    r = resolve_routing(ck, cfg)
-    assert (r["threshold"], r["mode"], r["source"], r["budget"]) == (
-        0.7,
-        "router",
-        "checkpoint",
-        0.1,
-    )
-    assert "not_a_route_option" not in r  # only keywords that route() takes are passed on
-    assert resolve_routing({"threshold": 0.66}, cfg)["threshold"] == 0.66
-    assert resolve_routing(ck, cfg, threshold=0.2)["threshold"] == 0.2
-    r = resolve_routing(ck, cfg, budget=0.3, threshold_from_budget=lambda b: b / 2)
-    assert r["threshold"] == 0.15 and r["source"].startswith("--budget")
-    assert resolve_routing(ck, TrainConfig(method="model-only"))["threshold"] == 1.0
-    # without a routing record (a run's last.pt): the mode, scores and costs it was trained for
-    gain = TrainConfig(route_mode="gain", surrogate="ova", expert_cost=(0.0, 0.1, 0.2))
-    r = resolve_routing({}, gain)
-    assert (r["mode"], r["scores"], r["expert_cost"]) == ("gain", "sigmoid", (0.0, 0.1, 0.2))
-    l2d = TrainConfig(method="l2d-single", route_mode="gain")
-    assert resolve_routing({}, l2d)["mode"] == "gate"  # single-expert methods use their gate
+    def calibrate(policy, budget):
+        calls.append(budget)
+        return policy.replace(budget=budget, threshold=budget / 2, chosen="heads")
+
+    p, source = resolve_policy(ck, cfg, budget=0.3, calibrate=calibrate)
+    assert (p.threshold, calls, source) == (0.15, [0.3], "budget 0.3 on the validation split")
+    never, source = resolve_policy({"num_experts": 3}, TrainConfig(method="model-only"))
+    assert not never.defers and "never defers" in source
+    with pytest.raises(ValueError, match="never defers"):
+        resolve_policy({"num_experts": 3}, TrainConfig(method="model-only"), threshold=0.5)
+    # without a policy (a run's last.pt): calibrated for the training budget, in the mode,
+    # scores and costs it was trained for
+    gain = TrainConfig(route_mode="gain", surrogate="ova", expert_cost=[0.0, 0.1, 0.2])
+    p, _ = resolve_policy({"num_experts": 3}, gain, calibrate=calibrate)
+    assert (p.mode, p.scores, p.expert_cost, calls[-1]) == ("gain", "sigmoid", [0.0, 0.1, 0.2], 0.1)
+    # the gain's threshold is any real number, a gate's lies in [0, 1]
+    assert resolve_policy({"num_experts": 3}, gain, threshold=-0.1)[0].threshold == -0.1
     with pytest.raises(ValueError, match="threshold must be in"):
-        resolve_routing({}, cfg, threshold=1.5)
-    assert _jsonable({"t": 0.5, "c": torch.tensor([1.0, 2.0]), "big": torch.zeros(100)}) == {
-        "t": 0.5,
-        "c": [1.0, 2.0],
-    }
+        resolve_policy(ck, cfg, threshold=1.5)
+    l2d = TrainConfig(method="l2d-single", route_mode="gain")
+    assert resolve_policy({"num_experts": 3}, l2d, threshold=0.5)[0].mode == "gate"
+    # a record of earlier versions still routes as it did
+    old = {"routing": {"threshold": 0.66, "mode": "gate", "budget": 0.1}, "num_experts": 3}
+    p, source = resolve_policy(old, cfg)
+    assert (p.threshold, p.chosen, source) == (0.66, "heads", "checkpoint")
+    router = TrainConfig(route_mode="router")
+    p, source = resolve_policy({"num_experts": 3}, router)
+    assert p.mode == "router" and source == "the router's argmax"
+    with pytest.raises(ValueError, match="no threshold or budget"):
+        resolve_policy({"num_experts": 3}, router, budget=0.1)
 
 
 def test_help_of_the_review_commands(capsys):

@@ -7,6 +7,9 @@ does not open ben's tasks and that a path-traversal id is refused. The
 screenshot of the page goes to docs/images/review-page.png when
 DEFERREDSEG_DOCS_SCREENSHOT=1 (the one in the docs was taken so).
 
+A page of another origin cannot record an answer (the forms and fetches a browser sends
+without asking first), and a second tab on an answered task is told so (409).
+
 Chromium is Debian's package (`make browser` installs it where missing); CI
 fails, rather than skips, when it is not there.
 """
@@ -198,3 +201,121 @@ def test_review_page_scrolls_the_slices_of_a_3d_task(tmp_path):
     # the stroke added labels on slice index 4 (index 2 of the box) only
     assert mask[:, :, 2].sum() > model[:, :, 2].sum()
     np.testing.assert_array_equal(mask[:, :, [0, 1, 3]], model[:, :, [0, 1, 3]])
+
+
+_ATTACK = """<!doctype html><html><body>
+<form id="f" method="POST" enctype="text/plain" action="{target}">
+<input name='{{"action":"rejected","x":"' value='"}}'></form>
+<script>
+(async () => {{
+  const results = [];
+  const tries = [
+    {{ mode: "no-cors", headers: {{ "Content-Type": "text/plain" }} }},
+    {{ mode: "no-cors", headers: {{ "Content-Type": "application/x-www-form-urlencoded" }} }},
+    {{ mode: "cors", headers: {{ "Content-Type": "application/json" }} }},
+  ];
+  for (const t of tries) {{
+    try {{
+      const r = await fetch("{target}", Object.assign(
+        {{ method: "POST", body: JSON.stringify({{ action: "rejected" }}) }}, t));
+      results.push(t.mode + ":" + r.status);
+    }} catch (e) {{ results.push(t.mode + ":blocked"); }}
+  }}
+  document.title = "fetched " + results.join(",");
+  document.getElementById("f").submit();
+}})();
+</script></body></html>"""
+
+
+def test_a_page_of_another_origin_cannot_record_an_answer_in_chromium(tmp_path):
+    """The default setup (127.0.0.1, no tokens): a page the expert visits elsewhere tries the
+    requests a browser sends without asking the server first, and a JSON one."""
+    import http.server
+    import threading
+
+    from deferredseg.review.db import ReviewDB
+
+    out = make_review_folder(tmp_path)
+    proc, base, links = _start(out)
+    db = ReviewDB(out, create=False)
+    tid = db.next_task(0)
+    target = f"{base}/api/experts/ana/tasks/{tid}/answer"
+    page_html = _ATTACK.format(target=target).encode()
+
+    class Attacker(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(page_html)
+
+        def log_message(self, *a):
+            pass
+
+    evil = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Attacker)
+    threading.Thread(target=evil.serve_forever, daemon=True).start()
+    try:
+        with playwright.sync_playwright() as p:
+            browser = _launch(p)
+            try:
+                page = browser.new_page()
+                seen = []
+                page.on("response", lambda r: seen.append((r.url, r.status)))
+                page.goto(f"http://localhost:{evil.server_address[1]}/")
+                page.wait_for_url(target, timeout=20_000)  # the form went to the server
+                page.wait_for_load_state()
+                statuses = [s for u, s in seen if u == target]
+                assert statuses and all(s in (403, 415) for s in statuses), seen
+                # the expert's own page still answers; a second tab on the same task is told
+                # that it was answered meanwhile, and its answer is not recorded
+                page.goto(links["ana"])
+                page.wait_for_selector("body[data-state=ready]")
+                tab2 = browser.new_page()
+                tab2.goto(links["ana"])
+                tab2.wait_for_selector("body[data-state=ready]")
+                first = int(page.get_attribute("body", "data-task"))
+                assert int(tab2.get_attribute("body", "data-task")) == first
+                page.keyboard.press("a")
+                page.wait_for_selector(f"body[data-state=ready]:not([data-task='{first}'])")
+                tab2.keyboard.press("r")
+                tab2.wait_for_selector("body[data-state=conflict]")
+                assert "answered meanwhile (accepted)" in tab2.inner_text("#message")
+            finally:
+                browser.close()
+    finally:
+        evil.shutdown()
+        proc.terminate()
+        proc.wait(timeout=20)
+    assert first == tid
+    assert [a["action"] for a in db.answers(tid)] == ["accepted"]  # nothing forged before
+    assert db.task(tid)["opened_at"] is not None  # the page recorded its opening by POST
+
+
+def test_an_empty_queue_hides_the_editor_and_the_box_names_its_axes(tmp_path):
+    from deferredseg.review.db import ReviewDB
+
+    out = make_review_folder(tmp_path)
+    db = ReviewDB(out)
+    db.add_answer(db.next_task(1), 1, "accepted")  # ben's only task
+    proc, base, links = _start(out)
+    try:
+        with playwright.sync_playwright() as p:
+            browser = _launch(p)
+            try:
+                page = browser.new_page()
+                page.goto(links["ben"])
+                page.wait_for_selector("body[data-state=empty]")
+                assert page.is_visible("#empty") and not page.is_visible("#main")
+                assert not page.is_visible("#label")
+                page.goto(links["ana"])
+                page.wait_for_selector("body[data-state=ready]")
+                assert "box: rows 2-9, columns 2-9" in page.inner_text("#taskinfo")
+                page.goto(links[""])
+                page.wait_for_selector("body[data-state=ready]")
+                rows = page.inner_text("#experts")
+                assert "0 %" in rows and "100 %" in rows
+            finally:
+                browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

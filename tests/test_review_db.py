@@ -180,3 +180,36 @@ def test_two_processes_and_a_writer_killed_mid_write_leave_no_partial_state(tmp_
     assert leftovers == []
     for p in (tmp_path / "answers").rglob("*.npy"):
         assert np.load(p).shape == (256, 256)
+
+
+def test_settings_of_a_folder_with_tasks_are_kept_and_a_change_is_named(tmp_path):
+    db = ReviewDB(tmp_path)
+    first = {"routing": {"mode": "gate", "threshold": 0.5, "costs": [1, 2]}, "min_size": 4}
+    db.record_settings(first)
+    db.record_settings({**first, "min_size": 8})  # no images yet: the settings may change
+    assert db.get_meta("min_size") == 8
+    db, _ = _make(tmp_path, 1)  # now the folder holds tasks
+    db.record_settings({**first, "min_size": 8})  # the same settings: fine
+    changed = {"routing": {"mode": "gate", "threshold": 0.7, "costs": [1, 3]}, "min_size": 8}
+    with pytest.raises(ValueError) as err:
+        db.record_settings({**changed, "merge_distance": 1})
+    msg = str(err.value)
+    assert "routing.threshold: 0.5 -> 0.7" in msg and "routing.costs: [1, 2] -> [1, 3]" in msg
+    assert 'merge_distance: "(unset)" -> 1' in msg and "min_size" not in msg
+    assert db.get_meta("routing")["threshold"] == 0.5
+
+
+def test_a_version_1_database_is_migrated_and_old_temporary_names_are_removed(tmp_path):
+    from deferredseg.review.db import MIGRATIONS
+
+    c = sqlite3.connect(tmp_path / "review.db")
+    c.executescript(MIGRATIONS[1] + "; PRAGMA user_version=1;")
+    c.close()
+    (tmp_path / "answers").mkdir()
+    old = tmp_path / "answers" / ".m.npy.tmp-123456789012"  # the random hex of older names
+    old.write_bytes(b"x")
+    db = ReviewDB(tmp_path, create=False)
+    assert db.schema_version == SCHEMA_VERSION == 2
+    cols = [r[1] for r in db.conn().execute("PRAGMA table_info(tasks)")]
+    assert "last_opened" in cols and db.unmerged_images() == []
+    assert not old.exists()

@@ -109,7 +109,11 @@ def test_expert_cannot_touch_another_experts_task_and_ids_are_validated(folder):
         assert r.status_code in (403, 404), (url, r.status_code)
         assert b"sqlite" not in r.content.lower() and b"import" not in r.content
     # uploads are size limited
-    r = client.post(f"/api/experts/ana/tasks/{ana_task}/answer", headers=h_ana, content=b"x" * 5000)
+    r = client.post(
+        f"/api/experts/ana/tasks/{ana_task}/answer",
+        headers={**h_ana, "Content-Type": "application/json"},
+        content=b"x" * 5000,
+    )
     assert r.status_code == 413 and "at most 1000 bytes" in r.json()["error"]
     assert client.get("/static/review.js").status_code == 200
     r = client.get("/review/ana")

@@ -927,7 +927,7 @@ def test_example_figure_names_cases_slices_experts_and_the_reference(tmp_path, m
         "assignment": torch.randint(-1, 2, S, dtype=torch.int8),
         "final": torch.zeros(S, dtype=torch.long),
         "model_pred": torch.zeros(S, dtype=torch.long),
-        "defer_prob": torch.rand(S),
+        "score": torch.rand(S),
     }
     paths = figures.save_examples(
         [ex], tmp_path / "ex.png", 1, ["alice", "bob"], figures.reference_name("staple")

@@ -22,7 +22,6 @@ from deferredseg.train.checkpoint import load_checkpoint
 from deferredseg.train.config import TrainConfig
 from deferredseg.train.evaluation import evaluate
 from deferredseg.train.loop import train
-from deferredseg.train.routing import auroc, budget_threshold, deferral_score, route_logits
 
 
 # ------------------------------------------------------------------------------ the benchmark data
@@ -89,46 +88,6 @@ def test_write_benchmark_layouts_are_readable(tmp_path):
         write_benchmark(tmp_path / "x", "Z", num_cases=5)
 
 
-# ------------------------------------------------------------------------------ routing helpers
-def test_budget_threshold_defers_the_budget():
-    v = np.random.default_rng(0).random(10000)
-    for b in (0.05, 0.1, 0.2):
-        t = budget_threshold(v, b, "gate")
-        assert abs((v > t).mean() - b) < 0.002
-    assert budget_threshold(v, 0.0, "gate") == 1.0
-    g = v * 2 - 1  # gain scores may be negative
-    assert abs((g > budget_threshold(g, 0.1, "gain")).mean() - 0.1) < 0.002
-    with pytest.raises(ValueError, match="budget"):
-        budget_threshold(v, 1.5, "gate")
-
-
-def test_gain_score_and_route_modes_agree():
-    torch.manual_seed(0)
-    K, E = 1, 3
-    logits = torch.randn(2, K + E + 2, 5, 6) * 3
-    experts = torch.randint(0, 2, (2, E, 5, 6))
-    r = logits[:, K : K + E + 1]
-    q = torch.sigmoid(r)
-    cost = [0.0, 0.3, 0.1]
-    g = deferral_score(logits, K, E, "gain", "sigmoid", cost)
-    expect = (q[:, :E] - torch.tensor(cost).view(1, E, 1, 1)).amax(1) - q[:, E]
-    assert torch.allclose(g, expect)
-    out = route_logits(logits, K, E, "gain", 0.0, experts, "sigmoid", cost, backend="reference")
-    assert torch.equal(out.assignment >= 0, g > 0)
-    chosen = (q[:, :E] - torch.tensor(cost).view(1, E, 1, 1)).argmax(1)
-    assert torch.equal(out.assignment[g > 0].long(), chosen[g > 0])
-    u = route_logits(logits, K, E, "uncertainty", 0.3, experts, backend="reference")
-    p = torch.sigmoid(logits[:, 0])
-    assert torch.equal(u.assignment >= 0, (1 - torch.maximum(p, 1 - p)) > 0.3)
-
-
-def test_auroc_ranks():
-    y = torch.tensor([0, 0, 1, 1, 0, 1]).bool()
-    assert auroc(torch.tensor([0.1, 0.2, 0.8, 0.9, 0.3, 0.7]), y) == pytest.approx(1.0)
-    assert auroc(torch.tensor([0.9, 0.8, 0.1, 0.2, 0.7, 0.3]), y) == pytest.approx(0.0)
-    assert auroc(torch.tensor([0.5, 0.5]), torch.tensor([True, True])) is None
-
-
 # ------------------------------------------------------------------------------ two-stage training
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
@@ -164,8 +123,10 @@ def test_two_stage_keeps_the_base_and_defers_the_budget(bench, tmp_path):
     for k, v in base["model"].items():
         if k.startswith(("backbone.", "seg_head.")):
             assert torch.equal(ck["model"][k], v), k
-    assert ck["routing"]["budget"] == 0.1 and ck["routing"]["scores"] == "sigmoid"
-    assert 0.0 < ck["routing"]["threshold"] < 1.0  # not pinned at an end
+    assert ck["policy"]["budget"] == 0.1 and ck["policy"]["scores"] == "sigmoid"
+    assert 0.0 < ck["policy"]["threshold"] < 1.0  # not pinned at an end
+    assert abs(ck["policy"]["calibration"]["rate"] - 0.1) < 0.005  # on validation
+    assert ck["policy"]["chosen"] in ("heads", "best")
     assert res["selection"] == "budget-dice" and res["best_val_deferral_rate"] == pytest.approx(
         0.1, abs=0.03
     )
@@ -214,21 +175,22 @@ def test_router_mode_reports_its_own_rate_and_joint_selects_at_the_budget(bench,
 
 
 def test_stage_two_selection_routes_single_expert_methods_as_evaluation_does():
-    """Stage 2 picks its epoch in the mode evaluation will use: a single-expert method
+    """Stage 2 picks its epoch with the policy evaluation will use: a single-expert method
     routes through its packed gate whatever ``route_mode`` says."""
-    from deferredseg.train.methods import route_mode
-    from deferredseg.train.two_stage import budget_metrics
+    from deferredseg.metrics import evaluate_policy
+    from deferredseg.train.methods import policy_for, route_mode
 
     g = torch.Generator().manual_seed(0)
     K, E = 1, 1
     logits = torch.randn(2, K + E + 2, 16, 16, generator=g)
     target = torch.randint(0, 2, (2, 16, 16), generator=g)
     experts = torch.randint(0, 2, (2, E, 16, 16), generator=g)
+    data = lambda: iter([(logits, target, experts)])  # noqa: E731
     l2d = TrainConfig(method="l2d-single", route_mode="gain")
-    assert route_mode(l2d) == "gate"
-    got = budget_metrics(logits, target, experts, l2d, E, 0.2)
-    want = budget_metrics(logits, target, experts, TrainConfig(method="l2d-single"), E, 0.2)
-    assert got == want
+    assert route_mode(l2d) == "gate" and policy_for(l2d, E, 0).mode == "gate"
+    got = evaluate_policy(policy_for(l2d, E, 0), data, 0.2)[1]
+    want = evaluate_policy(policy_for(TrainConfig(method="l2d-single"), E, 0), data, 0.2)[1]
+    assert got["system_dice"] == want["system_dice"] and got["threshold"] == want["threshold"]
     # a method that learns routing keeps its own mode (the gain's threshold differs)
-    ds = budget_metrics(logits, target, experts, TrainConfig(route_mode="gain"), E, 0.2)
-    assert ds["threshold"] != want["threshold"]
+    ds = evaluate_policy(policy_for(TrainConfig(route_mode="gain"), E, 0), data, 0.2)[1]
+    assert ds["route_mode"] == "gain" and ds["threshold"] != want["threshold"]

@@ -94,7 +94,8 @@ def add_review_commands(sub) -> None:
         help=COMMAND_HELP["serve"],
         description="Serve the review page of a predicted folder: each expert opens a "
         "personal link and reviews their own tasks; / shows the overview. "
-        "Binds to 127.0.0.1; another --host requires tokens (printed once).",
+        "Binds to 127.0.0.1; another --host requires tokens (printed once), best with "
+        "--ssl-certfile/--ssl-keyfile so they do not travel in clear text.",
     )
     s.add_argument("out", help="a folder written by predict")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
@@ -105,8 +106,14 @@ def add_review_commands(sub) -> None:
         help="require the per-expert tokens on 127.0.0.1 too",
     )
     s.add_argument(
-        "--new-tokens", action="store_true", help="replace every token (prints the new ones)"
+        "--new-tokens",
+        action="store_true",
+        help="replace every token, which this run then requires (prints the new links)",
     )
+    s.add_argument(
+        "--ssl-certfile", help="TLS certificate (PEM) to serve https, for serving off loopback"
+    )
+    s.add_argument("--ssl-keyfile", help="its private key (PEM)")
     s.add_argument(
         "--max-upload-kib", type=int, default=4096, help="largest answer accepted, in KiB"
     )
@@ -145,7 +152,7 @@ def add_review_commands(sub) -> None:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from ..predict import predict
+    from ..predict import describe_routing, predict
 
     s = predict(
         args.checkpoint,
@@ -166,8 +173,8 @@ def _run_predict(args: argparse.Namespace) -> int:
     r = s.routing
     print(
         f"predicted {len(s.done)} image(s), skipped {len(s.skipped)} already done, "
-        f"{len(s.failed)} failed; {s.tasks} review task(s); threshold {r['threshold']:.4f} "
-        f"({r['source']}); wrote {args.out}"
+        f"{len(s.failed)} failed; {s.tasks} review task(s); {describe_routing(r)}; "
+        f"wrote {args.out}"
     )
     for f, err in s.failed:
         print(f"  failed: {f}: {err}", file=sys.stderr)
@@ -184,6 +191,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         require_tokens=args.require_tokens,
         new_tokens=args.new_tokens,
         max_upload=args.max_upload_kib * 1024,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
     )
 
 

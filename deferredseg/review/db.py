@@ -15,6 +15,7 @@ version is refused.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import io
@@ -25,9 +26,14 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -37,10 +43,13 @@ __all__ = [
     "atomic_save_npy",
     "hash_token",
     "DB_NAME",
+    "StaleAnswer",
+    "folder_lock",
+    "remove_stale_temporaries",
 ]
 
 DB_NAME = "review.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ACTIONS = ("accepted", "edited", "rejected")
 _TMP_MARK = ".tmp-"
 
@@ -83,7 +92,30 @@ MIGRATIONS: Dict[int, str] = {
         seconds REAL);                     -- time from opening the task to this answer
     CREATE INDEX answers_by_task ON answers(task_id, id);
     """,
+    # 1 -> 2: the latest opening of a task (the time of an answer counts from it, so that a
+    # re-answer does not count from the first opening), and the newest answer each final/
+    # file holds (the server re-merges, at start-up, every image with a newer one)
+    2: """
+    ALTER TABLE tasks ADD COLUMN last_opened REAL;
+    CREATE TABLE merged(
+        image_id TEXT PRIMARY KEY REFERENCES images(id),
+        answer_id INTEGER NOT NULL);       -- the newest answer of the image in final/<id>
+    """,
 }
+
+
+class StaleAnswer(Exception):
+    """An answer based on a version of the task that is no longer its latest answer."""
+
+    def __init__(self, task_id: int, current: Optional[Dict[str, Any]]):
+        self.task_id, self.current = int(task_id), current
+        super().__init__(
+            f"task {task_id} was answered meanwhile"
+            + ("" if current is None else f" ({current['action']}, answer {current['answer']})")
+        )
+
+
+_ANY = object()  # add_answer's base: no version check
 
 
 def hash_token(token: str) -> str:
@@ -107,7 +139,8 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{_TMP_MARK}{secrets.token_hex(6)}")
+    # the writer's pid in the name: only a writer that is gone leaves one to remove
+    tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(6)}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -127,14 +160,73 @@ def atomic_save_npy(path: Union[str, Path], arr: np.ndarray) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except (OSError, OverflowError, ValueError):
+        return False
+    return True
+
+
 def remove_stale_temporaries(root: Union[str, Path]) -> int:
-    """Delete the temporary files a killed writer left under ``root``; returns how many."""
+    """Delete the temporary files that writers which are gone left under ``root``; returns
+    how many. A temporary file of a live process (another ``serve``, ``merge`` or ``predict``
+    writing now) is kept: its name holds its writer's pid (older names without one count
+    as stale)."""
     n = 0
     for p in Path(root).rglob(f".*{_TMP_MARK}*"):
-        if p.is_file():
-            p.unlink()
-            n += 1
+        owner = p.name.rsplit(_TMP_MARK, 1)[1].split("-", 1)[0]
+        # a pid has at most 7 digits (Linux's pid_max); an older name's random hex has 12
+        if owner.isdigit() and len(owner) <= 7 and _pid_alive(int(owner)):
+            continue
+        try:
+            if p.is_file():
+                p.unlink()
+                n += 1
+        except FileNotFoundError:  # its writer renamed it meanwhile
+            pass
     return n
+
+
+LOCK_NAME = ".review.lock"
+
+
+@contextlib.contextmanager
+def folder_lock(out: Union[str, Path]) -> Iterator[None]:
+    """Exclusive lock of a review folder's ``final/`` and report files, across threads and
+    processes (``flock`` on ``OUT/.review.lock``; each call opens its own descriptor, so two
+    threads of one process exclude each other too). Released when the holder exits or dies."""
+    path = Path(out) / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        else:  # pragma: no cover - no flock (Windows): one process at a time
+            with _FALLBACK_LOCK:
+                yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+_FALLBACK_LOCK = threading.Lock()
+
+
+def _settings_diff(old: Any, new: Any, key: str = "") -> List[str]:
+    """``key: old -> new`` for each leaf that differs between two JSON values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: List[str] = []
+        for k in sorted(set(old) | set(new), key=str):
+            sub = f"{key}.{k}" if key else str(k)
+            out += _settings_diff(old.get(k, "(unset)"), new.get(k, "(unset)"), sub)
+        return out
+    return [] if old == new else [f"{key}: {json.dumps(old)} -> {json.dumps(new)}"]
 
 
 class ReviewDB:
@@ -152,8 +244,8 @@ class ReviewDB:
         self.timeout = float(timeout)
         self._local = threading.local()
         self._migrate()
-        if (self.out / "answers").exists():
-            remove_stale_temporaries(self.out / "answers")
+        # what killed writers left, anywhere in the folder (final/ too); live writers' stay
+        remove_stale_temporaries(self.out)
 
     # ------------------------------------------------------------------ connections
     def conn(self) -> sqlite3.Connection:
@@ -222,6 +314,22 @@ class ReviewDB:
                     (k, json.dumps(v)),
                 )
 
+    def record_settings(self, settings: Dict[str, Any]) -> None:
+        """Store the settings that make the folder's tasks (``predict``'s record); a folder that
+        already holds images keeps its own: other settings are refused with each change as
+        ``key: old -> new`` (compared generically, whatever the record holds)."""
+        if self.image_ids():
+            changes: List[str] = []
+            for k, v in settings.items():
+                old = self.get_meta(k, "(unset)")
+                changes += _settings_diff(old, json.loads(json.dumps(v)), k)
+            if changes:
+                raise ValueError(
+                    f"{self.out} holds tasks made with other settings; predict into a new "
+                    f"folder, or rerun with the folder's settings: " + "; ".join(changes)
+                )
+        self.set_meta(settings)
+
     def ensure_experts(self, names: Sequence[str]) -> None:
         """Register experts 0..E-1 by name; a folder keeps the experts it was created with."""
         with self.tx() as c:
@@ -286,7 +394,9 @@ class ReviewDB:
         else:
             row = self.expert_by_name(expert)
             stored = row["token_hash"] if row is not None else None
-        return bool(stored) and hmac.compare_digest(stored, hash_token(token))
+        # the same work for an unknown expert as for a wrong token: names cannot be timed out
+        same = hmac.compare_digest(stored or "0" * 64, hash_token(token))
+        return bool(stored) and same
 
     # ------------------------------------------------------------------ images and tasks
     def image(self, image_id: str) -> Optional[sqlite3.Row]:
@@ -393,10 +503,12 @@ class ReviewDB:
         return {"total": total, "done": done, "left": total - done}
 
     def mark_opened(self, task_id: int) -> None:
+        """The expert opened the task (again): its next answer's time counts from now."""
+        now = time.time()
         with self.tx() as c:
             c.execute(
-                "UPDATE tasks SET opened_at=? WHERE id=? AND opened_at IS NULL",
-                (time.time(), int(task_id)),
+                "UPDATE tasks SET opened_at=COALESCE(opened_at, ?), last_opened=? WHERE id=?",
+                (now, now, int(task_id)),
             )
 
     # ------------------------------------------------------------------ answers
@@ -417,10 +529,19 @@ class ReviewDB:
         )
 
     def add_answer(
-        self, task_id: int, expert_id: int, action: str, mask: Optional[np.ndarray] = None
+        self,
+        task_id: int,
+        expert_id: int,
+        action: str,
+        mask: Optional[np.ndarray] = None,
+        base: Any = _ANY,
     ) -> int:
         """Record an answer; an ``edited`` answer's mask (the task's bbox crop) is written first,
-        atomically, then referenced. Returns the answer id."""
+        atomically, then referenced. Returns the answer id.
+
+        ``base``: the id of the task's latest answer the expert saw (None: none yet); when
+        given and the task has another latest answer now, nothing is recorded and
+        :class:`StaleAnswer` says which (two tabs, or two people, on one task)."""
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {list(ACTIONS)}, got {action!r}")
         if (action == "edited") != (mask is not None):
@@ -432,17 +553,30 @@ class ReviewDB:
             atomic_save_npy(self.out / rel, np.asarray(mask, dtype=np.uint8))
         with self.tx() as c:
             t = c.execute(
-                "SELECT expert_id, opened_at FROM tasks WHERE id=?", (int(task_id),)
+                "SELECT expert_id, opened_at, last_opened FROM tasks WHERE id=?", (int(task_id),)
             ).fetchone()
             if t is None:
                 raise KeyError(f"no task {task_id}")
             if int(t["expert_id"]) != int(expert_id):
                 raise PermissionError(f"task {task_id} is not expert {expert_id}'s")
             prev = c.execute(
-                "SELECT id FROM answers WHERE task_id=? ORDER BY id DESC LIMIT 1", (int(task_id),)
+                "SELECT id, action, created FROM answers WHERE task_id=? ORDER BY id DESC LIMIT 1",
+                (int(task_id),),
             ).fetchone()
+            if base is not _ANY and (None if prev is None else int(prev["id"])) != base:
+                if rel is not None:
+                    (self.out / rel).unlink(missing_ok=True)
+                raise StaleAnswer(
+                    task_id,
+                    None if prev is None else {"answer": int(prev["id"]), "action": prev["action"]},
+                )
             now = time.time()
-            seconds = None if t["opened_at"] is None else max(now - float(t["opened_at"]), 0.0)
+            # the work on this answer: from the latest opening, if it came after the previous
+            # answer (a re-answer does not count the time since the first opening)
+            opened = t["last_opened"] if t["last_opened"] is not None else t["opened_at"]
+            if opened is not None and prev is not None and float(opened) <= float(prev["created"]):
+                opened = None
+            seconds = None if opened is None else max(now - float(opened), 0.0)
             cur = c.execute(
                 "INSERT INTO answers(task_id, expert_id, action, mask, parent_id, created, "
                 "seconds) VALUES(?,?,?,?,?,?,?)",
@@ -457,6 +591,46 @@ class ReviewDB:
                 ),
             )
             return int(cur.lastrowid)
+
+    def image_answers(self, image_id: str) -> Tuple[List[Dict[str, Any]], List[int], int]:
+        """One consistent snapshot of an image's tasks: ``(answered, unanswered task ids,
+        newest answer id of the image or 0)``; ``answered``: the task row's ``region``,
+        ``bbox`` and its latest answer's ``action`` and ``mask`` file."""
+        c = self.conn()
+        c.execute("BEGIN")  # a read transaction: answers committed meanwhile are not half seen
+        try:
+            rows = c.execute(
+                "SELECT t.id, t.region, t.bbox, a.id AS answer, a.action, a.mask FROM tasks t "
+                "LEFT JOIN answers a ON a.id=(SELECT MAX(b.id) FROM answers b WHERE "
+                "b.task_id=t.id) WHERE t.image_id=? ORDER BY t.id",
+                (image_id,),
+            ).fetchall()
+        finally:
+            c.execute("COMMIT")
+        answered = [r for r in rows if r["answer"] is not None]
+        unanswered = [int(r["id"]) for r in rows if r["answer"] is None]
+        newest = max((int(r["answer"]) for r in answered), default=0)
+        return answered, unanswered, newest
+
+    def set_merged(self, image_id: str, answer_id: int) -> None:
+        with self.tx() as c:
+            c.execute(
+                "INSERT INTO merged(image_id, answer_id) VALUES(?, ?) ON CONFLICT(image_id) "
+                "DO UPDATE SET answer_id=MAX(answer_id, excluded.answer_id)",
+                (image_id, int(answer_id)),
+            )
+
+    def unmerged_images(self) -> List[str]:
+        """Images with an answer newer than the newest one their ``final/`` file holds."""
+        return [
+            r["image_id"]
+            for r in self.conn().execute(
+                "SELECT t.image_id, MAX(a.id) AS newest FROM answers a JOIN tasks t ON "
+                "t.id=a.task_id LEFT JOIN merged m ON m.image_id=t.image_id "
+                "GROUP BY t.image_id HAVING newest > COALESCE(MAX(m.answer_id), 0) "
+                "ORDER BY t.image_id"
+            )
+        ]
 
     def load_answer_mask(self, answer: sqlite3.Row) -> Optional[np.ndarray]:
         if answer["mask"] is None:

@@ -47,6 +47,7 @@ def simulated_expert(base: str, name: str, labels: Dict[str, np.ndarray]) -> Dic
     nxt = _call(f"{api}/queue")["next"]
     while nxt is not None:
         t = _call(f"{api}/tasks/{nxt}")
+        _call(f"{api}/tasks/{nxt}/open", {})  # as the page does: the answer's time counts from here
         shape = tuple(t["crop_shape"])
         n = int(np.prod(shape))
         raw = _call(f"{api}/tasks/{nxt}/data")
@@ -115,7 +116,7 @@ def run_review_demo(
 
     from ..data.datasets import _synthetic_cases
     from ..data.files import read_like
-    from ..predict import predict
+    from ..predict import describe_routing, predict
     from ..train.builders import expert_panel
     from ..train.loop import train
     from .merge import merge
@@ -156,7 +157,7 @@ def run_review_demo(
     s = predict(ck, images, review, budget=BUDGET, device=device, progress=False)
     print(
         f"predicted {len(s.done)} new image(s) ({len(s.skipped)} done before): {s.tasks} review "
-        f"task(s) at gate threshold {s.routing['threshold']:.3f} ({s.routing['source']})"
+        f"task(s) at {describe_routing(s.routing)}"
     )
     if s.failed:
         for f, err in s.failed:

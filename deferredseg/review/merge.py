@@ -8,6 +8,13 @@ them; rejected: the expert declined, and the model's answer stands). Pixels of
 unanswered regions, and deferred pixels in regions too small to be sent,
 fall back to the model; the report lists them. The latest answer of a task
 counts; earlier ones stay in the database as its history.
+
+Writers of one folder (the server after each answer, ``deferredseg merge``, a
+second server) merge under :func:`~deferredseg.review.db.folder_lock`, each
+from one consistent snapshot of the database, and record the newest answer
+each ``final/`` file holds; :func:`remerge_stale` brings every image whose
+answers are newer than its ``final/`` file up to date (a server killed between
+recording an answer and merging it).
 """
 
 from __future__ import annotations
@@ -19,9 +26,9 @@ from typing import Any, Dict, List, Optional, Union
 import numpy as np
 
 from ..data.files import read_like, write_like
-from .db import ReviewDB, atomic_write_bytes
+from .db import ReviewDB, atomic_write_bytes, folder_lock
 
-__all__ = ["merge", "merge_image", "fuse", "build_report"]
+__all__ = ["merge", "merge_image", "remerge_stale", "fuse", "build_report"]
 
 
 def fuse(model: np.ndarray, regions: np.ndarray, answers: List[Dict[str, Any]]) -> np.ndarray:
@@ -48,25 +55,32 @@ def merge_image(db: ReviewDB, image_id: str) -> Dict[str, Any]:
     if row is None:
         raise KeyError(f"no image {image_id!r} in {db.out}")
     out = db.out
-    model, meta = read_like(out / "model" / f"{image_id}{row['ext']}")
-    regions = np.load(out / "regions" / f"{image_id}.npy", allow_pickle=False)
-    answers, unanswered = [], []
-    for t in db.tasks_of_image(image_id):
-        a = db.latest_answer(t["id"])
-        if a is None:
-            unanswered.append(int(t["id"]))
-            continue
-        answers.append(
+    with folder_lock(out):
+        model, meta = read_like(out / "model" / f"{image_id}{row['ext']}")
+        regions = np.load(out / "regions" / f"{image_id}.npy", allow_pickle=False)
+        rows, unanswered, newest = db.image_answers(image_id)
+        answers = [
             {
-                "region": t["region"],
-                "bbox": json.loads(t["bbox"]),
-                "action": a["action"],
-                "mask": db.load_answer_mask(a),
+                "region": r["region"],
+                "bbox": json.loads(r["bbox"]),
+                "action": r["action"],
+                "mask": db.load_answer_mask(r),
             }
-        )
-    final = fuse(np.asarray(model).astype(np.uint8), regions, answers)
-    write_like(out / "final" / image_id, final, meta)
+            for r in rows
+        ]
+        final = fuse(np.asarray(model).astype(np.uint8), regions, answers)
+        write_like(out / "final" / image_id, final, meta)
+        if newest:
+            db.set_merged(image_id, newest)
     return {"image": image_id, "unanswered_tasks": unanswered}
+
+
+def remerge_stale(db: ReviewDB) -> List[str]:
+    """Merge every image with an answer newer than its ``final/`` file; returns their ids."""
+    ids = db.unmerged_images()
+    for image_id in ids:
+        merge_image(db, image_id)
+    return ids
 
 
 def build_report(db: ReviewDB) -> Dict[str, Any]:
@@ -169,9 +183,14 @@ def _report_markdown(rep: Dict[str, Any]) -> str:
 
 def write_report(db: ReviewDB) -> Dict[str, Any]:
     rep = build_report(db)
+    with folder_lock(db.out):
+        _write_report_files(db, rep)
+    return rep
+
+
+def _write_report_files(db: ReviewDB, rep: Dict[str, Any]) -> None:
     atomic_write_bytes(db.out / "report.json", json.dumps(rep, indent=2).encode())
     atomic_write_bytes(db.out / "report.md", _report_markdown(rep).encode())
-    return rep
 
 
 def merge(out: Union[str, Path], db: Optional[ReviewDB] = None) -> Dict[str, Any]:

@@ -136,8 +136,18 @@ def best_single_expert(dataset, num_experts: int, ignore_index: int = -100) -> i
 
 
 def load_trained(checkpoint_path, device: torch.device, overrides: Optional[Dict[str, Any]] = None):
-    """(model, config, checkpoint dict) of a checkpoint written by training."""
+    """(model, config, checkpoint dict) of a checkpoint written by training, or by
+    :meth:`deferredseg.bolt_on.DeferralNetwork.save` (a trained network with deferral
+    added: its configuration holds the classes, dimensions and image size, no data)."""
     ck = load_checkpoint(checkpoint_path, map_location=device)
+    if "bolt_on" in ck:
+        from ..bolt_on import load_deferral_network
+
+        values = dict(ck["config"])
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        values["resume"] = False
+        cfg = TrainConfig.from_dict(values, source=str(checkpoint_path))
+        return load_deferral_network(ck, device), cfg, ck
     values = dict(ck["config"])
     if "training" not in values:  # written before two-stage training existed
         values.update(

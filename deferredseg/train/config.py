@@ -12,8 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-from deferredseg_kernels import LossOptions as _Loss
+from deferredseg_kernels import default_option as _default
 
+from ..metrics import SELECTIONS
+from ..policy import EXPERT_CHOICES
+from ..policy import MODES as ROUTE_MODES
 from .methods import METHODS  # one record per method (methods.py); its names are the choices
 
 LAYOUTS = ("synthetic", "medsam-npy", "multirater")
@@ -24,8 +27,6 @@ HEADS = ("conv", "linear")
 SURROGATES = ("ova", "softmax", "paper")
 GATE_TARGETS = ("benefit", "router")
 BALANCES = ("cv2", "band")
-ROUTE_MODES = ("gate", "gain", "router", "uncertainty")
-SELECTIONS = ("budget-dice", "rc-auc")
 
 
 @dataclass
@@ -64,21 +65,20 @@ class TrainConfig:
         None  # "conv" or "linear" (default: conv for two-stage, linear for joint)
     )
     head_channels: int = 16
-    # The loss options. Where they differ from the objective's own defaults
-    # (deferredseg_kernels.LossOptions, the paper's choices), the evidence in the
-    # README chose them: one-vs-all correctness heads, a gate trained on "the model
-    # is wrong and the chosen expert is right", no pull of the gate towards D.
-    lambda_seg: float = _Loss.lambda_seg
-    lambda_collab: float = _Loss.lambda_collab
-    lambda_gate: float = 0.3
-    lambda_coherence: float = _Loss.lambda_coherence
-    lambda_balance: float = _Loss.lambda_balance
-    surrogate: str = "ova"
-    gate_target: str = "benefit"
-    gate_mse: float = 0.0
-    gate_sparsity: float = 0.0
-    coherence: str = _Loss.coherence
-    balance: str = _Loss.balance
+    # The loss options: the objective's "default" preset (deferredseg_kernels.PRESETS,
+    # chosen by the evidence in the README: one-vs-all correctness heads, a gate trained on
+    # "the model is wrong and the chosen expert is right", no pull of the gate towards D).
+    lambda_seg: float = _default("lambda_seg")
+    lambda_collab: float = _default("lambda_collab")
+    lambda_gate: float = _default("lambda_gate")
+    lambda_coherence: float = _default("lambda_coherence")
+    lambda_balance: float = _default("lambda_balance")
+    surrogate: str = _default("surrogate")
+    gate_target: str = _default("gate_target")
+    gate_mse: float = _default("gate_mse")
+    gate_sparsity: float = _default("gate_sparsity")
+    coherence: str = _default("coherence")
+    balance: str = _default("balance")
     balance_low: Optional[List[float]] = None
     balance_high: Optional[List[float]] = None
     # optimisation
@@ -98,6 +98,9 @@ class TrainConfig:
     selection: str = "budget-dice"  # val system Dice at the budget, or the risk-coverage AUC
     route_mode: str = "gate"  # gate / gain at the budget, router (its own rate), uncertainty
     expert_cost: Optional[List[float]] = None  # per-expert cost of asking (routing)
+    # who gets a deferred pixel: the heads' choice, the best single expert, or (auto)
+    # whichever gives the higher validation system Dice at the budget
+    expert_choice: str = "auto"
     threshold: float = 0.5
     val_hd95: bool = False
     # run
@@ -162,6 +165,7 @@ class TrainConfig:
         choice("balance", BALANCES)
         choice("route_mode", ROUTE_MODES)
         choice("selection", SELECTIONS)
+        choice("expert_choice", EXPERT_CHOICES)
         if not 0.0 <= float(self.budget) <= 1.0:
             raise ValueError(f"budget must be in [0, 1], got {self.budget}")
         if not float(self.head_lr) > 0:

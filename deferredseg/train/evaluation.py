@@ -1,165 +1,72 @@
-"""Evaluation: metrics of a network on a split, the threshold for a deferral budget,
-and :func:`evaluate`, which does both for a checkpoint and writes metrics and figures.
+"""Evaluation: metrics of a network on a split at its deferral policy, and :func:`evaluate`,
+which calibrates the policy for a budget on the validation split, measures the test split
+and writes metrics and figures.
 
 Every method is evaluated through its packed logits (:func:`~.methods.packed_logits`)
-in its routing mode (:func:`~.methods.route_mode`).
+with its policy (:func:`~.methods.policy_for`); calibration and measurement are
+:meth:`deferredseg.policy.DeferralPolicy.calibrate` and :func:`deferredseg.metrics.measure`.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from deferredseg_kernels import model_correct
-
-from ..metrics import DeferralEvaluator
+from ..metrics import measure
+from ..policy import DeferralPolicy
 from .builders import best_single_expert, build_data, load_trained
 from .config import TrainConfig
 from .datacheck import check_evaluation_data, match_experts
 from .distributed import resolve_device
-from .methods import method_of, packed_logits, route_mode
-from .routing import auroc, budget_threshold, deferral_score, route_logits, uncertainty
+from .methods import checkpoint_policy, method_of, packed_logits, policy_for
 
-__all__ = ["evaluate_model", "threshold_for_budget", "routing_record", "evaluate"]
+__all__ = ["network_outputs", "evaluate", "evaluate_outputs", "CURVE_BUDGETS"]
+
+#: The budgets of the risk-coverage curve ``evaluate`` draws: denser where budgets are used.
+CURVE_BUDGETS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0)
+
+Batch = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-@torch.no_grad()
-def evaluate_model(
+@contextmanager
+def _eval_mode(model: nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def network_outputs(
     model: nn.Module,
     dataset,
     cfg: TrainConfig,
     num_experts: int,
     best_expert: int,
     device: torch.device,
-    threshold: Optional[float] = None,
-    with_hd95: bool = False,
-    thresholds: Optional[Iterable[float]] = None,
-    keep_examples: int = 0,
-) -> Tuple[Dict[str, Any], List[Dict[str, torch.Tensor]]]:
-    """Metrics of ``model`` on ``dataset`` (and the first ``keep_examples`` images' outputs)."""
+) -> Callable[[], Iterator[Batch]]:
+    """A function that returns a new pass of ``(packed logits, target, expert labels,
+    voxel sizes or None)`` batches of ``model`` over ``dataset`` (eval mode, no gradients):
+    what a policy is calibrated and measured on. Nothing is kept between batches."""
     from monai.data import DataLoader
 
-    was_training = model.training
-    model.eval()
-    thr = cfg.threshold if threshold is None else threshold
-    kw = {} if thresholds is None else {"thresholds": tuple(thresholds)}
-    mode = route_mode(cfg)
-    ev = DeferralEvaluator(
-        cfg.num_classes,
-        num_experts,
-        threshold=thr,
-        mode=mode,
-        with_hd95=with_hd95,
-        backend=cfg.backend,
-        scores=cfg.route_scores,
-        expert_cost=cfg.expert_cost,
-        **kw,
-    )
-    score_parts, wrong_parts, unc_parts = [], [], []
-    examples: List[Dict[str, torch.Tensor]] = []
-    for batch in DataLoader(
-        dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers
-    ):
-        x = batch["image"].to(device)
-        target = batch["target"].to(device)
-        experts = batch["expert_labels"].to(device)
-        logits = packed_logits(cfg, model(x), num_experts, best_expert)
-        ev.update(logits, target, experts, batch.get("spacing"))
-        valid = target != -100
-        z = logits[:, : cfg.num_classes]
-        wrong = ~model_correct(z, target, cfg.num_classes)
-        score_parts.append(
-            deferral_score(
-                logits, cfg.num_classes, num_experts, mode, cfg.route_scores, cfg.expert_cost
-            )[valid].cpu()
-        )
-        unc_parts.append(uncertainty(z, cfg.num_classes)[valid].cpu())
-        wrong_parts.append(wrong[valid].cpu())
-        if len(examples) < keep_examples:
-            out = route_logits(
-                logits,
-                cfg.num_classes,
-                num_experts,
-                mode,
-                thr,
-                experts,
-                cfg.route_scores,
-                cfg.expert_cost,
-                backend=cfg.backend,
-            )
-            for b in range(x.shape[0]):
-                if len(examples) < keep_examples:
-                    examples.append(
-                        {
-                            "id": batch["id"][b],
-                            "image": x[b].cpu(),
-                            "target": target[b].cpu(),
-                            "assignment": out.assignment[b].cpu(),
-                            "final": out.final[b].cpu(),
-                            "model_pred": out.model_pred[b].cpu(),
-                            "defer_prob": out.defer_prob[b].cpu(),
-                        }
-                    )
-    model.train(was_training)
-    res = ev.result()
-    if score_parts:
-        wrong_all = torch.cat(wrong_parts)
-        res["route_mode"] = mode
-        res["auroc_model_wrong_score"] = auroc(torch.cat(score_parts), wrong_all)
-        res["auroc_model_wrong_uncertainty"] = auroc(torch.cat(unc_parts), wrong_all)
-    return res, examples
+    def batches() -> Iterator[Batch]:
+        with torch.no_grad(), _eval_mode(model):
+            for batch in DataLoader(
+                dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers
+            ):
+                x = batch["image"].to(device)
+                logits = packed_logits(cfg, model(x), num_experts, best_expert)
+                target, experts = batch["target"].to(device), batch["expert_labels"].to(device)
+                yield logits, target, experts, batch.get("spacing")
 
-
-def routing_record(cfg: TrainConfig, threshold: Optional[float]) -> Dict[str, Any]:
-    """How a checkpoint routes (``best.pt["routing"]``, read by predict): the mode, the
-    budget and the threshold chosen for it on the validation split, scores, costs."""
-    return {
-        "mode": route_mode(cfg),
-        "budget": cfg.budget,
-        "threshold": threshold,
-        "scores": cfg.route_scores,
-        "expert_cost": cfg.expert_cost,
-        "selection": cfg.selection,
-    }
-
-
-@torch.no_grad()
-def threshold_for_budget(
-    model: nn.Module,
-    dataset,
-    cfg: TrainConfig,
-    num_experts: int,
-    best_expert: int,
-    device: torch.device,
-    budget: float,
-) -> float:
-    """The gate threshold at which ``model`` defers a ``budget`` fraction of ``dataset``'s pixels.
-
-    Works for every method through its packed gate (the confidence baseline's gate
-    is its uncertainty, L2D's the defer-vs-best-class margin), so methods can be
-    compared at the same deferral rate. Choose it on a validation split.
-    """
-    from monai.data import DataLoader
-
-    if not 0.0 <= budget <= 1.0:
-        raise ValueError(f"budget must be in [0, 1], got {budget}")
-    mode = route_mode(cfg)
-    was_training = model.training
-    model.eval()
-    scores = []
-    for batch in DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False):
-        logits = packed_logits(cfg, model(batch["image"].to(device)), num_experts, best_expert)
-        valid = batch["target"].to(device) != -100
-        s = deferral_score(
-            logits, cfg.num_classes, num_experts, mode, cfg.route_scores, cfg.expert_cost
-        )
-        scores.append(s[valid].double().cpu())
-    model.train(was_training)
-    return budget_threshold(torch.cat(scores).numpy(), budget, mode)
+    return batches
 
 
 def evaluate(
@@ -177,12 +84,12 @@ def evaluate(
 ) -> Dict[str, Any]:
     """Evaluate a checkpoint on ``split``; write metrics.json (and figures) to ``out``.
 
-    ``budget``: instead of a fixed ``threshold``, the one at which the model defers
-    that fraction of the pixels of the validation split (the deferral budget).
-    Without either, the training configuration's budget is used. ``matched``:
-    also report the metrics at the threshold that defers exactly ``budget`` of
-    *this* split's pixels (``matched_*``: methods compared at equal test
-    deferral rates).
+    The checkpoint's policy is calibrated for ``budget`` (default: the training
+    budget) on the validation split, unless ``threshold`` fixes it, the method never
+    defers, or it routes by the router (its own rate). ``matched``: also report the
+    metrics at the threshold that defers exactly ``budget`` of *this* split's pixels
+    (``matched_*``: methods compared at equal test deferral rates). ``sweep``: the
+    risk-coverage curve at this split's score quantiles (:data:`CURVE_BUDGETS`).
     """
     dev = resolve_device(device)
     model, cfg, ck = load_trained(checkpoint_path, dev, overrides)
@@ -203,57 +110,32 @@ def evaluate(
             f"the checkpoint was trained with {E} experts, the {split} data has "
             f"{ds.info.num_experts}"
         )
-    if threshold is None and budget is None:
-        budget = cfg.budget
-    if not method.defers:  # the base segmentor alone never defers
-        threshold, budget = 1.0, None
-    if route_mode(cfg) == "router":
-        threshold, budget = 0.5, None  # the router's argmax decides, at its own rate
-    if budget is not None:
+    policy = _policy(ck, cfg, E, best_expert, overrides)
+    if policy.defers and policy.mode != "router" and threshold is None:
         val = build_data(cfg, "val") if val is None else val
-        threshold = threshold_for_budget(model, val, cfg, E, best_expert, dev, budget)
-    metrics, examples = evaluate_model(
-        model,
-        ds,
-        cfg,
-        E,
-        best_expert,
-        dev,
+    metrics, examples = evaluate_outputs(
+        policy,
+        None if val is None else network_outputs(model, val, cfg, E, best_expert, dev),
+        network_outputs(model, ds, cfg, E, best_expert, dev),
+        budget=cfg.budget if budget is None else budget,
         threshold=threshold,
+        matched=matched,
+        sweep=sweep,
         with_hd95=with_hd95,
+        backend=cfg.backend,
         keep_examples=4 if figures else 0,
-        thresholds=None if sweep else (threshold,),
     )
-    if matched and budget is not None:
-        t_test = threshold_for_budget(model, ds, cfg, E, best_expert, dev, budget)
-        m2, _ = evaluate_model(
-            model,
-            ds,
-            cfg,
-            E,
-            best_expert,
-            dev,
-            threshold=t_test,
-            with_hd95=False,
-            thresholds=(t_test,),
-        )
-        metrics.update(
-            {
-                f"matched_{k}": m2[k]
-                for k in ("system_dice", "deferral_rate", "deferral_components_per_image")
-            }
-        )
+    for i, ex in enumerate(examples):  # the images shown next to their routing
+        item = ds[i]
+        ex.update(id=item["id"], image=item["image"])
     metrics.update(
         method=cfg.method,
-        threshold=cfg.threshold if threshold is None else threshold,
-        budget=budget,
         split=split,
         checkpoint=str(checkpoint_path),
         expert_names=list(ds.info.expert_names),
         # each expert's share of the deferred pixels, by name (the evaluator's list is in
         # the order of the routing channels, which is that of expert_names)
         expert_share=dict(zip(ds.info.expert_names, metrics["expert_share"])),
-        route_mode=route_mode(cfg),
         selection={"by": cfg.selection, "budget": cfg.budget, "val": ck.get("val")},
     )
     if out:
@@ -266,6 +148,71 @@ def evaluate(
             Path(checkpoint_path).parent / "log.jsonl",
         )
     return metrics
+
+
+def evaluate_outputs(
+    policy: DeferralPolicy,
+    val_data: Optional[Callable[[], Iterator[Batch]]],
+    test_data: Callable[[], Iterator[Batch]],
+    budget: float,
+    threshold: Optional[float] = None,
+    matched: bool = False,
+    sweep: bool = True,
+    with_hd95: bool = False,
+    backend: str = "auto",
+    keep_examples: int = 0,
+) -> Tuple[Dict[str, Any], List[Dict[str, torch.Tensor]]]:
+    """Evaluation of any network's outputs at a budget: ``policy`` calibrated for
+    ``budget`` on ``val_data`` (unless ``threshold`` fixes it, it never defers, or it
+    routes by the router at its own rate), then measured on ``test_data``
+    (:func:`deferredseg.metrics.measure`). ``matched``: also the metrics at the threshold
+    that defers exactly ``budget`` of the test pixels (``matched_*``); ``sweep``: the
+    risk-coverage curve at the test split's score quantiles (:data:`CURVE_BUDGETS`).
+    The data are functions returning a new pass of (packed logits, target, expert
+    labels) batches (:func:`network_outputs`)."""
+    if not policy.defers or policy.mode == "router":
+        budget, source = None, "its own rate" if policy.mode == "router" else "never defers"
+    elif threshold is not None:
+        policy = policy.with_threshold(threshold)
+        budget, source = None, "fixed threshold"
+    else:
+        if val_data is None:
+            raise ValueError("a budget needs validation outputs (val_data) to calibrate on")
+        policy = policy.calibrate(val_data, budget)
+        source = "validation split"
+    budgets = list(CURVE_BUDGETS) if sweep else []
+    if matched and budget is not None and budget not in budgets:
+        budgets.append(budget)
+    curve = policy.sweep(test_data, sorted(budgets)) if budgets else []
+    metrics, examples = measure(policy, test_data, curve, with_hd95, backend, keep_examples)
+    if matched and budget is not None:
+        point = next(c for c in metrics["risk_coverage"] if c["budget"] == budget)
+        metrics.update(
+            {
+                "matched_system_dice": point["system_dice"],
+                "matched_deferral_rate": point["deferral_rate"],
+                "matched_deferral_components_per_image": point["deferral_components_per_image"],
+            }
+        )
+    metrics.update(budget=budget, threshold_source=source, policy=policy.to_dict())
+    return metrics, examples
+
+
+def _policy(
+    ck: Dict[str, Any],
+    cfg: TrainConfig,
+    num_experts: int,
+    best_expert: int,
+    overrides: Optional[Dict[str, Any]],
+) -> DeferralPolicy:
+    """The checkpoint's policy, or the method's own where ``overrides`` change how it
+    routes (``route_mode``, ``expert_cost``, ``expert_choice``): that one is calibrated anew."""
+    routing_changed = any(
+        (overrides or {}).get(k) is not None for k in ("route_mode", "expert_cost")
+    )
+    if routing_changed or not method_of(cfg).learns_routing:
+        return policy_for(cfg, num_experts, best_expert)
+    return checkpoint_policy(ck, cfg)
 
 
 def _write(
@@ -294,10 +241,20 @@ def _write(
     paths += figs.plot_risk_coverage(
         {cfg.method: metrics["risk_coverage"]},
         out_dir / "risk_coverage.png",
-        {cfg.method: (metrics["deferral_rate"], metrics["system_dice"])},
+        {
+            f"operating point: {metrics['deferral_rate']:.1%} deferred, threshold "
+            f"{_fmt(metrics.get('threshold'))} ({metrics['threshold_source']})": (
+                metrics["deferral_rate"],
+                metrics["system_dice"],
+            )
+        },
     )
     if log_path.exists():
         paths += figs.plot_training_curves(log_path, out_dir / "training_curves.png")
     metrics["figures"] = [str(p) for p in paths]
     with open(out_dir / "metrics.json", "w") as f:
         json.dump(metrics, f, indent=2)
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "none" if value is None else f"{value:.4g}"

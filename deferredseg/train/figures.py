@@ -145,7 +145,8 @@ def plot_risk_coverage(
     path,
     points: Optional[Dict[str, Tuple[float, float]]] = None,
 ) -> List[Path]:
-    """System Dice against deferral rate, one line per method; dots at the operating points."""
+    """System Dice against deferral rate, one line per method; dots at the operating points,
+    each named in the legend by its key."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 4))
     for name, curve in curves.items():
@@ -156,7 +157,7 @@ def plot_risk_coverage(
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=name)
     for name, (x, y) in (points or {}).items():
         if x is not None and y is not None:
-            ax.scatter([x], [y], s=40, zorder=3)
+            ax.scatter([x], [y], s=40, zorder=3, label=name)
     ax.set_xlabel("deferral rate (fraction of pixels sent to experts)")
     ax.set_ylabel("system Dice")
     ax.set_xlim(0, 1)

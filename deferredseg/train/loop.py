@@ -24,13 +24,14 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn as nn
 
+from ..metrics import evaluate_policy
 from .builders import best_single_expert, build_data, build_model
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .datacheck import check_training_data, checkpoint_record
 from .distributed import DistInfo, resolve_device
-from .evaluation import evaluate_model, routing_record, threshold_for_budget
-from .methods import method_of
+from .evaluation import network_outputs
+from .methods import method_of, policy_for
 from .report import EpochMeter
 from .rundir import RunDir, open_run
 
@@ -171,35 +172,12 @@ def _validate(
     best_expert: int,
     device: torch.device,
 ) -> Dict[str, Any]:
-    """Validation metrics of what will be used: the system at the deferral budget, its
-    threshold (``metrics["threshold"]``) chosen on this split (1 for a method that never
-    defers, such as the base segmentor alone)."""
-    thr = (
-        threshold_for_budget(model, val_ds, cfg, num_experts, best_expert, device, cfg.budget)
-        if method_of(cfg).defers
-        else 1.0
-    )
-    metrics, _ = evaluate_model(
-        model,
-        val_ds,
-        cfg,
-        num_experts,
-        best_expert,
-        device,
-        threshold=thr,
-        with_hd95=cfg.val_hd95,
-        thresholds=None if cfg.selection == "rc-auc" else (thr,),
-    )
-    metrics["threshold"] = thr
+    """Validation of what will be used: the method's policy calibrated for the budget on
+    this split and measured there (:func:`deferredseg.metrics.evaluate_policy`)."""
+    data = network_outputs(model, val_ds, cfg, num_experts, best_expert, device)
+    policy = policy_for(cfg, num_experts, best_expert)
+    _, metrics = evaluate_policy(policy, data, cfg.budget, cfg.selection, cfg.val_hd95, cfg.backend)
     return metrics
-
-
-def _selection_score(metrics: Dict[str, Any], cfg: TrainConfig) -> float:
-    return (
-        metrics.get("system_dice")
-        if cfg.selection == "budget-dice"
-        else metrics.get("risk_coverage_auc")
-    ) or 0.0
 
 
 # ----------------------------------------------------------------------------- joint
@@ -216,7 +194,7 @@ def _train(
     """The whole network trained with the method's loss (joint, or stage 1 of two-stage)."""
     method = method_of(cfg)
     train_ds, val_ds, E, in_channels, model = _data_and_model(cfg, device)
-    best_expert = best_single_expert(val_ds, E) if method.single_expert else 0
+    best_expert = best_single_expert(val_ds, E) if method.defers else 0
     loss_fn = method.loss(cfg, E, best_expert, info.world > 1)
     ddp_model = model
     if info.world > 1:
@@ -323,19 +301,21 @@ def _train(
                     # nothing validated yet (a smoke run): this step's model is best.pt, so
                     # that the run can be evaluated and its second stage trained
                     metrics = _validate(model, val_ds, cfg, E, best_expert, device)
-                    routing = routing_record(cfg, metrics["threshold"])
                     checkpoint(
                         out_dir / "best.pt",
                         epoch + 1,
                         step_in_epoch,
-                        {"val": dict(_scalars(metrics), epoch=epoch + 1), "routing": routing},
+                        {
+                            "val": dict(_scalars(metrics), epoch=epoch + 1),
+                            "policy": metrics["policy"],
+                        },
                     )
                 info.barrier()
                 return {"stopped": True, "global_step": global_step}
         # validation on rank 0; the decision to stop is shared with the other ranks
         if info.is_main:
             metrics = _validate(model, val_ds, cfg, E, best_expert, device)
-            score = _selection_score(metrics, cfg)
+            score = metrics["selection_score"] or 0.0
             improved = score > best
             if improved:
                 best, stale = score, 0
@@ -346,17 +326,16 @@ def _train(
                 event="epoch",
                 epoch=epoch + 1,  # epochs are numbered from 1 everywhere a user reads them
                 step=global_step,
-                **{f"val_{k}": v for k, v in metrics.items() if k != "risk_coverage"},
+                **{f"val_{k}": v for k, v in _scalars(metrics).items()},
             )
             # stays on screen; only the terms this loss trains, deferral only if it defers
             print(meter.line(epoch, cfg.epochs, metrics, hidden, method.defers), flush=True)
             if improved and out_dir is not None:
-                routing = routing_record(cfg, metrics["threshold"])
                 checkpoint(
                     out_dir / "best.pt",
                     epoch + 1,
                     0,
-                    {"val": dict(_scalars(metrics), epoch=epoch + 1), "routing": routing},
+                    {"val": dict(_scalars(metrics), epoch=epoch + 1), "policy": metrics["policy"]},
                 )
             checkpoint(last_path, epoch + 1, 0, {})
         if run is not None:  # a signal during validation: last.pt is this epoch's end
@@ -393,6 +372,7 @@ def _train_two_stage(
     import tempfile
 
     from . import two_stage as ts
+    from .methods import packed_logits
 
     base_path = cfg.base_checkpoint
     tmp = None
@@ -438,23 +418,21 @@ def _train_two_stage(
         meter.add(terms)
         print(meter.line(epoch - 1, cfg.head_epochs, metrics, hidden), flush=True)
 
-    train_cache = ts.cache_head_inputs(model, train_ds, cfg, device)
-    val_cache = ts.cache_head_inputs(model, val_ds, cfg, device)
     # the segmentation head is frozen: its loss term would only cost time
     loss_fn = method_of(cfg).loss(dataclasses.replace(cfg, lambda_seg=0.0), E, best_expert, False)
-    best, history = ts.fit_heads(
+    fit = ts.fit_routing(  # the same core as deferredseg.bolt_on.add_deferral
         model,
-        train_cache,
-        val_cache,
-        cfg,
+        train_ds,
+        val_ds,
+        ts.HeadSchedule.of(cfg),
         loss_fn,
+        policy_for(cfg, E, best_expert),
         device,
-        E,
-        best_expert,
-        log if info.is_main else None,
-        on_epoch if info.is_main else None,
+        pack=lambda out: packed_logits(cfg, out, E, best_expert),
+        log=log if info.is_main else None,
+        on_epoch=on_epoch if info.is_main else None,
     )
-    routing = routing_record(cfg, best.get("threshold"))
+    best, history = fit.metrics, fit.history
     if out_dir is not None and info.is_main:
         expert_names = list(train_ds.info.expert_names)
         state = {
@@ -472,7 +450,7 @@ def _train_two_stage(
             "expert_names": expert_names,
             "base_checkpoint": str(base_path),
             "val": _scalars(best),
-            "routing": routing,
+            "policy": best["policy"],
             "stage": 2,
             **checkpoint_record(cfg, expert_names),
         }
@@ -482,7 +460,7 @@ def _train_two_stage(
         event="best",
         selection=cfg.selection,
         budget=cfg.budget,
-        **{f"val_{k}": v for k, v in best.items()},
+        **{f"val_{k}": v for k, v in _scalars(best).items()},
     )
     info.barrier()
     stage2_steps = history[-1].get("step", 0) if history else 0

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Callable, Dict, Tuple
 
 import torch
 
-from .routing import uncertainty
+from ..policy import DeferralPolicy, uncertainty
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -39,6 +39,8 @@ __all__ = [
     "method_of",
     "packed_logits",
     "route_mode",
+    "policy_for",
+    "checkpoint_policy",
     "l2d_loss",
     "l2d_outputs",
 ]
@@ -105,8 +107,6 @@ def _criterion(cfg: "TrainConfig", num_experts: int, sync: bool):
     )
     lambdas.update({name: 0.0 for name in method_of(cfg).zero_weights})
     extra: Dict[str, object] = {}
-    if cfg.gate_target != "router":
-        extra["gate_target"] = cfg.gate_target
     if cfg.balance_low is not None:
         extra["balance_low"] = list(cfg.balance_low)
     if cfg.balance_high is not None:
@@ -116,6 +116,7 @@ def _criterion(cfg: "TrainConfig", num_experts: int, sync: bool):
         num_experts,
         backend=cfg.backend,
         surrogate=cfg.surrogate,
+        gate_target=cfg.gate_target,
         coherence=cfg.coherence,
         balance=cfg.balance,
         gate_mse=cfg.gate_mse,
@@ -301,3 +302,43 @@ def route_mode(cfg: "TrainConfig") -> str:
     """The routing mode a method is evaluated in (single-expert baselines route through
     their packed gate)."""
     return "gate" if method_of(cfg).single_expert else cfg.route_mode
+
+
+def policy_for(cfg: "TrainConfig", num_experts: int, best_expert: int) -> DeferralPolicy:
+    """The deferral policy ``cfg``'s method routes its packed logits with (not yet
+    calibrated): the base segmentor alone never defers; the single-expert baselines
+    defer through their packed gate to the best single expert (their packing already
+    leaves no other); the methods that learn to route use ``cfg``'s mode, scores, costs
+    and expert choice (``best_expert``: the best single expert on validation)."""
+    K, E = cfg.num_classes, num_experts
+    method = method_of(cfg)
+    common = dict(scores=cfg.route_scores, best_expert=best_expert)
+    if not method.defers:
+        return DeferralPolicy.never(K, E, expert_choice="heads", **common)
+    if method.single_expert:
+        return DeferralPolicy(K, E, mode="gate", expert_choice="heads", **common)
+    choice = cfg.expert_choice
+    if cfg.route_mode == "router" and choice == "auto":
+        choice = "heads"  # the router's argmax has no budget at which to compare the two
+    return DeferralPolicy(
+        K, E, mode=cfg.route_mode, expert_cost=cfg.expert_cost, expert_choice=choice, **common
+    )
+
+
+def checkpoint_policy(ck: Dict, cfg: "TrainConfig") -> DeferralPolicy:
+    """The policy a checkpoint routes with: the calibrated one training recorded
+    (``ck["policy"]``), or, for a checkpoint written before policies or without one (a
+    run's ``last.pt``), the method's uncalibrated policy with whatever threshold and
+    budget it recorded."""
+    if ck.get("policy"):
+        return DeferralPolicy.from_dict(ck["policy"])
+    E = int(ck["num_experts"])
+    policy = policy_for(cfg, E, int(ck.get("best_expert", 0)))
+    old = dict(ck.get("routing") or {})  # the record of earlier versions
+    if not policy.defers or policy.mode == "router":
+        return policy
+    if old.get("threshold") is not None and old.get("mode", policy.mode) == policy.mode:
+        policy = policy.with_threshold(old["threshold"])  # those routed by the heads' choice
+    if old.get("budget") is not None:
+        policy = policy.replace(budget=old["budget"])
+    return policy

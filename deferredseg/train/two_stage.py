@@ -10,177 +10,272 @@ then cannot degrade the segmentation, and the second stage costs a fraction of
 the first. The epoch kept is the one with the best validation system Dice at
 the deferral budget (or risk-coverage area), with the threshold chosen for that
 budget on the validation split.
+
+:func:`fit_routing` is that second stage as one call (cache, fit, select,
+calibrate); ``deferredseg train`` and :func:`deferredseg.bolt_on.add_deferral`
+(deferral added to a network trained elsewhere) both run it, with the settings of
+a :class:`HeadSchedule`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn as nn
 
+from ..metrics import SELECTIONS, evaluate_policy
+from ..policy import DeferralPolicy
 from .config import TrainConfig
-from .methods import BASE_METHOD, packed_logits
+from .methods import BASE_METHOD
 
-__all__ = ["cache_head_inputs", "fit_heads", "budget_metrics"]
+__all__ = [
+    "HeadSchedule",
+    "cache_head_inputs",
+    "cached_outputs",
+    "fit_heads",
+    "fit_routing",
+    "RoutingFit",
+]
+
+Pack = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _as_is(out: torch.Tensor) -> torch.Tensor:
+    return out.float()
+
+
+@dataclass(frozen=True)
+class HeadSchedule:
+    """How the routing heads are trained on cached inputs and their epoch selected.
+
+    ``epochs`` at ``lr`` (AdamW with ``weight_decay``, a cosine schedule over every
+    step; at most ``max_steps`` steps when it is not 0), ``batch_size`` images a step
+    (also the batch size of the caching pass),
+    shuffled by ``seed``; each epoch (and the untrained heads) is validated at
+    ``budget`` and the best by ``selection`` is kept. ``backend``: the routing kernels
+    of that validation; ``workers``: the DataLoader workers of the caching pass.
+    """
+
+    epochs: int = 30
+    lr: float = 1e-2
+    weight_decay: float = 1e-4
+    batch_size: int = 4
+    seed: int = 0
+    budget: float = 0.1
+    selection: str = "budget-dice"
+    backend: str = "auto"
+    workers: int = 0
+    max_steps: int = 0  # stop after this many optimiser steps (0: no limit)
+
+    def __post_init__(self) -> None:
+        for name, low in (("epochs", 0), ("batch_size", 1), ("workers", 0), ("max_steps", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not (isinstance(self.budget, (int, float)) and 0.0 <= self.budget <= 1.0):
+            raise ValueError(f"budget must be in [0, 1], got {self.budget!r}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {list(SELECTIONS)}, got {self.selection!r}")
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> "HeadSchedule":
+        """The second stage of a training configuration."""
+        return cls(
+            epochs=int(cfg.head_epochs),
+            lr=float(cfg.head_lr),
+            weight_decay=float(cfg.weight_decay),
+            batch_size=int(cfg.batch_size),
+            seed=int(cfg.seed),
+            budget=float(cfg.budget),
+            selection=cfg.selection,
+            backend=cfg.backend,
+            workers=int(cfg.workers),
+            max_steps=int(cfg.max_steps),  # --max-steps bounds this stage too
+        )
+
+
+def _schedule(settings) -> HeadSchedule:
+    return settings if isinstance(settings, HeadSchedule) else HeadSchedule.of(settings)
+
+
+def batch_parts(batch: Any, where: str = "data") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(image, target, expert labels)`` of one batch: a dict with the keys "image",
+    "target" and "expert_labels" (what the package's datasets give), or a tuple or list
+    ``(image, target, expert_labels)``. ``where`` names the argument in errors."""
+    if isinstance(batch, dict):
+        missing = [k for k in ("image", "target", "expert_labels") if k not in batch]
+        if missing:
+            raise ValueError(
+                f"{where}: a batch given as a dict needs the keys 'image', 'target' and "
+                f"'expert_labels'; missing {missing}, got keys {sorted(batch)}"
+            )
+        parts = (batch["image"], batch["target"], batch["expert_labels"])
+    elif isinstance(batch, (tuple, list)) and len(batch) == 3:
+        parts = tuple(batch)
+    else:
+        raise TypeError(
+            f"{where}: a batch must be a dict with 'image', 'target', 'expert_labels' or a "
+            f"tuple (image, target, expert_labels), got {type(batch).__name__}"
+            + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+        )
+    names = ("image", "target", "expert_labels")
+    out = []
+    for name, t in zip(names, parts):
+        if hasattr(t, "as_tensor"):  # a MONAI MetaTensor
+            t = t.as_tensor()
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{where}: the batch's {name} must be a tensor, got {type(t).__name__}")
+        out.append(t)
+    image, target, experts = out
+    if image.dim() < 3:
+        raise ValueError(f"{where}: image must be (B, C, *S), got shape {tuple(image.shape)}")
+    shape = (image.shape[0],) + tuple(image.shape[2:])
+    if target.dim() == image.dim() and target.shape[1] == 1:
+        target = target[:, 0]
+    if tuple(target.shape) != shape:
+        raise ValueError(
+            f"{where}: target must have shape (B, *S) = {shape} for images of shape "
+            f"{tuple(image.shape)}, got {tuple(target.shape)}"
+        )
+    if experts.dim() != image.dim() or (experts.shape[0],) + tuple(experts.shape[2:]) != shape:
+        raise ValueError(
+            f"{where}: expert_labels must have shape (B, E, *S) = ({shape[0]}, E, "
+            f"{', '.join(map(str, shape[1:]))}) for images of shape {tuple(image.shape)}, "
+            f"got {tuple(experts.shape)}"
+        )
+    return image, target, experts
+
+
+def _batches(data, settings: HeadSchedule) -> Iterable[Any]:
+    """The batches of a dataset (through a DataLoader) or of an iterable of batches."""
+    from torch.utils.data import Dataset
+
+    if isinstance(data, Dataset):
+        from monai.data import DataLoader
+
+        return DataLoader(
+            data, batch_size=settings.batch_size, shuffle=False, num_workers=settings.workers
+        )
+    return data
 
 
 @torch.no_grad()
 def cache_head_inputs(
-    model: nn.Module, dataset, cfg: TrainConfig, device: torch.device
+    model: nn.Module, data, settings, device: torch.device, where: str = "data"
 ) -> Dict[str, torch.Tensor]:
-    """Segmentation logits, head inputs, targets and expert labels of every image (on the CPU)."""
-    from monai.data import DataLoader
-
+    """Segmentation logits, head inputs, targets and expert labels of every image (on the
+    CPU). ``data``: a dataset of items (read through a DataLoader of ``batch_size``) or an
+    iterable of batches (see :func:`batch_parts`); ``settings``: a :class:`HeadSchedule`
+    or a training configuration."""
+    settings = _schedule(settings)
     model.eval()
     parts: Dict[str, List[torch.Tensor]] = {"seg": [], "head_in": [], "target": [], "experts": []}
-    for batch in DataLoader(
-        dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers
-    ):
-        seg, head_in = model.head_inputs(batch["image"].to(device))
+    for batch in _batches(data, settings):
+        image, target, experts = batch_parts(batch, where)
+        seg, head_in = model.head_inputs(image.to(device))
         parts["seg"].append(seg.float().cpu())
         parts["head_in"].append(head_in.float().cpu())
-        parts["target"].append(batch["target"])
-        parts["experts"].append(batch["expert_labels"])
+        parts["target"].append(target.cpu())
+        parts["experts"].append(experts.cpu())
+    if not parts["seg"]:
+        raise ValueError(f"{where}: holds no batches")
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
-@torch.no_grad()
-def packed_from_cache(
+def cached_outputs(
     model: nn.Module,
     cache: Dict[str, torch.Tensor],
-    cfg: TrainConfig,
+    settings,
     device: torch.device,
-    num_experts: int,
-    best_expert: int,
-) -> torch.Tensor:
-    out = []
-    step = max(cfg.batch_size, 8)
-    for i in range(0, len(cache["seg"]), step):
-        seg = cache["seg"][i : i + step].to(device)
-        hin = cache["head_in"][i : i + step].to(device)
-        out.append(
-            packed_logits(cfg, model.heads_forward(seg, hin), num_experts, best_expert).cpu()
-        )
-    return torch.cat(out)
+    pack: Optional[Pack] = None,
+):
+    """A function returning a new pass of ``(packed logits, target, expert labels)``
+    batches of the heads over cached inputs: what the policy is calibrated and measured
+    on. ``pack`` turns the heads' output into packed logits (default: as it is, float)."""
+    settings = _schedule(settings)
+    pack = pack or _as_is
 
+    def batches():
+        step = max(settings.batch_size, 8)
+        with torch.no_grad():
+            for i in range(0, len(cache["seg"]), step):
+                seg = cache["seg"][i : i + step].to(device)
+                hin = cache["head_in"][i : i + step].to(device)
+                out = pack(model.heads_forward(seg, hin))
+                yield (
+                    out,
+                    cache["target"][i : i + step].to(device),
+                    cache["experts"][i : i + step].to(device),
+                )
 
-def budget_metrics(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    experts: torch.Tensor,
-    cfg: TrainConfig,
-    num_experts: int,
-    budget: float,
-    threshold: Optional[float] = None,
-) -> Dict[str, Any]:
-    """System and model Dice, deferral rate and the threshold at ``budget`` on these logits.
-
-    The threshold is chosen on these same pixels unless given.
-    """
-    from ..metrics import per_image_scores
-    from .methods import route_mode
-    from .routing import budget_threshold, deferral_score, route_logits
-
-    K, E = cfg.num_classes, num_experts
-    valid = target != -100
-    mode = route_mode(cfg)  # the mode evaluation uses, so selection and evaluation agree
-    if threshold is None and mode != "router":
-        s = deferral_score(logits, K, E, mode, cfg.route_scores, cfg.expert_cost)
-        threshold = budget_threshold(s[valid].numpy(), budget, mode)
-    out = route_logits(
-        logits,
-        K,
-        E,
-        mode,
-        0.5 if threshold is None else threshold,
-        experts,
-        cfg.route_scores,
-        cfg.expert_cost,
-        backend=cfg.backend,
-    )
-    nl = max(K, 2)
-    sys_d = per_image_scores(out.final, target, nl, None, -100, False)["dice"]
-    mod_d = per_image_scores(out.model_pred, target, nl, None, -100, False)["dice"]
-    finite = lambda xs: [x for x in xs if not math.isnan(x)]  # noqa: E731
-    rate = float(((out.assignment >= 0) & valid).sum()) / max(int(valid.sum()), 1)
-    return {
-        "system_dice": float(np.mean(finite(sys_d))) if finite(sys_d) else None,
-        "model_dice": float(np.mean(finite(mod_d))) if finite(mod_d) else None,
-        "deferral_rate": rate,
-        "threshold": threshold,
-    }
-
-
-def rc_area(logits, target, experts, cfg: TrainConfig, num_experts: int) -> float:
-    """Mean system Dice over the budgets 0, 5, ..., 30% (a cheap risk-coverage area)."""
-    vals = [
-        budget_metrics(logits, target, experts, cfg, num_experts, b)["system_dice"] or 0.0
-        for b in (0.0, 0.05, 0.1, 0.2, 0.3)
-    ]
-    return float(np.mean(vals))
+    return batches
 
 
 def fit_heads(
     model: nn.Module,
     train_cache: Dict[str, torch.Tensor],
     val_cache: Dict[str, torch.Tensor],
-    cfg: TrainConfig,
+    settings,
     loss_fn,
     device: torch.device,
-    num_experts: int,
-    best_expert: int,
+    policy: DeferralPolicy,
+    pack: Optional[Pack] = None,
     log=None,
     on_epoch=None,
 ) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
     """Train the routing heads of ``model`` on cached inputs; keep the best epoch's weights.
 
-    ``loss_fn(logits, target, experts) -> (loss, terms)``. Returns the best
-    validation metrics and the per-epoch history; the model ends with the best heads.
-    Epochs are numbered from 1 (0: the heads as initialised). ``on_epoch(epoch, metrics,
-    mean terms)`` is called after each epoch's validation (the line printed per epoch).
+    ``loss_fn(logits, target, experts) -> (loss, terms)``; ``policy``: the (uncalibrated)
+    deferral policy every epoch is validated with, calibrated at the budget on the
+    validation cache (:func:`~deferredseg.metrics.evaluate_policy`). The heads as
+    initialised are a candidate too. Returns the best validation metrics (their
+    ``"policy"``: the calibrated policy's record) and the per-epoch history; the model
+    ends with the best heads. Epochs are numbered from 1 (0: the heads as initialised).
+    ``on_epoch(epoch, metrics, mean terms)`` is called after each epoch's validation (the
+    line printed per epoch).
     """
+    settings = _schedule(settings)
     params = model.head_parameters()
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.head_lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     n = len(train_cache["seg"])
-    steps = max(math.ceil(n / cfg.batch_size) * cfg.head_epochs, 1)
+    steps = max(math.ceil(n / settings.batch_size) * settings.epochs, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(settings.seed)
     best_score, best_state, best_metrics = -math.inf, None, {}
     history: List[Dict[str, Any]] = []
     step = 0
 
+    val_data = cached_outputs(model, val_cache, settings, device, pack)
+
     def consider(epoch: int) -> Dict[str, Any]:
         nonlocal best_score, best_state, best_metrics
-        logits = packed_from_cache(model, val_cache, cfg, device, num_experts, best_expert)
-        m = budget_metrics(
-            logits, val_cache["target"], val_cache["experts"], cfg, num_experts, cfg.budget
+        model.eval()
+        _, m = evaluate_policy(
+            policy, val_data, settings.budget, settings.selection, False, settings.backend
         )
-        score = (
-            (m["system_dice"] or 0.0)
-            if cfg.selection == "budget-dice"
-            else rc_area(logits, val_cache["target"], val_cache["experts"], cfg, num_experts)
-        )
-        m["selection_score"] = score
-        history.append({"epoch": epoch, "step": step, **m})
+        score = m["selection_score"] or 0.0
+        history.append({"epoch": epoch, "step": step, **_scalar_items(m)})
         if log is not None:
             log.write(
                 event="epoch",
                 stage=2,
                 epoch=epoch,
-                selection=cfg.selection,
-                budget=cfg.budget,
-                **{f"val_{k}": v for k, v in m.items()},
+                selection=settings.selection,
+                budget=settings.budget,
+                **{f"val_{k}": v for k, v in _scalar_items(m).items()},
             )
         if score > best_score:
             best_score, best_metrics = score, dict(m, epoch=epoch, step=step)
@@ -188,13 +283,13 @@ def fit_heads(
         return m
 
     consider(0)  # the heads as initialised (with the uncertainty prior: confidence deferral)
-    for epoch in range(1, cfg.head_epochs + 1):
+    for epoch in range(1, settings.epochs + 1):
         model.train()
         sums: Dict[str, float] = {}
         batches = 0
         perm = torch.randperm(n, generator=gen)
-        for i in range(0, n, cfg.batch_size):
-            idx = perm[i : i + cfg.batch_size]
+        for i in range(0, n, settings.batch_size):
+            idx = perm[i : i + settings.batch_size]
             seg = train_cache["seg"][idx].to(device)
             hin = train_cache["head_in"][idx].to(device)
             out = model.heads_forward(seg, hin)
@@ -219,12 +314,12 @@ def fit_heads(
                     loss=float(loss.detach()),
                     **{k: float(v) for k, v in terms.items() if k != "pbar"},
                 )
-            if cfg.max_steps and step >= cfg.max_steps:
+            if settings.max_steps and step >= settings.max_steps:
                 break  # --max-steps bounds this stage too
         m = consider(epoch)
         if on_epoch is not None:
             on_epoch(epoch, m, {k: v / max(batches, 1) for k, v in sums.items()})
-        if cfg.max_steps and step >= cfg.max_steps:
+        if settings.max_steps and step >= settings.max_steps:
             if log is not None:
                 log.write(event="stopped", stage=2, reason="max_steps", step=step)
             break
@@ -234,6 +329,45 @@ def fit_heads(
                 p.copy_(v)
     model.eval()
     return best_metrics, history
+
+
+@dataclass
+class RoutingFit:
+    """What :func:`fit_routing` returns."""
+
+    policy: DeferralPolicy  # calibrated at the budget on the validation data
+    metrics: Dict[str, Any]  # the best epoch's validation metrics (its "epoch" among them)
+    history: List[Dict[str, Any]]  # every epoch's (epoch 0: the untrained heads)
+
+
+def fit_routing(
+    model: nn.Module,
+    train_data,
+    val_data,
+    settings,
+    loss_fn,
+    policy: DeferralPolicy,
+    device: torch.device,
+    pack: Optional[Pack] = None,
+    log=None,
+    on_epoch=None,
+) -> RoutingFit:
+    """The second stage, shared by ``deferredseg train`` and
+    :func:`deferredseg.bolt_on.add_deferral`: cache what the routing heads of ``model``
+    read on ``train_data`` and ``val_data`` once (the backbone and segmentation are
+    frozen), train the heads on the caches (:func:`fit_heads`), keep the best epoch by
+    validation at the budget, and return the policy calibrated there.
+
+    ``model``: anything with ``head_inputs``, ``heads_forward`` and ``head_parameters``
+    (a :class:`~deferredseg.models.DeferredSegmentor` with ``heads="conv"``).
+    """
+    settings = _schedule(settings)
+    train_cache = cache_head_inputs(model, train_data, settings, device, "train_data")
+    val_cache = cache_head_inputs(model, val_data, settings, device, "val_data")
+    best, history = fit_heads(
+        model, train_cache, val_cache, settings, loss_fn, device, policy, pack, log, on_epoch
+    )
+    return RoutingFit(DeferralPolicy.from_dict(best["policy"]), best, history)
 
 
 def base_config(cfg: TrainConfig) -> TrainConfig:
@@ -265,3 +399,10 @@ def load_base(model: nn.Module, path, device: torch.device) -> None:
             "(same backbone, features and number of classes are needed)"
         )
     model.load_state_dict(state, strict=False)
+
+
+def _scalar_items(metrics: Dict[str, Any]) -> Dict[str, Any]:
+    """The numbers of a metrics dict, and its policy record (kept with the best epoch)."""
+    out = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None}
+    out["policy"] = metrics["policy"]
+    return out

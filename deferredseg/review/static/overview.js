@@ -30,7 +30,11 @@
         cell(tr, e.total); cell(tr, e.done); cell(tr, e.left);
         const bar = document.createElement("progress");
         bar.max = Math.max(e.total, 1); bar.value = e.done;
-        cell(tr, bar);
+        const pct = document.createElement("span");
+        pct.textContent = " " + (e.total ? Math.round(100 * e.done / e.total) + " %" : "no tasks");
+        const both = document.createElement("span");
+        both.appendChild(bar); both.appendChild(pct);
+        cell(tr, both);
         cell(tr, e.pixels);
         body.appendChild(tr);
       }

@@ -24,11 +24,22 @@
   async function request(url, options) {
     const r = await fetch(url, Object.assign({ headers: headers }, options || {}));
     if (!r.ok) {
-      let why = r.statusText;
-      try { why = (await r.json()).error || why; } catch (e) { /* not JSON */ }
-      throw new Error(why + " (" + r.status + ")");
+      let why = r.statusText, body = null;
+      try { body = await r.json(); why = body.error || why; } catch (e) { /* not JSON */ }
+      const err = new Error(why + " (" + r.status + ")");
+      err.status = r.status;
+      err.body = body;
+      throw err;
     }
     return r;
+  }
+
+  // a request that changes state: JSON (the server refuses anything else, so that a page of
+  // another site cannot send one without the browser asking the server first)
+  function post(url, body) {
+    return request(url, {
+      method: "POST", headers: Object.assign({ "Content-Type": "application/json" }, headers),
+      body: JSON.stringify(body) });
   }
 
   function showCounts(c) {
@@ -41,6 +52,8 @@
     showCounts(q.counts);
     if (q.next === null) {
       $("main").hidden = true;
+      $("empty").textContent = q.counts.total ? "No tasks left in your queue. Thank you!"
+        : "There are no tasks for you in this folder.";
       $("empty").hidden = false;
       document.body.dataset.state = "empty";
       document.body.dataset.task = "";
@@ -85,8 +98,10 @@
       sel.appendChild(o);
     }
     $("taskinfo").innerHTML = "";
+    const axes = ["rows", "columns", "slices"];
     const info = [["task", t.id], ["image", t.image], ["area", t.area + " px"],
-                  ["box", t.bbox.map((b) => b[0] + "-" + b[1]).join(" x ")]];
+                  ["box", t.bbox.map((b, k) => (axes[k] || "axis " + k) + " " + b[0] + "-" + (b[1] - 1))
+                    .join(", ")]];
     for (const [k, v] of info) {
       const d = document.createElement("div");
       const b = document.createElement("b");
@@ -99,7 +114,9 @@
     canvas.width = state.dims[1] * state.scale;
     canvas.height = state.dims[0] * state.scale;
     draw();
-    message("");
+    message(t.answer ? "Already answered (" + t.answer + "); a new answer replaces it." : "");
+    // the answer's time counts from this opening (a GET records nothing)
+    await post(api("/tasks/" + id + "/open"), {});
     document.body.dataset.task = String(t.id);
     document.body.dataset.state = "ready";
   }
@@ -207,17 +224,26 @@
     state.busy = true;
     document.body.dataset.state = "sending";
     try {
-      const body = { action: action };
+      // the version this answer was made on: if the task was answered meanwhile (another tab,
+      // another person), the server refuses it with 409 and the current answer
+      const body = { action: action, base: state.task.version };
       if (action === "edited") { body.mask = toBase64(state.edit); body.shape = state.task.crop_shape; }
-      const r = await request(api("/tasks/" + state.task.id + "/answer"), {
-        method: "POST", headers: Object.assign({ "Content-Type": "application/json" }, headers),
-        body: JSON.stringify(body) });
-      const res = await r.json();
+      const res = await (await post(api("/tasks/" + state.task.id + "/answer"), body)).json();
       showCounts(res.counts);
       await next(res.task);
     } catch (err) {
-      message(err.message, true);
-      document.body.dataset.state = "ready";
+      if (err.status === 409 && err.body) {
+        const cur = err.body.current;
+        // the next send is made knowingly on the current version
+        state.task.version = cur ? cur.answer : null;
+        message("This task was answered meanwhile" + (cur ? " (" + cur.action + ")" : "") +
+                ", in another tab or by someone else. Press again to replace that answer " +
+                "with yours.", true);
+        document.body.dataset.state = "conflict";
+      } else {
+        message(err.message, true);
+        document.body.dataset.state = "ready";
+      }
     } finally {
       state.busy = false;
     }
