@@ -100,7 +100,7 @@ def run_demo(
         f"\ntest split ({m['images']} images), thresholds chosen on the validation split for a "
         f"{BUDGET:.0%} deferral budget:\n"
     )
-    print("| prediction | Dice | HD95 (px) | deferral rate |")
+    print(f"| prediction | Dice | HD95 ({m.get('hd95_unit') or 'px'}) | deferral rate |")
     print("|---|---|---|---|")
     print(f"| model alone | {f(m['model_dice'])} | {f(m['model_hd95'], '.2f')} | 0 |")
     print(
@@ -111,10 +111,9 @@ def run_demo(
         f"| DeferredSeg (model + experts) | {f(m['system_dice'])} | {f(m['system_hd95'], '.2f')} "
         f"| {m['deferral_rate']:.3f} |"
     )
-    names = m.get("expert_names") or [f"expert {j}" for j in range(len(m["expert_share"]))]
     print(
         "\nworkload per expert (share of the deferred pixels): "
-        + ", ".join(f"{n} {s:.1%}" for n, s in zip(names, m["expert_share"]))
+        + ", ".join(f"{n} {s:.1%}" for n, s in m["expert_share"].items())
     )
     print(
         f"the deferral score ranks the model's wrong pixels with AUROC "

@@ -1,7 +1,8 @@
 """Evaluation metrics of a deferral system.
 
 Segmentation quality (Dice, IoU, sensitivity, HD95) comes from MONAI's metric
-functions, computed per image and per foreground class, and averaged over the
+functions, computed per image and per foreground class (HD95 in mm from each image's
+voxel spacing where it is known, ``hd95_unit`` "mm", else in pixels, "px"), and averaged over the
 classes and images where it is defined (an image without that class in the
 ground truth does not count: MONAI's ``ignore_empty``). It is reported for the
 fused prediction (``system_*``), the model alone (``model_*``), and inside the
@@ -49,12 +50,15 @@ def per_image_scores(
     region: Optional[torch.Tensor] = None,
     ignore_index: int = IGNORE_INDEX,
     with_hd95: bool = True,
+    spacing: Optional[torch.Tensor] = None,
 ) -> Dict[str, List[float]]:
     """Dice, IoU, sensitivity (and HD95) of each image, averaged over foreground classes.
 
     ``pred`` and ``target`` are (B, *S) labels; ``region`` restricts the pixels
     compared (e.g. the expert-routed ones). A value is NaN for an image whose
-    region holds no foreground in the ground truth.
+    region holds no foreground in the ground truth. ``spacing`` (B, D): each image's
+    voxel size, so that HD95 is in its physical unit (MONAI's ``spacing``); without it
+    (or where it holds NaN) HD95 is in pixels.
     """
     from monai.metrics import (
         compute_confusion_matrix_metric,
@@ -82,10 +86,29 @@ def per_image_scores(
 
             with warnings.catch_warnings():  # MONAI warns on empty masks, which we mark NaN
                 warnings.simplefilter("ignore")
-                hd = compute_hausdorff_distance(p, t, include_background=False, percentile=95)
+                hd = compute_hausdorff_distance(
+                    p,
+                    t,
+                    include_background=False,
+                    percentile=95,
+                    spacing=_spacing_arg(spacing, p.shape[0]),
+                )
             hd = torch.where(has_both, hd.float(), torch.full_like(hd.float(), float("nan")))
         out["hd95"] = hd
     return {k: [_nanmean(row.tolist()) for row in v] for k, v in out.items()}
+
+
+def has_spacing(spacing: Optional[torch.Tensor]) -> bool:
+    """Whether every image of a batch has a known voxel size."""
+    return spacing is not None and bool(torch.isfinite(spacing).all())
+
+
+def _spacing_arg(spacing: Optional[torch.Tensor], batch: int):
+    """MONAI's ``spacing`` argument: one list per image, or None (pixels)."""
+    if not has_spacing(spacing):
+        return None
+    rows = spacing.reshape(batch, -1).double().cpu().tolist()
+    return [[float(v) for v in row] for row in rows]
 
 
 def count_components(mask: torch.Tensor) -> List[int]:
@@ -129,6 +152,7 @@ class DeferralEvaluator:
         self.sweep_dice: List[List[float]] = [[] for _ in self.sweep]
         self.sweep_deferred = [0] * len(self.sweep)
         self.sweep_components: List[List[int]] = [[] for _ in self.sweep]
+        self.hd95_units: set = set()  # "mm" (batches with a voxel size), "px" (without)
 
     def _add(self, prefix: str, values: Dict[str, List[float]]) -> None:
         for k, v in values.items():
@@ -136,17 +160,25 @@ class DeferralEvaluator:
 
     @torch.no_grad()
     def update(
-        self, logits: torch.Tensor, target: torch.Tensor, expert_labels: torch.Tensor
+        self,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        expert_labels: torch.Tensor,
+        spacing: Optional[torch.Tensor] = None,
     ) -> Routing:
-        """Record one batch; returns its routing under ``policy``."""
+        """Record one batch; returns its routing under ``policy``. ``spacing`` (B, D): the
+        images' voxel sizes in mm (HD95 in mm), else pixels."""
         if target.dim() == logits.dim():
             target = target.squeeze(1)
         out = self.policy.route(logits, expert_labels, backend=self.backend)
         valid = target != self.ignore_index
         deferred = (out.assignment >= 0) & valid
         nl, ii, hd = self.num_labels, self.ignore_index, self.with_hd95
-        self._add("system", per_image_scores(out.final, target, nl, None, ii, hd))
-        self._add("model", per_image_scores(out.model_pred, target, nl, None, ii, hd))
+        if not has_spacing(spacing):
+            spacing = None
+        self.hd95_units.add("mm" if spacing is not None else "px")
+        self._add("system", per_image_scores(out.final, target, nl, None, ii, hd, spacing))
+        self._add("model", per_image_scores(out.model_pred, target, nl, None, ii, hd, spacing))
         self._add("expert_region", per_image_scores(out.final, target, nl, deferred, ii, False))
         self._add("model_region", per_image_scores(out.final, target, nl, ~deferred, ii, False))
         self.valid += int(valid.sum())
@@ -189,6 +221,9 @@ class DeferralEvaluator:
         res["risk_coverage"] = curve
         res["risk_coverage_auc"] = rc_area([(c["deferral_rate"], c["system_dice"]) for c in curve])
         res["images"] = len(self.components)
+        if self.with_hd95:  # the unit of system_hd95 and model_hd95
+            units = sorted(self.hd95_units)
+            res["hd95_unit"] = units[0] if len(units) == 1 else "mixed (mm where known, else px)"
         return _json_ready(res)
 
 
@@ -216,7 +251,8 @@ def measure(
     keep_examples: int = 0,
 ) -> Tuple[Dict[str, object], List[Dict[str, torch.Tensor]]]:
     """Every metric of ``policy`` on ``data`` (``(packed logits, target, expert labels)``
-    batches), the ``sweep``'s risk-coverage curve, and how well the policy's score and
+    batches, with a fourth item, the images' voxel sizes, for HD95 in mm), the ``sweep``'s
+    risk-coverage curve, and how well the policy's score and
     the segmentation head's uncertainty rank the model's wrong pixels (AUROC, from
     histograms: bounded memory). Also the first ``keep_examples`` images' routing."""
     ev = DeferralEvaluator(policy, with_hd95, sweep, backend)
@@ -224,9 +260,11 @@ def measure(
     unc_policy = policy.replace(mode="uncertainty", budget=None, threshold=None)
     examples: List[Dict[str, torch.Tensor]] = []
     K = policy.num_classes
-    for logits, target, experts in data():
+    for batch in data():
+        logits, target, experts = batch[:3]
+        spacing = batch[3] if len(batch) > 3 else None
         t = target.squeeze(1) if target.dim() == logits.dim() else target
-        out = ev.update(logits, t, experts)
+        out = ev.update(logits, t, experts, spacing)
         valid = t != policy.ignore_index
         wrong = ~model_correct(logits[:, :K], t, K) & valid
         right = valid & ~wrong

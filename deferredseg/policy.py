@@ -210,8 +210,8 @@ def _unpack(batch: Batch):
                 f"'target', 'expert_labels'), got keys {sorted(batch)}"
             )
         return batch["logits"], batch.get("target"), batch.get("expert_labels")
-    if isinstance(batch, (tuple, list)) and 1 <= len(batch) <= 3:
-        parts = list(batch) + [None] * (3 - len(batch))
+    if isinstance(batch, (tuple, list)) and 1 <= len(batch) <= 4:  # a 4th item: voxel sizes
+        parts = list(batch[:3]) + [None] * (3 - min(len(batch), 3))
         return parts[0], parts[1], parts[2]
     raise TypeError(
         "a calibration batch must be logits, (logits, target), (logits, target, "

@@ -82,9 +82,9 @@ def test_train_then_evaluate_writes_checkpoints_log_metrics_and_figures(tmp_path
         "risk_coverage_auc",
     ):
         assert key in m, key
-    assert len(m["expert_share"]) == 5
+    assert list(m["expert_share"]) == m["expert_names"] and len(m["expert_names"]) == 5
     if m["deferral_rate"] > 0:
-        assert sum(m["expert_share"]) == pytest.approx(1.0)
+        assert sum(m["expert_share"].values()) == pytest.approx(1.0)
     import matplotlib.image as mpimg
 
     assert len(m["figures"]) == 3
@@ -159,6 +159,41 @@ def test_help_is_there_for_every_command(capsys):
     assert "--expert-profile" in run_main(["train", "--help"], capsys)[1]
 
 
+def test_the_command_list_needs_no_torch_and_has_no_markup():
+    """``deferredseg --help`` builds the command list from the standard library alone (its
+    time: benchmarks/bench_help.py); the text is plain, without RST markup."""
+    code = (
+        "import sys\n"
+        "from deferredseg.cli import main\n"
+        "try:\n"
+        "    main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('torch imported' if 'torch' in sys.modules else 'no torch')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("no torch"), proc.stdout
+    for name in ("train", "evaluate", "demo", "predict", "serve", "merge", "review-demo"):
+        assert f"\n    {name} " in proc.stdout, name
+    assert "``" not in proc.stdout
+
+
+def test_train_help_is_grouped_with_rare_options_last(capsys):
+    code, out, _ = run_main(["train", "--help"], capsys)
+    assert code == 0 and "``" not in out
+    headings = [line[:-1] for line in out.splitlines() if line.endswith(":") and " " != line[0]]
+    wanted = ["data", "model", "objective", "schedule", "routing", "output", "rarely used"]
+    assert [h for h in headings if h in wanted] == wanted, headings
+    rare = out.index("\nrarely used:")
+    for flag in ("--grad-accum", "--gate-sparsity", "--workers", "--balance-low"):
+        assert out.index(f"\n  {flag} ") > rare, flag
+    for flag in ("--layout", "--epochs", "--out", "--budget", "--lambda-gate"):
+        assert out.index(f"\n  {flag} ") < rare, flag
+
+
 def test_module_entry_point_and_console_script():
     proc = run_cli("--help")
     assert "usage: deferredseg" in proc.stdout
@@ -196,12 +231,49 @@ def test_two_stage_resumed_in_stage_one_reaches_the_same_weights(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(["train", "--out", str(full), *common]) == 0
     assert main(["train", "--out", str(part), "--max-steps", "3", *common]) == 0
-    assert (part / "base" / "last.pt").is_file() and not (part / "best.pt").exists()
+    assert (part / "base" / "last.pt").is_file() and (part / "best.pt").is_file()
+    assert load_checkpoint(part / "base" / "last.pt")["global_step"] == 3
     assert main(["train", "--out", str(part), "--resume", *common]) == 0
     a, b = _weights(full / "best.pt"), _weights(part / "best.pt")
     assert a.keys() == b.keys() and any(k.startswith("routing_heads.") for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_max_steps_bounds_each_stage_and_leaves_a_usable_best_pt(tmp_path, capsys):
+    out = tmp_path / "dash"
+    args = ["train", "--out", out, "--epochs", "3", "--head-epochs", "3", "--max-steps", "2"]
+    code, stdout, _ = run_main([*args, *TINY], capsys)
+    assert code == 0
+    assert (out / "best.pt").is_file() and (out / "base" / "best.pt").is_file()
+    steps = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in steps if r["event"] == "step") == 2  # stage 2 bounded too
+    last = stdout.strip().splitlines()[-1]
+    assert last == f"run folder: {out} (best.pt, last.pt, log.jsonl)", stdout
+    code, _, err = run_main(
+        ["evaluate", "--checkpoint", out / "best.pt", "--out", out / "eval", "--no-figures"],
+        capsys,
+    )
+    assert code == 0 and (out / "eval" / "metrics.json").is_file(), err
+    # a joint run stopped before any epoch ended: best.pt too; the last line lists what exists
+    joint = tmp_path / "joint"
+    code, stdout, _ = run_main(
+        [
+            "train",
+            "--out",
+            joint,
+            "--training",
+            "joint",
+            "--method",
+            "model-only",
+            "--max-steps",
+            "1",
+            *TINY,
+        ],
+        capsys,
+    )
+    assert code == 0 and (joint / "best.pt").is_file()
+    assert "stopped at step 1" in stdout
 
 
 def test_resume_after_a_stop_mid_epoch_reaches_the_same_weights(tmp_path):
@@ -250,14 +322,36 @@ def test_checkpoints_are_atomic_and_safe_to_load(tmp_path):
         load_checkpoint(tmp_path / "evil.pt")
 
 
-def test_multi_seed_summary_with_confidence_intervals(tmp_path):
+def test_multi_seed_summary_with_confidence_intervals(tmp_path, capsys):
     out = tmp_path / "seeds"
-    assert main(["train", "--out", str(out), "--epochs", "1", "--seeds", "1,2", *TINY]) == 0
+    args = ["train", "--out", out, "--epochs", "1", "--head-epochs", "1", "--seeds", "1,2"]
+    code, text, _ = run_main([*args, *TINY], capsys)
+    assert code == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["seeds"] == [1, 2] and s["system_dice"]["n"] == 2
     assert (out / "seed_1" / "best.pt").is_file() and (
         out / "seed_2" / "eval" / "metrics.json"
     ).is_file()
+    # the interval is labelled: its half-width and its ends
+    d = s["system_dice"]
+    assert "ci95" not in d and d["ci95_halfwidth"] is not None
+    assert d["ci95_low"] == pytest.approx(d["mean"] - d["ci95_halfwidth"])
+    assert "95% CI half-width" in text
+    # each run says its seed; every seed trains and tests on one split
+    assert "seed 1 (1 of 2, split of seed 1)" in text and "seed 2 (2 of 2, split of seed 1)" in text
+    from deferredseg.train.builders import build_data
+    from deferredseg.train.config import TrainConfig
+
+    ids = []
+    for seed in (1, 2):
+        conf = load_checkpoint(out / f"seed_{seed}" / "best.pt")["config"]
+        assert conf["seed"] == seed and conf["split_seed"] == 1
+        ids.append(build_data(TrainConfig.from_dict(conf), "test").info.ids)
+    assert ids[0] == ids[1]
+    a = build_data(TrainConfig(num_images=12, seed=1), "test").info.ids
+    b = build_data(TrainConfig(num_images=12, seed=2), "test").info.ids
+    c = build_data(TrainConfig(num_images=12, seed=2, split_seed=1), "test").info.ids
+    assert a != b and a == c  # --split-seed asks for a split of its own
 
 
 def test_ci95_by_hand():
@@ -392,6 +486,9 @@ def test_torchrun_two_ranks_train_end_to_end(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (out / "best.pt").is_file() and (out / "last.pt").is_file()
+    # rank 0 alone prints: one final table, one folder line, one stage-2 marker
+    assert proc.stdout.count("| system (model + experts) |") == 1, proc.stdout
+    assert proc.stdout.count("run folder:") == 1 and proc.stdout.count("stage 2 of 2") == 1
     lines = (out / "base" / "log.jsonl").read_text().splitlines()  # stage 1, the DDP loop
     steps = [json.loads(line) for line in lines if json.loads(line)["event"] == "step"]
     # 8 training images over 2 ranks with batch 4: one step per epoch, logged once (rank 0)

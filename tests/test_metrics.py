@@ -32,6 +32,20 @@ def test_hd95_of_two_points_and_empty_prediction():
     assert s["dice"][1] == 0.0
 
 
+def test_hd95_in_millimetres_from_the_voxel_spacing():
+    """One voxel off along the third axis: 2 mm at a spacing of 0.8 x 0.8 x 2.0 mm, 1 pixel
+    without a spacing (MONAI's metric with its spacing argument)."""
+    target = torch.zeros(1, 8, 8, 8, dtype=torch.long)
+    target[0, 2:5, 2:5, 2:5] = 1
+    pred = torch.zeros_like(target)
+    pred[0, 2:5, 2:5, 3:6] = 1
+    spacing = torch.tensor([[0.8, 0.8, 2.0]], dtype=torch.float64)
+    assert per_image_scores(pred, target, 2, spacing=spacing)["hd95"][0] == pytest.approx(2.0)
+    assert per_image_scores(pred, target, 2)["hd95"][0] == pytest.approx(1.0)
+    nan = torch.full((1, 3), float("nan"), dtype=torch.float64)
+    assert per_image_scores(pred, target, 2, spacing=nan)["hd95"][0] == pytest.approx(1.0)
+
+
 def test_multiclass_averages_foreground_classes_and_skips_absent_ones():
     target = torch.tensor([[[1, 1, 2, 0]]])
     pred = torch.tensor([[[1, 0, 2, 2]]])

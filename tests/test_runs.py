@@ -98,9 +98,26 @@ def test_reused_out_is_refused_and_overwrite_moves_the_old_run_aside(tmp_path, c
     assert (out / "best.pt").read_bytes() == before  # untouched
     code, _, err = run_main(["train", "--out", out, "--overwrite", "--epochs", "1", *TINY], capsys)
     assert code == 0 and "moved the previous run" in err
-    aside = [p for p in tmp_path.iterdir() if p.name.startswith("r.old-")]
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("r.old")]
     assert len(aside) == 1 and (aside[0] / "best.pt").read_bytes() == before
     assert (out / "best.pt").is_file() and not (out / ".lock").exists()
+    second = (out / "best.pt").read_bytes()
+    code, _, err = run_main(["train", "--out", out, "--overwrite", "--epochs", "1", *TINY], capsys)
+    assert code == 0 and "deleted the run kept before" in err, err
+    aside = [p.name for p in tmp_path.iterdir() if p.name.startswith("r.old")]
+    assert aside == ["r.old"] and (tmp_path / "r.old" / "best.pt").read_bytes() == second
+
+
+def test_an_attempt_that_failed_before_its_first_checkpoint_leaves_a_reusable_out(tmp_path, capsys):
+    out = tmp_path / "r"
+    (out / "base").mkdir(parents=True)  # what a run that failed on its data left behind
+    (out / "log.jsonl").write_text('{"event": "stage", "stage": 1}\n')
+    (out / "base" / "log.jsonl").write_text('{"event": "stage", "stage": 1}\n')
+    args = ["train", "--out", out, "--training", "joint", "--max-steps", "1", *TINY]
+    code, _, err = run_main(args, capsys)
+    assert code == 0 and "stopped before its first checkpoint" in err, err
+    assert (out / "log.failed.jsonl").is_file() and (out / "last.pt").is_file()
+    assert '"stage"' not in (out / "log.jsonl").read_text()
 
 
 def test_a_second_training_into_a_locked_out_fails_naming_the_first(tmp_path, capsys):
@@ -238,6 +255,46 @@ def _interrupt_and_resume(full, part):
     assert load_checkpoint(part / "last.pt")["global_step"] == 10
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_the_printed_resume_command_works_as_printed(tmp_path):
+    """Ctrl-C in stage 1 of a two-stage run on non-default settings, then exactly the
+    command the message prints: every setting comes from the run, none from the defaults."""
+    out = tmp_path / "intr"
+    args = [*STEPS[:2], *STEPS[4:-2], "--head-epochs", "1"]  # two-stage, no step limit
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deferredseg", "train", "--out", str(out), *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    log = out / "base" / "log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and '"event": "step"' in log.read_text():
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    printed = err.split("continue with `", 1)[1].split("`", 1)[0]
+    assert printed == f"deferredseg train --resume --out {out}", err
+    words = printed.split()
+    resumed = subprocess.run(
+        [sys.executable, "-m", "deferredseg", *words[1:]],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    ck = load_checkpoint(out / "best.pt")
+    assert ck["config"]["image_size"] == 24 and ck["config"]["features"] == 4
+    assert ck["config"]["epochs"] == 4 and ck["config"]["training"] == "two-stage"
+    assert load_checkpoint(out / "base" / "last.pt")["epoch"] == 4
 
 
 def test_sigterm_in_process_exits_143_after_writing_last_pt(tmp_path, capsys):
@@ -484,6 +541,24 @@ def test_config_file_errors_name_the_key(tmp_path, capsys, text, words):
         assert w in err, (w, err)
 
 
+@pytest.mark.parametrize(
+    "text,option,words",
+    [
+        ("epochs: 0\n", ["--epochs", "2"], ["c.yaml", "epochs must be >= 1", "--epochs"]),
+        ("lr: fast\n", ["--lr", "0.1"], ["c.yaml", "lr", "a number", "'fast'", "--lr"]),
+    ],
+)
+def test_config_file_values_are_checked_even_when_overridden(tmp_path, capsys, text, option, words):
+    (tmp_path / "c.yaml").write_text(text)
+    code, _, err = run_main(
+        ["train", "--config", tmp_path / "c.yaml", *option, "--out", tmp_path / "r"], capsys
+    )
+    assert code == 2 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, (w, err)
+    assert not (tmp_path / "r").exists()
+
+
 def test_config_values_converted_where_unambiguous(tmp_path):
     from deferredseg.cli import build_parser, config_from_args
 
@@ -529,13 +604,71 @@ def test_3d_nifti_takes_spatial_dims_from_the_files(tmp_path, capsys):
     assert load_checkpoint(out / "best.pt")["config"]["spatial_dims"] == 3
 
 
+def test_hd95_in_millimetres_from_the_nifti_header_or_spacing(tmp_path, capsys):
+    from deferredseg.data import build_dataset
+
+    data = make_set(tmp_path / "vol", n=8, shape=(16, 16, 8), ext=".nii.gz", fg=1)
+    for f in data.rglob("*.nii.gz"):  # spacing 0.8 x 0.8 x 2.0 mm in every header
+        img = nib.load(str(f))
+        arr = np.asarray(img.dataobj)
+        out = nib.Nifti1Image(arr, np.diag([0.8, 0.8, 2.0, 1.0]))
+        out.header.set_xyzt_units("mm")
+        nib.save(out, str(f))
+    batch = build_dataset("multirater", data, split="all")[0]
+    assert batch["spacing"].tolist() == pytest.approx([0.8, 0.8, 2.0])
+    resized = build_dataset("multirater", data, split="all", spatial_size=(8, 8, 8))[0]
+    assert resized["spacing"].tolist() == pytest.approx([1.6, 1.6, 2.0])
+    png = make_set(tmp_path / "png", n=4)
+    assert torch.isnan(build_dataset("multirater", png, split="all")[0]["spacing"]).all()
+    given = build_dataset("multirater", png, split="all", spacing=(0.5, 0.5))[0]
+    assert given["spacing"].tolist() == [0.5, 0.5]
+    # end to end: metrics.json and the table say mm
+    out = tmp_path / "r"
+    args = ["train", "--layout", "multirater", "--data", data, "--out", out, *FILES]
+    assert run_main([*args, "--training", "joint", "--max-steps", "1"], capsys)[0] == 0
+    code, stdout, err = run_main(
+        [
+            "evaluate",
+            "--checkpoint",
+            out / "best.pt",
+            "--out",
+            out / "e",
+            "--no-figures",
+            "--split",
+            "all",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    m = json.loads((out / "e" / "metrics.json").read_text())
+    assert m["hd95_unit"] == "mm" and "HD95 (mm)" in stdout
+    code, stdout, err = run_main(
+        [
+            "evaluate",
+            "--checkpoint",
+            out / "best.pt",
+            "--out",
+            out / "e2",
+            "--no-figures",
+            "--split",
+            "all",
+            "--spacing",
+            "1,1",
+        ],
+        capsys,
+    )
+    assert code == 2 and "--spacing" in err and "3D" in err, err
+
+
 def test_cases_of_different_sizes_and_mixed_dimensions(tmp_path, capsys):
     sizes = [(24, 24)] * 10 + [(28, 20), (20, 28)]
     data = make_set(tmp_path / "var", sizes=sizes)
     code, _, err = run_main(
         ["train", "--layout", "multirater", "--data", data, "--out", tmp_path / "r", *FILES], capsys
     )
-    assert code == 2 and "differ in size" in err and "c10: 28x20" in err and "--spatial-size" in err
+    assert code == 2 and "differ in size" in err and "--spatial-size" in err
+    # the sizes with their case counts, the odd cases named
+    assert "24x24: 10 cases; 20x28: 1 case (c11); 28x20: 1 case (c10)" in err, err
     code, _, _ = run_main(
         [
             "train",
@@ -646,22 +779,124 @@ def test_a_bad_file_in_the_test_split_is_found_before_training(tmp_path, capsys)
     assert time.perf_counter() - t0 < 30
 
 
+def test_the_contents_of_every_split_are_checked_before_step_one(tmp_path, capsys):
+    """A colour rater mask, masks with values that are no labels and an image with NaN, in
+    any split: one error before training, grouped by kind, naming every file."""
+    from deferredseg.data.splits import split_ids
+
+    data = make_set(tmp_path / "d", n=12, ext=".png")
+    parts = split_ids([f"c{i:02d}" for i in range(12)], seed=0)
+    test_id, val_id = parts["test"][0], parts["val"][0]
+    colour = np.zeros((24, 24, 3), np.uint8)
+    colour[2:8, 2:8] = (255, 0, 0)
+    write(data / "raters" / "r2" / f"{test_id}.png", colour)
+    for i in range(3):  # values 7: not a label of a binary task
+        write(data / "raters" / "r1" / f"{parts['train'][i]}.png", np.full((24, 24), 7))
+    code, out, err = run_main(
+        ["train", "--layout", "multirater", "--data", data, "--out", tmp_path / "r", *FILES], capsys
+    )
+    assert code == 2 and "epoch 1/1" not in out and not (tmp_path / "r" / "last.pt").exists()
+    assert f"{test_id}.png (case '{test_id}', test split): 3 channels that differ" in err, err
+    assert "colour masks whose channels differ" in err and "(1 file)" in err
+    assert "mask values that are not labels" in err and "(3 files)" in err
+    for i in range(3):
+        assert f"r1/{parts['train'][i]}.png" in err
+    # NaN in a NIfTI image of the validation split
+    nii = make_set(tmp_path / "n", n=12, ext=".nii.gz", shape=(12, 12, 6), fg=1)
+    img = np.random.rand(12, 12, 6).astype(np.float32)
+    img[0, 0, 0] = np.nan
+    write(nii / "images" / f"{val_id}.nii.gz", img)
+    code, _, err = run_main(
+        ["train", "--layout", "multirater", "--data", nii, "--out", tmp_path / "n", *FILES], capsys
+    )
+    assert code == 2 and "NaN or infinite" in err and f"{val_id}.nii.gz" in err, err
+    assert "val split" in err
+
+
+def test_every_offending_file_is_named_up_to_twenty_per_kind(tmp_path):
+    from deferredseg.data.scan import scan_dataset
+
+    data = make_set(tmp_path / "d", n=30, fg=255)
+    for i in range(25):
+        write(data / "raters" / "r3" / f"c{i:02d}.png", np.full((24, 24), 9))
+    with pytest.raises(ValueError) as exc:
+        scan_dataset("multirater", data, workers=2)
+    msg = str(exc.value)
+    assert "(25 files)" in msg and "... and 5 more" in msg
+    assert sum(f"r3/c{i:02d}.png" in msg for i in range(25)) == 20
+
+
+def test_label_maps_per_folder(tmp_path, capsys):
+    """Raters saved as 0/128, labels as 0/255: one map for the raters' folder only."""
+    data = make_set(tmp_path / "d", fg=128, labels=True)
+    for f in (data / "labels").iterdir():
+        write(f, (np.asarray(Image.open(f)) > 0).astype(np.uint8) * 255)
+    args = ["train", "--layout", "multirater", "--data", data, "--target", "label", *FILES]
+    code, _, err = run_main([*args, "--out", tmp_path / "a", "--label-map", "0:0,128:1"], capsys)
+    assert code == 2 and "labels/c00.png" in err and "[255]" in err, err
+    code, _, err = run_main(
+        [*args, "--out", tmp_path / "b", "--label-map", "raters:0:0,128:1"], capsys
+    )
+    assert code == 0, err
+    from deferredseg.train.builders import build_data
+    from deferredseg.train.config import TrainConfig
+
+    ds = build_data(
+        TrainConfig(
+            layout="multirater",
+            data=str(data),
+            target="label",
+            label_map="raters:0:0,128:1;labels:binary",
+        ),
+        "train",
+    )
+    assert set(ds[0]["expert_labels"].unique().tolist()) == {0, 1}
+    assert set(ds[0]["target"].unique().tolist()) == {0, 1}
+    code, _, err = run_main([*args, "--out", tmp_path / "c", "--label-map", "rates:0:0"], capsys)
+    assert code == 2 and "unknown folder 'rates'" in err and "raters" in err
+
+
 # ============================================================================ 5. what a user sees
 
 
 def test_one_line_per_epoch_and_summary_tables(tmp_path, capsys):
     out = tmp_path / "r"
-    code, text, _ = run_main(["train", "--out", out, "--epochs", "2", *TINY], capsys)
+    args = ["train", "--out", out, "--epochs", "2", "--head-epochs", "3", *TINY]
+    code, text, _ = run_main(args, capsys)
     assert code == 0
-    epoch_lines = [line for line in text.splitlines() if line.startswith("epoch ")]
-    assert len(epoch_lines) == 2 and "val system Dice" in epoch_lines[1]
-    assert "model Dice" in epoch_lines[0] and "deferral" in epoch_lines[0]
+    lines = text.splitlines()
+    assert lines[0] == f"seed 0: training into {out}"
+    one = next(i for i, x in enumerate(lines) if x.startswith("stage 1 of 2: the base"))
+    two = next(i for i, x in enumerate(lines) if x.startswith("stage 2 of 2: the routing"))
+    stage1 = [x for x in lines[one:two] if x.startswith("epoch ")]
+    stage2 = [x for x in lines[two:] if x.startswith("epoch ")]
+    assert [x.split(":")[0] for x in stage1] == ["epoch 1/2", "epoch 2/2"]
+    assert [x.split(":")[0] for x in stage2] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    for x in stage1:  # the segmentation loss alone: no routing terms, no deferral
+        assert "(seg " in x and "val model Dice" in x
+        for word in ("collab", "gate", "balance", "coherence", "deferral", "system Dice"):
+            assert word not in x, x
+    for x in stage2:  # the heads: the routing terms, not the frozen segmentation loss
+        assert "collab" in x and "(seg" not in x and "val system Dice" in x and "deferral" in x
     assert "| system (model + experts) |" in text and f"run folder: {out}" in text
+    # one epoch numbering: the console, best.pt, log.jsonl and metrics.json agree
+    best = next(x for x in lines if x.startswith("best validation epoch "))
+    epoch = int(best.split()[3].split("/")[0])
+    assert best.startswith(f"best validation epoch {epoch}/3 of stage 2") and "seed 0" in best
+    ck = load_checkpoint(out / "best.pt")
+    assert ck["epoch"] == ck["val"]["epoch"] == epoch
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log if r["event"] == "epoch"] == [0, 1, 2, 3]
+    base = [json.loads(x) for x in (out / "base" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in base if r["event"] == "epoch"] == [1, 2]
     code, text, _ = run_main(
         ["evaluate", "--checkpoint", out / "best.pt", "--out", tmp_path / "e", "--no-hd95"], capsys
     )
     assert code == 0 and "| model alone |" in text and "workload per expert" in text
     assert "examples.png" in text and "metrics.json" in text
+    m = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert m["selection"]["val"]["epoch"] == epoch
+    assert isinstance(m["expert_share"], dict) and list(m["expert_share"]) == m["expert_names"]
 
 
 def test_example_figure_names_cases_slices_experts_and_the_reference(tmp_path, monkeypatch):
@@ -703,3 +938,20 @@ def test_example_figure_names_cases_slices_experts_and_the_reference(tmp_path, m
     assert axes[0][0].get_ylabel() == "vol_7\nslice 3 of 6"
     legend = seen["fig"].legends[0]
     assert [t.get_text() for t in legend.get_texts()] == ["model", "alice", "bob"]
+
+
+# ============================================================================ 6. the docs
+
+
+def test_every_measured_number_in_the_docs_names_the_script_that_produced_it():
+    """A section of README.md or docs/*.md that quotes a measured value (a number with
+    four decimals, such as a Dice) names the script in benchmarks/ that produced it."""
+    import re
+
+    bad = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for section in re.split(r"\n(?=#{2,3} )", doc.read_text()):
+            numbers = re.findall(r"(?<![\d.])\d\.\d{4}(?!\d)", section)
+            if numbers and "benchmarks/" not in section:
+                bad.append(f"{doc.name}: {section.splitlines()[0]!r} quotes {numbers[:3]}")
+    assert not bad, "\n".join(bad)

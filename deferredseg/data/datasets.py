@@ -21,7 +21,7 @@ from ..experts.consensus import CONSENSUS_METHODS
 from ..experts.simulated import derive_seed
 from .io import SUPPORTED_EXTENSIONS, LabelMap, split_name
 from .splits import select_split
-from .transforms import FinalizeCased, LoadCased, MakeTargetd, SimulateExpertsd
+from .transforms import FinalizeCased, LoadCased, MakeTargetd, ResizedSpacingd, SimulateExpertsd
 
 __all__ = [
     "LAYOUTS",
@@ -320,11 +320,13 @@ def build_dataset(
     raters: Optional[Sequence[str]] = None,
     resample_experts: bool = False,
     seed: int = 0,
+    split_seed: Optional[int] = None,
     split_file=None,
     split_fractions: Tuple[float, float, float] = (0.7, 0.15, 0.15),
     label_map: LabelMap = None,
     ignore_index: int = -100,
     spatial_size: Optional[Sequence[int]] = None,
+    spacing: Optional[Sequence[float]] = None,
     intensity: Optional[str] = "minmax",
     transforms: Optional[Sequence[Any]] = None,
     cache: bool = False,
@@ -355,11 +357,16 @@ def build_dataset(
         resample_experts: simulated experts drawn anew at every access (True) or
             fixed per image (False, default).
         seed: seeds the split, the synthetic images and the simulated experts.
+        split_seed: seeds the split instead of ``seed`` (one split for runs of several
+            seeds).
         split_file: a JSON file ``{"train": [ids], "val": [...], "test": [...]}``
             instead of the seeded rule; ``split_fractions`` set the rule.
         label_map: how mask files encode labels: None (0/255 masks read as 0/1),
             ``"binary"`` (non-zero is foreground) or a {raw value: label} dict.
         spatial_size: resize every case to this size (images linearly, labels nearest).
+        spacing: the voxel size in mm along each axis, for every case (default: from the
+            NIfTI header of each case's masks; unknown for PNG and ``.npy``). Batches
+            carry it as ``spacing`` (B, D), scaled by a resize; NaN where unknown.
         intensity: ``"minmax"`` scales each image to [0, 1]; None leaves it.
         transforms: extra MONAI dict transforms applied before batching, on keys
             ``image`` (C, *S), ``target`` (1, *S), ``expert_labels`` (E, *S).
@@ -433,7 +440,9 @@ def build_dataset(
             dims, in_ch = int(spatial_dims), 1
 
     ids = [c["id"] for c in cases]
-    chosen = select_split(ids, split, split_file, split_fractions, seed)
+    chosen = select_split(
+        ids, split, split_file, split_fractions, seed if split_seed is None else split_seed
+    )
     by_id = {c["id"]: c for c in cases}
     cases = [by_id[i] for i in chosen]
     if layout == "synthetic":
@@ -441,7 +450,7 @@ def build_dataset(
             chosen, seed, dims, image_size, num_labels, num_objs, rad_range, noise_max
         )
 
-    steps: List[Any] = [LoadCased(num_labels, label_map, ignore_index)]
+    steps: List[Any] = [LoadCased(num_labels, label_map, ignore_index, spacing)]
     if spatial_size is not None:
         size = tuple(int(s) for s in spatial_size)
         mode = {1: "linear", 2: "bilinear", 3: "trilinear"}.get(len(size), "bilinear")
@@ -450,6 +459,7 @@ def build_dataset(
             Resized(
                 keys=["label", "raters"], spatial_size=size, mode="nearest", allow_missing_keys=True
             ),
+            ResizedSpacingd(size),
         ]
     if panel is not None:
         steps.append(SimulateExpertsd(panel))

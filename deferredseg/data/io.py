@@ -23,6 +23,7 @@ __all__ = [
     "read_label",
     "to_channel_first",
     "convert_labels",
+    "voxel_spacing",
     "LabelMap",
 ]
 
@@ -198,3 +199,25 @@ def to_channel_first(
         f"shape mismatch: image {image_path} has shape {shape} but {label_path} has shape {S}; "
         f"expected the image to be {S}, (C, *{S}) or (*{S}, C)"
     )
+
+
+#: NIfTI spatial units (``xyzt_units``) in millimetres; "unknown" is read as mm, the
+#: convention of medical images.
+_MM_PER_UNIT = {"mm": 1.0, "meter": 1000.0, "micron": 0.001, "unknown": 1.0}
+
+
+def voxel_spacing(path, ndim: int) -> Optional[np.ndarray]:
+    """The physical size (mm) of a voxel along each of the first ``ndim`` axes of ``path``
+    from its header (NIfTI ``pixdim`` and units); None for formats without one (PNG,
+    ``.npy``) or a header without a usable spacing (zero or missing)."""
+    parts = split_name(Path(path).name)
+    if parts is None or parts[1] not in (".nii", ".nii.gz"):
+        return None
+    import nibabel
+
+    header = nibabel.load(str(path)).header
+    zooms = np.asarray(header.get_zooms()[:ndim], dtype=np.float64)
+    if zooms.size != ndim or not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
+        return None
+    unit = header.get_xyzt_units()[0] or "unknown"
+    return zooms * _MM_PER_UNIT.get(unit, 1.0)

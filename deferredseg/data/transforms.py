@@ -16,6 +16,7 @@ Spatial transforms (resizing, augmentation) go between loading and
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Dict, Hashable, List, Optional, Sequence, Union
 
 import numpy as np
@@ -23,7 +24,7 @@ import torch
 from monai.transforms import MapTransform, Randomizable
 
 from ..experts import ExpertPanel, consensus_target
-from .io import LabelMap, read_image, read_label, to_channel_first
+from .io import LabelMap, read_image, read_label, to_channel_first, voxel_spacing
 
 __all__ = ["LoadCased", "SimulateExpertsd", "MakeTargetd", "FinalizeCased", "TARGETS"]
 
@@ -46,17 +47,44 @@ class LoadCased(MapTransform):
     the labels, labels whose shapes differ, label values out of range.
     """
 
-    def __init__(self, num_labels: int, label_map: LabelMap = None, ignore_index: int = -100):
+    def __init__(
+        self,
+        num_labels: int,
+        label_map: LabelMap = None,
+        ignore_index: int = -100,
+        spacing: Optional[Sequence[float]] = None,
+    ):
         super().__init__(keys=["image"], allow_missing_keys=True)
         self.num_labels = int(num_labels)
         self.label_map = label_map
         self.ignore_index = int(ignore_index)
+        self.spacing = None if spacing is None else [float(v) for v in spacing]
+
+    def _spacing(self, ndim: int, mask_path) -> np.ndarray:
+        """The voxel size in mm: ``spacing`` when given, else the first mask's header
+        (NaN where unknown: PNG, ``.npy``)."""
+        if self.spacing is not None:
+            if len(self.spacing) != ndim:
+                raise ValueError(
+                    f"spacing (--spacing) {self.spacing} has {len(self.spacing)} entries, "
+                    f"but the masks are {ndim}D; give one size per axis"
+                )
+            return np.asarray(self.spacing, dtype=np.float64)
+        found = voxel_spacing(mask_path, ndim) if isinstance(mask_path, (str, Path)) else None
+        return np.full(ndim, np.nan) if found is None else found
 
     def _label(self, value, what: str):
         if isinstance(value, (np.ndarray, torch.Tensor)):
             return np.asarray(value).astype(np.int64), what
+        from .scan import label_map_for  # a per-folder map: the labels' or the raters'
+
+        folder = "labels" if what == "label" else "raters"
         return read_label(
-            value, self.num_labels, self.label_map, self.ignore_index, what=what
+            value,
+            self.num_labels,
+            label_map_for(self.label_map, folder),
+            self.ignore_index,
+            what=what,
         ), f"{what} {value}"
 
     def __call__(self, data: Dict[Hashable, Any]) -> Dict[Hashable, Any]:
@@ -84,6 +112,9 @@ class LoadCased(MapTransform):
                     f"shape mismatch: {src} has shape {arr.shape} but {ref_src} has shape "
                     f"{ref.shape}"
                 )
+        first_mask = d.get("label") if d.get("label") is not None else (rater_paths or [None])[0]
+        d["spacing"] = self._spacing(ref.ndim, first_mask)
+        d["spacing_shape"] = np.asarray(ref.shape, dtype=np.float64)
         image = d["image"]
         img_src = "image"
         if not isinstance(image, (np.ndarray, torch.Tensor)):
@@ -204,7 +235,27 @@ class FinalizeCased(MapTransform):
             "target": target.reshape(target.shape[1:]).contiguous(),
             "expert_labels": _as_long_tensor(data["expert_labels"]).contiguous(),
         }
+        ndim = out["target"].dim()
+        spacing = data.get("spacing")
+        out["spacing"] = torch.as_tensor(
+            np.full(ndim, np.nan) if spacing is None else np.asarray(spacing), dtype=torch.float64
+        )  # mm per voxel of this (possibly resized) case; NaN: unknown (HD95 in voxels)
         for k in self.keep:
             if k in data:
                 out[k] = data[k]
         return out
+
+
+class ResizedSpacingd(MapTransform):
+    """The voxel spacing after a resize to ``size``: the same physical extent over the new
+    number of voxels."""
+
+    def __init__(self, size: Sequence[int]):
+        super().__init__(keys=["spacing"], allow_missing_keys=True)
+        self.size = np.asarray([float(v) for v in size])
+
+    def __call__(self, data: Dict[Hashable, Any]) -> Dict[Hashable, Any]:
+        d = dict(data)
+        if d.get("spacing") is not None and d.get("spacing_shape") is not None:
+            d["spacing"] = np.asarray(d["spacing"]) * np.asarray(d["spacing_shape"]) / self.size
+        return d

@@ -10,11 +10,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from deferredseg_kernels import BACKENDS
+__all__ = ["add_review_commands", "COMMAND_HELP"]
 
-__all__ = ["add_review_commands"]
-
-COMMANDS = ("predict", "serve", "merge", "review-demo")
+#: The one-line help of each review command (``deferredseg --help`` lists them without
+#: building their options).
+COMMAND_HELP = {
+    "predict": "segment new images, route their pixels, make review tasks",
+    "serve": "the review web application for the experts",
+    "merge": "final masks and the review report",
+    "review-demo": "the whole loop on synthetic data: train, predict, review, merge",
+}
+COMMANDS = tuple(COMMAND_HELP)
 
 
 def _sizes(text: str):
@@ -28,9 +34,11 @@ def _sizes(text: str):
 
 
 def add_review_commands(sub) -> None:
+    from deferredseg_kernels import BACKENDS  # torch: only when the options are built
+
     p = sub.add_parser(
         "predict",
-        help="segment new images, route their pixels, make review tasks",
+        help=COMMAND_HELP["predict"],
         description="Segment every image of --images with a trained checkpoint, "
         "route each pixel to the model or an expert, and write the model's "
         "masks, the deferral probabilities, the assignment maps and the "
@@ -83,7 +91,7 @@ def add_review_commands(sub) -> None:
 
     s = sub.add_parser(
         "serve",
-        help="the review web application for the experts",
+        help=COMMAND_HELP["serve"],
         description="Serve the review page of a predicted folder: each expert opens a "
         "personal link and reviews their own tasks; / shows the overview. "
         "Binds to 127.0.0.1; another --host requires tokens (printed once), best with "
@@ -113,7 +121,7 @@ def add_review_commands(sub) -> None:
 
     m = sub.add_parser(
         "merge",
-        help="final masks and the review report",
+        help=COMMAND_HELP["merge"],
         description="Write the final mask of every image (the model's labels where it "
         "kept the pixel, the experts' answers where they were deferred) "
         "to OUT/final/ and the report to OUT/report.json and report.md.",
@@ -123,7 +131,7 @@ def add_review_commands(sub) -> None:
 
     d = sub.add_parser(
         "review-demo",
-        help="the whole loop on synthetic data: train, predict, review, merge",
+        help=COMMAND_HELP["review-demo"],
         description="Train on synthetic data, predict on new images, serve the review "
         "application, let simulated experts answer through its HTTP API "
         "(--simulate-experts), merge, and print model-only against merged Dice.",

@@ -1,7 +1,9 @@
-"""Training and evaluation: the slim loop, checkpoints, configuration and figures."""
+"""Training and evaluation: the slim loop, checkpoints, configuration and figures.
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import METHODS, TrainConfig, load_config_file
+The names below are imported on first use (``from deferredseg.train import TrainConfig``
+works as before), so that light modules of this package, such as :mod:`.rundir`, can be
+imported without torch.
+"""
 
 __all__ = [
     "METHODS",
@@ -12,6 +14,22 @@ __all__ = [
     "train",
     "evaluate",
 ]
+
+_LAZY = {
+    "load_checkpoint": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "METHODS": "config",
+    "TrainConfig": "config",
+    "load_config_file": "config",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def train(cfg):

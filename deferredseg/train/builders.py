@@ -57,8 +57,10 @@ def build_data(cfg: TrainConfig, split: str, raters: Optional[List[str]] = None)
     kw: Dict[str, Any] = dict(
         num_classes=cfg.num_classes,
         seed=cfg.seed,
+        split_seed=cfg.split_seed,
         split_file=cfg.split_file,
         spatial_size=cfg.spatial_size,
+        spacing=cfg.spacing,
     )
     if cfg.target is not None:
         kw["target"] = cfg.target

@@ -43,7 +43,9 @@ class TrainConfig:
     image_size: int = 64
     num_images: int = 48
     spatial_size: Optional[List[int]] = None  # resize file data to this size
+    spacing: Optional[List[float]] = None  # voxel size in mm (default: the NIfTI header)
     split_file: Optional[str] = None
+    split_seed: Optional[int] = None  # seed of the train/val/test split (default: seed)
     label_map: Optional[str] = None  # mask values to labels: "binary" or "0:0,128:1"
     # model
     backbone: str = "UNet"
@@ -121,6 +123,11 @@ class TrainConfig:
         return "conv" if self.training == "two-stage" else "linear"
 
     @property
+    def data_split_seed(self) -> int:
+        """The seed that draws the train/val/test split (``split_seed``, else ``seed``)."""
+        return self.seed if self.split_seed is None else self.split_seed
+
+    @property
     def route_scores(self) -> str:
         """How route() reads correctness estimates from the routing logits."""
         return "sigmoid" if self.surrogate == "ova" else "softmax"
@@ -188,6 +195,12 @@ class TrainConfig:
             raise ValueError(f"experts must be >= 1, got {self.experts}")
         if not (0.0 <= self.threshold <= 1.0):
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.spacing is not None and (
+            not self.spacing or any(not float(v) > 0 for v in self.spacing)
+        ):
+            raise ValueError(
+                f"spacing must be positive voxel sizes in mm, one per axis, got {self.spacing}"
+            )
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 

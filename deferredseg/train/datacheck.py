@@ -1,9 +1,10 @@
 """Checks of the data against the configuration (before training) and the checkpoint
 (before evaluation).
 
-- :func:`check_training_data`: every file's header (a bad file in any split is
-  found in seconds), the spatial dimensions taken from the files, the label map
-  parsed, a dataset too small to split refused and small validation or test
+- :func:`check_training_data`: every file of every split, headers and contents
+  (:func:`deferredseg.data.scan.scan_dataset`: values, channels, sizes, NaN; a bad
+  file in any split is found before step 1), the spatial dimensions taken from
+  the files, the label map parsed, a dataset too small to split refused and small validation or test
   splits warned about.
 - :func:`checkpoint_record`: what a checkpoint records about its data: the
   experts by name, the data folder as an absolute path, a fingerprint of the
@@ -31,6 +32,22 @@ def _note(text: str) -> None:
         print(f"note: {text}", file=sys.stderr)
 
 
+def _scan_threads(cfg) -> Optional[int]:
+    """Threads of the file scan: the CPUs (at most 8), one per rank under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return max((os.cpu_count() or 1) // world, 1) if world > 1 else None
+
+
+def _check_spacing(cfg, scan) -> None:
+    """``--spacing`` gives one voxel size per axis of the data."""
+    dims = scan.spatial_dims if scan is not None and scan.spatial_dims else cfg.spatial_dims
+    if cfg.spacing is not None and len(cfg.spacing) != dims:
+        raise ValueError(
+            f"spacing (--spacing) {list(cfg.spacing)} has {len(cfg.spacing)} entries, but the "
+            f"data are {dims}D; give one voxel size (mm) per axis"
+        )
+
+
 def _ids(cfg, scan) -> List[str]:
     if scan is not None:
         return scan.ids
@@ -41,15 +58,20 @@ def check_training_data(cfg):
     """``cfg`` with ``spatial_dims`` from the files; raises ValueError on bad data."""
     from ..data.scan import FEW_CASES, parse_label_map, scan_dataset, split_sizes
 
-    parse_label_map(cfg.label_map)  # a malformed --label-map is reported now
+    label_map = parse_label_map(cfg.label_map)  # a malformed --label-map is reported now
     scan = None
     if cfg.layout in FILE_LAYOUTS:
+        # every file of every split, contents too: a bad mask in the test split is found now,
+        # not by evaluate after training
         scan = scan_dataset(
             cfg.layout,
             cfg.data,
             spatial_size=cfg.spatial_size,
             split_file=cfg.split_file,
-            seed=cfg.seed,
+            seed=cfg.data_split_seed,
+            num_labels=cfg.num_classes,
+            label_map=label_map,
+            workers=_scan_threads(cfg),
         )
         if scan.spatial_dims is not None and scan.spatial_dims != cfg.spatial_dims:
             _note(
@@ -57,8 +79,9 @@ def check_training_data(cfg):
                 f"{scan.spatial_dims}"
             )
             cfg = dataclasses.replace(cfg, spatial_dims=scan.spatial_dims)
+    _check_spacing(cfg, scan)
     ids = _ids(cfg, scan)
-    sizes = split_sizes(ids, cfg.split_file, cfg.seed)
+    sizes = split_sizes(ids, cfg.split_file, cfg.data_split_seed)
     counts = ", ".join(f"{k} {v}" for k, v in sizes.items())
     if sizes["train"] == 0 or sizes["val"] == 0:
         raise ValueError(
@@ -82,7 +105,7 @@ def check_training_data(cfg):
 
 def check_evaluation_data(cfg, split: str) -> None:
     """The split is not empty and its files are readable; dims fit the model."""
-    from ..data.scan import scan_dataset, split_sizes
+    from ..data.scan import parse_label_map, scan_dataset, split_sizes
 
     scan = None
     if cfg.layout in FILE_LAYOUTS:
@@ -91,18 +114,22 @@ def check_evaluation_data(cfg, split: str) -> None:
             cfg.data,
             spatial_size=cfg.spatial_size,
             split_file=cfg.split_file,
-            seed=cfg.seed,
+            seed=cfg.data_split_seed,
             splits=[split],
+            num_labels=cfg.num_classes,
+            label_map=parse_label_map(cfg.label_map),
+            workers=_scan_threads(cfg),
         )
         if scan.spatial_dims is not None and scan.spatial_dims != cfg.spatial_dims:
             raise ValueError(
                 f"the model was trained on {cfg.spatial_dims}D data, the files of "
                 f"{cfg.data} are {scan.spatial_dims}D"
             )
+    _check_spacing(cfg, scan)
     if split == "all":
         return
     ids = _ids(cfg, scan)
-    sizes = split_sizes(ids, cfg.split_file, cfg.seed)
+    sizes = split_sizes(ids, cfg.split_file, cfg.data_split_seed)
     if sizes[split] == 0:
         counts = ", ".join(f"{k} {v}" for k, v in sizes.items())
         raise ValueError(

@@ -51,9 +51,9 @@ def network_outputs(
     best_expert: int,
     device: torch.device,
 ) -> Callable[[], Iterator[Batch]]:
-    """A function that returns a new pass of ``(packed logits, target, expert labels)``
-    batches of ``model`` over ``dataset`` (eval mode, no gradients): what a policy is
-    calibrated and measured on. Nothing is kept between batches."""
+    """A function that returns a new pass of ``(packed logits, target, expert labels,
+    voxel sizes or None)`` batches of ``model`` over ``dataset`` (eval mode, no gradients):
+    what a policy is calibrated and measured on. Nothing is kept between batches."""
     from monai.data import DataLoader
 
     def batches() -> Iterator[Batch]:
@@ -63,7 +63,8 @@ def network_outputs(
             ):
                 x = batch["image"].to(device)
                 logits = packed_logits(cfg, model(x), num_experts, best_expert)
-                yield logits, batch["target"].to(device), batch["expert_labels"].to(device)
+                target, experts = batch["target"].to(device), batch["expert_labels"].to(device)
+                yield logits, target, experts, batch.get("spacing")
 
     return batches
 
@@ -138,6 +139,9 @@ def evaluate(
         split=split,
         checkpoint=str(checkpoint_path),
         expert_names=list(ds.info.expert_names),
+        # each expert's share of the deferred pixels, by name (the evaluator's list is in
+        # the order of the routing channels, which is that of expert_names)
+        expert_share=dict(zip(ds.info.expert_names, metrics["expert_share"])),
         selection={"by": cfg.selection, "budget": cfg.budget, "val": ck.get("val")},
     )
     if out:

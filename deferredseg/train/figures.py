@@ -194,19 +194,19 @@ def plot_training_curves(log_path, path) -> List[Path]:
     a1.set_title("training loss terms")
     if epochs:
         a2.plot(
-            [r["epoch"] + 1 for r in epochs],
+            [r["epoch"] for r in epochs],
             [r.get("val_system_dice") for r in epochs],
             marker="o",
             label="system Dice",
         )
         a2.plot(
-            [r["epoch"] + 1 for r in epochs],
+            [r["epoch"] for r in epochs],
             [r.get("val_model_dice") for r in epochs],
             marker="o",
             label="model Dice",
         )
         a2.plot(
-            [r["epoch"] + 1 for r in epochs],
+            [r["epoch"] for r in epochs],
             [r.get("val_deferral_rate") for r in epochs],
             marker="o",
             label="deferral rate",

@@ -141,6 +141,21 @@ def _progress(loader, cfg: TrainConfig, info: DistInfo, epoch: int):
     )  # a bar on a terminal only: logs written to files stay readable
 
 
+def untrained_terms(cfg: TrainConfig, zero_weights=()) -> set:
+    """The loss terms a configuration computes but does not train (weight 0): left out of
+    the lines printed per epoch, where they would only mislead."""
+    weights = {
+        "seg": cfg.lambda_seg,
+        "collab": cfg.lambda_collab,
+        "gate": cfg.lambda_gate,
+        "coherence": cfg.lambda_coherence,
+        "balance": cfg.lambda_balance,
+    }
+    for name in zero_weights:
+        weights[name.replace("lambda_", "")] = 0.0
+    return {k for k, w in weights.items() if float(w) == 0.0}
+
+
 def _to_float(v):
     return float(v.item()) if isinstance(v, torch.Tensor) and v.numel() == 1 else v
 
@@ -193,6 +208,7 @@ def _train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, steps_per_epoch))
     amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
     expert_names = list(train_ds.info.expert_names)
+    hidden = untrained_terms(cfg, method.zero_weights)
 
     start_epoch, skip, global_step, best, stale = 0, 0, 0, -1.0, 0
     last_path = out_dir / "last.pt" if out_dir else None
@@ -269,7 +285,7 @@ def _train(
             record = {k: _to_float(v) for k, v in terms.items() if k != "pbar"}
             record.update(loss=float(loss.detach()), lr=scheduler.get_last_lr()[0])
             meter.add(record)
-            log.write(event="step", epoch=epoch, step=global_step, **record)
+            log.write(event="step", epoch=epoch + 1, step=global_step, **record)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k != "lr"})
             if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0:
@@ -279,8 +295,22 @@ def _train(
                     lambda: checkpoint(last_path, epoch, step_in_epoch, {}), epoch, global_step
                 )
             if cfg.max_steps and global_step >= cfg.max_steps:
-                checkpoint(last_path, epoch, step_in_epoch, {})
+                checkpoint(last_path, epoch, step_in_epoch, {})  # before: resume as if unstopped
                 log.write(event="stopped", reason="max_steps", step=global_step)
+                if best < 0 and out_dir is not None and info.is_main:
+                    # nothing validated yet (a smoke run): this step's model is best.pt, so
+                    # that the run can be evaluated and its second stage trained
+                    metrics = _validate(model, val_ds, cfg, E, best_expert, device)
+                    checkpoint(
+                        out_dir / "best.pt",
+                        epoch + 1,
+                        step_in_epoch,
+                        {
+                            "val": dict(_scalars(metrics), epoch=epoch + 1),
+                            "policy": metrics["policy"],
+                        },
+                    )
+                info.barrier()
                 return {"stopped": True, "global_step": global_step}
         # validation on rank 0; the decision to stop is shared with the other ranks
         if info.is_main:
@@ -294,24 +324,25 @@ def _train(
                 stale += 1
             log.write(
                 event="epoch",
-                epoch=epoch,
+                epoch=epoch + 1,  # epochs are numbered from 1 everywhere a user reads them
                 step=global_step,
                 **{f"val_{k}": v for k, v in _scalars(metrics).items()},
             )
-            print(meter.line(epoch, cfg.epochs, metrics), flush=True)  # stays on screen
+            # stays on screen; only the terms this loss trains, deferral only if it defers
+            print(meter.line(epoch, cfg.epochs, metrics, hidden, method.defers), flush=True)
             if improved and out_dir is not None:
                 checkpoint(
                     out_dir / "best.pt",
                     epoch + 1,
                     0,
-                    {"val": _scalars(metrics), "policy": metrics["policy"]},
+                    {"val": dict(_scalars(metrics), epoch=epoch + 1), "policy": metrics["policy"]},
                 )
             checkpoint(last_path, epoch + 1, 0, {})
         if run is not None:  # a signal during validation: last.pt is this epoch's end
             run.check_interrupt(lambda: None, epoch, global_step)
         if info.broadcast_flag(bool(cfg.patience and stale >= cfg.patience), device):
             stopped_early = True
-            log.write(event="early_stop", epoch=epoch, best_val_system_dice=best)
+            log.write(event="early_stop", epoch=epoch + 1, best_val_system_dice=best)
             break
     info.barrier()
     return {
@@ -345,6 +376,7 @@ def _train_two_stage(
 
     base_path = cfg.base_checkpoint
     tmp = None
+    stage1_stopped = False
     if base_path is None:
         bcfg = ts.base_config(cfg)
         if bcfg.out is None:
@@ -354,9 +386,17 @@ def _train_two_stage(
         if info.is_main:
             bdir.mkdir(parents=True, exist_ok=True)
         log.write(event="stage", stage=1, what="base segmentor", out=str(bdir))
+        if info.is_main:
+            print(
+                f"stage 1 of 2: the base segmentor, segmentation loss only ({cfg.epochs} "
+                f"epochs) -> {bdir}",
+                flush=True,
+            )
         res = _train(bcfg, device, info, bdir, JsonLog(bdir / "log.jsonl", info.is_main), run)
-        if res.get("stopped"):
-            return res
+        # stopped by --max-steps: stage 2 still runs (on the base's best.pt, written at the
+        # stop when no epoch had ended), with its own --max-steps bound, so that a smoke run
+        # ends with a usable best.pt
+        stage1_stopped = bool(res.get("stopped"))
         base_path = str(bdir / "best.pt")
     info.barrier()
     train_ds, val_ds, E, in_channels, model = _data_and_model(cfg, device)
@@ -365,6 +405,19 @@ def _train_two_stage(
         tmp.cleanup()
     best_expert = best_single_expert(val_ds, E)
     log.write(event="stage", stage=2, what="routing heads", base=str(base_path))
+    if info.is_main:
+        print(
+            f"stage 2 of 2: the routing and gate heads on the frozen base ({cfg.head_epochs} "
+            f"epochs; epoch 0: the heads as initialised)",
+            flush=True,
+        )
+    hidden = untrained_terms(dataclasses.replace(cfg, lambda_seg=0.0), method_of(cfg).zero_weights)
+
+    def on_epoch(epoch: int, metrics: Dict[str, Any], terms: Dict[str, float]) -> None:
+        meter = EpochMeter()
+        meter.add(terms)
+        print(meter.line(epoch - 1, cfg.head_epochs, metrics, hidden), flush=True)
+
     # the segmentation head is frozen: its loss term would only cost time
     loss_fn = method_of(cfg).loss(dataclasses.replace(cfg, lambda_seg=0.0), E, best_expert, False)
     fit = ts.fit_routing(  # the same core as deferredseg.bolt_on.add_deferral
@@ -377,15 +430,16 @@ def _train_two_stage(
         device,
         pack=lambda out: packed_logits(cfg, out, E, best_expert),
         log=log if info.is_main else None,
+        on_epoch=on_epoch if info.is_main else None,
     )
     best, history = fit.metrics, fit.history
     if out_dir is not None and info.is_main:
         expert_names = list(train_ds.info.expert_names)
         state = {
             "model": model.state_dict(),
-            "epoch": cfg.head_epochs,
+            "epoch": best.get("epoch"),  # the best stage-2 epoch, as printed and in val
             "step_in_epoch": 0,
-            "global_step": 0,
+            "global_step": best.get("step", 0),
             "best": best.get("selection_score"),
             "stale": 0,
             "rng": torch.get_rng_state(),
@@ -409,8 +463,10 @@ def _train_two_stage(
         **{f"val_{k}": v for k, v in _scalars(best).items()},
     )
     info.barrier()
+    stage2_steps = history[-1].get("step", 0) if history else 0
     return {
-        "stopped": False,
+        "stopped": stage1_stopped or bool(cfg.max_steps and stage2_steps >= cfg.max_steps),
+        "global_step": stage2_steps,
         "best_val_system_dice": best.get("system_dice"),
         "best_val_deferral_rate": best.get("deferral_rate"),
         "selection": cfg.selection,

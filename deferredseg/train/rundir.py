@@ -8,9 +8,15 @@
 - takes a lock (``<out>/.lock``, holding the owner's pid and host): a second
   training into the same folder fails at once and names the first; a lock whose
   process is gone (same host) is stale and taken over with a note;
-- refuses an ``--out`` that already holds a run (``last.pt``, ``best.pt`` or
-  ``log.jsonl``) unless ``--resume`` continues it or ``--overwrite`` moves it
-  aside to ``<out>.old-<date>-<time>`` (never deleted);
+- refuses an ``--out`` that already holds a run (a checkpoint: ``last.pt``,
+  ``best.pt``, or stage 1's ``base/last.pt``, ``base/best.pt``) unless ``--resume``
+  continues it or ``--overwrite`` moves it aside to ``<out>.old`` (one previous run
+  is kept: the one already there is deleted); an attempt that failed before its
+  first checkpoint left only a log, kept as ``log.failed.jsonl``, and the folder is
+  reused;
+- writes the run's settings to ``config.json`` (``--resume`` of a two-stage run
+  stopped in stage 1 reads them; the command line takes every setting of a resumed
+  run from the run, and only the options given count as changes);
 - on ``--resume``, compares the stored configuration with the new one: settings
   that cannot change (model, experts, data layout and shape) are always
   refused; others are refused with the list of differences unless
@@ -38,8 +44,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-RUN_FILES = ("last.pt", "best.pt", "log.jsonl")
+CHECKPOINTS = ("last.pt", "best.pt", "base/last.pt", "base/best.pt")
 LOCK_NAME = ".lock"
+#: The settings of the run, written when it starts (``--resume`` of a run stopped before
+#: its own ``last.pt`` reads them).
+CONFIG_NAME = "config.json"
 
 #: Settings a resumed run may change without being asked: they say how long and
 #: where to run, not what is trained.
@@ -82,6 +91,7 @@ FIXED_ON_RESUME = frozenset(
         "features",
         "method",
         "seed",
+        "split_seed",
         "training",
         "heads",
         "head_channels",
@@ -176,7 +186,13 @@ def check_output_folder(out) -> Path:
 
 
 def _holds_run(out: Path) -> List[str]:
-    return [n for n in RUN_FILES if (out / n).exists()]
+    """The checkpoints in ``out`` (a two-stage run's stage 1 too): what a new run would lose."""
+    return [n for n in CHECKPOINTS if (out / n).exists()]
+
+
+def _failed_attempt(out: Path) -> List[Path]:
+    """The logs of a run that stopped before its first checkpoint (a retry may reuse out)."""
+    return [p for p in (out / "log.jsonl", out / "base" / "log.jsonl") if p.is_file()]
 
 
 def config_differences(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
@@ -195,6 +211,24 @@ def _stored_config(last: Path) -> Dict[str, Any]:
     from .checkpoint import load_checkpoint
 
     return dict(load_checkpoint(last, map_location="cpu").get("config", {}))
+
+
+def stored_run_config(out: Path) -> Dict[str, Any]:
+    """The settings the run in ``out`` was started with, for ``--resume``: those of its
+    ``last.pt``, or (a two-stage run stopped in stage 1, whose only checkpoint is the base
+    segmentor's) those ``open_run`` wrote to ``config.json``."""
+    last, saved = out / "last.pt", out / CONFIG_NAME
+    if last.is_file():
+        return _stored_config(last)
+    if saved.is_file() and (out / "base" / "last.pt").is_file():
+        try:
+            return dict(json.loads(saved.read_text()))
+        except (OSError, ValueError) as exc:
+            raise RunDirError(f"--resume: cannot read {saved} ({exc})") from None
+    raise RunDirError(
+        f"--resume: no checkpoint {last} to continue from; train without --resume to "
+        "start a new run"
+    )
 
 
 @dataclass
@@ -339,6 +373,15 @@ def open_run(cfg, is_main: bool = True) -> RunDir:
                     "without --resume to start a new run"
                 )
             _check_resume(compare, _stored_config(last), last)
+        elif not existing and is_main and _failed_attempt(out):
+            # an attempt that failed before its first checkpoint (bad data, say): nothing to
+            # lose but its log, kept next to the new one
+            for log in _failed_attempt(out):
+                os.replace(log, log.with_name("log.failed.jsonl"))
+            run.notes.append(
+                f"{out} holds the log of an attempt that stopped before its first checkpoint: "
+                "starting again (its log is kept as log.failed.jsonl)"
+            )
         elif existing:
             if not overwrite:
                 raise RunDirError(
@@ -347,8 +390,13 @@ def open_run(cfg, is_main: bool = True) -> RunDir:
                     f"not deleted), or another --out"
                 )
             if is_main:
-                aside = _move_aside(out)
+                aside, dropped = _move_aside(out)
+                if dropped:
+                    run.notes.append(f"deleted the run kept before in {aside}")
                 run.notes.append(f"moved the previous run in {out} to {aside}")
+        if is_main:
+            with open(out / CONFIG_NAME, "w") as f:
+                json.dump(cfg.to_dict(), f, indent=1, default=str)
         run.install_signals()  # every rank: they stop together after the same step
     except BaseException:
         run.close()
@@ -356,18 +404,23 @@ def open_run(cfg, is_main: bool = True) -> RunDir:
     return run
 
 
-def _move_aside(out: Path) -> Path:
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    aside = out.parent / f"{out.name}.old-{stamp}"
-    n = 1
-    while aside.exists():
-        aside = out.parent / f"{out.name}.old-{stamp}-{n}"
-        n += 1
+def _move_aside(out: Path):
+    """Move the run in ``out`` to ``<out>.old`` (one previous run is kept: an older one
+    there is deleted); returns (that folder, whether an older run was deleted)."""
+    import shutil
+
+    aside = out.parent / f"{out.name}.old"
+    dropped = aside.exists()
+    if dropped:
+        if aside.is_dir() and not aside.is_symlink():
+            shutil.rmtree(aside)
+        else:
+            aside.unlink()
     aside.mkdir()
     for p in out.iterdir():
         if p.name != LOCK_NAME:
             os.replace(p, aside / p.name)
-    return aside
+    return aside, dropped
 
 
 def _check_resume(cfg, stored: Dict[str, Any], last: Path) -> None:

@@ -56,7 +56,8 @@ class HeadSchedule:
     """How the routing heads are trained on cached inputs and their epoch selected.
 
     ``epochs`` at ``lr`` (AdamW with ``weight_decay``, a cosine schedule over every
-    step), ``batch_size`` images a step (also the batch size of the caching pass),
+    step; at most ``max_steps`` steps when it is not 0), ``batch_size`` images a step
+    (also the batch size of the caching pass),
     shuffled by ``seed``; each epoch (and the untrained heads) is validated at
     ``budget`` and the best by ``selection`` is kept. ``backend``: the routing kernels
     of that validation; ``workers``: the DataLoader workers of the caching pass.
@@ -71,9 +72,10 @@ class HeadSchedule:
     selection: str = "budget-dice"
     backend: str = "auto"
     workers: int = 0
+    max_steps: int = 0  # stop after this many optimiser steps (0: no limit)
 
     def __post_init__(self) -> None:
-        for name, low in (("epochs", 0), ("batch_size", 1), ("workers", 0)):
+        for name, low in (("epochs", 0), ("batch_size", 1), ("workers", 0), ("max_steps", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
@@ -97,6 +99,7 @@ class HeadSchedule:
             selection=cfg.selection,
             backend=cfg.backend,
             workers=int(cfg.workers),
+            max_steps=int(cfg.max_steps),  # --max-steps bounds this stage too
         )
 
 
@@ -227,6 +230,7 @@ def fit_heads(
     policy: DeferralPolicy,
     pack: Optional[Pack] = None,
     log=None,
+    on_epoch=None,
 ) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
     """Train the routing heads of ``model`` on cached inputs; keep the best epoch's weights.
 
@@ -235,7 +239,9 @@ def fit_heads(
     validation cache (:func:`~deferredseg.metrics.evaluate_policy`). The heads as
     initialised are a candidate too. Returns the best validation metrics (their
     ``"policy"``: the calibrated policy's record) and the per-epoch history; the model
-    ends with the best heads.
+    ends with the best heads. Epochs are numbered from 1 (0: the heads as initialised).
+    ``on_epoch(epoch, metrics, mean terms)`` is called after each epoch's validation (the
+    line printed per epoch).
     """
     settings = _schedule(settings)
     params = model.head_parameters()
@@ -256,14 +262,14 @@ def fit_heads(
 
     val_data = cached_outputs(model, val_cache, settings, device, pack)
 
-    def consider(epoch: int) -> None:
+    def consider(epoch: int) -> Dict[str, Any]:
         nonlocal best_score, best_state, best_metrics
         model.eval()
         _, m = evaluate_policy(
             policy, val_data, settings.budget, settings.selection, False, settings.backend
         )
         score = m["selection_score"] or 0.0
-        history.append({"epoch": epoch, **_scalar_items(m)})
+        history.append({"epoch": epoch, "step": step, **_scalar_items(m)})
         if log is not None:
             log.write(
                 event="epoch",
@@ -274,12 +280,15 @@ def fit_heads(
                 **{f"val_{k}": v for k, v in _scalar_items(m).items()},
             )
         if score > best_score:
-            best_score, best_metrics = score, dict(m, epoch=epoch)
+            best_score, best_metrics = score, dict(m, epoch=epoch, step=step)
             best_state = [p.detach().clone() for p in params]
+        return m
 
-    consider(-1)  # the heads as initialised (with the uncertainty prior: confidence deferral)
-    for epoch in range(settings.epochs):
+    consider(0)  # the heads as initialised (with the uncertainty prior: confidence deferral)
+    for epoch in range(1, settings.epochs + 1):
         model.train()
+        sums: Dict[str, float] = {}
+        batches = 0
         perm = torch.randperm(n, generator=gen)
         for i in range(0, n, settings.batch_size):
             idx = perm[i : i + settings.batch_size]
@@ -294,6 +303,10 @@ def fit_heads(
             opt.step()
             sched.step()
             step += 1
+            batches += 1
+            for k, v in [("loss", loss), *terms.items()]:
+                if k != "pbar":
+                    sums[k] = sums.get(k, 0.0) + float(v.detach() if hasattr(v, "detach") else v)
             if log is not None:
                 log.write(
                     event="step",
@@ -303,7 +316,15 @@ def fit_heads(
                     loss=float(loss.detach()),
                     **{k: float(v) for k, v in terms.items() if k != "pbar"},
                 )
-        consider(epoch)
+            if settings.max_steps and step >= settings.max_steps:
+                break  # --max-steps bounds this stage too
+        m = consider(epoch)
+        if on_epoch is not None:
+            on_epoch(epoch, m, {k: v / max(batches, 1) for k, v in sums.items()})
+        if settings.max_steps and step >= settings.max_steps:
+            if log is not None:
+                log.write(event="stopped", stage=2, reason="max_steps", step=step)
+            break
     if best_state is not None:
         with torch.no_grad():
             for p, v in zip(params, best_state):
@@ -318,7 +339,7 @@ class RoutingFit:
 
     policy: DeferralPolicy  # calibrated at the budget on the validation data
     metrics: Dict[str, Any]  # the best epoch's validation metrics (its "epoch" among them)
-    history: List[Dict[str, Any]]  # every epoch's (epoch -1: the untrained heads)
+    history: List[Dict[str, Any]]  # every epoch's (epoch 0: the untrained heads)
 
 
 def fit_routing(
@@ -331,6 +352,7 @@ def fit_routing(
     device: torch.device,
     pack: Optional[Pack] = None,
     log=None,
+    on_epoch=None,
 ) -> RoutingFit:
     """The second stage, shared by ``deferredseg train`` and
     :func:`deferredseg.bolt_on.add_deferral`: cache what the routing heads of ``model``
@@ -345,7 +367,7 @@ def fit_routing(
     train_cache = cache_head_inputs(model, train_data, settings, device, "train_data")
     val_cache = cache_head_inputs(model, val_data, settings, device, "val_data")
     best, history = fit_heads(
-        model, train_cache, val_cache, settings, loss_fn, device, policy, pack, log
+        model, train_cache, val_cache, settings, loss_fn, device, policy, pack, log, on_epoch
     )
     return RoutingFit(DeferralPolicy.from_dict(best["policy"]), best, history)
 
