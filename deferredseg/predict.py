@@ -225,7 +225,12 @@ def predict(
             from .bolt_on import NO_VALIDATION_DATA
 
             raise ValueError(f"budget={b:g}: {NO_VALIDATION_DATA}")
-        val = network_outputs(model, build_data(cfg, "val"), cfg, E, best_expert, dev)
+        from .train.datacheck import match_experts
+
+        val_ds = match_experts(
+            build_data(cfg, "val"), cfg, "val", ck.get("expert_names"), build_data
+        )
+        val = network_outputs(model, val_ds, cfg, E, best_expert, dev)
         return policy.calibrate(val, b)
 
     policy, source = resolve_policy(ck, cfg, threshold, budget, calibrate)

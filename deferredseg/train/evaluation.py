@@ -117,8 +117,9 @@ def evaluate(
             f"{ds.info.num_experts}"
         )
     policy = _policy(ck, cfg, E, best_expert, overrides)
-    if policy.defers and policy.mode != "router" and threshold is None:
-        val = build_data(cfg, "val") if val is None else val
+    if policy.defers and policy.mode != "router" and threshold is None and val is None:
+        # calibration reads the experts' labels too (the expert choice): the trained ones
+        val = match_experts(build_data(cfg, "val"), cfg, "val", ck.get("expert_names"), build_data)
     metrics, examples = evaluate_outputs(
         policy,
         None if val is None else network_outputs(model, val, cfg, E, best_expert, dev),
