@@ -955,3 +955,47 @@ def test_every_measured_number_in_the_docs_names_the_script_that_produced_it():
             if numbers and "benchmarks/" not in section:
                 bad.append(f"{doc.name}: {section.splitlines()[0]!r} quotes {numbers[:3]}")
     assert not bad, "\n".join(bad)
+
+
+def test_training_curves_have_a_row_per_stage_with_integer_epochs(tmp_path, monkeypatch):
+    """Two-stage training: the base segmentor's log and the heads' log, one row each, the
+    validation plotted against whole epochs."""
+    import json as _json
+
+    from deferredseg.train import figures
+
+    def write(path, epochs):
+        with open(path, "w") as f:
+            for e in epochs:
+                f.write(_json.dumps({"event": "step", "step": e + 1, "loss": 1.0 / (e + 1)}) + "\n")
+                rec = {"event": "epoch", "epoch": e, "val_system_dice": 0.5 + 0.01 * e}
+                f.write(_json.dumps(rec) + "\n")
+
+    (tmp_path / "base").mkdir()
+    write(tmp_path / "base" / "log.jsonl", [1, 2, 3])
+    write(tmp_path / "log.jsonl", [0, 1, 2])
+    seen = {}
+    real = figures._plt
+
+    def spy():
+        plt = real()
+        orig = plt.subplots
+
+        def subplots(*a, **k):
+            seen["fig"], seen["axes"] = orig(*a, **k)
+            return seen["fig"], seen["axes"]
+
+        monkeypatch.setattr(plt, "subplots", subplots)
+        monkeypatch.setattr(plt, "close", lambda fig: None)
+        return plt
+
+    monkeypatch.setattr(figures, "_plt", spy)
+    logs = [("stage 1", tmp_path / "base" / "log.jsonl"), ("stage 2", tmp_path / "log.jsonl")]
+    paths = figures.plot_training_curves(logs, tmp_path / "curves.png")
+    assert paths[0].is_file()
+    axes = seen["axes"]
+    assert axes.shape == (2, 2)
+    assert axes[0][1].get_title() == "stage 1: validation"
+    assert axes[1][1].get_title() == "stage 2: validation"
+    ticks = [t for t in axes[1][1].get_xticks() if 0 <= t <= 2]
+    assert ticks and all(float(t).is_integer() for t in ticks)  # no 0.5 epochs

@@ -140,6 +140,13 @@ def test_two_stage_keeps_the_base_and_defers_the_budget(bench, tmp_path):
         m["auroc_model_wrong_score"] is not None and m["auroc_model_wrong_uncertainty"] is not None
     )
     assert m["selection"]["by"] == "budget-dice" and m["route_mode"] == "gate"
+    # the risk-coverage curve: the same policy at the test split's score quantiles, dense at
+    # the budgets in use (no straight jump from a few percent to everything)
+    from deferredseg.train.evaluation import CURVE_BUDGETS
+
+    curve = m["risk_coverage"]
+    assert [c["budget"] for c in curve] == list(CURVE_BUDGETS)
+    assert all(abs(c["deferral_rate"] - c["budget"]) < 0.02 for c in curve)
 
 
 def test_base_checkpoint_skips_stage_one_and_l2d_runs_on_it(bench, tmp_path):

@@ -256,8 +256,13 @@ def _write(
             )
         },
     )
-    if log_path.exists():
-        paths += figs.plot_training_curves(log_path, out_dir / "training_curves.png")
+    base_log = log_path.parent / "base" / "log.jsonl"  # stage 1 of two-stage training
+    logs = (
+        [("stage 1: base segmentor", base_log), ("stage 2: routing heads", log_path)]
+        if base_log.exists()
+        else [("training", log_path)]
+    )
+    paths += figs.plot_training_curves(logs, out_dir / "training_curves.png")
     metrics["figures"] = [str(p) for p in paths]
     with open(out_dir / "metrics.json", "w") as f:
         json.dump(metrics, f, indent=2)

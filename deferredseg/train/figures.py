@@ -170,8 +170,7 @@ def plot_risk_coverage(
     return [path]
 
 
-def plot_training_curves(log_path, path) -> List[Path]:
-    """Loss terms per step and validation system Dice per epoch, from log.jsonl."""
+def _read_log(log_path) -> Tuple[list, list]:
     steps, epochs = [], []
     with open(log_path) as f:
         for line in f:
@@ -180,40 +179,44 @@ def plot_training_curves(log_path, path) -> List[Path]:
                 steps.append(rec)
             elif rec.get("event") == "epoch":
                 epochs.append(rec)
-    if not steps:
+    return steps, epochs
+
+
+def plot_training_curves(logs, path) -> List[Path]:
+    """One row per stage: its loss terms per optimiser step and its validation per epoch
+    (integer epochs), from log.jsonl files. ``logs``: a log path, or ``(stage name, log
+    path)`` pairs (two-stage training: the base segmentor's log, then the heads')."""
+    from matplotlib.ticker import MaxNLocator
+
+    if not isinstance(logs, (list, tuple)):
+        logs = [("training", logs)]
+    stages = [(name, *_read_log(p)) for name, p in logs if Path(p).exists()]
+    stages = [st for st in stages if st[1]]
+    if not stages:
         return []
     plt = _plt()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    for key in ("loss", "seg", "collab", "gate", "coherence", "balance", "l2d"):
-        vals = [(r["step"], r[key]) for r in steps if r.get(key) is not None]
-        if vals:
-            a1.plot([v[0] for v in vals], [v[1] for v in vals], label=key)
-    a1.set_xlabel("optimiser step")
-    a1.set_yscale("symlog", linthresh=1e-2)
-    a1.legend(fontsize=7)
-    a1.set_title("training loss terms")
-    if epochs:
-        a2.plot(
-            [r["epoch"] for r in epochs],
-            [r.get("val_system_dice") for r in epochs],
-            marker="o",
-            label="system Dice",
-        )
-        a2.plot(
-            [r["epoch"] for r in epochs],
-            [r.get("val_model_dice") for r in epochs],
-            marker="o",
-            label="model Dice",
-        )
-        a2.plot(
-            [r["epoch"] for r in epochs],
-            [r.get("val_deferral_rate") for r in epochs],
-            marker="o",
-            label="deferral rate",
-        )
-        a2.set_xlabel("epoch")
-        a2.legend(fontsize=7)
-        a2.set_title("validation")
+    fig, axes = plt.subplots(len(stages), 2, figsize=(9, 3.3 * len(stages)), squeeze=False)
+    for (name, steps, epochs), (a1, a2) in zip(stages, axes):
+        for key in ("loss", "seg", "collab", "gate", "coherence", "balance", "l2d"):
+            vals = [(r["step"], r[key]) for r in steps if r.get(key) is not None]
+            if vals:
+                a1.plot([v[0] for v in vals], [v[1] for v in vals], label=key)
+        a1.set_xlabel("optimiser step")
+        a1.set_yscale("symlog", linthresh=1e-2)
+        a1.legend(fontsize=7)
+        a1.set_title(f"{name}: training loss terms")
+        if epochs:
+            x = [r["epoch"] for r in epochs]
+            for key, label in (
+                ("val_system_dice", "system Dice"),
+                ("val_model_dice", "model Dice"),
+                ("val_deferral_rate", "deferral rate"),
+            ):
+                a2.plot(x, [r.get(key) for r in epochs], marker="o", label=label)
+            a2.set_xlabel("epoch")
+            a2.xaxis.set_major_locator(MaxNLocator(integer=True))
+            a2.legend(fontsize=7)
+            a2.set_title(f"{name}: validation")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)
