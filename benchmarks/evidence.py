@@ -23,13 +23,22 @@ two-stage method, so between those methods only the routing differs:
   model is wrong and the chosen expert is right", deferral by the gate;
 - the improved default deferring by its expected gain instead of its gate;
 - on panel A, the coherence and balance ablations of the improved default;
+- the drop-in loss in a plain PyTorch loop (``examples/own_training_loop.py``: a
+  MONAI UNet trained jointly with ``DeferredSegLoss`` at its defaults, its policy
+  calibrated on validation);
+- bolt-on deferral (``deferredseg.bolt_on.add_deferral``) on the seed's trained base
+  segmentor, taken as a plain segmentation network;
+- the budgeted oracle: the base's wrong pixels, up to the budget and the least
+  confident first, to a reader who is right there (the ceiling at that budget);
 - with ``--joint``, the improved objective trained jointly (panel C).
 
 Every method that uses a budget is evaluated at 5, 10 and 20% with the
 threshold chosen on the validation split, and at the threshold that defers
 exactly that share of the test pixels (matched rates). Paired 95% confidence
-intervals over seeds decide the claims. Writes benchmarks/results/evidence.json
-and evidence.md and replaces the table between the evidence markers of README.md.
+intervals over seeds decide the claims. Writes benchmarks/results/evidence.json,
+evidence.md (every table) and docs/images/evidence.png (system Dice against budget,
+one panel per expert panel), and replaces the short table between the evidence
+markers of README.md.
 """
 
 from __future__ import annotations
@@ -46,10 +55,12 @@ from typing import Dict, List, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
 from deferredseg.data.benchmark import PANEL_NAMES, write_benchmark  # noqa: E402
 from deferredseg.stats import ci95  # noqa: E402
 from deferredseg.train.config import TrainConfig  # noqa: E402
-from deferredseg.train.evaluation import evaluate  # noqa: E402
+from deferredseg.train.evaluation import evaluate, evaluate_outputs  # noqa: E402
 from deferredseg.train.loop import train  # noqa: E402
 
 BUDGETS = (0.05, 0.10, 0.20)
@@ -70,7 +81,13 @@ LABELS = {
     "no-coherence": "improved without coherence",
     "no-balance": "improved without balance",
     "joint": "improved objective, joint training",
+    "plain-loop": "drop-in loss in a plain loop (joint, defaults)",
+    "bolt-on": "bolt-on deferral on the trained base (add_deferral)",
+    "oracle": "budgeted oracle (wrong pixels to a reader right there)",
 }
+# the lines of the figure and the rows of the README's short table
+HEADLINE = ("base", "confidence", "improved", "plain-loop", "bolt-on", "oracle")
+PLAIN_LOOP_STEPS = 300  # about the base segmentor's optimiser steps (12 epochs of 150 cases)
 
 
 def base_config(quick: bool, backend: str) -> TrainConfig:
@@ -225,6 +242,18 @@ def run(args) -> Dict:
                     results["runs"][f"{key}/improved-gain"] = evaluate_all(
                         ck, dict(route_mode="gain"), BUDGETS, evals / "improved-gain.json"
                     )
+            split_data = cfg_for(p, "x")
+            results["runs"][f"{key}/oracle"] = cached(
+                evals / "oracle.json", lambda: oracle_rows(base_ck, split_data, BUDGETS)
+            )
+            results["runs"][f"{key}/plain-loop"] = cached(
+                evals / "plain-loop.json",
+                lambda: plain_loop_rows(data[p], seed, BUDGETS, args.quick),
+            )
+            results["runs"][f"{key}/bolt-on"] = cached(
+                evals / "bolt-on.json",
+                lambda: bolt_on_rows(base_ck, split_data, BUDGETS, args.quick),
+            )
             if args.joint and p == "C":
                 cfg = cfg_for(p, "joint", training="joint")
                 if not (Path(cfg.out) / "best.pt").exists():
@@ -234,6 +263,140 @@ def run(args) -> Dict:
                 )
             log(f"seed {seed}: panel {p} done")
     return results
+
+
+# ------------------------------------------------------------------------------------ new rows
+def _example():
+    """examples/own_training_loop.py as a module: its plain loop is the row's training."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "own_training_loop", ROOT / "examples" / "own_training_loop.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cached(path: Path, compute) -> Dict[str, dict]:
+    """``compute()``'s per-budget results, kept in ``path`` (runs can be resumed)."""
+    if path.exists():
+        return json.loads(path.read_text())
+    out = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, default=str))
+    return out
+
+
+def _per_budget(policy, val, test, budgets) -> Dict[str, dict]:
+    out = {}
+    for b in budgets:
+        m, _ = evaluate_outputs(policy, val, test, b, matched=True, sweep=False)
+        m.pop("risk_coverage", None)
+        out[f"{b:g}"] = m
+    return out
+
+
+def _base_outputs(base_ck: Path, cfg: TrainConfig):
+    """The trained base's network, configuration and (val, test) packed outputs."""
+    from deferredseg.train.builders import build_data, load_trained
+    from deferredseg.train.evaluation import network_outputs
+
+    dev = torch.device("cpu")
+    model, bcfg, ck = load_trained(
+        base_ck, dev, dict(data=cfg.data, split_file=cfg.split_file, layout=cfg.layout)
+    )
+    E = build_data(bcfg, "val").info.num_experts
+    outs = {
+        s: network_outputs(model, build_data(bcfg, s), bcfg, E, 0, dev) for s in ("val", "test")
+    }
+    return model, bcfg, E, outs
+
+
+def oracle_rows(base_ck: Path, cfg: TrainConfig, budgets) -> Dict[str, dict]:
+    """The budgeted oracle: the base's wrong pixels where some reader is right, the least
+    confident first, up to the budget, labelled right; the rest keeps the base's labels."""
+    from deferredseg.metrics import per_image_scores
+    from deferredseg.policy import IGNORE_INDEX, ScoreHistogram, uncertainty
+
+    _, bcfg, E, outs = _base_outputs(base_ck, cfg)
+    K = bcfg.num_classes
+
+    def fixable_pixels():
+        """Per test batch: the base's labels, the target, and the wrong pixels some reader
+        has right with the base's uncertainty (as a logit) there."""
+        for logits, target, experts, *_ in outs["test"]():
+            z = logits[:, :K]
+            valid = target != IGNORE_INDEX
+            pred = (z[:, 0] > 0).long() if K == 1 else z.argmax(1)
+            fixable = valid & (pred != target) & (experts == target.unsqueeze(1)).any(1)
+            u = torch.logit(uncertainty(z, K).clamp(1e-7, 1 - 1e-7))
+            yield pred, target, valid, fixable, u
+
+    hist, valid_total = ScoreHistogram(), 0
+    for _, _, valid, fixable, u in fixable_pixels():
+        hist.add(u[fixable])
+        valid_total += int(valid.sum())
+    out = {}
+    for b in budgets:
+        share = min(1.0, b * valid_total / max(hist.total, 1))
+        i, _ = hist.cut(share)
+        cut = hist.edge(i) if i < hist.BINS else float("inf")
+        dice, deferred = [], 0
+        for pred, target, _, fixable, u in fixable_pixels():
+            take = fixable & (u >= cut)
+            deferred += int(take.sum())
+            final = torch.where(take, target, pred)
+            dice += per_image_scores(final, target, max(K, 2), None, IGNORE_INDEX, False)["dice"]
+        finite = [d for d in dice if d == d]
+        rate = deferred / max(valid_total, 1)
+        m = {"system_dice": sum(finite) / len(finite), "deferral_rate": rate}
+        out[f"{b:g}"] = {
+            **m,
+            "matched_system_dice": m["system_dice"],
+            "matched_deferral_rate": rate,
+        }
+    return out
+
+
+def bolt_on_rows(base_ck: Path, cfg: TrainConfig, budgets, quick: bool) -> Dict[str, dict]:
+    """Bolt-on deferral on the seed's base segmentor, taken as a plain segmentation network
+    (its backbone and segmentation head), heads selected at the training budget."""
+    from monai.data import DataLoader
+
+    from deferredseg.bolt_on import add_deferral
+    from deferredseg.train.builders import build_data
+
+    model, bcfg, E, _ = _base_outputs(base_ck, cfg)
+    network = torch.nn.Sequential(model.backbone, model.seg_head)
+    loaders = {
+        s: DataLoader(build_data(bcfg, s), batch_size=8, shuffle=False)
+        for s in ("train", "val", "test")
+    }
+    deferral = add_deferral(
+        network,
+        loaders["train"],
+        loaders["val"],
+        num_classes=bcfg.num_classes,
+        num_experts=E,
+        budget=0.1,
+        head_epochs=1 if quick else TrainConfig.head_epochs,
+        seed=bcfg.seed,
+    )
+    ex = _example()
+    val, test = (ex.outputs(deferral, loaders[s].dataset) for s in ("val", "test"))
+    return _per_budget(deferral.policy, val, test, budgets)
+
+
+def plain_loop_rows(root: Path, seed: int, budgets, quick: bool) -> Dict[str, dict]:
+    """The drop-in loss at its defaults in the example's plain loop, calibrated per budget."""
+    ex = _example()
+    train_ds, val_ds, test_ds, E = ex.splits(root)
+    steps = 20 if quick else PLAIN_LOOP_STEPS
+    model, criterion = ex.train_plain_loop(train_ds, E, steps, seed)
+    return _per_budget(
+        criterion.policy(), ex.outputs(model, val_ds), ex.outputs(model, test_ds), budgets
+    )
 
 
 # ------------------------------------------------------------------------------------ summary
@@ -276,17 +439,20 @@ def verdict(d: Dict, sign: int = +1, margin: float = 0.0) -> str:
     return f"{'holds' if ok else 'does NOT hold'}: {d['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
 
 
-def markdown(results: Dict, env: str) -> str:
-    seeds = results["seeds"]
-    L = [
+def describe(results: Dict, env: str) -> str:
+    return (
         f"Hard synthetic benchmark (`deferredseg.data.benchmark`), {results['cases']} cases of "
-        f"{results['size']}x{results['size']} per seed, splits 60/20/20, seeds {seeds}; mean ± "
-        "95% CI "
-        f'half-width (t) over seeds. Thresholds chosen on validation; "matched" is the Dice at the '
-        f"threshold that defers exactly the budget of the test pixels. Produced by "
-        f"`python benchmarks/evidence.py` ({env}).",
-        "",
-    ]
+        f"{results['size']}x{results['size']} per seed, splits 60/20/20, seeds {results['seeds']}; "
+        "mean ± 95% CI half-width (t) over seeds. Thresholds chosen on validation; "
+        '"matched" is the Dice at the threshold that defers exactly the budget of the test '
+        f"pixels. Produced by `python benchmarks/evidence.py` ({env})."
+    )
+
+
+def tables(results: Dict) -> List[str]:
+    """Every method's system Dice and rate at every budget, one table per panel."""
+    seeds = results["seeds"]
+    L: List[str] = []
     for p in results["panels"]:
         info = [results["panel_info"][f"{s}/{p}"] for s in seeds]
         best = ci95([i["best_expert_dice"] for i in info])
@@ -317,26 +483,134 @@ def markdown(results: Dict, env: str) -> str:
                 + f" | {fmt(a1, '.2f')} / {fmt(a2, '.2f')} |"
             )
         L.append("")
-    L += ["Targets (paired over seeds, system Dice at matched test deferral rates):", ""]
+    return L
+
+
+def short_table(results: Dict) -> List[str]:
+    """The README's table: matched system Dice at 10%, one column per panel."""
+    seeds, panels = results["seeds"], results["panels"]
+    L = [
+        "| at a 10% budget (matched test rate) | "
+        + " | ".join(f"panel {p} ({PANEL_NAMES[p]})" for p in panels)
+        + " |",
+        "|---|" + "---|" * len(panels),
+    ]
+    for m in HEADLINE:
+        if not any(f"{seeds[0]}/{p}/{m}" in results["runs"] for p in panels):
+            continue
+        cells = [
+            fmt(ci95([value(results, s, p, m, 0.1, "matched_system_dice") for s in seeds]))
+            for p in panels
+        ]
+        L.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
+    return L
+
+
+def targets(results: Dict, previous: Optional[Dict]) -> List[str]:
+    """The claims of the README, each with its paired CI over seeds and a verdict."""
+    seeds = results["seeds"]
+    key = "matched_system_dice"
+    L = ["Targets (paired over seeds, system Dice at matched test deferral rates):", ""]
     for p in results["panels"]:
+        # panel C: the default must beat confidence deferral to the best single expert (CI
+        # above 0); elsewhere be no worse than it by more than 0.002 (CI lower bound)
+        margin = 0.0 if p == "C" else -0.002
+        parts = []
         for b in BUDGETS:
-            key = "matched_system_dice"
-            d1 = paired(results, p, "improved", "base", b, key)
-            d2 = paired(results, p, "improved", "confidence", b, key)
-            # panel C: the improved default must beat confidence deferral (CI above 0); elsewhere
-            # it must be no worse than it by more than 0.005 (CI lower bound above -0.005)
-            margin = 0.0 if p == "C" else -0.005
+            d = paired(results, p, "improved", "confidence", b, key)
+            parts.append(f"@{b:.0%} {verdict(d, margin=margin)}")
+        L.append(
+            f"- {p}: default vs confidence deferral to the best expert "
+            f"({'> 0' if p == 'C' else 'no worse than -0.002'}): " + "; ".join(parts)
+        )
+    for p in results["panels"]:
+        if f"{seeds[0]}/{p}/plain-loop" not in results["runs"]:
+            continue
+        rates = [
+            value(results, s, p, "plain-loop", b, "deferral_rate") / b
+            for s in seeds
+            for b in BUDGETS
+        ]
+        gains = [
+            verdict(
+                ci95(
+                    [
+                        value(results, s, p, "plain-loop", b, "system_dice")
+                        - value(results, s, p, "plain-loop", b, "model_dice")
+                        for s in seeds
+                    ]
+                )
+            )
+            for b in BUDGETS
+        ]
+        ok = all(0.5 <= r <= 1.5 for r in rates)
+        L.append(
+            f"- {p}: drop-in loss in a plain loop defers within [0.5, 1.5] x the budget "
+            f"({'holds' if ok else 'does NOT hold'}: {min(rates):.2f}-{max(rates):.2f} x) and "
+            "beats its own model alone: "
+            + "; ".join(f"@{b:.0%} {g}" for b, g in zip(BUDGETS, gains))
+        )
+    for p in results["panels"]:
+        if f"{seeds[0]}/{p}/bolt-on" not in results["runs"]:
+            continue
+        parts = []
+        for b in BUDGETS:
+            d = paired(results, p, "bolt-on", "improved", b, key)
+            ok = d.get("mean") is not None and abs(d["mean"]) <= 0.005
+            parts.append(f"@{b:.0%} {'holds' if ok else 'does NOT hold'}: {d['mean']:+.4f}")
+        L.append(
+            f"- {p}: bolt-on deferral matches `deferredseg train` on the same base "
+            "(|mean difference| <= 0.005): " + "; ".join(parts)
+        )
+    val_dev, test_dev = [], []
+    for k, r in results["runs"].items():
+        if k.split("/")[-1] not in ("improved", "plain-loop", "bolt-on"):
+            continue
+        for b in BUDGETS:
+            m = r.get(f"{b:g}") or {}
+            cal = (m.get("policy") or {}).get("calibration") or {}
+            if "rate" in cal:
+                val_dev.append(abs(cal["rate"] - b))
+            if m.get("deferral_rate") is not None and m.get("budget") is not None:
+                test_dev.append(abs(m["deferral_rate"] - b))
+    if val_dev:
+        L.append(
+            f"- calibration (default, plain loop, bolt-on; every seed, panel and budget): "
+            f"validation rate within 0.5 points of the budget: "
+            f"{'holds' if max(val_dev) <= 0.005 else 'does NOT hold'} (largest deviation "
+            f"{max(val_dev) * 100:.2f} points); test rate within 2 points: "
+            f"{'holds' if max(test_dev) <= 0.02 else 'does NOT hold'} (largest "
+            f"{max(test_dev) * 100:.2f} points)"
+        )
+    if previous is not None:
+        for p in results["panels"]:
+            parts = []
+            for b in BUDGETS:
+                diffs = []
+                for s in seeds:
+                    now = value(results, s, p, "improved", b, key)
+                    before = value(previous, s, p, "improved", b, key)
+                    if now is not None and before is not None:
+                        diffs.append(now - before)
+                d = ci95(diffs)
+                if d.get("mean") is not None and d.get("ci95") is not None:
+                    lo, hi = d["mean"] - d["ci95"], d["mean"] + d["ci95"]
+                    ok = hi >= 0  # no regression beyond the noise: the CI reaches 0 or above
+                    parts.append(
+                        f"@{b:.0%} {'holds' if ok else 'does NOT hold'}: {d['mean']:+.4f} "
+                        f"[{lo:+.4f}, {hi:+.4f}]"
+                    )
             L.append(
-                f"- {p} @{b:.0%}: improved > base alone: {verdict(d1)}; improved vs confidence "
-                f"to the best expert ({'> 0' if p == 'C' else 'no worse than -0.005'}): "
-                f"{verdict(d2, margin=margin)}"
+                f"- {p}: the default now vs the previous evidence "
+                "(benchmarks/results/evidence_previous.json; no regression beyond the noise): "
+                + "; ".join(parts)
             )
     for p in results["panels"]:
         sc = [value(results, s, p, "improved", 0.1, "auroc_model_wrong_score") for s in seeds]
         un = [value(results, s, p, "improved", 0.1, "auroc_model_wrong_uncertainty") for s in seeds]
         d = ci95([x - y for x, y in zip(sc, un) if x is not None and y is not None])
         L.append(
-            f"- {p}: AUROC of the improved gate for the model's wrong pixels minus the "
+            f"- {p}: AUROC of the default's score for the model's wrong pixels minus the "
             f"segmentation head's uncertainty's (at least as good: CI lower bound above "
             f"-0.005): {verdict(d, margin=-0.005)}"
         )
@@ -346,7 +620,7 @@ def markdown(results: Dict, env: str) -> str:
             "Coherence and balance on panel A (improved default, 10% budget, matched rates):",
             "",
         ]
-        for name, key, sign, text in (
+        for name, k, sign, text in (
             (
                 "no-coherence",
                 "matched_deferral_components_per_image",
@@ -356,9 +630,95 @@ def markdown(results: Dict, env: str) -> str:
             ("no-coherence", "matched_system_dice", +1, "coherence raises system Dice"),
             ("no-balance", "matched_system_dice", +1, "balance raises system Dice"),
         ):
-            d = paired(results, "A", "improved", name, 0.1, key)
+            d = paired(results, "A", "improved", name, 0.1, k)
             L.append(f"- {text}: {verdict(d, sign)}")
+    return L
+
+
+def expert_choices(results: Dict) -> List[str]:
+    """Which expert choice the default's calibration kept, per panel and budget."""
+    seeds = results["seeds"]
+    L = []
+    for p in results["panels"]:
+        parts = []
+        for b in BUDGETS:
+            picks = []
+            for s in seeds:
+                m = (results["runs"].get(f"{s}/{p}/improved") or {}).get(f"{b:g}") or {}
+                picks.append((m.get("policy") or {}).get("chosen"))
+            n = sum(c == "best" for c in picks)
+            parts.append(f"@{b:.0%} best single expert in {n} of {len(picks)} seeds")
+        L.append(f"- {p}: " + "; ".join(parts))
+    return L
+
+
+def markdown(results: Dict, env: str, previous: Optional[Dict] = None) -> str:
+    """benchmarks/results/evidence.md: every table and every target."""
+    L = [describe(results, env), ""] + tables(results) + targets(results, previous)
+    L += ["", "The default's expert choice (`expert_choice=auto`) as calibrated:", ""]
+    L += expert_choices(results)
     return "\n".join(L) + "\n"
+
+
+def readme_block(results: Dict, env: str, previous: Optional[Dict] = None) -> str:
+    """The README's part: the figure, the short table at 10% and the targets."""
+    L = [
+        describe(results, env),
+        "",
+        "![System Dice against the deferral budget](docs/images/evidence.png)",
+        "",
+    ]
+    L += short_table(results)
+    L += ["", "Every table: [benchmarks/results/evidence.md](benchmarks/results/evidence.md).", ""]
+    L += targets(results, previous)
+    return "\n".join(L) + "\n"
+
+
+def figure(results: Dict, path: Path) -> None:
+    """System Dice (matched test rate) against the budget, one panel per expert panel, each
+    headline method a line with its 95% CI band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seeds, panels = results["seeds"], results["panels"]
+    height = 3.4 if len(panels) >= 3 else 5.5
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), height), squeeze=False)
+    for ax, p in zip(axes[0], panels):
+        for m in HEADLINE:
+            if f"{seeds[0]}/{p}/{m}" not in results["runs"]:
+                continue
+            stats = [
+                ci95([value(results, s, p, m, b, "matched_system_dice") for s in seeds])
+                for b in BUDGETS
+            ]
+            if any(st.get("mean") is None for st in stats):
+                continue
+            x = [b * 100 for b in BUDGETS]
+            mean = [st["mean"] for st in stats]
+            half = [st.get("ci95") or 0.0 for st in stats]
+            style = "--" if m in ("base", "oracle") else "-"
+            (line,) = ax.plot(x, mean, style, marker="o", ms=3, label=LABELS[m])
+            ax.fill_between(
+                x,
+                [a - h for a, h in zip(mean, half)],
+                [a + h for a, h in zip(mean, half)],
+                color=line.get_color(),
+                alpha=0.15,
+            )
+        ax.set_title(f"panel {p} ({PANEL_NAMES[p]})", fontsize=10)
+        ax.set_xlabel("deferral budget (% of pixels)")
+        ax.set_xticks([b * 100 for b in BUDGETS])
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("system Dice (matched test rate)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    ncol = 3 if len(panels) >= 3 else 1
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.18 if ncol == 3 else 0.45, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -390,10 +750,15 @@ def main(argv=None) -> int:
     else:
         results = run(args)
         env = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    md = markdown(results, env)
     res = Path(args.results)
     res.mkdir(parents=True, exist_ok=True)
+    prev_path = res / "evidence_previous.json"
+    previous = json.loads(prev_path.read_text())["results"] if prev_path.exists() else None
+    md = markdown(results, env, previous)
     suffix = "_quick" if args.quick else ""
+    figure(
+        results, res / f"evidence{suffix}.png" if args.quick else ROOT / "docs/images/evidence.png"
+    )
     (res / f"evidence{suffix}.json").write_text(
         json.dumps({"results": results, "env": env}, indent=1, default=str)
     )
@@ -405,7 +770,8 @@ def main(argv=None) -> int:
         if START in text and END in text:
             head, rest = text.split(START, 1)
             _, tail = rest.split(END, 1)
-            readme.write_text(f"{head}{START}\n{md}{END}{tail}")
+            block = readme_block(results, env, previous)
+            readme.write_text(f"{head}{START}\n{block}{END}{tail}")
             print("README.md updated")
     return 0
 

@@ -42,7 +42,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .models.segmentor import DeferredSegmentor
+from .models.segmentor import DeferredSegmentor, forward_capturing
 from .policy import DeferralPolicy, Routing
 
 __all__ = [
@@ -122,22 +122,7 @@ class SegmentationWithFeatures(nn.Module):
         _submodule(network, self.layer)
 
     def forward(self, x: torch.Tensor) -> Tuple[Any, Any]:
-        captured: List[Any] = []
-        module = self.network.get_submodule(self.layer)
-        if self.take == "input":
-            handle = module.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
-        else:
-            handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out))
-        try:
-            seg = self.network(x)
-        finally:
-            handle.remove()
-        if not captured:
-            raise RuntimeError(
-                f"feature_layer {self.layer!r} did not run during the network's forward pass: "
-                "name a layer the forward pass uses"
-            )
-        feats = captured[-1]
+        seg, feats = forward_capturing(self.network, self.layer, x, self.take)
         if hasattr(seg, "as_tensor"):  # MONAI MetaTensor
             seg = seg.as_tensor()
         if hasattr(feats, "as_tensor"):

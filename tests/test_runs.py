@@ -899,7 +899,8 @@ def test_one_line_per_epoch_and_summary_tables(tmp_path, capsys):
     assert isinstance(m["expert_share"], dict) and list(m["expert_share"]) == m["expert_names"]
 
 
-def test_example_figure_names_cases_slices_experts_and_the_reference(tmp_path, monkeypatch):
+def _spy_on_figures(monkeypatch) -> dict:
+    """The figure and axes the next figure of deferredseg.train.figures makes (kept open)."""
     from deferredseg.train import figures
 
     seen = {}
@@ -910,15 +911,21 @@ def test_example_figure_names_cases_slices_experts_and_the_reference(tmp_path, m
         orig = plt.subplots
 
         def subplots(*a, **k):
-            fig, axes = orig(*a, **k)
-            seen["fig"], seen["axes"] = fig, axes
-            return fig, axes
+            seen["fig"], seen["axes"] = orig(*a, **k)
+            return seen["fig"], seen["axes"]
 
         monkeypatch.setattr(plt, "subplots", subplots)
         monkeypatch.setattr(plt, "close", lambda fig: None)
         return plt
 
     monkeypatch.setattr(figures, "_plt", spy)
+    return seen
+
+
+def test_example_figure_names_cases_slices_experts_and_the_reference(tmp_path, monkeypatch):
+    from deferredseg.train import figures
+
+    seen = _spy_on_figures(monkeypatch)
     S = (6, 8, 8)
     ex = {
         "id": "vol_7",
@@ -974,22 +981,7 @@ def test_training_curves_have_a_row_per_stage_with_integer_epochs(tmp_path, monk
     (tmp_path / "base").mkdir()
     write(tmp_path / "base" / "log.jsonl", [1, 2, 3])
     write(tmp_path / "log.jsonl", [0, 1, 2])
-    seen = {}
-    real = figures._plt
-
-    def spy():
-        plt = real()
-        orig = plt.subplots
-
-        def subplots(*a, **k):
-            seen["fig"], seen["axes"] = orig(*a, **k)
-            return seen["fig"], seen["axes"]
-
-        monkeypatch.setattr(plt, "subplots", subplots)
-        monkeypatch.setattr(plt, "close", lambda fig: None)
-        return plt
-
-    monkeypatch.setattr(figures, "_plt", spy)
+    seen = _spy_on_figures(monkeypatch)
     logs = [("stage 1", tmp_path / "base" / "log.jsonl"), ("stage 2", tmp_path / "log.jsonl")]
     paths = figures.plot_training_curves(logs, tmp_path / "curves.png")
     assert paths[0].is_file()

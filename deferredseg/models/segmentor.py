@@ -102,6 +102,30 @@ class RoutingHeads(nn.Module):
         return out + prior.to(out.dtype)
 
 
+def forward_capturing(
+    network: nn.Module, layer: str, x: torch.Tensor, take: str = "output"
+) -> Tuple[Any, Any]:
+    """``(network(x), what its submodule ``layer`` returned)`` (``take="output"``) or what
+    that submodule received as its first input (``take="input"``), captured by a hook
+    that is removed afterwards."""
+    captured: List[Any] = []
+    module = network.get_submodule(layer)
+    if take == "input":
+        handle = module.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    else:
+        handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        out = network(x)
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(
+            f"feature_layer {layer!r} did not run during the network's forward pass: name a "
+            "layer the forward pass uses"
+        )
+    return out, captured[-1]
+
+
 def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
     if isinstance(value, bool) or int(value) != value or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -284,19 +308,7 @@ class DeferredSegmentor(nn.Module):
                 )
             seg, feats = out
         else:
-            captured: List[Any] = []
-            layer = self.backbone.get_submodule(self.feature_layer)
-            handle = layer.register_forward_hook(lambda _m, _i, o: captured.append(o))
-            try:
-                seg = self.backbone(x)
-            finally:
-                handle.remove()
-            if not captured:
-                raise RuntimeError(
-                    f"feature_layer {self.feature_layer!r} did not run during the backbone's "
-                    "forward"
-                )
-            feats = captured[-1]
+            seg, feats = forward_capturing(self.backbone, self.feature_layer, x, "output")
         seg = self._check_map("segmentation logits", seg, self.num_classes, B)
         feats = self._check_map("features", feats, self.feature_channels, B)
         return seg, self._resize(feats, seg.shape[2:])
