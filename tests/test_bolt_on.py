@@ -182,7 +182,8 @@ def test_policy_is_calibrated_on_validation_at_the_budget(bolted):
     p = bolted.policy
     assert isinstance(p, DeferralPolicy) and p.budget == 0.2 and p.scores == "sigmoid"
     assert abs(p.calibration["rate"] - 0.2) < 0.01
-    assert [h["epoch"] for h in bolted.history] == [-1, 0]  # untrained heads a candidate
+    # epoch 0: the untrained heads, a candidate
+    assert [h["epoch"] for h in bolted.history] == [0, 1]
     out = bolted.route(_batches(seed=1)[0][0])
     assert out.assignment.shape == (2, 16, 16)
 
