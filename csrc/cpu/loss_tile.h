@@ -110,11 +110,11 @@ DS_LOSS_FN void tile_term_sums(const TileCtx<T>& c) {
   c.out[kSumGate] = sgate;
 }
 
-// Everything after the segmentation term, for a compile-time E: collab, balance,
-// gate, and (GRAD) the gradient of the routing and gate logits, in one loop with the
-// E + 1 channels of a pixel in registers. Needs: the routing of the tile (pi, rb, rs,
-// D), its gate term (tile_gate), the coherence derivatives gD, gS
-// (tile_coherence_all), lseg and the c_k rows.
+// Everything after the segmentation term, for a compile-time E and the softmax or
+// paper surrogate: collab, balance, gate, and (GRAD) the gradient of the routing and
+// gate logits, in one loop with the E + 1 channels of a pixel in registers. Needs: the
+// routing of the tile (pi, rb, rs, D), its gate term (tile_gate), the coherence
+// derivatives gD, gS (tile_coherence_all), lseg and the c_k rows.
 // The formulas are those of the generic loops in loss_tile_impl.
 template <int E, int SUR, bool GRAD, typename T>
 DS_LOSS_FN void loss_rest_fast(const TileCtx<T>& c) {
@@ -147,7 +147,7 @@ DS_LOSS_FN void loss_rest_fast(const TileCtx<T>& c) {
       ck[k] = ckr[k * kTile + i];
       p[k] = pi[k * kTile + i];
     }
-    // collab value; acc = Ctot (softmax) or sum_k g_k pi_k (paper); unused by ova
+    // collab value; acc = Ctot (softmax) or sum_k g_k pi_k (paper)
     T lcol = T(0), acc = T(0);
     if (SUR == kSurrogatePaper) {
 #pragma GCC unroll 8
@@ -156,9 +156,6 @@ DS_LOSS_FN void loss_rest_fast(const TileCtx<T>& c) {
         lcol += paper_channel(coef, p[k], eps, gk[k]);
         acc += gk[k] * p[k];
       }
-    } else if (SUR == kSurrogateOva) {
-#pragma GCC unroll 8
-      for (int k = 0; k <= E; ++k) lcol += ova_channel(Rin[k * xs + i], ck[k], gk[k]);
     } else {
       const T rl = log_pos(rs[i]), b = rb[i];
 #pragma GCC unroll 8
@@ -275,7 +272,9 @@ DS_LOSS_FN void loss_tile_impl(const TileCtx<T>& c) {
   // The "benefit" gate target needs c0 (made above) and the c_k rows.
   if (c.benefit) benefit_target(c, Rin);
   if constexpr (std::is_same<T, float>::value) {
-    if (c.fast) {
+    // The "ova" surrogate takes the generic loops: its fused per-pixel loop (E + 1 BCEs and
+    // their gradients in registers) did not vectorise and ran 4x slower than them.
+    if (c.fast && c.surrogate != kSurrogateOva) {
       if (!c.routing_ready) tile_routing(c, Rin, c.xs, false);
       if (c.benefit) {
         tile_gate<false, true>(c, Rin + (E + 1) * c.xs);
@@ -288,12 +287,6 @@ DS_LOSS_FN void loss_tile_impl(const TileCtx<T>& c) {
           DS_WITH_FAST_E(E, loss_rest_fast<NE, kSurrogatePaper, true>(c))
         } else {
           DS_WITH_FAST_E(E, loss_rest_fast<NE, kSurrogatePaper, false>(c))
-        }
-      } else if (c.surrogate == kSurrogateOva) {
-        if (c.grad) {
-          DS_WITH_FAST_E(E, loss_rest_fast<NE, kSurrogateOva, true>(c))
-        } else {
-          DS_WITH_FAST_E(E, loss_rest_fast<NE, kSurrogateOva, false>(c))
         }
       } else {
         if (c.grad) {
