@@ -111,8 +111,14 @@ def run_demo(
         f"| DeferredSeg (model + experts) | {f(m['system_dice'])} | {f(m['system_hd95'], '.2f')} "
         f"| {m['deferral_rate']:.3f} |"
     )
+    chosen = m["policy"]["chosen"] or m["policy"]["expert_choice"]
+    who = "the best single expert" if chosen == "best" else "the expert the routing heads choose"
     print(
-        "\nworkload per expert (share of the deferred pixels): "
+        f"\ndeferred pixels go to {who} (expert_choice={m['policy']['expert_choice']}: chosen on "
+        "the validation split)"
+    )
+    print(
+        "workload per expert (share of the deferred pixels): "
         + ", ".join(f"{n} {s:.1%}" for n, s in m["expert_share"].items())
     )
     print(
