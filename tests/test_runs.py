@@ -225,16 +225,21 @@ def test_sigint_writes_a_resumable_checkpoint_and_resume_is_bitwise_identical(tm
         torch.set_num_threads(threads)
 
 
-def _interrupt_and_resume(full, part):
-    assert main(["train", "--out", str(full), *STEPS]) == 0
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "deferredseg", "train", "--out", str(part), *STEPS],
+def _train_process(out, args):
+    """``deferredseg train --out OUT ARGS`` in a child process (to be interrupted)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "deferredseg", "train", "--out", str(out), *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
+
+
+def _interrupt_and_resume(full, part):
+    assert main(["train", "--out", str(full), *STEPS]) == 0
+    proc = _train_process(part, STEPS)
     log = part / "log.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -262,14 +267,7 @@ def test_the_printed_resume_command_works_as_printed(tmp_path):
     command the message prints: every setting comes from the run, none from the defaults."""
     out = tmp_path / "intr"
     args = [*STEPS[:2], *STEPS[4:-2], "--head-epochs", "1"]  # two-stage, no step limit
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "deferredseg", "train", "--out", str(out), *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    proc = _train_process(out, args)
     log = out / "base" / "log.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
