@@ -1,16 +1,16 @@
 """Evaluation metrics of a deferral system.
 
 Segmentation quality (Dice, IoU, sensitivity, HD95) comes from MONAI's metric
-functions, computed per image and per foreground class (HD95 in mm from each image's
-voxel spacing where it is known, ``hd95_unit`` "mm", else in pixels, "px"), and averaged over the
-classes and images where it is defined (an image without that class in the
-ground truth does not count: MONAI's ``ignore_empty``). It is reported for the
-fused prediction (``system_*``), the model alone (``model_*``), and inside the
-expert-routed and model-routed regions. Deferral is described by its rate, each
-expert's share of the deferred pixels, and its fragmentation (connected
-components of the deferral mask per image). The risk-coverage curve routes with
-the same policy at a series of budgets and records system Dice against deferral
-rate; its area is :func:`deferredseg.policy.rc_area`.
+functions (:mod:`deferredseg.scores`), computed per image and per foreground class
+(HD95 in mm from each image's voxel spacing where it is known, ``hd95_unit`` "mm",
+else in pixels, "px"), and averaged over the classes and images where it is defined
+(an image without that class in the ground truth does not count: MONAI's
+``ignore_empty``). It is reported for the fused prediction (``system_*``), the model
+alone (``model_*``), and inside the expert-routed and model-routed regions. Deferral
+is described by its rate, each expert's share of the deferred pixels, and its
+fragmentation (connected components of the deferral mask per image). The
+risk-coverage curve routes with the same policy at a series of budgets and records
+system Dice against deferral rate; its area is :func:`deferredseg.policy.rc_area`.
 """
 
 from __future__ import annotations
@@ -23,92 +23,11 @@ import torch
 
 from deferredseg_kernels import model_correct
 
-from .policy import IGNORE_INDEX, RC_BUDGETS, DeferralPolicy, Routing, ScoreHistogram, rc_area
+from .policy import RC_BUDGETS, DeferralPolicy, Routing, ScoreHistogram, rc_area
+from .scores import has_spacing, nanmean, per_image_scores
 
 #: How checkpoints are selected on validation (:func:`evaluate_policy`).
 SELECTIONS = ("budget-dice", "rc-auc")
-
-
-def _one_hot(labels: torch.Tensor, num_labels: int, mask: torch.Tensor) -> torch.Tensor:
-    """(B, *S) labels -> (B, C, *S) float one-hot, all zeros outside ``mask``."""
-    safe = torch.where(
-        mask, labels.long().clamp(0, num_labels - 1), torch.zeros_like(labels.long())
-    )
-    oh = torch.nn.functional.one_hot(safe, num_labels).movedim(-1, 1).float()
-    return oh * mask.unsqueeze(1)
-
-
-def _nanmean(values: Sequence[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return float(sum(finite) / len(finite)) if finite else float("nan")
-
-
-def per_image_scores(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    num_labels: int,
-    region: Optional[torch.Tensor] = None,
-    ignore_index: int = IGNORE_INDEX,
-    with_hd95: bool = True,
-    spacing: Optional[torch.Tensor] = None,
-) -> Dict[str, List[float]]:
-    """Dice, IoU, sensitivity (and HD95) of each image, averaged over foreground classes.
-
-    ``pred`` and ``target`` are (B, *S) labels; ``region`` restricts the pixels
-    compared (e.g. the expert-routed ones). A value is NaN for an image whose
-    region holds no foreground in the ground truth. ``spacing`` (B, D): each image's
-    voxel size, so that HD95 is in its physical unit (MONAI's ``spacing``); without it
-    (or where it holds NaN) HD95 is in pixels.
-    """
-    from monai.metrics import (
-        compute_confusion_matrix_metric,
-        compute_dice,
-        compute_hausdorff_distance,
-        compute_iou,
-        get_confusion_matrix,
-    )
-
-    mask = target != ignore_index
-    if region is not None:
-        mask = mask & region
-    p = _one_hot(pred, num_labels, mask).cpu()
-    t = _one_hot(target, num_labels, mask).cpu()
-    dice = compute_dice(p, t, include_background=False, ignore_empty=True)
-    iou = compute_iou(p, t, include_background=False, ignore_empty=True)
-    cm = get_confusion_matrix(p, t, include_background=False)
-    sens = compute_confusion_matrix_metric("sensitivity", cm)
-    out = {"dice": dice, "iou": iou, "sensitivity": sens}
-    if with_hd95:
-        has_both = (p[:, 1:].flatten(2).sum(-1) > 0) & (t[:, 1:].flatten(2).sum(-1) > 0)
-        hd = torch.full(dice.shape, float("nan"))
-        if bool(has_both.any()):
-            import warnings
-
-            with warnings.catch_warnings():  # MONAI warns on empty masks, which we mark NaN
-                warnings.simplefilter("ignore")
-                hd = compute_hausdorff_distance(
-                    p,
-                    t,
-                    include_background=False,
-                    percentile=95,
-                    spacing=_spacing_arg(spacing, p.shape[0]),
-                )
-            hd = torch.where(has_both, hd.float(), torch.full_like(hd.float(), float("nan")))
-        out["hd95"] = hd
-    return {k: [_nanmean(row.tolist()) for row in v] for k, v in out.items()}
-
-
-def has_spacing(spacing: Optional[torch.Tensor]) -> bool:
-    """Whether every image of a batch has a known voxel size."""
-    return spacing is not None and bool(torch.isfinite(spacing).all())
-
-
-def _spacing_arg(spacing: Optional[torch.Tensor], batch: int):
-    """MONAI's ``spacing`` argument: one list per image, or None (pixels)."""
-    if not has_spacing(spacing):
-        return None
-    rows = spacing.reshape(batch, -1).double().cpu().tolist()
-    return [[float(v) for v in row] for row in rows]
 
 
 def count_components(mask: torch.Tensor) -> List[int]:
@@ -201,7 +120,7 @@ class DeferralEvaluator:
                 "budget": p.budget,
                 "threshold": p.threshold,
                 "deferral_rate": d / max(self.valid, 1),
-                "system_dice": _nanmean(dice),
+                "system_dice": nanmean(dice),
                 "deferral_components_per_image": float(np.mean(c)) if c else float("nan"),
             }
             for p, d, dice, c in zip(
@@ -210,7 +129,7 @@ class DeferralEvaluator:
         ]
 
     def result(self) -> Dict[str, object]:
-        res: Dict[str, object] = {k: _nanmean(v) for k, v in self.scores.items()}
+        res: Dict[str, object] = {k: nanmean(v) for k, v in self.scores.items()}
         res["deferral_rate"] = self.deferred / max(self.valid, 1)
         total = sum(self.per_expert)
         res["expert_share"] = [n / total if total else 0.0 for n in self.per_expert]

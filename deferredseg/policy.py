@@ -54,6 +54,8 @@ from deferredseg_kernels._checks import (
 )
 from deferredseg_kernels.types import MAX_EXPERTS
 
+from .scores import IGNORE_INDEX, nanmean, per_image_scores
+
 __all__ = [
     "DeferralPolicy",
     "Routing",
@@ -71,8 +73,6 @@ __all__ = [
 
 MODES = ("gate", "gain", "uncertainty", "router")
 EXPERT_CHOICES = ("heads", "best", "auto")
-#: The label value of pixels that count nowhere (the objective's default ``ignore_index``).
-IGNORE_INDEX = LossOptions.ignore_index
 #: The budgets whose validation system Dice make the risk-coverage area (``rc-auc``).
 RC_BUDGETS = (0.0, 0.05, 0.1, 0.2, 0.3)
 _BIG = 1e4  # a routing logit of -_BIG takes an expert out of the choice
@@ -640,8 +640,6 @@ def _sigmoid64(x: float) -> float:
 
 def _system_dice(policies: Dict[str, DeferralPolicy], data: Data) -> Dict[str, float]:
     """Mean per-image system Dice of each policy on ``data`` (a second pass)."""
-    from .metrics import per_image_scores
-
     sums = {k: [] for k in policies}
     for batch in data() if callable(data) else data:
         logits, target, experts = _unpack(batch)
@@ -650,12 +648,7 @@ def _system_dice(policies: Dict[str, DeferralPolicy], data: Data) -> Dict[str, f
             out = p.route(logits, experts)
             nl = max(p.num_classes, 2)
             sums[k] += per_image_scores(out.final, t, nl, None, p.ignore_index, False)["dice"]
-    return {k: _nanmean(v) for k, v in sums.items()}
-
-
-def _nanmean(values: Sequence[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return float(sum(finite) / len(finite)) if finite else float("nan")
+    return {k: nanmean(v) for k, v in sums.items()}
 
 
 def rc_area(points: Sequence[tuple]) -> float:
