@@ -225,9 +225,10 @@ def test_sigint_writes_a_resumable_checkpoint_and_resume_is_bitwise_identical(tm
         torch.set_num_threads(threads)
 
 
-def _train_process(out, args):
-    """``deferredseg train --out OUT ARGS`` in a child process (to be interrupted)."""
-    return subprocess.Popen(
+def _interrupted_training(out, args, log):
+    """``deferredseg train --out OUT ARGS`` in a child process, Ctrl-C (SIGINT) once ``log``
+    records its first step: (return code, stdout, stderr)."""
+    proc = subprocess.Popen(
         [sys.executable, "-m", "deferredseg", "train", "--out", str(out), *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -235,20 +236,20 @@ def _train_process(out, args):
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-
-
-def _interrupt_and_resume(full, part):
-    assert main(["train", "--out", str(full), *STEPS]) == 0
-    proc = _train_process(part, STEPS)
-    log = part / "log.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if log.exists() and '"event": "step"' in log.read_text():
             break
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, out + err
+    out_text, err = proc.communicate(timeout=300)
+    return proc.returncode, out_text, err
+
+
+def _interrupt_and_resume(full, part):
+    assert main(["train", "--out", str(full), *STEPS]) == 0
+    code, out, err = _interrupted_training(part, STEPS, part / "log.jsonl")
+    assert code == 130, out + err
     lines = [line for line in err.splitlines() if not line.startswith("note:")]
     assert len(lines) == 1 and "interrupted at epoch" in lines[0], err
     assert f"deferredseg train --resume --out {part}" in lines[0] and "Traceback" not in err
@@ -267,16 +268,8 @@ def test_the_printed_resume_command_works_as_printed(tmp_path):
     command the message prints: every setting comes from the run, none from the defaults."""
     out = tmp_path / "intr"
     args = [*STEPS[:2], *STEPS[4:-2], "--head-epochs", "1"]  # two-stage, no step limit
-    proc = _train_process(out, args)
-    log = out / "base" / "log.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if log.exists() and '"event": "step"' in log.read_text():
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, err
+    code, _, err = _interrupted_training(out, args, out / "base" / "log.jsonl")
+    assert code == 130, err
     printed = err.split("continue with `", 1)[1].split("`", 1)[0]
     assert printed == f"deferredseg train --resume --out {out}", err
     words = printed.split()
