@@ -68,7 +68,6 @@ __all__ = [
     "RC_BUDGETS",
     "rc_area",
     "uncertainty",
-    "auroc",
 ]
 
 MODES = ("gate", "gain", "uncertainty", "router")
@@ -119,17 +118,6 @@ def uncertainty(z: torch.Tensor, num_classes: int) -> torch.Tensor:
         p = torch.sigmoid(z[:, 0].float())
         return 1 - torch.maximum(p, 1 - p)
     return 1 - torch.softmax(z.float(), dim=1).amax(dim=1)
-
-
-def auroc(scores: torch.Tensor, positives: torch.Tensor) -> Optional[float]:
-    """Area under the ROC curve of ``scores`` for the boolean ``positives`` (MONAI's)."""
-    from monai.metrics import compute_roc_auc
-
-    s = scores.reshape(-1).float().cpu()
-    y = positives.reshape(-1).cpu()
-    if bool(y.all()) or not bool(y.any()):
-        return None
-    return float(compute_roc_auc(s, y.long()))
 
 
 class Routing(NamedTuple):
