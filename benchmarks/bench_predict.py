@@ -88,7 +88,8 @@ def bench_predict(root: Path, dims: int, size: int, n: int) -> dict:
 def _many_tasks(root: Path, images: int = 10, side: int = 320) -> Path:
     """A review folder with images x 1024 small regions (10,240 tasks), no model needed."""
     from deferredseg.data.files import InputMeta, file_fingerprint, write_like
-    from deferredseg.review.db import ReviewDB, atomic_save_npy
+    from deferredseg.fileio import atomic_save_npy
+    from deferredseg.review.db import ReviewDB
     from deferredseg.review.tasks import extract_tasks
 
     out = root / "review"

@@ -35,10 +35,11 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .data.files import InputMeta, file_fingerprint, load_input, write_like
+from .data.files import InputMeta, load_input, write_like
 from .data.io import split_name
+from .fileio import atomic_save_npy, file_fingerprint
 from .policy import DeferralPolicy
-from .review.db import ReviewDB, atomic_save_npy
+from .review.db import ReviewDB
 from .review.tasks import extract_tasks
 
 __all__ = ["predict", "PredictSummary", "infer_logits", "resolve_policy", "OUTPUT_KINDS"]
