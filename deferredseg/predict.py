@@ -201,10 +201,10 @@ def predict(
     of neighbouring windows; ``batch_size`` images of one shape per forward pass;
     ``min_size`` / ``merge_distance``: see :func:`~deferredseg.review.tasks.extract_tasks`.
     """
-    from .train.builders import build_data, load_trained
-    from .train.distributed import resolve_device
+    from .train.builders import build_data
     from .train.evaluation import network_outputs
     from .train.methods import packed_logits
+    from .train.runtime import load_trained, resolve_device
 
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -29,11 +29,12 @@ from .builders import best_single_expert, build_data, build_model
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .datacheck import check_training_data, checkpoint_record
-from .distributed import DistInfo, resolve_device
+from .distributed import DistInfo
 from .evaluation import network_outputs
 from .methods import method_of, policy_for
 from .report import EpochMeter
 from .rundir import RunDir, open_run
+from .runtime import resolve_device
 
 __all__ = ["train"]
 
