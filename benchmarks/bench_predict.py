@@ -56,7 +56,7 @@ def _checkpoint(path: Path, dims: int, size: int) -> Path:
 def bench_predict(root: Path, dims: int, size: int, n: int) -> dict:
     from monai.data import create_test_image_2d, create_test_image_3d
 
-    from deferredseg.predict import predict
+    from deferredseg.review.intake import predict
 
     ck = _checkpoint(root / f"ck{dims}d.pt", dims, size)
     images = root / f"images{dims}d"

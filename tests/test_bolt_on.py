@@ -235,8 +235,8 @@ def test_save_errors_name_the_argument(bolted, tmp_path, factory, kwargs, words)
 def test_predict_reads_a_bolt_on_checkpoint(bolted, tmp_path):
     from PIL import Image
 
-    from deferredseg.predict import predict
     from deferredseg.review.db import ReviewDB
+    from deferredseg.review.intake import predict
 
     ck = bolted.save(tmp_path / "d.pt", factory=UNET, factory_kwargs=UNET_KW)
     images = tmp_path / "new"

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from deferredseg.data.files import load_input, read_like
-from deferredseg.predict import infer_logits, predict
+from deferredseg.predict import infer_logits
 from deferredseg.review.db import ReviewDB
+from deferredseg.review.intake import predict
 from deferredseg.review.merge import fuse, merge
 from deferredseg.review.tasks import extract_tasks
 from deferredseg.train.config import TrainConfig
@@ -398,7 +399,7 @@ def test_help_of_the_review_commands(capsys):
 def test_predict_streams_a_batch_at_a_time(ck2d, tmp_path, monkeypatch):
     """At most batch_size images are held between reading and writing, whatever the folder's
     size."""
-    import deferredseg.predict as P
+    import deferredseg.review.intake as P
 
     images = tmp_path / "images"
     images.mkdir()
