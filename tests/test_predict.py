@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from deferredseg.data.files import load_input, read_like
-from deferredseg.predict import infer_logits
+from deferredseg.predict import Predictor, infer_logits
 from deferredseg.review.db import ReviewDB
 from deferredseg.review.intake import predict
 from deferredseg.review.merge import fuse, merge
@@ -230,6 +230,21 @@ def test_large_image_goes_through_sliding_windows(ck2d, tmp_path):
         np.load(out2 / "score" / "same.npy"),
         atol=1e-5,
     )
+
+
+def test_predictor_routes_a_batch_once_its_policy_is_chosen(ck2d):
+    p = Predictor(ck2d, device="cpu")
+    x = p.batch([_synthetic((32, 32), 3)[0][None].astype(np.float32)] * 2)
+    assert tuple(x.shape) == (2, 1, 32, 32) and float(x.max()) <= 1.0
+    with pytest.raises(ValueError, match="choose_policy"):
+        p.route(x)
+    routing = p.choose_policy()
+    assert routing["source"] == "checkpoint" and routing["threshold"] == p.policy.threshold
+    r = p.route(x)
+    assert r.model_pred.shape == r.score.shape == r.assignment.shape == (2, 32, 32)
+    assert r.assignment.min() >= -1 and r.assignment.max() < p.num_experts
+    with pytest.raises(ValueError, match="window must be 2 positive sizes"):
+        Predictor(ck2d, window=[32], device="cpu")
 
 
 def test_sliding_window_equals_direct_pass_for_a_pointwise_model():
