@@ -56,7 +56,7 @@ def _checkpoint(path: Path, dims: int, size: int) -> Path:
 def bench_predict(root: Path, dims: int, size: int, n: int) -> dict:
     from monai.data import create_test_image_2d, create_test_image_3d
 
-    from deferredseg.predict import predict
+    from deferredseg.review.intake import predict
 
     ck = _checkpoint(root / f"ck{dims}d.pt", dims, size)
     images = root / f"images{dims}d"
@@ -88,7 +88,8 @@ def bench_predict(root: Path, dims: int, size: int, n: int) -> dict:
 def _many_tasks(root: Path, images: int = 10, side: int = 320) -> Path:
     """A review folder with images x 1024 small regions (10,240 tasks), no model needed."""
     from deferredseg.data.files import InputMeta, file_fingerprint, write_like
-    from deferredseg.review.db import ReviewDB, atomic_save_npy
+    from deferredseg.fileio import atomic_save_npy
+    from deferredseg.review.db import ReviewDB
     from deferredseg.review.tasks import extract_tasks
 
     out = root / "review"

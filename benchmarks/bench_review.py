@@ -43,7 +43,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from deferredseg.data.files import InputMeta, file_fingerprint, write_like  # noqa: E402
-from deferredseg.review.db import ReviewDB, atomic_save_npy  # noqa: E402
+from deferredseg.fileio import atomic_save_npy  # noqa: E402
+from deferredseg.review.db import ReviewDB  # noqa: E402
 from deferredseg.review.merge import fuse  # noqa: E402
 from deferredseg.review.server import CROP_MARGIN  # noqa: E402
 from deferredseg.review.tasks import extract_tasks  # noqa: E402

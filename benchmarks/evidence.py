@@ -299,8 +299,9 @@ def _per_budget(policy, val, test, budgets) -> Dict[str, dict]:
 
 def _base_outputs(base_ck: Path, cfg: TrainConfig):
     """The trained base's network, configuration and (val, test) packed outputs."""
-    from deferredseg.train.builders import build_data, load_trained
+    from deferredseg.train.builders import build_data
     from deferredseg.train.evaluation import network_outputs
+    from deferredseg.train.runtime import load_trained
 
     dev = torch.device("cpu")
     model, bcfg, ck = load_trained(

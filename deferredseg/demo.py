@@ -18,7 +18,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from .data.benchmark import write_benchmark
 from .train.config import TrainConfig
+from .train.evaluation import evaluate
+from .train.loop import train
 
 BUDGET = 0.10
 
@@ -60,10 +63,6 @@ def run_demo(
     seed: int = 0,
     quick: bool = False,
 ) -> int:
-    from .data.benchmark import write_benchmark
-    from .train.evaluation import evaluate
-    from .train.loop import train
-
     cfg = demo_config(out, epochs, device, seed, quick)
     cases, size = (30, 32) if quick else (250, 48)
     t0 = time.perf_counter()

@@ -37,6 +37,8 @@ from deferredseg_kernels import (
     model_correct,
 )
 
+from .policy import DeferralPolicy
+
 __all__ = [
     "DeferredSegLoss",
     "SurrogateCollaborationLoss",
@@ -146,8 +148,6 @@ class DeferredSegLoss(_Loss):
     def policy(self, **kwargs: Any):
         """The :class:`~deferredseg.policy.DeferralPolicy` for networks trained with this
         loss (its K, E, ignore index and scores); ``kwargs`` set its other fields."""
-        from .policy import DeferralPolicy
-
         return DeferralPolicy.for_loss(self, **kwargs)
 
     def forward(

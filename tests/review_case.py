@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from deferredseg.data.files import InputMeta, file_fingerprint, write_like
-from deferredseg.review.db import ReviewDB, atomic_save_npy
+from deferredseg.fileio import atomic_save_npy
+from deferredseg.review.db import ReviewDB
 from deferredseg.review.tasks import extract_tasks
 
 ROOT = Path(__file__).resolve().parents[1]

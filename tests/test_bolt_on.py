@@ -199,9 +199,9 @@ def test_recalibrating_at_another_budget(bolted):
 
 # ------------------------------------------------------------------------------ checkpoints
 def test_save_and_load_trained_give_identical_packed_logits(bolted, tmp_path):
-    from deferredseg.train.builders import load_trained
     from deferredseg.train.checkpoint import load_checkpoint
     from deferredseg.train.methods import checkpoint_policy
+    from deferredseg.train.runtime import load_trained
 
     path = bolted.save(tmp_path / "d.pt", factory=UNET, factory_kwargs=UNET_KW)
     torch.load(path, weights_only=True)  # nothing but tensors and containers
@@ -235,8 +235,8 @@ def test_save_errors_name_the_argument(bolted, tmp_path, factory, kwargs, words)
 def test_predict_reads_a_bolt_on_checkpoint(bolted, tmp_path):
     from PIL import Image
 
-    from deferredseg.predict import predict
     from deferredseg.review.db import ReviewDB
+    from deferredseg.review.intake import predict
 
     ck = bolted.save(tmp_path / "d.pt", factory=UNET, factory_kwargs=UNET_KW)
     images = tmp_path / "new"
@@ -313,7 +313,7 @@ def test_example_adds_deferral_that_pays_off_at_the_budget(tmp_path, capsys):
 def test_3d_network_round_trips(tmp_path):
     from monai.networks.nets import UNet
 
-    from deferredseg.train.builders import load_trained
+    from deferredseg.train.runtime import load_trained
 
     kw = dict(UNET_KW, spatial_dims=3, channels=[2, 4])
     torch.manual_seed(0)

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from deferredseg.data.files import load_input, read_like
-from deferredseg.predict import infer_logits, predict
+from deferredseg.predict import Predictor, infer_logits
 from deferredseg.review.db import ReviewDB
+from deferredseg.review.intake import predict
 from deferredseg.review.merge import fuse, merge
 from deferredseg.review.tasks import extract_tasks
 from deferredseg.train.config import TrainConfig
@@ -231,6 +232,21 @@ def test_large_image_goes_through_sliding_windows(ck2d, tmp_path):
     )
 
 
+def test_predictor_routes_a_batch_once_its_policy_is_chosen(ck2d):
+    p = Predictor(ck2d, device="cpu")
+    x = p.batch([_synthetic((32, 32), 3)[0][None].astype(np.float32)] * 2)
+    assert tuple(x.shape) == (2, 1, 32, 32) and float(x.max()) <= 1.0
+    with pytest.raises(ValueError, match="choose_policy"):
+        p.route(x)
+    routing = p.choose_policy()
+    assert routing["source"] == "checkpoint" and routing["threshold"] == p.policy.threshold
+    r = p.route(x)
+    assert r.model_pred.shape == r.score.shape == r.assignment.shape == (2, 32, 32)
+    assert r.assignment.min() >= -1 and r.assignment.max() < p.num_experts
+    with pytest.raises(ValueError, match="window must be 2 positive sizes"):
+        Predictor(ck2d, window=[32], device="cpu")
+
+
 def test_sliding_window_equals_direct_pass_for_a_pointwise_model():
     torch.manual_seed(1)
     net = torch.nn.Conv2d(1, 9, kernel_size=1)
@@ -398,7 +414,7 @@ def test_help_of_the_review_commands(capsys):
 def test_predict_streams_a_batch_at_a_time(ck2d, tmp_path, monkeypatch):
     """At most batch_size images are held between reading and writing, whatever the folder's
     size."""
-    import deferredseg.predict as P
+    import deferredseg.review.intake as P
 
     images = tmp_path / "images"
     images.mkdir()

@@ -44,7 +44,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from ..experts import make_experts
 from ..experts.simulated import derive_seed
+from .splits import split_ids
 
 __all__ = [
     "PANELS",
@@ -199,8 +201,6 @@ CONTENT_READERS = ("small-lesion reader", "large-lesion reader", "contrast reade
 
 def panel_names(panel: str) -> List[str]:
     """The experts' names of a panel, in routing-channel order."""
-    from ..experts import make_experts
-
     if panel == "C":
         return list(CONTENT_READERS)
     if panel not in PANELS:
@@ -211,8 +211,6 @@ def panel_names(panel: str) -> List[str]:
 
 def panel_labels(panel: str, case: AmbiguousCase, seed: int = 0) -> np.ndarray:
     """(E, *S) int64: every expert's labels of ``case`` (fixed per (seed, case, panel))."""
-    from ..experts import make_experts
-
     if panel not in PANELS:
         raise ValueError(f"panel must be one of {list(PANELS)}, got {panel!r}")
     if panel == "C":
@@ -270,8 +268,6 @@ def write_benchmark(
     experts are then chosen at training time). The images do not depend on the
     panel: every panel of one seed labels the same images.
     """
-    from .splits import split_ids
-
     if layout not in ("multirater", "medsam-npy"):
         raise ValueError(f"layout must be 'multirater' or 'medsam-npy', got {layout!r}")
     if int(num_cases) != num_cases or num_cases < 5:

@@ -6,7 +6,8 @@ writes, and what the review server and ``deferredseg merge`` read back.
   affine and header);
 - :func:`write_like` / :func:`read_like`: an array written in (and read back from) the
   format of its input, atomically;
-- :func:`file_fingerprint`: what identifies a file's version (size and modification time).
+- :func:`file_fingerprint`: what identifies a file's version (size and modification time;
+  from :mod:`deferredseg.fileio`, where the atomic writers are).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 
-from ..review.db import atomic_write_bytes
-from .io import split_name
+from ..fileio import atomic_write_bytes, file_fingerprint
+from .io import _reader, split_name
 
 __all__ = ["InputMeta", "load_input", "write_like", "read_like", "file_fingerprint"]
 
@@ -43,8 +44,6 @@ def load_input(
     ``NibabelReader``), ``.npy`` with ``numpy.load(allow_pickle=False)``. A colour
     PNG given to a one-channel model is read as its grey level.
     """
-    from .io import _reader
-
     path = Path(path)
     parts = split_name(path.name)
     if parts is None:
@@ -140,8 +139,6 @@ def write_like(path_stem: Union[str, Path], arr: np.ndarray, meta: InputMeta) ->
 
 def read_like(path: Union[str, Path]) -> Tuple[np.ndarray, InputMeta]:
     """An output written by :func:`write_like`, as an array, and its format metadata."""
-    from .io import _reader
-
     path = Path(path)
     parts = split_name(path.name)
     if parts is None:
@@ -157,8 +154,3 @@ def read_like(path: Union[str, Path]) -> Tuple[np.ndarray, InputMeta]:
         return np.asarray(obj.dataobj), meta
     arr, _ = reader.get_data(obj)
     return np.asarray(arr), meta
-
-
-def file_fingerprint(path: Path) -> str:
-    st = path.stat()
-    return f"{st.st_size}:{st.st_mtime_ns}"

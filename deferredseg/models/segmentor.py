@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 from deferredseg_kernels import RouteResult, route, split_logits
 
+from .backbones import build_backbone
+
 __all__ = ["DeferredSegmentor", "GateHead", "RoutingHeads", "conv_nd"]
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -409,8 +411,6 @@ class DeferredSegmentor(nn.Module):
         ``features`` is F (the MONAI network's ``out_channels``); ``net_kwargs`` and
         ``backbone_kwargs`` go to the MONAI constructor (see :func:`build_backbone`).
         """
-        from .backbones import build_backbone
-
         net = build_backbone(
             name,
             spatial_dims=spatial_dims,

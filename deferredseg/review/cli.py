@@ -2,6 +2,10 @@
 
 ``add_review_commands(sub)`` registers them on the main parser's subparsers;
 each sets ``args.run``, the function that carries it out (returns the exit code).
+
+This module is imported to build ``deferredseg --help``: it imports no torch. What
+each command runs (and torch, MONAI, starlette with it) is imported when the command
+runs, in its ``_run_*`` function; this is deliberate, for the start-up time.
 """
 
 from __future__ import annotations
@@ -152,7 +156,8 @@ def add_review_commands(sub) -> None:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from ..predict import describe_routing, predict
+    from ..predict import describe_routing
+    from .intake import predict
 
     s = predict(
         args.checkpoint,

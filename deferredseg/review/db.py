@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
-import io
 import json
 import os
 import secrets
@@ -30,6 +29,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..fileio import atomic_save_npy, remove_stale_temporaries
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -39,19 +40,15 @@ __all__ = [
     "SCHEMA_VERSION",
     "ACTIONS",
     "ReviewDB",
-    "atomic_write_bytes",
-    "atomic_save_npy",
     "hash_token",
     "DB_NAME",
     "StaleAnswer",
     "folder_lock",
-    "remove_stale_temporaries",
 ]
 
 DB_NAME = "review.db"
 SCHEMA_VERSION = 2
 ACTIONS = ("accepted", "edited", "rejected")
-_TMP_MARK = ".tmp-"
 
 MIGRATIONS: Dict[int, str] = {
     # version 0 (an empty file) -> 1
@@ -120,78 +117,6 @@ _ANY = object()  # add_answer's base: no version check
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # the writer's pid in the name: only a writer that is gone leaves one to remove
-    tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(6)}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_save_npy(path: Union[str, Path], arr: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    except (OSError, OverflowError, ValueError):
-        return False
-    return True
-
-
-def remove_stale_temporaries(root: Union[str, Path]) -> int:
-    """Delete the temporary files that writers which are gone left under ``root``; returns
-    how many. A temporary file of a live process (another ``serve``, ``merge`` or ``predict``
-    writing now) is kept: its name holds its writer's pid (older names without one count
-    as stale)."""
-    n = 0
-    for p in Path(root).rglob(f".*{_TMP_MARK}*"):
-        owner = p.name.rsplit(_TMP_MARK, 1)[1].split("-", 1)[0]
-        # a pid has at most 7 digits (Linux's pid_max); an older name's random hex has 12
-        if owner.isdigit() and len(owner) <= 7 and _pid_alive(int(owner)):
-            continue
-        try:
-            if p.is_file():
-                p.unlink()
-                n += 1
-        except FileNotFoundError:  # its writer renamed it meanwhile
-            pass
-    return n
 
 
 LOCK_NAME = ".review.lock"

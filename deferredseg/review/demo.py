@@ -22,6 +22,19 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
+import torch
+import uvicorn
+
+from ..data.datasets import _synthetic_cases
+from ..data.files import read_like
+from ..metrics import per_image_scores
+from ..predict import describe_routing
+from ..train.builders import expert_panel
+from ..train.config import TrainConfig
+from ..train.loop import train
+from .intake import predict
+from .merge import merge
+from .server import create_app
 
 BUDGET = 0.10
 
@@ -68,10 +81,6 @@ def simulated_expert(base: str, name: str, labels: Dict[str, np.ndarray]) -> Dic
 
 
 def _dice(pred: np.ndarray, target: np.ndarray, num_labels: int) -> float:
-    import torch
-
-    from ..metrics import per_image_scores
-
     s = per_image_scores(
         torch.as_tensor(pred.astype(np.int64))[None],
         torch.as_tensor(target.astype(np.int64))[None],
@@ -84,8 +93,6 @@ def _dice(pred: np.ndarray, target: np.ndarray, num_labels: int) -> float:
 def _review_demo_config(root: Path, device: str, seed: int, quick: bool):
     """Synthetic MONAI images with the five structured simulated experts, whose labels the
     demo can draw again for new images (the review loop's simulated experts)."""
-    from ..train.config import TrainConfig
-
     size = (
         dict(num_images=12, image_size=32, features=8, epochs=1, head_epochs=2)
         if quick
@@ -111,17 +118,6 @@ def run_review_demo(
     device: str = "cpu",
     seed: int = 0,
 ) -> int:
-    import torch
-    import uvicorn
-
-    from ..data.datasets import _synthetic_cases
-    from ..data.files import read_like
-    from ..predict import describe_routing, predict
-    from ..train.builders import expert_panel
-    from ..train.loop import train
-    from .merge import merge
-    from .server import create_app
-
     root = Path(out)
     cfg = _review_demo_config(root, device, seed, quick)
     t0 = time.perf_counter()

@@ -26,7 +26,8 @@ from typing import Any, Dict, List, Optional, Union
 import numpy as np
 
 from ..data.files import read_like, write_like
-from .db import ReviewDB, atomic_write_bytes, folder_lock
+from ..fileio import atomic_write_bytes
+from .db import ReviewDB, folder_lock
 
 __all__ = ["merge", "merge_image", "remerge_stale", "fuse", "build_report"]
 

@@ -65,7 +65,9 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from ..data.files import load_input, read_like
 from .db import ACTIONS, ReviewDB, StaleAnswer
+from .merge import merge_image, remerge_stale, write_report
 
 __all__ = ["create_app", "serve", "STATIC", "CROP_MARGIN"]
 
@@ -127,8 +129,6 @@ class _Arrays:
             if image_id in self._cache:
                 self._cache.move_to_end(image_id)
                 return self._cache[image_id]
-        from ..data.files import load_input, read_like
-
         row = self.db.image(image_id)
         C = int(self.db.get_meta("in_channels", 1))
         sd = int(self.db.get_meta("spatial_dims", len(json.loads(row["shape"]))))
@@ -260,8 +260,6 @@ def create_app(
     At creation, every image with answers newer than its ``final/`` file is merged again
     (a server killed between recording an answer and merging it).
     """
-    from .merge import merge_image, remerge_stale
-
     db = ReviewDB(out, create=False)  # removes the temporaries of writers that are gone
     if require_tokens and not db.has_tokens():
         raise ValueError(
@@ -272,8 +270,6 @@ def create_app(
     remerged = remerge_stale(db)
 
     def report() -> None:
-        from .merge import write_report
-
         write_report(db)
 
     # the report sums over every task: written in the background, at most once a second

@@ -1,8 +1,8 @@
 """What a configuration builds: the simulated experts, the datasets, the network.
 
-Also the two things every method's evaluation needs from the data and a
-checkpoint: the best single expert (:func:`best_single_expert`) and the trained
-network with its configuration (:func:`load_trained`).
+Also what every method's evaluation needs from the data: the best single expert
+(:func:`best_single_expert`). The trained network of a checkpoint is
+:func:`deferredseg.train.runtime.load_trained`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from .checkpoint import load_checkpoint
 from .config import TrainConfig
 from .methods import method_of
 
@@ -22,7 +21,6 @@ __all__ = [
     "L2DNet",
     "build_model",
     "best_single_expert",
-    "load_trained",
 ]
 
 
@@ -133,34 +131,3 @@ def best_single_expert(dataset, num_experts: int, ignore_index: int = -100) -> i
         valid = t != ignore_index
         hits += ((m == t.unsqueeze(0)) & valid.unsqueeze(0)).flatten(1).sum(1).float()
     return int(hits.argmax())
-
-
-def load_trained(checkpoint_path, device: torch.device, overrides: Optional[Dict[str, Any]] = None):
-    """(model, config, checkpoint dict) of a checkpoint written by training, or by
-    :meth:`deferredseg.bolt_on.DeferralNetwork.save` (a trained network with deferral
-    added: its configuration holds the classes, dimensions and image size, no data)."""
-    ck = load_checkpoint(checkpoint_path, map_location=device)
-    if "bolt_on" in ck:
-        from ..bolt_on import load_deferral_network
-
-        values = dict(ck["config"])
-        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        values["resume"] = False
-        cfg = TrainConfig.from_dict(values, source=str(checkpoint_path))
-        return load_deferral_network(ck, device), cfg, ck
-    values = dict(ck["config"])
-    if "training" not in values:  # written before two-stage training existed
-        values.update(
-            training="joint",
-            surrogate="softmax",
-            gate_target="router",
-            gate_mse=0.5,
-            gate_sparsity=0.1,
-        )
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    values["resume"] = False
-    cfg = TrainConfig.from_dict(values, source=str(checkpoint_path))
-    model = build_model(cfg, ck["in_channels"], ck["num_experts"]).to(device)
-    model.load_state_dict(ck["model"])
-    model.eval()
-    return model, cfg, ck

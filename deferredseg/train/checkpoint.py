@@ -2,41 +2,23 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Union
 
 import torch
 
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+from ..fileio import atomic_save_torch
 
 
 def save_checkpoint(path: Union[str, Path], state: Dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` through a temporary file and a rename.
+    """Write ``state`` to ``path`` through a temporary file and a rename
+    (:func:`deferredseg.fileio.atomic_save_torch`).
 
     A run killed while saving leaves the previous checkpoint intact, never a
     truncated one. The file gets the permissions of any new file under the
     process umask (group-readable with the usual 022 or 002), not 0600.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is shared like any file
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_save_torch(path, state)
 
 
 def load_checkpoint(path: Union[str, Path], map_location=None) -> Dict[str, Any]:

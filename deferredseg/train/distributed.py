@@ -1,4 +1,5 @@
-"""The device and the process group: one process, or one rank of a ``torchrun`` launch.
+"""The process group: one process, or one rank of a ``torchrun`` launch (the device is
+:func:`deferredseg.train.runtime.resolve_device`).
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) the loop uses DistributedDataParallel
 with ``sync_balance=True`` and a distributed sampler, and writes logs and
@@ -12,7 +13,7 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "resolve_device"]
+__all__ = ["DistInfo"]
 
 
 class DistInfo:
@@ -45,15 +46,3 @@ class DistInfo:
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def resolve_device(name: str) -> torch.device:
-    """``name`` as a device: ``auto`` is CUDA when there is one; under torchrun, this
-    rank's GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for, but no CUDA device is available")
-    if name == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return torch.device(name)

@@ -9,7 +9,6 @@ with its policy (:func:`~.methods.policy_for`); calibration and measurement are
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -17,13 +16,14 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ..fileio import atomic_write_json
 from ..metrics import measure
 from ..policy import DeferralPolicy
-from .builders import best_single_expert, build_data, load_trained
+from .builders import best_single_expert, build_data
 from .config import TrainConfig
 from .datacheck import check_evaluation_data, match_experts
-from .distributed import resolve_device
 from .methods import checkpoint_policy, method_of, packed_logits, policy_for
+from .runtime import load_trained, resolve_device
 
 __all__ = ["network_outputs", "evaluate", "evaluate_outputs", "CURVE_BUDGETS"]
 
@@ -232,11 +232,10 @@ def _write(
 ) -> None:
     """metrics.json in ``out_dir``; with ``examples``, the figures too (listed in it)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "metrics.json", "w") as f:
-        json.dump(metrics, f, indent=2)
+    atomic_write_json(out_dir / "metrics.json", metrics)
     if examples is None:
         return
-    from . import figures as figs
+    from . import figures as figs  # here: it imports matplotlib, which only figures need
 
     paths = figs.save_examples(
         examples,
@@ -264,8 +263,7 @@ def _write(
     )
     paths += figs.plot_training_curves(logs, out_dir / "training_curves.png")
     metrics["figures"] = [str(p) for p in paths]
-    with open(out_dir / "metrics.json", "w") as f:
-        json.dump(metrics, f, indent=2)
+    atomic_write_json(out_dir / "metrics.json", metrics)
 
 
 def _fmt(value: Optional[float]) -> str:

@@ -25,15 +25,17 @@ import torch
 import torch.nn as nn
 
 from ..metrics import evaluate_policy
+from . import two_stage as ts
 from .builders import best_single_expert, build_data, build_model
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .datacheck import check_training_data, checkpoint_record
-from .distributed import DistInfo, resolve_device
+from .distributed import DistInfo
 from .evaluation import network_outputs
-from .methods import method_of, policy_for
+from .methods import method_of, packed_logits, policy_for
 from .report import EpochMeter
 from .rundir import RunDir, open_run
+from .runtime import resolve_device
 
 __all__ = ["train"]
 
@@ -370,9 +372,6 @@ def _train_two_stage(
 ) -> Dict[str, Any]:
     """Stage 1 (or ``base_checkpoint``), then the routing heads on frozen features."""
     import tempfile
-
-    from . import two_stage as ts
-    from .methods import packed_logits
 
     base_path = cfg.base_checkpoint
     tmp = None

@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from ..metrics import SELECTIONS, evaluate_policy
 from ..policy import DeferralPolicy
+from .checkpoint import load_checkpoint
 from .config import TrainConfig
 from .methods import BASE_METHOD
 
@@ -386,8 +387,6 @@ def base_config(cfg: TrainConfig) -> TrainConfig:
 
 def load_base(model: nn.Module, path, device: torch.device) -> None:
     """Copy the backbone and segmentation head of a trained checkpoint into ``model``."""
-    from .checkpoint import load_checkpoint
-
     ck = load_checkpoint(path, map_location=device)
     state = {k: v for k, v in ck["model"].items() if k.startswith(("backbone.", "seg_head."))}
     if not state:
