@@ -108,6 +108,12 @@ def _help_texts() -> Dict[str, str]:
         "heads": "routing heads: conv (layers of their own) or linear (default: conv for "
         "two-stage)",
         "head_channels": "hidden channels of the conv routing heads",
+        "siblings": "sibling networks (the base's architecture from other seeds, trained in "
+        "stage 1) whose disagreement the conv heads read; 0: the model alone",
+        "sibling_checkpoints": "trained siblings to use instead of training them (as many as "
+        "--siblings)",
+        "model_seed": "seed of the network's initialisation and batch order (default: --seed, "
+        "which also seeds the data)",
         "lambda_seg": "weight of the segmentation loss",
         "lambda_collab": "weight of the collaboration loss",
         "lambda_gate": "weight of the gate loss",
@@ -199,7 +205,7 @@ OPTION_GROUPS = (
     (
         "model",
         "the network and what is trained",
-        ("method", "backbone", "features", "training", "base_checkpoint", "heads"),
+        ("method", "backbone", "features", "training", "base_checkpoint", "heads", "siblings"),
     ),
     (
         "objective",
@@ -244,6 +250,8 @@ OPTION_GROUPS = (
             "spatial_dims",
             "resample_experts",
             "head_channels",
+            "sibling_checkpoints",
+            "model_seed",
             "backend",
             "gate_mse",
             "gate_sparsity",

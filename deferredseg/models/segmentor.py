@@ -54,7 +54,20 @@ class RoutingHeads(nn.Module):
     training the gate ranks pixels exactly as confidence deferral does; training
     moves it from there. With ``detach=True`` (two-stage training) no gradient
     reaches the backbone or the segmentation head through these heads.
+
+    With ``num_siblings`` S > 0 the heads also read the segmentation logits of S
+    sibling networks (the same architecture trained from other seeds; their S * K
+    channels come just before the model's own K logits in the head input), and the
+    prior becomes a mix of two scores of the model being wrong at a pixel:
+    ``a_u * logit(u) + a_e * logit(e)``, with e the ensemble's probability that the
+    model's label is wrong (1 - the mean over the model and its siblings of each
+    one's probability of the model's label). Where the model alone is confidently
+    wrong its siblings often disagree, so e ranks the model's errors where u cannot.
+    :meth:`use_prior` sets ``(a_u, a_e)`` to one of :attr:`PRIORS`: two-stage
+    training validates both starts and trains from the better one.
     """
+
+    PRIORS = {"uncertainty": (1.0, 0.0), "ensemble": (0.0, 1.0)}
 
     def __init__(
         self,
@@ -65,6 +78,7 @@ class RoutingHeads(nn.Module):
         detach: bool = True,
         num_classes: int = 1,
         uncertainty_prior: bool = True,
+        num_siblings: int = 0,
     ):
         super().__init__()
         conv = conv_nd(spatial_dims)
@@ -72,6 +86,8 @@ class RoutingHeads(nn.Module):
         self.num_classes = int(num_classes)
         self.num_experts = int(num_experts)
         self.uncertainty_prior = bool(uncertainty_prior)
+        self.num_siblings = _positive_int("num_siblings", num_siblings, 0)
+        in_channels = in_channels + self.num_siblings * self.num_classes
         self.body = nn.Sequential(
             conv(in_channels, hidden_channels, kernel_size=3, padding=1),
             nn.ReLU(inplace=True),
@@ -83,6 +99,65 @@ class RoutingHeads(nn.Module):
             nn.init.zeros_(self.body[-1].weight)
             nn.init.zeros_(self.body[-1].bias)
             self.prior_scale = nn.Parameter(torch.ones(2))  # gate, model's routing logit
+            # (a_u, a_e): the weights of the uncertainty and of the ensemble's error score
+            start = torch.tensor(self.PRIORS["ensemble" if self.num_siblings else "uncertainty"])
+            if self.num_siblings:  # learnt with the heads
+                self.prior_mix = nn.Parameter(start)
+            else:  # the uncertainty alone: fixed (its scale is prior_scale)
+                self.register_buffer("prior_mix", start)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "prior_mix"
+        if self.uncertainty_prior and key not in state_dict and prefix + "prior_scale" in state_dict:
+            # heads saved before the ensemble prior existed: the uncertainty prior alone
+            state_dict[key] = torch.tensor(self.PRIORS["uncertainty"])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def use_prior(self, name: str) -> None:
+        """Start from one of :attr:`PRIORS` (``"ensemble"`` needs siblings)."""
+        if name not in self.PRIORS:
+            raise ValueError(f"name must be one of {list(self.PRIORS)}, got {name!r}")
+        if not self.uncertainty_prior:
+            raise ValueError("use_prior needs heads built with uncertainty_prior=True")
+        if name == "ensemble" and not self.num_siblings:
+            raise ValueError("the 'ensemble' prior needs num_siblings >= 1, got 0")
+        self.prior_mix.copy_(torch.tensor(self.PRIORS[name]))
+        self.prior_scale.fill_(1.0)
+
+    def prior_names(self) -> List[str]:
+        """The starts :meth:`use_prior` accepts for these heads."""
+        if not self.uncertainty_prior:
+            return []
+        return list(self.PRIORS) if self.num_siblings else ["uncertainty"]
+
+    def _unsure(self, head_input: torch.Tensor) -> torch.Tensor:
+        """``a_u * logit(u) + a_e * logit(e)`` (see the class docstring)."""
+        K = self.num_classes
+        z = head_input[:, -K:].float()
+        if K == 1:
+            unsure = -z[:, 0].abs()  # logit(u) for a sigmoid: u = sigmoid(-|z|)
+        else:
+            logp = torch.log_softmax(z, dim=1)
+            top = logp.amax(dim=1)  # log max p
+            unsure = torch.log(-torch.expm1(top).clamp_max(-1e-12)) - top  # log(1 - p) - log p
+        a_u, a_e = self.prior_mix[0], self.prior_mix[1]
+        if not self.num_siblings:
+            return a_u * unsure
+        S = self.num_siblings
+        sib = head_input[:, -(S + 1) * K : -K].float()
+        if K == 1:
+            label = z[:, 0] > 0
+            members = torch.cat([z, sib], dim=1)  # (B, S + 1, *S): each one's logit
+            p_label = torch.where(label.unsqueeze(1), torch.sigmoid(members), torch.sigmoid(-members))
+        else:
+            label = z.argmax(dim=1, keepdim=True)  # (B, 1, *S)
+            members = torch.stack([z] + list(sib.split(K, dim=1)), dim=1)  # (B, S + 1, K, *S)
+            probs = torch.softmax(members, dim=2)
+            index = label.unsqueeze(1).expand(-1, S + 1, *([-1] * (probs.dim() - 2)))
+            p_label = probs.gather(2, index).squeeze(2)
+        wrong = (1.0 - p_label.mean(dim=1)).clamp(1e-6, 1 - 1e-6)
+        return a_u * unsure + a_e * torch.logit(wrong)
 
     def forward(self, head_input: torch.Tensor) -> torch.Tensor:
         if self.detach:
@@ -90,13 +165,7 @@ class RoutingHeads(nn.Module):
         out = self.body(head_input)
         if not self.uncertainty_prior:
             return out
-        z = head_input[:, -self.num_classes :].float()
-        if self.num_classes == 1:
-            unsure = -z[:, 0].abs()  # logit(u) for a sigmoid: u = sigmoid(-|z|)
-        else:
-            logp = torch.log_softmax(z, dim=1)
-            top = logp.amax(dim=1)  # log max p
-            unsure = torch.log(-torch.expm1(top).clamp_max(-1e-12)) - top  # log(1 - p) - log p
+        unsure = self._unsure(head_input)
         E = self.num_experts
         prior = torch.zeros_like(out)
         prior[:, E] = -unsure * self.prior_scale[1]
@@ -197,6 +266,7 @@ class DeferredSegmentor(nn.Module):
         heads: str = "linear",
         head_channels: Optional[int] = None,
         detach_heads: bool = True,
+        siblings: Optional[List[nn.Module]] = None,
     ):
         super().__init__()
         if heads not in ("linear", "conv"):
@@ -249,7 +319,20 @@ class DeferredSegmentor(nn.Module):
                 self.spatial_dims,
                 detach=detach_heads,
                 num_classes=self.num_classes,
+                num_siblings=len(siblings or ()),
             )
+        if siblings and heads != "conv":
+            raise ValueError(
+                f"siblings are read by the 'conv' routing heads only; got heads={heads!r} "
+                f"with {len(siblings)} siblings"
+            )
+        for i, net in enumerate(siblings or ()):
+            if not isinstance(net, nn.Module):
+                raise TypeError(f"siblings[{i}] must be an nn.Module, got {type(net).__name__}")
+        # frozen networks of the same task (other seeds): what the ensemble prior reads
+        self.siblings = nn.ModuleList(siblings or ())
+        for p in self.siblings.parameters():
+            p.requires_grad_(False)
         if self.freeze_backbone:
             for p in self.backbone.parameters():
                 p.requires_grad_(False)
@@ -264,7 +347,23 @@ class DeferredSegmentor(nn.Module):
         super().train(mode)
         if self.freeze_backbone:
             self.backbone.eval()  # a frozen backbone keeps its normalisation statistics
+        self.siblings.eval()  # frozen: always in inference mode
         return self
+
+    @property
+    def num_siblings(self) -> int:
+        """How many sibling networks the routing heads read (0: none)."""
+        return len(self.siblings)
+
+    @torch.no_grad()
+    def sibling_logits(self, x: torch.Tensor, size) -> torch.Tensor:
+        """The siblings' segmentation logits (B, S * K, *size), one block of K per sibling."""
+        B = x.shape[0]
+        outs = []
+        for i, net in enumerate(self.siblings):
+            z = self._check_map(f"sibling {i}'s output", net(x), self.num_classes, B)
+            outs.append(self._resize(z, size))
+        return torch.cat(outs, dim=1)
 
     # -- forward -----------------------------------------------------------------------------
     def _check_map(self, name: str, t: Any, channels: int, batch: int) -> torch.Tensor:
@@ -336,6 +435,9 @@ class DeferredSegmentor(nn.Module):
             seg = self.seg_head(feats)
         seg = seg.to(feats.dtype)
         if self.heads == "conv":
+            if self.siblings:
+                sib = self.sibling_logits(x, seg.shape[2:]).to(feats.dtype)
+                return seg, torch.cat([feats, sib, seg], dim=1)
             return seg, torch.cat([feats, seg], dim=1)
         return seg, feats
 
@@ -344,6 +446,21 @@ class DeferredSegmentor(nn.Module):
         if self.heads == "conv":
             return torch.cat([seg, self.routing_heads(head_input).to(seg.dtype)], dim=1)
         return torch.cat([seg, self.route_head(head_input), self.gate_head(head_input)], dim=1)
+
+    @torch.no_grad()
+    def load_sibling(self, index: int, other: "DeferredSegmentor") -> None:
+        """Copy the backbone and segmentation head of ``other`` (a trained network of this
+        architecture, e.g. the base segmentor of another seed) into sibling ``index``
+        (built by :meth:`from_monai` with ``num_siblings``)."""
+        if not 0 <= index < len(self.siblings):
+            raise ValueError(f"index must be in [0, {len(self.siblings)}), got {index!r}")
+        target = self.siblings[index]
+        if not (isinstance(target, nn.Sequential) and len(target) == 2):
+            raise TypeError("load_sibling needs siblings built by from_monai(num_siblings=...)")
+        if other.seg_head is None:
+            raise ValueError("other must have its own segmentation head (keep_backbone_seg=False)")
+        target[0].load_state_dict(other.backbone.state_dict())
+        target[1].load_state_dict(other.seg_head.state_dict())
 
     def head_parameters(self):
         """The parameters of the routing and gate heads (what two-stage training trains)."""
@@ -403,6 +520,7 @@ class DeferredSegmentor(nn.Module):
         heads: str = "linear",
         head_channels: Optional[int] = None,
         detach_heads: bool = True,
+        num_siblings: int = 0,
         **backbone_kwargs,
     ) -> "DeferredSegmentor":
         """A DeferredSegmentor on
@@ -410,15 +528,26 @@ class DeferredSegmentor(nn.Module):
 
         ``features`` is F (the MONAI network's ``out_channels``); ``net_kwargs`` and
         ``backbone_kwargs`` go to the MONAI constructor (see :func:`build_backbone`).
+        ``num_siblings``: sibling networks of the same architecture (backbone and a 1x1
+        segmentation head each, untrained here: load them with the checkpoint or
+        :meth:`load_sibling`) that the ``"conv"`` heads read.
         """
-        net = build_backbone(
-            name,
-            spatial_dims=spatial_dims,
-            in_channels=in_channels,
-            features=features,
-            net_kwargs=net_kwargs,
-            **backbone_kwargs,
-        )
+
+        def backbone():
+            return build_backbone(
+                name,
+                spatial_dims=spatial_dims,
+                in_channels=in_channels,
+                features=features,
+                net_kwargs=net_kwargs,
+                **backbone_kwargs,
+            )
+
+        net = backbone()
+        siblings = [
+            nn.Sequential(backbone(), conv_nd(spatial_dims)(features, num_classes, kernel_size=1))
+            for _ in range(_positive_int("num_siblings", num_siblings, 0))
+        ]
         return cls(
             net,
             feature_channels=features,
@@ -429,4 +558,5 @@ class DeferredSegmentor(nn.Module):
             heads=heads,
             head_channels=head_channels,
             detach_heads=detach_heads,
+            siblings=siblings,
         )

@@ -65,6 +65,13 @@ class TrainConfig:
         None  # "conv" or "linear" (default: conv for two-stage, linear for joint)
     )
     head_channels: int = 16
+    # Sibling networks: the base segmentor's architecture trained again from other seeds
+    # (same data and split) in stage 1; the conv heads read their segmentation logits and
+    # start from the ensemble's probability that the model is wrong (docs/training.md,
+    # "Sibling networks"). 0: the heads read the model alone.
+    siblings: int = 2
+    sibling_checkpoints: Optional[List[str]] = None  # trained siblings to use instead
+    model_seed: Optional[int] = None  # seeds the network's initialisation and batch order
     # The loss options: the objective's "default" preset (deferredseg_kernels.PRESETS,
     # chosen by the evidence in the README: one-vs-all correctness heads, a gate trained on
     # "the model is wrong and the chosen expert is right", no pull of the gate towards D).
@@ -123,6 +130,14 @@ class TrainConfig:
         return "conv" if self.training == "two-stage" else "linear"
 
     @property
+    def num_siblings(self) -> int:
+        """The sibling networks this configuration's model reads (only two-stage conv heads
+        read siblings)."""
+        if self.training != "two-stage" or self.head_kind != "conv":
+            return 0
+        return int(self.siblings)
+
+    @property
     def data_split_seed(self) -> int:
         """The seed that draws the train/val/test split (``split_seed``, else ``seed``)."""
         return self.seed if self.split_seed is None else self.split_seed
@@ -172,6 +187,17 @@ class TrainConfig:
             raise ValueError(f"head_lr must be > 0, got {self.head_lr}")
         if int(self.head_epochs) < 0:
             raise ValueError(f"head_epochs must be >= 0, got {self.head_epochs}")
+        if isinstance(self.siblings, bool) or int(self.siblings) != self.siblings or self.siblings < 0:
+            raise ValueError(f"siblings must be an integer >= 0, got {self.siblings!r}")
+        if self.sibling_checkpoints is not None:
+            if len(self.sibling_checkpoints) != int(self.siblings):
+                raise ValueError(
+                    f"sibling_checkpoints must name siblings={self.siblings} checkpoints, got "
+                    f"{len(self.sibling_checkpoints)}"
+                )
+            for path in self.sibling_checkpoints:
+                if not Path(path).is_file():
+                    raise FileNotFoundError(f"sibling_checkpoints: {path!r} does not exist")
         if self.base_checkpoint is not None and not Path(self.base_checkpoint).is_file():
             raise FileNotFoundError(f"base_checkpoint {self.base_checkpoint!r} does not exist")
         if self.expert_profile is not None:

@@ -91,6 +91,8 @@ def _data_and_model(cfg: TrainConfig, device: torch.device):
     val_ds = build_data(cfg, "val")
     E = train_ds.info.num_experts
     in_channels = int(train_ds[0]["image"].shape[0])
+    if cfg.model_seed is not None:  # the network's own seed (a sibling: same data, new init)
+        torch.manual_seed(cfg.model_seed)
     return train_ds, val_ds, E, in_channels, build_model(cfg, in_channels, E).to(device)
 
 
@@ -114,7 +116,7 @@ def _batches(dataset, cfg: TrainConfig, epoch: int, info: DistInfo, skip: int):
         num_replicas=info.world,
         rank=info.rank,
         shuffle=True,
-        seed=cfg.seed,
+        seed=cfg.seed if cfg.model_seed is None else cfg.model_seed,
         drop_last=False,
     )
     sampler.set_epoch(epoch)
@@ -398,8 +400,30 @@ def _train_two_stage(
         stage1_stopped = bool(res.get("stopped"))
         base_path = str(bdir / "best.pt")
     info.barrier()
+    sibling_paths = list(cfg.sibling_checkpoints or [])
+    if len(sibling_paths) < cfg.num_siblings and method_of(cfg).learns_routing:
+        if tmp is None and cfg.out is None:
+            tmp = tempfile.TemporaryDirectory(prefix="deferredseg-base-")
+        root = Path(cfg.out) if cfg.out else Path(tmp.name)
+        for k in range(1, cfg.num_siblings + 1):
+            scfg = ts.sibling_config(cfg, k, root)
+            sdir = Path(scfg.out)
+            if info.is_main:
+                sdir.mkdir(parents=True, exist_ok=True)
+                print(
+                    f"stage 1, sibling {k} of {cfg.num_siblings}: the base's architecture "
+                    f"from seed {scfg.model_seed} -> {sdir}",
+                    flush=True,
+                )
+            log.write(event="stage", stage=1, what=f"sibling {k}", out=str(sdir))
+            res = _train(scfg, device, info, sdir, JsonLog(sdir / "log.jsonl", info.is_main), run)
+            stage1_stopped = stage1_stopped or bool(res.get("stopped"))
+            sibling_paths.append(str(sdir / "best.pt"))
+        info.barrier()
     train_ds, val_ds, E, in_channels, model = _data_and_model(cfg, device)
     ts.load_base(model, base_path, device)
+    for k, path in enumerate(sibling_paths[: getattr(model, "num_siblings", 0)]):
+        ts.load_sibling(model, k, path, device)
     if tmp is not None:
         tmp.cleanup()
     best_expert = best_single_expert(val_ds, E)
@@ -448,6 +472,7 @@ def _train_two_stage(
             "best_expert": best_expert,
             "expert_names": expert_names,
             "base_checkpoint": str(base_path),
+            "sibling_checkpoints": sibling_paths,
             "val": _scalars(best),
             "policy": best["policy"],
             "stage": 2,

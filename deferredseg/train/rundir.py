@@ -96,6 +96,9 @@ FIXED_ON_RESUME = frozenset(
         "heads",
         "head_channels",
         "base_checkpoint",
+        "siblings",
+        "sibling_checkpoints",
+        "model_seed",
     }
 )
 

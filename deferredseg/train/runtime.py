@@ -53,6 +53,8 @@ def load_trained(checkpoint_path, device: torch.device, overrides: Optional[Dict
             gate_mse=0.5,
             gate_sparsity=0.1,
         )
+    values.setdefault("siblings", 0)  # written before sibling networks existed
+    values["sibling_checkpoints"] = None  # their weights are in the checkpoint
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     values["resume"] = False
     cfg = TrainConfig.from_dict(values, source=str(checkpoint_path))

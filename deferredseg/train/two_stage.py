@@ -285,7 +285,24 @@ def fit_heads(
             best_state = [p.detach().clone() for p in params]
         return m
 
-    consider(0)  # the heads as initialised (with the uncertainty prior: confidence deferral)
+    # the heads as initialised: with the uncertainty prior, confidence deferral; with
+    # siblings, also the ensemble's error score. Every start is validated; training goes
+    # on from the best, and a start stays a candidate for the kept heads.
+    heads = getattr(model, "routing_heads", None)
+    starts = heads.prior_names() if hasattr(heads, "prior_names") else []
+    if len(starts) > 1:
+        best_start, start_score = None, -math.inf
+        for name in starts:
+            heads.use_prior(name)
+            m = consider(0)
+            history[-1]["start"] = name
+            if (m["selection_score"] or 0.0) > start_score:
+                best_start, start_score = name, m["selection_score"] or 0.0
+        heads.use_prior(best_start)
+        if log is not None:
+            log.write(event="start", stage=2, prior=best_start)
+    else:
+        consider(0)
     for epoch in range(1, settings.epochs + 1):
         model.train()
         sums: Dict[str, float] = {}
@@ -383,6 +400,42 @@ def base_config(cfg: TrainConfig) -> TrainConfig:
         out=str(Path(cfg.out) / "base") if cfg.out else None,
         seeds=None,
     )
+
+
+def sibling_config(cfg: TrainConfig, k: int, root: Path) -> TrainConfig:
+    """Stage 1 of sibling ``k`` (1, 2, ...): the base's configuration with the same data,
+    split and experts, the network seeded by ``seed + 1000 k``, written to
+    ``root/sibling<k>``."""
+    bcfg = base_config(cfg)
+    return dataclasses.replace(
+        bcfg,
+        split_seed=cfg.data_split_seed,
+        model_seed=(cfg.seed if cfg.model_seed is None else cfg.model_seed) + 1000 * k,
+        out=str(Path(root) / f"sibling{k}"),
+    )
+
+
+def load_sibling(model: nn.Module, index: int, path, device: torch.device) -> None:
+    """Copy the backbone and segmentation head of the checkpoint at ``path`` (a trained
+    base of the same architecture) into the model's sibling ``index``."""
+    from .checkpoint import load_checkpoint
+
+    ck = load_checkpoint(path, map_location=device)
+    siblings = getattr(model, "siblings", None)
+    if siblings is None or not 0 <= index < len(siblings):
+        raise ValueError(f"the model has no sibling {index} (it has {len(siblings or ())})")
+    target = siblings[index]
+    parts = {"0.": "backbone.", "1.": "seg_head."}
+    state = {}
+    for key in target.state_dict():
+        src = parts[key[:2]] + key[2:]
+        if src not in ck["model"]:
+            raise ValueError(
+                f"sibling checkpoint {path}: does not match this model; missing {src!r} "
+                "(same backbone, features and number of classes are needed)"
+            )
+        state[key] = ck["model"][src]
+    target.load_state_dict(state)
 
 
 def load_base(model: nn.Module, path, device: torch.device) -> None:
