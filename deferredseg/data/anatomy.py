@@ -39,21 +39,23 @@ Regions (written down so that the readers' competence can be checked):
 - ``cortex``: everything else (cerebral cortex; also the little grey matter of the
   brain stem);
 - ``thick`` / ``thin`` (per case, in its own dimensions): ``thick`` is within one
-  pixel of the grey matter that survives an opening by a 3-pixel box (parts at
-  least 6 mm across), ``thin`` the rest (cortical ribbons, thin folia).
+  pixel of the grey matter that survives an opening by a 5-pixel box in 2D (parts
+  at least 10 mm across in the slice) or a 3-voxel cube in 3D (at least 6 mm
+  across in every direction), ``thin`` the rest (cortical ribbons, thin folia).
 
 Reader panels (every reader is exactly right inside its competence region and
 wrong, in the way written, outside it):
 
-- ``"regions"`` (2D and 3D): a *cortex reader* (draws the deep nuclei too small
-  and misses their faint parts; draws the cerebellar cortex as one solid blob,
-  filling its white-matter branches), a *deep-nuclei reader* (misses the thin,
-  partial-volume parts of the cortex; draws the cerebellum too tight) and a
+- ``"regions"`` (2D and 3D): a *cortex reader* (follows a cortical protocol:
+  leaves the deep nuclei out, draws the cerebellum solid with its white-matter
+  branches), a *deep-nuclei reader* (draws the cortex only where grey matter is
+  at least 70% probable, missing partial-volume boundaries and thin ribbons;
+  draws the cerebellum one pixel too tight) and a
   *cerebellum reader* (draws cortical boundaries one pixel too wide; draws only
   the purest grey matter of the deep nuclei);
 - ``"thickness"`` (2D and 3D): a *thin-structure reader* (right on thin parts,
   draws thick structures one pixel too wide), a *thick-structure reader* (right
-  on thick parts, loses thin strands: erodes them by a pixel), a *generous
+  on thick parts, erodes thin parts by a pixel), a *generous
   boundary reader* (draws grey matter where its probability is above 0.3) and a
   *strict boundary reader* (above 0.7); the last two are right wherever the
   tissue is pure and wrong only in partial-volume pixels.
@@ -173,7 +175,7 @@ def _block_mean(a: np.ndarray, axes: Sequence[int]) -> np.ndarray:
     """Average pairs of voxels along ``axes`` (1 mm -> 2 mm)."""
     for ax in axes:
         n = a.shape[ax] // 2 * 2
-        a = np.take(a, np.arange(n), axis=ax)
+        a = a[(slice(None),) * ax + (slice(0, n),)]
         shape = list(a.shape)
         shape[ax : ax + 1] = [n // 2, 2]
         a = a.reshape(shape).mean(axis=ax + 1)
@@ -214,9 +216,15 @@ def _erode(mask: np.ndarray, r: int) -> np.ndarray:
     return erode_labels(_t(mask), r)[0].numpy() > 0
 
 
-def thick_region(label: np.ndarray) -> np.ndarray:
-    """Within one pixel of the foreground that survives an opening by a 3-pixel box."""
-    core = _dilate(_erode(label, 1), 1) & (label > 0)
+#: The opening radius that tells thick from thin parts: a 5-pixel box (10 mm) in a
+#: slice, a 3-voxel cube (6 mm in every direction) in a volume.
+THICK_RADIUS = {2: 2, 3: 1}
+
+
+def thick_region(label: np.ndarray, radius: int) -> np.ndarray:
+    """Within one pixel of the foreground that survives an opening by a box of
+    ``2 * radius + 1`` pixels."""
+    core = _dilate(_erode(label, radius), radius) & (label > 0)
     return _dilate(core, 1)
 
 
@@ -227,6 +235,7 @@ class AnatomyCase:
     image: np.ndarray  # (1, *S) float32
     label: np.ndarray  # (*S) int64: grey matter
     gm: np.ndarray  # (*S) float32: grey-matter probability
+    wm: np.ndarray  # (*S) float32: white-matter probability
     brain: np.ndarray  # (*S) bool
     regions: np.ndarray  # (*S) uint8: 1 cortex, 2 deep, 3 cerebellum
     thick: np.ndarray  # (*S) bool: the thick-structure region
@@ -309,9 +318,10 @@ def _make_case(
         image=image[None],
         label=label,
         gm=gm,
+        wm=np.clip(fields["wm"], 0, 1).astype(np.float32),
         brain=brain,
         regions=anatomy_regions(coords, fields["depth"]),
-        thick=thick_region(label),
+        thick=thick_region(label, THICK_RADIUS[dims]),
         affine=affine,
         effects=fx,
     )
@@ -322,6 +332,7 @@ def _axes(orientation: str) -> Tuple[int, Tuple[int, int]]:
     return a, tuple(i for i in range(3) if i != a)
 
 
+@functools.lru_cache(maxsize=8)
 def _plane_centre(tpl: Template, orientation: str) -> Tuple[int, int]:
     """The brain's bounding-box centre in the 2 mm grid of the orientation's plane."""
     a, (b, c) = _axes(orientation)
@@ -343,7 +354,7 @@ def _slab(
     fields = {}
     for k in ("t1", "gm", "wm", "brain", "depth"):
         v = getattr(tpl, k)
-        plane = np.take(v, [pos, pos + 1], axis=a).mean(axis=a)
+        plane = v[(slice(None),) * a + (slice(pos, pos + 2),)].mean(axis=a)
         fields[k] = _window(_block_mean(plane, (0, 1)), starts, size)
     affine = np.zeros((4, 4))
     affine[b, 0] = VOXEL_MM
@@ -610,13 +621,13 @@ def anatomy_panel_labels(panel: str, case: AnatomyCase) -> np.ndarray:
     out = []
     if panel == "regions":
         cortex, deep, cbl = (case.regions == k for k in (1, 2, 3))
-        closing = _erode(_dilate(y, 2), 2) & brain  # folia filled: a solid cerebellar cortex
+        tissue = (gm + case.wm > 0.5) & brain  # the cerebellum drawn solid, its white matter too
         drawn = {
-            "cortex reader": np.where(deep, _erode(y, 1) & (gm >= 0.6), y),
-            "deep-nuclei reader": np.where(cortex, y & (case.thick | (gm >= 0.7)), y),
+            "cortex reader": np.where(deep, False, y),  # cortical grey matter only
+            "deep-nuclei reader": np.where(cortex, y & (gm >= 0.7), y),
             "cerebellum reader": np.where(cortex, _dilate(y, 1) & brain, y),
         }
-        drawn["cortex reader"] = np.where(cbl, closing, drawn["cortex reader"])
+        drawn["cortex reader"] = np.where(cbl, tissue, drawn["cortex reader"])
         drawn["deep-nuclei reader"] = np.where(cbl, _erode(y, 1), drawn["deep-nuclei reader"])
         drawn["cerebellum reader"] = np.where(deep, y & (gm >= 0.8), drawn["cerebellum reader"])
     else:
