@@ -42,6 +42,12 @@ def test_regions_are_where_the_anatomy_is(cases):
     assert present["axial-130"] == {1}  # z = 58.5 mm: cortex only
     assert 2 in present["coronal-125"] or 2 in present["sagittal-118"]  # deep nuclei
     assert 3 in present["coronal-074"]  # cerebellum at y = -59.5 mm
+    depth = {
+        cid: set(np.unique(A.case_regions("depth", c)[c.label > 0]).tolist())
+        for cid, c in zip(IDS, cases)
+    }
+    assert depth["coronal-125"] == {1, 2}  # outer and inner grey matter
+    assert depth["coronal-074"] == {1, 2, 3}
 
 
 def test_split_blocks_are_disjoint_with_a_gap():
@@ -86,6 +92,15 @@ def test_each_reader_is_right_inside_its_competence_and_wrong_outside(cases):
             inside = c.regions == code
             assert np.array_equal(lab[j][inside], c.label[inside])
             wrong_outside[j] = wrong_outside.get(j, 0) + int((lab[j] != c.label)[~inside].sum())
+        dp = regions("depth", c)
+        codes = A.case_regions("depth", c)
+        assert set(np.unique(codes)) <= {1, 2, 3}
+        assert np.array_equal(codes == 3, c.regions == 3)  # one cerebellum for both panels
+        for j, code in enumerate((1, 2, 3)):  # outer, inner, cerebellum
+            inside = codes == code
+            assert np.array_equal(dp[j][inside], c.label[inside])
+            key = 20 + j
+            wrong_outside[key] = wrong_outside.get(key, 0) + int((dp[j] != c.label)[~inside].sum())
         th = regions("thickness", c)
         assert th.shape == (4, 96, 96)
         assert np.array_equal(th[0][~c.thick], c.label[~c.thick])  # thin-structure reader

@@ -38,6 +38,9 @@ Regions (written down so that the readers' competence can be checked):
   surface (thalamus, caudate, putamen, pallidum);
 - ``cortex``: everything else (cerebral cortex; also the little grey matter of the
   brain stem);
+- ``outer`` / ``inner``: not cerebellum, less / at least :data:`INNER_MM` (10 mm)
+  below the brain mask's surface (gyral crowns and walls / sulcal fundi, insula,
+  medial cortex, deep nuclei; about 45% of the grey matter each);
 - ``thick`` / ``thin`` (per case, in its own dimensions): ``thick`` is within one
   pixel of the grey matter that survives an opening by a 5-pixel box in 2D (parts
   at least 10 mm across in the slice) or a 3-voxel cube in 3D (at least 6 mm
@@ -53,6 +56,11 @@ wrong, in the way written, outside it):
   draws the cerebellum one pixel too tight) and a
   *cerebellum reader* (draws cortical boundaries one pixel too wide; draws only
   the purest grey matter of the deep nuclei);
+- ``"depth"`` (2D and 3D; the regions balanced): an *outer-cortex reader* (draws
+  inner grey matter only where it is at least 75% probable; the cerebellum solid),
+  an *inner-cortex reader* (outer boundaries one pixel too wide; the cerebellum one
+  pixel too tight) and a *cerebellum reader* (outer grey matter only where at least
+  70% probable; inner boundaries one pixel too wide);
 - ``"thickness"`` (2D and 3D): a *thin-structure reader* (right on thin parts,
   draws thick structures one pixel too wide), a *thick-structure reader* (right
   on thick parts, erodes thin parts by a pixel), a *generous
@@ -99,10 +107,11 @@ __all__ = [
     "write_anatomy_benchmark",
 ]
 
-ANATOMY_PANELS = ("regions", "thickness")
+ANATOMY_PANELS = ("regions", "depth", "thickness")
 ORIENTATIONS = ("sagittal", "coronal", "axial")  # the axis each one cuts: x, y, z
 READERS = {
     "regions": ("cortex reader", "deep-nuclei reader", "cerebellum reader"),
+    "depth": ("outer-cortex reader", "inner-cortex reader", "cerebellum reader"),
     "thickness": (
         "thin-structure reader",
         "thick-structure reader",
@@ -113,9 +122,13 @@ READERS = {
 #: Region codes written to ``regions/<id>`` for each panel (0 is never used).
 REGION_CODES = {
     "regions": {"cortex": 1, "deep": 2, "cerebellum": 3},
+    "depth": {"outer": 1, "inner": 2, "cerebellum": 3},
     "thickness": {"thin": 1, "thick": 2},
 }
 GM_THRESHOLD = 0.5
+#: The ``depth`` panel's border between outer and inner grey matter, in mm below the
+#: brain mask's surface (it halves the cerebrum's grey matter).
+INNER_MM = 10.0
 VOXEL_MM = 2.0
 INSTALL_HINT = (
     "the anatomy benchmark reads the MNI152 template that nilearn ships; install the "
@@ -238,6 +251,7 @@ class AnatomyCase:
     wm: np.ndarray  # (*S) float32: white-matter probability
     brain: np.ndarray  # (*S) bool
     regions: np.ndarray  # (*S) uint8: 1 cortex, 2 deep, 3 cerebellum
+    depth: np.ndarray  # (*S) float32: mm below the brain mask's surface
     thick: np.ndarray  # (*S) bool: the thick-structure region
     affine: np.ndarray  # (4, 4): voxel -> MNI mm (3D; 2D: of the slab's plane)
     effects: Dict[str, object] = field(default_factory=dict)
@@ -321,6 +335,7 @@ def _make_case(
         wm=np.clip(fields["wm"], 0, 1).astype(np.float32),
         brain=brain,
         regions=anatomy_regions(coords, fields["depth"]),
+        depth=fields["depth"].astype(np.float32),
         thick=thick_region(label, THICK_RADIUS[dims]),
         affine=affine,
         effects=fx,
@@ -607,6 +622,10 @@ def case_regions(panel: str, case: AnatomyCase) -> np.ndarray:
     """(*S) uint8: the panel's region code of every pixel (:data:`REGION_CODES`)."""
     if panel == "regions":
         return case.regions.copy()
+    if panel == "depth":
+        out = np.where(case.depth >= INNER_MM, 2, 1).astype(np.uint8)
+        out[case.regions == 3] = 3
+        return out
     if panel == "thickness":
         return np.where(case.thick, 2, 1).astype(np.uint8)
     raise ValueError(f"panel must be one of {list(ANATOMY_PANELS)}, got {panel!r}")
@@ -630,6 +649,15 @@ def anatomy_panel_labels(panel: str, case: AnatomyCase) -> np.ndarray:
         drawn["cortex reader"] = np.where(cbl, tissue, drawn["cortex reader"])
         drawn["deep-nuclei reader"] = np.where(cbl, _erode(y, 1), drawn["deep-nuclei reader"])
         drawn["cerebellum reader"] = np.where(deep, y & (gm >= 0.8), drawn["cerebellum reader"])
+    elif panel == "depth":
+        outer, inner, cbl = (case_regions(panel, case) == k for k in (1, 2, 3))
+        tissue = (gm + case.wm > 0.5) & brain
+        wide, tight, strict = _dilate(y, 1) & brain, _erode(y, 1), y & (gm >= 0.7)
+        drawn = {
+            "outer-cortex reader": np.select([inner, cbl], [y & (gm >= 0.75), tissue], y),
+            "inner-cortex reader": np.select([outer, cbl], [wide, tight], y),
+            "cerebellum reader": np.select([outer, inner], [strict, wide], y),
+        }
     else:
         thick = case.thick
         drawn = {
