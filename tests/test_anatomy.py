@@ -162,6 +162,10 @@ def test_bad_arguments_name_the_argument():
         A.anatomy_split(num_cases=100000)
     with pytest.raises(ValueError, match="orientations must be"):
         A.anatomy_split(orientations=("oblique",))
+    with pytest.raises(ValueError, match="num_cases must be an integer >= 5, got 'many'"):
+        A.anatomy_split(num_cases="many")
+    with pytest.raises(ValueError, match="size=60 does not fit .* use a size <= 48"):
+        A.anatomy_split(dims=3, size=60)
     with pytest.raises(ValueError, match="case_id must be"):
         A.anatomy_case("axial")
 

@@ -103,7 +103,11 @@ __all__ = [
     "anatomy_panel_names",
     "anatomy_panel_labels",
     "anatomy_regions",
+    "case_regions",
+    "thick_region",
+    "scanner_effects",
     "region_dice",
+    "REGION_CODES",
     "write_anatomy_benchmark",
 ]
 
@@ -395,7 +399,10 @@ def _crop(
 
 # ---------------------------------------------------------------------------------- layout
 def _check_int(name: str, value, lo: int) -> int:
-    if isinstance(value, bool) or int(value) != value or value < lo:
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if not ok and isinstance(value, float) and value.is_integer():
+        ok = True
+    if not ok or value < lo:
         raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
     return int(value)
 
@@ -485,12 +492,13 @@ def _crop_plan(
     gm = vol["gm"] > GM_THRESHOLD
     counts = _split_counts(num_cases, fractions)
     plan: Dict[str, List[Tuple[int, int, int]]] = {}
+    largest = min(min(x1 - x0, y1 - y0) for (x0, x1), (y0, y1) in regions.values())
     for split, ((x0, x1), (y0, y1)) in regions.items():
         ranges = [(x0, x1 - size), (y0, y1 - size), (0, shape[2] - size)]
         if any(hi < lo for lo, hi in ranges):
             raise ValueError(
                 f"size={size} does not fit the {split} region of the 2 mm volume "
-                f"(x {x0}..{x1}, y {y0}..{y1}, z 0..{shape[2]}); use a size <= 44"
+                f"(x {x0}..{x1}, y {y0}..{y1}, z 0..{shape[2]}); use a size <= {largest}"
             )
         # a crop holds at least 5% grey matter; its corner lies in the region's range
         corners: List[Tuple[int, int, int]] = []
