@@ -23,7 +23,7 @@ import torch
 
 from deferredseg_kernels import model_correct
 
-from .policy import RC_BUDGETS, DeferralPolicy, Routing, ScoreHistogram, rc_area
+from .policy import RC_BUDGETS, DeferralPolicy, Routing, ScoreHistogram, rc_area, uncertainty
 from .scores import has_spacing, nanmean, per_image_scores
 
 #: How checkpoints are selected on validation (:func:`evaluate_policy`).
@@ -179,6 +179,7 @@ def measure(
     unc_policy = policy.replace(mode="uncertainty", budget=None, threshold=None)
     examples: List[Dict[str, torch.Tensor]] = []
     K = policy.num_classes
+    counts = {"wrong": 0, "wrong_deferred": 0, "confident_wrong": 0, "confident_wrong_deferred": 0}
     for batch in data():
         logits, target, experts = batch[:3]
         spacing = batch[3] if len(batch) > 3 else None
@@ -187,6 +188,14 @@ def measure(
         valid = t != policy.ignore_index
         wrong = ~model_correct(logits[:, :K], t, K) & valid
         right = valid & ~wrong
+        # confidently wrong: confidence above 0.5 (|2p - 1| for a sigmoid; 2 max p - 1 for a
+        # softmax), which no ranking by the uncertainty reaches before the unsure pixels
+        confident = wrong & (uncertainty(logits[:, :K].float(), K) < 0.25)
+        deferred = out.assignment >= 0
+        counts["wrong"] += int(wrong.sum())
+        counts["wrong_deferred"] += int((wrong & deferred).sum())
+        counts["confident_wrong"] += int(confident.sum())
+        counts["confident_wrong_deferred"] += int((confident & deferred).sum())
         score = policy.ranking(logits)
         unc = unc_policy.ranking(logits)
         hists["score_wrong"].add(score[wrong])
@@ -209,6 +218,11 @@ def measure(
     res["threshold"] = policy.threshold
     res["auroc_model_wrong_score"] = histogram_auroc(hists["score_wrong"], hists["score_right"])
     res["auroc_model_wrong_uncertainty"] = histogram_auroc(hists["unc_wrong"], hists["unc_right"])
+    n = counts["wrong"]
+    res["model_wrong_deferred"] = counts["wrong_deferred"] / n if n else None
+    res["confident_wrong_share"] = counts["confident_wrong"] / n if n else None
+    c = counts["confident_wrong"]
+    res["confident_wrong_deferred"] = counts["confident_wrong_deferred"] / c if c else None
     return res, examples
 
 

@@ -108,7 +108,11 @@ class RoutingHeads(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "prior_mix"
-        if self.uncertainty_prior and key not in state_dict and prefix + "prior_scale" in state_dict:
+        if (
+            self.uncertainty_prior
+            and key not in state_dict
+            and prefix + "prior_scale" in state_dict
+        ):
             # heads saved before the ensemble prior existed: the uncertainty prior alone
             state_dict[key] = torch.tensor(self.PRIORS["uncertainty"])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -149,7 +153,9 @@ class RoutingHeads(nn.Module):
         if K == 1:
             label = z[:, 0] > 0
             members = torch.cat([z, sib], dim=1)  # (B, S + 1, *S): each one's logit
-            p_label = torch.where(label.unsqueeze(1), torch.sigmoid(members), torch.sigmoid(-members))
+            p_label = torch.where(
+                label.unsqueeze(1), torch.sigmoid(members), torch.sigmoid(-members)
+            )
         else:
             label = z.argmax(dim=1, keepdim=True)  # (B, 1, *S)
             members = torch.stack([z] + list(sib.split(K, dim=1)), dim=1)  # (B, S + 1, K, *S)

@@ -187,7 +187,11 @@ class TrainConfig:
             raise ValueError(f"head_lr must be > 0, got {self.head_lr}")
         if int(self.head_epochs) < 0:
             raise ValueError(f"head_epochs must be >= 0, got {self.head_epochs}")
-        if isinstance(self.siblings, bool) or int(self.siblings) != self.siblings or self.siblings < 0:
+        if (
+            isinstance(self.siblings, bool)
+            or int(self.siblings) != self.siblings
+            or self.siblings < 0
+        ):
             raise ValueError(f"siblings must be an integer >= 0, got {self.siblings!r}")
         if self.sibling_checkpoints is not None:
             if len(self.sibling_checkpoints) != int(self.siblings):
