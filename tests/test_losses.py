@@ -241,14 +241,17 @@ def _loss_backends():
     return [b for b in ("reference", "cpu", "cuda", "triton") if b in available_backends("loss")]
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "cuda", "triton"])
 @pytest.mark.parametrize("K,E", [(1, 3), (3, 2)])
 def test_deferredseg_loss_reduction_is_the_objective_of_each_image_on_its_own(backend, K, E):
     if backend not in _loss_backends():
         pytest.skip(f"{backend} backend not available here")
+    # the GPU backends on CUDA tensors (Triton on the CPU only in its interpreter)
+    on_gpu = backend == "cuda" or (backend == "triton" and torch.cuda.is_available())
+    device = "cuda" if on_gpu else "cpu"
     opts = dict(backend=backend, lambda_balance=0.5, lambda_coherence=0.3)
-    logits, target, experts = make_inputs(3, K, E, (6, 5))
-    w = torch.tensor([0.3, -1.2, 2.0])
+    logits, target, experts = make_inputs(3, K, E, (6, 5), device=device)
+    w = torch.tensor([0.3, -1.2, 2.0], device=device)
 
     # the hand-made loop: the "mean" objective of a batch of one image, image by image
     single = DeferredSegLoss(K, E, **opts)
