@@ -5,14 +5,24 @@ logits and runs on the fastest backend available (``backend="auto"``). The other
 modules are its parts on their own, for people who want only one of them with their
 own heads: they take separate tensors and run the PyTorch reference of that part.
 
-All of them subclass ``torch.nn.modules.loss._Loss``, check their arguments in
+All of them subclass ``torch.nn.modules.loss._Loss``, take a ``reduction``
+(``"mean"``, ``"sum"`` or ``"none"``, see each class), check their arguments in
 ``__init__``, and name the argument, what was expected and what was given in
 every error.
+
+``reduction`` of the image-level losses (``DeferredSegLoss``, ``SpatialCoherenceLoss``,
+``LoadBalancingLoss``): ``"none"`` evaluates the batch's ``"mean"`` loss on each image
+on its own and returns one value per image, shape (B,); ``"sum"`` returns the sum of
+those. ``"mean"`` (the default) is the loss of the whole batch, which is a mean over
+the batch's valid pixels (pairs, for coherence) with batch-level terms (the loads of
+the balance term, the class weights' normalisation): it is in general NOT the mean
+of ``"none"``. ``SurrogateCollaborationLoss`` is a per-pixel loss: its ``"none"`` is
+one value per pixel.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import torch
 from torch.nn.modules.loss import _Loss
@@ -26,6 +36,7 @@ from deferredseg_kernels import (
     balance_penalty,
     check_choice,
     check_float,
+    check_inputs,
     check_int,
     check_label_range,
     coherence_penalty,
@@ -46,6 +57,33 @@ __all__ = [
     "LoadBalancingLoss",
 ]
 REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_reduction(reduction: Any, sync_balance: bool = False) -> str:
+    """``reduction`` checked against :data:`REDUCTIONS` (and against ``sync_balance``)."""
+    reduction = check_choice("reduction", reduction, REDUCTIONS)
+    if sync_balance and reduction != "mean":
+        raise ValueError(
+            f"reduction must be 'mean' when sync_balance=True (the loads are all-reduced "
+            f"over the whole batch of every rank, not per image), got {reduction!r}"
+        )
+    return reduction
+
+
+def _per_image(like: torch.Tensor, one: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+    """``one(slice(b, b + 1))`` for every image b of ``like`` (B, ...), stacked into (B,).
+
+    An empty batch gives an empty (0,) tensor of the loss's dtype.
+    """
+    values = [one(slice(b, b + 1)).reshape(()) for b in range(like.shape[0])]
+    if not values:
+        return torch.zeros(0, dtype=compute_dtype(like.dtype), device=like.device)
+    return torch.stack(values)
+
+
+def _reduce_images(per_image: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The per-image values (B,) for ``"none"``, their sum for ``"sum"``."""
+    return per_image if reduction == "none" else per_image.sum()
 
 
 def _check_tensor(name: str, value: Any, floating: bool) -> torch.Tensor:
@@ -95,6 +133,14 @@ class DeferredSegLoss(_Loss):
             expert is right", ``gate_mse=0``, ``gate_sparsity=0``, ``lambda_gate=0.3``),
             or ``"paper"``, the paper's objective (softmax surrogate, a gate trained on
             the router's decision). Options given below win over the preset.
+        reduction: ``"mean"`` (default): the objective of the batch, as the functional
+            ``deferredseg_kernels.deferredseg_loss`` computes it. ``"none"``: one value
+            per image, shape (B,), each the objective of that image on its own (so
+            every term, the balance term included, is that image's: its loads, its
+            valid pixels). ``"sum"``: the sum of the ``"none"`` values. ``"mean"`` is
+            not the mean of ``"none"`` in general: the balance term of a batch is not
+            the mean of its images' balance terms, and the pixel means weigh images by
+            their valid pixels. ``"none"`` and ``"sum"`` run the backend once per image.
         **options: the options of docs/objective.md section 5 (``ignore_index``,
             ``class_weight``, ``lambda_*``, ``surrogate``, ``paper_eps``, ``gate_target``,
             ``gate_mse``, ``gate_sparsity``, ``coherence``, ``coherence_maps``, ``balance``,
@@ -107,9 +153,17 @@ class DeferredSegLoss(_Loss):
             router would choose is right) or "router" (the paper's: h = [argmax r < E],
             the router defers). See docs/objective.md.
 
-    ``forward(logits, target, expert_labels)`` returns the scalar loss; the detached
-    terms of the last call are in ``last_terms``. :meth:`policy` gives the deferral
-    policy that routes what this loss trains (to calibrate for a budget on validation).
+    ``forward(logits, target, expert_labels)`` returns the loss; the detached terms of
+    the last call are in ``last_terms`` (scalars, ``pbar`` (E + 1,); with ``"none"`` or
+    ``"sum"`` one row per image: (B,), ``pbar`` (B, E + 1)). :meth:`policy` gives the
+    deferral policy that routes what this loss trains (to calibrate for a budget on
+    validation).
+
+    Raises:
+        ValueError: ``num_classes`` or ``num_experts`` < 1, an unknown ``backend``,
+            ``preset`` or ``reduction``, an option string or value out of its range,
+            or ``reduction`` other than ``"mean"`` with ``sync_balance=True``.
+        TypeError: an unknown option name, or an option of the wrong type.
 
     Example::
 
@@ -125,11 +179,13 @@ class DeferredSegLoss(_Loss):
         num_experts: int,
         backend: str = "auto",
         preset: str = "default",
+        reduction: str = "mean",
         **options: Any,
     ) -> None:
         super().__init__()
         self.options = make_options(num_classes, num_experts, preset=preset, **options)
         self.backend = check_choice("backend", backend, BACKENDS)
+        self.reduction = _check_reduction(reduction, self.options.sync_balance)
         self.last_terms: Dict[str, torch.Tensor] = {}
 
     @property
@@ -146,18 +202,71 @@ class DeferredSegLoss(_Loss):
         return self.options.num_channels
 
     def policy(self, **kwargs: Any):
-        """The :class:`~deferredseg.policy.DeferralPolicy` for networks trained with this
-        loss (its K, E, ignore index and scores); ``kwargs`` set its other fields."""
+        """The deferral policy for networks trained with this loss.
+
+        Args:
+            **kwargs: the other fields of :class:`~deferredseg.policy.DeferralPolicy`
+                (``mode``, ``threshold``, ``expert_cost``, ``backend``).
+
+        Returns:
+            A :class:`~deferredseg.policy.DeferralPolicy` with this loss's K, E, ignore
+            index and scores (``"sigmoid"`` for the one-vs-all surrogate, else
+            ``"softmax"``).
+
+        Raises:
+            ValueError, TypeError: a field in ``kwargs`` that the policy refuses.
+        """
         return DeferralPolicy.for_loss(self, **kwargs)
 
     def forward(
         self, logits: torch.Tensor, target: torch.Tensor, expert_labels: torch.Tensor
     ) -> torch.Tensor:
-        loss, terms = loss_with_options(
-            logits, target, expert_labels, self.options, self.backend, return_terms=True
+        """The objective of a batch, reduced as ``self.reduction`` says.
+
+        Args:
+            logits: packed logits (B, K + E + 2, *S), floating.
+            target: labels (B, *S) or (B, 1, *S), integer; ``ignore_index`` marks
+                pixels left out.
+            expert_labels: the experts' labels (B, E, *S), integer.
+
+        Returns:
+            ``"mean"``: the scalar objective of the batch. ``"sum"``: a scalar, the sum
+            of the per-image objectives. ``"none"``: the per-image objectives, shape (B,).
+            The loss dtype is float32 (float64 for float64 logits).
+
+        Raises:
+            TypeError: a tensor of the wrong type or dtype (float labels, integer logits).
+            ValueError: a wrong channel count or shape, tensors on different devices,
+                labels out of range (reference and CPU backends; GPU backends give NaN).
+            RuntimeError: ``backend`` cannot run here (not built, no GPU, no triton).
+        """
+        if self.reduction == "mean":
+            loss, terms = loss_with_options(
+                logits, target, expert_labels, self.options, self.backend, return_terms=True
+            )
+            self.last_terms = terms
+            return loss
+        # the batch's checks first, so that errors name the batch's shapes
+        target, expert_labels = check_inputs(logits, target, expert_labels, self.options)
+        per_terms = []
+
+        def one(b: slice) -> torch.Tensor:
+            loss, terms = loss_with_options(
+                logits[b],
+                target[b],
+                expert_labels[b],
+                self.options,
+                self.backend,
+                return_terms=True,
+            )
+            per_terms.append(terms)
+            return loss
+
+        per_image = _per_image(logits, one)
+        self.last_terms = (
+            {k: torch.stack([t[k] for t in per_terms]) for k in per_terms[0]} if per_terms else {}
         )
-        self.last_terms = terms
-        return loss
+        return _reduce_images(per_image, self.reduction)
 
     def extra_repr(self) -> str:
         o = self.options
@@ -179,13 +288,22 @@ class SurrogateCollaborationLoss(_Loss):
             or "paper" (the authors' released variant).
         paper_eps: eps of the "paper" surrogate.
         ignore_index: target value of pixels to ignore.
-        reduction: "mean" (over valid pixels), "sum" or "none" ((B, *S), 0 at ignored pixels).
+        reduction: "mean" (over the batch's valid pixels), "sum" (over them) or
+            "none" (one value per pixel, (B, *S), 0 at ignored pixels).
 
     ``forward(routing_logits, target, expert_labels, model_prediction)``:
     routing_logits (B, E + 1, *S) (experts, then the model); target (B, *S) or
     (B, 1, *S); expert_labels (B, E, *S); model_prediction either the model's
     segmentation logits (B, K, *S) (float; K = 1: sigmoid, z > 0 predicts 1) or its
     predicted labels (B, *S) (integer). The model's correctness is a constant.
+    It returns the loss reduced as ``reduction`` says.
+
+    Raises:
+        ValueError: in ``__init__``, ``num_experts`` < 1, an unknown ``surrogate`` or
+            ``reduction``, ``paper_eps`` <= 0; in ``forward``, a tensor of the wrong
+            shape or device, or a target label out of range.
+        TypeError: an argument of the wrong type, or a tensor of the wrong dtype
+            (float labels, integer logits).
     """
 
     def __init__(
@@ -273,15 +391,29 @@ class SpatialCoherenceLoss(_Loss):
         spatial_dims: 1, 2 or 3; tells (B, 1, H, W) from a 3D map (B, D, H, W).
         coherence: "l1" (default) or "l2".
         ignore_index: target value of pixels to leave out of every pair.
+        reduction: "mean" (default): the batch's penalty, the mean over all its valid
+            pairs (summed over the axes); "none": that penalty of each image on its
+            own, shape (B,); "sum": the sum of those.
 
     ``forward(prob_map, target=None)``: prob_map (B, *S) or (B, 1, *S), e.g. the
     deferral probability; pairs touching an ignored pixel of ``target`` are left out.
+    It returns the penalty reduced as ``reduction`` says.
+
+    Raises:
+        ValueError: ``spatial_dims`` not in 1..3, an unknown ``coherence`` or
+            ``reduction``; in ``forward``, a map or target of the wrong shape or device.
+        TypeError: an argument of the wrong type, a non-floating map or a
+            non-integer target.
     """
 
     def __init__(
-        self, spatial_dims: int = 2, coherence: str = "l1", ignore_index: int = -100
+        self,
+        spatial_dims: int = 2,
+        coherence: str = "l1",
+        ignore_index: int = -100,
+        reduction: str = "mean",
     ) -> None:
-        super().__init__()
+        super().__init__(reduction=_check_reduction(reduction))
         self.spatial_dims = check_int("spatial_dims", spatial_dims, 1, 3)
         self.coherence = check_choice("coherence", coherence, COHERENCES)
         self.ignore_index = check_int("ignore_index", ignore_index, -(2**63))
@@ -300,7 +432,10 @@ class SpatialCoherenceLoss(_Loss):
             )
         M = prob_map.to(compute_dtype(prob_map.dtype))
         valid = _valid_mask(target, tuple(M.shape), M.device, self.ignore_index)
-        return coherence_penalty(M, valid, self.coherence)
+        if self.reduction == "mean":
+            return coherence_penalty(M, valid, self.coherence)
+        per_image = _per_image(M, lambda b: coherence_penalty(M[b], valid[b], self.coherence))
+        return _reduce_images(per_image, self.reduction)
 
 
 class LoadBalancingLoss(_Loss):
@@ -313,8 +448,21 @@ class LoadBalancingLoss(_Loss):
             or "band" (needs ``balance_low`` and ``balance_high``, length E + 1).
         ignore_index: target value of pixels left out of the loads.
         sync_balance: all-reduce the loads over the default process group.
+        reduction: "mean" (default): the penalty of the batch's loads; "none": the
+            penalty of each image's own loads, shape (B,); "sum": the sum of those.
+            Only "mean" goes with ``sync_balance=True``.
 
-    ``forward(routing_logits, target=None)``; ``last_pbar`` holds the mean loads.
+    ``forward(routing_logits, target=None)`` returns the penalty reduced as
+    ``reduction`` says; ``last_pbar`` holds the mean loads (E + 1,), or one row per
+    image (B, E + 1) with "none" or "sum".
+
+    Raises:
+        ValueError: ``num_experts`` < 1, an unknown ``balance`` or ``reduction``,
+            "band" without ``balance_low``/``balance_high`` of length E + 1, a
+            reduction other than "mean" with ``sync_balance=True``; in ``forward``,
+            tensors of the wrong shape or device.
+        TypeError: an argument of the wrong type, non-floating logits or a
+            non-integer target.
     """
 
     def __init__(
@@ -325,6 +473,7 @@ class LoadBalancingLoss(_Loss):
         balance_high: Optional[Union[Sequence[float], torch.Tensor]] = None,
         ignore_index: int = -100,
         sync_balance: bool = False,
+        reduction: str = "mean",
     ) -> None:
         super().__init__()
         check_choice("balance", balance, BALANCES)
@@ -337,6 +486,7 @@ class LoadBalancingLoss(_Loss):
             ignore_index=ignore_index,
             sync_balance=sync_balance,
         )
+        self.reduction = _check_reduction(reduction, self.options.sync_balance)
         self.last_pbar: Optional[torch.Tensor] = None
 
     def forward(
@@ -352,6 +502,18 @@ class LoadBalancingLoss(_Loss):
         shape = (routing_logits.shape[0],) + tuple(routing_logits.shape[2:])
         valid = _valid_mask(target, shape, routing_logits.device, self.options.ignore_index)
         x = routing_logits.to(compute_dtype(routing_logits.dtype))
-        bal, pbar = balance_penalty(torch.softmax(x, dim=1), valid, self.options)
-        self.last_pbar = pbar.detach()
-        return bal
+        pi = torch.softmax(x, dim=1)
+        if self.reduction == "mean":
+            bal, pbar = balance_penalty(pi, valid, self.options)
+            self.last_pbar = pbar.detach()
+            return bal
+        pbars = []
+
+        def one(b: slice) -> torch.Tensor:
+            bal, pbar = balance_penalty(pi[b], valid[b], self.options)
+            pbars.append(pbar.detach())
+            return bal
+
+        per_image = _per_image(x, one)
+        self.last_pbar = torch.stack(pbars) if pbars else x.new_zeros((0, E + 1))
+        return _reduce_images(per_image, self.reduction)

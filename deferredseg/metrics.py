@@ -31,7 +31,14 @@ SELECTIONS = ("budget-dice", "rc-auc")
 
 
 def count_components(mask: torch.Tensor) -> List[int]:
-    """Connected components (face connectivity) of each (B, *S) boolean mask."""
+    """The number of connected components (face connectivity) of each image's mask.
+
+    Args:
+        mask: (B, *S) boolean (or 0/1) tensor.
+
+    Returns:
+        B counts.
+    """
     from scipy import ndimage
 
     return [int(ndimage.label(m)[1]) for m in mask.cpu().numpy().astype(bool)]
@@ -45,6 +52,16 @@ class DeferralEvaluator:
     metric; ``sweep``: more policies (the same one at other budgets) whose system Dice
     and deferral rate make the risk-coverage curve. ``result()`` returns them as a
     JSON-ready dict (NaN becomes None).
+
+    Args:
+        policy: the policy to evaluate, with its threshold (calibrated, or fixed).
+        with_hd95: also compute HD95 (slower).
+        sweep: more policies whose system Dice and deferral rate make the
+            risk-coverage curve (``result()["risk_coverage"]``).
+        backend: the route kernel's backend (``deferredseg_kernels.BACKENDS``).
+
+    Raises:
+        TypeError: ``policy`` is not a :class:`~deferredseg.policy.DeferralPolicy`.
     """
 
     def __init__(
@@ -85,8 +102,25 @@ class DeferralEvaluator:
         expert_labels: torch.Tensor,
         spacing: Optional[torch.Tensor] = None,
     ) -> Routing:
-        """Record one batch; returns its routing under ``policy``. ``spacing`` (B, D): the
-        images' voxel sizes in mm (HD95 in mm), else pixels."""
+        """Record one batch.
+
+        Args:
+            logits: packed logits (B, K + E + 2, *S), floating.
+            target: labels (B, *S) or (B, 1, *S); ``ignore_index`` pixels count nowhere.
+            expert_labels: the experts' labels (B, E, *S), integer.
+            spacing: None, or the images' voxel sizes in mm (B, D): HD95 in mm, else
+                in pixels.
+
+        Returns:
+            The batch's :class:`~deferredseg.policy.Routing` under ``policy``.
+
+        Raises:
+            TypeError: ``logits`` not a floating tensor, labels not integer tensors.
+            ValueError: shapes that do not fit the policy's layout; a policy without a
+                threshold, or with ``expert_choice="auto"`` not yet decided (as
+                :meth:`~deferredseg.policy.DeferralPolicy.route`).
+            RuntimeError: ``backend`` cannot run here.
+        """
         if target.dim() == logits.dim():
             target = target.squeeze(1)
         out = self.policy.route(logits, expert_labels, backend=self.backend)
@@ -114,7 +148,12 @@ class DeferralEvaluator:
         return out
 
     def risk_coverage(self) -> List[Dict[str, float]]:
-        """System Dice against deferral rate, one point per policy of the sweep."""
+        """System Dice against deferral rate, one point per policy of the sweep.
+
+        Returns:
+            One dict per policy of ``sweep``: its ``budget``, ``threshold``,
+            ``deferral_rate``, ``system_dice`` and ``deferral_components_per_image``.
+        """
         return [
             {
                 "budget": p.budget,
@@ -129,6 +168,15 @@ class DeferralEvaluator:
         ]
 
     def result(self) -> Dict[str, object]:
+        """The metrics of the batches recorded so far.
+
+        Returns:
+            A JSON-ready dict (NaN as None): ``system_*``, ``model_*``,
+            ``expert_region_*``, ``model_region_*`` (dice, iou, sensitivity, hd95 with
+            ``hd95_unit``), ``deferral_rate``, ``expert_share``,
+            ``deferral_components_per_image``, ``risk_coverage``,
+            ``risk_coverage_auc`` and ``images``.
+        """
         res: Dict[str, object] = {k: nanmean(v) for k, v in self.scores.items()}
         res["deferral_rate"] = self.deferred / max(self.valid, 1)
         total = sum(self.per_expert)
@@ -147,8 +195,16 @@ class DeferralEvaluator:
 
 
 def histogram_auroc(positives: ScoreHistogram, negatives: ScoreHistogram) -> Optional[float]:
-    """AUROC from two histograms of the same bins: P(a positive ranks above a negative),
-    ties within a bin counted half. None without positives or negatives."""
+    """AUROC from two histograms of the same bins.
+
+    Args:
+        positives: the ranking values of the positives.
+        negatives: those of the negatives.
+
+    Returns:
+        P(a positive ranks above a negative), ties within a bin counted half; None
+        without positives or negatives.
+    """
     if positives.total == 0 or negatives.total == 0:
         return None
     pos, neg = positives.counts.double(), negatives.counts.double()
@@ -173,7 +229,30 @@ def measure(
     batches, with a fourth item, the images' voxel sizes, for HD95 in mm), the ``sweep``'s
     risk-coverage curve, and how well the policy's score and
     the segmentation head's uncertainty rank the model's wrong pixels (AUROC, from
-    histograms: bounded memory). Also the first ``keep_examples`` images' routing."""
+    histograms: bounded memory). Also the first ``keep_examples`` images' routing.
+
+    Args:
+        policy: the policy, with its threshold.
+        data: a function that returns a new iterable of batches.
+        sweep: the same policy at other budgets, for the risk-coverage curve.
+        with_hd95: also compute HD95.
+        backend: the route kernel's backend.
+        keep_examples: how many images' routing to return.
+
+    Returns:
+        ``(metrics, examples)``: the :meth:`DeferralEvaluator.result` dict plus
+        ``route_mode``, ``threshold``, ``auroc_model_wrong_score`` and
+        ``auroc_model_wrong_uncertainty``; and up to ``keep_examples`` dicts of one
+        image's ``target``, ``assignment``, ``final``, ``model_pred`` and ``score``
+        (CPU tensors).
+
+    Raises:
+        TypeError: ``policy`` is not a DeferralPolicy, or a batch's tensors of the
+            wrong type.
+        ValueError: shapes that do not fit the policy; a policy that cannot route yet
+            (no threshold, or an undecided ``expert_choice="auto"``).
+        RuntimeError: ``backend`` cannot run here.
+    """
     ev = DeferralEvaluator(policy, with_hd95, sweep, backend)
     hists = {k: ScoreHistogram() for k in ("score_wrong", "score_right", "unc_wrong", "unc_right")}
     unc_policy = policy.replace(mode="uncertainty", budget=None, threshold=None)
@@ -238,7 +317,28 @@ def evaluate_policy(
     ``data`` for ``budget`` (unless it never defers or routes by the router), then
     measured on the same data. ``metrics["selection_score"]`` ranks checkpoints: the
     system Dice (``selection="budget-dice"``) or the risk-coverage area over the budgets
-    :data:`~deferredseg.policy.RC_BUDGETS` (``"rc-auc"``)."""
+    :data:`~deferredseg.policy.RC_BUDGETS` (``"rc-auc"``).
+
+    Args:
+        policy: the policy to calibrate and measure.
+        data: a function that returns a new iterable of ``(logits, target,
+            expert_labels)`` batches (a fourth item: voxel sizes, for HD95 in mm).
+        budget: the share of valid pixels to defer, in [0, 1].
+        selection: one of :data:`SELECTIONS`.
+        with_hd95: also compute HD95.
+        backend: the route kernel's backend.
+
+    Returns:
+        ``(policy, metrics)``: the calibrated policy and the :func:`measure` metrics
+        with ``selection_score`` and ``policy`` (its :meth:`~deferredseg.policy.
+        DeferralPolicy.to_dict` record).
+
+    Raises:
+        ValueError: an unknown ``selection``; a budget outside [0, 1]; batches of the
+            wrong shape (as :meth:`~deferredseg.policy.DeferralPolicy.calibrate`).
+        TypeError: a budget that is not a number, batches of the wrong type.
+        RuntimeError: ``backend`` cannot run here.
+    """
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {list(SELECTIONS)}, got {selection!r}")
     if policy.mode != "router" and policy.defers:

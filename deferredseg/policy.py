@@ -101,6 +101,17 @@ class ChannelLayout(NamedTuple):
 def channel_layout(num_classes: int, num_experts: int) -> ChannelLayout:
     """The channel count and order of the packed logits for K classes and E experts.
 
+    Args:
+        num_classes: K >= 1 segmentation channels.
+        num_experts: E experts, 1 to ``MAX_EXPERTS``.
+
+    Returns:
+        A :class:`ChannelLayout`: the channel count K + E + 2 and where each part lives.
+
+    Raises:
+        TypeError: a count that is not an int.
+        ValueError: ``num_classes`` < 1, or ``num_experts`` outside [1, MAX_EXPERTS].
+
     >>> channel_layout(1, 3).describe()
     '6 channels: segmentation 0..0, experts 1..3, model 4, gate 5'
     """
@@ -113,7 +124,15 @@ def channel_layout(num_classes: int, num_experts: int) -> ChannelLayout:
 
 
 def uncertainty(z: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """1 - max class probability of segmentation logits (B, K, *S) -> (B, *S)."""
+    """The segmentation head's own uncertainty: 1 - its max class probability.
+
+    Args:
+        z: segmentation logits (B, K, *S) (K = 1: one sigmoid logit).
+        num_classes: K.
+
+    Returns:
+        The uncertainty (B, *S), float32, in [0, 1 - 1/max(K, 2)].
+    """
     if num_classes == 1:
         p = torch.sigmoid(z[:, 0].float())
         return 1 - torch.maximum(p, 1 - p)
@@ -123,8 +142,14 @@ def uncertainty(z: torch.Tensor, num_classes: int) -> torch.Tensor:
 class Routing(NamedTuple):
     """What :meth:`DeferralPolicy.route` returns.
 
-    ``score`` is the policy's deferral score (the gate's probability, the
-    uncertainty, the expected gain, which may be negative, or the router's D).
+    Attributes:
+        assignment: (B, *S) int8: -1 where the model keeps the pixel, j where expert j
+            labels it.
+        score: (B, *S) float32, the policy's deferral score (the gate's probability,
+            the uncertainty, the expected gain, which may be negative, or the router's D).
+        model_pred: (B, *S) int64, the model's labels.
+        final: (B, *S) int64, the combined labels (the model's, or the chosen expert's
+            where deferred) when expert labels were given, else None.
     """
 
     assignment: torch.Tensor  # (B, *S) int8: -1 the model keeps the pixel, j expert j labels it
@@ -153,6 +178,11 @@ class ScoreHistogram:
         self.total = 0
 
     def add(self, values: torch.Tensor) -> None:
+        """Count ``values`` (any shape, any device; NaN values are left out).
+
+        Args:
+            values: ranking values, a tensor.
+        """
         v = values.detach().reshape(-1).double()
         v = v[~torch.isnan(v)]
         if v.numel() == 0:
@@ -164,12 +194,27 @@ class ScoreHistogram:
         self.total += int(v.numel())
 
     def edge(self, i: int) -> float:
-        """The ranking value at the lower edge of bin ``i`` (i = BINS: above every bin)."""
+        """The ranking value at the lower edge of bin ``i``.
+
+        Args:
+            i: a bin index in [0, BINS] (``BINS``: the edge above every bin).
+
+        Returns:
+            ``sinh`` of the bin's lower edge on the asinh scale.
+        """
         return math.sinh(-self.LIMIT + i * 2 * self.LIMIT / self.BINS)
 
     def cut(self, budget: float) -> tuple:
-        """``(i, rate)``: the bin whose lower edge defers the share closest to ``budget``
-        (values at or above the edge), and that share. ``budget=0`` defers nothing."""
+        """The cut that defers the share of the counted values closest to ``budget``.
+
+        Args:
+            budget: the share to defer (values at or above the cut's edge).
+
+        Returns:
+            ``(i, rate)``: the bin whose lower edge is the cut (``BINS`` when nothing is
+            deferred: ``budget <= 0`` or nothing counted) and the share at or above it;
+            among equally close cuts the higher edge.
+        """
         if budget <= 0 or self.total == 0:
             return self.BINS, 0.0
         above = torch.flip(torch.cumsum(torch.flip(self.counts, [0]), 0), [0]).double()
@@ -229,6 +274,15 @@ class DeferralPolicy:
             ``"best"``); calibrating again (another budget) decides anew.
         ignore_index: label value of pixels that count nowhere.
         calibration: what :meth:`calibrate` measured (read-only record).
+
+    Raises:
+        TypeError: a field of the wrong type (a count, a cost, the budget or threshold
+            not a number).
+        ValueError: a count out of range, an unknown ``mode``, ``scores`` or
+            ``expert_choice``; ``chosen`` given unless ``expert_choice="auto"``;
+            ``expert_cost`` not E finite values >= 0; ``best_expert`` outside [0, E) or
+            missing for ``expert_choice="best"``; a ``budget`` outside [0, 1] or a
+            ``threshold`` outside its range (both must be None in mode ``"router"``).
 
     Example::
 
@@ -303,9 +357,22 @@ class DeferralPolicy:
     # -- construction ---------------------------------------------------------------------------
     @classmethod
     def for_loss(cls, loss, **kwargs: Any) -> "DeferralPolicy":
-        """A policy for networks trained with ``loss`` (a :class:`~deferredseg.losses.
-        DeferredSegLoss` or its :class:`~deferredseg_kernels.LossOptions`): its K, E, ignore
-        index and the scores its surrogate trains (sigmoid for one-vs-all)."""
+        """A policy for networks trained with ``loss``.
+
+        Args:
+            loss: a :class:`~deferredseg.losses.DeferredSegLoss` or its
+                :class:`~deferredseg_kernels.LossOptions`.
+            **kwargs: the policy's other fields (``mode``, ``expert_cost``, ...).
+
+        Returns:
+            A policy with the loss's K, E and ignore index, and the scores its surrogate
+            trains (``"sigmoid"`` for one-vs-all, ``"softmax"`` otherwise), unless
+            ``kwargs`` set them.
+
+        Raises:
+            TypeError: ``loss`` is neither a DeferredSegLoss nor LossOptions.
+            ValueError, TypeError: a field in ``kwargs`` that the constructor refuses.
+        """
         o = getattr(loss, "options", loss)
         if not isinstance(o, LossOptions):
             raise TypeError(
@@ -317,19 +384,56 @@ class DeferralPolicy:
 
     @classmethod
     def never(cls, num_classes: int, num_experts: int, **kwargs: Any) -> "DeferralPolicy":
-        """A policy that never defers (the model alone)."""
+        """A policy that never defers (the model alone).
+
+        Args:
+            num_classes: K.
+            num_experts: E.
+            **kwargs: the policy's other fields (default ``mode="gate"``,
+                ``expert_choice="heads"``); not ``budget`` or ``threshold``.
+
+        Returns:
+            A policy at budget 0 and threshold 1 (``defers`` is False).
+
+        Raises:
+            ValueError, TypeError: a field the constructor refuses (mode ``"router"``,
+                which has no threshold, among them).
+        """
         kwargs.setdefault("mode", "gate")
         kwargs.setdefault("expert_choice", "heads")
         return cls(num_classes, num_experts, budget=0.0, threshold=1.0, **kwargs)
 
     def with_threshold(self, threshold: float) -> "DeferralPolicy":
-        """This policy at a fixed ``threshold`` (no budget); an "auto" expert choice not yet
-        decided by calibration goes to the heads."""
+        """This policy at a fixed threshold instead of a budget.
+
+        Args:
+            threshold: defer where the score is above it (in [0, 1], any finite number
+                in mode ``"gain"``).
+
+        Returns:
+            A copy without budget or calibration record; an ``"auto"`` expert choice not
+            yet decided by calibration goes to the heads.
+
+        Raises:
+            ValueError: a threshold out of range, or any threshold in mode ``"router"``.
+            TypeError: a threshold that is not a number.
+        """
         chosen = (self.chosen or "heads") if self.expert_choice == "auto" else None
         return self.replace(threshold=threshold, budget=None, chosen=chosen, calibration={})
 
     def replace(self, **changes: Any) -> "DeferralPolicy":
-        """A copy with ``changes`` (validated like the constructor's arguments)."""
+        """A copy with some fields changed.
+
+        Args:
+            **changes: field names and their new values.
+
+        Returns:
+            The new policy (validated like the constructor's arguments).
+
+        Raises:
+            TypeError: an unknown field name, or a value of the wrong type.
+            ValueError: a value the constructor refuses.
+        """
         return replace(self, **changes)
 
     @property
@@ -339,6 +443,7 @@ class DeferralPolicy:
 
     @property
     def layout(self) -> ChannelLayout:
+        """The :class:`ChannelLayout` of the packed logits this policy reads."""
         return channel_layout(self.num_classes, self.num_experts)
 
     # -- scores and routing ---------------------------------------------------------------------
@@ -416,8 +521,22 @@ class DeferralPolicy:
         return self.chosen
 
     def ranking(self, logits: torch.Tensor) -> torch.Tensor:
-        """A monotone transform of :meth:`score` that does not saturate (the gate's logit
-        instead of its probability): what calibration and AUROCs rank by."""
+        """A monotone transform of :meth:`score` that does not saturate.
+
+        What calibration and AUROCs rank by: the gate's logit instead of its
+        probability (modes ``"gate"``, ``"uncertainty"``), else the score itself.
+
+        Args:
+            logits: packed logits (B, K + E + 2, *S), floating.
+
+        Returns:
+            The ranking values (B, *S), float32 (higher: deferred first).
+
+        Raises:
+            TypeError: ``logits`` is not a floating tensor.
+            ValueError: ``logits`` does not have the layout's shape; a choice of the
+                best expert without ``best_expert``.
+        """
         self._check_logits(logits)
         return self._rank(logits, self._choice_or_heads())
 
@@ -427,7 +546,21 @@ class DeferralPolicy:
         return self.expert_choice
 
     def score(self, logits: torch.Tensor) -> torch.Tensor:
-        """The deferral score (B, *S) float32 (higher: deferred first)."""
+        """The deferral score of each pixel.
+
+        Args:
+            logits: packed logits (B, K + E + 2, *S), floating.
+
+        Returns:
+            The score (B, *S), float32 (higher: deferred first): the gate's probability,
+            the uncertainty, the expected gain (may be negative) or the router's D, by
+            ``mode``.
+
+        Raises:
+            TypeError: ``logits`` is not a floating tensor.
+            ValueError: ``logits`` does not have the layout's shape; a choice of the
+                best expert without ``best_expert``.
+        """
         self._check_logits(logits)
         v = self._rank(logits, self._choice_or_heads())
         return torch.sigmoid(v) if self.mode in ("gate", "uncertainty") else v
@@ -438,8 +571,25 @@ class DeferralPolicy:
         expert_labels: Optional[torch.Tensor] = None,
         backend: str = "auto",
     ) -> Routing:
-        """Who labels each pixel of ``logits`` (B, K + E + 2, *S), and with
-        ``expert_labels`` (B, E, *S) the combined segmentation (``final``)."""
+        """Who labels each pixel, and the combined segmentation.
+
+        Args:
+            logits: packed logits (B, K + E + 2, *S), floating.
+            expert_labels: None, or the experts' labels (B, E, *S), integer: then
+                ``final`` holds the combined labels.
+            backend: the route kernel's backend (``deferredseg_kernels.BACKENDS``).
+
+        Returns:
+            A :class:`Routing` ``(assignment, score, model_pred, final)``.
+
+        Raises:
+            TypeError: ``logits`` is not a floating tensor, or ``expert_labels`` not an
+                integer tensor.
+            ValueError: a shape that does not fit the layout; no threshold (not
+                calibrated, outside mode ``"router"``); ``expert_choice="auto"`` not yet
+                decided by :meth:`calibrate`; an unknown ``backend``.
+            RuntimeError: ``backend`` cannot run here.
+        """
         self._check_logits(logits)
         if self.mode != "router" and self.threshold is None:
             raise ValueError(
@@ -479,9 +629,25 @@ class DeferralPolicy:
         return it
 
     def histograms(self, data: Data, choices: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-        """One pass over ``data``: the ranking histogram of each of ``choices`` (default:
-        the candidate expert choices), the valid pixel count and each expert's agreement
-        with the target."""
+        """One pass over ``data``: the histograms calibration cuts.
+
+        Args:
+            data: batches, as for :meth:`calibrate`.
+            choices: the expert choices to histogram (default: the candidates of
+                ``expert_choice``); outside mode ``"gain"`` only the first (the score
+                does not depend on who is asked).
+
+        Returns:
+            ``{"hist": {choice: ScoreHistogram of the valid pixels' ranking},
+            "agree": each expert's count of valid pixels that agree with the target
+            (float64 (E,)), or None without targets and expert labels}``. The
+            ``"best"`` histogram stays empty while ``best_expert`` is unknown.
+
+        Raises:
+            TypeError: a batch of another form, or logits that are not a floating
+                tensor.
+            ValueError: logits or a target whose shape does not fit.
+        """
         choices = list(choices or self._choices())
         if self.mode != "gain":  # the score does not depend on who is asked: one histogram
             choices = choices[:1]
@@ -514,7 +680,21 @@ class DeferralPolicy:
         return t != self.ignore_index
 
     def at_budget(self, hist: ScoreHistogram, budget: float, choice: Optional[str] = None):
-        """This policy with the threshold that defers ``budget`` of ``hist``'s pixels."""
+        """This policy with the threshold that defers ``budget`` of ``hist``'s pixels.
+
+        Args:
+            hist: the ranking histogram (from :meth:`histograms`).
+            budget: the share of the pixels to defer, in [0, 1].
+            choice: with ``expert_choice="auto"``, the choice ``hist`` was made for.
+
+        Returns:
+            A copy with ``budget``, the threshold at the histogram's cut, ``chosen`` and
+            the ``calibration`` record (budget, realised rate, pixel count).
+
+        Raises:
+            ValueError: a budget outside [0, 1], or mode ``"router"``.
+            TypeError: a budget that is not a number.
+        """
         p = self.replace(budget=budget)  # validates the budget and the mode
         i, rate = hist.cut(p.budget)
         if i >= hist.BINS:
@@ -543,6 +723,22 @@ class DeferralPolicy:
         and expert labels a second one measures the validation system Dice of the
         heads' choice and of the best single expert at the budget and keeps the higher
         (data must then be re-iterable). ``calibration`` records the realised rate.
+
+        Args:
+            data: the calibration batches, or a function that returns a new iterable of
+                them.
+            budget: the share of valid pixels to defer, in [0, 1] (default: ``budget``).
+
+        Returns:
+            The calibrated policy (a copy; this one is unchanged).
+
+        Raises:
+            ValueError: mode ``"router"`` (no threshold); no budget, or one outside
+                [0, 1]; a batch whose logits or target have the wrong shape; a dict
+                batch without ``"logits"``.
+            TypeError: a budget that is not a number; a batch of another form or with
+                non-floating logits; one-pass ``data`` (a generator) when the auto expert
+                choice needs two passes.
         """
         if self.mode == "router":
             raise ValueError("a policy in mode 'router' has no threshold to calibrate")
@@ -575,9 +771,24 @@ class DeferralPolicy:
         return out
 
     def sweep(self, data: Data, budgets: Sequence[float]) -> List["DeferralPolicy"]:
-        """This policy (its expert choice decided) at each of ``budgets``, the thresholds
-        from one pass over ``data``: a risk-coverage curve, or rates matched on a split.
-        A policy that never defers, or routes by the router, stays as it is."""
+        """This policy at each of several budgets, from one pass over ``data``.
+
+        For a risk-coverage curve, or rates matched on a split. A policy that never
+        defers, or routes by the router, stays as it is.
+
+        Args:
+            data: batches, as for :meth:`calibrate`.
+            budgets: the shares of pixels to defer, each in [0, 1].
+
+        Returns:
+            One policy per budget (a one-item list of this policy when it never defers
+            or is in mode ``"router"``).
+
+        Raises:
+            ValueError: ``expert_choice="auto"`` not yet decided by :meth:`calibrate`;
+                a budget outside [0, 1]; a batch of the wrong shape.
+            TypeError: a batch of another form.
+        """
         if self.mode == "router" or not self.defers:
             return [self]
         choice = self._resolved()
@@ -586,7 +797,11 @@ class DeferralPolicy:
 
     # -- records ---------------------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
-        """A JSON-ready record (checkpoints, metrics.json, the review folder)."""
+        """A JSON-ready record (checkpoints, metrics.json, the review folder).
+
+        Returns:
+            A dict of every field and the record's ``format``; :meth:`from_dict` reads it.
+        """
         return {
             "format": _FORMAT,
             "num_classes": self.num_classes,
@@ -605,7 +820,19 @@ class DeferralPolicy:
 
     @classmethod
     def from_dict(cls, record: Dict[str, Any]) -> "DeferralPolicy":
-        """The policy of a :meth:`to_dict` record (every field validated)."""
+        """The policy of a :meth:`to_dict` record.
+
+        Args:
+            record: the dict :meth:`to_dict` wrote.
+
+        Returns:
+            The policy, every field validated as by the constructor.
+
+        Raises:
+            TypeError: ``record`` is not a dict, or a field of the wrong type.
+            ValueError: another record ``format``, an unknown field, or a field value
+                the constructor refuses.
+        """
         if not isinstance(record, dict):
             raise TypeError(f"record must be a dict, got {type(record).__name__}")
         values = dict(record)
@@ -640,8 +867,15 @@ def _system_dice(policies: Dict[str, DeferralPolicy], data: Data) -> Dict[str, f
 
 
 def rc_area(points: Sequence[tuple]) -> float:
-    """The risk-coverage area of ``(deferral rate, system Dice)`` points: the mean system
-    Dice over the rates they span (trapezoids); the one Dice when they span no rate."""
+    """The risk-coverage area of ``(deferral rate, system Dice)`` points.
+
+    Args:
+        points: ``(rate, dice)`` pairs; pairs whose Dice is None or NaN are left out.
+
+    Returns:
+        The mean system Dice over the rates they span (trapezoids); the mean Dice when
+        they span no rate; NaN without points.
+    """
     pts = sorted((r, d) for r, d in points if d is not None and not math.isnan(d))
     if not pts:
         return float("nan")

@@ -29,7 +29,14 @@ def _one_hot(labels: torch.Tensor, num_labels: int, mask: torch.Tensor) -> torch
 
 
 def nanmean(values: Sequence[float]) -> float:
-    """The mean of the values that are not NaN (NaN when none is)."""
+    """The mean of the values that are not NaN.
+
+    Args:
+        values: floats.
+
+    Returns:
+        Their mean without the NaN values; NaN when every value is NaN or there is none.
+    """
     finite = [v for v in values if not math.isnan(v)]
     return float(sum(finite) / len(finite)) if finite else float("nan")
 
@@ -50,6 +57,19 @@ def per_image_scores(
     region holds no foreground in the ground truth. ``spacing`` (B, D): each image's
     voxel size, so that HD95 is in its physical unit (MONAI's ``spacing``); without it
     (or where it holds NaN) HD95 is in pixels.
+
+    Args:
+        pred: (B, *S) predicted labels.
+        target: (B, *S) true labels; ``ignore_index`` pixels are left out.
+        num_labels: K' = max(K, 2), the number of label values.
+        region: None, or a (B, *S) boolean mask of the pixels to compare.
+        ignore_index: the label of ignored pixels.
+        with_hd95: also compute HD95.
+        spacing: None, or the images' voxel sizes (B, D).
+
+    Returns:
+        ``{"dice": [...], "iou": [...], "sensitivity": [...]}`` (and ``"hd95"``), one
+        float per image (NaN where undefined).
     """
     from monai.metrics import (
         compute_confusion_matrix_metric,

@@ -230,3 +230,126 @@ def test_bad_forward_inputs_name_the_argument():
         crit(r, t, m, t[:, :2])
     with pytest.raises(TypeError, match="routing_logits"):
         LoadBalancingLoss(2)(r.long())
+
+
+# --------------------------------------------------------------------------- reduction
+
+
+def _loss_backends():
+    from deferredseg_kernels import available_backends
+
+    return [b for b in ("reference", "cpu", "cuda", "triton") if b in available_backends("loss")]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "cuda", "triton"])
+@pytest.mark.parametrize("K,E", [(1, 3), (3, 2)])
+def test_deferredseg_loss_reduction_is_the_objective_of_each_image_on_its_own(backend, K, E):
+    if backend not in _loss_backends():
+        pytest.skip(f"{backend} backend not available here")
+    # the GPU backends on CUDA tensors (Triton on the CPU only in its interpreter)
+    on_gpu = backend == "cuda" or (backend == "triton" and torch.cuda.is_available())
+    device = "cuda" if on_gpu else "cpu"
+    opts = dict(backend=backend, lambda_balance=0.5, lambda_coherence=0.3)
+    logits, target, experts = make_inputs(3, K, E, (6, 5), device=device)
+    w = torch.tensor([0.3, -1.2, 2.0], device=device)
+
+    # the hand-made loop: the "mean" objective of a batch of one image, image by image
+    single = DeferredSegLoss(K, E, **opts)
+    want, want_grad, want_terms = [], torch.zeros_like(logits), []
+    for b in range(3):
+        x = logits[b : b + 1].clone().requires_grad_(True)
+        value = single(x, target[b : b + 1], experts[b : b + 1])
+        (g,) = torch.autograd.grad(value, x)
+        want.append(value.detach())
+        want_grad[b] = g[0]
+        want_terms.append(single.last_terms)
+    want = torch.stack(want)
+
+    x = logits.clone().requires_grad_(True)
+    crit = DeferredSegLoss(K, E, reduction="none", **opts)
+    none = crit(x, target, experts)
+    assert none.shape == (3,)
+    torch.testing.assert_close(none.detach(), want)
+    (g,) = torch.autograd.grad((none * w).sum(), x)
+    torch.testing.assert_close(g, want_grad * w.view(3, 1, 1, 1))
+    for k in want_terms[0]:  # last_terms: one row per image
+        torch.testing.assert_close(crit.last_terms[k], torch.stack([t[k] for t in want_terms]))
+
+    x = logits.clone().requires_grad_(True)
+    total = DeferredSegLoss(K, E, reduction="sum", **opts)(x, target, experts)
+    assert total.shape == ()
+    torch.testing.assert_close(total.detach(), want.sum())
+    (g,) = torch.autograd.grad(total, x)
+    torch.testing.assert_close(g, want_grad)
+
+    # "mean" is the batch's objective, unchanged; with the balance term it is not the
+    # mean of the per-image objectives (the loads are the batch's, not each image's)
+    mean = DeferredSegLoss(K, E, **opts)(logits, target, experts)
+    assert torch.equal(mean, deferredseg_loss(logits, target, experts, K, E, **opts))
+    assert DeferredSegLoss(K, E, **opts).reduction == "mean"
+    assert not torch.allclose(mean, want.mean())
+
+
+def test_deferredseg_loss_reduction_on_an_empty_batch_and_bad_input():
+    crit = DeferredSegLoss(1, 2, backend="reference", reduction="none")
+    logits, target, experts = make_inputs(2, 1, 2, (4, 4))
+    none = crit(logits[:0], target[:0], experts[:0])
+    assert none.shape == (0,) and none.dtype == torch.float32
+    summed = DeferredSegLoss(1, 2, backend="reference", reduction="sum")
+    assert summed(logits[:0], target[:0], experts[:0]).item() == 0.0
+    # the batch is checked as a whole, before any image is evaluated
+    with pytest.raises(ValueError, match="target"):
+        crit(logits, target[:1], experts)
+    with pytest.raises(TypeError, match="target"):
+        crit(logits, target.float(), experts)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_term_losses_reduce_per_image_like_a_loop(reduction):
+    K, E = 1, 3
+    logits, target, experts = make_inputs(3, K, E, (5, 7), dtype=torch.float64)
+    _, r, _ = split_logits(logits, K, E)
+    D = torch.softmax(r, dim=1)[:, :E].sum(1)
+    kw = dict(balance="band", balance_low=[0.2] * 4, balance_high=[0.26] * 4)
+    for make, args in (
+        (lambda **k: SpatialCoherenceLoss(spatial_dims=2, coherence="l2", **k), (D, target)),
+        (lambda **k: LoadBalancingLoss(E, **kw, **k), (r, target)),
+        (lambda **k: LoadBalancingLoss(E, **k), (r, target)),
+    ):
+        one = make()
+        want = torch.stack([one(*(a[b : b + 1] for a in args)) for b in range(3)])
+        crit = make(reduction=reduction)
+        got = crit(*args)
+        torch.testing.assert_close(got, want if reduction == "none" else want.sum())
+        torch.testing.assert_close(make()(*args), one(*args))  # "mean": the batch's value
+    crit = LoadBalancingLoss(E, reduction="none")
+    crit(r, target)
+    assert crit.last_pbar.shape == (3, E + 1)
+    single = LoadBalancingLoss(E)
+    single(r[1:2], target[1:2])
+    torch.testing.assert_close(crit.last_pbar[1], single.last_pbar)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda r: DeferredSegLoss(1, 3, reduction=r),
+        lambda r: SurrogateCollaborationLoss(3, reduction=r),
+        lambda r: SpatialCoherenceLoss(reduction=r),
+        lambda r: LoadBalancingLoss(3, reduction=r),
+    ],
+)
+def test_bad_reduction_names_the_argument_the_choices_and_the_value(make):
+    with pytest.raises(ValueError) as info:
+        make("batchmean")
+    for w in ("reduction", "'mean'", "'sum'", "'none'", "'batchmean'"):
+        assert w in str(info.value), (w, str(info.value))
+
+
+def test_per_image_reduction_refuses_sync_balance():
+    for make in (
+        lambda: DeferredSegLoss(1, 3, reduction="none", sync_balance=True),
+        lambda: LoadBalancingLoss(3, reduction="sum", sync_balance=True),
+    ):
+        with pytest.raises(ValueError, match="reduction must be 'mean' when sync_balance"):
+            make()

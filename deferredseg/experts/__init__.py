@@ -78,6 +78,23 @@ def make_experts(
     ``(fg_acc, bg_acc, edge_boost)`` triples, a sequence of :class:`ExpertModel`,
     or a ready :class:`ExpertPanel` (returned as is). ``kwargs`` go to
     :func:`simulated_experts` (``edge_radius``) or :func:`structured_experts` (``scale``).
+
+    Args:
+        spec: the description (see above).
+        num_labels: K' = max(K, 2), the number of label values.
+        seed: the seed of every random draw.
+        resample: new labels at every call (True) or fixed per image (False).
+        ignore_index: the label of ignored pixels.
+        **kwargs: see above.
+
+    Returns:
+        The :class:`ExpertPanel`.
+
+    Raises:
+        TypeError: ``spec`` of none of those kinds; an unexpected keyword in
+            ``kwargs``; a list of expert models holding something else.
+        ValueError: an unknown profile name, or what :func:`simulated_experts`,
+            :func:`structured_experts` or :class:`ExpertPanel` raise.
     """
     if isinstance(spec, ExpertPanel):
         return spec

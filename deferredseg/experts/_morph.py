@@ -44,7 +44,18 @@ def max_filter(x: torch.Tensor, radius: int) -> torch.Tensor:
 
 
 def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
-    """Binary dilation of ``mask`` (B, *S) bool by a box of radius r."""
+    """Binary dilation of ``mask`` by a box of radius r.
+
+    Args:
+        mask: (B, *S) boolean (or 0/1), 1 to 3 spatial dims.
+        radius: r; <= 0 returns the mask as it is.
+
+    Returns:
+        (B, *S) bool.
+
+    Raises:
+        ValueError: ``mask`` without 1 to 3 spatial dims.
+    """
     _check_spatial(mask, "mask", with_channel=False)
     if radius <= 0:
         return mask.bool()
@@ -52,7 +63,18 @@ def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
 
 
 def erode(mask: torch.Tensor, radius: int) -> torch.Tensor:
-    """Binary erosion of ``mask`` (B, *S) bool; the image border does not erode."""
+    """Binary erosion of ``mask`` by a box of radius r; the image border does not erode.
+
+    Args:
+        mask: (B, *S) boolean (or 0/1), 1 to 3 spatial dims.
+        radius: r; <= 0 returns the mask as it is.
+
+    Returns:
+        (B, *S) bool.
+
+    Raises:
+        ValueError: ``mask`` without 1 to 3 spatial dims.
+    """
     _check_spatial(mask, "mask", with_channel=False)
     if radius <= 0:
         return mask.bool()
@@ -60,7 +82,18 @@ def erode(mask: torch.Tensor, radius: int) -> torch.Tensor:
 
 
 def boundary_band(labels: torch.Tensor, radius: int) -> torch.Tensor:
-    """Pixels of ``labels`` (B, *S) that have a pixel of another label within ``radius``."""
+    """Pixels of ``labels`` that have a pixel of another label within ``radius``.
+
+    Args:
+        labels: (B, *S) labels, 1 to 3 spatial dims.
+        radius: r >= 0 (0: no pixel).
+
+    Returns:
+        (B, *S) bool.
+
+    Raises:
+        ValueError: ``labels`` without 1 to 3 spatial dims, or a negative radius.
+    """
     _check_spatial(labels, "labels", with_channel=False)
     x = labels.unsqueeze(1).to(torch.float64)
     hi = max_filter(x, radius)
@@ -78,6 +111,17 @@ def connected_components(
     unique within its image (the largest linear index + 1 of its pixels).
     Label propagation by repeated 3^d max-pooling: the number of rounds is the
     longest path inside a component, every round one vectorised pass.
+
+    Args:
+        labels: (B, *S) integer labels, 1 to 3 spatial dims.
+        num_labels: the number of label values (labels 1..num_labels-1 are foreground).
+        max_iter: the most propagation rounds (default: enough for any component).
+
+    Returns:
+        (B, *S) int64 component ids.
+
+    Raises:
+        ValueError: ``labels`` without 1 to 3 spatial dims.
     """
     _check_spatial(labels, "labels", with_channel=False)
     S = labels.shape[1:]

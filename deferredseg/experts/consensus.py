@@ -54,7 +54,21 @@ def majority_vote(
 
     ``raters`` is (B, R, *S) with the default ``rater_dim=1`` (use ``rater_dim=0``
     for one image's (R, *S)). Ties go to the lowest label; pixels with no valid
-    vote get ``ignore_index``. Returns int64 without the rater dim.
+    vote get ``ignore_index``.
+
+    Args:
+        raters: the raters' integer labels.
+        num_labels: L, the number of label values.
+        rater_dim: the raters' dim.
+        ignore_index: the label of "no label here" (left out of the vote).
+
+    Returns:
+        int64 labels, ``raters`` without the rater dim.
+
+    Raises:
+        TypeError: ``raters`` is not an integer tensor.
+        ValueError: ``raters`` with fewer than 2 dims, or a label outside
+            [0, num_labels) that is not ``ignore_index``.
     """
     _check_raters(raters)
     _check_range(raters, num_labels, ignore_index)
@@ -68,7 +82,16 @@ def majority_vote(
 
 
 class StapleResult(NamedTuple):
-    """What :func:`staple` returns."""
+    """What :func:`staple` returns (without the batch dim B for ``rater_dim=0``).
+
+    Attributes:
+        labels: (B, *S) int64, the argmax of the posterior (ties: the lowest label;
+            ``ignore_index`` where no rater voted).
+        probs: (B, L, *S) float64, the posterior probability of each true label.
+        confusion: (B, R, L, L), ``confusion[b, j, s, t]`` = P(rater j says s | truth t).
+        prior: (B, L), the label prior (given, the vote frequencies, or estimated).
+        iterations: the EM rounds run.
+    """
 
     labels: torch.Tensor  # (B, *S) int64: argmax of the posterior (ties: lowest label)
     probs: torch.Tensor  # (B, L, *S) float: posterior probability of each true label
@@ -111,6 +134,21 @@ def staple(
             (re-estimated in every M-step as the mean posterior; less biased
             when the raters' errors make the vote frequencies differ from the
             true ones) or L probabilities.
+        rater_dim: the raters' dim, 1 (a batch) or 0 (one image).
+        max_iter: the most EM rounds.
+        tol: stop when no entry of theta moves more than this.
+        ignore_index: the label of "no label here".
+        eps: the floor of probabilities before their logarithm.
+
+    Returns:
+        A :class:`StapleResult`.
+
+    Raises:
+        TypeError: ``raters`` is not an integer tensor.
+        ValueError: ``raters`` with fewer than 2 dims; ``num_labels`` < 2;
+            ``init_accuracy`` outside (1/L, 1); a label outside [0, L) that is not
+            ``ignore_index``; a ``prior`` that is neither ``"votes"``, ``"estimate"``
+            nor L non-negative probabilities summing to 1.
     """
     _check_raters(raters)
     if num_labels < 2:
@@ -200,8 +238,24 @@ def consensus_target(
 ) -> torch.Tensor:
     """The training target from multi-rater labels.
 
-    ``method`` is ``"majority"`` (default), ``"staple"``, a rater name (looked up
-    in ``rater_names``) or a rater index. Returns int64 labels without the rater dim.
+    Args:
+        raters: (B, R, *S) (``rater_dim=1``) or (R, *S) (``rater_dim=0``) integer labels.
+        method: ``"majority"`` (default), ``"staple"``, a rater name (looked up in
+            ``rater_names``) or a rater index.
+        num_labels: L, the number of label values.
+        rater_names: the raters' names, in order.
+        rater_dim: the raters' dim.
+        ignore_index: the label of "no label here".
+        **staple_kwargs: the other arguments of :func:`staple`.
+
+    Returns:
+        int64 labels without the rater dim.
+
+    Raises:
+        TypeError: ``raters`` is not an integer tensor; ``method`` neither a string
+            nor an int.
+        ValueError: ``raters`` with fewer than 2 dims; a name not in ``rater_names``;
+            an index out of range; a label out of range; what :func:`staple` raises.
     """
     _check_raters(raters)
     R = raters.shape[rater_dim]

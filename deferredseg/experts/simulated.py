@@ -47,7 +47,16 @@ PROFILES: Dict[str, Tuple[Tuple[float, float, float], ...]] = {
 
 
 def derive_seed(seed: int, key) -> int:
-    """A stable 63-bit seed from ``(seed, key)`` (the same in every process and run)."""
+    """A stable 63-bit seed from ``(seed, key)`` (the same in every process and run).
+
+    Args:
+        seed: the base seed.
+        key: a hashable key (an image id: an int, a string, a 0-d tensor); numpy and
+            Python integers of the same value give the same seed.
+
+    Returns:
+        A seed in [0, 2**63).
+    """
     if isinstance(key, torch.Tensor):
         key = key.item()
     if isinstance(key, numbers.Integral) and not isinstance(key, bool):
@@ -70,6 +79,9 @@ class ExpertModel:
     ``target`` is (B, *S) int64 with values in [0, num_labels) (0 is background),
     1 to 3 spatial dims; the result has the same shape and dtype. Subclasses draw
     every random number from ``generator`` (on the target's device).
+
+    Attributes:
+        name: the expert's name (in reports and review tasks).
     """
 
     name: str = "expert"
@@ -77,6 +89,19 @@ class ExpertModel:
     def sample(
         self, target: torch.Tensor, num_labels: int, generator: torch.Generator
     ) -> torch.Tensor:
+        """This expert's labels of ``target``.
+
+        Args:
+            target: (B, *S) int64 true labels in [0, num_labels).
+            num_labels: K', the number of label values.
+            generator: the source of every random draw, on the target's device.
+
+        Returns:
+            (B, *S) int64 labels.
+
+        Raises:
+            NotImplementedError: in this base class; subclasses implement it.
+        """
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -103,6 +128,17 @@ class DiscrepancyExpert(ExpertModel):
 
     independently per pixel; otherwise it gets another label, uniformly among the
     others (the flipped label when binary).
+
+    Args:
+        fg_acc: accuracy on the foreground, in [0, 1].
+        bg_acc: accuracy on the background, in [0, 1].
+        edge_boost: added to ``bg_acc`` near the foreground (>= 0).
+        edge_radius: the radius of that band in pixels (an integer >= 0).
+        name: the expert's name (default: its parameters).
+
+    Raises:
+        ValueError: an accuracy outside [0, 1], a negative ``edge_boost``, or an
+            ``edge_radius`` that is not an integer >= 0.
     """
 
     def __init__(
@@ -125,10 +161,18 @@ class DiscrepancyExpert(ExpertModel):
 
     @property
     def edge_acc(self) -> float:
+        """The accuracy in the band near the foreground, ``min(bg_acc + edge_boost, 1)``."""
         return min(self.bg_acc + self.edge_boost, 1.0)
 
     def region_accuracy(self, target: torch.Tensor) -> torch.Tensor:
-        """The per-pixel probability of keeping the true label, (B, *S) float32."""
+        """The per-pixel probability of keeping the true label.
+
+        Args:
+            target: (B, *S) integer labels (0: background).
+
+        Returns:
+            (B, *S) float32 accuracies.
+        """
         fg = target != 0
         near = dilate(fg, self.edge_radius) & ~fg
         acc = torch.full(target.shape, self.bg_acc, dtype=torch.float32, device=target.device)
@@ -154,6 +198,11 @@ class ExpertPanel:
             ``__call__`` (see the module docstring).
         ignore_index: target pixels with this value get this value from every expert.
         names: optional expert names (default: each model's ``name``).
+
+    Raises:
+        ValueError: no experts; ``num_labels`` not an integer >= 2; ``names`` not one
+            per expert.
+        TypeError: an expert that is not an :class:`ExpertModel`.
     """
 
     def __init__(
@@ -188,11 +237,16 @@ class ExpertPanel:
 
     @property
     def num_experts(self) -> int:
+        """E, the number of experts."""
         return len(self.experts)
 
     def reseed(self, seed: int) -> None:
         """Use ``seed`` for everything: the resampling streams restart and fixed-per-image
-        labels change."""
+        labels change.
+
+        Args:
+            seed: the new seed.
+        """
         self.seed = int(seed)
         self.reseed_stream(seed)
 
@@ -201,6 +255,9 @@ class ExpertPanel:
         they are.
 
         This is what a data loader's per-worker seeding calls (see ``deferredseg.data``).
+
+        Args:
+            seed: the streams' new seed.
         """
         self._stream_seed = int(seed)
         self._streams.clear()
@@ -228,8 +285,19 @@ class ExpertPanel:
     def __call__(self, target: torch.Tensor, ids: Optional[Iterable] = None) -> torch.Tensor:
         """Expert labels (B, E, *S) int64 for ``target`` (B, *S).
 
-        ``ids`` (one hashable per image: an int, a string, a 0-d tensor) is required
-        when the panel is fixed per image and ignored when it resamples.
+        Args:
+            target: (B, *S) integer labels, 1 to 3 spatial dims, in [0, num_labels) or
+                ``ignore_index``.
+            ids: one hashable per image (an int, a string, a 0-d tensor): required
+                when the panel is fixed per image, ignored when it resamples.
+
+        Returns:
+            (B, E, *S) int64 expert labels (``ignore_index`` where the target has it).
+
+        Raises:
+            TypeError: ``target`` is not an integer tensor.
+            ValueError: ``target`` without 1 to 3 spatial dims, or with a value out of
+                range; ``ids`` missing, or not one per image, for a fixed panel.
         """
         y = self._check_target(target)
         valid = y != self.ignore_index
@@ -292,6 +360,19 @@ def simulated_experts(
     experts), see :data:`PROFILES`, or a sequence of ``(fg_acc, bg_acc,
     edge_boost)``. ``edge_radius`` is the dilation radius of the edge band (our
     default, 3 pixels, is a parameter: the profiles do not fix it).
+
+    Args:
+        profile: a name of :data:`PROFILES`, or a sequence of triples.
+        num_labels, seed, resample, ignore_index: as for :class:`ExpertPanel`.
+        edge_radius: the edge band's radius in pixels.
+
+    Returns:
+        The :class:`ExpertPanel`.
+
+    Raises:
+        ValueError: an unknown profile name; an entry that is not a triple; an
+            accuracy, ``edge_boost`` or ``edge_radius`` out of range; what
+            :class:`ExpertPanel` raises.
     """
     if isinstance(profile, str):
         if profile not in PROFILES:

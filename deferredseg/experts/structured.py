@@ -37,7 +37,15 @@ __all__ = [
 
 def dilate_labels(labels: torch.Tensor, radius: int) -> torch.Tensor:
     """Grow every foreground label by ``radius``: background pixels within reach take
-    the largest label in their box; foreground pixels keep theirs."""
+    the largest label in their box; foreground pixels keep theirs.
+
+    Args:
+        labels: (B, *S) integer labels (0: background), 1 to 3 spatial dims.
+        radius: pixels (a box of side 2 * radius + 1); <= 0 changes nothing.
+
+    Returns:
+        The grown labels, shaped like ``labels``.
+    """
     if radius <= 0:
         return labels
     grown = max_filter(labels.unsqueeze(1), radius).squeeze(1)
@@ -46,7 +54,15 @@ def dilate_labels(labels: torch.Tensor, radius: int) -> torch.Tensor:
 
 def erode_labels(labels: torch.Tensor, radius: int) -> torch.Tensor:
     """Shrink every foreground label by ``radius``: foreground pixels with another label
-    within reach become background. The image border does not erode."""
+    within reach become background. The image border does not erode.
+
+    Args:
+        labels: (B, *S) integer labels (0: background), 1 to 3 spatial dims.
+        radius: pixels (a box of side 2 * radius + 1); <= 0 changes nothing.
+
+    Returns:
+        The shrunk labels, shaped like ``labels``.
+    """
     if radius <= 0:
         return labels
     edge = boundary_band(labels, radius) & (labels != 0)
@@ -74,6 +90,14 @@ class BoundaryShiftExpert(ExpertModel):
 
     ``offset`` is an int or an inclusive ``(min, max)`` range from which each
     image draws its own offset. Only pixels within |offset| of a boundary change.
+
+    Args:
+        offset: pixels, an int or a ``(min, max)`` pair of ints.
+        name: the expert's name.
+
+    Raises:
+        TypeError: ``offset`` neither an int nor a pair.
+        ValueError: a pair of non-integers, or with min > max.
     """
 
     def __init__(self, offset: Union[int, Tuple[int, int]] = 2, name: Optional[str] = None):
@@ -104,6 +128,14 @@ class SmoothBoundaryExpert(ExpertModel):
     label at p + displacement(p), rounded to the nearest pixel and clamped to the
     image. Every component of the displacement is at most ``amplitude``, so only
     pixels within ceil(amplitude) (box distance) of a boundary can change.
+
+    Args:
+        amplitude: the largest displacement in pixels (>= 0).
+        scale: the control points' spacing in pixels (> 0).
+        name: the expert's name.
+
+    Raises:
+        ValueError: a negative ``amplitude`` or a ``scale`` <= 0.
     """
 
     def __init__(self, amplitude: float = 2.0, scale: float = 8.0, name: Optional[str] = None):
@@ -118,7 +150,16 @@ class SmoothBoundaryExpert(ExpertModel):
     def displacement(
         self, shape: Sequence[int], generator: torch.Generator, device
     ) -> torch.Tensor:
-        """The displacement field (B, d, *S) in pixels for a batch of shape (B, *S)."""
+        """The random displacement field of a batch.
+
+        Args:
+            shape: the batch's shape (B, *S).
+            generator: the source of the random control points.
+            device: where to build the field.
+
+        Returns:
+            (B, d, *S) displacements in pixels, d the number of spatial dims.
+        """
         B, S = int(shape[0]), [int(s) for s in shape[1:]]
         nd = len(S)
         coarse = [max(2, math.ceil((s - 1) / self.scale) + 1) for s in S]
@@ -152,6 +193,18 @@ class RegionSkillExpert(ExpertModel):
     half of a spatial axis, e.g. the slices a tired rater hurried through).
     With both given, the region is their intersection. Outside it the expert
     gives the true label.
+
+    Args:
+        base: the expert whose errors are kept in the region.
+        classes: the classes of the region.
+        half: ``(spatial axis, "low" | "high")``.
+        name: the expert's name.
+
+    Raises:
+        TypeError: ``base`` is not an :class:`ExpertModel`.
+        ValueError: neither ``classes`` nor ``half``; a ``half`` that is not
+            (axis >= 0, "low" or "high"). A ``half`` axis beyond the target's spatial
+            dims raises ``ValueError`` when sampling.
     """
 
     def __init__(
@@ -176,6 +229,18 @@ class RegionSkillExpert(ExpertModel):
         self.name = name or f"region-skill({base.name})"
 
     def region(self, target: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
+        """Where the expert lacks skill.
+
+        Args:
+            target: (B, *S) true labels.
+            drawn: (B, *S) the base expert's labels.
+
+        Returns:
+            (B, *S) boolean mask of the region.
+
+        Raises:
+            ValueError: the ``half`` axis is beyond the target's spatial dims.
+        """
         mask = torch.ones(target.shape, dtype=torch.bool, device=target.device)
         if self.classes is not None:
             cls = torch.tensor(self.classes, device=target.device)
@@ -199,7 +264,16 @@ class RegionSkillExpert(ExpertModel):
 
 class MissedComponentsExpert(ExpertModel):
     """Overlooks small structures: each connected component (per label, 8/26-connected)
-    of at most ``max_size`` pixels is labelled background with probability ``miss_prob``."""
+    of at most ``max_size`` pixels is labelled background with probability ``miss_prob``.
+
+    Args:
+        max_size: the largest component it may miss, in pixels (an integer >= 1).
+        miss_prob: the probability of missing one, in [0, 1].
+        name: the expert's name.
+
+    Raises:
+        ValueError: ``max_size`` not an integer >= 1, ``miss_prob`` outside [0, 1].
+    """
 
     def __init__(self, max_size: int = 30, miss_prob: float = 0.5, name: Optional[str] = None):
         if int(max_size) != max_size or max_size < 1:
@@ -223,7 +297,15 @@ class MissedComponentsExpert(ExpertModel):
 
 
 class ChainExpert(ExpertModel):
-    """Applies several expert models one after the other (e.g. a wobble, then missed components)."""
+    """Applies several expert models one after the other (e.g. a wobble, then missed components).
+
+    Args:
+        steps: the expert models, in order.
+        name: the expert's name (default: the steps' names joined by "+").
+
+    Raises:
+        TypeError: ``steps`` empty or holding something that is not an ExpertModel.
+    """
 
     def __init__(self, steps: Sequence[ExpertModel], name: Optional[str] = None):
         steps = list(steps)
@@ -254,6 +336,17 @@ def structured_experts(
     3 px too generous in the upper half, ``misses-small`` overlooks half of the
     components of at most 30 px. ``scale`` multiplies every length (use > 1 for
     large images); the component-size threshold is multiplied by ``scale ** 2``.
+
+    Args:
+        num_labels, seed, resample, ignore_index: as for :class:`ExpertPanel`.
+        scale: the length scale (see above).
+
+    Returns:
+        The :class:`ExpertPanel` of the five experts.
+
+    Raises:
+        ValueError: ``num_labels`` not an integer >= 2; a ``scale`` that makes a
+            length invalid (<= 0).
     """
 
     def px(v: float) -> int:

@@ -67,6 +67,15 @@ def build_backbone(
         net_kwargs: constructor arguments whose names clash with this function's
             (``BasicUNet``'s own ``features`` tuple: ``net_kwargs={"features": (...)}``).
         **kwargs: further constructor arguments. Both override :data:`MONAI_DEFAULTS`.
+
+    Returns:
+        The MONAI network.
+
+    Raises:
+        ValueError: an unknown network name; a network without ``in_channels`` /
+            ``out_channels``; ``spatial_dims`` not 2 or 3 for a network that takes none.
+        TypeError: an argument the network does not take.
+        ImportError: MONAI is not installed.
     """
     nets = _nets()
     names = monai_network_names()

@@ -255,6 +255,18 @@ class DeferredSegmentor(nn.Module):
         head_channels: hidden channels of the ``"conv"`` heads (default F).
         detach_heads: with ``heads="conv"``, stop the heads' gradient at their input
             (the default: the routing cannot degrade the segmentation).
+        siblings: frozen networks of the same task (e.g. the same architecture trained
+            from other seeds), each mapping the input to segmentation logits (B, K, *S);
+            the ``"conv"`` heads read them and start from the ensemble's probability
+            that the model is wrong (:class:`RoutingHeads`).
+
+    Raises:
+        TypeError: ``backbone`` or an entry of ``siblings`` is not an ``nn.Module``.
+        ValueError: ``heads`` not ``"linear"`` or ``"conv"``; ``feature_channels``,
+            ``num_classes``, ``num_experts``, ``gate_channels`` or ``head_channels`` not
+            an integer >= 1; ``num_experts`` > 127; ``spatial_dims`` not 1, 2 or 3;
+            ``feature_layer`` without ``keep_backbone_seg=True``, or not a submodule of
+            the backbone; ``siblings`` with ``heads="linear"``.
     """
 
     def __init__(
@@ -421,7 +433,22 @@ class DeferredSegmentor(nn.Module):
         return seg, self._resize(feats, seg.shape[2:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Packed logits (B, K + E + 2, *S): segmentation, routing (experts, model), gate."""
+        """The packed logits of a batch.
+
+        Args:
+            x: images (B, C_in, *S).
+
+        Returns:
+            Packed logits (B, K + E + 2, *S): segmentation, routing (experts, model), gate.
+
+        Raises:
+            ValueError: ``x`` without ``spatial_dims`` spatial dims; backbone outputs of
+                the wrong shape (features at another size than the input, without
+                ``resize_features``).
+            TypeError: a backbone output that is not a tensor (or, with
+                ``keep_backbone_seg=True`` and no ``feature_layer``, not a pair).
+            RuntimeError: ``feature_layer`` did not run in the backbone's forward pass.
+        """
         if x.dim() != self.spatial_dims + 2:
             raise ValueError(
                 f"input must be (B, C_in, *S) with {self.spatial_dims} spatial dims, "
@@ -435,6 +462,17 @@ class DeferredSegmentor(nn.Module):
 
         With ``heads="conv"`` the heads read the features and the segmentation
         logits; two-stage training caches this pair once for a frozen backbone.
+
+        Args:
+            x: images (B, C_in, *S).
+
+        Returns:
+            ``(seg, head_input)``: the segmentation logits (B, K, *S) and the features
+            (with the logits appended for ``heads="conv"``).
+
+        Raises:
+            ValueError, TypeError, RuntimeError: backbone outputs that do not fit, as
+                in :meth:`forward`.
         """
         seg, feats = self._backbone_outputs(x)
         if seg is None:
@@ -448,7 +486,15 @@ class DeferredSegmentor(nn.Module):
         return seg, feats
 
     def heads_forward(self, seg: torch.Tensor, head_input: torch.Tensor) -> torch.Tensor:
-        """Packed logits from the segmentation logits and the heads' input."""
+        """Packed logits from the segmentation logits and the heads' input.
+
+        Args:
+            seg: segmentation logits (B, K, *S).
+            head_input: what :meth:`head_inputs` returned second.
+
+        Returns:
+            Packed logits (B, K + E + 2, *S).
+        """
         if self.heads == "conv":
             return torch.cat([seg, self.routing_heads(head_input).to(seg.dtype)], dim=1)
         return torch.cat([seg, self.route_head(head_input), self.gate_head(head_input)], dim=1)
@@ -469,14 +515,29 @@ class DeferredSegmentor(nn.Module):
         target[1].load_state_dict(other.seg_head.state_dict())
 
     def head_parameters(self):
-        """The parameters of the routing and gate heads (what two-stage training trains)."""
+        """The parameters of the routing and gate heads (what two-stage training trains).
+
+        Returns:
+            A list of parameters.
+        """
         if self.heads == "conv":
             return list(self.routing_heads.parameters())
         return list(self.route_head.parameters()) + list(self.gate_head.parameters())
 
     # -- inference ---------------------------------------------------------------------------
     def split(self, logits: torch.Tensor):
-        """``(z, r, a)``: segmentation (B, K, *S), routing (B, E + 1, *S), gate (B, *S) views."""
+        """The parts of packed logits.
+
+        Args:
+            logits: packed logits (B, K + E + 2, *S).
+
+        Returns:
+            ``(z, r, a)`` views: segmentation (B, K, *S), routing (B, E + 1, *S), gate
+            (B, *S).
+
+        Raises:
+            ValueError: ``logits`` without K + E + 2 channels.
+        """
         return split_logits(logits, self.num_classes, self.num_experts)
 
     @torch.no_grad()
@@ -494,6 +555,24 @@ class DeferredSegmentor(nn.Module):
         ``mode="gate"`` defers where sigmoid(gate) > ``threshold``; ``mode="router"``
         where the router's argmax is an expert. With ``expert_labels`` (B, E, *S)
         the result's ``final`` holds the combined segmentation.
+
+        Args:
+            x: images (B, C_in, *S).
+            threshold: the gate's threshold, in [0, 1].
+            mode: ``"gate"``, ``"router"`` or ``"gain"`` (see
+                :func:`deferredseg_kernels.route`).
+            expert_labels: None, or the experts' labels (B, E, *S), integer.
+            backend: the route kernel's backend.
+
+        Returns:
+            A :class:`~deferredseg_kernels.RouteResult` ``(assignment, defer_prob,
+            model_pred, final)``.
+
+        Raises:
+            ValueError: a threshold out of range, an unknown ``mode`` or ``backend``,
+                ``expert_labels`` of the wrong shape, or what :meth:`forward` raises.
+            TypeError: ``expert_labels`` not an integer tensor.
+            RuntimeError: ``backend`` cannot run here.
         """
         was_training = self.training
         self.eval()
@@ -534,9 +613,25 @@ class DeferredSegmentor(nn.Module):
 
         ``features`` is F (the MONAI network's ``out_channels``); ``net_kwargs`` and
         ``backbone_kwargs`` go to the MONAI constructor (see :func:`build_backbone`).
-        ``num_siblings``: sibling networks of the same architecture (backbone and a 1x1
-        segmentation head each, untrained here: load them with the checkpoint or
-        :meth:`load_sibling`) that the ``"conv"`` heads read.
+
+        Args:
+            name: the class name in ``monai.networks.nets`` (case-insensitive).
+            num_classes, num_experts, spatial_dims, gate_channels, heads, head_channels,
+                detach_heads: as for the constructor.
+            in_channels: input channels C_in.
+            features: F.
+            net_kwargs, **backbone_kwargs: the MONAI constructor's other arguments.
+            num_siblings: sibling networks of the same architecture (backbone and a 1x1
+                segmentation head each, untrained here: load them with the checkpoint or
+                :meth:`load_sibling`) that the ``"conv"`` heads read.
+
+        Returns:
+            The DeferredSegmentor (features mode) on that network.
+
+        Raises:
+            ValueError: an unknown network name, or one without ``in_channels`` /
+                ``out_channels``; ``num_siblings`` below 0; what the constructor raises.
+            TypeError: an argument the MONAI network does not take.
         """
 
         def backbone():

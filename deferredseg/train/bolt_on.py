@@ -83,12 +83,26 @@ _FACTORY = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Z
 
 
 def find_feature_layer(network: nn.Module, num_classes: int) -> str:
-    """The name of the layer whose *input* is the feature map: the last
-    ``Conv{1,2,3}d`` / ``ConvTranspose{1,2,3}d`` (in registration order) with
-    ``out_channels == num_classes``, the segmentation classifier. A K -> K conv after
-    the classifier (MONAI ``UNet``'s last residual unit) is passed over for the
-    classifier before it, whose input has more than the K logits; only when every
-    candidate is K -> K is the last one taken."""
+    """The segmentation classifier of ``network``: the layer whose *input* is the feature map.
+
+    The last ``Conv{1,2,3}d`` / ``ConvTranspose{1,2,3}d`` (in registration order) with
+    ``out_channels == num_classes``. A K -> K conv after the classifier (MONAI
+    ``UNet``'s last residual unit) is passed over for the classifier before it, whose
+    input has more than the K logits; only when every candidate is K -> K is the last
+    one taken.
+
+    Args:
+        network: the trained segmentation network.
+        num_classes: K, its output channels.
+
+    Returns:
+        The layer's name in ``network.named_modules()``.
+
+    Raises:
+        TypeError: ``network`` is not an ``nn.Module``.
+        ValueError: no conv layer has ``out_channels == num_classes`` (the message lists
+            the network's last conv layers, to name ``feature_layer`` by hand).
+    """
     if not isinstance(network, nn.Module):
         raise TypeError(f"network must be an nn.Module, got {type(network).__name__}")
     convs = [
@@ -156,7 +170,26 @@ class DeferralNetwork(DeferredSegmentor):
     ``(B, K + E + 2, *S)``; ``policy`` (a calibrated :class:`~deferredseg.policy.
     DeferralPolicy`) routes them; :meth:`route` does both; :meth:`save` writes a
     checkpoint ``deferredseg predict`` reads. Built by :func:`add_deferral` or
-    :func:`load_deferral_network`."""
+    :func:`load_deferral_network`.
+
+    Args:
+        network: the trained segmentation network (frozen here).
+        feature_layer: the submodule whose input or output is the feature map.
+        feature_channels: F, the feature map's channels.
+        num_classes: K.
+        num_experts: E.
+        spatial_dims: 2 or 3.
+        take: ``"input"`` or ``"output"`` of ``feature_layer``.
+        head_channels: the conv channels of the routing and gate heads.
+        policy: the deferral policy (None until calibrated).
+        expert_names: the experts' names (default ``expert0``, ``expert1``, ...).
+        in_channels, spatial_size: the images' channels and size (needed by
+            :meth:`save`).
+
+    Raises:
+        ValueError: ``take`` not ``"input"`` or ``"output"``; ``feature_layer`` not a
+            submodule of ``network``; a count that is not an integer >= 1.
+    """
 
     def __init__(
         self,
@@ -203,7 +236,23 @@ class DeferralNetwork(DeferredSegmentor):
     def route(
         self, x: torch.Tensor, expert_labels: Optional[torch.Tensor] = None, backend: str = "auto"
     ) -> Routing:
-        """Who labels each pixel of ``x`` under :attr:`policy` (eval mode, no gradients)."""
+        """Who labels each pixel of ``x`` under :attr:`policy` (eval mode, no gradients).
+
+        Args:
+            x: images (B, C, *S).
+            expert_labels: None, or the experts' labels (B, E, *S): then ``final``
+                holds the combined labels.
+            backend: the route kernel's backend.
+
+        Returns:
+            A :class:`~deferredseg.policy.Routing`.
+
+        Raises:
+            ValueError: no policy, or one that cannot route (as
+                :meth:`~deferredseg.policy.DeferralPolicy.route`); shapes that do not fit.
+            TypeError: labels that are not an integer tensor.
+            RuntimeError: ``backend`` cannot run here.
+        """
         if self.policy is None:
             raise ValueError("policy is None: calibrate(val_data, budget) this network first")
         was = self.training
@@ -215,9 +264,22 @@ class DeferralNetwork(DeferredSegmentor):
         return self.policy.route(logits, expert_labels, backend=backend)
 
     def outputs(self, data, batch_size: int = 4, where: str = "data"):
-        """A function returning a new pass of ``(packed logits, target, expert labels)``
-        over ``data`` (batches as :func:`add_deferral` takes them): what
-        :meth:`DeferralPolicy.calibrate` and :func:`deferredseg.metrics.measure` read."""
+        """The network's outputs on ``data``, as calibration and evaluation read them.
+
+        Args:
+            data: a dataset or an iterable of batches, as :func:`add_deferral` takes them.
+            batch_size: images per batch of a dataset.
+            where: the argument's name in errors.
+
+        Returns:
+            A function returning a new pass of ``(packed logits, target, expert
+            labels)`` batches: what :meth:`~deferredseg.policy.DeferralPolicy.calibrate`
+            and :func:`deferredseg.metrics.measure` read. Batches are checked as they
+            are read (``ValueError`` / ``TypeError`` naming ``where``).
+
+        Raises:
+            ValueError: ``batch_size`` not an integer >= 1.
+        """
         device = next(self.parameters()).device
         settings = HeadSchedule(batch_size=int(batch_size))
 
@@ -235,7 +297,20 @@ class DeferralNetwork(DeferredSegmentor):
         return batches
 
     def calibrate(self, val_data, budget: float, batch_size: int = 4) -> DeferralPolicy:
-        """Calibrate :attr:`policy` for ``budget`` on ``val_data`` (and keep it)."""
+        """Calibrate :attr:`policy` for ``budget`` on ``val_data`` (and keep it).
+
+        Args:
+            val_data: a dataset or an iterable of batches, as :func:`add_deferral` takes.
+            budget: the share of valid pixels to defer, in [0, 1].
+            batch_size: images per batch of a dataset.
+
+        Returns:
+            The calibrated policy (also the new :attr:`policy`).
+
+        Raises:
+            ValueError: no policy; a budget outside [0, 1]; batches that do not fit.
+            TypeError: a budget that is not a number; batches of another form.
+        """
         if self.policy is None:
             raise ValueError("policy is None: this network has no policy to calibrate")
         self.policy = self.policy.calibrate(self.outputs(val_data, batch_size, "val_data"), budget)
@@ -245,7 +320,23 @@ class DeferralNetwork(DeferredSegmentor):
     def checkpoint(
         self, factory: str, factory_kwargs: Optional[Dict[str, Any]] = None
     ) -> Dict[str, Any]:
-        """The checkpoint dict :meth:`save` writes (tensors and JSON-like values only)."""
+        """The checkpoint dict :meth:`save` writes (tensors and JSON-like values only).
+
+        Args:
+            factory, factory_kwargs: as for :meth:`save`.
+
+        Returns:
+            The checkpoint: the weights, the ``bolt_on`` record (factory, feature layer),
+            the configuration, the policy and the experts.
+
+        Raises:
+            ValueError: ``factory`` not an importable ``"package.module:callable"`` that
+                builds the same network (parameter names and shapes), or it fails;
+                ``factory_kwargs`` not JSON values; no policy; ``in_channels`` or
+                ``spatial_size`` unknown.
+            TypeError: ``factory_kwargs`` not a dict, or the factory returns something
+                other than an ``nn.Module``.
+        """
         kwargs = _check_factory(factory, factory_kwargs)
         rebuilt = _build_network(factory, kwargs)
         _check_same_network(self.network, rebuilt, factory)
@@ -304,7 +395,20 @@ class DeferralNetwork(DeferredSegmentor):
         ``callable(**factory_kwargs)`` (``factory_kwargs`` JSON values) when the checkpoint
         is loaded; e.g. ``"monai.networks.nets:UNet"`` with its keyword arguments. It is
         called once now to check that it builds the same network (same parameter names
-        and shapes)."""
+        and shapes).
+
+        Args:
+            path: the checkpoint file to write.
+            factory: ``"package.module:callable"``.
+            factory_kwargs: its keyword arguments, JSON values (default none).
+
+        Returns:
+            ``path`` as a ``Path``.
+
+        Raises:
+            ValueError, TypeError: as :meth:`checkpoint`.
+            OSError: the file cannot be written (the old file, if any, is kept).
+        """
         state = self.checkpoint(factory, factory_kwargs)
         save_checkpoint(path, state)
         return Path(path)
@@ -369,8 +473,22 @@ def _check_same_network(network: nn.Module, rebuilt: nn.Module, factory: str) ->
 def load_deferral_network(
     checkpoint: Union[str, Path, Dict[str, Any]], device: Union[str, torch.device] = "cpu"
 ) -> DeferralNetwork:
-    """The :class:`DeferralNetwork` of a checkpoint written by :meth:`DeferralNetwork.save`
-    (a path, or the checkpoint dict), in eval mode on ``device``, with its policy."""
+    """The :class:`DeferralNetwork` of a checkpoint written by :meth:`DeferralNetwork.save`.
+
+    Args:
+        checkpoint: its path, or the checkpoint dict.
+        device: where to put the network.
+
+    Returns:
+        The network in eval mode on ``device``, with its policy and validation metrics.
+
+    Raises:
+        ValueError: a file that cannot be read safely or is not a training checkpoint;
+            a checkpoint without the ``bolt_on`` record (not written by
+            :meth:`DeferralNetwork.save`), or whose factory cannot build the network.
+        TypeError: the factory returns something other than an ``nn.Module``.
+        FileNotFoundError: no file at ``checkpoint``.
+    """
     ck = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint, device)
     rec = ck.get("bolt_on")
     if not isinstance(rec, dict):
@@ -528,6 +646,20 @@ def add_deferral(
         a :class:`DeferralNetwork` on ``device`` in eval mode, with ``policy`` calibrated
         at ``budget`` on ``val_data``, ``validation`` (the selected epoch's validation
         metrics) and ``history`` (every epoch's).
+
+    Raises:
+        TypeError: ``network`` is not an ``nn.Module``; ``feature_layer`` neither None
+            nor a string; a batch that is neither a dict nor a 3-tuple, or whose parts
+            are not tensors; an unknown loss option name.
+        ValueError: a count (``num_classes``, ``num_experts``, ``head_channels``,
+            ``head_epochs``, ``batch_size``) not an integer in range; ``head_lr`` not a
+            finite number > 0; ``budget`` outside [0, 1]; an unknown ``selection``,
+            ``mode``, ``expert_choice``, ``backend`` or ``loss_preset``; bad
+            ``expert_cost``; ``lambda_seg`` in ``loss_options``; ``expert_names`` not
+            E names; data with no batches; images not 2D or 3D; expert labels that
+            are not E; a network whose output is not (B, K, *S) logits at the input's
+            size; a ``feature_layer`` that is not a submodule or whose output is not a
+            feature map (or none found by :func:`find_feature_layer`).
     """
     if not isinstance(network, nn.Module):
         raise TypeError(f"network must be an nn.Module, got {type(network).__name__}")

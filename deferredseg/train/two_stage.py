@@ -56,12 +56,26 @@ def _as_is(out: torch.Tensor) -> torch.Tensor:
 class HeadSchedule:
     """How the routing heads are trained on cached inputs and their epoch selected.
 
-    ``epochs`` at ``lr`` (AdamW with ``weight_decay``, a cosine schedule over every
-    step; at most ``max_steps`` steps when it is not 0), ``batch_size`` images a step
-    (also the batch size of the caching pass),
-    shuffled by ``seed``; each epoch (and the untrained heads) is validated at
-    ``budget`` and the best by ``selection`` is kept. ``backend``: the routing kernels
-    of that validation; ``workers``: the DataLoader workers of the caching pass.
+    Each epoch (and the untrained heads) is validated at ``budget`` and the best by
+    ``selection`` is kept.
+
+    Args:
+        epochs: epochs of the heads (>= 0; 0: the untrained heads only).
+        lr: AdamW learning rate (finite, > 0), with a cosine schedule over every step.
+        weight_decay: AdamW weight decay.
+        batch_size: images a step (>= 1), also the batch size of the caching pass.
+        seed: the shuffling seed.
+        budget: the deferral budget of the validation, in [0, 1].
+        selection: how the epoch is kept, one of
+            :data:`deferredseg.metrics.SELECTIONS`.
+        backend: the routing kernels of the validation.
+        workers: the DataLoader workers of the caching pass (>= 0).
+        max_steps: stop after this many optimiser steps (0: no limit).
+
+    Raises:
+        ValueError: ``epochs``, ``batch_size``, ``workers`` or ``max_steps`` not an
+            integer in range, ``lr`` not a finite number > 0, ``budget`` outside
+            [0, 1], an unknown ``selection``.
     """
 
     epochs: int = 30
@@ -89,7 +103,19 @@ class HeadSchedule:
 
     @classmethod
     def of(cls, cfg: TrainConfig) -> "HeadSchedule":
-        """The second stage of a training configuration."""
+        """The second stage of a training configuration.
+
+        Args:
+            cfg: a :class:`~deferredseg.train.config.TrainConfig`.
+
+        Returns:
+            Its ``head_epochs``, ``head_lr``, ``weight_decay``, ``batch_size``,
+            ``seed``, ``budget``, ``selection``, ``backend``, ``workers`` and
+            ``max_steps`` as a schedule.
+
+        Raises:
+            ValueError: a value out of range (as the constructor).
+        """
         return cls(
             epochs=int(cfg.head_epochs),
             lr=float(cfg.head_lr),
@@ -378,8 +404,31 @@ def fit_routing(
     frozen), train the heads on the caches (:func:`fit_heads`), keep the best epoch by
     validation at the budget, and return the policy calibrated there.
 
-    ``model``: anything with ``head_inputs``, ``heads_forward`` and ``head_parameters``
-    (a :class:`~deferredseg.models.DeferredSegmentor` with ``heads="conv"``).
+    Args:
+        model: anything with ``head_inputs``, ``heads_forward`` and ``head_parameters``
+            (a :class:`~deferredseg.models.DeferredSegmentor` with ``heads="conv"``).
+        train_data, val_data: datasets or iterables of batches (dicts with "image",
+            "target", "expert_labels", or such tuples), each read once.
+        settings: a :class:`HeadSchedule`, or a
+            :class:`~deferredseg.train.config.TrainConfig` (:meth:`HeadSchedule.of`).
+        loss_fn: ``(packed logits, target, expert_labels) -> (loss, terms)``.
+        policy: the deferral policy to calibrate at each validation.
+        device: where the heads train.
+        pack: the method's output as packed logits (default: the output as it is).
+        log: None, or an object with ``write(**record)`` that gets each epoch's record.
+        on_epoch: None, or ``on_epoch(epoch, metrics, terms)`` after each validation.
+
+    Returns:
+        A :class:`RoutingFit`: the policy calibrated at the budget on ``val_data``
+        (the kept epoch's heads are loaded into ``model``), that epoch's validation
+        metrics and every epoch's.
+
+    Raises:
+        ValueError: a settings value out of range; a dataset with no batches; a batch
+            whose target or expert labels do not fit its images; a dict batch without
+            its keys.
+        TypeError: a batch that is neither a dict nor a 3-tuple, or parts that are not
+            tensors.
     """
     settings = _schedule(settings)
     train_cache = cache_head_inputs(model, train_data, settings, device, "train_data")
