@@ -583,7 +583,13 @@ def _flag(name: str) -> str:
 
 
 def _doc_value(value: Any) -> str:
-    return json.dumps(value) if value is None or isinstance(value, bool) else str(value)
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, float) and value != 0 and abs(value) < 1e-3:
+        # 1e-4, not 0.0001: the docs read numbers with four decimals as measured values
+        mantissa, exponent = f"{value:e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return str(value)
 
 
 def _doc_values(meta) -> str:
