@@ -41,113 +41,11 @@ COMMAND_HELP = {
 
 
 def _help_texts() -> Dict[str, str]:
-    """The help of every training option (imports torch: the method list and backends)."""
-    from deferredseg_kernels import BACKENDS
+    """The help of every training option, as declared in ``train/config.py`` (imports
+    torch: the method list and backends)."""
+    from .train.config import option_help
 
-    from .train.methods import REGISTRY as METHOD_REGISTRY
-
-    return {
-        "layout": "data layout: synthetic (generated, no files), medsam-npy (imgs/, gts/), "
-        "multirater (images/, raters/<rater>/, optional labels/)",
-        "data": "dataset folder (not needed for synthetic)",
-        "target": "training target: label, majority (multirater default), staple, or a rater "
-        "name or index",
-        "experts": "number of experts E: the first N raters or simulated experts",
-        "expert_profile": "simulated experts: same-accuracy (3), complementary (5), structured (5)",
-        "resample_experts": "draw simulated expert labels anew at every access",
-        "num_classes": "segmentation channels K (1: binary with a sigmoid)",
-        "spatial_dims": "2 or 3 (synthetic data; file data take it from the files)",
-        "image_size": "side of the synthetic images",
-        "num_images": "number of synthetic images before the train/val/test split",
-        "spatial_size": "resize file data to this size, e.g. 128,128 (needed when cases differ in "
-        "size)",
-        "split_file": 'JSON file {"train": [ids], "val": [...], "test": [...]}',
-        "spacing": "voxel size in mm per axis, e.g. 0.8,0.8,2.0, for HD95 in mm (default: the "
-        "NIfTI header of each case; PNG and .npy without it: HD95 in pixels)",
-        "backbone": "any monai.networks.nets name, e.g. UNet, BasicUNet, AttentionUnet, SwinUNETR",
-        "features": "feature channels of the backbone",
-        "method": "what to train: "
-        + "; ".join(f"{m.name} ({m.summary})" for m in METHOD_REGISTRY.values()),
-        "backend": "loss kernels: " + ", ".join(BACKENDS),
-        "epochs": "training epochs",
-        "batch_size": "images per step and rank",
-        "lr": "AdamW learning rate",
-        "weight_decay": "AdamW weight decay",
-        "grad_accum": "micro-batches accumulated per optimiser step",
-        "schedule": "learning-rate schedule: cosine, step, constant",
-        "step_size": "epochs between decays of the step schedule",
-        "gamma": "step-schedule factor",
-        "amp": "bf16 autocast (default: on for CUDA, off for CPU)",
-        "patience": "early stopping after this many epochs without a better validation system Dice",
-        "checkpoint_every": "also write last.pt every N optimiser steps",
-        "threshold": "unused by training and evaluation, which calibrate a threshold for "
-        "--budget (kept so that older configuration files load)",
-        "val_hd95": "compute HD95 during validation too (slower)",
-        "device": "auto, cpu, cuda",
-        "seed": "random seed (weights, batches, simulated experts; and the split unless "
-        "--split-seed)",
-        "seeds": "several seeds, e.g. 1,2,3: one run each, on one split (that of the first "
-        "seed, or --split-seed), then mean, std and 95%% CI",
-        "split_seed": "seed of the train/val/test split (default: --seed; with --seeds, the "
-        "first seed's split for every run)",
-        "workers": "data-loader worker processes",
-        "progress": "show a progress bar",
-        "out": "output folder (checkpoints, log.jsonl); default: a new runs/<date>-<time>. "
-        "A folder "
-        "that already holds a run needs --resume or --overwrite",
-        "resume": "continue the run in --out from its last.pt, with its settings (options given "
-        "are changes)",
-        "max_steps": "stop each stage after this many optimiser steps (0: no limit); a smoke "
-        "run still writes best.pt. Not taken over by --resume",
-        "training": "two-stage (base segmentor, then routing heads on its frozen features) "
-        "or joint",
-        "head_epochs": "epochs of the second stage (the routing heads)",
-        "head_lr": "AdamW learning rate of the second stage (the routing heads alone)",
-        "base_checkpoint": "a trained checkpoint whose backbone and segmentation head stage 2 uses "
-        "(skips stage 1)",
-        "heads": "routing heads: conv (layers of their own) or linear (default: conv for "
-        "two-stage)",
-        "head_channels": "hidden channels of the conv routing heads",
-        "siblings": "sibling networks (the base's architecture from other seeds, trained in "
-        "stage 1) whose disagreement the conv heads read; 0: the model alone",
-        "sibling_checkpoints": "trained siblings to use instead of training them (as many as "
-        "--siblings)",
-        "model_seed": "seed of the network's initialisation and batch order (default: --seed, "
-        "which also seeds the data)",
-        "lambda_seg": "weight of the segmentation loss",
-        "lambda_collab": "weight of the collaboration loss",
-        "lambda_gate": "weight of the gate loss",
-        "lambda_coherence": "weight of the coherence term",
-        "lambda_balance": "weight of the load-balancing term (see docs/training.md: it hurts with "
-        "unequal experts)",
-        "surrogate": "collaboration surrogate: ova (one-vs-all correctness heads), softmax, paper",
-        "gate_target": "gate target: benefit (model wrong and chosen expert right) or router (h)",
-        "gate_mse": "weight of the gate's pull towards the router's deferral mass",
-        "gate_sparsity": "weight of the gate's sparsity penalty",
-        "coherence": "coherence penalty: l1 or l2",
-        "balance": "balance term: cv2 or band",
-        "balance_low": "band balance: lower loads of the E + 1 options",
-        "balance_high": "band balance: upper loads of the E + 1 options",
-        "budget": "deferral budget (share of pixels for the experts): checkpoint selection and "
-        "evaluation",
-        "selection": "checkpoint selection: budget-dice (val system Dice at the budget) or rc-auc",
-        "route_mode": "deferral at inference: gate or gain at the budget, router (argmax, "
-        "own rate), "
-        "uncertainty (confidence deferral, heads choose the expert)",
-        "expert_cost": "per-expert cost of asking, e.g. 0,0.1,0.2 (a deferred pixel goes to "
-        "argmax q_j - cost_j)",
-        "expert_choice": "who gets a deferred pixel: heads (the routing heads' choice), best (the "
-        "best single expert) or auto (the one of the two with the higher validation system Dice "
-        "at the budget)",
-        "label_map": "how mask files encode labels: binary (non-zero is 1) or raw:label pairs, "
-        "e.g. 0:0,128:1, for every mask folder or per folder, e.g. "
-        "'raters:0:0,128:1;labels:binary' "
-        "(default: 0/255 masks read as 0/1, other values as labels)",
-        "overwrite": "start again in an --out that holds a run; the old run is moved aside to "
-        "OUT.old (one previous run is kept: a run already in OUT.old is deleted)",
-        "resume_with_changes": "let --resume continue with settings that differ from the "
-        "checkpoint's (model, experts and data shape can never change)",
-    }
+    return option_help()
 
 
 def __getattr__(name: str):
@@ -181,153 +79,24 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-#: ``train --help`` in groups: (title, description, the fields in it). Every field of
-#: TrainConfig is in exactly one; the rarely used ones share the last heading.
-OPTION_GROUPS = (
-    (
-        "data",
-        "what to train on",
-        (
-            "layout",
-            "data",
-            "target",
-            "experts",
-            "expert_profile",
-            "num_classes",
-            "spatial_size",
-            "spacing",
-            "label_map",
-            "split_file",
-            "num_images",
-            "image_size",
-        ),
-    ),
-    (
-        "model",
-        "the network and what is trained",
-        ("method", "backbone", "features", "training", "base_checkpoint", "heads", "siblings"),
-    ),
-    (
-        "objective",
-        "the loss terms",
-        (
-            "lambda_seg",
-            "lambda_collab",
-            "lambda_gate",
-            "lambda_coherence",
-            "lambda_balance",
-            "surrogate",
-            "gate_target",
-        ),
-    ),
-    (
-        "schedule",
-        "how long and how fast",
-        (
-            "epochs",
-            "head_epochs",
-            "batch_size",
-            "lr",
-            "head_lr",
-            "schedule",
-            "patience",
-            "max_steps",
-            "seed",
-            "seeds",
-            "split_seed",
-        ),
-    ),
-    (
-        "routing",
-        "deferral to the experts",
-        ("budget", "selection", "route_mode", "expert_choice", "expert_cost", "threshold"),
-    ),
-    ("output", "where the run goes", ("out", "resume", "overwrite", "device", "progress")),
-    (
-        "rarely used",
-        "fine control of data, model, optimiser and run",
-        (
-            "spatial_dims",
-            "resample_experts",
-            "head_channels",
-            "sibling_checkpoints",
-            "model_seed",
-            "backend",
-            "gate_mse",
-            "gate_sparsity",
-            "coherence",
-            "balance",
-            "balance_low",
-            "balance_high",
-            "weight_decay",
-            "grad_accum",
-            "step_size",
-            "gamma",
-            "amp",
-            "checkpoint_every",
-            "val_hd95",
-            "workers",
-            "resume_with_changes",
-        ),
-    ),
-)
-
-
 def _add_config_options(p: argparse.ArgumentParser) -> None:
-    from deferredseg_kernels import BACKENDS
-
-    from .train.config import (
-        BALANCES,
-        EXPERT_CHOICES,
-        GATE_TARGETS,
-        HEADS,
-        LAYOUTS,
-        METHODS,
-        PROFILES,
-        ROUTE_MODES,
-        SCHEDULES,
-        SELECTIONS,
-        SURROGATES,
-        TRAININGS,
-        TrainConfig,
-    )
+    """One option per field of ``TrainConfig``, in the groups, with the help and choices
+    its declaration gives (``option(...)`` in ``train/config.py``)."""
+    from .train.config import TrainConfig, option_groups
     from .train.validate import describe_type
 
-    helps = _help_texts()
     hints = typing.get_type_hints(TrainConfig)
-    choices = {
-        "layout": LAYOUTS,
-        "method": METHODS,
-        "expert_profile": PROFILES,
-        "schedule": SCHEDULES,
-        "backend": BACKENDS,
-        "training": TRAININGS,
-        "heads": HEADS,
-        "surrogate": SURROGATES,
-        "gate_target": GATE_TARGETS,
-        "balance": BALANCES,
-        "route_mode": ROUTE_MODES,
-        "selection": SELECTIONS,
-        "expert_choice": EXPERT_CHOICES,
-        "coherence": ("l1", "l2"),
-    }
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    grouped = [name for _, _, names in OPTION_GROUPS for name in names]
-    if sorted(grouped) != sorted(fields):  # a new field must be put in a group
-        raise RuntimeError(
-            f"cli.OPTION_GROUPS does not cover TrainConfig: missing "
-            f"{sorted(set(fields) - set(grouped))}, unknown {sorted(set(grouped) - set(fields))}"
-        )
-    for title, description, names in OPTION_GROUPS:
+    for title, description, fields in option_groups():
         g = p.add_argument_group(title, description)
-        for name in names:
-            f = fields[name]
+        for f in fields:
+            meta = f.metadata
             flag = "--" + f.name.replace("_", "-")
             hint = hints[f.name]
             base = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Union else hint
-            kw: Dict[str, Any] = dict(default=argparse.SUPPRESS, help=helps.get(f.name, f.name))
+            text = meta["help"].replace("%", "%%")  # argparse formats help with %
+            kw: Dict[str, Any] = dict(default=argparse.SUPPRESS, help=text)
             if base is bool:
-                if f.default is False and f.name != "progress":
+                if f.default is False:
                     kw.update(action="store_true")
                 else:
                     kw.update(type=_parse_bool, metavar="BOOL")
@@ -336,13 +105,13 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
                 kw.update(type=_parse_list(inner), metavar="A,B,...")
             else:
                 kw.update(type=base)
-                if f.name in choices:
-                    kw.update(choices=choices[f.name])
-            if f.default is not None and f.default is not False and "help" in kw:
+                if meta["choices"] is not None:
+                    kw.update(choices=meta["choices"])
+            if f.default is not None and f.default is not False:
                 kw["help"] += f" (default: {f.default})"
             kw["help"] += f" [{f.name}: {describe_type(hint)}]"  # the config-file key, its type
             g.add_argument(flag, **kw)
-            if title == "output" and name == "out":
+            if f.name == "out":
                 g.add_argument(
                     "--config", help="YAML or JSON file of options (command-line options win)"
                 )
@@ -496,7 +265,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             stored = stored_run_config(Path(out))
         except RunDirError as exc:
             raise CliError(str(exc)) from None
-        values.update({k: v for k, v in stored.items() if k not in _NOT_INHERITED})
+        from .train.config import resume_names
+
+        # how this invocation runs (out, resume, max_steps, ...) is not taken over
+        this_run = resume_names("this-run")
+        values.update({k: v for k, v in stored.items() if k not in this_run})
     values.update(file_values)
     values.update(given)
     for d in (values, file_values):
@@ -519,13 +292,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                 f"{msg} (checked although the command line overrides {flags}: fix the file)"
             ) from None
     return cfg
-
-
-#: Settings of a stored run that a resumed run does not inherit: how this invocation runs.
-#: ``max_steps`` too: a run stopped by it continues to its end unless given again.
-_NOT_INHERITED = frozenset(
-    {"resume", "overwrite", "resume_with_changes", "out", "seeds", "max_steps"}
-)
 
 
 SUMMARY_KEYS = (

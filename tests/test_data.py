@@ -394,3 +394,33 @@ def test_error_arguments(tmp_path):
         build_dataset("multirater", root, raters=["zz"])
     with pytest.raises(ValueError, match="raters="):
         build_dataset("multirater", root, experts="structured")
+
+
+def test_the_public_names_resolve_and_the_layout_registry_needs_no_monai():
+    """deferredseg.data imports its names on first use: each resolves (the old homes in
+    data.datasets too), and the layout registry, read by the command line, loads
+    without MONAI or torch."""
+    import subprocess
+    import sys
+
+    import deferredseg.data as data
+    from deferredseg.data import datasets, folders, synthetic
+
+    for name in data.__all__:
+        assert getattr(data, name) is not None, name
+    assert datasets.scan_multirater is folders.scan_multirater
+    assert datasets.synthetic_case is synthetic.synthetic_case
+    assert datasets.LAYOUTS is data.LAYOUTS
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        data.nothing  # noqa: B018
+    code = (
+        "import sys\n"
+        "from deferredseg.data.layouts import LAYOUTS\n"
+        "print(LAYOUTS, 'monai' in sys.modules, 'torch' in sys.modules)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("False False"), proc.stdout

@@ -25,7 +25,7 @@ LAYERS: Tuple[Tuple[str, ...], ...] = (
     # the tensor ops
     ("deferredseg_kernels",),
     # what needs nothing of the package: files written atomically, per-image scores, stats
-    ("deferredseg.fileio", "deferredseg.scores", "deferredseg.stats"),
+    ("deferredseg.fileio", "deferredseg._docgen", "deferredseg.scores", "deferredseg.stats"),
     # the deferral policy, then what measures and trains with it
     ("deferredseg.policy",),
     ("deferredseg", "deferredseg.losses", "deferredseg.metrics"),

@@ -100,3 +100,31 @@ def test_the_configuration_reference_names_every_method():
     row = next(line for line in doc.splitlines() if line.startswith("| `method` |"))
     missing = [name for name in REGISTRY if name not in row]
     assert not missing, f"docs/configuration.md's method row does not name {missing}"
+
+
+def test_a_method_reads_only_the_settings_of_its_view():
+    """The methods take a MethodConfig (the settings a method reads), not the whole
+    TrainConfig: a small object with those settings routes and trains the same."""
+    from deferredseg.train.methods import policy_for
+
+    @dataclasses.dataclass
+    class View:
+        method: str = "deferredseg"
+        num_classes: int = 1
+        training: str = "joint"
+        route_mode: str = "gain"
+        expert_choice: str = "heads"
+        expert_cost: object = None
+        route_scores: str = "sigmoid"
+
+        def loss_options(self):
+            return TrainConfig().loss_options()
+
+    cfg = TrainConfig(route_mode="gain", expert_choice="heads", training="joint")
+    assert policy_for(View(), 3, 1) == policy_for(cfg, 3, 1)
+    out = torch.randn(2, 1 + 3 + 2, 8, 8)
+    target = torch.randint(0, 2, (2, 8, 8))
+    experts = torch.randint(0, 2, (2, 3, 8, 8))
+    a = REGISTRY["deferredseg"].loss(View(), 3, 1, False)(out, target, experts)[0]
+    b = REGISTRY["deferredseg"].loss(cfg, 3, 1, False)(out, target, experts)[0]
+    assert torch.equal(a, b)

@@ -9,52 +9,55 @@
 - ``"multirater"``: ``images/<id>.<ext>``, ``raters/<rater>/<id>.<ext>``, optional
   ``labels/<id>.<ext>`` (png, npy, nii / nii.gz; 2D and 3D);
 - ``"medsam-npy"``: ``imgs/<id>.npy``, ``gts/<id>.npy`` with simulated experts.
+
+A layout is one record of :mod:`deferredseg.data.layouts`. The names below are
+imported on first use, so that ``deferredseg.data.layouts`` (read by the command
+line's option list) does not import MONAI.
 """
 
-from .datasets import (
-    LAYOUTS,
-    DatasetInfo,
-    DeferredSegCacheDataset,
-    DeferredSegDataset,
-    build_dataloader,
-    build_dataset,
-    scan_medsam_npy,
-    scan_multirater,
-    synthetic_case,
-)
-from .io import (
-    SUPPORTED_EXTENSIONS,
-    convert_labels,
-    read_array,
-    read_image,
-    read_label,
-    to_channel_first,
-)
-from .splits import SPLITS, load_split_file, select_split, split_ids
-from .transforms import FinalizeCased, LoadCased, MakeTargetd, SimulateExpertsd
+from __future__ import annotations
 
-__all__ = [
-    "LAYOUTS",
-    "DatasetInfo",
-    "DeferredSegDataset",
-    "DeferredSegCacheDataset",
-    "build_dataloader",
-    "build_dataset",
-    "scan_medsam_npy",
-    "scan_multirater",
-    "synthetic_case",
-    "SUPPORTED_EXTENSIONS",
-    "convert_labels",
-    "read_array",
-    "read_image",
-    "read_label",
-    "to_channel_first",
-    "SPLITS",
-    "load_split_file",
-    "select_split",
-    "split_ids",
-    "FinalizeCased",
-    "LoadCased",
-    "MakeTargetd",
-    "SimulateExpertsd",
-]
+import importlib
+from typing import Any
+
+#: The public names and the submodule that defines each.
+_WHERE = {
+    "LAYOUTS": "layouts",
+    "DatasetInfo": "datasets",
+    "DeferredSegDataset": "datasets",
+    "DeferredSegCacheDataset": "datasets",
+    "build_dataloader": "datasets",
+    "build_dataset": "datasets",
+    "scan_medsam_npy": "folders",
+    "scan_multirater": "folders",
+    "synthetic_case": "synthetic",
+    "SUPPORTED_EXTENSIONS": "io",
+    "convert_labels": "io",
+    "read_array": "io",
+    "read_image": "io",
+    "read_label": "io",
+    "to_channel_first": "io",
+    "SPLITS": "splits",
+    "load_split_file": "splits",
+    "select_split": "splits",
+    "split_ids": "splits",
+    "FinalizeCased": "transforms",
+    "LoadCased": "transforms",
+    "MakeTargetd": "transforms",
+    "SimulateExpertsd": "transforms",
+}
+
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_WHERE))

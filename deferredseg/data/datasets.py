@@ -1,26 +1,29 @@
-"""DeferredSeg datasets on MONAI: the ``synthetic``, ``multirater`` and ``medsam-npy`` layouts.
+"""DeferredSeg datasets on MONAI, for every layout of :mod:`deferredseg.data.layouts`.
 
 ``build_dataset(layout, root, split, ...)`` returns a ``monai.data.Dataset`` (or
 ``CacheDataset``) whose items are dicts ``{"image": (C, *S) float32,
 "target": (*S) int64, "expert_labels": (E, *S) int64, "id": str}``;
 ``build_dataloader`` batches them into (B, C, *S), (B, *S), (B, E, *S).
-See docs/data.md for the folder layouts.
+See docs/data.md for the folder layouts. The cases of a layout come from its record in
+:mod:`deferredseg.data.layouts` (the folder scans are in :mod:`deferredseg.data.folders`,
+the generated cases in :mod:`deferredseg.data.synthetic`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
-import numpy as np
 from monai.data import CacheDataset, Dataset
 
 from ..experts import ExpertPanel, make_experts
 from ..experts.consensus import CONSENSUS_METHODS
-from ..experts.simulated import derive_seed
-from .io import SUPPORTED_EXTENSIONS, LabelMap, split_name
+from .folders import scan_medsam_npy, scan_multirater
+from .io import LabelMap
+from .layouts import LAYOUTS, get_layout
 from .splits import select_split
+from .synthetic import synthetic_case
+from .synthetic import synthetic_cases as _synthetic_cases  # noqa: F401 (review/demo.py's import)
 from .transforms import FinalizeCased, LoadCased, MakeTargetd, ResizedSpacingd, SimulateExpertsd
 
 __all__ = [
@@ -34,8 +37,6 @@ __all__ = [
     "scan_medsam_npy",
     "synthetic_case",
 ]
-
-LAYOUTS = ("synthetic", "multirater", "medsam-npy")
 
 
 @dataclass(frozen=True)
@@ -52,192 +53,6 @@ class DatasetInfo:
     target: Union[str, int]
     spatial_dims: Optional[int] = None  # known up front for synthetic data
     in_channels: Optional[int] = None
-
-
-# --------------------------------------------------------------------------------------------
-# Folder scanning
-# --------------------------------------------------------------------------------------------
-def _list_folder(
-    folder: Path, what: str, layout: str, extensions: Sequence[str] = SUPPORTED_EXTENSIONS
-) -> Dict[str, Path]:
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"{what} folder {folder} not found (layout {layout!r}; see docs/data.md)"
-        )
-    files: Dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
-        if p.name.startswith("."):
-            continue  # hidden files (.DS_Store, ...)
-        if p.is_dir():
-            raise ValueError(
-                f"unexpected folder {p} in the {what} folder; expected files <id>"
-                f"{'|'.join(extensions)}"
-            )
-        parts = split_name(p.name)
-        if parts is None or parts[1] not in extensions:
-            raise ValueError(
-                f"{p}: unsupported file in the {what} folder; expected <id> with extension "
-                f"{' or '.join(extensions)}"
-            )
-        case_id = parts[0]
-        if case_id in files:
-            raise ValueError(f"{p} and {files[case_id]} have the same id {case_id!r}")
-        files[case_id] = p
-    if not files:
-        raise FileNotFoundError(f"{what} folder {folder} holds no {' / '.join(extensions)} files")
-    return files
-
-
-def _match(
-    ref: Dict[str, Path], ref_folder: Path, other: Dict[str, Path], other_folder: Path, what: str
-) -> None:
-    missing = sorted(set(ref) - set(other))
-    if missing:
-        raise ValueError(
-            f"{what} folder {other_folder} has no file for {ref[missing[0]]} "
-            f"(expected {other_folder / missing[0]}.<ext>); {len(missing)} unmatched in all: "
-            f"{missing[:10]}"
-        )
-    extra = sorted(set(other) - set(ref))
-    if extra:
-        raise ValueError(
-            f"{other[extra[0]]} matches no file in {ref_folder} (file names must be the same "
-            f"apart from the extension); {len(extra)} unmatched in all: {extra[:10]}"
-        )
-
-
-def scan_multirater(
-    root, raters: Optional[Sequence[str]] = None
-) -> Tuple[List[Dict[str, Any]], List[str], bool]:
-    """Cases of the ``multirater`` layout: ``images/<id>.<ext>``, ``raters/<rater>/<id>.<ext>``,
-    optional ``labels/<id>.<ext>``.
-
-    Returns (cases, rater names, has labels). Every rater folder must hold a file
-    for every image and no other.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"dataset folder {root} not found")
-    images = _list_folder(root / "images", "images", "multirater")
-    rater_root = root / "raters"
-    if not rater_root.is_dir():
-        raise FileNotFoundError(
-            f"raters folder {rater_root} not found (layout 'multirater' expects "
-            "raters/<rater>/<id>.<ext>)"
-        )
-    names = sorted(
-        p.name for p in rater_root.iterdir() if p.is_dir() and not p.name.startswith(".")
-    )
-    if not names:
-        raise FileNotFoundError(
-            f"raters folder {rater_root} holds no rater folders raters/<rater>/"
-        )
-    if raters is not None:
-        unknown = [r for r in raters if r not in names]
-        if unknown:
-            raise ValueError(f"raters {unknown} not found in {rater_root}; rater folders: {names}")
-    per_rater = {}
-    for name in names:
-        files = _list_folder(rater_root / name, f"rater {name!r}", "multirater")
-        _match(images, root / "images", files, rater_root / name, f"rater {name!r}")
-        per_rater[name] = files
-    labels = None
-    if (root / "labels").exists():
-        labels = _list_folder(root / "labels", "labels", "multirater")
-        _match(images, root / "images", labels, root / "labels", "labels")
-    cases = []
-    for case_id in sorted(images):
-        cases.append(
-            {
-                "id": case_id,
-                "image": str(images[case_id]),
-                "label": str(labels[case_id]) if labels is not None else None,
-                "raters": [str(per_rater[n][case_id]) for n in names],
-                "rater_names": list(names),
-            }
-        )
-    return cases, names, labels is not None
-
-
-def scan_medsam_npy(root) -> List[Dict[str, Any]]:
-    """Cases of the ``medsam-npy`` layout: ``imgs/<id>.npy`` images and ``gts/<id>.npy`` labels."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"dataset folder {root} not found")
-    imgs = _list_folder(root / "imgs", "imgs", "medsam-npy", (".npy",))
-    gts = _list_folder(root / "gts", "gts", "medsam-npy", (".npy",))
-    _match(imgs, root / "imgs", gts, root / "gts", "gts")
-    return [{"id": i, "image": str(imgs[i]), "label": str(gts[i])} for i in sorted(imgs)]
-
-
-# --------------------------------------------------------------------------------------------
-# Synthetic data
-# --------------------------------------------------------------------------------------------
-def synthetic_case(
-    case_id: str,
-    seed: int,
-    spatial_dims: int,
-    image_size: Sequence[int],
-    num_labels: int,
-    num_objs: int,
-    rad_min: int,
-    rad_max: int,
-    noise_max: float,
-) -> Dict[str, Any]:
-    """One synthetic case from MONAI's ``create_test_image_2d`` / ``_3d``, seeded by (seed, id)."""
-    from monai.data import create_test_image_2d, create_test_image_3d
-
-    rs = np.random.RandomState(derive_seed(seed, case_id) % (2**32))
-    kw = dict(
-        num_objs=num_objs,
-        rad_max=rad_max,
-        rad_min=rad_min,
-        noise_max=noise_max,
-        num_seg_classes=num_labels - 1,
-        random_state=rs,
-    )
-    if spatial_dims == 2:
-        image, label = create_test_image_2d(image_size[0], image_size[1], **kw)
-    else:
-        image, label = create_test_image_3d(image_size[0], image_size[1], image_size[2], **kw)
-    return {"id": case_id, "image": image.astype(np.float32)[None], "label": label.astype(np.int64)}
-
-
-def _synthetic_cases(
-    ids: Sequence[str],
-    seed: int,
-    spatial_dims: int,
-    image_size,
-    num_labels: int,
-    num_objs: int,
-    rad_range,
-    noise_max: float,
-) -> List[Dict[str, Any]]:
-    if spatial_dims not in (2, 3):
-        raise ValueError(f"synthetic data has spatial_dims 2 or 3, got {spatial_dims!r}")
-    size = (
-        (int(image_size),) * spatial_dims
-        if np.isscalar(image_size)
-        else tuple(int(s) for s in image_size)
-    )
-    if len(size) != spatial_dims:
-        raise ValueError(f"image_size {image_size!r} does not have {spatial_dims} entries")
-    if rad_range is None:
-        rad_max = max(2, min(size) // 5)
-        rad_min = max(1, rad_max // 3)
-    else:
-        rad_min, rad_max = (int(v) for v in rad_range)
-    if not 1 <= rad_min < rad_max or 2 * rad_max >= min(size):
-        raise ValueError(
-            f"rad_range ({rad_min}, {rad_max}) must satisfy 1 <= min < max < image size / 2 "
-            f"(image size {size})"
-        )
-    return [
-        synthetic_case(
-            i, seed, spatial_dims, size, num_labels, num_objs, rad_min, rad_max, noise_max
-        )
-        for i in ids
-    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,7 +155,8 @@ def build_dataset(
     """A DeferredSeg dataset (``monai.data.Dataset``; ``CacheDataset`` with ``cache=True``).
 
     Args:
-        layout: ``"synthetic"`` (default, no files), ``"multirater"`` or ``"medsam-npy"``.
+        layout: one of :data:`LAYOUTS`: ``"synthetic"`` (default, no files),
+            ``"multirater"`` or ``"medsam-npy"`` (:mod:`deferredseg.data.layouts`).
         root: the dataset folder (the file layouts; unused by ``synthetic``).
         split: ``"train"``, ``"val"``, ``"test"`` or ``"all"``.
         num_classes: K (1: binary); labels take values in [0, max(K, 2)).
@@ -379,44 +195,36 @@ def build_dataset(
     """
     from monai.transforms import Compose, Resized, ScaleIntensityd
 
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
+    spec = get_layout(layout)
     if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 1:
         raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
     num_labels = max(int(num_classes), 2)
-    rater_names: List[str] = []
     expert_index: Optional[List[int]] = None
     panel: Optional[ExpertPanel] = None
     dims = in_ch = None
 
-    if layout == "multirater":
-        if root is None:
-            raise ValueError("layout 'multirater' needs root, the dataset folder")
+    if spec.files and root is None:
+        raise ValueError(f"layout {layout!r} needs root, the dataset folder")
+    if spec.raters:
         if experts is not None:
             raise ValueError(
-                "layout 'multirater' uses its raters as experts: choose them with raters=[...], "
+                f"layout {layout!r} uses its raters as experts: choose them with raters=[...], "
                 "not experts="
             )
-        cases, rater_names, has_label = scan_multirater(root, raters)
+    elif raters is not None:
+        raise ValueError(
+            f"raters= is for the multirater layout; layout {layout!r} simulates its experts "
+            "(experts=...)"
+        )
+    found = spec.scan(root, raters=raters, num_images=num_images)
+    cases, rater_names = found.cases, list(found.rater_names)
+    if spec.raters:
         if raters is not None:
             expert_index = [rater_names.index(r) for r in raters]
-        target = _check_target(
-            "majority" if target is None else target, layout, rater_names, has_label
-        )
         expert_names = tuple(raters) if raters is not None else tuple(rater_names)
     else:
-        if raters is not None:
-            raise ValueError(
-                f"raters= is for the multirater layout; layout {layout!r} simulates its experts "
-                "(experts=...)"
-            )
-        spec = (
-            experts
-            if experts is not None
-            else ("structured" if layout == "synthetic" else "same-accuracy")
-        )
         panel = make_experts(
-            spec,
+            experts if experts is not None else spec.default_profile,
             num_labels=num_labels,
             seed=seed,
             resample=resample_experts,
@@ -428,16 +236,9 @@ def build_dataset(
             )
         rater_names = list(panel.names)
         expert_names = tuple(rater_names)
-        target = _check_target("label" if target is None else target, layout, rater_names, True)
-        if layout == "medsam-npy":
-            if root is None:
-                raise ValueError(
-                    "layout 'medsam-npy' needs root, the folder holding imgs/ and gts/"
-                )
-            cases = scan_medsam_npy(root)
-        else:
-            cases = [{"id": f"case_{i:04d}"} for i in range(int(num_images))]
-            dims, in_ch = int(spatial_dims), 1
+    target = _check_target(
+        spec.default_target if target is None else target, layout, rater_names, found.has_label
+    )
 
     ids = [c["id"] for c in cases]
     chosen = select_split(
@@ -445,9 +246,17 @@ def build_dataset(
     )
     by_id = {c["id"]: c for c in cases}
     cases = [by_id[i] for i in chosen]
-    if layout == "synthetic":
-        cases = _synthetic_cases(
-            chosen, seed, dims, image_size, num_labels, num_objs, rad_range, noise_max
+    if spec.generate is not None:
+        dims, in_ch = int(spatial_dims), 1
+        cases = spec.generate(
+            chosen,
+            seed=seed,
+            spatial_dims=dims,
+            image_size=image_size,
+            num_labels=num_labels,
+            num_objs=num_objs,
+            rad_range=rad_range,
+            noise_max=noise_max,
         )
 
     steps: List[Any] = [LoadCased(num_labels, label_map, ignore_index, spacing)]

@@ -1,9 +1,10 @@
 """A full check of every file of a dataset before training: headers and contents.
 
 :func:`scan_dataset` lists the cases of a file layout (``multirater``,
-``medsam-npy``) and reads every image and mask of every split (in parallel
-threads: the PNG, zlib and NumPy work releases the GIL), so that a bad file is
-reported before the first step instead of after training. It checks
+``medsam-npy``: the layouts of :mod:`deferredseg.data.layouts` with files) and
+reads every image and mask of every split (in parallel threads: the PNG, zlib and
+NumPy work releases the GIL), so that a bad file is reported before the first step
+instead of after training. It checks
 
 - that each file can be read (PNG, NIfTI, ``.npy``);
 - mask values: integers that the label map (``--label-map``, per folder if
@@ -379,14 +380,11 @@ def scan_dataset(
     (default: the CPU count, at most 8). Raises ValueError listing every problem by
     kind; returns the case ids, the spatial dims and the image channels.
     """
-    from .datasets import scan_medsam_npy, scan_multirater
+    from .layouts import FILE_LAYOUTS, get_layout
 
-    if layout == "multirater":
-        cases, _, _ = scan_multirater(root)
-    elif layout == "medsam-npy":
-        cases = scan_medsam_npy(root)
-    else:
-        raise ValueError(f"scan_dataset reads file layouts, got {layout!r}")
+    if layout not in FILE_LAYOUTS:
+        raise ValueError(f"scan_dataset reads file layouts {list(FILE_LAYOUTS)}, got {layout!r}")
+    cases = get_layout(layout).scan(root).cases
     ids = [c["id"] for c in cases]
     where = _split_of(ids, split_file, seed)
     if splits is not None:

@@ -26,9 +26,10 @@ __all__ = [
 
 def expert_panel(cfg: TrainConfig, num_labels: int, seed: int):
     """The simulated experts of ``cfg`` (its profile, or the first ``cfg.experts`` of it)."""
+    from ..data.layouts import get_layout
     from ..experts import ExpertPanel, make_experts
 
-    profile = cfg.expert_profile or ("structured" if cfg.layout == "synthetic" else "same-accuracy")
+    profile = cfg.expert_profile or get_layout(cfg.layout).default_profile
     panel = make_experts(profile, num_labels=num_labels, seed=seed, resample=cfg.resample_experts)
     if cfg.experts is not None:
         if cfg.experts > panel.num_experts:
@@ -48,7 +49,8 @@ def expert_panel(cfg: TrainConfig, num_labels: int, seed: int):
 def build_data(cfg: TrainConfig, split: str, raters: Optional[List[str]] = None):
     """The dataset of ``split`` ("train", "val", "test") described by ``cfg``
     (``raters``: the multirater experts by name, in this order)."""
-    from ..data import build_dataset, scan_multirater
+    from ..data import build_dataset
+    from ..data.layouts import get_layout
     from ..data.scan import parse_label_map
 
     num_labels = max(cfg.num_classes, 2)
@@ -64,18 +66,19 @@ def build_data(cfg: TrainConfig, split: str, raters: Optional[List[str]] = None)
         kw["target"] = cfg.target
     if cfg.label_map is not None:
         kw["label_map"] = parse_label_map(cfg.label_map)
-    if cfg.layout == "multirater":
+    layout = get_layout(cfg.layout)
+    if layout.raters:  # the experts are rater folders, chosen by name
         if raters is not None:
             kw["raters"] = list(raters)
         elif cfg.experts is not None:
-            names = scan_multirater(cfg.data)[1]
+            names = layout.scan(cfg.data).rater_names
             if cfg.experts > len(names):
                 raise ValueError(f"experts={cfg.experts} but {cfg.data} has {len(names)} raters")
             kw["raters"] = names[: cfg.experts]
     else:
         kw["experts"] = expert_panel(cfg, num_labels, cfg.seed)
         kw["resample_experts"] = cfg.resample_experts
-    if cfg.layout == "synthetic":
+    if not layout.files:  # generated data: their number, dimensions and size
         kw.update(
             num_images=cfg.num_images, spatial_dims=cfg.spatial_dims, image_size=cfg.image_size
         )

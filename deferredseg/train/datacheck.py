@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-FILE_LAYOUTS = ("multirater", "medsam-npy")
+from ..data.layouts import FILE_LAYOUTS, get_layout
 
 
 def _note(text: str) -> None:
@@ -186,14 +186,13 @@ def match_experts(ds, cfg, split: str, trained: Optional[Sequence[str]], build):
     :func:`pair_experts`)."""
     if not trained or list(ds.info.expert_names) == list(trained):
         return ds
-    if cfg.layout == "multirater":
-        from ..data import scan_multirater
-
-        available = scan_multirater(cfg.data)[1]
+    by_raters = get_layout(cfg.layout).raters  # experts chosen by rater name
+    if by_raters:
+        available = get_layout(cfg.layout).scan(cfg.data).rater_names
     else:
         available = list(ds.info.expert_names)
     raters = pair_experts(trained, available, cfg.data)
-    if cfg.layout != "multirater":
+    if not by_raters:
         raise ValueError(
             f"the checkpoint was trained with experts {list(trained)}, the data "
             f"give {list(ds.info.expert_names)}"

@@ -15,21 +15,23 @@ its :class:`Method` record in :data:`REGISTRY`:
 Each method's network output is packed into the packed logits of
 docs/objective.md section 1 (:func:`packed_logits`), so that one evaluator, one
 threshold search and one ``route`` serve them all.
+
+The functions here read the settings they need through :class:`MethodConfig`, the
+part of a training configuration a method uses; ``TrainConfig`` (``train/config.py``,
+which imports this module for the method names) is one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 import torch
 
 from ..policy import DeferralPolicy, uncertainty
 
-if TYPE_CHECKING:
-    from .config import TrainConfig
-
 __all__ = [
+    "MethodConfig",
     "Method",
     "REGISTRY",
     "METHODS",
@@ -55,6 +57,27 @@ HEADS = ("routing", "defer", "none")
 
 # The objective's weights of the terms that train the routing and gate heads.
 ROUTING_WEIGHTS = ("lambda_collab", "lambda_gate", "lambda_coherence", "lambda_balance")
+
+
+class MethodConfig(Protocol):
+    """What a method reads from a training configuration (``TrainConfig`` has it all)."""
+
+    method: str
+    num_classes: int
+    training: str
+    route_mode: str
+    expert_choice: str
+    expert_cost: Optional[List[float]]
+
+    @property
+    def route_scores(self) -> str:
+        """How route() reads the routing logits: "sigmoid" or "softmax"."""
+        ...
+
+    def loss_options(self) -> Dict[str, Any]:
+        """The options of the loss (``DeferredSegLoss``) by name: weights, terms, backend."""
+        ...
+
 
 LossFn = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor], Tuple[torch.Tensor, Dict[str, torch.Tensor]]
@@ -94,40 +117,16 @@ class Method:
 # ----------------------------------------------------------------------------- losses
 
 
-def _criterion(cfg: "TrainConfig", num_experts: int, sync: bool):
-    """The DeferredSeg objective with ``cfg``'s options and the method's zeroed weights."""
+def _criterion(cfg: MethodConfig, num_experts: int, sync: bool):
+    """The DeferredSeg objective with ``cfg``'s loss options and the method's zeroed weights."""
     from ..losses import DeferredSegLoss
 
-    lambdas = dict(
-        lambda_seg=cfg.lambda_seg,
-        lambda_collab=cfg.lambda_collab,
-        lambda_gate=cfg.lambda_gate,
-        lambda_coherence=cfg.lambda_coherence,
-        lambda_balance=cfg.lambda_balance,
-    )
-    lambdas.update({name: 0.0 for name in method_of(cfg).zero_weights})
-    extra: Dict[str, object] = {}
-    if cfg.balance_low is not None:
-        extra["balance_low"] = list(cfg.balance_low)
-    if cfg.balance_high is not None:
-        extra["balance_high"] = list(cfg.balance_high)
-    return DeferredSegLoss(
-        cfg.num_classes,
-        num_experts,
-        backend=cfg.backend,
-        surrogate=cfg.surrogate,
-        gate_target=cfg.gate_target,
-        coherence=cfg.coherence,
-        balance=cfg.balance,
-        gate_mse=cfg.gate_mse,
-        gate_sparsity=cfg.gate_sparsity,
-        sync_balance=sync,
-        **extra,
-        **lambdas,
-    )
+    options = cfg.loss_options()
+    options.update({name: 0.0 for name in method_of(cfg).zero_weights})
+    return DeferredSegLoss(cfg.num_classes, num_experts, sync_balance=sync, **options)
 
 
-def _objective_loss(cfg: "TrainConfig", num_experts: int, best_expert: int, sync: bool) -> LossFn:
+def _objective_loss(cfg: MethodConfig, num_experts: int, best_expert: int, sync: bool) -> LossFn:
     criterion = _criterion(cfg, num_experts, sync)
 
     def loss_fn(out, target, experts):
@@ -164,12 +163,12 @@ def l2d_outputs(packed: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.cat([classes, a], dim=1)
 
 
-def _l2d_view(out: torch.Tensor, cfg: "TrainConfig") -> torch.Tensor:
+def _l2d_view(out: torch.Tensor, cfg: MethodConfig) -> torch.Tensor:
     """L2D's (K' + 1) logits: the joint network's own, or read from a DeferredSegmentor."""
     return l2d_outputs(out, cfg.num_classes) if cfg.training == "two-stage" else out
 
 
-def _l2d_single_loss(cfg: "TrainConfig", num_experts: int, best_expert: int, sync: bool) -> LossFn:
+def _l2d_single_loss(cfg: MethodConfig, num_experts: int, best_expert: int, sync: bool) -> LossFn:
     def loss_fn(out, target, experts):
         return l2d_loss(_l2d_view(out, cfg), target, experts[:, best_expert])
 
@@ -180,7 +179,7 @@ def _l2d_single_loss(cfg: "TrainConfig", num_experts: int, best_expert: int, syn
 
 
 def _as_is(
-    out: torch.Tensor, cfg: "TrainConfig", num_experts: int, best_expert: int
+    out: torch.Tensor, cfg: MethodConfig, num_experts: int, best_expert: int
 ) -> torch.Tensor:
     return out
 
@@ -203,14 +202,14 @@ def _one_expert(
 
 
 def _never_defers(
-    out: torch.Tensor, cfg: "TrainConfig", num_experts: int, best_expert: int
+    out: torch.Tensor, cfg: MethodConfig, num_experts: int, best_expert: int
 ) -> torch.Tensor:
     z = out[:, : cfg.num_classes]
     return _one_expert(z, torch.full_like(z[:, 0], -BIG), num_experts, best_expert, 0.0)
 
 
 def _defers_uncertain(
-    out: torch.Tensor, cfg: "TrainConfig", num_experts: int, best_expert: int
+    out: torch.Tensor, cfg: MethodConfig, num_experts: int, best_expert: int
 ) -> torch.Tensor:
     # defer where uncertainty > t: the gate's probability is the uncertainty itself
     z = out[:, : cfg.num_classes]
@@ -219,7 +218,7 @@ def _defers_uncertain(
 
 
 def _defers_l2d(
-    out: torch.Tensor, cfg: "TrainConfig", num_experts: int, best_expert: int
+    out: torch.Tensor, cfg: MethodConfig, num_experts: int, best_expert: int
 ) -> torch.Tensor:
     out = _l2d_view(out, cfg)
     classes, defer = out[:, :-1], out[:, -1]
@@ -282,7 +281,7 @@ METHODS = tuple(REGISTRY)  # the values of the ``method`` option
 BASE_METHOD = "model-only"  # stage 1 of two-stage training: the base segmentor alone
 
 
-def method_of(cfg: "TrainConfig") -> Method:
+def method_of(cfg: MethodConfig) -> Method:
     """The record of ``cfg.method``."""
     try:
         return REGISTRY[cfg.method]
@@ -291,20 +290,20 @@ def method_of(cfg: "TrainConfig") -> Method:
 
 
 def packed_logits(
-    cfg: "TrainConfig", model_out: torch.Tensor, num_experts: int, best_expert: int
+    cfg: MethodConfig, model_out: torch.Tensor, num_experts: int, best_expert: int
 ) -> torch.Tensor:
     """Every method's output as packed logits (docs/objective.md section 1), so one
     evaluator serves them all."""
     return method_of(cfg).pack(model_out.float(), cfg, num_experts, best_expert)
 
 
-def route_mode(cfg: "TrainConfig") -> str:
+def route_mode(cfg: MethodConfig) -> str:
     """The routing mode a method is evaluated in (single-expert baselines route through
     their packed gate)."""
     return "gate" if method_of(cfg).single_expert else cfg.route_mode
 
 
-def policy_for(cfg: "TrainConfig", num_experts: int, best_expert: int) -> DeferralPolicy:
+def policy_for(cfg: MethodConfig, num_experts: int, best_expert: int) -> DeferralPolicy:
     """The deferral policy ``cfg``'s method routes its packed logits with (not yet
     calibrated): the base segmentor alone never defers; the single-expert baselines
     defer through their packed gate to the best single expert (their packing already
@@ -325,7 +324,7 @@ def policy_for(cfg: "TrainConfig", num_experts: int, best_expert: int) -> Deferr
     )
 
 
-def checkpoint_policy(ck: Dict, cfg: "TrainConfig") -> DeferralPolicy:
+def checkpoint_policy(ck: Dict, cfg: MethodConfig) -> DeferralPolicy:
     """The policy a checkpoint routes with: the calibrated one training recorded
     (``ck["policy"]``), or, for a checkpoint written before policies or without one (a
     run's ``last.pt``), the method's uncalibrated policy with whatever threshold and

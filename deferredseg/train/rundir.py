@@ -21,7 +21,8 @@
   that cannot change (model, experts, data layout and shape) are always
   refused; others are refused with the list of differences unless
   ``--resume-with-changes``; run-only settings (``epochs``, ``max_steps``,
-  ``device``, ``workers``, ...) may change freely.
+  ``device``, ``workers``, ...) may change freely. Which is which is declared with
+  each setting (``option(resume=...)`` in ``train/config.py``).
 
 While the run is open, SIGINT and SIGTERM set a flag instead of killing the
 process; the training loop checks it after each optimiser step (and after each
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
+import functools
 import json
 import os
 import signal
@@ -50,57 +52,29 @@ LOCK_NAME = ".lock"
 #: its own ``last.pt`` reads them).
 CONFIG_NAME = "config.json"
 
-#: Settings a resumed run may change without being asked: they say how long and
-#: where to run, not what is trained.
-FREE_ON_RESUME = frozenset(
-    {
-        "epochs",
-        "max_steps",
-        "device",
-        "workers",
-        "progress",
-        "out",
-        "resume",
-        "overwrite",
-        "resume_with_changes",
-        "checkpoint_every",
-        "patience",
-        "val_hd95",
-        "seeds",
-        "amp",
-        "head_epochs",
-        "head_lr",
-        "route_mode",
-        "expert_cost",
-        "threshold",
+# What --resume does with each setting is declared with the setting (``option(resume=...)``
+# in train/config.py); config.py imports torch, so the sets are read on first use, keeping
+# this module light (the command line imports it before parsing).
+
+
+@functools.lru_cache(maxsize=None)
+def _resume_sets() -> Dict[str, frozenset]:
+    from .config import resume_names
+
+    return {
+        # settings a resumed run may change without being asked: they say how long and
+        # where to run, not what is trained
+        "FREE_ON_RESUME": resume_names("free", "this-run"),
+        # settings a resumed run can never change: the weights or the meaning of the
+        # routing channels would no longer fit the checkpoint
+        "FIXED_ON_RESUME": resume_names("fixed"),
     }
-)
-#: Settings a resumed run can never change: the weights or the meaning of the
-#: routing channels would no longer fit the checkpoint.
-FIXED_ON_RESUME = frozenset(
-    {
-        "layout",
-        "experts",
-        "expert_profile",
-        "resample_experts",
-        "num_classes",
-        "spatial_dims",
-        "image_size",
-        "spatial_size",
-        "backbone",
-        "features",
-        "method",
-        "seed",
-        "split_seed",
-        "training",
-        "heads",
-        "head_channels",
-        "base_checkpoint",
-        "siblings",
-        "sibling_checkpoints",
-        "model_seed",
-    }
-)
+
+
+def __getattr__(name: str):
+    if name in ("FREE_ON_RESUME", "FIXED_ON_RESUME"):  # rundir.FREE_ON_RESUME, read on first use
+        return _resume_sets()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class RunDirError(ValueError):
@@ -202,7 +176,7 @@ def config_differences(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
     """``key: old -> new`` for every setting that differs (run-only settings left out)."""
     diffs = []
     for key in sorted(set(old) | set(new)):
-        if key in FREE_ON_RESUME:
+        if key in _resume_sets()["FREE_ON_RESUME"]:
             continue
         a, b = old.get(key), new.get(key)
         if a != b:
@@ -432,7 +406,7 @@ def _check_resume(cfg, stored: Dict[str, Any], last: Path) -> None:
     if not diffs:
         return
     lines = [f"  {k}: {stored.get(k)!r} -> {new.get(k)!r}" for k in diffs]
-    fixed = [k for k in diffs if k in FIXED_ON_RESUME]
+    fixed = [k for k in diffs if k in _resume_sets()["FIXED_ON_RESUME"]]
     if fixed:
         raise RunDirError(
             f"--resume: {last} was trained with other settings that cannot change in a resumed "

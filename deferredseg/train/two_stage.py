@@ -312,23 +312,24 @@ def fit_heads(
         return m
 
     # the heads as initialised: with the uncertainty prior, confidence deferral; with
-    # siblings, also the ensemble's error score. Every start is validated; training goes
-    # on from the best, and a start stays a candidate for the kept heads.
+    # siblings, also the ensemble's error score. Every start is validated, training goes
+    # on from the best, and that start is epoch 0: a candidate for the kept heads.
     heads = getattr(model, "routing_heads", None)
     starts = heads.prior_names() if hasattr(heads, "prior_names") else []
     if len(starts) > 1:
-        best_start, start_score = None, -math.inf
+        scores = {}
         for name in starts:
             heads.use_prior(name)
-            m = consider(0)
-            history[-1]["start"] = name
-            if (m["selection_score"] or 0.0) > start_score:
-                best_start, start_score = name, m["selection_score"] or 0.0
-        heads.use_prior(best_start)
+            model.eval()
+            _, m = evaluate_policy(
+                policy, val_data, settings.budget, settings.selection, False, settings.backend
+            )
+            scores[name] = m["selection_score"] or 0.0
+        chosen = max(starts, key=lambda name: scores[name])  # ties: the first, uncertainty
+        heads.use_prior(chosen)
         if log is not None:
-            log.write(event="start", stage=2, prior=best_start)
-    else:
-        consider(0)
+            log.write(event="start", stage=2, prior=chosen, val_selection_scores=scores)
+    consider(0)
     for epoch in range(1, settings.epochs + 1):
         model.train()
         sums: Dict[str, float] = {}

@@ -8,10 +8,15 @@ or ``resume: 'no'`` are refused with the key, the expected type and the value
 given; ``lr: 1e-3`` is a float (YAML 1.1 would read it as a string; the loader
 below reads YAML 1.2 numbers) and an integer is accepted where a float is
 expected. Syntax errors in the file name the file, line and column.
+
+:func:`check_declared` checks the values against what each field declares besides
+its type (``option(choices=..., at_least=..., above=..., within=...)`` in
+``train/config.py``), so that a choice or a bound is stated once, with the field.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -19,7 +24,13 @@ import typing
 from pathlib import Path
 from typing import Any, Dict, List
 
-__all__ = ["ConfigError", "validate_types", "parse_config_text", "describe_type"]
+__all__ = [
+    "ConfigError",
+    "validate_types",
+    "check_declared",
+    "parse_config_text",
+    "describe_type",
+]
 
 
 class ConfigError(ValueError):
@@ -78,6 +89,27 @@ def validate_types(cls, values: Dict[str, Any], source: str) -> None:
                 f"{key} ({flag}): expected {expected}, got {given!r} ({type(given).__name__})"
             )
         raise ConfigError(f"{source}: " + "; ".join(problems)) from None
+
+
+def check_declared(cfg) -> None:
+    """Raise ValueError for the first field of the dataclass instance ``cfg`` whose value
+    lies outside the choices or bounds its declaration gives (an optional field's None,
+    which means "the default", always passes)."""
+    for f in dataclasses.fields(cfg):
+        meta, value = f.metadata, getattr(cfg, f.name)
+        if value is None and f.default is None:
+            continue
+        choices = meta.get("choices")
+        if choices is not None and value not in choices:
+            raise ValueError(f"{f.name} must be one of {list(choices)}, got {value!r}")
+        if meta.get("at_least") is not None and not value >= meta["at_least"]:
+            raise ValueError(f"{f.name} must be >= {meta['at_least']:g}, got {value}")
+        if meta.get("above") is not None and not value > meta["above"]:
+            raise ValueError(f"{f.name} must be > {meta['above']:g}, got {value}")
+        if meta.get("within") is not None:
+            lo, hi = meta["within"]
+            if not lo <= value <= hi:
+                raise ValueError(f"{f.name} must be in [{lo:g}, {hi:g}], got {value}")
 
 
 # ----------------------------------------------------------------------------- files
