@@ -23,6 +23,24 @@ def test_committed_header_is_generated_from_the_declaration():
     )
 
 
+def test_header_changes_with_the_declaration(monkeypatch):
+    """A new field in the declaration changes the generated header (so the committed one
+    is then stale): its index, its Options member, its decoding and its table entry."""
+    before = contract.render_header()
+    extra = contract.Field("new_weight", "float", len(contract.FLOAT_FIELDS), "a new option")
+    monkeypatch.setattr(contract, "FLOAT_FIELDS", contract.FLOAT_FIELDS + (extra,))
+    after = contract.render_header()
+    assert after != before
+    for text in (
+        "constexpr int kFNewWeight = 9;",
+        "constexpr int kNumFParams = 10;",
+        "double new_weight;",
+        "o.new_weight = fparams[kFNewWeight];",
+        '{"fparams.new_weight", kFNewWeight},',
+    ):
+        assert text in after and text not in before, text
+
+
 def test_header_names_every_constant():
     header = contract.render_header()
     for name in contract.constants():
@@ -112,3 +130,26 @@ def test_decode_names_what_does_not_fit():
     bad[contract.INT_FIELDS[3].index] = 7
     with pytest.raises(ValueError, match="unknown balance code 7"):
         contract.decode(fparams, bad)
+
+
+def test_loading_an_extension_with_another_contract_raises(monkeypatch):
+    """_ext._load, which the package import runs, refuses an extension whose reported
+    constants differ from the declaration, naming the field."""
+    import types
+
+    import torch
+
+    built = contract.constants()
+    built["codes.surrogate.ova"] = 5
+    fake = types.SimpleNamespace(
+        torch_version=torch.__version__,
+        cuda_version=torch.version.cuda or "",
+        with_cuda=0,
+        contract=built,
+    )
+    monkeypatch.setattr(_ext.importlib, "import_module", lambda name: fake)
+    with pytest.raises(_ext.ExtensionMismatchError, match=r"'codes\.surrogate\.ova'.*has 5"):
+        _ext._load()
+    del fake.contract  # an extension built before the contract existed
+    with pytest.raises(_ext.ExtensionMismatchError, match="reports no option contract"):
+        _ext._load()
