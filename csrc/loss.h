@@ -94,42 +94,19 @@ inline LossProblem prepare_loss(const char* op, const at::Tensor& logits, const 
   return pb;
 }
 
-// Decodes fparams / iparams (FPARAMS / IPARAMS order of ops/fused.py).
+// Decodes fparams / iparams by the indices of contract.h (deferredseg_kernels/contract.py).
 inline loss::LossParams parse_loss_params(const char* op, c10::ArrayRef<double> fparams,
                                           c10::ArrayRef<int64_t> iparams) {
-  TORCH_CHECK(fparams.size() == loss::kNumFParams, op, ": fparams must have ", loss::kNumFParams,
-              " values, got ", fparams.size());
-  TORCH_CHECK(iparams.size() == loss::kNumIParams || iparams.size() == loss::kNumIParams + 1, op,
-              ": iparams must have ", loss::kNumIParams, " or ", loss::kNumIParams + 1,
-              " values, got ", iparams.size());
-  loss::LossParams p;
-  p.lambda_seg = fparams[0];
-  p.lambda_collab = fparams[1];
-  p.lambda_gate = fparams[2];
-  p.lambda_coherence = fparams[3];
-  p.lambda_balance = fparams[4];
-  p.paper_eps = fparams[5];
-  p.gate_mse = fparams[6];
-  p.gate_sparsity = fparams[7];
-  p.balance_grad_scale = fparams[8];
-  p.surrogate = static_cast<int>(iparams[0]);
-  p.coherence = static_cast<int>(iparams[1]);
-  p.maps = static_cast<int>(iparams[2]);
-  p.balance = static_cast<int>(iparams[3]);
-  p.gate_target = static_cast<int>(iparams[4]);
-  p.check_experts = iparams.size() > loss::kNumIParams && iparams[loss::kNumIParams] != 0;
-  TORCH_CHECK(p.surrogate == loss::kSurrogateSoftmax || p.surrogate == loss::kSurrogatePaper ||
-                  p.surrogate == loss::kSurrogateOva,
-              op, ": unknown surrogate code ", p.surrogate);
-  TORCH_CHECK(p.coherence == loss::kCoherenceL1 || p.coherence == loss::kCoherenceL2, op,
-              ": unknown coherence code ", p.coherence);
-  TORCH_CHECK(p.maps >= 0 && p.maps <= (loss::kMapRouter | loss::kMapGate), op,
-              ": unknown coherence_maps bits ", p.maps);
-  TORCH_CHECK(p.balance == loss::kBalanceCv2 || p.balance == loss::kBalanceBand, op,
-              ": unknown balance code ", p.balance);
-  TORCH_CHECK(p.gate_target == loss::kGateTargetRouter || p.gate_target == loss::kGateTargetBenefit,
-              op, ": unknown gate_target code ", p.gate_target);
-  return p;
+  TORCH_CHECK(fparams.size() == contract::kNumFParams, op, ": fparams must have ",
+              contract::kNumFParams, " values, got ", fparams.size());
+  TORCH_CHECK(
+      iparams.size() == contract::kNumIParams || iparams.size() == contract::kNumIParams + 1, op,
+      ": iparams must have ", contract::kNumIParams, " or ", contract::kNumIParams + 1,
+      " values, got ", iparams.size());
+  const int bad = contract::invalid_iparam(iparams.data());
+  TORCH_CHECK(bad < 0, op, ": iparams[", bad, "] holds an unknown ", contract::iparam_name(bad),
+              " code ", bad < 0 ? 0 : iparams[bad]);
+  return contract::decode(fparams.data(), iparams.data(), static_cast<int64_t>(iparams.size()));
 }
 
 // Checks the stats vector handed to loss_fused: float64, E + 7 values (E + 8 under sync_balance).
@@ -254,9 +231,9 @@ struct LossCall {
   at::ScalarType acc = at::kFloat;  // the accumulation dtype
   at::Tensor cw;                    // class_weight_vector: K' values of acc, or undefined
   // loss_fused only:
-  loss::LossParams prm{};  // fparams / iparams, decoded
-  at::Tensor stats;        // the stats vector as contiguous float64
-  at::Tensor low, high;    // band_vector of balance_low / balance_high
+  loss::LossParams params{};  // fparams / iparams, decoded
+  at::Tensor stats;           // the stats vector as contiguous float64
+  at::Tensor low, high;       // band_vector of balance_low / balance_high
 };
 
 inline LossCall prepare_stats(const char* op, const at::Tensor& logits, const at::Tensor& target,
@@ -271,7 +248,7 @@ inline LossCall prepare_stats(const char* op, const at::Tensor& logits, const at
 }
 
 // `check_experts_supported`: whether the kernel can check the expert labels in this pass
-// (iparams[5]); the CUDA kernel cannot (its loss_stats does).
+// (iparams[contract::kICheckExperts]); the CUDA kernel cannot (its loss_stats does).
 inline LossCall prepare_fused(const char* op, const at::Tensor& logits, const at::Tensor& target,
                               const at::Tensor& expert_labels,
                               const c10::optional<at::Tensor>& class_weight,
@@ -282,14 +259,15 @@ inline LossCall prepare_fused(const char* op, const at::Tensor& logits, const at
                               bool check_experts_supported) {
   LossCall c;
   c.pb = prepare_loss(op, logits, target, expert_labels, num_classes, num_experts, ignore_index);
-  c.prm = parse_loss_params(op, fparams, iparams);
-  TORCH_CHECK(check_experts_supported || !c.prm.check_experts, op,
-              ": iparams[5] (check expert labels in the loss pass) is a CPU-kernel "
+  c.params = parse_loss_params(op, fparams, iparams);
+  TORCH_CHECK(check_experts_supported || !c.params.check_experts, op, ": iparams[",
+              contract::kICheckExperts,
+              "] (check expert labels in the loss pass) is a CPU-kernel "
               "option; on CUDA the labels are checked by loss_stats");
   check_stats(op, stats, logits, c.pb.E);
   c.acc = acc_dtype(logits.scalar_type());
   c.stats = stats.to(at::kDouble).contiguous();
-  const bool band = c.prm.balance == loss::kBalanceBand;
+  const bool band = c.params.balance == loss::kBalanceBand;
   c.low = band_vector(op, "balance_low", balance_low, logits, c.pb.E, band);
   c.high = band_vector(op, "balance_high", balance_high, logits, c.pb.E, band);
   c.cw = class_weight_vector(op, class_weight, logits, c.pb.num_labels, c.acc);

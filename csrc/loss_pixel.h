@@ -9,7 +9,8 @@
 // The kernels only differ in how they walk the pixels.
 //
 // The layout of the stats vector and of fparams / iparams is the contract of
-// deferredseg_kernels/ops/fused.py.
+// deferredseg_kernels/ops/fused.py, declared in deferredseg_kernels/contract.py and
+// read here from the header generated from it, contract.h.
 #pragma once
 
 #include <cstdint>
@@ -17,6 +18,7 @@
 #include <limits>
 
 #include "common.h"
+#include "contract.h"
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define DS_LOSS_FN DS_HOST_DEVICE
@@ -31,29 +33,21 @@ namespace deferredseg {
 namespace loss {
 
 // ---------------------------------------------------------------------------
-// Contract of ops/fused.py.
+// The contract of ops/fused.py: the indices, codes and stats offsets of contract.h
+// (generated from deferredseg_kernels/contract.py), and the stats accessors.
 // ---------------------------------------------------------------------------
-constexpr int kTermsLen = 6;  // loss, seg, collab, gate, coherence, balance
-constexpr int kMaxSpatial = 3;
-constexpr int kNumFParams = 9;
-constexpr int kNumIParams = 5;  // a sixth, optional: check_experts (CPU kernel only)
-// iparams encodings
-constexpr int kSurrogateSoftmax = 0, kSurrogatePaper = 1, kSurrogateOva = 2;
-constexpr int kCoherenceL1 = 0, kCoherenceL2 = 1;
-constexpr int kMapRouter = 1, kMapGate = 2;  // bits of iparams[2]
-constexpr int kBalanceCv2 = 0, kBalanceBand = 1;
-constexpr int kGateTargetRouter = 0, kGateTargetBenefit = 1;
+using namespace contract;  // NOLINT: kSurrogate*, kMap*, kStat*, kMaxSpatial, kTermsLen, ...
 
-// Indices into the stats vector of num_experts = E (STATS_LEN(E) = E + 7).
-DS_LOSS_FN int64_t stats_len(int64_t E) { return E + 7; }
-DS_LOSS_FN int64_t stat_count(int64_t E) { return E + 1; }   // N_V, valid pixels of this call
-DS_LOSS_FN int64_t stat_weight(int64_t E) { return E + 2; }  // W = sum_V class_weight[y]
-DS_LOSS_FN int64_t stat_pairs(int64_t E, int d) { return E + 3 + d; }  // valid pairs along axis d
-DS_LOSS_FN int64_t stat_bad(int64_t E) { return E + 6; }               // labels out of range
-// Optional entry E + 7 (a stats vector of length E + 8, made by the driver under
+// Indices into the stats vector of num_experts = E (stats_len(E) = E + kStatBalanceCount).
+DS_LOSS_FN int64_t stats_len(int64_t E) { return E + kStatBalanceCount; }
+DS_LOSS_FN int64_t stat_count(int64_t E) { return E + kStatCount; }             // N_V, valid pixels
+DS_LOSS_FN int64_t stat_weight(int64_t E) { return E + kStatWeight; }           // W = sum_V w[y]
+DS_LOSS_FN int64_t stat_pairs(int64_t E, int d) { return E + kStatPairs + d; }  // pairs, axis d
+DS_LOSS_FN int64_t stat_bad(int64_t E) { return E + kStatBad; }  // labels out of range
+// Optional entry (a stats vector of length stats_len(E) + 1, made by the driver under
 // sync_balance): the number of valid pixels over every rank, the denominator of
 // pbar. Absent, it equals N_V.
-DS_LOSS_FN int64_t stat_balance_count(int64_t E) { return E + 7; }
+DS_LOSS_FN int64_t stat_balance_count(int64_t E) { return E + kStatBalanceCount; }
 
 // Per-pixel sums a loss kernel accumulates (in fixed order, then in double).
 constexpr int kSumSeg = 0;     // sum_V w[y] * l_seg
@@ -63,13 +57,9 @@ constexpr int kSumGate = 2;    // sum_V l_gate
 constexpr int kSumCoh = 3;
 constexpr int kNumSums = 9;
 
-// fparams and iparams, decoded.
-struct LossParams {
-  double lambda_seg, lambda_collab, lambda_gate, lambda_coherence, lambda_balance;
-  double paper_eps, gate_mse, gate_sparsity, balance_grad_scale;
-  int surrogate, coherence, maps, balance, gate_target;
-  bool check_experts;  // raise on expert labels out of range (iparams[5], default 0)
-};
+// fparams and iparams decoded: one member per field of deferredseg_kernels/contract.py
+// (lambda_seg .. balance_grad_scale, surrogate .. gate_target, check_experts).
+using LossParams = contract::Options;
 
 // ---------------------------------------------------------------------------
 // Branch-free building blocks. A conditional whose arms compute something is
@@ -416,22 +406,22 @@ struct GradScales {
   double coh[kMaxSpatial];  // lambda_coherence / n_d  (0 for an axis without pairs)
 };
 
-DS_LOSS_FN GradScales grad_scales(const double* stats, int64_t E, const LossParams& prm) {
+DS_LOSS_FN GradScales grad_scales(const double* stats, int64_t E, const LossParams& params) {
   GradScales g;
   const double nv = stats[stat_count(E)], w = stats[stat_weight(E)];
-  g.seg = w > 0.0 ? prm.lambda_seg / w : 0.0;
-  g.collab = nv > 0.0 ? prm.lambda_collab / nv : 0.0;
-  g.gate = nv > 0.0 ? prm.lambda_gate / nv : 0.0;
+  g.seg = w > 0.0 ? params.lambda_seg / w : 0.0;
+  g.collab = nv > 0.0 ? params.lambda_collab / nv : 0.0;
+  g.gate = nv > 0.0 ? params.lambda_gate / nv : 0.0;
   for (int d = 0; d < kMaxSpatial; ++d) {
     const double n = stats[stat_pairs(E, d)];
-    g.coh[d] = n > 0.0 ? prm.lambda_coherence / n : 0.0;
+    g.coh[d] = n > 0.0 ? params.lambda_coherence / n : 0.0;
   }
   return g;
 }
 
 // terms = [loss, seg, collab, gate, coherence, balance] from the per-pixel sums.
 DS_LOSS_FN void assemble_terms(const double* sums, const double* stats, int64_t n_stats, int64_t E,
-                               int num_spatial, const LossParams& prm, const double* low,
+                               int num_spatial, const LossParams& params, const double* low,
                                const double* high, double* terms) {
   const double nv = stats[stat_count(E)], w = stats[stat_weight(E)];
   const double seg = w > 0.0 ? sums[kSumSeg] / w : 0.0;
@@ -439,15 +429,15 @@ DS_LOSS_FN void assemble_terms(const double* sums, const double* stats, int64_t 
   const double gate = nv > 0.0 ? sums[kSumGate] / nv : 0.0;
   double coh = 0.0;
   for (int m = 0; m < 2; ++m) {
-    if (!(prm.maps & (m == 0 ? kMapRouter : kMapGate))) continue;
+    if (!(params.coherence_maps & (m == 0 ? kMapRouter : kMapGate))) continue;
     for (int d = 0; d < num_spatial; ++d) {
       const double n = stats[stat_pairs(E, d)];
       if (n > 0.0) coh += sums[kSumCoh + 3 * m + d] / n;
     }
   }
-  const double bal = balance_term(stats, n_stats, E, prm.balance, low, high, nullptr);
-  terms[0] = prm.lambda_seg * seg + prm.lambda_collab * collab + prm.lambda_gate * gate +
-             prm.lambda_coherence * coh + prm.lambda_balance * bal;
+  const double bal = balance_term(stats, n_stats, E, params.balance, low, high, nullptr);
+  terms[0] = params.lambda_seg * seg + params.lambda_collab * collab + params.lambda_gate * gate +
+             params.lambda_coherence * coh + params.lambda_balance * bal;
   terms[1] = seg;
   terms[2] = collab;
   terms[3] = gate;

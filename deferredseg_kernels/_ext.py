@@ -6,6 +6,9 @@ Three outcomes, each told plainly:
 - it was built for another CUDA, or against another torch, than the one running:
   importing ``deferredseg_kernels`` raises an error naming both versions and the
   rebuild command, instead of an undefined symbol or a wrong kernel later;
+- it was built from a csrc/contract.h that differs from the option encoding of
+  deferredseg_kernels/contract.py (the extension reports its constants as
+  ``_C.contract``): importing raises an error naming the first field that differs;
 - it loads: its ops are in ``torch.ops.deferredseg``.
 """
 
@@ -13,9 +16,11 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import torch
+
+from . import contract
 
 REBUILD_HINT = (
     "rebuild it against the installed torch: `pip install --no-build-isolation "
@@ -50,6 +55,16 @@ def check_build(
         )
 
 
+def check_contract(built: Optional[Mapping[str, Any]]) -> None:
+    """Raise ExtensionMismatchError when the constants the extension was compiled with
+    (``_C.contract``; None for an extension that reports none) differ from the option
+    encoding declared in deferredseg_kernels/contract.py, naming the first field."""
+    try:
+        contract.check_constants(built, "deferredseg_kernels._C")
+    except RuntimeError as exc:
+        raise ExtensionMismatchError(f"{exc}; {REBUILD_HINT}") from None
+
+
 def _load() -> "tuple[Optional[ModuleType], Optional[str]]":
     try:
         ext = importlib.import_module("deferredseg_kernels._C")
@@ -66,6 +81,7 @@ def _load() -> "tuple[Optional[ModuleType], Optional[str]]":
             f"a different torch than the installed {torch.__version__}; {REBUILD_HINT}"
         ) from exc
     check_build(ext.torch_version, ext.cuda_version, torch.__version__, torch.version.cuda)
+    check_contract(getattr(ext, "contract", None))
     return ext, None
 
 

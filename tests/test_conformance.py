@@ -693,7 +693,8 @@ def test_sync_balance_single_process_group(backend, tmp_path):
 
 
 def test_balance_grad_scale(backend):
-    """fparams[8] scales only the balance gradient (DDP sync), never the value."""
+    """fparams["balance_grad_scale"] (contract.FLOAT_FIELDS) scales only the balance gradient
+    (DDP sync), never the value."""
     K, E = 2, 3
     logits, target, experts = make_inputs(2, K, E, (5, 5), device=backend.device)
     opts = make_options(

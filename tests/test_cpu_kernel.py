@@ -393,6 +393,25 @@ def test_loss_op_rejects_unknown_option_codes():
             torch.ops.deferredseg.loss_fused(*args, bad, True)
 
 
+def test_loss_op_names_an_unknown_option_code():
+    """The C++ op decodes iparams by contract.h and names the field of a bad code."""
+    from deferredseg_kernels import contract
+
+    K, E = 2, 3
+    logits, target, experts = make_inputs(1, K, E, (5, 6))
+    opts = make_options(K, E)
+    stats = torch.ops.deferredseg.loss_stats(logits, target, experts, None, K, E, -100, False)
+    args = (logits, target, experts, None, stats, None, None, K, E, -100, float_params(opts, 1.0))
+    for field, code in (("surrogate", 3), ("coherence_maps", 4), ("gate_target", -1)):
+        ip = int_params(opts)
+        at = next(f.index for f in contract.INT_FIELDS if f.name == field)
+        ip[at] = code
+        with pytest.raises(RuntimeError, match=rf"iparams\[{at}\] holds an unknown {field} code"):
+            torch.ops.deferredseg.loss_fused(*args, ip, False)
+    with pytest.raises(RuntimeError, match="fparams must have 9 values, got 8"):
+        torch.ops.deferredseg.loss_fused(*args[:-1], args[-1][:-1], int_params(opts), False)
+
+
 def test_opcheck_with_the_cached_gradient_buffer():
     # A gradient of >= 4 MiB comes from the kernel's reused buffer; the op's contract
     # (schema, fake kernel, autograd, repeated calls under AOT dispatch) still holds.

@@ -380,8 +380,11 @@ def build(fn, types, consts):
     triton.compile(ASTSource(fn=fn, signature=sig, **{CONSTS_KW: consts}), target=target,
                    options={"num_warps": 8})
 
-flt = {n: "fp32" for n in ("lam_seg", "lam_collab", "lam_gate", "lam_coh", "lam_bal",
-                           "paper_eps", "gate_mse", "gate_sparsity", "bal_scale")}
+# The options as the launcher passes them: the floats by their declared names, the codes
+# of the int options (upper-cased names) as constexprs.
+from deferredseg_kernels import contract
+flt = {f.name: "fp32" for f in contract.FLOAT_FIELDS}
+CODES = contract.CODES
 for xdt, K, E, nd, grad, paper, sur in (("bf16", 4, 3, 2, True, False, 2),
                                        ("fp64", 1, 2, 3, True, True, 1),
                                        ("fp16", 32, 16, 1, False, False, 0)):
@@ -391,9 +394,14 @@ for xdt, K, E, nd, grad, paper, sur in (("bf16", 4, 3, 2, True, False, 2),
                 final_ptr="*i64", **flt)
     KP, RP = max(2, triton.next_power_of_2(K)), triton.next_power_of_2(E + 1)
     build(L._loss_kernel, ptrs, dict(K=K, E=E, KP=KP, RP=RP, NDIM=nd, HAS_WEIGHT=True,
-                                     SURROGATE=sur, GATE_BENEFIT=not paper, COH_L2=paper,
-                                     MAP_ROUTER=True, MAP_GATE=True,
-                                     BAL_BAND=paper, COMPUTE_GRAD=grad, IS_FP64=xdt == "fp64",
+                                     SURROGATE=sur,
+                                     COHERENCE=CODES["coherence"]["l2" if paper else "l1"],
+                                     COHERENCE_MAPS=CODES["coherence_maps"]["router"]
+                                     | CODES["coherence_maps"]["gate"],
+                                     BALANCE=CODES["balance"]["band" if paper else "cv2"],
+                                     GATE_TARGET=CODES["gate_target"][
+                                         "router" if paper else "benefit"],
+                                     COMPUTE_GRAD=grad, IS_FP64=xdt == "fp64",
                                      BF16_BY_HAND=False, BLOCK_P=256))
     build(L._stats_kernel, ptrs, dict(K=K, E=E, RP=RP, NDIM=nd, HAS_WEIGHT=True,
                                       CHECK_EXPERTS=True, IS_FP64=xdt == "fp64", BLOCK_P=256))
@@ -407,7 +415,7 @@ red = dict(part_ptr="*fp32", out_ptr="*fp64", stats_ptr="*fp64", low_ptr="*fp32"
            high_ptr="*fp32", terms_ptr="*fp32", **flt)
 build(L._chunk_sum_kernel, red, dict(NCP=16, BLOCK_R=256, ITERS=16))
 build(L._reduce_kernel, red, dict(NCP=16, BLOCK_R=256))
-build(L._finalize_kernel, red, dict(E=3, RP=4, BAL_BAND=True, BLOCK_R=256))
+build(L._finalize_kernel, red, dict(E=3, RP=4, BALANCE=CODES["balance"]["band"], BLOCK_R=256))
 print("compiled")
 """
 

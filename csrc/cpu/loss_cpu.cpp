@@ -149,14 +149,15 @@ DS_INLINE void fused_worker_impl(const Inputs<scalar_t>& in, const Geometry& geo
   ws.bind(c, C, E);
   T out[kNumSums];
   c.out = out;
-  const bool maps = base.maps != 0;
+  const bool maps = base.params.coherence_maps != 0;
   // Logits of the accumulation type and unit pixel stride are read in place.
   const bool in_place = std::is_same<scalar_t, T>::value && in.xp == 1;
   // The map window of this thread: 2 * ahead + 1 tiles are live at a time; the
   // slack makes the compaction (a memmove of the live tiles) rare.
   const int64_t live = 2 * geo.ahead + 1;
   MapWindow<T> win(maps ? std::min(geo.P, (3 * live + 1) * kTile) : 0, geo.pad,
-                   (base.maps & kMapRouter) != 0, (base.maps & kMapGate) != 0);
+                   (base.params.coherence_maps & kMapRouter) != 0,
+                   (base.params.coherence_maps & kMapGate) != 0);
   RoutingRing<T> ring(maps ? geo.ahead + 1 : 0, E);
   NeighbourMasks<T> masks(geo, maps);
   T* own_p[kMaxSpatial];  // the tile's own mask rows (c.hp / c.hn may point elsewhere)
@@ -365,7 +366,7 @@ std::tuple<at::Tensor, at::Tensor> loss_fused_cpu(
                     balance_high, num_classes, num_experts, ignore_index, fparams, iparams,
                     /*check_experts_supported=*/true);
   const LossProblem& pb = call.pb;
-  const LossParams& prm = call.prm;
+  const LossParams& params = call.params;
   const at::Tensor &low = call.low, &high = call.high, &cw = call.cw;
   const Geometry geo(pb);
   const int64_t E = pb.E;
@@ -374,21 +375,21 @@ std::tuple<at::Tensor, at::Tensor> loss_fused_cpu(
 
   // Gradient factors from the stats (double, then the accumulation type).
   std::vector<double> dS(static_cast<size_t>(E + 1), 0.0);
-  balance_term(sv, n_stats, E, prm.balance, low.data_ptr<double>(), high.data_ptr<double>(),
+  balance_term(sv, n_stats, E, params.balance, low.data_ptr<double>(), high.data_ptr<double>(),
                dS.data());
-  const GradScales scales = grad_scales(sv, E, prm);
+  const GradScales scales = grad_scales(sv, E, params);
 
   GradOut gout;
   if (compute_grad) gout = make_grad_out(logits, pb, grad_buffer(logits));
   std::vector<double> part(static_cast<size_t>(geo.tiles * kNumSums), 0.0);
-  std::vector<int64_t> bad(prm.check_experts ? static_cast<size_t>(geo.tiles) : 0, 0);
+  std::vector<int64_t> bad(params.check_experts ? static_cast<size_t>(geo.tiles) : 0, 0);
 
   if (geo.tiles > 0) {
     DS_DISPATCH_LOSS(pb, "loss_fused_cpu", [&] {
       using T = typename AccType<scalar_t>::type;
       std::vector<T> bal(static_cast<size_t>(E + 1));
       for (int64_t k = 0; k <= E; ++k)
-        bal[k] = static_cast<T>(prm.lambda_balance * prm.balance_grad_scale * dS[k]);
+        bal[k] = static_cast<T>(params.lambda_balance * params.balance_grad_scale * dS[k]);
       TileCtx<T> base;
       base.K = pb.K;
       base.E = E;
@@ -397,14 +398,8 @@ std::tuple<at::Tensor, at::Tensor> loss_fused_cpu(
         base.st[d] = pb.st[d];
         base.scale_coh[d] = static_cast<T>(scales.coh[d]);
       }
-      base.surrogate = prm.surrogate;
-      base.benefit = prm.gate_target == kGateTargetBenefit;
-      base.l2 = prm.coherence == kCoherenceL2;
+      base.params = params;
       base.grad = compute_grad;
-      base.maps = prm.maps;
-      base.gate_mse = static_cast<T>(prm.gate_mse);
-      base.gate_sparsity = static_cast<T>(prm.gate_sparsity);
-      base.eps = static_cast<T>(prm.paper_eps);
       base.scale_seg = static_cast<T>(scales.seg);
       base.scale_collab = static_cast<T>(scales.collab);
       base.scale_gate = static_cast<T>(scales.gate);
@@ -413,11 +408,12 @@ std::tuple<at::Tensor, at::Tensor> loss_fused_cpu(
       base.fast = std::is_same<T, float>::value && E <= kFastMaxExperts && cpu_fast_paths();
       const auto in = make_inputs<scalar_t>(pb, compute_grad ? &gout : nullptr);
       at::parallel_for(0, geo.tiles, kGrainTiles, [&](int64_t t0, int64_t t1) {
-        fused_worker<scalar_t>(in, geo, base, prm.check_experts, t0, t1, part.data(), bad.data());
+        fused_worker<scalar_t>(in, geo, base, params.check_experts, t0, t1, part.data(),
+                               bad.data());
       });
     });
   }
-  if (prm.check_experts) {
+  if (params.check_experts) {
     int64_t n_bad = 0;
     for (const int64_t v : bad) n_bad += v;
     TORCH_CHECK_VALUE(n_bad == 0, "expert_labels must hold labels in [0, ", pb.num_labels,
@@ -425,7 +421,7 @@ std::tuple<at::Tensor, at::Tensor> loss_fused_cpu(
   }
   const std::vector<double> sums = sum_rows(part, geo.tiles, kNumSums);
   double terms_d[kTermsLen];
-  assemble_terms(sums.data(), sv, n_stats, E, pb.nd, prm, low.data_ptr<double>(),
+  assemble_terms(sums.data(), sv, n_stats, E, pb.nd, params, low.data_ptr<double>(),
                  high.data_ptr<double>(), terms_d);
   at::Tensor terms = at::empty({kTermsLen}, logits.options().dtype(at::kDouble));
   std::copy(terms_d, terms_d + kTermsLen, terms.data_ptr<double>());

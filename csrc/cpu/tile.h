@@ -26,19 +26,20 @@ struct TileCtx {
   int64_t K = 1, E = 1;
   int nd = 1;
   int64_t st[kMaxSpatial] = {0, 0, 0};
-  int surrogate = kSurrogateSoftmax;  // kSurrogate*: "softmax", "paper" or "ova"
-  bool benefit = false;               // gate_target "benefit" (else "router")
-  bool l2 = false, grad = false;
+  // The call's options as decoded from fparams / iparams (contract.h): the steps read
+  // every option from here, converting a float option to T where they use it.
+  LossParams params{};
+  bool grad = false;
   // rb, ri, rs, rinv, D, pi and lgate, dgate, dsa already hold this tile's routing and gate
   // term (computed by maps_tile), valid / yf / y its target
   bool routing_ready = false;
   bool fast = false;  // E <= kFastMaxExperts, float accumulation: the unrolled paths
-  int maps = 0;
-  T gate_mse = 0, gate_sparsity = 0, eps = 0;
   T scale_seg = 0, scale_collab = 0, scale_gate = 0;
   T scale_coh[kMaxSpatial] = {0, 0, 0};
   const T* bal = nullptr;  // E + 1 balance coefficients lambda_balance * scale * dBAL/dS_k
   const T* cw = nullptr;   // class weights (K' values) or null
+  bool benefit() const { return params.gate_target == kGateTargetBenefit; }  // else "router"
+  bool l2() const { return params.coherence == kCoherenceL2; }               // else "l1"
 
   // the tile
   int64_t n = 0;

@@ -281,12 +281,13 @@ DS_LOSS_FN void tile_gate(const TileCtx<T>& c, const T* a) {
   T* __restrict__ dgate = c.dgate;
   T* __restrict__ dsa = c.dsa;
   T* __restrict__ ms = c.mapS;
-  const T gm = c.gate_mse, gsp = c.gate_sparsity;
+  const T gate_mse = static_cast<T>(c.params.gate_mse);
+  const T gate_sparsity = static_cast<T>(c.params.gate_sparsity);
   DS_SIMD
   for (int64_t i = 0; i < n; ++i) {
     const T h = BENEFIT ? tg[i] : gate_target_pixel<false>(ri[i] < Ei, T(0), T(0));
     T l, dl, sv, ds;
-    gate_pixel(a[i], h, D[i], gm, gsp, l, dl, sv, ds);
+    gate_pixel(a[i], h, D[i], gate_mse, gate_sparsity, l, dl, sv, ds);
     lgate[i] = l;
     dgate[i] = dl;
     dsa[i] = ds;
@@ -308,7 +309,7 @@ DS_LOSS_FN void maps_tile_impl(const TileCtx<T>& c) {
   }
   // Routing and gate are kept for the tile's main pass (see fused_worker_impl).
   tile_routing(c, c.Xin, c.xs, false);
-  if (c.maps & kMapRouter) {
+  if (c.params.coherence_maps & kMapRouter) {
     T* __restrict__ out = c.mapD;
     const T* __restrict__ D = c.D;
     DS_SIMD
@@ -317,9 +318,9 @@ DS_LOSS_FN void maps_tile_impl(const TileCtx<T>& c) {
   const T* a = c.Xin + (c.E + 1) * c.xs;
   // With the "benefit" target the gate term needs the model's correctness, which the
   // main pass computes: it makes the term there; here only s is needed (for the map).
-  if (c.maps & kMapGate) {
+  if (c.params.coherence_maps & kMapGate) {
     tile_gate<true, false>(c, a);
-  } else if (!c.benefit) {
+  } else if (!c.benefit()) {
     tile_gate<false, false>(c, a);
   }
 }

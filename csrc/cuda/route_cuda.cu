@@ -15,7 +15,7 @@ namespace {
 
 constexpr int kRouteThreads = 256;
 #ifdef DS_CUDA_EMU_MAX_BLOCKS
-constexpr int64_t kRouteMaxBlocks = DS_CUDA_EMU_MAX_BLOCKS;  // see loss_cuda.cu
+constexpr int64_t kRouteMaxBlocks = DS_CUDA_EMU_MAX_BLOCKS;  // see loss_device.h
 #else
 constexpr int64_t kRouteMaxBlocks = 65535LL * 32;
 #endif

@@ -23,9 +23,11 @@ A fused backend provides two ops with the same contract:
     the other entries stay this rank's (the seg, collab, gate and coherence terms are
     means over this rank's pixels, as in the reference).
 
-    The code names these indices once, below: ``stat_count(E)``, ``stat_weight(E)``,
+    The offsets are declared once, in :mod:`deferredseg_kernels.contract`
+    (``STAT_OFFSETS``); below, ``stat_count(E)``, ``stat_weight(E)``,
     ``stat_pairs(E, d)``, ``stat_bad(E)``, ``stat_balance_count(E)`` (the accessors of
-    ``csrc/loss_pixel.h``), from the ``STAT_*`` offsets the Triton kernels read.
+    ``csrc/loss_pixel.h``) are read from them, as are the ``STAT_*`` offsets the Triton
+    kernels read.
 
 ``loss(logits, target, expert_labels, class_weight, stats, balance_low, balance_high,
        K, E, ignore_index, fparams, iparams, compute_grad) -> (terms, grad)``
@@ -34,11 +36,13 @@ A fused backend provides two ops with the same contract:
     E + 8 vector above. ``terms`` is ``[loss, seg, collab, gate, coherence,
     balance]`` (float64 for float64 logits, float32 otherwise); ``grad`` has the
     logits' shape and dtype (shape (0,) when ``compute_grad`` is false).
-    ``fparams`` = FPARAMS order, ``iparams`` = IPARAMS order below (5 values, coded
-    as the ``*_CODE`` / ``MAP_BITS`` tables say), optionally with a sixth entry
-    ``check_experts``: 1 makes the loss op itself raise ValueError on expert labels
-    out of range (the C++ CPU kernel reads them in that pass anyway, so the stats
-    pass need not read them a second time; other kernels refuse 1).
+    ``fparams`` / ``iparams``: the options encoded as declared once in
+    :mod:`deferredseg_kernels.contract` (``FLOAT_FIELDS``, then ``INT_FIELDS`` coded by
+    ``CODES``; :func:`~deferredseg_kernels.contract.encode` makes them,
+    :func:`~deferredseg_kernels.contract.decode` names them), ``iparams`` optionally
+    with one more entry, ``check_experts``: 1 makes the loss op itself raise ValueError
+    on expert labels out of range (the C++ CPU kernel reads them in that pass anyway,
+    so the stats pass need not read them a second time; other kernels refuse 1).
 
 The driver runs the stats op, all-reduces the balance sums when asked, runs the
 loss op, and wires autograd: the gradient is computed in the forward pass, and
@@ -51,44 +55,31 @@ from typing import Callable, List, Optional
 
 import torch
 
+from .. import contract
 from .._checks import check_label_range, is_compiling
 from ..options import LossOptions
 from ..types import TERM_NAMES, RouteResult, compute_dtype
 
-FPARAMS = (
-    "lambda_seg",
-    "lambda_collab",
-    "lambda_gate",
-    "lambda_coherence",
-    "lambda_balance",
-    "paper_eps",
-    "gate_mse",
-    "gate_sparsity",
-    "balance_grad_scale",
-)
-IPARAMS = ("surrogate", "coherence", "coherence_maps", "balance", "gate_target")
-# iparams encodings
-SURROGATE_CODE = {"softmax": 0, "paper": 1, "ova": 2}
-COHERENCE_CODE = {"l1": 0, "l2": 1}
-MAP_BITS = {"router": 1, "gate": 2}
-BALANCE_CODE = {"cv2": 0, "band": 1}
-GATE_TARGET_CODE = {"router": 0, "benefit": 1}
-TERMS_LEN = 1 + len(TERM_NAMES)  # the loss, then the terms in TERM_NAMES order
+# The option encoding (fparams / iparams), the stats layout and ``terms``, as declared
+# once in deferredseg_kernels/contract.py (csrc/contract.h is generated from it).
+FPARAMS = tuple(f.name for f in contract.FLOAT_FIELDS)
+IPARAMS = tuple(f.name for f in contract.INT_FIELDS)
+TERMS_LEN = len(contract.TERMS)  # the loss, then the terms in TERM_NAMES order
 # Where each entry sits in ``terms``: the loss first, then TERM_NAMES.
-TERM_INDEX = {"loss": 0, **{name: i + 1 for i, name in enumerate(TERM_NAMES)}}
+TERM_INDEX = {name: i for i, name in enumerate(contract.TERMS)}
 
 
 # ------------------------------------------------------------------ stats layout
 # Where each entry of the stats vector of E experts sits (the layout of the module
 # docstring), named as the accessors of csrc/loss_pixel.h. Entries 0 .. E hold the sums
-# S_0 .. S_E; every other entry sits at E + its offset below, which the Triton kernels
-# read (as constexpr globals) and the functions after them return for a given E.
-MAX_SPATIAL = 3  # spatial axes a logits tensor may have
-STAT_COUNT = 1  # N_V, the valid pixels of this call
-STAT_WEIGHT = 2  # W, the class-weight mass of the valid pixels
-STAT_PAIRS = 3  # + d: the valid neighbour pairs along spatial axis d < MAX_SPATIAL
-STAT_BAD = STAT_PAIRS + MAX_SPATIAL  # the labels out of range
-STAT_BALANCE_COUNT = STAT_BAD + 1  # N_B, pbar's denominator: the optional last entry
+# S_0 .. S_E; every other entry sits at E + its offset (contract.STAT_OFFSETS), which the
+# Triton kernels read (as constexpr globals) and the functions below return for a given E.
+MAX_SPATIAL = contract.MAX_SPATIAL  # spatial axes a logits tensor may have
+STAT_COUNT = contract.STAT_OFFSETS["count"]  # N_V, the valid pixels of this call
+STAT_WEIGHT = contract.STAT_OFFSETS["weight"]  # W, the class-weight mass of the valid pixels
+STAT_PAIRS = contract.STAT_OFFSETS["pairs"]  # + d: the valid neighbour pairs along axis d
+STAT_BAD = contract.STAT_OFFSETS["bad"]  # the labels out of range
+STAT_BALANCE_COUNT = contract.STAT_OFFSETS["balance_count"]  # N_B: the optional last entry
 
 
 def stats_len(num_experts: int) -> int:
@@ -117,30 +108,13 @@ def stat_balance_count(num_experts: int) -> int:
 
 
 def int_params(opts: LossOptions) -> List[int]:
-    maps = 0
-    for name in opts.coherence_maps:
-        maps |= MAP_BITS[name]
-    return [
-        SURROGATE_CODE[opts.surrogate],
-        COHERENCE_CODE[opts.coherence],
-        maps,
-        BALANCE_CODE[opts.balance],
-        GATE_TARGET_CODE[opts.gate_target],
-    ]
+    """``iparams`` of ``opts`` (contract.INT_FIELDS order, without check_experts)."""
+    return contract.int_params(opts)
 
 
 def float_params(opts: LossOptions, balance_grad_scale: float) -> List[float]:
-    return [
-        opts.lambda_seg,
-        opts.lambda_collab,
-        opts.lambda_gate,
-        opts.lambda_coherence,
-        opts.lambda_balance,
-        opts.paper_eps,
-        opts.gate_mse,
-        opts.gate_sparsity,
-        float(balance_grad_scale),
-    ]
+    """``fparams`` of ``opts`` (contract.FLOAT_FIELDS order)."""
+    return contract.float_params(opts, balance_grad_scale)
 
 
 def grad_buffer(logits: torch.Tensor) -> torch.Tensor:
@@ -338,7 +312,7 @@ def fused_loss(
         )
     stats, scale = _balance_stats(stats, E, opts.sync_balance)
     compute_grad = logits.requires_grad and torch.is_grad_enabled()
-    iparams = int_params(opts) + ([1] if experts_in_loss else [])
+    fparams, iparams = contract.encode(opts, scale, check_experts=True if experts_in_loss else None)
     args = (
         target,
         expert_labels,
@@ -349,7 +323,7 @@ def fused_loss(
         K,
         E,
         opts.ignore_index,
-        float_params(opts, scale),
+        fparams,
         iparams,
         compute_grad,
     )

@@ -1,7 +1,9 @@
 """The Triton backend of the DeferredSeg objective (docs/objective.md section 3): its two ops.
 
 The two ops implement the contract of :mod:`deferredseg_kernels.ops.fused` (read it
-first: the layout of ``stats``, ``fparams``, ``iparams`` and ``terms``):
+first: the layout of ``stats``, ``fparams``, ``iparams`` and ``terms``). The launcher
+names ``fparams`` / ``iparams`` by :func:`deferredseg_kernels.contract.decode` and passes
+them on by those names, so a new option reaches the kernels without an edit here:
 
 ``deferredseg_triton::loss_stats``
     ``_stats_kernel``: one program per block of pixels of one image reads the
@@ -41,6 +43,7 @@ from typing import List, Optional, Sequence
 import torch
 import triton
 
+from .. import contract
 from ..types import LOGITS_DTYPES
 from . import fused
 from .triton_common import (
@@ -192,29 +195,18 @@ def _loss_fused_impl(
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     pb = _Problem(logits, target, expert_labels, num_classes, num_experts)
-    (
-        lam_seg,
-        lam_collab,
-        lam_gate,
-        lam_coh,
-        lam_bal,
-        paper_eps,
-        gate_mse,
-        gate_sparsity,
-        bal_scale,
-    ) = [float(v) for v in fparams]
-    if len(iparams) != len(fused.IPARAMS):
+    # The options by the names of contract.py: the kernels take the floats by those names
+    # and the ints, upper-cased, as compile-time codes (they decode them themselves).
+    options = contract.decode(fparams, iparams)
+    if options.check_experts or len(iparams) != len(contract.INT_FIELDS):
         raise ValueError(
-            f"iparams must have {len(fused.IPARAMS)} values {fused.IPARAMS}, got "
+            f"iparams must have {len(contract.INT_FIELDS)} values {fused.IPARAMS}, got "
             f"{list(iparams)} (checking expert labels in the loss pass is a "
             "C++ CPU kernel option)"
         )
-    surrogate, coherence, maps, balance, gate_target = [int(v) for v in iparams]
-    if surrogate not in fused.SURROGATE_CODE.values():
-        raise ValueError(f"unknown surrogate code {surrogate}")
-    if gate_target not in fused.GATE_TARGET_CODE.values():
-        raise ValueError(f"unknown gate_target code {gate_target}")
-    band = balance == fused.BALANCE_CODE["band"]
+    floats = options.floats
+    codes = {name.upper(): code for name, code in options.ints.items()}
+    band = options.ints["balance"] == contract.CODES["balance"]["band"]
     if band and (balance_low is None or balance_high is None):
         raise ValueError("balance='band' needs balance_low and balance_high")
     E = pb.E
@@ -262,27 +254,14 @@ def _loss_fused_impl(
             gflat.stride(0),
             gflat.stride(1),
             gflat.stride(2),
-            lam_seg,
-            lam_collab,
-            lam_gate,
-            lam_coh,
-            lam_bal,
-            paper_eps,
-            gate_mse,
-            gate_sparsity,
-            bal_scale,
+            **floats,
             K=pb.K,
             E=pb.E,
             KP=pb.KP,
             RP=pb.RP,
             NDIM=pb.ndim,
             HAS_WEIGHT=class_weight is not None,
-            SURROGATE=surrogate,
-            GATE_BENEFIT=gate_target == fused.GATE_TARGET_CODE["benefit"],
-            COH_L2=coherence == fused.COHERENCE_CODE["l2"],
-            MAP_ROUTER=bool(maps & fused.MAP_BITS["router"]),
-            MAP_GATE=bool(maps & fused.MAP_BITS["gate"]),
-            BAL_BAND=band,
+            **codes,
             COMPUTE_GRAD=bool(compute_grad),
             IS_FP64=pb.is_fp64,
             BF16_BY_HAND=INTERPRET and logits.dtype == torch.bfloat16,
@@ -300,14 +279,10 @@ def _loss_fused_impl(
         high,
         terms,
         chunks.shape[1],
-        lam_seg,
-        lam_collab,
-        lam_gate,
-        lam_coh,
-        lam_bal,
+        **{name: v for name, v in floats.items() if name.startswith("lambda_")},
         E=pb.E,
         RP=pb.RP,
-        BAL_BAND=band,
+        BALANCE=codes["BALANCE"],
         BLOCK_R=_reduce_block(16),
         num_warps=4,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .. import contract
 from . import fused
 from .triton_common import (
     argmax_first,
@@ -43,6 +44,14 @@ _STAT_WEIGHT = tl.constexpr(fused.STAT_WEIGHT)
 _STAT_PAIRS = tl.constexpr(fused.STAT_PAIRS)
 _STAT_BAD = tl.constexpr(fused.STAT_BAD)
 _STAT_BALANCE_COUNT = tl.constexpr(fused.STAT_BALANCE_COUNT)
+# The codes of the int options (contract.CODES) the kernels branch on at compile time.
+_SURROGATE_PAPER = tl.constexpr(contract.CODES["surrogate"]["paper"])
+_SURROGATE_OVA = tl.constexpr(contract.CODES["surrogate"]["ova"])
+_COHERENCE_L2 = tl.constexpr(contract.CODES["coherence"]["l2"])
+_MAP_ROUTER = tl.constexpr(contract.CODES["coherence_maps"]["router"])
+_MAP_GATE = tl.constexpr(contract.CODES["coherence_maps"]["gate"])
+_BALANCE_BAND = tl.constexpr(contract.CODES["balance"]["band"])
+_GATE_TARGET_BENEFIT = tl.constexpr(contract.CODES["gate_target"]["benefit"])
 
 
 @triton.jit
@@ -402,15 +411,15 @@ def _loss_kernel(
     sgb,
     sgc,
     sgp,
-    lam_seg,
-    lam_collab,
-    lam_gate,
-    lam_coh,
-    lam_bal,
+    lambda_seg,
+    lambda_collab,
+    lambda_gate,
+    lambda_coherence,
+    lambda_balance,
     paper_eps,
     gate_mse,
     gate_sparsity,
-    bal_scale,
+    balance_grad_scale,
     K: tl.constexpr,
     E: tl.constexpr,
     KP: tl.constexpr,
@@ -418,16 +427,22 @@ def _loss_kernel(
     NDIM: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     SURROGATE: tl.constexpr,
-    GATE_BENEFIT: tl.constexpr,
-    COH_L2: tl.constexpr,
-    MAP_ROUTER: tl.constexpr,
-    MAP_GATE: tl.constexpr,
-    BAL_BAND: tl.constexpr,
+    COHERENCE: tl.constexpr,
+    COHERENCE_MAPS: tl.constexpr,
+    BALANCE: tl.constexpr,
+    GATE_TARGET: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     IS_FP64: tl.constexpr,
     BF16_BY_HAND: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
+    # The options: the fparams by their names in contract.FLOAT_FIELDS, the iparams
+    # (contract.INT_FIELDS, upper-cased) as compile-time codes, decoded here.
+    GATE_BENEFIT: tl.constexpr = _GATE_TARGET_BENEFIT == GATE_TARGET
+    COH_L2: tl.constexpr = _COHERENCE_L2 == COHERENCE
+    MAP_ROUTER: tl.constexpr = (_MAP_ROUTER & COHERENCE_MAPS) != 0
+    MAP_GATE: tl.constexpr = (_MAP_GATE & COHERENCE_MAPS) != 0
+    BAL_BAND: tl.constexpr = _BALANCE_BAND == BALANCE
     pid = tl.program_id(0).to(tl.int64)
     b = pid // n_tiles
     p = (pid - b * n_tiles) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
@@ -470,7 +485,7 @@ def _loss_kernel(
     shifted, ex, total, D = router_softmax(r, kr, E)
     pi = ex / total[None, :]
 
-    # ---- collaboration surrogate (SURROGATE: 0 softmax, 1 paper, 2 ova) ---------
+    # ---- collaboration surrogate (SURROGATE: a code of contract.CODES["surrogate"]) -
     lab = tl.load(
         l_ptr + b * slb + kr[:, None] * sle + (p * slp)[None, :],
         mask=ecm[:, None] & pm[None, :],
@@ -479,10 +494,10 @@ def _loss_kernel(
     cj = (ecm[:, None] & (lab == y[None, :]) & (lab != ignore_index)).to(pi.dtype)
     c0f = c0.to(pi.dtype)
     is_model = (kr == E)[:, None]
-    if SURROGATE == 1:
+    if SURROGATE == _SURROGATE_PAPER:
         u = tl.where(ecm[:, None], 1.0 - 2.0 * cj, tl.where(is_model, -c0f[None, :], 0.0))
         l_collab = tl.sum(tl.where(rcm[:, None], u * tl.log(pi + paper_eps), 0.0), axis=0)
-    elif SURROGATE == 2:
+    elif SURROGATE == _SURROGATE_OVA:
         # one-vs-all: BCEWithLogits(r_k, c_k) for every option k (no softmax)
         tk = tl.where(ecm[:, None], cj, tl.where(is_model, c0f[None, :], 0.0))
         l_collab = tl.sum(tl.where(rcm[:, None], softplus(r) - tk * r, 0.0), axis=0)
@@ -609,22 +624,22 @@ def _loss_kernel(
             stats_ptr, low_ptr, high_ptr, kr, E, BAL_BAND
         )
         dt = pi.dtype
-        c_seg = (lam_seg * inv_w).to(dt)
-        c_collab = (lam_collab * inv_nv).to(dt)
-        c_gate = (lam_gate * inv_nv).to(dt)
-        c_bal = (gbal * (lam_bal * bal_scale)).to(dt)
+        seg_scale = (lambda_seg * inv_w).to(dt)
+        collab_scale = (lambda_collab * inv_nv).to(dt)
+        gate_scale = (lambda_gate * inv_nv).to(dt)
+        balance_coef = (gbal * (lambda_balance * balance_grad_scale)).to(dt)
         # dL/dD_p and dL/ds_p through the coherence term
-        g_d = lam_coh * (inv_n0.to(dt) * gd0 + inv_n1.to(dt) * gd1 + inv_n2.to(dt) * gd2)
-        g_s = lam_coh * (inv_n0.to(dt) * gs0 + inv_n1.to(dt) * gs1 + inv_n2.to(dt) * gs2)
+        g_d = lambda_coherence * (inv_n0.to(dt) * gd0 + inv_n1.to(dt) * gd1 + inv_n2.to(dt) * gd2)
+        g_s = lambda_coherence * (inv_n0.to(dt) * gs0 + inv_n1.to(dt) * gs1 + inv_n2.to(dt) * gs2)
         g_row = g_ptr + b * sgb
         off_g = p * sgp
 
         # segmentation channels
         if K == 1:
-            gz = c_seg * w * (sigmoid(z) - yf)
+            gz = seg_scale * w * (sigmoid(z) - yf)
             store_as(g_row + off_g, tl.where(valid, gz, 0.0), pm, BF16_BY_HAND)
         else:
-            gzt = (c_seg * w)[None, :] * (ez / zsum[None, :] - onehot.to(dt))
+            gzt = (seg_scale * w)[None, :] * (ez / zsum[None, :] - onehot.to(dt))
             store_as(
                 g_row + kz[:, None] * sgc + off_g[None, :],
                 tl.where(valid[None, :], gzt, 0.0),
@@ -633,16 +648,16 @@ def _loss_kernel(
             )
 
         # routing channels: collaboration + balance + coherence through D
-        if SURROGATE == 1:
+        if SURROGATE == _SURROGATE_PAPER:
             v = u * pi / (pi + paper_eps)
             g_collab = v - pi * tl.sum(v, axis=0)[None, :]
-        elif SURROGATE == 2:
+        elif SURROGATE == _SURROGATE_OVA:
             g_collab = sigmoid(r) - tk
         else:
             g_collab = tl.sum(tk, axis=0)[None, :] * pi - tk
-        g_bal = pi * (c_bal[:, None] - tl.sum(c_bal[:, None] * pi, axis=0)[None, :])
+        g_bal = pi * (balance_coef[:, None] - tl.sum(balance_coef[:, None] * pi, axis=0)[None, :])
         g_coh = g_d[None, :] * pi * (ecm[:, None].to(dt) - D[None, :])
-        gr = c_collab * g_collab + g_bal + g_coh
+        gr = collab_scale * g_collab + g_bal + g_coh
         store_as(
             g_row + (K + kr)[:, None] * sgc + off_g[None, :],
             tl.where(valid[None, :], gr, 0.0),
@@ -652,7 +667,7 @@ def _loss_kernel(
 
         # gate channel: BCE(a, h) + mse (s - D)^2 + sparsity s, and coherence through s
         ds = s * (1.0 - s)
-        ga = c_gate * ((s - hf) + (2.0 * gate_mse * dev + gate_sparsity) * ds) + g_s * ds
+        ga = gate_scale * ((s - hf) + (2.0 * gate_mse * dev + gate_sparsity) * ds) + g_s * ds
         store_as(g_row + (K + E + 1) * sgc + off_g, tl.where(valid, ga, 0.0), pm, BF16_BY_HAND)
 
 
@@ -664,18 +679,19 @@ def _finalize_kernel(
     high_ptr,
     terms_ptr,
     n_rows,
-    lam_seg,
-    lam_collab,
-    lam_gate,
-    lam_coh,
-    lam_bal,
+    lambda_seg,
+    lambda_collab,
+    lambda_gate,
+    lambda_coherence,
+    lambda_balance,
     E: tl.constexpr,
     RP: tl.constexpr,
-    BAL_BAND: tl.constexpr,
+    BALANCE: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
     """terms = [loss, seg, collab, gate, coherence, balance] from the chunk sums of the
     terms ([N_PART, n_rows], added in a fixed order in float64) and the stats."""
+    BAL_BAND: tl.constexpr = _BALANCE_BAND == BALANCE
     c = tl.arange(0, 16).to(tl.int64)
     acc = tl.zeros([16, BLOCK_R], dtype=tl.float64)
     for r0 in range(0, n_rows, BLOCK_R):
@@ -706,7 +722,13 @@ def _finalize_kernel(
         )
         * inv_n2
     )
-    loss = lam_seg * seg + lam_collab * collab + lam_gate * gate + lam_coh * coh + lam_bal * bal
+    loss = (
+        lambda_seg * seg
+        + lambda_collab * collab
+        + lambda_gate * gate
+        + lambda_coherence * coh
+        + lambda_balance * bal
+    )
     ty = terms_ptr.dtype.element_ty
     tl.store(terms_ptr + _TERM_LOSS, loss.to(ty))
     tl.store(terms_ptr + _TERM_SEG, seg.to(ty))

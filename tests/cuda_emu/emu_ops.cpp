@@ -5,7 +5,8 @@
 // and a small DS_CUDA_EMU_MAX_BLOCKS.
 #include <torch/library.h>
 
-#include "../../csrc/cuda/loss_cuda.cu"
+#include "../../csrc/cuda/loss_fused_cuda.cu"
+#include "../../csrc/cuda/loss_stats_cuda.cu"
 #include "../../csrc/cuda/route_cuda.cu"
 #include "../../csrc/schemas.h"
 
