@@ -87,10 +87,13 @@ def write_panel(root: Path, panel: str, seed: int, args) -> None:
         write_benchmark(root, panel, num_cases=args.cases, size=args.size, seed=seed)
     else:
         reader_panel, dims = ANATOMY[panel]
-        quick = dict(num_cases=30 if dims == 2 else 20, size=48 if dims == 2 else 24)
-        write_anatomy_benchmark(
-            root, reader_panel, seed=seed, dims=dims, **(quick if args.quick else {})
-        )
+        if args.quick:
+            sizes = dict(num_cases=30 if dims == 2 else 20, size=48 if dims == 2 else 24)
+        elif dims == 2:
+            sizes = dict(num_cases=args.anatomy_cases, size=args.anatomy_size)
+        else:
+            sizes = dict(num_cases=args.anatomy_crops, size=args.anatomy_crop_size)
+        write_anatomy_benchmark(root, reader_panel, seed=seed, dims=dims, **sizes)
 
 
 START, END = "<!-- evidence:start -->", "<!-- evidence:end -->"
@@ -210,6 +213,10 @@ def run(args) -> Dict:
         "panels": args.panels,
         "cases": args.cases,
         "size": args.size,
+        "anatomy": {
+            k: getattr(args, f"anatomy_{k}")
+            for k in ("cases", "size", "crops", "crop_size", "epochs")
+        },
         "runs": {},
         "panel_info": {},
     }
@@ -230,6 +237,8 @@ def run(args) -> Dict:
         log(f"seed {seed}: data written")
 
         def cfg_for(panel, name, **kw):
+            if panel not in SYNTHETIC and not args.quick:
+                kw = dict(dict(epochs=args.anatomy_epochs), **kw)
             return dataclasses.replace(
                 cfg0,
                 data=str(data[panel]),
@@ -853,6 +862,13 @@ def main(argv=None) -> int:
     p.add_argument("--panels", type=lambda s: s.split(","), default=list(PANELS))
     p.add_argument("--cases", type=int, default=250)
     p.add_argument("--size", type=int, default=48)
+    p.add_argument("--anatomy-cases", type=int, default=160, help="2D real-anatomy slices")
+    p.add_argument("--anatomy-size", type=int, default=64, help="their side (pixels of 2 mm)")
+    p.add_argument("--anatomy-crops", type=int, default=40, help="3D real-anatomy crops")
+    p.add_argument("--anatomy-crop-size", type=int, default=24, help="their side (voxels)")
+    p.add_argument(
+        "--anatomy-epochs", type=int, default=6, help="the base segmentor's epochs on them"
+    )
     p.add_argument(
         "--joint", action="store_true", help="also train the improved objective jointly (panel C)"
     )
