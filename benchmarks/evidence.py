@@ -504,10 +504,20 @@ def verdict(d: Dict, sign: int = +1, margin: float = 0.0) -> str:
 
 
 def describe(results: Dict, env: str) -> str:
+    anatomy = ""
+    a = results.get("anatomy")
+    if a and any(p in ANATOMY for p in results["panels"]):
+        anatomy = (
+            f"Real anatomy (`deferredseg.data.anatomy`: MNI152 grey matter with per-case "
+            f"scanner effects): {a['cases']} 2D slices of {a['size']}x{a['size']} and "
+            f"{a['crops']} 3D crops of {a['crop_size']}^3 per seed, split by blocks that never "
+            f"neighbour, the base segmentor and its siblings trained {a['epochs']} epochs. "
+        )
     return (
         f"Hard synthetic benchmark (`deferredseg.data.benchmark`), {results['cases']} cases of "
-        f"{results['size']}x{results['size']} per seed, splits 60/20/20, seeds {results['seeds']}; "
-        "mean ± 95% CI half-width (t) over seeds. Thresholds chosen on validation; "
+        f"{results['size']}x{results['size']} per seed, splits 60/20/20, seeds {results['seeds']}. "
+        + anatomy
+        + "Mean ± 95% CI half-width (t) over seeds. Thresholds chosen on validation; "
         '"matched" is the Dice at the threshold that defers exactly the budget of the test '
         f"pixels. Produced by `python benchmarks/evidence.py` ({env})."
     )

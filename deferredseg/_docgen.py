@@ -13,9 +13,9 @@ Standard library only.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Tuple
+from typing import Callable, List, Optional, Tuple
 
-__all__ = ["section", "update_section"]
+__all__ = ["section", "update_section", "doc_command"]
 
 
 def _markers(name: str) -> Tuple[str, str]:
@@ -50,3 +50,31 @@ def update_section(path: Path, name: str, body: str, write: bool = True) -> bool
         stop = text.find(end)
         path.write_text(text[:body_start] + "\n" + body.strip("\n") + "\n\n" + text[stop:])
     return True
+
+
+def doc_command(
+    prog: str,
+    description: str,
+    name: str,
+    render: Callable[[], str],
+    what: str,
+    argv: Optional[List[str]] = None,
+) -> int:
+    """The command line of a generated part: ``prog --write-doc FILE`` puts ``render()``
+    between ``name``'s markers in FILE; ``prog --check FILE`` exits 1 if it differs.
+    ``what`` names the part in messages ("the option tables")."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--write-doc", metavar="FILE", help=f"the file whose {what} to update")
+    p.add_argument("--check", metavar="FILE", help=f"exit 1 if FILE's {what} are stale")
+    args = p.parse_args(argv)
+    if not (args.write_doc or args.check):
+        p.error("give --write-doc FILE or --check FILE")
+    path = Path(args.write_doc or args.check)
+    changed = update_section(path, name, render(), write=bool(args.write_doc))
+    if args.check and changed:
+        print(f"{path}: {what} are not current; run {prog} --write-doc {path}")
+        return 1
+    print(f"{path}: {'updated' if changed else 'current'}")
+    return 0

@@ -151,24 +151,16 @@ DOC_SECTION = "layouts"  # the generated part of docs/data.md
 def main(argv: Optional[List[str]] = None) -> int:
     """``python -m deferredseg.data.layouts --write-doc docs/data.md`` regenerates the table
     of layouts in that file (``--check`` instead: exit 1 if it is not current)."""
-    import argparse
-    from pathlib import Path
+    from .._docgen import doc_command
 
-    from .._docgen import update_section
-
-    p = argparse.ArgumentParser(prog="python -m deferredseg.data.layouts", description=main.__doc__)
-    p.add_argument("--write-doc", metavar="FILE", help="docs/data.md to update")
-    p.add_argument("--check", metavar="FILE", help="exit 1 if FILE's table of layouts is stale")
-    args = p.parse_args(argv)
-    if not (args.write_doc or args.check):
-        p.error("give --write-doc FILE or --check FILE")
-    path = Path(args.write_doc or args.check)
-    changed = update_section(path, DOC_SECTION, layouts_markdown(), write=bool(args.write_doc))
-    if args.check and changed:
-        print(f"{path}: the table of layouts is not current; run {p.prog} --write-doc {path}")
-        return 1
-    print(f"{path}: {'updated' if changed else 'current'}")
-    return 0
+    return doc_command(
+        "python -m deferredseg.data.layouts",
+        str(main.__doc__),
+        DOC_SECTION,
+        layouts_markdown,
+        "the table of layouts",
+        argv,
+    )
 
 
 if __name__ == "__main__":

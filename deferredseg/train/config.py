@@ -699,23 +699,16 @@ DOC_SECTION = "options"  # the generated part of docs/configuration.md
 def main(argv: Optional[List[str]] = None) -> int:
     """``python -m deferredseg.train.config --write-doc docs/configuration.md`` regenerates
     the option tables of that file (``--check`` instead: exit 1 if they are not current)."""
-    import argparse
+    from .._docgen import doc_command
 
-    from .._docgen import update_section
-
-    p = argparse.ArgumentParser(prog="python -m deferredseg.train.config", description=main.__doc__)
-    p.add_argument("--write-doc", metavar="FILE", help="docs/configuration.md to update")
-    p.add_argument("--check", metavar="FILE", help="exit 1 if FILE's option tables are stale")
-    args = p.parse_args(argv)
-    if not (args.write_doc or args.check):
-        p.error("give --write-doc FILE or --check FILE")
-    path = Path(args.write_doc or args.check)
-    changed = update_section(path, DOC_SECTION, options_markdown(), write=bool(args.write_doc))
-    if args.check and changed:
-        print(f"{path}: the option tables are not current; run {p.prog} --write-doc {path}")
-        return 1
-    print(f"{path}: {'updated' if changed else 'current'}")
-    return 0
+    return doc_command(
+        "python -m deferredseg.train.config",
+        str(main.__doc__),
+        DOC_SECTION,
+        options_markdown,
+        "the option tables",
+        argv,
+    )
 
 
 if __name__ == "__main__":
