@@ -4,10 +4,12 @@
 #
 #   make demo           the main job (see README): train + evaluate on synthetic data
 #   make demo-backends  the objective and routing on every backend, with timings
-#   make test           the whole test suite (CUDA-enabled torch 2.14.1 stack)
+#   make test           the whole test suite, slow tests included (CUDA-enabled torch 2.14.1
+#                       stack); PYTEST_ARGS='-m "not slow"' skips the slow ones for a quick loop
 #   make demo-review    the review loop: train, predict, simulated experts answer over HTTP, merge
 #   make browser        install Debian's chromium (for the review page's browser test) if missing
-#   make test-cpu-only  build and test again with the CPU-only torch 2.13.0 stack
+#   make test-cpu-only  build with the CPU-only torch 2.13.0 stack and test what differs there:
+#                       the kernel layer, the import/install/packaging tests, test-sdist
 #   make test-stack     build (CPU kernels) and test the kernel layer on an older stack:
 #                       STACK=2.11 (default; the GPU machine's torch 2.11.0 + triton 3.6.0)
 #                       or STACK=2.6 (the oldest supported, torch 2.6.0 + triton 3.2.0)
@@ -95,6 +97,9 @@ browser:
 	    chromium fonts-dejavu-core; \
 	else echo "note: chromium is missing; 'sudo apt-get install chromium' enables the browser test"; fi
 
+# The whole suite, the tests marked slow (subprocesses, signals, DDP and torchrun, the demos,
+# the sdist) included: coverage comes from all of them. For a quick loop while developing:
+#   make test PYTEST_ARGS='-m "not slow"'
 test: $(BUILD_STAMP) browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -111,14 +116,23 @@ bench-cpu: $(BUILD_STAMP)
 	$(PY) benchmarks/bench_loss_cpu.py
 
 # The CPU-only install path (what a laptop user gets): a copy of the tree built
-# against torch 2.13.0 CPU in its own venv, tested, then installed as a user would
-# (`pip install --no-build-isolation .`) and imported from outside the tree.
+# against torch 2.13.0 CPU in its own venv, then installed as a user would
+# (`pip install --no-build-isolation .`) and imported from outside the tree (test-sdist).
+# The tests that run there are those about the stack, CPU_TESTS: the kernel layer (as
+# test-stack: the Triton kernels in the interpreter, the C++ CPU kernels, the routing, with
+# the checks that a CPU-only build has no CUDA kernels), the CUDA kernels emulated on the
+# CPU and the GPU tests that must skip cleanly, the import, install and packaging tests.
+# The user layer (training, evaluation, review) is pure Python on top: `make test` runs it
+# once, on the CUDA-enabled stack.
 CPU_TREE := build/cpu-only-tree
 CPU_VENV := $(abspath .venv-cpu)
+CPU_TESTS ?= $(STACK_TESTS) tests/test_cuda_kernel.py tests/test_cuda_emulation.py \
+  tests/test_install.py tests/test_packaging.py $(wildcard tests/test_imports.py)
 test-cpu-only:
 	@mkdir -p $(CPU_TREE)
 	git ls-files -z --cached --others --exclude-standard | xargs -0 cp -p --parents -t $(CPU_TREE)
-	$(MAKE) -C $(CPU_TREE) test VENV=$(CPU_VENV) REQS=requirements/torch-cpu.txt PYTHON=$(PYTHON)
+	$(MAKE) -C $(CPU_TREE) test VENV=$(CPU_VENV) REQS=requirements/torch-cpu.txt PYTHON=$(PYTHON) \
+	  PYTEST_ARGS="$(PYTEST_ARGS) $(CPU_TESTS)"
 	$(MAKE) test-sdist
 
 # Another point of the support matrix (requirements/torch-$(STACK).txt): a copy of the

@@ -37,3 +37,26 @@ def pytest_collection_modifyitems(config, items):
             if "CUDA" in str(mark.kwargs.get("reason", "")):
                 item.add_marker(pytest.mark.gpu)
                 break
+
+
+# ---------------------------------------------------------------- trained runs, shared
+# Runs that several tests only read, trained once per session (tests/_runs.py).
+
+
+@pytest.fixture(scope="session")
+def two_stage_run(tmp_path_factory):
+    """A two-stage run of the command line on TINY: 2 epochs of the base segmentor, 3 of
+    the routing heads. (run folder, stdout, stderr); read it, never change it."""
+    from _runs import TINY, train_once
+
+    out = tmp_path_factory.mktemp("two_stage") / "run"
+    return train_once(out, ["--epochs", "2", *TINY, "--head-epochs", "3"])
+
+
+@pytest.fixture(scope="session")
+def joint_reference(tmp_path_factory):
+    """The resume tests' uninterrupted run: _runs.STEPS on one thread; its folder."""
+    from _runs import STEPS, one_thread, train_once
+
+    with one_thread():
+        return train_once(tmp_path_factory.mktemp("joint_reference") / "run", STEPS)[0]

@@ -4,31 +4,15 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from _runs import ROOT, STEPS, TINY, one_thread, run_main, weights
 
 from deferredseg.cli import ci95, main
 from deferredseg.train.checkpoint import load_checkpoint, save_checkpoint
 from deferredseg.train.evaluation import evaluate
 from deferredseg.train.methods import METHODS, REGISTRY
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "--num-images",
-    "12",
-    "--image-size",
-    "24",
-    "--features",
-    "4",
-    "--batch-size",
-    "4",
-    "--progress",
-    "false",
-    "--backend",
-    "reference",
-]
 
 
 def run_cli(*args, expect=0):
@@ -43,9 +27,8 @@ def run_cli(*args, expect=0):
     return proc
 
 
-def test_train_then_evaluate_writes_checkpoints_log_metrics_and_figures(tmp_path):
-    out = tmp_path / "run"
-    assert main(["train", "--out", str(out), "--epochs", "2", "--head-epochs", "2", *TINY]) == 0
+def test_train_then_evaluate_writes_checkpoints_log_metrics_and_figures(tmp_path, two_stage_run):
+    out = two_stage_run[0]  # 2 epochs of the base segmentor, 3 of the heads
     for name in ("last.pt", "best.pt", "log.jsonl", "base/best.pt", "base/log.jsonl"):
         assert (out / name).is_file(), name
     # two-stage: the base segmentor's two epochs, then the heads untrained and after each epoch
@@ -54,7 +37,7 @@ def test_train_then_evaluate_writes_checkpoints_log_metrics_and_figures(tmp_path
     ]
     assert base.count("epoch") == 2 and "step" in base
     events = [json.loads(line)["event"] for line in (out / "log.jsonl").read_text().splitlines()]
-    assert events.count("epoch") == 3 and "step" in events and "best" in events
+    assert events.count("epoch") == 4 and "step" in events and "best" in events
     ck = load_checkpoint(out / "best.pt")
     assert ck["config"]["epochs"] == 2 and ck["num_experts"] == 5
 
@@ -114,16 +97,6 @@ def test_config_file_yaml_and_json_with_command_line_winning(tmp_path):
     assert (cfg.epochs, cfg.lr) == (5, 0.01)
 
 
-def run_main(args, capsys):
-    """main() in this process: (exit code, stdout, stderr)."""
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as exc:  # argparse: --help exits 0, bad arguments exit 2
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 @pytest.mark.parametrize(
     "args,words",
     [
@@ -159,6 +132,7 @@ def test_help_is_there_for_every_command(capsys):
     assert "--expert-profile" in run_main(["train", "--help"], capsys)[1]
 
 
+@pytest.mark.slow
 def test_the_command_list_needs_no_torch_and_has_no_markup():
     """``deferredseg --help`` builds the command list from the standard library alone (its
     time: benchmarks/bench_help.py); the text is plain, without RST markup."""
@@ -194,6 +168,7 @@ def test_train_help_is_grouped_with_rare_options_last(capsys):
         assert out.index(f"\n  {flag} ") < rare, flag
 
 
+@pytest.mark.slow
 def test_module_entry_point_and_console_script():
     proc = run_cli("--help")
     assert "usage: deferredseg" in proc.stdout
@@ -204,37 +179,25 @@ def test_module_entry_point_and_console_script():
     assert scripts["deferredseg"] == "deferredseg.cli:main"
 
 
-def test_demo_quick_prints_the_table(tmp_path):
-    proc = run_cli("demo", "--quick", "--out", tmp_path / "demo")
-    assert "| model alone |" in proc.stdout and "| DeferredSeg (model + experts) |" in proc.stdout
-    assert "workload per expert" in proc.stdout and "fragmentation" in proc.stdout
+@pytest.mark.slow
+def test_demo_quick_prints_the_table(tmp_path, capsys):
+    code, out, err = run_main(["demo", "--quick", "--out", tmp_path / "demo"], capsys)
+    assert code == 0, err
+    assert "| model alone |" in out and "| DeferredSeg (model + experts) |" in out
+    assert "workload per expert" in out and "fragmentation" in out
     assert (tmp_path / "demo" / "eval" / "metrics.json").is_file()
 
 
-def _weights(path):
-    return load_checkpoint(path)["model"]
-
-
-def test_two_stage_resumed_in_stage_one_reaches_the_same_weights(tmp_path):
-    common = [
-        "--epochs",
-        "2",
-        "--head-epochs",
-        "2",
-        "--seed",
-        "3",
-        "--batch-size",
-        "2",
-        *TINY[:6],
-        *TINY[8:],
-    ]
-    full, part = tmp_path / "full", tmp_path / "part"
-    assert main(["train", "--out", str(full), *common]) == 0
-    assert main(["train", "--out", str(part), "--max-steps", "3", *common]) == 0
+def test_two_stage_resumed_in_stage_one_reaches_the_same_weights(tmp_path, two_stage_run):
+    """The session's two-stage run is the reference; the same settings stopped in stage 1
+    (8 training images, batch 4: 2 steps an epoch, step 3 is inside epoch 2) and resumed."""
+    full, settings = two_stage_run[0], ["--epochs", "2", *TINY, "--head-epochs", "3"]
+    part = tmp_path / "part"
+    assert main(["train", "--out", str(part), *settings, "--max-steps", "3"]) == 0
     assert (part / "base" / "last.pt").is_file() and (part / "best.pt").is_file()
     assert load_checkpoint(part / "base" / "last.pt")["global_step"] == 3
-    assert main(["train", "--out", str(part), "--resume", *common]) == 0
-    a, b = _weights(full / "best.pt"), _weights(part / "best.pt")
+    assert main(["train", "--out", str(part), "--resume", *settings]) == 0
+    a, b = weights(full / "best.pt"), weights(part / "best.pt")
     assert a.keys() == b.keys() and any(k.startswith("routing_heads.") for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -242,8 +205,8 @@ def test_two_stage_resumed_in_stage_one_reaches_the_same_weights(tmp_path):
 
 def test_max_steps_bounds_each_stage_and_leaves_a_usable_best_pt(tmp_path, capsys):
     out = tmp_path / "dash"
-    args = ["train", "--out", out, "--epochs", "3", "--head-epochs", "3", "--max-steps", "2"]
-    code, stdout, _ = run_main([*args, *TINY], capsys)
+    args = ["train", "--out", out, *TINY, "--epochs", "3", "--head-epochs", "3", "--max-steps", "2"]
+    code, stdout, _ = run_main(args, capsys)
     assert code == 0
     assert (out / "best.pt").is_file() and (out / "base" / "best.pt").is_file()
     steps = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
@@ -276,29 +239,15 @@ def test_max_steps_bounds_each_stage_and_leaves_a_usable_best_pt(tmp_path, capsy
     assert "stopped at step 1" in stdout
 
 
-def test_resume_after_a_stop_mid_epoch_reaches_the_same_weights(tmp_path):
-    common = [
-        "--epochs",
-        "2",
-        "--seed",
-        "3",
-        "--grad-accum",
-        "2",
-        "--batch-size",
-        "2",
-        *TINY[:6],
-        *TINY[8:],
-        "--training",
-        "joint",
-    ]
-    full, part = tmp_path / "full", tmp_path / "part"
-    assert main(["train", "--out", str(full), *common]) == 0
-    # 8 training images, batch 2, 2 micro-batches per step: 2 steps per epoch; stop inside epoch 2
-    assert main(["train", "--out", str(part), "--max-steps", "3", *common]) == 0
-    ck = load_checkpoint(part / "last.pt")
-    assert (ck["epoch"], ck["step_in_epoch"], ck["global_step"]) == (1, 1, 3)
-    assert main(["train", "--out", str(part), "--resume", *common]) == 0
-    a, b = _weights(full / "last.pt"), _weights(part / "last.pt")
+def test_resume_after_a_stop_mid_epoch_reaches_the_same_weights(tmp_path, joint_reference):
+    part = tmp_path / "part"
+    with one_thread():  # as the reference was trained (see _runs.STEPS)
+        # 2 micro-batches per step, 2 steps per epoch: step 3 stops inside epoch 2
+        assert main(["train", "--out", str(part), *STEPS, "--max-steps", "3"]) == 0
+        ck = load_checkpoint(part / "last.pt")
+        assert (ck["epoch"], ck["step_in_epoch"], ck["global_step"]) == (1, 1, 3)
+        assert main(["train", "--out", str(part), "--resume", *STEPS]) == 0
+    a, b = weights(joint_reference / "last.pt"), weights(part / "last.pt")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -324,8 +273,8 @@ def test_checkpoints_are_atomic_and_safe_to_load(tmp_path):
 
 def test_multi_seed_summary_with_confidence_intervals(tmp_path, capsys):
     out = tmp_path / "seeds"
-    args = ["train", "--out", out, "--epochs", "1", "--head-epochs", "1", "--seeds", "1,2"]
-    code, text, _ = run_main([*args, *TINY], capsys)
+    args = ["train", "--out", out, *TINY, "--epochs", "1", "--head-epochs", "1", "--seeds", "1,2"]
+    code, text, _ = run_main(args, capsys)
     assert code == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["seeds"] == [1, 2] and s["system_dice"]["n"] == 2
@@ -434,6 +383,7 @@ def _global_batch():
     return x, t, m
 
 
+@pytest.mark.slow
 def test_two_cpu_ranks_equal_one_process_on_the_global_batch(tmp_path):
     import torch.multiprocessing as mp
 
@@ -458,6 +408,7 @@ def test_two_cpu_ranks_equal_one_process_on_the_global_batch(tmp_path):
         torch.testing.assert_close(r1["grads"][n], p.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_train_end_to_end(tmp_path):
     out = tmp_path / "ddp"
     proc = subprocess.run(

@@ -175,6 +175,7 @@ _ISA_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="x86-64 Linux variants only")
 def test_every_instruction_set_variant():
     """The baseline and AVX2 builds of the kernels (picked by DEFERREDSEG_CPU_ISA) match too,
@@ -348,6 +349,7 @@ _SYNC_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sync_balance_two_processes(tmp_path):
     """sync_balance over a real 2-rank gloo group: the kernel matches the reference on every
     rank."""

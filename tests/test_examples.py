@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -15,6 +17,7 @@ def _load(name: str):
     return module
 
 
+@pytest.mark.slow  # a whole example run (about 100 s on a loaded 2-core machine)
 def test_own_training_loop_defers_its_budget_and_beats_the_model_alone(tmp_path):
     budget = 0.1
     res = _load("own_training_loop").main(

@@ -5,9 +5,12 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_missing_extension_leaves_reference_working_and_backends_truthful():
     code = textwrap.dedent("""
         import sys

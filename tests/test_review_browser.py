@@ -43,6 +43,9 @@ if CHROMIUM is None:
 
 playwright = pytest.importorskip("playwright.sync_api")
 
+# a server subprocess and a headless Chromium per test
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture()
 def server(tmp_path):

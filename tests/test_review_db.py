@@ -128,6 +128,7 @@ _WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_processes_and_a_writer_killed_mid_write_leave_no_partial_state(tmp_path):
     n = 8
     db, ids = _make(tmp_path, n, side=256)

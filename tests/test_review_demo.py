@@ -3,11 +3,13 @@
 import json
 
 import numpy as np
+import pytest
 
 from deferredseg.cli import main
 from deferredseg.review.db import ReviewDB
 
 
+@pytest.mark.slow
 def test_review_demo_closes_the_loop(tmp_path, capsys):
     out = tmp_path / "demo"
     assert (

@@ -178,6 +178,7 @@ def test_host_allow_list_holds_the_bound_address_and_refuses_an_empty_host(folde
     assert client.get("/api/overview", headers={"Host": "review.lab"}).status_code == 403
 
 
+@pytest.mark.slow
 def test_new_tokens_always_rotates_and_tls_goes_to_uvicorn(folder, monkeypatch, capsys, tmp_path):
     _served(monkeypatch, folder, require_tokens=True)
     old = capsys.readouterr().out

@@ -152,6 +152,7 @@ def test_report_follows_the_answers_by_the_time_the_server_stops(folder):
     assert rep["images"][0]["rejected_share"] == pytest.approx(64 / 256)
 
 
+@pytest.mark.slow
 def test_server_killed_while_answers_arrive_leaves_whole_files_and_rows(folder):
     """SIGKILL the real server while two clients keep editing; restart and compare."""
     import signal

@@ -89,6 +89,7 @@ _HOLDER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_merge_waits_for_a_writer_of_another_process_holding_the_folder_lock(folder):
     holder = subprocess.Popen(
         [sys.executable, "-c", _HOLDER, str(folder)],

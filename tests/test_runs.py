@@ -21,28 +21,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from _runs import FILES, ROOT, STEPS, TINY, one_thread, run_main, weights
 from PIL import Image
-
-# the tiny synthetic run, and main() in this process, as the CLI tests use them
-from test_cli import TINY, run_main
-from test_cli import _weights as weights
 
 from deferredseg.cli import main
 from deferredseg.train.checkpoint import load_checkpoint
-
-ROOT = Path(__file__).resolve().parents[1]
-FILES = [
-    "--features",
-    "4",
-    "--batch-size",
-    "4",
-    "--progress",
-    "false",
-    "--backend",
-    "reference",
-    "--epochs",
-    "1",
-]
 
 
 def write(path: Path, arr: np.ndarray) -> Path:
@@ -91,7 +74,9 @@ def make_set(
 
 def test_reused_out_is_refused_and_overwrite_moves_the_old_run_aside(tmp_path, capsys):
     out = tmp_path / "r"
-    assert run_main(["train", "--out", out, "--epochs", "1", *TINY], capsys)[0] == 0
+    out.mkdir()  # what a finished run leaves (the policy looks at the checkpoints' names)
+    for name in ("best.pt", "last.pt", "log.jsonl"):
+        (out / name).write_bytes(f"the earlier run's {name}".encode())
     before = (out / "best.pt").read_bytes()
     code, _, err = run_main(["train", "--out", out, "--epochs", "1", "--lr", "0.01", *TINY], capsys)
     assert code == 2 and "already holds a run" in err and "--resume" in err and "--overwrite" in err
@@ -121,19 +106,15 @@ def test_an_attempt_that_failed_before_its_first_checkpoint_leaves_a_reusable_ou
 
 
 def test_a_second_training_into_a_locked_out_fails_naming_the_first(tmp_path, capsys):
+    """The lock of a training in progress (its content as a training writes it: see
+    test_sigterm_in_process_exits_143_after_writing_last_pt), held by a live process."""
     out = tmp_path / "r"
-    first = subprocess.Popen(
-        [sys.executable, "-m", "deferredseg", "train", "--out", str(out), "--epochs", "50", *TINY],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"event": "stage", "stage": 1}\n')
+    first = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
-        deadline = time.time() + 300
-        while not (out / "log.jsonl").exists() and time.time() < deadline and first.poll() is None:
-            time.sleep(0.05)
-        lock = json.loads((out / ".lock").read_text())
-        assert lock["pid"] == first.pid and lock["host"] == socket.gethostname()
+        lock = {"pid": first.pid, "host": socket.gethostname(), "started": "2026-01-01T00:00:00"}
+        (out / ".lock").write_text(json.dumps({**lock, "command": "deferredseg train"}))
         code, _, err = run_main(["train", "--out", out, "--epochs", "1", *TINY], capsys)
         assert code == 2 and "in use by another training" in err and f"process {first.pid}" in err
         code, _, err = run_main(
@@ -191,38 +172,12 @@ def test_a_full_disk_is_found_before_training(tmp_path, capsys, monkeypatch):
     assert list((tmp_path / "r").iterdir()) == []  # no probe, no lock left behind
 
 
-STEPS = [
-    "--epochs",
-    "4",
-    "--max-steps",
-    "10",
-    "--seed",
-    "3",
-    "--batch-size",
-    "2",
-    "--num-images",
-    "12",
-    "--image-size",
-    "24",
-    "--features",
-    "4",
-    "--progress",
-    "false",
-    "--backend",
-    "reference",
-    "--training",
-    "joint",
-]  # the loop itself (stage 1 of two-stage)
-
-
-def test_sigint_writes_a_resumable_checkpoint_and_resume_is_bitwise_identical(tmp_path):
-    full, part = tmp_path / "full", tmp_path / "part"
-    threads = torch.get_num_threads()  # the same thread count in and out of this process:
-    torch.set_num_threads(1)  # float sums in the convolutions depend on it
-    try:
-        _interrupt_and_resume(full, part)
-    finally:
-        torch.set_num_threads(threads)
+@pytest.mark.slow
+def test_sigint_writes_a_resumable_checkpoint_and_resume_is_bitwise_identical(
+    tmp_path, joint_reference
+):
+    with one_thread():  # the same thread count in and out of this process (see STEPS)
+        _interrupt_and_resume(joint_reference, tmp_path / "part")
 
 
 def _interrupted_training(out, args, log):
@@ -247,7 +202,6 @@ def _interrupted_training(out, args, log):
 
 
 def _interrupt_and_resume(full, part):
-    assert main(["train", "--out", str(full), *STEPS]) == 0
     code, out, err = _interrupted_training(part, STEPS, part / "log.jsonl")
     assert code == 130, out + err
     lines = [line for line in err.splitlines() if not line.startswith("note:")]
@@ -263,43 +217,57 @@ def _interrupt_and_resume(full, part):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_the_printed_resume_command_works_as_printed(tmp_path):
+@pytest.mark.slow
+def test_the_printed_resume_command_works_as_printed(tmp_path, capsys):
     """Ctrl-C in stage 1 of a two-stage run on non-default settings, then exactly the
-    command the message prints: every setting comes from the run, none from the defaults."""
+    command the message prints: every setting comes from the run, none from the defaults.
+    Both in this process (SIGINT from a thread once stage 1 logged a step); the test above
+    sends it to a child process."""
     out = tmp_path / "intr"
-    args = [*STEPS[:2], *STEPS[4:-2], "--head-epochs", "1"]  # two-stage, no step limit
-    code, _, err = _interrupted_training(out, args, out / "base" / "log.jsonl")
+    # two-stage, no step limit, 4 steps an epoch
+    args = ["--epochs", "4", "--seed", "3", *TINY[:6], "--batch-size", "2", *TINY[8:]]
+    log = out / "base" / "log.jsonl"
+
+    def ctrl_c():
+        deadline = time.time() + 300
+        while not (log.exists() and '"event": "step"' in log.read_text()):
+            if time.time() > deadline:
+                return
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=ctrl_c, daemon=True).start()
+    code, _, err = run_main(["train", "--out", out, *args], capsys)
     assert code == 130, err
     printed = err.split("continue with `", 1)[1].split("`", 1)[0]
     assert printed == f"deferredseg train --resume --out {out}", err
     words = printed.split()
-    resumed = subprocess.run(
-        [sys.executable, "-m", "deferredseg", *words[1:]],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert words[0] == "deferredseg"  # the console script: deferredseg.cli:main
+    code, _, err = run_main(words[1:], capsys)
+    assert code == 0, err
     ck = load_checkpoint(out / "best.pt")
     assert ck["config"]["image_size"] == 24 and ck["config"]["features"] == 4
     assert ck["config"]["epochs"] == 4 and ck["config"]["training"] == "two-stage"
     assert load_checkpoint(out / "base" / "last.pt")["epoch"] == 4
 
 
+@pytest.mark.slow
 def test_sigterm_in_process_exits_143_after_writing_last_pt(tmp_path, capsys):
     out = tmp_path / "r"
+    seen = {}
 
     def shoot():
         while not ((out / "log.jsonl").exists() and "step" in (out / "log.jsonl").read_text()):
             time.sleep(0.01)
+        seen["lock"] = json.loads((out / ".lock").read_text())  # the training's own lock
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=shoot, daemon=True).start()
     code, _, err = run_main(["train", "--out", out, *STEPS], capsys)
     assert code == 143 and "SIGTERM: interrupted at epoch" in err, err
+    assert seen["lock"]["pid"] == os.getpid() and seen["lock"]["host"] == socket.gethostname()
     assert load_checkpoint(out / "last.pt")["global_step"] >= 1
+    assert not (out / ".lock").exists()  # given back
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers given back
 
 
@@ -850,11 +818,8 @@ def test_label_maps_per_folder(tmp_path, capsys):
 # ============================================================================ 5. what a user sees
 
 
-def test_one_line_per_epoch_and_summary_tables(tmp_path, capsys):
-    out = tmp_path / "r"
-    args = ["train", "--out", out, "--epochs", "2", "--head-epochs", "3", *TINY]
-    code, text, _ = run_main(args, capsys)
-    assert code == 0
+def test_one_line_per_epoch_and_summary_tables(tmp_path, capsys, two_stage_run):
+    out, text, _ = two_stage_run  # --epochs 2 --head-epochs 3
     lines = text.splitlines()
     assert lines[0] == f"seed 0: training into {out}"
     one = next(i for i, x in enumerate(lines) if x.startswith("stage 1 of 2: the base"))

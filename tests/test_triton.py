@@ -420,6 +420,7 @@ print("compiled")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests run the compiled kernels themselves")
 def test_kernels_compile_for_sm90():
     """The interpreter accepts programs the compiler rejects: compile the kernels for an
