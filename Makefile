@@ -143,7 +143,8 @@ test-cpu-only:
 STACK ?= 2.11
 STACK_TREE := build/stack-$(STACK)-tree
 STACK_VENV := $(abspath .venv-torch-$(STACK))
-STACK_TESTS ?= tests/test_conformance.py tests/test_triton.py tests/test_cpu_kernel.py tests/test_route.py
+STACK_TESTS ?= tests/test_conformance.py tests/test_triton.py tests/test_cpu_kernel.py tests/test_route.py \
+  tests/test_contract.py
 test-stack:
 	@mkdir -p $(STACK_TREE)
 	git ls-files -z --cached --others --exclude-standard | xargs -0 cp -p --parents -t $(STACK_TREE)
