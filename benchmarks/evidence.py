@@ -766,6 +766,15 @@ def headroom(results: Dict) -> List[str]:
                 cw = [x for x in cw if x is not None]
                 cells.append(f"{sum(cw) / len(cw):.1%}" if cw and m != "oracle" else "-")
             L.append(f"| {p} | {LABELS[m]} | {auc} | " + " | ".join(cells) + " |")
+    L.append("")
+    for p in results["panels"]:
+        shares = [value(results, s, p, "confidence", 0.1, "confident_wrong_share") for s in seeds]
+        shares = [x for x in shares if x is not None]
+        if shares:
+            L.append(
+                f"- {p}: {sum(shares) / len(shares):.0%} of the base segmentor's wrong test pixels "
+                "are confidently wrong (mean over seeds)"
+            )
     return L
 
 
