@@ -824,7 +824,10 @@ def test_one_line_per_epoch_and_summary_tables(tmp_path, capsys, two_stage_run):
     assert lines[0] == f"seed 0: training into {out}"
     one = next(i for i, x in enumerate(lines) if x.startswith("stage 1 of 2: the base"))
     two = next(i for i, x in enumerate(lines) if x.startswith("stage 2 of 2: the routing"))
-    stage1 = [x for x in lines[one:two] if x.startswith("epoch ")]
+    sib = next(i for i, x in enumerate(lines) if x.startswith("stage 1, sibling 1 of 2"))
+    stage1 = [x for x in lines[one:sib] if x.startswith("epoch ")]
+    siblings = [x for x in lines[sib:two] if x.startswith("epoch ")]
+    assert [x.split(":")[0] for x in siblings] == ["epoch 1/2", "epoch 2/2"] * 2
     stage2 = [x for x in lines[two:] if x.startswith("epoch ")]
     assert [x.split(":")[0] for x in stage1] == ["epoch 1/2", "epoch 2/2"]
     assert [x.split(":")[0] for x in stage2] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]

@@ -408,6 +408,8 @@ def _train_two_stage(
         for k in range(1, cfg.num_siblings + 1):
             scfg = ts.sibling_config(cfg, k, root)
             sdir = Path(scfg.out)
+            # a resumed run resumes the sibling it stopped in; the later ones start afresh
+            scfg = dataclasses.replace(scfg, resume=cfg.resume and (sdir / "last.pt").is_file())
             if info.is_main:
                 sdir.mkdir(parents=True, exist_ok=True)
                 print(
