@@ -168,6 +168,8 @@ def test_bad_arguments_name_the_argument():
         A.anatomy_split(dims=3, size=60)
     with pytest.raises(ValueError, match="case_id must be"):
         A.anatomy_case("axial")
+    with pytest.raises(ValueError, match="the axial position must be 0..186"):
+        A.anatomy_case("axial-999")
 
 
 def test_a_missing_nilearn_names_the_extra(monkeypatch):
