@@ -67,6 +67,21 @@ def test_split_blocks_are_disjoint_with_a_gap():
     assert A.anatomy_split(seed=1, dims=2, num_cases=60) != split
 
 
+def test_3d_cases_are_seeded_and_typed():
+    first = list(A.anatomy_cases(seed=0, dims=3, num_cases=5, size=16))
+    again = list(A.anatomy_cases(seed=0, dims=3, num_cases=5, size=16))
+    assert [s for s, _ in first] == ["train", "train", "train", "val", "test"]
+    for (_, a), (_, b) in zip(first, again):
+        assert a.id == b.id and np.array_equal(a.image, b.image)
+        assert a.image.shape == (1, 16, 16, 16) and a.image.dtype == np.float32
+        assert a.label.shape == (16, 16, 16) and a.label.dtype == np.int64
+        assert a.label.mean() >= 0.05  # every crop holds grey matter
+        assert np.allclose(np.diag(a.affine)[:3], 2.0)  # 2 mm voxels
+    other = list(A.anatomy_cases(seed=1, dims=3, num_cases=5, size=16))
+    assert [c.id for _, c in other] == [c.id for _, c in first]
+    assert not np.array_equal(other[0][1].image, first[0][1].image)
+
+
 def test_3d_crops_of_different_splits_lie_apart():
     plan = A._plan(0, 3, 15, 24, 12, 4, (0.6, 0.2, 0.2), A.ORIENTATIONS)
     boxes = {s: [np.asarray(c) for _, _, c in v] for s, v in plan.items()}
@@ -168,6 +183,8 @@ def test_bad_arguments_name_the_argument():
         A.anatomy_split(dims=3, size=60)
     with pytest.raises(ValueError, match="case_id must be"):
         A.anatomy_case("axial")
+    with pytest.raises(ValueError, match="the axial position must be 0..186"):
+        A.anatomy_case("axial-999")
 
 
 def test_a_missing_nilearn_names_the_extra(monkeypatch):

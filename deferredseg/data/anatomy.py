@@ -175,7 +175,7 @@ def _load_template(datasets) -> Template:
         datasets.load_mni152_brain_mask(resolution=1),
     ]
     affine = np.asarray(imgs[0].affine, dtype=np.float64)
-    if not np.allclose(np.abs(np.diag(affine)[:3]), 1.0):
+    if not np.allclose(affine[:3, :3], np.eye(3)):  # 1 mm voxels, axes along MNI x, y, z
         raise ValueError(f"expected the 1 mm MNI152 template, got affine {affine.tolist()}")
     shape = np.asarray(imgs[0].shape[:3])
     even = tuple(slice(0, int(s - s % 2)) for s in shape)
@@ -581,9 +581,9 @@ def _plan(seed, dims, num_cases, size, block_mm, gap_mm, fractions, orientations
 
 
 def anatomy_case(case_id: str, seed: int = 0, size: Optional[int] = None) -> AnatomyCase:
-    """One case by its id: ``"<orientation>-<1 mm position>"`` (2D) or a 3D id of
-    :func:`anatomy_split` / :func:`anatomy_cases` (``crop-...``, which needs its corner:
-    use :func:`anatomy_cases`)."""
+    """One 2D case by its id, ``"<orientation>-<1 mm position>"`` (e.g. ``"axial-072"``),
+    whether or not a split holds it. (3D crops are placed by the split: use
+    :func:`anatomy_cases`.)"""
     orientation, _, pos = case_id.rpartition("-")
     if orientation not in ORIENTATIONS or not pos.isdigit():
         raise ValueError(
@@ -591,7 +591,11 @@ def anatomy_case(case_id: str, seed: int = 0, size: Optional[int] = None) -> Ana
             f"{list(ORIENTATIONS)}, got {case_id!r}"
         )
     _, sz = _defaults(2, None, size)
-    fields, affine = _slab(load_template(), orientation, int(pos), sz)
+    tpl = load_template()
+    last = tpl.gm.shape[ORIENTATIONS.index(orientation)] - 2
+    if int(pos) > last:
+        raise ValueError(f"case_id {case_id!r}: the {orientation} position must be 0..{last}")
+    fields, affine = _slab(tpl, orientation, int(pos), sz)
     return _make_case(case_id, seed, fields, affine, 2)
 
 
