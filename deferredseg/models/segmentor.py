@@ -500,19 +500,37 @@ class DeferredSegmentor(nn.Module):
         return torch.cat([seg, self.route_head(head_input), self.gate_head(head_input)], dim=1)
 
     @torch.no_grad()
-    def load_sibling(self, index: int, other: "DeferredSegmentor") -> None:
-        """Copy the backbone and segmentation head of ``other`` (a trained network of this
-        architecture, e.g. the base segmentor of another seed) into sibling ``index``
-        (built by :meth:`from_monai` with ``num_siblings``)."""
+    def load_sibling(self, index: int, source: Any) -> None:
+        """Copy a trained network's backbone and segmentation head into sibling ``index``
+        (built by :meth:`from_monai` with ``num_siblings``).
+
+        Args:
+            index: which sibling, in [0, S).
+            source: a network of this architecture with its own segmentation head (e.g.
+                the base segmentor of another seed), or its state dict (the ``"model"``
+                of a training checkpoint): its ``backbone.*`` and ``seg_head.*`` entries.
+
+        Raises:
+            ValueError: ``index`` out of range; ``source`` without the entries of this
+                architecture's backbone or segmentation head.
+            TypeError: siblings not built by :meth:`from_monai`.
+        """
         if not 0 <= index < len(self.siblings):
             raise ValueError(f"index must be in [0, {len(self.siblings)}), got {index!r}")
         target = self.siblings[index]
         if not (isinstance(target, nn.Sequential) and len(target) == 2):
             raise TypeError("load_sibling needs siblings built by from_monai(num_siblings=...)")
-        if other.seg_head is None:
-            raise ValueError("other must have its own segmentation head (keep_backbone_seg=False)")
-        target[0].load_state_dict(other.backbone.state_dict())
-        target[1].load_state_dict(other.seg_head.state_dict())
+        state = source.state_dict() if isinstance(source, nn.Module) else source
+        for prefix, part in (("backbone.", target[0]), ("seg_head.", target[1])):
+            own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            missing = [prefix + k for k in part.state_dict() if k not in own]
+            if missing:
+                raise ValueError(
+                    f"source does not match sibling {index}: missing {missing[:5]} (same "
+                    "backbone, features and number of classes, and its own segmentation head, "
+                    "are needed)"
+                )
+            part.load_state_dict(own)
 
     def head_parameters(self):
         """The parameters of the routing and gate heads (what two-stage training trains).

@@ -289,12 +289,18 @@ def fit_heads(
 
     val_data = cached_outputs(model, val_cache, settings, device, pack)
 
-    def consider(epoch: int) -> Dict[str, Any]:
-        nonlocal best_score, best_state, best_metrics
+    def validate() -> Dict[str, Any]:
         model.eval()
-        _, m = evaluate_policy(
+        return evaluate_policy(
             policy, val_data, settings.budget, settings.selection, False, settings.backend
-        )
+        )[1]
+
+    def consider(epoch: int, m: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """Record epoch ``epoch``'s validation (``m`` when already computed for these
+        heads) and keep the heads if they are the best so far."""
+        nonlocal best_score, best_state, best_metrics
+        if m is None:
+            m = validate()
         score = m["selection_score"] or 0.0
         history.append({"epoch": epoch, "step": step, **_scalar_items(m)})
         if log is not None:
@@ -316,20 +322,19 @@ def fit_heads(
     # on from the best, and that start is epoch 0: a candidate for the kept heads.
     heads = getattr(model, "routing_heads", None)
     starts = heads.prior_names() if hasattr(heads, "prior_names") else []
+    start_metrics = None
     if len(starts) > 1:
-        scores = {}
+        validated = {}
         for name in starts:
             heads.use_prior(name)
-            model.eval()
-            _, m = evaluate_policy(
-                policy, val_data, settings.budget, settings.selection, False, settings.backend
-            )
-            scores[name] = m["selection_score"] or 0.0
+            validated[name] = validate()
+        scores = {name: m["selection_score"] or 0.0 for name, m in validated.items()}
         chosen = max(starts, key=lambda name: scores[name])  # ties: the first, uncertainty
         heads.use_prior(chosen)
+        start_metrics = validated[chosen]  # epoch 0 is this start: validated already
         if log is not None:
             log.write(event="start", stage=2, prior=chosen, val_selection_scores=scores)
-    consider(0)
+    consider(0, start_metrics)
     for epoch in range(1, settings.epochs + 1):
         model.train()
         sums: Dict[str, float] = {}
@@ -452,15 +457,21 @@ def base_config(cfg: TrainConfig) -> TrainConfig:
     )
 
 
+def sibling_seed(cfg: TrainConfig, k: int) -> int:
+    """The network seed of sibling ``k`` (1, 2, ...): ``seed + 1000 k`` (``model_seed``
+    instead of ``seed`` when it is set)."""
+    return (cfg.seed if cfg.model_seed is None else cfg.model_seed) + 1000 * k
+
+
 def sibling_config(cfg: TrainConfig, k: int, root: Path) -> TrainConfig:
     """Stage 1 of sibling ``k`` (1, 2, ...): the base's configuration with the same data,
-    split and experts, the network seeded by ``seed + 1000 k``, written to
+    split and experts, the network seeded by :func:`sibling_seed`, written to
     ``root/sibling<k>``."""
     bcfg = base_config(cfg)
     return dataclasses.replace(
         bcfg,
         split_seed=cfg.data_split_seed,
-        model_seed=(cfg.seed if cfg.model_seed is None else cfg.model_seed) + 1000 * k,
+        model_seed=sibling_seed(cfg, k),
         out=str(Path(root) / f"sibling{k}"),
     )
 
@@ -468,24 +479,11 @@ def sibling_config(cfg: TrainConfig, k: int, root: Path) -> TrainConfig:
 def load_sibling(model: nn.Module, index: int, path, device: torch.device) -> None:
     """Copy the backbone and segmentation head of the checkpoint at ``path`` (a trained
     base of the same architecture) into the model's sibling ``index``."""
-    from .checkpoint import load_checkpoint
-
     ck = load_checkpoint(path, map_location=device)
-    siblings = getattr(model, "siblings", None)
-    if siblings is None or not 0 <= index < len(siblings):
-        raise ValueError(f"the model has no sibling {index} (it has {len(siblings or ())})")
-    target = siblings[index]
-    parts = {"0.": "backbone.", "1.": "seg_head."}
-    state = {}
-    for key in target.state_dict():
-        src = parts[key[:2]] + key[2:]
-        if src not in ck["model"]:
-            raise ValueError(
-                f"sibling checkpoint {path}: does not match this model; missing {src!r} "
-                "(same backbone, features and number of classes are needed)"
-            )
-        state[key] = ck["model"][src]
-    target.load_state_dict(state)
+    try:
+        model.load_sibling(index, ck["model"])
+    except ValueError as err:
+        raise ValueError(f"sibling checkpoint {path}: {err}") from None
 
 
 def load_base(model: nn.Module, path, device: torch.device) -> None:
