@@ -64,6 +64,7 @@ from deferredseg.stats import ci95  # noqa: E402
 from deferredseg.train.config import TrainConfig  # noqa: E402
 from deferredseg.train.evaluation import evaluate, evaluate_outputs  # noqa: E402
 from deferredseg.train.loop import train  # noqa: E402
+from deferredseg.train.two_stage import sibling_seed  # noqa: E402
 
 BUDGETS = (0.05, 0.10, 0.20)
 SYNTHETIC = ("A", "B", "C", "D")
@@ -87,9 +88,7 @@ def write_panel(root: Path, panel: str, seed: int, args) -> None:
         write_benchmark(root, panel, num_cases=args.cases, size=args.size, seed=seed)
     else:
         reader_panel, dims = ANATOMY[panel]
-        if args.quick:
-            sizes = dict(num_cases=30 if dims == 2 else 20, size=48 if dims == 2 else 24)
-        elif dims == 2:
+        if dims == 2:
             sizes = dict(num_cases=args.anatomy_cases, size=args.anatomy_size)
         else:
             sizes = dict(num_cases=args.anatomy_crops, size=args.anatomy_crop_size)
@@ -237,7 +236,7 @@ def run(args) -> Dict:
         log(f"seed {seed}: data written")
 
         def cfg_for(panel, name, **kw):
-            if panel not in SYNTHETIC and not args.quick:
+            if panel not in SYNTHETIC:
                 kw = dict(dict(epochs=args.anatomy_epochs), **kw)
             return dataclasses.replace(
                 cfg0,
@@ -255,18 +254,15 @@ def run(args) -> Dict:
             if fam in bases:
                 continue
             suffix = "" if fam == "synthetic" else f"-{fam}"
-            runs = [("base", None)] + [(f"sibling{k}", seed + 1000 * k) for k in (1, 2)]
+            base_cfg = cfg_for(p, "base", method="model-only")
+            runs = [("base", None)] + [
+                (f"sibling{k}", sibling_seed(base_cfg, k)) for k in range(1, SIBLINGS + 1)
+            ]
             paths = []
-            for name, model_seed in runs[: 1 + SIBLINGS]:
+            for name, model_seed in runs:
                 d = out_root / f"seed{seed}" / f"{name}{suffix}"
                 if not (d / "best.pt").exists():
-                    train(
-                        dataclasses.replace(
-                            cfg_for(p, "base", method="model-only"),
-                            out=str(d),
-                            model_seed=model_seed,
-                        )
-                    )
+                    train(dataclasses.replace(base_cfg, out=str(d), model_seed=model_seed))
                 paths.append(d / "best.pt")
             bases[fam], siblings[fam] = paths[0], [str(q) for q in paths[1:]]
             log(f"seed {seed}: {fam} base segmentor and {SIBLINGS} siblings trained")
@@ -910,8 +906,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    if args.quick:
+    if args.quick:  # tiny sizes, one epoch (the quick base_config's) on every data set
         args.cases, args.size = 30, 32
+        args.anatomy_cases, args.anatomy_size, args.anatomy_epochs = 30, 48, 1
+        args.anatomy_crops, args.anatomy_crop_size = 20, 24
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())
         results, env = saved["results"], saved["env"]
