@@ -122,7 +122,7 @@ def build_model(cfg: TrainConfig, in_channels: int, num_experts: int) -> nn.Modu
         heads=cfg.head_kind,
         head_channels=cfg.head_channels,
         detach_heads=cfg.training == "two-stage",
-        num_siblings=cfg.num_siblings if method_of(cfg).learns_routing else 0,
+        num_siblings=cfg.num_siblings,
     )
 
 

@@ -517,9 +517,11 @@ class TrainConfig:
 
     @property
     def num_siblings(self) -> int:
-        """The sibling networks this configuration's model reads (only two-stage conv heads
-        read siblings)."""
+        """The sibling networks this configuration's model reads: only the two-stage conv
+        heads of a method that learns routing read siblings (0 otherwise)."""
         if self.training != "two-stage" or self.head_kind != "conv":
+            return 0
+        if not REGISTRY[self.method].learns_routing:
             return 0
         return int(self.siblings)
 

@@ -401,7 +401,7 @@ def _train_two_stage(
         base_path = str(bdir / "best.pt")
     info.barrier()
     sibling_paths = list(cfg.sibling_checkpoints or [])
-    if len(sibling_paths) < cfg.num_siblings and method_of(cfg).learns_routing:
+    if len(sibling_paths) < cfg.num_siblings:
         if tmp is None and cfg.out is None:
             tmp = tempfile.TemporaryDirectory(prefix="deferredseg-base-")
         root = Path(cfg.out) if cfg.out else Path(tmp.name)
@@ -424,7 +424,7 @@ def _train_two_stage(
         info.barrier()
     train_ds, val_ds, E, in_channels, model = _data_and_model(cfg, device)
     ts.load_base(model, base_path, device)
-    for k, path in enumerate(sibling_paths[: getattr(model, "num_siblings", 0)]):
+    for k, path in enumerate(sibling_paths[: cfg.num_siblings]):
         ts.load_sibling(model, k, path, device)
     if tmp is not None:
         tmp.cleanup()
