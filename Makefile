@@ -23,13 +23,18 @@
 #   make test-sdist     sdist -> wheel -> fresh venv -> smoke test (CI, CPU-only stack)
 #
 # Variables: PYTHON (interpreter that creates the venv), VENV, REQS (requirements
-# file), MAX_JOBS (parallel compile jobs), PYTEST_ARGS.
+# file), MAX_JOBS (parallel compile jobs), TEST_JOBS (test processes), PYTEST_ARGS.
 
 PYTHON ?= python3
 VENV ?= .venv
 REQS ?= requirements/torch-cuda.txt
 MAX_JOBS ?= 2
 PYTEST_ARGS ?=
+# The suite runs on TEST_JOBS worker processes (pytest-xdist; auto: one a core), each with
+# one torch thread, so that the workers share the cores instead of oversubscribing them;
+# TEST_JOBS=0 runs it in this process with torch's own thread count, as plain pytest does.
+TEST_JOBS ?= auto
+PYTEST_RUN = $(if $(filter 0,$(TEST_JOBS)),$(PY) -m pytest,OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_JOBS))
 DEMO_ARGS ?=
 PY := $(VENV)/bin/python
 SHELL := /bin/bash
@@ -101,7 +106,7 @@ browser:
 # the sdist) included: coverage comes from all of them. For a quick loop while developing:
 #   make test PYTEST_ARGS='-m "not slow"'
 test: $(BUILD_STAMP) browser
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PYTEST_RUN) $(PYTEST_ARGS)
 
 demo: $(BUILD_STAMP)
 	$(PY) -m deferredseg demo $(DEMO_ARGS)
