@@ -8,11 +8,13 @@
 #                       stack); PYTEST_ARGS='-m "not slow"' skips the slow ones for a quick loop
 #   make demo-review    the review loop: train, predict, simulated experts answer over HTTP, merge
 #   make browser        install Debian's chromium (for the review page's browser test) if missing
-#   make test-cpu-only  build with the CPU-only torch 2.13.0 stack and test what differs there:
-#                       the kernel layer, the import/install/packaging tests, test-sdist
+#   make test-cpu-only  the CPU-only torch 2.13.0 stack: test-sdist, then what differs there
+#                       (the kernel layer on a sample of its cases, the import/install/packaging
+#                       tests) with the extension of the wheel test-sdist built
 #   make test-stack     build (CPU kernels) and test the kernel layer on an older stack:
 #                       STACK=2.11 (default; the GPU machine's torch 2.11.0 + triton 3.6.0)
-#                       or STACK=2.6 (the oldest supported, torch 2.6.0 + triton 3.2.0)
+#                       or STACK=2.6 (the oldest supported, torch 2.6.0 + triton 3.2.0); the
+#                       kernel layer's tests on 1 in SAMPLE (3) of their cases
 #   make build          (re)build the C++/CUDA extension in place
 #   make bench-cpu      CPU benchmark of the fused loss
 #   make bench          pytest-benchmark suite (loss, routing; saved under .benchmarks/)
@@ -120,10 +122,19 @@ demo-backends: $(BUILD_STAMP)
 bench-cpu: $(BUILD_STAMP)
 	$(PY) benchmarks/bench_loss_cpu.py
 
-# The CPU-only install path (what a laptop user gets): a copy of the tree built
-# against torch 2.13.0 CPU in its own venv, then installed as a user would
-# (`pip install --no-build-isolation .`) and imported from outside the tree (test-sdist).
-# The tests that run there are those about the stack, CPU_TESTS: the kernel layer (as
+# The stacks other than `make test`'s run the kernel layer's tests on a sample of their
+# cases: every test function, for each backend, on 1 in SAMPLE of its parametrized cases
+# (first and last kept, the rest evenly spread; DS_TEST_SAMPLE in tests/conftest.py). The
+# kernels' sources and tests are the same everywhere and `make test` runs every case; what
+# these stacks check is that the kernels build, register and compute right against that
+# torch and triton. SAMPLE=1 runs every case there too.
+SAMPLE ?= 3
+
+# The CPU-only install path (what a laptop user gets), against torch 2.13.0 CPU in its own
+# venv: first the release path (test-sdist: the sdist built from the tree, unpacked away
+# from it and built into a wheel, checked, installed into a fresh venv and used from
+# outside the tree); then the tests about the stack, CPU_TESTS, in a copy of the tree that
+# holds the extension of that very wheel (one build serves both): the kernel layer (as
 # test-stack: the Triton kernels in the interpreter, the C++ CPU kernels, the routing, with
 # the checks that a CPU-only build has no CUDA kernels), the CUDA kernels emulated on the
 # CPU and the GPU tests that must skip cleanly, the import, install and packaging tests.
@@ -131,20 +142,29 @@ bench-cpu: $(BUILD_STAMP)
 # once, on the CUDA-enabled stack.
 CPU_TREE := build/cpu-only-tree
 CPU_VENV := $(abspath .venv-cpu)
+CPU_DIST := $(abspath $(CPU_TREE))/build/dist
 CPU_TESTS ?= $(STACK_TESTS) tests/test_cuda_kernel.py tests/test_cuda_emulation.py \
   tests/test_install.py tests/test_packaging.py $(wildcard tests/test_imports.py)
 test-cpu-only:
 	@mkdir -p $(CPU_TREE)
 	git ls-files -z --cached --others --exclude-standard | xargs -0 cp -p --parents -t $(CPU_TREE)
-	$(MAKE) -C $(CPU_TREE) test VENV=$(CPU_VENV) REQS=requirements/torch-cpu.txt PYTHON=$(PYTHON) \
-	  PYTEST_ARGS="$(PYTEST_ARGS) $(CPU_TESTS)"
-	$(MAKE) test-sdist
+	$(MAKE) -C $(CPU_TREE) venv VENV=$(CPU_VENV) REQS=requirements/torch-cpu.txt PYTHON=$(PYTHON)
+	rm -rf $(CPU_DIST)
+	KEEP_DIST=$(CPU_DIST) $(MAKE) test-sdist
+	$(CPU_VENV)/bin/python -c 'import glob, sys, zipfile; \
+	  zipfile.ZipFile(glob.glob(sys.argv[1])[0]).extract("deferredseg_kernels/_C.abi3.so", sys.argv[2])' \
+	  "$(CPU_DIST)/*.whl" $(CPU_TREE)
+	@touch $(CPU_TREE)/build/.ext-stamp-$(notdir $(CPU_VENV))  # built: the wheel's extension
+	DS_TEST_SAMPLE=$(SAMPLE) $(MAKE) -C $(CPU_TREE) test VENV=$(CPU_VENV) \
+	  REQS=requirements/torch-cpu.txt PYTHON=$(PYTHON) PYTEST_ARGS="$(PYTEST_ARGS) $(CPU_TESTS)"
 
 # Another point of the support matrix (requirements/torch-$(STACK).txt): a copy of the
 # tree built against that torch in its own venv, CPU kernels only (DS_FORCE_CPU: CI has
-# no GPU); then the package must import with compiled (not interpreted) Triton kernels,
-# and the kernel layer's tests run: the Triton kernels compiled for sm_90 and run in the
-# interpreter, the C++ CPU kernels, the routing.
+# no GPU) and for the baseline x86-64 only (DS_CPU_ISA_VARIANTS=0: the AVX2 and AVX-512
+# copies are the same source, built and tested by `make test` and test-cpu-only); then the
+# package must import with compiled (not interpreted) Triton kernels, and the kernel
+# layer's tests run on a sample of their cases (SAMPLE, above): the Triton kernels
+# compiled for sm_90 and run in the interpreter, the C++ CPU kernels, the routing.
 STACK ?= 2.11
 STACK_TREE := build/stack-$(STACK)-tree
 STACK_VENV := $(abspath .venv-torch-$(STACK))
@@ -153,9 +173,10 @@ STACK_TESTS ?= tests/test_conformance.py tests/test_triton.py tests/test_cpu_ker
 test-stack:
 	@mkdir -p $(STACK_TREE)
 	git ls-files -z --cached --others --exclude-standard | xargs -0 cp -p --parents -t $(STACK_TREE)
-	DS_FORCE_CPU=1 $(MAKE) -C $(STACK_TREE) build VENV=$(STACK_VENV) REQS=requirements/torch-$(STACK).txt PYTHON=$(PYTHON)
+	DS_FORCE_CPU=1 DS_CPU_ISA_VARIANTS=0 $(MAKE) -C $(STACK_TREE) build VENV=$(STACK_VENV) \
+	  REQS=requirements/torch-$(STACK).txt PYTHON=$(PYTHON)
 	cd $(STACK_TREE) && env -u TRITON_INTERPRET $(STACK_VENV)/bin/python .ci/import_check.py --expect-ext
-	DS_TEST_BACKENDS=cpu,triton $(MAKE) -C $(STACK_TREE) test VENV=$(STACK_VENV) \
+	DS_TEST_SAMPLE=$(SAMPLE) DS_TEST_BACKENDS=cpu,triton $(MAKE) -C $(STACK_TREE) test VENV=$(STACK_VENV) \
 	  REQS=requirements/torch-$(STACK).txt PYTHON=$(PYTHON) \
 	  PYTEST_ARGS="$(PYTEST_ARGS) $(STACK_TESTS)"
 

@@ -10,6 +10,9 @@ Environment variables:
   TORCH_CUDA_ARCH_LIST CUDA architectures (default "8.0;9.0+PTX": A100, H100/H200, PTX for newer)
   MAX_JOBS             parallel compile jobs (ninja)
   NVCC_THREADS         threads per nvcc invocation (default 2)
+  DS_CPU_ISA_VARIANTS=0  build the CPU kernels for the baseline x86-64 only, not also for
+                       AVX2 and AVX-512 (a third of their compile time; slower on CPUs that
+                       have those: for test builds, as CI's older stacks)
 Without DS_FORCE_*, CUDA kernels are built when torch is a CUDA build and nvcc is found.
 
 The extension uses only Python's limited API (it registers its ops with TORCH_LIBRARY
@@ -96,6 +99,9 @@ def _extensions():
     # Py_LIMITED_API: only the stable ABI of Python 3.10 (recent torch adds the same flag
     # for py_limited_api extensions; defined here too for the torch versions that do not).
     macros = [("DS_TORCH_VERSION", f'"{torch.__version__}"'), ("Py_LIMITED_API", LIMITED_API_HEX)]
+    if os.environ.get("DS_CPU_ISA_VARIANTS", "1").strip() == "0":
+        macros.append(("DS_NO_ISA_VARIANTS", None))
+        print("deferredseg: DS_CPU_ISA_VARIANTS=0, CPU kernels for the baseline x86-64 only")
     kwargs = dict(
         extra_link_args=link, include_dirs=[os.path.join(HERE, "csrc")], py_limited_api=True
     )

@@ -49,9 +49,10 @@ DS_FP_REGION_END
 #define DS_INLINE inline
 #endif
 
-// Per-ISA variants (x86-64 Linux with GCC >= 12; elsewhere only the baseline).
+// Per-ISA variants (x86-64 Linux with GCC >= 12; elsewhere, or when the build defines
+// DS_NO_ISA_VARIANTS (setup.py: DS_CPU_ISA_VARIANTS=0), only the baseline).
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
-    __GNUC__ >= 12
+    __GNUC__ >= 12 && !defined(DS_NO_ISA_VARIANTS)
 #define DS_X86_VARIANTS 1
 #define DS_TARGET_V3 __attribute__((target("arch=x86-64-v3")))
 #define DS_TARGET_V4 __attribute__((target("arch=x86-64-v4")))
