@@ -44,7 +44,7 @@ from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Se
 
 import torch
 
-from deferredseg_kernels import LossOptions, route, split_logits
+from deferredseg_kernels import ROUTE_MODES, LossOptions, route, split_logits
 from deferredseg_kernels._checks import (
     ROUTE_SCORES,
     check_choice,
@@ -70,7 +70,9 @@ __all__ = [
     "uncertainty",
 ]
 
-MODES = ("gate", "gain", "uncertainty", "router")
+#: The kernel's routing modes (deferredseg_kernels.ROUTE_MODES: the gate, the router, the
+#: gain) and the base segmentor's own uncertainty (confidence deferral, no heads needed).
+MODES = (*ROUTE_MODES, "uncertainty")
 EXPERT_CHOICES = ("heads", "best", "auto")
 #: The budgets whose validation system Dice make the risk-coverage area (``rc-auc``).
 RC_BUDGETS = (0.0, 0.05, 0.1, 0.2, 0.3)

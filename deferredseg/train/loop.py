@@ -24,6 +24,8 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn as nn
 
+from deferredseg_kernels import TERM_NAMES
+
 from ..metrics import evaluate_policy
 from . import two_stage as ts
 from .builders import best_single_expert, build_data, build_model
@@ -148,13 +150,7 @@ def _progress(loader, cfg: TrainConfig, info: DistInfo, epoch: int):
 def untrained_terms(cfg: TrainConfig, zero_weights=()) -> set:
     """The loss terms a configuration computes but does not train (weight 0): left out of
     the lines printed per epoch, where they would only mislead."""
-    weights = {
-        "seg": cfg.lambda_seg,
-        "collab": cfg.lambda_collab,
-        "gate": cfg.lambda_gate,
-        "coherence": cfg.lambda_coherence,
-        "balance": cfg.lambda_balance,
-    }
+    weights = {term: getattr(cfg, f"lambda_{term}") for term in TERM_NAMES}
     for name in zero_weights:
         weights[name.replace("lambda_", "")] = 0.0
     return {k for k, w in weights.items() if float(w) == 0.0}
