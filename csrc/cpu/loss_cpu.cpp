@@ -27,8 +27,10 @@
 // runs; the environment variable DEFERREDSEG_CPU_ISA=base|v3|v4 caps the choice
 // (read once; used by the tests to check every variant).
 //
-// This file is one translation unit with the headers next to it, which only it
-// includes (so that the per-ISA `target` attributes reach every inlined step):
+// The headers next to this file hold the steps (inlined into their callers, so that
+// the per-ISA `target` attributes reach every step); the AVX2 and AVX-512 entry points
+// of the tile computations are compiled in loss_tile_v3.cpp and loss_tile_v4.cpp, the
+// rest here:
 //   isa.h         compiler settings, instruction-set and fast-path dispatch
 //   geometry.h    the tiling of the pixels and the neighbour masks
 //   tile.h        a tile's options and buffers, and the per-thread stores
@@ -53,6 +55,8 @@
 
 // isa.h first: it includes loss_pixel.h under the kernels' floating-point setting.
 #include "isa.h"
+
+#define DS_TILE_ENTRIES_BASE  // this unit defines the baseline entry points of loss_tile.h
 
 #include "../common.h"
 #include "../dispatch.h"  // AccType

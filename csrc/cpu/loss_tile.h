@@ -1,7 +1,8 @@
 // The per-tile loss on the CPU: the coherence of a tile and every term with its
 // gradient (loss_tile_impl, a sequence of named steps), then the compiled entry points of the three
-// tile computations, one per accumulation type and instruction set. Part of loss_cpu.cpp's
-// translation unit (only it includes this file).
+// tile computations, one per accumulation type and instruction set. Included by
+// loss_cpu.cpp (which defines the baseline entry points) and by loss_tile_v3.cpp and
+// loss_tile_v4.cpp (which define the AVX2 and AVX-512 ones).
 #pragma once
 
 #include <cstdint>
@@ -518,25 +519,42 @@ DS_LOSS_FN void loss_tile_impl(const TileCtx<T>& c) {
 }
 
 // ---------------------------------------------------------------------------
-// Compute entry points: one per accumulation type and instruction set.
+// Compute entry points: one per accumulation type and instruction set, declared here.
+// Each instruction set's are defined in a translation unit of their own, so that a
+// parallel build compiles the three at the same time (each holds every step of the
+// tile, inlined): the baseline ones where DS_TILE_ENTRIES_BASE is defined
+// (loss_cpu.cpp), the x86-64-v3 and -v4 ones where DS_TILE_ENTRIES_V3 / _V4 is
+// (loss_tile_v3.cpp, loss_tile_v4.cpp). float64 (used for gradcheck) is built for the
+// baseline only.
 // ---------------------------------------------------------------------------
+#define DS_COMPUTE_ENTRIES(ATTR, SUFFIX)                  \
+  ATTR void stats_tile_##SUFFIX(const TileCtx<float>& c); \
+  ATTR void maps_tile_##SUFFIX(const TileCtx<float>& c);  \
+  ATTR void loss_tile_##SUFFIX(const TileCtx<float>& c);
+#define DS_COMPUTE_ENTRY_DEFS(ATTR, SUFFIX)                                             \
+  ATTR void stats_tile_##SUFFIX(const TileCtx<float>& c) { stats_tile_impl<float>(c); } \
+  ATTR void maps_tile_##SUFFIX(const TileCtx<float>& c) { maps_tile_impl<float>(c); }   \
+  ATTR void loss_tile_##SUFFIX(const TileCtx<float>& c) { loss_tile_impl<float>(c); }
 #define DS_NO_ATTR
-// float64 (used for gradcheck) is built for the baseline only.
-#define DS_COMPUTE_ENTRY(ATTR, NAME, IMPL) \
-  ATTR void NAME(const TileCtx<float>& c) { IMPL<float>(c); }
-DS_COMPUTE_ENTRY(DS_NO_ATTR, stats_tile_base, stats_tile_impl)
-DS_COMPUTE_ENTRY(DS_NO_ATTR, maps_tile_base, maps_tile_impl)
-DS_COMPUTE_ENTRY(DS_NO_ATTR, loss_tile_base, loss_tile_impl)
+DS_COMPUTE_ENTRIES(DS_NO_ATTR, base)
+void stats_tile_base(const TileCtx<double>& c);
+void maps_tile_base(const TileCtx<double>& c);
+void loss_tile_base(const TileCtx<double>& c);
+#ifdef DS_TILE_ENTRIES_BASE
+DS_COMPUTE_ENTRY_DEFS(DS_NO_ATTR, base)
 void stats_tile_base(const TileCtx<double>& c) { stats_tile_impl<double>(c); }
 void maps_tile_base(const TileCtx<double>& c) { maps_tile_impl<double>(c); }
 void loss_tile_base(const TileCtx<double>& c) { loss_tile_impl<double>(c); }
+#endif
 #if DS_X86_VARIANTS
-DS_COMPUTE_ENTRY(DS_TARGET_V3, stats_tile_v3, stats_tile_impl)
-DS_COMPUTE_ENTRY(DS_TARGET_V3, maps_tile_v3, maps_tile_impl)
-DS_COMPUTE_ENTRY(DS_TARGET_V3, loss_tile_v3, loss_tile_impl)
-DS_COMPUTE_ENTRY(DS_TARGET_V4, stats_tile_v4, stats_tile_impl)
-DS_COMPUTE_ENTRY(DS_TARGET_V4, maps_tile_v4, maps_tile_impl)
-DS_COMPUTE_ENTRY(DS_TARGET_V4, loss_tile_v4, loss_tile_impl)
+DS_COMPUTE_ENTRIES(DS_TARGET_V3, v3)
+DS_COMPUTE_ENTRIES(DS_TARGET_V4, v4)
+#ifdef DS_TILE_ENTRIES_V3
+DS_COMPUTE_ENTRY_DEFS(DS_TARGET_V3, v3)
+#endif
+#ifdef DS_TILE_ENTRIES_V4
+DS_COMPUTE_ENTRY_DEFS(DS_TARGET_V4, v4)
+#endif
 #endif
 
 #if DS_X86_VARIANTS
