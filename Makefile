@@ -59,11 +59,9 @@ all: test
 
 venv: $(DEPS_STAMP)
 
-# --no-compile: no bytecode compiled at install time (a third of pip's CPU time for torch);
-# Python compiles each module it imports on first import, and caches it.
 $(DEPS_STAMP): $(REQS) requirements/dev.txt requirements/lint.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --no-compile -r $(REQS) $(QUIET_PIP)
+	$(PY) -m pip install -q -r $(REQS) $(QUIET_PIP)
 	$(PY) -m pip check >/dev/null || $(PY) -m pip check
 	@touch $@
 
