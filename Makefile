@@ -51,7 +51,9 @@ export MAX_JOBS
 
 DEPS_STAMP := $(VENV)/.deps-stamp
 EXT_SOURCES := setup.py $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \))
-BUILD_STAMP := build/.ext-stamp-$(notdir $(abspath $(VENV)))
+# the stamp of the extension built for the venv $(1), relative to its tree
+ext_stamp = build/.ext-stamp-$(notdir $(abspath $(1)))
+BUILD_STAMP := $(call ext_stamp,$(VENV))
 
 .PHONY: all venv build browser lint format test test-cpu-only test-stack demo demo-review demo-backends bench-cpu clean
 
@@ -154,7 +156,7 @@ test-cpu-only:
 	$(CPU_VENV)/bin/python -c 'import glob, sys, zipfile; \
 	  zipfile.ZipFile(glob.glob(sys.argv[1])[0]).extract("deferredseg_kernels/_C.abi3.so", sys.argv[2])' \
 	  "$(CPU_DIST)/*.whl" $(CPU_TREE)
-	@touch $(CPU_TREE)/build/.ext-stamp-$(notdir $(CPU_VENV))  # built: the wheel's extension
+	@touch $(CPU_TREE)/$(call ext_stamp,$(CPU_VENV))  # built: the wheel's extension
 	DS_TEST_SAMPLE=$(SAMPLE) $(MAKE) -C $(CPU_TREE) test VENV=$(CPU_VENV) \
 	  REQS=requirements/torch-cpu.txt PYTHON=$(PYTHON) PYTEST_ARGS="$(PYTEST_ARGS) $(CPU_TESTS)"
 
